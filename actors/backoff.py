@@ -1,0 +1,45 @@
+"""Capped exponential backoff with full jitter, for transient failures."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from actors.errors import TransientError
+
+T = TypeVar("T")
+
+
+class Backoff:
+    def __init__(self, *, base_s: float = 0.1, cap_s: float = 10.0,
+                 rng: random.Random | None = None) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self._rng = rng or random.Random()
+
+    def delay(self, attempt: int, hint_s: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (1-based); honours a server's hint."""
+        ceiling = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+        jittered = self._rng.uniform(0, ceiling)
+        return max(jittered, min(hint_s, self.cap_s * 6)) if hint_s else jittered
+
+
+async def retry_transient(op: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,
+                          backoff: Backoff | None = None, attempts: int | None = None) -> T:
+    """Run `op` until it does not raise TransientError (forever if attempts is None)."""
+    backoff = backoff or Backoff()
+    failures = 0
+    while True:
+        try:
+            return await op()
+        except TransientError as exc:
+            failures += 1
+            if attempts is not None and failures >= attempts:
+                raise
+            wait = backoff.delay(failures, exc.retry_after)
+            log.warning("%s failed (%s); retry %d in %.2fs", what, exc, failures, wait)
+            await trio.sleep(wait)

@@ -1,0 +1,189 @@
+"""The command line of bin/chat-actors: run, dev, send, cancel, migrate, test."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(path: str | None) -> Any:
+    from config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        sys.exit(f"chat-actors: config error: {exc}")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from actors.supervisor import StartupError, run_worker
+
+    config = _config(args.config)
+    _logging(config.log.level)
+    failed = False
+    try:
+        trio.run(run_worker, config)
+    except* StartupError as group:
+        for exc in group.exceptions:
+            print(f"chat-actors: cannot start: {exc}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import trio
+
+    from actors.adapters.postgres import Postgres, redact
+    from actors.errors import TransientError
+
+    config = _config(args.config)
+    pg = Postgres(dsn=config.postgres.dsn, pool_size=1)
+    try:
+        applied = trio.run(pg.migrate)
+    except TransientError as exc:
+        print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) -> str:
+    """Print a job's tokens as they stream, then one status line; return the status."""
+    started = time.monotonic()
+    first: float | None = None
+    status = "unknown"
+    for event, data in client.events(job_id, after):
+        if event == "started" and data.get("attempt", 1) > 1:
+            out.write(f"\n[attempt {data['attempt']}: restarting the answer]\n")
+        elif event == "token":
+            first = first or time.monotonic()
+            out.write(data["text"])
+            out.flush()
+        elif event == "error":
+            out.write(f"\n[error {data['code']}: {data['message']}]")
+        elif event == "final":
+            usage = data["usage"]
+            cost = data["costUsd"]
+            out.write(f"\n[{data['model']}: {usage['promptTokens']}+{usage['completionTokens']}"
+                      f" tokens, cost {'n/a' if cost is None else f'${cost:.6f}'}")
+            if first is not None:
+                out.write(f", first token {1000 * (first - started):.0f} ms")
+            out.write("]")
+        elif event == "done":
+            status = data["status"]
+            out.write(f"\n[done: {status}{', partial' if data['partial'] else ''} "
+                      f"in {time.monotonic() - started:.1f}s]\n")
+    out.flush()
+    return status
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from actors.adapters.chat_client import ChatClient
+
+    config = _config(args.config)
+    client = ChatClient(config)
+    try:
+        job_id, after = client.send(args.text, user_id=args.user, session_id=args.session,
+                                    model=args.model)
+        print(f"[job {job_id}]", file=sys.stderr)
+        status = print_answer(client, job_id, after)
+    finally:
+        client.close()
+    return 0 if status == "completed" else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from actors.adapters.chat_client import ChatClient
+
+    client = ChatClient(_config(args.config))
+    client.cancel(args.job_id, user_id=args.user, reason=args.reason)
+    client.close()
+    print(f"cancel sent for {args.job_id}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from actors.devstack import run_dev
+
+    return run_dev(once=args.once, keep=args.keep)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    os.chdir(ROOT)
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", *args.pytest_args])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chat-actors",
+        description="Streaming chat worker: Kafka requests -> LiteLLM -> Redis Streams events, "
+                    "with job records in Postgres.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            Config: config/default.toml < --config FILE < CHAT_ACTORS__SECTION__KEY env vars.
+            Try it: bin/chat-actors dev --once "Why is the sky blue?"
+        """))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", metavar="FILE", help="TOML file overlaid on config/default.toml")
+        return sp
+
+    run = with_config(sub.add_parser("run", help="run the worker"))
+    run.set_defaults(func=cmd_run)
+
+    dev = sub.add_parser("dev", help="start the embedded local stack + a worker, then chat",
+                         description="Starts Kafka (Tansu), Redis, Postgres and SmolLM2 on free "
+                                     "loopback ports, and a worker; then each line you type is "
+                                     "sent as a chat message. Ctrl-D or Ctrl-C stops everything.")
+    dev.add_argument("--once", metavar="TEXT", help="send one message, print the answer, exit")
+    dev.add_argument("--keep", action="store_true", help="keep the stack's folder (logs) on exit")
+    dev.set_defaults(func=cmd_dev)
+
+    send = with_config(sub.add_parser("send", help="send one message to a running worker and "
+                                                   "print the streamed answer"))
+    send.add_argument("text", help="the message")
+    send.add_argument("--user", default="cli-user", help="userId (default: %(default)s)")
+    send.add_argument("--session", default="cli-session", help="sessionId (default: %(default)s)")
+    send.add_argument("--model", help="model alias from config (default: llm.default_model)")
+    send.set_defaults(func=cmd_send)
+
+    cancel = with_config(sub.add_parser("cancel", help="ask the workers to cancel a job"))
+    cancel.add_argument("job_id")
+    cancel.add_argument("--user", required=True, help="the userId that owns the job")
+    cancel.add_argument("--reason", default="cancelled from the command line")
+    cancel.set_defaults(func=cmd_cancel)
+
+    migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
+    migrate.set_defaults(func=cmd_migrate)
+
+    test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

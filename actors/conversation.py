@@ -1,0 +1,248 @@
+"""conversation: one job, from claim to settled, in its own nursery and deadline.
+
+history -> messages within the token budget -> provider stream -> events.
+The terminal order is the guarantee of DESIGN 4.1/4.2: the job's row and
+messages are committed in Postgres, then its `done` reaches Redis, and only
+then does this function return so the intake may commit the offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from actors.adapters.llm import cost_usd, provider_of
+from actors.adapters.postgres import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
+from actors.adapters.tokens import TokenCounter
+from actors.backoff import retry_transient
+from actors.errors import PermanentError, TransientError
+from actors.ports import ChatModel, EventWriter, JobStore
+from actors.prompt import build_messages
+from config import Config
+from messages.mailboxes import (
+    EventEmitted,
+    JobFinished,
+    JobRef,
+    PgSinkMessage,
+    ProviderChunk,
+    StreamFinished,
+    TokenDelta,
+)
+from messages.wire import ChatRequest, Done, DoneStatus, Error, EventBody, Final, Started, Token, Usage
+
+log = logging.getLogger("chat_actors.conversation")
+
+# How long cleanup that must happen (records, `done`, lease release) may take
+# once the job itself is over or cancelled.
+FINISH_GRACE_S = 30.0
+
+
+@dataclass
+class Worker:
+    """What every conversation of one worker shares. Passed in, never global."""
+
+    config: Config
+    owner: str  # this worker's id, written as lease_owner
+    store: JobStore
+    chat: ChatModel
+    events: trio.MemorySendChannel[EventEmitted]
+    records: trio.MemorySendChannel[PgSinkMessage]
+    event_log: EventWriter
+    _counters: dict[str, TokenCounter] = field(default_factory=dict)
+
+    def counter(self, model: str) -> Callable[[str], int]:
+        if model not in self._counters:
+            self._counters[model] = TokenCounter(model)
+        return self._counters[model].count
+
+    def stream_key(self, job_id: str) -> str:
+        return self.config.stream.key_template.replace("{job_id}", job_id)
+
+    async def emit(self, job: JobRef, body: EventBody, *, wait: bool = False) -> None:
+        receipt = trio.Event() if wait else None
+        await self.events.send(EventEmitted(job=job, body=body, receipt=receipt))
+        if receipt is not None:
+            await receipt.wait()
+
+
+def _params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
+    p = request.params
+    params: dict[str, Any] = {"max_tokens": min(p.max_tokens or answer_tokens, answer_tokens)}
+    if p.temperature is not None:
+        params["temperature"] = p.temperature
+    if p.top_p is not None:
+        params["top_p"] = p.top_p
+    if p.stop:
+        params["stop"] = p.stop
+    return params
+
+
+async def run_conversation(request: ChatRequest, worker: Worker) -> None:
+    """Run one job to a settled state; returns when its offset may be committed."""
+    config = worker.config
+    alias_name, alias = config.alias(request.model)
+    provider = provider_of(alias.model)
+    claim = await retry_transient(
+        lambda: worker.store.claim(
+            job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
+            trace_id=request.trace_id or uuid.uuid4().hex, mode=request.mode, model=alias_name,
+            provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s),
+        what=f"claim of job {request.job_id}", log=log)
+    job = JobRef(job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
+                 attempt=1, stream_key=worker.stream_key(request.job_id))
+    match claim:
+        case Claimed(attempt=attempt):
+            job = JobRef(job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
+                         attempt=attempt, stream_key=job.stream_key)
+        case AlreadyTerminal(status=status):
+            # Redelivered after it finished: never call the model again. If the
+            # crash came between Postgres and Redis, the client still gets its `done`.
+            log.info("job %s is already %s; not running it again", job.job_id, status)
+            if not await retry_transient(lambda: worker.event_log.done_recorded(job.job_id),
+                                         what="done check", log=log):
+                await worker.emit(job, Done(status=status, partial=False), wait=True)  # type: ignore[arg-type]
+            return
+        case LeasedElsewhere(owner=owner):
+            log.info("job %s is running under a live lease of %s; skipped", job.job_id, owner)
+            return
+        case OwnedByAnotherUser():
+            log.warning("job %s belongs to another user; request from %s ignored",
+                        job.job_id, job.user_id)
+            return
+    settled = False
+    try:
+        await _run_claimed(request, worker, job, alias_name)
+        settled = True
+    finally:
+        if not settled:
+            # Cancelled from outside (shutdown) or crashed: hand the job back so
+            # the redelivery runs it at once instead of waiting out the lease.
+            with trio.move_on_after(FINISH_GRACE_S, shield=True):
+                try:
+                    await worker.store.release_lease(job_id=job.job_id, owner=worker.owner)
+                except TransientError as exc:
+                    log.warning("job %s: lease not released (%s); it expires", job.job_id, exc)
+
+
+async def _renew_lease(worker: Worker, job: JobRef) -> None:
+    lease_s = worker.config.jobs.lease_s
+    while True:
+        await trio.sleep(lease_s / 3)
+        try:
+            if not await worker.store.renew_lease(job_id=job.job_id, owner=worker.owner,
+                                                  lease_s=lease_s):
+                log.warning("job %s: lease lost to another worker", job.job_id)
+                return
+        except TransientError as exc:
+            log.warning("job %s: lease renewal failed (%s); retrying", job.job_id, exc)
+
+
+async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
+                       alias_name: str) -> None:
+    config = worker.config
+    alias = config.llm.models[alias_name]
+    count = worker.counter(alias.model)
+    await worker.emit(job, Started(model=alias_name, mode=request.mode, attempt=job.attempt))
+    started = trio.current_time()
+    first_token_at: float | None = None
+    parts: list[str] = []
+    finished: StreamFinished | None = None
+    failure: TransientError | PermanentError | None = None
+    prompt_estimate = 0
+    timeout_s = min(config.jobs.timeout_s, request.timeout_s or math.inf)
+
+    async def stream_answer() -> None:
+        nonlocal first_token_at, finished, failure, prompt_estimate
+        history = await retry_transient(
+            lambda: worker.store.load_history(
+                user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
+                limit=config.llm.max_history_turns),
+            what="history read", log=log)
+        messages, prompt_estimate = build_messages(
+            system_prompt=config.llm.system_prompt, history=history,
+            user_message=request.message, context_window=alias.context_window,
+            answer_tokens=alias.max_tokens, count=count)
+        send, receive = trio.open_memory_channel[ProviderChunk](64)
+
+        async def pump() -> None:
+            nonlocal failure
+            try:
+                await worker.chat.stream(
+                    model=alias.model, api_base=alias.api_base, api_key_env=alias.api_key_env,
+                    messages=messages, params=_params(request, alias.max_tokens), out=send)
+            except (TransientError, PermanentError) as exc:
+                failure = exc
+
+        async with trio.open_nursery() as stream_nursery:
+            stream_nursery.start_soon(pump)
+            async with receive:
+                async for chunk in receive:
+                    match chunk:
+                        case TokenDelta(text=text):
+                            if first_token_at is None:
+                                first_token_at = trio.current_time()
+                            parts.append(text)
+                            await worker.emit(job, Token(text=text))
+                        case StreamFinished():
+                            finished = chunk
+
+    status: DoneStatus = "completed"
+    async with trio.open_nursery() as job_nursery:
+        job_nursery.start_soon(_renew_lease, worker, job)
+        with trio.move_on_after(timeout_s) as deadline:
+            try:
+                await stream_answer()
+            except PermanentError as exc:  # raised before the stream: context overflow
+                failure = exc
+        job_nursery.cancel_scope.cancel()
+    if deadline.cancelled_caught:
+        status = "timeout"
+    elif failure is not None:
+        status = "failed"
+
+    text = "".join(parts)
+    prompt_tokens = finished.prompt_tokens if finished and finished.prompt_tokens else None
+    completion_tokens = finished.completion_tokens if finished and finished.completion_tokens \
+        is not None else None
+    prompt_tokens = prompt_tokens if prompt_tokens is not None else prompt_estimate
+    completion_tokens = completion_tokens if completion_tokens is not None else count(text)
+    cost = cost_usd(alias.model, prompt_tokens, completion_tokens,
+                    alias.input_cost_per_token, alias.output_cost_per_token)
+    partial_answer = status != "completed" and bool(text)
+    ended = trio.current_time()
+
+    with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
+        if status == "completed" and finished is not None:
+            await worker.emit(job, Final(
+                text=text, finish_reason=finished.finish_reason,
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens),
+                cost_usd=cost, model=alias_name))
+        elif failure is not None:
+            await worker.emit(job, Error(
+                code=getattr(failure, "code", "provider_unavailable"), message=str(failure),
+                retryable=isinstance(failure, TransientError)))
+        persisted = trio.Event()
+        await worker.records.send(JobFinished(
+            job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status=status,
+            model=alias_name, provider=provider_of(alias.model), prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, cost_usd=cost,
+            ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
+            latency_ms=round((ended - started) * 1000),
+            error=None if failure is None else str(failure), partial=partial_answer,
+            user_message=request.message, user_tokens=count(request.message), answer=text,
+            receipt=persisted))
+        await persisted.wait()
+        await worker.emit(job, Done(status=status, partial=partial_answer), wait=True)
+    if finishing.cancelled_caught:
+        raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
+    log.info("job %s %s in %.0f ms (%d+%d tokens)", job.job_id, status,
+             (ended - started) * 1000, prompt_tokens, completion_tokens)
+
+

@@ -1,0 +1,140 @@
+"""`bin/chat-actors dev`: the whole product on loopback, then a chat prompt.
+
+Starts Kafka, Redis, Postgres and SmolLM2 (actors/adapters/local_stack.py),
+writes a config file for them, starts `chat-actors run --config` as a
+subprocess (the same path as production), and sends each typed line as a
+request of one session, printing the answer as it streams from Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from actors.adapters import local_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dev_config(*, kafka: str, redis: str, postgres: str, llm: str) -> str:
+    return f"""\
+# Written by `chat-actors dev` for its local stack.
+[kafka]
+bootstrap_servers = "{kafka}"
+session_timeout_ms = 2000   # Tansu joins a group in about session.timeout.ms / 2
+fetch_wait_max_ms = 20
+
+[redis]
+url = "{redis}"
+
+[postgres]
+dsn = "{postgres}"
+
+[llm]
+default_model = "local"
+
+[llm.models.local]
+model = "openai/smollm2"
+api_base = "{llm}"
+context_window = 2048
+max_tokens = 200
+input_cost_per_token = 0.0
+output_cost_per_token = 0.0
+
+[shutdown]
+grace_s = 5
+"""
+
+
+def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if " ready: " in text:
+            return
+        if worker.poll() is not None:
+            raise local_stack.StackError(f"the worker exited:\n{text[-3000:]}")
+        time.sleep(0.1)
+    raise local_stack.StackError(f"the worker did not become ready; see {log_path}")
+
+
+def run_dev(*, once: str | None, keep: bool) -> int:
+    from actors.adapters.chat_client import ChatClient
+    from actors.cli import print_answer
+    from config import load_config
+
+    (ROOT / ".dev").mkdir(exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
+    services: list[local_stack.Service] = []
+    worker: subprocess.Popen[bytes] | None = None
+    # Ctrl-C is ours to handle: stop everything in order, then exit.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        say = (lambda *a: None) if once else (lambda *a: print(*a, file=sys.stderr))
+        say("starting the local stack ...")
+        kafka = local_stack.start_kafka(workdir)
+        services.append(kafka)
+        redis = local_stack.start_redis(workdir)
+        services.append(redis)
+        postgres = local_stack.start_postgres(workdir)
+        services.append(postgres)
+        llm = local_stack.start_llama(workdir)
+        services.append(llm)
+        config_path = workdir / "config.toml"
+        config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,
+                                          postgres=postgres.url, llm=llm.url))
+        log_path = workdir / "worker.log"
+        with log_path.open("ab") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "actors.cli", "run", "--config", str(config_path)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        _wait_ready(worker, log_path)
+        say(f"  kafka     {kafka.url}\n  redis     {redis.url}\n  postgres  {postgres.url}\n"
+            f"  llm       {llm.url} (SmolLM2-135M)\n  worker    pid {worker.pid}, log {log_path}\n"
+            f"  config    {config_path}")
+        client = ChatClient(load_config(config_path))
+        session = f"dev-{uuid.uuid4().hex[:8]}"
+        try:
+            if once is not None:
+                job_id, after = client.send(once, user_id="dev", session_id=session)
+                return 0 if print_answer(client, job_id, after) == "completed" else 1
+            say("type a message and press Enter (Ctrl-D or Ctrl-C to quit)")
+            while True:
+                try:
+                    line = input("you> ").strip()
+                except EOFError:
+                    print(file=sys.stderr)
+                    return 0
+                if line:
+                    job_id, after = client.send(line, user_id="dev", session_id=session)
+                    print_answer(client, job_id, after)
+        finally:
+            client.close()
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+        return 130
+    except local_stack.StackError as exc:
+        print(f"chat-actors dev: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            if worker is not None and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(15)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+            for service in reversed(services):
+                service.stop()
+            if not keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                print(f"stack folder kept: {workdir}", file=sys.stderr)

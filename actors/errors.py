@@ -1,0 +1,27 @@
+"""The project's own exceptions. Adapters translate library errors into these, once."""
+
+
+class ChatActorsError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class TransientError(ChatActorsError):
+    """Worth retrying: a connection dropped, a server is busy, a lease is contended.
+
+    `retry_after` (seconds) is a hint from the other side, when it gave one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(ChatActorsError):
+    """Retrying will not help: bad request, auth, context length, unknown model.
+
+    `code` is the short machine-readable name put in the client's `error` event.
+    """
+
+    def __init__(self, message: str, *, code: str = "permanent") -> None:
+        super().__init__(message)
+        self.code = code

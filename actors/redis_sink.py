@@ -1,0 +1,79 @@
+"""redis_sink: StreamEvents -> pipelined XADDs, a job's tokens coalesced per flush.
+
+There is no flush timer: while one pipeline is in flight, new events queue in
+the mailbox, and the next batch merges each job's adjacent tokens into one
+entry. Under load entries grow; when idle every token leaves at once. `seq`
+is assigned here, per (job, attempt), so it counts the entries the client sees.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import trio
+
+from actors.adapters.redis_events import StreamEntry
+from actors.backoff import Backoff, retry_transient
+from actors.ports import EventWriter
+from messages.mailboxes import EventEmitted
+from messages.wire import Done, StreamEvent, Token, event_data, now_ms
+
+log = logging.getLogger("chat_actors.redis_sink")
+
+JobKey = tuple[str, int]
+
+
+def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[StreamEntry]:
+    """Turn a batch into stream entries, merging each job's adjacent tokens."""
+    entries: list[StreamEntry] = []
+    open_token: dict[JobKey, tuple[int, list[str]]] = {}  # job -> (entry index, texts)
+    for message in batch:
+        job = message.job
+        key = (job.job_id, job.attempt)
+        body = message.body
+        if isinstance(body, Token) and key in open_token:
+            open_token[key][1].append(body.text)
+            continue
+        seq = next_seq.get(key, 0)
+        next_seq[key] = seq + 1
+        entries.append(StreamEntry(key=job.stream_key, event=StreamEvent(
+            event=body.EVENT, job_id=job.job_id, user_id=job.user_id,
+            session_id=job.session_id, attempt=job.attempt, seq=seq, ts=now_ms(),
+            data=event_data(body))))
+        if isinstance(body, Token):
+            open_token[key] = (len(entries) - 1, [body.text])
+        else:
+            open_token.pop(key, None)
+        if isinstance(body, Done):
+            next_seq.pop(key, None)
+    for index, texts in open_token.values():
+        if len(texts) > 1:
+            entry = entries[index]
+            merged = event_data(Token(text="".join(texts)))
+            entries[index] = StreamEntry(key=entry.key,
+                                         event=msgspec.structs.replace(entry.event, data=merged))
+    return entries
+
+
+async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer: EventWriter,
+                         *, batch_max: int, backoff: Backoff | None = None,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    next_seq: dict[JobKey, int] = {}
+    with inbox:
+        task_status.started()
+        async for first in inbox:
+            batch = [first]
+            while len(batch) < batch_max:
+                try:
+                    batch.append(inbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            entries = coalesce(batch, next_seq)
+            # Never drop an event: a transient outage is retried until Redis is back,
+            # while the bounded mailbox pushes back on the conversations.
+            await retry_transient(lambda entries=entries: writer.write(entries),
+                                  what=f"XADD of {len(entries)} events", log=log, backoff=backoff)
+            for message in batch:
+                if message.receipt is not None:
+                    message.receipt.set()

@@ -1,0 +1,125 @@
+"""supervisor: the only root nursery. Opens the trio-asyncio loop for the whole run,
+checks every dependency, then starts the actors downstream first (sinks, then
+intake) so a broken dependency fails start-up loudly instead of mid-job.
+
+Shutdown: the first SIGINT/SIGTERM stops intake, which drains running jobs
+within shutdown.grace_s and commits what settled; the sinks then flush and
+end. A second signal cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from functools import partial
+
+import trio
+
+from actors.adapters import aio
+from actors.adapters.kafka import Producer, RequestConsumer, ensure_topics
+from actors.adapters.llm import LiteLLMChat
+from actors.adapters.postgres import Postgres, redact
+from actors.adapters.redis_events import RedisEvents
+from actors.conversation import Worker
+from actors.errors import ChatActorsError, TransientError
+from actors.intake import run_intake
+from actors.offsets import OffsetTracker
+from actors.pg_sink import run_pg_sink
+from actors.ports import ChatModel
+from actors.redis_sink import run_redis_sink
+from config import Config
+
+log = logging.getLogger("chat_actors.supervisor")
+
+EVENT_MAILBOX = 1024
+RECORD_MAILBOX = 256
+
+
+class StartupError(ChatActorsError):
+    """A dependency is missing or misconfigured; the message says which and where."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("%s: draining (send again to stop at once)",
+                         signal.Signals(signum).name)
+                stop.set()
+            else:
+                log.warning("second signal: stopping now")
+                root.cancel()
+
+
+async def _check(what: str, where: str, probe) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await probe()
+    except TransientError as exc:
+        raise StartupError(f"{what} at {where} is unreachable: {exc}") from exc
+
+
+async def run_worker(config: Config, *, stop: trio.Event | None = None,
+                     handle_signals: bool = True, chat: ChatModel | None = None,
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
+    stop = stop or trio.Event()
+    owner = worker_id()
+    async with aio.open_bridge():
+        pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
+        await _check("postgres", redact(config.postgres.dsn), pg.migrate)
+        events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
+                             maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s)
+        await _check("redis", redact(config.redis.url), events.ping)
+        kafka = config.kafka
+        topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
+
+        async def topics_ready() -> None:
+            created = await trio.to_thread.run_sync(
+                ensure_topics, kafka.bootstrap_servers, kafka.producer, topics, kafka.partitions)
+            if created:
+                log.info("created topics %s with %d partitions", created, kafka.partitions)
+
+        await _check("kafka", kafka.bootstrap_servers, topics_ready)
+        tracker = OffsetTracker()
+        consumer = RequestConsumer(
+            topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
+            session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
+            extra=kafka.consumer, on_revoke=tracker.revoke)
+        dlq = Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer)
+        events_in, events_out = trio.open_memory_channel(EVENT_MAILBOX)
+        records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
+        worker = Worker(config=config, owner=owner, store=pg, chat=chat or LiteLLMChat(),
+                        events=events_in, records=records_in, event_log=events)
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
+                                         batch_max=config.postgres.batch))
+                await root.start(partial(run_redis_sink, events_out, events,
+                                         batch_max=config.stream.batch))
+                signal_scope = trio.CancelScope()
+                if handle_signals:
+                    async def watch() -> None:
+                        with signal_scope:
+                            await _watch_signals(stop, root.cancel_scope)
+                    root.start_soon(watch)
+                async with trio.open_nursery() as front:
+                    await front.start(partial(run_intake, consumer, dlq, worker, tracker,
+                                              stop=stop))
+                    log.info("worker %s ready: %s -> %s", owner, kafka.request_topic,
+                             config.stream.key_template)
+                    task_status.started(owner)
+                # Intake is done and closed the sinks' mailboxes: they flush and end.
+                signal_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await dlq.close()
+            events.close()
+            pg.close()
+    log.info("worker %s stopped", owner)

@@ -1,0 +1,225 @@
+"""Configuration: config/default.toml, overlaid by a file, overlaid by the environment.
+
+Every problem is reported as a ConfigError naming the key and where its value
+came from, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+DEFAULT_FILE = Path(__file__).with_name("default.toml")
+ENV_PREFIX = "CHAT_ACTORS__"
+
+Positive = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Name = Annotated[str, Meta(min_length=1)]
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message says which key and why."""
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Kafka(_Section):
+    bootstrap_servers: Name
+    request_topic: Name
+    control_topic: Name
+    dlq_topic: Name
+    group_id: Name
+    session_timeout_ms: Annotated[int, Meta(ge=1000)]
+    fetch_wait_max_ms: Annotated[int, Meta(ge=0, le=10000)]
+    poll_batch: Positive
+    partitions: Positive
+    consumer: dict[str, str | int | float | bool]
+    producer: dict[str, str | int | float | bool]
+
+
+class Redis(_Section):
+    url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")]
+    password_env: str
+
+
+class Stream(_Section):
+    key_template: Name
+    ttl_s: Positive
+    maxlen: Positive
+    batch: Positive
+
+
+class Postgres(_Section):
+    dsn: Name
+    pool_size: Positive
+    batch: Positive
+
+
+class ModelAlias(_Section):
+    model: Name
+    api_base: str | None = None
+    api_key_env: str | None = None
+    fallbacks: list[str] = []
+    context_window: Annotated[int, Meta(ge=64)] = 8192
+    max_tokens: Positive = 512
+    input_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+    output_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+
+
+class Llm(_Section):
+    default_model: Name
+    system_prompt: str
+    max_history_turns: Annotated[int, Meta(ge=0)]
+    models: dict[str, ModelAlias]
+
+
+class Jobs(_Section):
+    timeout_s: PositiveFloat
+    max_in_flight: Positive
+    lease_s: PositiveFloat
+
+
+class Limits(_Section):
+    max_message_chars: Positive
+
+
+class Shutdown(_Section):
+    grace_s: Annotated[float, Meta(ge=0)]
+
+
+class Health(_Section):
+    port: Port
+
+
+class Log(_Section):
+    level: Literal["debug", "info", "warning", "error"]
+
+
+class Config(_Section):
+    kafka: Kafka
+    redis: Redis
+    stream: Stream
+    postgres: Postgres
+    llm: Llm
+    jobs: Jobs
+    limits: Limits
+    shutdown: Shutdown
+    health: Health
+    log: Log
+
+    def alias(self, name: str | None) -> tuple[str, ModelAlias]:
+        name = name or self.llm.default_model
+        return name, self.llm.models[name]
+
+
+def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _env_value(text: str) -> Any:
+    # Lists and tables are written as TOML (`["a", "b"]`); scalars stay strings
+    # and msgspec's lax mode turns "120" into 120 where the key is a number.
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return text
+
+
+def _env_overlay(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    overlay: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        node = overlay
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another one")
+        node[path[-1]] = _env_value(text)
+        origins["$." + ".".join(path)] = f"environment variable {name}"
+    return overlay, origins
+
+
+def _origin(path: str, origins: dict[str, str], file: Path | None) -> str:
+    for key, origin in origins.items():
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            return origin
+    return f"config file {file}" if file else f"config file {DEFAULT_FILE}"
+
+
+def load_config(file: Path | str | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config: default.toml < `file` < CHAT_ACTORS__* environment variables."""
+    environ = os.environ if environ is None else environ
+    raw = _read_toml(DEFAULT_FILE)
+    file = Path(file) if file is not None else None
+    if file is not None:
+        raw = _merge(raw, _read_toml(file))
+    overlay, origins = _env_overlay(environ)
+    raw = _merge(raw, overlay)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        rule, _, where = str(exc).rpartition(" - at ")
+        where = where.strip("`")
+        raise ConfigError(
+            f"{where.removeprefix('$.') or 'config'}: {rule or exc} "
+            f"(from {_origin(where, origins, file)})"
+        ) from None
+    _check_models(config)
+    return config
+
+
+def _check_models(config: Config) -> None:
+    models = config.llm.models
+    if config.llm.default_model not in models:
+        raise ConfigError(
+            f"llm.default_model: {config.llm.default_model!r} is not a table under llm.models "
+            f"(defined: {', '.join(sorted(models)) or 'none'})"
+        )
+    for alias, spec in models.items():
+        for fallback in spec.fallbacks:
+            if fallback not in models:
+                raise ConfigError(f"llm.models.{alias}.fallbacks: unknown alias {fallback!r}")
+            if fallback == alias:
+                raise ConfigError(f"llm.models.{alias}.fallbacks: an alias cannot fall back to itself")
+        if spec.max_tokens >= spec.context_window:
+            raise ConfigError(
+                f"llm.models.{alias}.max_tokens ({spec.max_tokens}) must be smaller than "
+                f"context_window ({spec.context_window})"
+            )
+    if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
+        raise ConfigError(
+            "stream.key_template: the only placeholder allowed is {job_id}"
+        )

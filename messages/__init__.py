@@ -1,0 +1,1 @@
+"""The message protocol of chat-actors: wire types and mailbox types. No I/O here."""

@@ -1,0 +1,105 @@
+"""What actors send each other. One union per mailbox; commands are imperative,
+events past tense, data nouns.
+
+A `receipt` is a trio.Event the sink sets once the record is durably written;
+the conversation waits on receipts before it lets the offset commit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import trio
+
+from messages.wire import DoneStatus, EventBody
+
+
+class JobRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Who an event belongs to and where it goes."""
+
+    job_id: str
+    user_id: str
+    session_id: str
+    attempt: int
+    stream_key: str
+
+
+# --- redis_sink mailbox -------------------------------------------------------------
+
+class EventEmitted(msgspec.Struct, frozen=True, kw_only=True):
+    job: JobRef
+    body: EventBody
+    receipt: trio.Event | None = None
+
+
+RedisSinkMessage = EventEmitted
+
+
+# --- pg_sink mailbox ----------------------------------------------------------------
+
+class Turn(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
+    """A job reached its terminal status: its row, and the exchange for the history."""
+
+    job_id: str
+    user_id: str
+    session_id: str
+    status: DoneStatus
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    ttft_ms: int | None
+    latency_ms: int
+    error: str | None
+    partial: bool
+    user_message: str
+    user_tokens: int
+    answer: str  # may be "" (nothing streamed): then no assistant row is written
+    receipt: trio.Event | None = None
+
+
+class JobRejected(msgspec.Struct, frozen=True, kw_only=True):
+    """Bad input that named a job: a `rejected` row so the gateway can see why."""
+
+    job_id: str
+    user_id: str
+    session_id: str
+    error: str
+    receipt: trio.Event | None = None
+
+
+PgSinkMessage = JobFinished | JobRejected
+
+
+# --- provider stream (request/reply inside a conversation) ------------------------
+
+class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+
+
+class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
+    finish_reason: str
+    prompt_tokens: int | None  # None: the vendor did not report usage
+    completion_tokens: int | None
+    model: str  # what the vendor says answered
+
+
+ProviderChunk = TokenDelta | StreamFinished
+
+
+# --- intake: one record as it came off Kafka -----------------------------------------
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()

@@ -1,0 +1,264 @@
+"""The outside contract (DESIGN.md section 1): what other teams code against.
+
+Kafka in (`ChatRequest`, `ControlMessage`), Redis out (`StreamEvent` and the
+event bodies). Each type is versioned by the `v` field; new fields must get
+defaults so older producers keep working.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION = 1
+
+# DESIGN 1.1: ids are 1-128 chars of [A-Za-z0-9._:-].
+Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class BadInput(ValueError):
+    """A message broke the contract. `field` is a JSON path, `rule` what it broke."""
+
+    def __init__(self, field: str, rule: str, *, job_id: str | None = None,
+                 user_id: str | None = None, session_id: str | None = None) -> None:
+        super().__init__(f"{field}: {rule}" if field else rule)
+        self.field = field
+        self.rule = rule
+        self.job_id = job_id
+        self.user_id = user_id
+        self.session_id = session_id
+
+
+class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    stop: (
+        Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=4)]
+        | None
+    ) = None
+
+
+class RagOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    collection: Ident | None = None
+    top_k: Annotated[int, Meta(ge=1, le=50)] = 5
+    where: dict[str, Any] | None = None
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A value on `chat.request`. Unknown fields are ignored (forward compatibility)."""
+
+    job_id: Ident
+    user_id: Ident
+    session_id: Ident
+    message: Annotated[str, Meta(min_length=1)]
+    mode: Literal["gen", "rag"] = "gen"
+    model: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    params: Params = Params()
+    timeout_s: Annotated[float, Meta(gt=0.0)] | None = None
+    rag: RagOptions | None = None
+    trace_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    v: int = SCHEMA_VERSION
+
+
+class _Ids(msgspec.Struct, rename="camel"):
+    """The lenient view used to find who to tell when a request is bad."""
+
+    job_id: Any = None
+    user_id: Any = None
+    session_id: Any = None
+
+
+_request_decoder = msgspec.json.Decoder(ChatRequest)
+_ids_decoder = msgspec.json.Decoder(_Ids)
+_ident_pattern = Ident.__metadata__[0].pattern  # type: ignore[attr-defined]
+
+
+def _readable_ids(raw: bytes) -> dict[str, str | None]:
+    try:
+        ids = _ids_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return {"job_id": None, "user_id": None, "session_id": None}
+
+    def ok(value: Any) -> str | None:
+        if isinstance(value, str) and 0 < len(value) <= 128 and re.match(_ident_pattern, value):
+            return value
+        return None
+
+    return {"job_id": ok(ids.job_id), "user_id": ok(ids.user_id),
+            "session_id": ok(ids.session_id)}
+
+
+def _field_of(error_text: str) -> tuple[str, str]:
+    # msgspec says "Expected `int`, got `str` - at `$.params.maxTokens`".
+    rule, sep, where = error_text.rpartition(" - at ")
+    where = where.strip("`") if sep else "$"
+    rule = rule if sep else error_text
+    missing = re.match(r"Object missing required field `(.+)`", rule)
+    if missing:
+        return f"{where}.{missing.group(1)}", "required field is missing"
+    return where, rule
+
+
+def decode_request(
+    raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str]
+) -> ChatRequest:
+    """Decode and validate one `chat.request` value, or raise BadInput naming the problem."""
+    if raw is None:
+        raise BadInput("$", "the message has no value")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput("$", f"the value is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    try:
+        request = _request_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        field, rule = _field_of(str(exc))
+        raise BadInput(field, rule, **_readable_ids(raw)) from exc
+    except msgspec.DecodeError as exc:
+        raise BadInput("$", f"the value is not a JSON object: {exc}") from exc
+    ids = {"job_id": request.job_id, "user_id": request.user_id,
+           "session_id": request.session_id}
+    if request.v != SCHEMA_VERSION:
+        raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads 1)", **ids)
+    if len(request.message) > max_message_chars:
+        raise BadInput("$.message", f"longer than limits.max_message_chars ({max_message_chars})",
+                       **ids)
+    if request.model is not None and request.model not in model_aliases:
+        known = ", ".join(sorted(model_aliases))
+        raise BadInput("$.model", f"unknown model alias {request.model!r} (known: {known})", **ids)
+    return request
+
+
+# --- chat.control -----------------------------------------------------------------
+
+class CancelRequested(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+                      tag_field="type", tag="cancel"):
+    job_id: Ident
+    user_id: Ident
+    reason: Annotated[str, Meta(max_length=512)] = ""
+
+
+ControlMessage = CancelRequested
+_control_decoder = msgspec.json.Decoder(ControlMessage)
+
+
+def decode_control(raw: bytes | None) -> ControlMessage:
+    if raw is None:
+        raise BadInput("$", "the message has no value")
+    try:
+        return _control_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        field, rule = _field_of(str(exc))
+        raise BadInput(field, rule) from exc
+    except msgspec.DecodeError as exc:
+        raise BadInput("$", f"the value is not a JSON object: {exc}") from exc
+
+
+# --- Redis stream events (DESIGN 1.4) ----------------------------------------------
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An event body; `EVENT` is the entry's `event` field."""
+
+    EVENT: ClassVar[str]
+
+
+class Started(_Event):
+    EVENT: ClassVar[str] = "started"
+    model: str
+    mode: str
+    attempt: int
+
+
+class RetrievalHit(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    score: float
+    source: str
+    snippet: str
+
+
+class Retrieval(_Event):
+    EVENT: ClassVar[str] = "retrieval"
+    step: str
+    query: str
+    hits: list[RetrievalHit]
+
+
+class Token(_Event):
+    EVENT: ClassVar[str] = "token"
+    text: str
+
+
+class ProviderSwitched(_Event):
+    EVENT: ClassVar[str] = "provider"
+    from_: str = msgspec.field(name="from")
+    to: str
+    reason: str
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Final(_Event):
+    EVENT: ClassVar[str] = "final"
+    text: str
+    finish_reason: str
+    usage: Usage
+    cost_usd: float | None
+    model: str
+
+
+class Error(_Event):
+    EVENT: ClassVar[str] = "error"
+    code: str
+    message: str
+    retryable: bool
+
+
+DoneStatus = Literal["completed", "cancelled", "timeout", "failed", "rejected"]
+
+
+class Done(_Event):
+    EVENT: ClassVar[str] = "done"
+    status: DoneStatus
+    partial: bool
+
+
+EventBody = Started | Retrieval | Token | ProviderSwitched | Final | Error | Done
+
+_body_encoder = msgspec.json.Encoder()
+
+
+def event_data(body: EventBody) -> bytes:
+    """The `data` field of a stream entry: the body as camelCase JSON."""
+    return _body_encoder.encode(body)
+
+
+class StreamEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One Redis stream entry, as the gateway reads it."""
+
+    event: str
+    job_id: str
+    user_id: str
+    session_id: str
+    attempt: int
+    seq: int
+    ts: int  # milliseconds since the epoch
+    data: bytes  # JSON
+
+    def fields(self) -> dict[str, str | bytes | int]:
+        return {"event": self.event, "jobId": self.job_id, "userId": self.user_id,
+                "sessionId": self.session_id, "attempt": self.attempt, "seq": self.seq,
+                "ts": self.ts, "data": self.data}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

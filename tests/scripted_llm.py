@@ -1,0 +1,217 @@
+"""A scripted OpenAI-compatible vendor over real HTTP on loopback.
+
+Only the LLM vendor is scripted in the tests: LiteLLM's real client talks to
+this server through real sockets and real SSE. A test queues `Reply` scripts
+(tokens, delays, status codes, mid-stream failures) and reads back what the
+server was sent and whether the client hung up early.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    tokens: tuple[str, ...] = ("Hello", ",", " world", "!")
+    token_delay_s: float = 0.0
+    first_token_delay_s: float = 0.0
+    status: int = 200
+    error_body: str = '{"error": {"message": "scripted failure", "type": "server_error"}}'
+    headers: tuple[tuple[str, str], ...] = ()
+    # Drop the connection after this many tokens (None: finish normally).
+    break_after: int | None = None
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None  # None: count words of the prompt
+    report_usage: bool = True
+
+
+@dataclass
+class Call:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    started_at: float
+    tokens_sent: int = 0
+    finished: bool = False
+    disconnected: bool = False
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.body.get("messages", [])
+
+
+@dataclass
+class ScriptedLLM:
+    default: Reply = field(default_factory=Reply)
+    _queue: deque[Reply] = field(default_factory=deque)
+    calls: list[Call] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _server: ThreadingHTTPServer | None = None
+
+    def queue(self, *replies: Reply) -> None:
+        with self._cond:
+            self._queue.extend(replies)
+
+    def _next_reply(self) -> Reply:
+        with self._cond:
+            return self._queue.popleft() if self._queue else self.default
+
+    def _record(self, call: Call) -> None:
+        with self._cond:
+            self.calls.append(call)
+            self._cond.notify_all()
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_until(self, predicate: Any, timeout: float = 30.0) -> None:
+        """Block (in a thread) until predicate(calls) holds; raise on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"scripted LLM: condition not met; calls={self.calls}")
+                self._cond.wait(left)
+
+    def reset(self) -> None:
+        with self._cond:
+            self._queue.clear()
+            self.calls.clear()
+            self.default = Reply()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> ScriptedLLM:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # Small SSE writes must leave at once, not wait for Nagle + delayed ACK.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps({"object": "list", "data": [{"id": "scripted"}]}).encode()
+                self._send_json(200, body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                payload = json.loads(self.rfile.read(length) or b"{}")
+                call = Call(self.path, payload, dict(self.headers.items()), time.monotonic())
+                owner._record(call)
+                reply = owner._next_reply()
+                if reply.status != 200:
+                    self._send_json(reply.status, reply.error_body.encode(), reply.headers)
+                    call.finished = True
+                    owner._changed()
+                    return
+                try:
+                    if payload.get("stream"):
+                        self._stream(call, payload, reply)
+                    else:
+                        self._complete(call, payload, reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    call.disconnected = True
+                    owner._changed()
+                    self.close_connection = True
+
+            def _send_json(self, status: int, body: bytes,
+                           headers: tuple[tuple[str, str], ...] = ()) -> None:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _usage(self, payload: dict[str, Any], reply: Reply, sent: int) -> dict[str, int]:
+                prompt = reply.prompt_tokens
+                if prompt is None:
+                    prompt = sum(len(str(m.get("content", "")).split())
+                                 for m in payload.get("messages", []))
+                return {"prompt_tokens": prompt, "completion_tokens": sent,
+                        "total_tokens": prompt + sent}
+
+            def _complete(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
+                text = "".join(reply.tokens)
+                body = {"id": "chatcmpl-scripted", "object": "chat.completion",
+                        "created": int(time.time()), "model": payload.get("model", "scripted"),
+                        "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                                     "message": {"role": "assistant", "content": text}}],
+                        "usage": self._usage(payload, reply, len(reply.tokens))}
+                self._send_json(200, json.dumps(body).encode())
+                call.tokens_sent = len(reply.tokens)
+                call.finished = True
+                owner._changed()
+
+            def _chunk(self, payload: dict[str, Any], **fields: Any) -> None:
+                chunk = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
+                         "created": int(time.time()), "model": payload.get("model", "scripted"),
+                         **fields}
+                data = f"data: {json.dumps(chunk)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _stream(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                if reply.first_token_delay_s:
+                    time.sleep(reply.first_token_delay_s)
+                for i, token in enumerate(reply.tokens):
+                    if reply.break_after is not None and i >= reply.break_after:
+                        # Abort mid-stream: no terminating chunk, connection closed.
+                        self.close_connection = True
+                        call.finished = True
+                        owner._changed()
+                        return
+                    if i and reply.token_delay_s:
+                        time.sleep(reply.token_delay_s)
+                    delta = {"content": token} if i else {"role": "assistant", "content": token}
+                    self._chunk(payload, choices=[{"index": 0, "delta": delta,
+                                                   "finish_reason": None}])
+                    call.tokens_sent += 1
+                    owner._changed()
+                self._chunk(payload, choices=[{"index": 0, "delta": {},
+                                               "finish_reason": reply.finish_reason}])
+                wants_usage = (payload.get("stream_options") or {}).get("include_usage")
+                if wants_usage and reply.report_usage:
+                    self._chunk(payload, choices=[],
+                                usage=self._usage(payload, reply, call.tokens_sent))
+                end = b"data: [DONE]\n\n"
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+                self.wfile.flush()
+                call.finished = True
+                owner._changed()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="scripted-llm",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
