@@ -69,7 +69,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                      handle_signals: bool = True, chat: ChatModel | None = None,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
-    stop = stop or trio.Event()
+    stop = trio.Event() if stop is None else stop
     owner = worker_id()
     async with aio.open_bridge():
         pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)

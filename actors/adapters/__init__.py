@@ -2,3 +2,9 @@
 
 Each adapter maps its library's errors to TransientError / PermanentError once.
 """
+
+# trio-asyncio patches asyncio.get_running_loop() when imported. anyio's asyncio
+# backend (used by the openai SDK under LiteLLM) binds that function at its own
+# import, so trio-asyncio must come first or streams die at their end with
+# "no running event loop". Importing it here puts it before any adapter.
+import trio_asyncio  # noqa: E402, F401

@@ -1,0 +1,125 @@
+"""Session fixtures: the real local stack (Kafka, Redis, Postgres) and the scripted vendor."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from actors.adapters import local_stack
+from config import Config, load_config
+from tests.scripted_llm import ScriptedLLM
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.kafka = local_stack.start_kafka(workdir)
+        self.redis = local_stack.start_redis(workdir)
+        self.postgres = local_stack.start_postgres(workdir)
+
+    def stop(self) -> None:
+        for service in (self.kafka, self.redis, self.postgres):
+            service.stop()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with local_stack.workdir("chat-actors-test-") as workdir:
+        started = Stack(workdir)
+        try:
+            yield started
+        finally:
+            started.stop()
+
+
+@pytest.fixture(scope="session")
+def _llm_server() -> Iterator[ScriptedLLM]:
+    server = ScriptedLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm(_llm_server: ScriptedLLM) -> ScriptedLLM:
+    _llm_server.reset()
+    return _llm_server
+
+
+def config_text(stack: Stack, llm_url: str, tag: str, extra: str = "") -> str:
+    return f"""
+[kafka]
+bootstrap_servers = "{stack.kafka.url}"
+request_topic = "chat.request.{tag}"
+control_topic = "chat.control.{tag}"
+dlq_topic = "chat.request.dlq.{tag}"
+group_id = "chat-actors-{tag}"
+session_timeout_ms = 2000
+fetch_wait_max_ms = 10
+partitions = 3
+
+[redis]
+url = "{stack.redis.url}"
+
+[postgres]
+dsn = "{stack.postgres.url}"
+
+[llm]
+default_model = "scripted"
+system_prompt = "You are a test."
+
+[llm.models.scripted]
+model = "openai/scripted-model"
+api_base = "{llm_url}"
+api_key_env = "SCRIPTED_LLM_KEY"
+context_window = 4096
+max_tokens = 256
+
+[llm.models.priced]
+model = "openai/gpt-4o-mini"
+api_base = "{llm_url}"
+api_key_env = "SCRIPTED_LLM_KEY"
+context_window = 4096
+max_tokens = 256
+
+[shutdown]
+grace_s = 5
+{extra}
+"""
+
+
+@pytest.fixture
+def make_config(stack: Stack, llm: ScriptedLLM,
+                tmp_path: Path) -> Callable[..., tuple[Config, Path]]:
+    """A config with topics and group of this test alone; `extra` is appended TOML."""
+
+    def make(extra: str = "", tag: str | None = None) -> tuple[Config, Path]:
+        tag = tag or uuid.uuid4().hex[:10]
+        path = tmp_path / f"config-{tag}.toml"
+        path.write_text(config_text(stack, llm.url, tag, extra))
+        return load_config(path, environ={}), path
+
+    return make
+
+
+@pytest.fixture
+def config(make_config: Callable[..., tuple[Config, Path]]) -> Config:
+    return make_config()[0]
+
+
+@pytest.fixture
+def db(stack: Stack) -> Iterator[psycopg.Connection]:
+    conn = psycopg.connect(stack.postgres.url, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def rds(stack: Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    yield client
+    client.close()

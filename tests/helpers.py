@@ -1,0 +1,82 @@
+"""Test helpers: run a worker in-process, produce requests, read a job's events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import confluent_kafka
+import redis
+import trio
+
+from actors.supervisor import run_worker
+from config import Config
+
+
+@asynccontextmanager
+async def worker_running(config: Config, **kwargs: Any) -> AsyncIterator[trio.Event]:
+    """Run a worker until the block ends; then drain it as SIGTERM would."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_worker, config, stop=stop, handle_signals=False,
+                                    **kwargs))
+        yield stop
+        stop.set()
+
+
+def request(message: str = "Hi there", **fields: Any) -> dict[str, Any]:
+    body = {"jobId": f"job-{uuid.uuid4().hex[:12]}", "userId": "alice",
+            "sessionId": f"s-{uuid.uuid4().hex[:8]}", "message": message}
+    body.update(fields)
+    return body
+
+
+def produce(config: Config, *values: dict[str, Any] | bytes, topic: str | None = None) -> None:
+    producer = confluent_kafka.Producer({"bootstrap.servers": config.kafka.bootstrap_servers,
+                                         "log.connection.close": False})
+    for value in values:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        key = value.get("sessionId", "k").encode() if isinstance(value, dict) else b"k"
+        producer.produce(topic or config.kafka.request_topic, key=key, value=raw)
+    assert producer.flush(10) == 0
+
+
+def read_events(client: redis.Redis, config: Config, job_id: str,
+                timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Block until the job's `done` entry, then return all its entries (data decoded)."""
+    key = config.stream.key_template.replace("{job_id}", job_id)
+    after = "0-0"
+    entries: list[dict[str, Any]] = []
+    while True:
+        found = client.xread({key: after}, block=int(timeout_s * 1000), count=500)
+        if not found:
+            raise TimeoutError(f"no done for {job_id}; got {entries}")
+        for entry_id, fields in found[0][1]:
+            after = entry_id
+            if fields["jobId"] != job_id:
+                continue
+            entries.append({**fields, "data": json.loads(fields["data"]), "id": entry_id})
+            if fields["event"] == "done":
+                return entries
+
+
+async def events_of(client: redis.Redis, config: Config, job_id: str,
+                    timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    return await trio.to_thread.run_sync(read_events, client, config, job_id, timeout_s)
+
+
+def job_row(db: Any, job_id: str) -> dict[str, Any] | None:
+    cur = db.execute("SELECT * FROM llm_jobs WHERE job_id = %s", (job_id,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def message_rows(db: Any, job_id: str) -> list[dict[str, Any]]:
+    cur = db.execute("SELECT * FROM llm_messages WHERE job_id = %s ORDER BY id", (job_id,))
+    return [dict(zip([c.name for c in cur.description], r, strict=True)) for r in cur.fetchall()]
