@@ -88,12 +88,22 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
     config = worker.config
     alias_name, alias = config.alias(request.model)
     provider = provider_of(alias.model)
-    claim = await retry_transient(
-        lambda: worker.store.claim(
-            job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
-            trace_id=request.trace_id or uuid.uuid4().hex, mode=request.mode, model=alias_name,
-            provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s),
-        what=f"claim of job {request.job_id}", log=log)
+    trace_id = request.trace_id or uuid.uuid4().hex
+    while True:
+        claim = await retry_transient(
+            lambda: worker.store.claim(
+                job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
+                trace_id=trace_id, mode=request.mode, model=alias_name,
+                provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s),
+            what=f"claim of job {request.job_id}", log=log)
+        if not isinstance(claim, LeasedElsewhere):
+            break
+        # Another worker holds a live lease. Skipping would commit the offset, and if
+        # that worker has died the job would be lost: wait until it finishes the job
+        # (terminal) or its lease runs out (we take over as the next attempt).
+        log.info("job %s is leased by %s; waiting for it to finish or expire",
+                 request.job_id, claim.owner)
+        await trio.sleep(config.jobs.lease_s / 3)
     job = JobRef(job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
                  attempt=1, stream_key=worker.stream_key(request.job_id))
     match claim:
@@ -107,9 +117,6 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
             if not await retry_transient(lambda: worker.event_log.done_recorded(job.job_id),
                                          what="done check", log=log):
                 await worker.emit(job, Done(status=status, partial=False), wait=True)  # type: ignore[arg-type]
-            return
-        case LeasedElsewhere(owner=owner):
-            log.info("job %s is running under a live lease of %s; skipped", job.job_id, owner)
             return
         case OwnedByAnotherUser():
             log.warning("job %s belongs to another user; request from %s ignored",

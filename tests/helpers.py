@@ -13,8 +13,12 @@ import confluent_kafka
 import redis
 import trio
 
+from pathlib import Path
+
 from actors.supervisor import run_worker
 from config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @asynccontextmanager

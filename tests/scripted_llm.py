@@ -109,6 +109,12 @@ class ScriptedLLM:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # a client that was killed or cancelled: nothing to answer
+
             def do_GET(self) -> None:
                 body = json.dumps({"object": "list", "data": [{"id": "scripted"}]}).encode()
                 self._send_json(200, body)

@@ -1,0 +1,93 @@
+"""DESIGN 4.1: an offset is committed only once its job is persisted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import trio
+
+from actors.offsets import OffsetTracker
+from tests.helpers import ROOT, events_of, job_row, produce, request, worker_running
+from tests.scripted_llm import Reply
+
+
+def test_commits_only_the_contiguous_settled_prefix():
+    tracker = OffsetTracker()
+    p = ("t", 0)
+    for offset in (10, 11, 12):
+        tracker.track(p, offset)
+    tracker.settle(p, 11)
+    tracker.settle(p, 12)
+    assert tracker.take_commits() == {}  # 10 still running: nothing may commit
+    tracker.settle(p, 10)
+    assert tracker.take_commits() == {p: 13}
+    assert tracker.take_commits() == {}
+
+
+def test_partitions_are_independent_and_revocation_returns_pending_commits():
+    tracker = OffsetTracker()
+    a, b = ("t", 0), ("t", 1)
+    tracker.track(a, 0)
+    tracker.track(b, 5)
+    tracker.settle(b, 5)
+    assert tracker.revoke([b]) == {b: 6}
+    tracker.settle(b, 5)  # late settle of a revoked partition: ignored
+    assert tracker.take_commits() == {}
+    tracker.settle(a, 0)
+    assert tracker.take_commits() == {a: 1}
+
+
+def _signal_tree(pid: int, signum: int) -> None:
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        os.kill(process.pid, signum)
+
+
+async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
+        make_config, stack, llm, rds, db, tmp_path):
+    config, path = make_config(extra="[jobs]\nlease_s = 2\n")
+    llm.default = Reply(tokens=("first", " try"))
+    req = request("persist me")
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "actors.cli", "run", "--config", str(path)], cwd=ROOT,
+            stderr=log, stdout=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    paused = False
+    try:
+        # Freeze Postgres as soon as the answer has streamed: the `final` event
+        # reaches Redis, the terminal row cannot be written. Then kill the worker.
+        produce(config, req)
+        await trio.to_thread.run_sync(lambda: llm.wait_until(
+            lambda calls: calls and calls[0].finished, 60))
+        _signal_tree(stack.postgres.pid, signal.SIGSTOP)
+        paused = True
+        key = config.stream.key_template.replace("{job_id}", req["jobId"])
+        await trio.to_thread.run_sync(lambda: rds.xread({key: "0-0"}, block=30000))
+        worker.kill()
+        worker.wait()
+    finally:
+        if paused:
+            _signal_tree(stack.postgres.pid, signal.SIGCONT)
+        if worker.poll() is None:
+            worker.kill()
+    assert job_row(db, req["jobId"])["status"] == "running"
+    assert len(llm.calls) == 1
+
+    llm.default = Reply(tokens=("second", " try"))
+    async with worker_running(config):
+        # The request comes back from Kafka; the dead worker's lease expires; it runs again.
+        events = await events_of(rds, config, req["jobId"])
+        while events[-1]["attempt"] != "2":
+            events = await events_of(rds, config, req["jobId"])
+    attempt_two = [e for e in events if e["attempt"] == "2"]
+    assert [e["event"] for e in attempt_two][0] == "started"
+    assert attempt_two[0]["data"]["attempt"] == 2
+    assert [e["event"] for e in events].count("done") == 1
+    assert attempt_two[-2]["data"]["text"] == "second try"
+    assert len(llm.calls) == 2
+    row = job_row(db, req["jobId"])
+    assert row["status"] == "completed" and row["attempt"] == 2
