@@ -28,6 +28,14 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
     """Turn a batch into stream entries, merging each job's adjacent tokens."""
     entries: list[StreamEntry] = []
     open_token: dict[JobKey, tuple[int, list[str]]] = {}  # job -> (entry index, texts)
+
+    def close_token(key: JobKey) -> None:
+        index, texts = open_token.pop(key)
+        if len(texts) > 1:
+            entry = entries[index]
+            merged = msgspec.structs.replace(entry.event, data=event_data(Token(text="".join(texts))))
+            entries[index] = StreamEntry(key=entry.key, event=merged)
+
     for message in batch:
         job = message.job
         key = (job.job_id, job.attempt)
@@ -35,6 +43,8 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
         if isinstance(body, Token) and key in open_token:
             open_token[key][1].append(body.text)
             continue
+        if key in open_token:
+            close_token(key)
         seq = next_seq.get(key, 0)
         next_seq[key] = seq + 1
         entries.append(StreamEntry(key=job.stream_key, event=StreamEvent(
@@ -43,16 +53,10 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
             data=event_data(body))))
         if isinstance(body, Token):
             open_token[key] = (len(entries) - 1, [body.text])
-        else:
-            open_token.pop(key, None)
         if isinstance(body, Done):
             next_seq.pop(key, None)
-    for index, texts in open_token.values():
-        if len(texts) > 1:
-            entry = entries[index]
-            merged = event_data(Token(text="".join(texts)))
-            entries[index] = StreamEntry(key=entry.key,
-                                         event=msgspec.structs.replace(entry.event, data=merged))
+    for key in list(open_token):
+        close_token(key)
     return entries
 
 

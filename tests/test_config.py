@@ -1,0 +1,69 @@
+"""Config precedence (default < file < env) and clear errors for bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, load_config
+from tests.helpers import ROOT
+
+
+def test_file_overrides_default_and_env_overrides_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[jobs]\ntimeout_s = 60\nmax_in_flight = 8\n'
+                    '[kafka]\nbootstrap_servers = "file:9092"\n')
+    assert load_config(environ={}).jobs.timeout_s == 120  # default.toml
+    from_file = load_config(path, environ={})
+    assert (from_file.jobs.timeout_s, from_file.jobs.max_in_flight) == (60, 8)
+    both = load_config(path, environ={"CHAT_ACTORS__JOBS__TIMEOUT_S": "5",
+                                      "CHAT_ACTORS__KAFKA__BOOTSTRAP_SERVERS": "10.0.0.5:9092",
+                                      "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": "[]",
+                                      "UNRELATED": "x"})
+    assert both.jobs.timeout_s == 5 and both.jobs.max_in_flight == 8
+    assert both.kafka.bootstrap_servers == "10.0.0.5:9092"
+
+
+def test_env_can_define_a_new_model_alias():
+    config = load_config(environ={"CHAT_ACTORS__LLM__MODELS__VENDOR__MODEL": "openai/gpt-4o-mini",
+                                  "CHAT_ACTORS__LLM__DEFAULT_MODEL": "vendor"})
+    assert config.alias(None)[1].model == "openai/gpt-4o-mini"
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"CHAT_ACTORS__JOBS__TIMEOUT_S": "soon"},
+     "jobs.timeout_s: Expected `float`, got `str` (from environment variable "
+     "CHAT_ACTORS__JOBS__TIMEOUT_S)"),
+    ({"CHAT_ACTORS__JOBS__MAX_IN_FLIGHT": "0"}, "jobs.max_in_flight: Expected `int` >= 1"),
+    ({"CHAT_ACTORS__JOBS__TIMEOUTS": "1"}, "jobs: Object contains unknown field `timeouts`"),
+    ({"CHAT_ACTORS__LLM__DEFAULT_MODEL": "nope"},
+     "llm.default_model: 'nope' is not a table under llm.models"),
+    ({"CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["ghost"]'},
+     "llm.models.local.fallbacks: unknown alias 'ghost'"),
+    ({"CHAT_ACTORS__REDIS__URL": "http://x"}, "redis.url: Expected `str` matching regex"),
+])
+def test_bad_values_name_the_key_and_the_rule(environ, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=environ)
+    assert message in str(info.value)
+
+
+def test_bad_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[jobs\n")
+    with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
+        load_config(path, environ={})
+    path.write_text("[shutdown]\ngrace_s = -1\n")
+    with pytest.raises(ConfigError, match=r"shutdown.grace_s: Expected `float` >= 0.0 \(from config file .*broken.toml\)"):
+        load_config(path, environ={})
+
+
+def test_run_refuses_a_bad_config_with_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "actors.cli", "run", "--config", str(tmp_path / "missing.toml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"chat-actors: config error: config file {tmp_path / 'missing.toml'} does not exist")

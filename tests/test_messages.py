@@ -1,0 +1,77 @@
+"""The wire contract: a bad request is named by field and rule; good ones decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from messages.wire import BadInput, Final, ProviderSwitched, Usage, decode_request, event_data
+
+ALIASES = frozenset({"local", "priced"})
+
+
+def decode(value: dict | bytes, max_chars: int = 100):
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return decode_request(raw, max_message_chars=max_chars, model_aliases=ALIASES)
+
+
+GOOD = {"jobId": "j-1", "userId": "u.1", "sessionId": "s:1", "message": "hi"}
+
+
+def test_a_minimal_request_gets_the_documented_defaults():
+    request = decode({**GOOD, "someFutureField": {"x": 1}})  # unknown fields are ignored
+    assert (request.job_id, request.user_id, request.session_id) == ("j-1", "u.1", "s:1")
+    assert request.mode == "gen" and request.model is None and request.v == 1
+    assert request.params.max_tokens is None and request.timeout_s is None
+
+
+@pytest.mark.parametrize(("change", "field", "rule"), [
+    ({"jobId": None}, "$.jobId", "Expected `str`"),
+    ({"jobId": "has space"}, "$.jobId", "matching regex"),
+    ({"jobId": "x" * 129}, "$.jobId", "length <= 128"),
+    ({"message": ""}, "$.message", "length >= 1"),
+    ({"message": "x" * 101}, "$.message", "max_message_chars (100)"),
+    ({"mode": "chat"}, "$.mode", "Invalid enum value 'chat'"),
+    ({"model": "gpt-9"}, "$.model", "unknown model alias 'gpt-9'"),
+    ({"params": {"temperature": 3}}, "$.params.temperature", "<= 2.0"),
+    ({"params": {"maxTokens": "many"}}, "$.params.maxTokens", "Expected `int | null`"),
+    ({"params": {"topP": 0}}, "$.params.topP", "> 0.0"),
+    ({"timeoutS": -1}, "$.timeoutS", "> 0.0"),
+    ({"v": 2}, "$.v", "unsupported schema version 2"),
+])
+def test_bad_fields_are_named_with_their_rule(change, field, rule):
+    with pytest.raises(BadInput) as info:
+        decode({**GOOD, **change})
+    assert info.value.field == field
+    assert rule in info.value.rule
+    assert field in str(info.value)
+
+
+def test_missing_field_names_the_field_and_keeps_readable_ids():
+    with pytest.raises(BadInput) as info:
+        decode({"jobId": "j-2", "userId": "u"})
+    assert (info.value.field, info.value.rule) == ("$.sessionId", "required field is missing")
+    assert (info.value.job_id, info.value.user_id) == ("j-2", "u")
+
+
+@pytest.mark.parametrize(("raw", "rule"), [
+    (b"\xff\xfe", "not UTF-8"),
+    (b"{not json", "not a JSON object"),
+    (b"[1, 2]", "Expected `object`, got `array`"),
+])
+def test_undecodable_values_say_why(raw, rule):
+    with pytest.raises(BadInput) as info:
+        decode(raw)
+    assert rule in str(info.value)
+    assert info.value.job_id is None
+
+
+def test_event_data_is_camel_case_json():
+    final = Final(text="a", finish_reason="stop", cost_usd=None, model="m",
+                  usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3))
+    assert json.loads(event_data(final)) == {
+        "text": "a", "finishReason": "stop", "costUsd": None, "model": "m",
+        "usage": {"promptTokens": 1, "completionTokens": 2, "totalTokens": 3}}
+    assert json.loads(event_data(ProviderSwitched(from_="a", to="b", reason="429"))) == {
+        "from": "a", "to": "b", "reason": "429"}
