@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
@@ -124,11 +125,12 @@ async def run_intake(
         tracker.track((delivery.topic, delivery.partition), delivery.offset)
         in_flight += 1
         try:
-            request = decode_request(delivery.value, max_message_chars=config.limits.max_message_chars,
-                                     model_aliases=aliases)
+            request = decode_request(delivery.value, model_aliases=aliases,
+                                     max_message_chars=config.limits.max_message_chars)
         except BadInput as problem:
+            # `problem` is unbound when the except block ends: bind it now.
             jobs.start_soon(settle_after, delivery,
-                            lambda: reject(delivery, problem, worker, dlq, config.kafka.dlq_topic))
+                            partial(reject, delivery, problem, worker, dlq, config.kafka.dlq_topic))
             return
         previous, mine = sessions.enter((request.user_id, request.session_id))
         jobs.start_soon(settle_after, delivery, lambda: ordered(request, previous, mine))

@@ -150,10 +150,13 @@ class LiteLLMChat:
         }
         if api_base:
             request["api_base"] = api_base
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            # OpenAI-compatible local servers accept any key; the SDK insists on one.
-            request["api_key"] = key if key else "not-needed"
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            request["api_key"] = key
+        elif api_base and model.startswith("openai/"):
+            # An OpenAI-compatible server of our own (llama.cpp, vLLM) takes any key,
+            # but the SDK refuses to send a request without one.
+            request["api_key"] = "not-needed"
         with out:
             try:
                 await aio.run_asyncio(_pump, request, out)

@@ -1,0 +1,120 @@
+"""`chat-actors run` as a subprocess, driven only through the contract (DESIGN 1 and 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import confluent_kafka
+import pytest
+import trio
+
+from actors.adapters import local_stack
+from tests.helpers import ROOT, events_of, job_row, produce, request, worker_running
+from tests.scripted_llm import Reply
+
+
+def read_dlq(config, count: int, timeout_s: float = 30.0) -> list:
+    consumer = confluent_kafka.Consumer({
+        "bootstrap.servers": config.kafka.bootstrap_servers, "group.id": "dlq-reader",
+        "auto.offset.reset": "earliest", "session.timeout.ms": 2000,
+        "log.connection.close": False})
+    consumer.subscribe([config.kafka.dlq_topic])
+    found = []
+    try:
+        while len(found) < count:
+            message = consumer.poll(timeout_s)
+            if message is None:
+                break
+            if message.error() is None:
+                found.append(message)
+    finally:
+        consumer.close()
+    return found
+
+
+async def test_worker_process_serves_the_contract_and_drains_on_sigterm(make_config, llm, rds,
+                                                                         db, tmp_path):
+    config, path = make_config()
+    llm.default = Reply(tokens=("Hi", " from", " the", " worker"))
+    good = request("hello")
+    bad = b'{"jobId": "job-bad-1", "userId": "alice", "sessionId": "s", "message": 42}'
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [str(ROOT / "bin" / "chat-actors"), "run", "--config", str(path)], cwd=tmp_path,
+            stdout=log, stderr=log, env={**os.environ, "SCRIPTED_LLM_KEY": "sk-test-secret"})
+    try:
+        produce(config, bad, good)
+        events = await events_of(rds, config, good["jobId"])
+        rejected = await events_of(rds, config, "job-bad-1")
+        worker.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert code == 0
+    assert events[-2]["data"]["text"] == "Hi from the worker"
+    assert events[-1]["data"] == {"status": "completed", "partial": False}
+    assert llm.calls[0].headers.get("authorization") == "Bearer sk-test-secret"
+
+    # Bad input: a clear error on the job's stream, a rejected row, the DLQ copy.
+    assert [e["event"] for e in rejected] == ["error", "done"]
+    assert rejected[0]["data"]["code"] == "bad_request"
+    assert "$.message: Expected `str`, got `int`" in rejected[0]["data"]["message"]
+    assert rejected[1]["data"] == {"status": "rejected", "partial": False}
+    assert job_row(db, "job-bad-1")["status"] == "rejected"
+    dead = await trio.to_thread.run_sync(read_dlq, config, 1)
+    assert dead[0].value() == bad
+    headers = dict(dead[0].headers())
+    assert headers["error.class"] == b"BadInput"
+    assert headers["source.topic"] == config.kafka.request_topic.encode()
+    assert b"$.message" in headers["error.message"]
+
+    log_text = log_path.read_text()
+    assert "sk-test-secret" not in log_text
+    assert "bad request" in log_text and "$.message" in log_text
+
+    # Both offsets were committed: a new worker of the group runs nothing again.
+    async with worker_running(config):
+        produce(config, request("after restart"))
+        await trio.to_thread.run_sync(lambda: llm.wait_until(lambda calls: len(calls) == 2, 60))
+    assert [c.messages[-1]["content"] for c in llm.calls] == ["hello", "after restart"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    service = local_stack.start_llama(tmp_path_factory.mktemp("llama"))
+    yield service
+    service.stop()
+
+
+async def test_real_smollm2_streams_an_answer(make_config, smollm2, rds):
+    config, _ = make_config(extra=f"""
+[llm.models.smol]
+model = "openai/smollm2"
+api_base = "{smollm2.url}"
+context_window = 2048
+max_tokens = 48
+""")
+    req = request("Name a colour.", model="smol")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"], timeout_s=120)
+    tokens = [e for e in events if e["event"] == "token"]
+    assert tokens and all(json.dumps(e["data"]) for e in tokens)
+    assert events[-1]["data"]["status"] == "completed"
+    final = events[-2]["data"]
+    assert final["text"] == "".join(e["data"]["text"] for e in tokens)
+    # max_tokens reached the server: llama.cpp may count the end-of-text token too.
+    assert 0 < final["usage"]["completionTokens"] <= 48 + 1
+
+
+def test_help_of_every_command():
+    for command in ("run", "dev", "send", "cancel", "migrate"):
+        result = subprocess.run([sys.executable, "-m", "actors.cli", command, "--help"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and "usage: chat-actors " + command in result.stdout
