@@ -126,7 +126,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    import subprocess
+
     os.chdir(ROOT)
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", "."])
+    if lint.returncode:
+        print("chat-actors test: ruff found problems (above)", file=sys.stderr)
+        return lint.returncode
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *args.pytest_args])
 
 

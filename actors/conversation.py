@@ -34,7 +34,17 @@ from messages.mailboxes import (
     StreamFinished,
     TokenDelta,
 )
-from messages.wire import ChatRequest, Done, DoneStatus, Error, EventBody, Final, Started, Token, Usage
+from messages.wire import (
+    ChatRequest,
+    Done,
+    DoneStatus,
+    Error,
+    EventBody,
+    Final,
+    Started,
+    Token,
+    Usage,
+)
 
 log = logging.getLogger("chat_actors.conversation")
 

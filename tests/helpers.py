@@ -7,13 +7,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import confluent_kafka
 import redis
 import trio
-
-from pathlib import Path
 
 from actors.supervisor import run_worker
 from config import Config

@@ -56,7 +56,8 @@ def test_bad_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
         load_config(path, environ={})
     path.write_text("[shutdown]\ngrace_s = -1\n")
-    with pytest.raises(ConfigError, match=r"shutdown.grace_s: Expected `float` >= 0.0 \(from config file .*broken.toml\)"):
+    expected = r"shutdown.grace_s: Expected `float` >= 0.0 \(from config file .*broken.toml\)"
+    with pytest.raises(ConfigError, match=expected):
         load_config(path, environ={})
 
 

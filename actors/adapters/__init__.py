@@ -7,4 +7,4 @@ Each adapter maps its library's errors to TransientError / PermanentError once.
 # backend (used by the openai SDK under LiteLLM) binds that function at its own
 # import, so trio-asyncio must come first or streams die at their end with
 # "no running event loop". Importing it here puts it before any adapter.
-import trio_asyncio  # noqa: E402, F401
+import trio_asyncio  # noqa: F401

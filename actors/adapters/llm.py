@@ -13,15 +13,15 @@ import os
 # Must precede the import: otherwise LiteLLM fetches its price list from the network.
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
-from collections.abc import Mapping  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Mapping
+from typing import Any
 
-import litellm  # noqa: E402
-import trio  # noqa: E402
+import litellm
+import trio
 
-from actors.adapters import aio  # noqa: E402
-from actors.errors import PermanentError, TransientError  # noqa: E402
-from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta  # noqa: E402
+from actors.adapters import aio
+from actors.errors import PermanentError, TransientError
+from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 
 litellm.telemetry = False
 litellm.suppress_debug_info = True
