@@ -118,3 +118,19 @@ def test_help_of_every_command():
         result = subprocess.run([sys.executable, "-m", "actors.cli", command, "--help"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and "usage: chat-actors " + command in result.stdout
+
+
+async def test_send_prints_the_streamed_answer_and_its_status(make_config, llm):
+    config, path = make_config()
+    llm.default = Reply(tokens=("Stream", "ed", " reply"), prompt_tokens=10)
+    async with worker_running(config):
+        result = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "actors.cli", "send", "hello there", "--user", "bob",
+             "--session", "cli-s", "--config", str(path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Streamed reply"
+    assert lines[1].startswith("[scripted: 10+3 tokens, cost n/a")
+    assert lines[2].startswith("[done: completed in ")
+    assert llm.calls[0].messages[-1] == {"role": "user", "content": "hello there"}
