@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -54,10 +55,14 @@ def read_events(client: redis.Redis, config: Config, job_id: str,
     key = config.stream.key_template.replace("{job_id}", job_id)
     after = "0-0"
     entries: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
     while True:
-        found = client.xread({key: after}, block=int(timeout_s * 1000), count=500)
+        # Block in short slices: redis-py 8 gives every socket a 5 s read timeout.
+        found = client.xread({key: after}, block=1000, count=500)
         if not found:
-            raise TimeoutError(f"no done for {job_id}; got {entries}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no done for {job_id}; got {entries}")
+            continue
         for entry_id, fields in found[0][1]:
             after = entry_id
             if fields["jobId"] != job_id:

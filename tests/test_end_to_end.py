@@ -56,6 +56,7 @@ async def test_worker_process_serves_the_contract_and_drains_on_sigterm(make_con
     finally:
         if worker.poll() is None:
             worker.kill()
+            worker.wait()
     assert code == 0
     assert events[-2]["data"]["text"] == "Hi from the worker"
     assert events[-1]["data"] == {"status": "completed", "partial": False}

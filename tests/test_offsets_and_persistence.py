@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import trio
@@ -41,6 +42,19 @@ def test_partitions_are_independent_and_revocation_returns_pending_commits():
     assert tracker.take_commits() == {a: 1}
 
 
+def wait_for_event(client, config, job_id: str, event: str, timeout_s: float = 60.0) -> None:
+    key = config.stream.key_template.replace("{job_id}", job_id)
+    deadline = time.monotonic() + timeout_s
+    after = "0-0"
+    while time.monotonic() < deadline:
+        for _, entries in client.xread({key: after}, block=1000) or []:
+            for entry_id, fields in entries:
+                after = entry_id
+                if fields["event"] == event:
+                    return
+    raise TimeoutError(f"no {event} event for {job_id}")
+
+
 def _signal_tree(pid: int, signum: int) -> None:
     root = psutil.Process(pid)
     for process in [root, *root.children(recursive=True)]:
@@ -50,7 +64,9 @@ def _signal_tree(pid: int, signum: int) -> None:
 async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
         make_config, stack, llm, rds, db, tmp_path):
     config, path = make_config(extra="[jobs]\nlease_s = 2\n")
-    llm.default = Reply(tokens=("first", " try"))
+    # The second token comes a second after the first: time to freeze Postgres
+    # mid-stream, so the answer completes but its terminal row cannot be written.
+    llm.default = Reply(tokens=("first", " try"), token_delay_s=1.0)
     req = request("persist me")
     with (tmp_path / "worker.log").open("wb") as log:
         worker = subprocess.Popen(
@@ -58,15 +74,13 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
             stderr=log, stdout=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     paused = False
     try:
-        # Freeze Postgres as soon as the answer has streamed: the `final` event
-        # reaches Redis, the terminal row cannot be written. Then kill the worker.
         produce(config, req)
         await trio.to_thread.run_sync(lambda: llm.wait_until(
-            lambda calls: calls and calls[0].finished, 60))
+            lambda calls: calls and calls[0].tokens_sent >= 1, 60))
         _signal_tree(stack.postgres.pid, signal.SIGSTOP)
         paused = True
-        key = config.stream.key_template.replace("{job_id}", req["jobId"])
-        await trio.to_thread.run_sync(lambda: rds.xread({key: "0-0"}, block=30000))
+        # `final` reaches Redis (it precedes the Postgres write); then the worker dies.
+        await trio.to_thread.run_sync(wait_for_event, rds, config, req["jobId"], "final")
         worker.kill()
         worker.wait()
     finally:
@@ -74,6 +88,7 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
             _signal_tree(stack.postgres.pid, signal.SIGCONT)
         if worker.poll() is None:
             worker.kill()
+            worker.wait()
     assert job_row(db, req["jobId"])["status"] == "running"
     assert len(llm.calls) == 1
 

@@ -81,7 +81,10 @@ class Postgres:
             return result
 
         try:
-            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+            # Abandon on cancel: a job must be able to end (deadline, cancel) even while
+            # Postgres hangs; the thread finishes or fails on its own later.
+            return await trio.to_thread.run_sync(call, limiter=self._limiter,
+                                                 abandon_on_cancel=True)
         except psycopg.Error as exc:
             raise _translate(exc) from exc
 
