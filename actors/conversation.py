@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -24,6 +24,7 @@ from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages
+from actors.registry import JobRegistry, RunningJob
 from config import Config
 from messages.mailboxes import (
     EventEmitted,
@@ -64,6 +65,7 @@ class Worker:
     events: trio.MemorySendChannel[EventEmitted]
     records: trio.MemorySendChannel[PgSinkMessage]
     event_log: EventWriter
+    registry: JobRegistry
     _counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def counter(self, model: str) -> Callable[[str], int]:
@@ -133,10 +135,12 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
                         job.job_id, job.user_id)
             return
     settled = False
+    running = worker.registry.admit(job.job_id, job.user_id)
     try:
-        await _run_claimed(request, worker, job, alias_name)
+        await _run_claimed(request, worker, job, alias_name, running)
         settled = True
     finally:
+        worker.registry.finish(running)
         if not settled:
             # Cancelled from outside (shutdown) or crashed: hand the job back so
             # the redelivery runs it at once instead of waiting out the lease.
@@ -161,7 +165,7 @@ async def _renew_lease(worker: Worker, job: JobRef) -> None:
 
 
 async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
-                       alias_name: str) -> None:
+                       alias_name: str, running: RunningJob) -> None:
     config = worker.config
     alias = config.llm.models[alias_name]
     count = worker.counter(alias.model)
@@ -175,7 +179,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     timeout_s = min(config.jobs.timeout_s, request.timeout_s or math.inf)
 
     async def stream_answer() -> None:
-        nonlocal first_token_at, finished, failure, prompt_estimate
+        nonlocal first_token_at, finished, failure, prompt_estimate, stalled
         history = await retry_transient(
             lambda: worker.store.load_history(
                 user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
@@ -198,30 +202,57 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
 
         async with trio.open_nursery() as stream_nursery:
             stream_nursery.start_soon(pump)
-            async with receive:
-                async for chunk in receive:
-                    match chunk:
-                        case TokenDelta(text=text):
-                            if first_token_at is None:
-                                first_token_at = trio.current_time()
-                            parts.append(text)
-                            await worker.emit(job, Token(text=text))
-                        case StreamFinished():
-                            finished = chunk
+            # A stalled stream is the common failure: no first token within
+            # first_token_timeout_s, or silence longer than idle_timeout_s after it.
+            with trio.CancelScope(
+                    deadline=trio.current_time() + config.jobs.first_token_timeout_s) as stall:
+                async with receive:
+                    async for chunk in receive:
+                        match chunk:
+                            case TokenDelta(text=text):
+                                if first_token_at is None:
+                                    first_token_at = trio.current_time()
+                                stall.deadline = trio.current_time() + config.jobs.idle_timeout_s
+                                parts.append(text)
+                                await worker.emit(job, Token(text=text))
+                            case StreamFinished():
+                                finished = chunk
+                            case _:
+                                assert_never(chunk)
+            if stall.cancelled_caught:
+                stalled = "first_token_timeout" if first_token_at is None else "idle_timeout"
+                stream_nursery.cancel_scope.cancel()
 
+    stalled: str | None = None
     status: DoneStatus = "completed"
+    error: Error | None = None
+    scope = running.scope  # the registry cancels it on the owner's cancel
+    scope.deadline = min(scope.deadline, started + timeout_s)
     async with trio.open_nursery() as job_nursery:
         job_nursery.start_soon(_renew_lease, worker, job)
-        with trio.move_on_after(timeout_s) as deadline:
+        with scope:
             try:
                 await stream_answer()
             except PermanentError as exc:  # raised before the stream: context overflow
                 failure = exc
         job_nursery.cancel_scope.cancel()
-    if deadline.cancelled_caught:
+    if scope.cancelled_caught and running.cancel_reason is not None:
+        status = "cancelled"
+    elif scope.cancelled_caught:
         status = "timeout"
-    elif failure is not None:
+        error = Error(code="timeout", retryable=True,
+                      message=f"the job took longer than its {timeout_s:g} s timeout")
+    elif stalled is not None:
+        status = "timeout"
+        limit = (config.jobs.first_token_timeout_s if stalled == "first_token_timeout"
+                 else config.jobs.idle_timeout_s)
+        error = Error(code=stalled, retryable=True,
+                      message=f"the model stream stalled for {limit:g} s")
+    elif failure is not None or finished is None:
         status = "failed"
+        failure = failure or TransientError("the model stream ended without finishing")
+        error = Error(code=getattr(failure, "code", "provider_unavailable"), message=str(failure),
+                      retryable=isinstance(failure, TransientError))
 
     text = "".join(parts)
     prompt_tokens = finished.prompt_tokens if finished and finished.prompt_tokens else None
@@ -241,10 +272,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
                 cost_usd=cost, model=alias_name))
-        elif failure is not None:
-            await worker.emit(job, Error(
-                code=getattr(failure, "code", "provider_unavailable"), message=str(failure),
-                retryable=isinstance(failure, TransientError)))
+        elif error is not None:
+            await worker.emit(job, error)
         persisted = trio.Event()
         await worker.records.send(JobFinished(
             job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status=status,
@@ -252,7 +281,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             completion_tokens=completion_tokens, cost_usd=cost,
             ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
             latency_ms=round((ended - started) * 1000),
-            error=None if failure is None else str(failure), partial=partial_answer,
+            error=None if error is None else f"{error.code}: {error.message}",
+            partial=partial_answer,
             user_message=request.message, user_tokens=count(request.message), answer=text,
             receipt=persisted))
         await persisted.wait()

@@ -19,10 +19,11 @@ from functools import partial
 import trio
 
 from actors.adapters import aio
-from actors.adapters.kafka import Producer, RequestConsumer, ensure_topics
+from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
 from actors.adapters.llm import LiteLLMChat
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
+from actors.control import run_control
 from actors.conversation import Worker
 from actors.errors import ChatActorsError, TransientError
 from actors.intake import run_intake
@@ -30,6 +31,7 @@ from actors.offsets import OffsetTracker
 from actors.pg_sink import run_pg_sink
 from actors.ports import ChatModel
 from actors.redis_sink import run_redis_sink
+from actors.registry import JobRegistry
 from config import Config
 
 log = logging.getLogger("chat_actors.supervisor")
@@ -87,6 +89,13 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                 log.info("created topics %s with %d partitions", created, kafka.partitions)
 
         await _check("kafka", kafka.bootstrap_servers, topics_ready)
+        control = ControlConsumer(
+            topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
+            group_id=f"{kafka.group_id}.control.{owner}", fetch_wait_max_ms=kafka.fetch_wait_max_ms,
+            extra=kafka.consumer)
+        await _check("kafka", kafka.bootstrap_servers,
+                     lambda: control.assign_since(config.control.tombstone_ttl_s))
+        registry = JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s)
         tracker = OffsetTracker()
         consumer = RequestConsumer(
             topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
@@ -96,13 +105,22 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         events_in, events_out = trio.open_memory_channel(EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
         worker = Worker(config=config, owner=owner, store=pg, chat=chat or LiteLLMChat(),
-                        events=events_in, records=records_in, event_log=events)
+                        events=events_in, records=records_in, event_log=events,
+                        registry=registry)
         try:
             async with trio.open_nursery() as root:
                 await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
                                          batch_max=config.postgres.batch))
                 await root.start(partial(run_redis_sink, events_out, events,
                                          batch_max=config.stream.batch))
+                # Cancels stay honoured while running jobs drain; control stops after intake.
+                control_scope = trio.CancelScope()
+
+                async def control_actor(task_status: trio.TaskStatus[None]) -> None:
+                    with control_scope:
+                        await run_control(control, registry, task_status=task_status)
+
+                await root.start(control_actor)
                 signal_scope = trio.CancelScope()
                 if handle_signals:
                     async def watch() -> None:
@@ -117,6 +135,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                     task_status.started(owner)
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
                 signal_scope.cancel()
+                control_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await dlq.close()

@@ -84,8 +84,14 @@ class Llm(_Section):
 
 class Jobs(_Section):
     timeout_s: PositiveFloat
+    first_token_timeout_s: PositiveFloat
+    idle_timeout_s: PositiveFloat
     max_in_flight: Positive
     lease_s: PositiveFloat
+
+
+class Control(_Section):
+    tombstone_ttl_s: Annotated[float, Meta(ge=0)]
 
 
 class Limits(_Section):
@@ -111,6 +117,7 @@ class Config(_Section):
     postgres: Postgres
     llm: Llm
     jobs: Jobs
+    control: Control
     limits: Limits
     shutdown: Shutdown
     health: Health

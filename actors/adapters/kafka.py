@@ -7,13 +7,14 @@ CapacityLimiter of 1. Rebalance callbacks run inside `consume`, in that thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import confluent_kafka
 import confluent_kafka.admin
 import trio
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import Delivery
@@ -44,16 +45,83 @@ def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
     }
 
 
-class RequestConsumer:
+class _Consumer:
+    """What both consumers share: one confluent Consumer used from one thread at a time."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._consumer = confluent_kafka.Consumer(settings)
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KafkaException as exc:
+            raise _translate(exc) from exc
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        def consume() -> list[Delivery]:
+            out = []
+            for m in self._consumer.consume(num_messages=max(1, max_records), timeout=timeout_s):
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(error)
+                out.append(Delivery(topic=m.topic(), partition=m.partition(), offset=m.offset(),
+                                    key=m.key(), value=m.value(),
+                                    headers=tuple((k, v or b"") for k, v in m.headers() or ())))
+            return out
+
+        return await self._run(consume)
+
+    async def close(self) -> None:
+        await self._run(self._consumer.close)
+
+
+class ControlConsumer(_Consumer):
+    """Reads every partition of the control topic with no group membership (assign)."""
+
+    def __init__(self, *, topic: str, bootstrap: str, group_id: str, fetch_wait_max_ms: int,
+                 extra: Mapping[str, Any]) -> None:
+        super().__init__({
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,  # required by the client; never joined (assign only)
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "fetch.wait.max.ms": fetch_wait_max_ms,
+            **extra,
+        })
+        self.topic = topic
+
+    async def assign_since(self, seconds_ago: float, timeout_s: float = 10.0) -> int:
+        """Assign all partitions, from the first message of the last `seconds_ago`."""
+
+        def assign() -> int:
+            metadata = self._consumer.list_topics(self.topic, timeout=timeout_s)
+            topic = metadata.topics.get(self.topic)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise TransientError(f"kafka: control topic {self.topic} not available")
+            since_ms = int((time.time() - seconds_ago) * 1000)
+            wanted = [TopicPartition(self.topic, p, since_ms) for p in topic.partitions]
+            found = self._consumer.offsets_for_times(wanted, timeout=timeout_s)
+            # No message that recent: -1, i.e. start at the end.
+            self._consumer.assign([TopicPartition(self.topic, tp.partition,
+                                                  tp.offset if tp.offset >= 0 else OFFSET_END)
+                                   for tp in found])
+            return len(found)
+
+        return await self._run(assign)
+
+
+class RequestConsumer(_Consumer):
     """The consumer-group side of the intake."""
 
     def __init__(self, *, topic: str, bootstrap: str, group_id: str, session_timeout_ms: int,
                  fetch_wait_max_ms: int, extra: Mapping[str, Any],
                  on_revoke: Callable[[list[Partition]], Mapping[Partition, int]]) -> None:
-        self.topic = topic
-        self._consumer = confluent_kafka.Consumer(_consumer_settings(
+        super().__init__(_consumer_settings(
             bootstrap, group_id, session_timeout_ms, fetch_wait_max_ms, extra))
-        self._limiter = trio.CapacityLimiter(1)
+        self.topic = topic
         self._on_revoke = on_revoke
         self._paused = False
         self._assigned: set[Partition] = set()
@@ -82,28 +150,6 @@ class RequestConsumer:
                 pass  # the next owner redelivers; leases make that harmless
 
     # -- calls from Trio --------------------------------------------------------------
-    async def _run(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
-        except KafkaException as exc:
-            raise _translate(exc) from exc
-
-    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        def consume() -> list[Delivery]:
-            out = []
-            for m in self._consumer.consume(num_messages=max(1, max_records), timeout=timeout_s):
-                error = m.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(error)
-                out.append(Delivery(topic=m.topic(), partition=m.partition(), offset=m.offset(),
-                                    key=m.key(), value=m.value(),
-                                    headers=tuple((k, v or b"") for k, v in m.headers() or ())))
-            return out
-
-        return await self._run(consume)
-
     def assigned(self) -> set[Partition]:
         with self._assigned_lock:
             return set(self._assigned)
@@ -136,10 +182,6 @@ class RequestConsumer:
                 self._consumer.seek(TopicPartition(t, p, o))
 
         await self._run(rewind)
-
-    async def close(self) -> None:
-        await self._run(self._consumer.close)
-
 
 class Producer:
     """Produces and waits for the broker's ack (the DLQ must be durable before a commit)."""
