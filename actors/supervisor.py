@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import uuid
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -23,7 +24,7 @@ from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, en
 from actors.adapters.llm import LiteLLMChat
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
-from actors.control import run_control
+from actors.control import ControlStats, run_control
 from actors.conversation import Worker
 from actors.errors import ChatActorsError, TransientError
 from actors.intake import run_intake
@@ -42,6 +43,17 @@ RECORD_MAILBOX = 256
 
 class StartupError(ChatActorsError):
     """A dependency is missing or misconfigured; the message says which and where."""
+
+
+@dataclass(frozen=True)
+class WorkerHandle:
+    """What a running worker exposes to its starter (tests, health)."""
+
+    owner: str
+    stop: trio.Event
+    registry: JobRegistry
+    tracker: OffsetTracker
+    control: ControlStats
 
 
 def worker_id() -> str:
@@ -69,7 +81,8 @@ async def _check(what: str, where: str, probe) -> None:  # type: ignore[no-untyp
 
 async def run_worker(config: Config, *, stop: trio.Event | None = None,
                      handle_signals: bool = True, chat: ChatModel | None = None,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
+                     ) -> None:
     """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
     stop = trio.Event() if stop is None else stop
     owner = worker_id()
@@ -96,6 +109,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         await _check("kafka", kafka.bootstrap_servers,
                      lambda: control.assign_since(config.control.tombstone_ttl_s))
         registry = JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s)
+        control_stats = ControlStats()
         tracker = OffsetTracker()
         consumer = RequestConsumer(
             topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
@@ -118,7 +132,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
 
                 async def control_actor(task_status: trio.TaskStatus[None]) -> None:
                     with control_scope:
-                        await run_control(control, registry, task_status=task_status)
+                        await run_control(control, registry, stats=control_stats,
+                                          task_status=task_status)
 
                 await root.start(control_actor)
                 signal_scope = trio.CancelScope()
@@ -132,7 +147,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                                               stop=stop))
                     log.info("worker %s ready: %s -> %s", owner, kafka.request_topic,
                              config.stream.key_template)
-                    task_status.started(owner)
+                    task_status.started(WorkerHandle(owner=owner, stop=stop, registry=registry,
+                                                     tracker=tracker, control=control_stats))
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
                 signal_scope.cancel()
                 control_scope.cancel()

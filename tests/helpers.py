@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -15,21 +15,29 @@ import confluent_kafka
 import redis
 import trio
 
-from actors.supervisor import run_worker
+from actors.supervisor import WorkerHandle, run_worker
 from config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @asynccontextmanager
-async def worker_running(config: Config, **kwargs: Any) -> AsyncIterator[trio.Event]:
+async def worker_running(config: Config, **kwargs: Any) -> AsyncIterator[WorkerHandle]:
     """Run a worker until the block ends; then drain it as SIGTERM would."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_worker, config, stop=stop, handle_signals=False,
-                                    **kwargs))
-        yield stop
+        handle = await nursery.start(partial(run_worker, config, stop=stop,
+                                             handle_signals=False, **kwargs))
+        yield handle
         stop.set()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait for a condition on in-process state, checking it every 10 ms."""
+    with trio.fail_after(timeout_s):
+        # The worker owns this state and signals no event for it: check it often.
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
 
 
 def request(message: str = "Hi there", **fields: Any) -> dict[str, Any]:
