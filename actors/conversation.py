@@ -231,12 +231,14 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     async with trio.open_nursery() as job_nursery:
         job_nursery.start_soon(_renew_lease, worker, job)
         with scope:
-            try:
-                await stream_answer()
-            except PermanentError as exc:  # raised before the stream: context overflow
-                failure = exc
+            # Cancelled before it started (a tombstone): never call the model.
+            if running.cancel_reason is None:
+                try:
+                    await stream_answer()
+                except PermanentError as exc:  # raised before the stream: context overflow
+                    failure = exc
         job_nursery.cancel_scope.cancel()
-    if scope.cancelled_caught and running.cancel_reason is not None:
+    if running.cancel_reason is not None and (scope.cancelled_caught or finished is None):
         status = "cancelled"
     elif scope.cancelled_caught:
         status = "timeout"

@@ -54,6 +54,7 @@ class WorkerHandle:
     registry: JobRegistry
     tracker: OffsetTracker
     control: ControlStats
+    consumer: RequestConsumer
 
 
 def worker_id() -> str:
@@ -104,8 +105,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         await _check("kafka", kafka.bootstrap_servers, topics_ready)
         control = ControlConsumer(
             topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
-            group_id=f"{kafka.group_id}.control.{owner}", fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-            extra=kafka.consumer)
+            group_id=f"{kafka.group_id}.control.{owner}", session_timeout_ms=kafka.session_timeout_ms,
+            fetch_wait_max_ms=kafka.fetch_wait_max_ms, extra=kafka.consumer)
         await _check("kafka", kafka.bootstrap_servers,
                      lambda: control.assign_since(config.control.tombstone_ttl_s))
         registry = JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s)
@@ -148,7 +149,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                     log.info("worker %s ready: %s -> %s", owner, kafka.request_topic,
                              config.stream.key_template)
                     task_status.started(WorkerHandle(owner=owner, stop=stop, registry=registry,
-                                                     tracker=tracker, control=control_stats))
+                                                     tracker=tracker, control=control_stats,
+                                                     consumer=consumer))
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
                 signal_scope.cancel()
                 control_scope.cancel()

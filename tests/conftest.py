@@ -97,11 +97,12 @@ def make_config(stack: Stack, llm: ScriptedLLM,
                 tmp_path: Path) -> Callable[..., tuple[Config, Path]]:
     """A config with topics and group of this test alone; `extra` is appended TOML."""
 
-    def make(extra: str = "", tag: str | None = None) -> tuple[Config, Path]:
+    def make(extra: str = "", tag: str | None = None,
+             environ: dict[str, str] | None = None) -> tuple[Config, Path]:
         tag = tag or uuid.uuid4().hex[:10]
         path = tmp_path / f"config-{tag}.toml"
         path.write_text(config_text(stack, llm.url, tag, extra))
-        return load_config(path, environ={}), path
+        return load_config(path, environ=environ or {}), path
 
     return make
 

@@ -81,16 +81,11 @@ class _Consumer:
 class ControlConsumer(_Consumer):
     """Reads every partition of the control topic with no group membership (assign)."""
 
-    def __init__(self, *, topic: str, bootstrap: str, group_id: str, fetch_wait_max_ms: int,
-                 extra: Mapping[str, Any]) -> None:
-        super().__init__({
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,  # required by the client; never joined (assign only)
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": fetch_wait_max_ms,
-            **extra,
-        })
+    def __init__(self, *, topic: str, bootstrap: str, group_id: str, session_timeout_ms: int,
+                 fetch_wait_max_ms: int, extra: Mapping[str, Any]) -> None:
+        # group.id is required by the client, but assign() never joins the group.
+        super().__init__(_consumer_settings(
+            bootstrap, group_id, session_timeout_ms, fetch_wait_max_ms, extra))
         self.topic = topic
 
     async def assign_since(self, seconds_ago: float, timeout_s: float = 10.0) -> int:
@@ -124,6 +119,7 @@ class RequestConsumer(_Consumer):
         self.topic = topic
         self._on_revoke = on_revoke
         self._paused = False
+        self.revocations = 0  # partitions taken away: a rebalance we caused or suffered
         self._assigned: set[Partition] = set()
         self._assigned_lock = threading.Lock()
         self._consumer.subscribe([topic], on_assign=self._assigned_cb,
@@ -138,6 +134,7 @@ class RequestConsumer(_Consumer):
 
     def _revoked_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = [(p.topic, p.partition) for p in partitions]
+        self.revocations += len(revoked)
         with self._assigned_lock:
             self._assigned.difference_update(revoked)
         # Commit what is settled before another member takes the partitions over.

@@ -61,6 +61,7 @@ class Postgres:
         self._dsn = dsn
         self._idle: list[psycopg.Connection[Any]] = []
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -74,10 +75,13 @@ class Postgres:
             conn = self._idle.pop() if self._idle else self._connect()
             try:
                 result = fn(conn)
-            except psycopg.Error:
+            except BaseException:
                 conn.close()  # a broken connection is never returned to the pool
                 raise
-            self._idle.append(conn)
+            if self._closed:  # an abandoned call that outlived the pool
+                conn.close()
+            else:
+                self._idle.append(conn)
             return result
 
         try:
@@ -89,6 +93,7 @@ class Postgres:
             raise _translate(exc) from exc
 
     def close(self) -> None:
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 

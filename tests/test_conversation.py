@@ -1,0 +1,189 @@
+"""Conversation logic with fakes of our own ports and the autojump MockClock:
+timeouts (total, first token, idle) and cancel, in virtual time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from actors.adapters.postgres import Claimed
+from actors.conversation import Worker, run_conversation
+from actors.registry import JobRegistry
+from config import load_config
+from messages.mailboxes import EventEmitted, JobFinished, StreamFinished, TokenDelta
+from messages.wire import ChatRequest
+
+CONFIG = load_config(environ={
+    "CHAT_ACTORS__JOBS__TIMEOUT_S": "60",
+    "CHAT_ACTORS__JOBS__FIRST_TOKEN_TIMEOUT_S": "10",
+    "CHAT_ACTORS__JOBS__IDLE_TIMEOUT_S": "5",
+    "CHAT_ACTORS__JOBS__LEASE_S": "30",
+})
+
+
+@dataclass
+class FakeStore:
+    released: list[str] = field(default_factory=list)
+    renewals: int = 0
+
+    async def claim(self, **kwargs):
+        return Claimed(1)
+
+    async def renew_lease(self, **kwargs):
+        self.renewals += 1
+        return True
+
+    async def release_lease(self, *, job_id, owner):
+        self.released.append(job_id)
+
+    async def load_history(self, **kwargs):
+        return []
+
+
+@dataclass
+class ScriptedChat:
+    """Yields tokens at the given virtual times (seconds after the call)."""
+
+    schedule: Sequence[tuple[float, str]]
+    calls: int = 0
+    cancelled: bool = False
+
+    async def stream(self, *, out, **kwargs):
+        self.calls += 1
+        start = trio.current_time()
+        with out:
+            try:
+                for at, text in self.schedule:
+                    await trio.sleep_until(start + at)
+                    await out.send(TokenDelta(text=text))
+                await out.send(StreamFinished(finish_reason="stop", prompt_tokens=3,
+                                              completion_tokens=len(self.schedule), model="m"))
+            except trio.Cancelled:
+                self.cancelled = True
+                raise
+
+
+class NoEvents:
+    async def done_recorded(self, job_id):
+        return False
+
+
+async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
+              timeout_s: float | None = None, during=None):
+    """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
+    events: list = []
+    records: list = []
+    registry = registry or JobRegistry(tombstone_ttl_s=60)
+    events_in, events_out = trio.open_memory_channel(100)
+    records_in, records_out = trio.open_memory_channel(100)
+    worker = Worker(config=CONFIG, owner="w1", store=FakeStore(), chat=chat, events=events_in,
+                    records=records_in, event_log=NoEvents(), registry=registry)
+
+    async def sink(channel, into):
+        async for message in channel:
+            into.append(message)
+            if message.receipt is not None:
+                message.receipt.set()
+
+    request = ChatRequest(job_id="j1", user_id="alice", session_id="s1", message="hi",
+                          timeout_s=timeout_s)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink, events_out, events)
+        nursery.start_soon(sink, records_out, records)
+        if during is not None:
+            nursery.start_soon(during, registry)
+        await run_conversation(request, worker)
+        nursery.cancel_scope.cancel()
+    elapsed = trio.current_time() - started
+    bodies = [m.body for m in events if isinstance(m, EventEmitted)]
+    finished = [r for r in records if isinstance(r, JobFinished)]
+    assert len(finished) == 1
+    return bodies, finished[0], elapsed
+
+
+def kinds(bodies):
+    return [b.EVENT for b in bodies]
+
+
+async def test_a_job_completes_in_order(autojump_clock):
+    chat = ScriptedChat([(1, "a"), (2, "b")])
+    bodies, record, _ = await run(chat)
+    assert kinds(bodies) == ["started", "token", "token", "final", "done"]
+    assert record.status == "completed" and record.answer == "ab" and record.ttft_ms == 1000
+
+
+async def test_total_timeout_keeps_the_partial_answer(autojump_clock):
+    # Tokens every 4 s (under the 5 s idle limit) but 20 of them: the 60 s job limit hits.
+    chat = ScriptedChat([(4 * i + 1, f"{i} ") for i in range(20)])
+    bodies, record, elapsed = await run(chat)
+    assert elapsed == pytest.approx(60, abs=0.1)
+    assert kinds(bodies)[-2:] == ["error", "done"]
+    assert bodies[-2].code == "timeout" and bodies[-2].retryable
+    assert (bodies[-1].status, bodies[-1].partial) == ("timeout", True)
+    assert record.status == "timeout" and record.partial and record.answer.startswith("0 1 ")
+    assert chat.cancelled
+
+
+async def test_request_timeout_can_only_shorten_the_job(autojump_clock):
+    chat = ScriptedChat([(4 * i + 1, "x") for i in range(20)])
+    _, record, elapsed = await run(chat, timeout_s=9)
+    assert elapsed == pytest.approx(9, abs=0.1) and record.status == "timeout"
+    _, record, elapsed = await run(ScriptedChat([(4 * i + 1, "x") for i in range(20)]),
+                                   timeout_s=600)
+    assert elapsed == pytest.approx(60, abs=0.1)
+
+
+async def test_no_first_token_in_time_is_a_first_token_timeout(autojump_clock):
+    chat = ScriptedChat([(30, "late")])
+    bodies, record, elapsed = await run(chat)
+    assert elapsed == pytest.approx(10, abs=0.1)
+    assert bodies[-2].code == "first_token_timeout"
+    assert (bodies[-1].status, bodies[-1].partial) == ("timeout", False)
+    assert record.ttft_ms is None and chat.cancelled
+
+
+async def test_silence_after_tokens_is_an_idle_timeout(autojump_clock):
+    chat = ScriptedChat([(1, "a"), (2, "b"), (20, "c")])
+    bodies, record, elapsed = await run(chat)
+    assert elapsed == pytest.approx(2 + 5, abs=0.1)
+    assert bodies[-2].code == "idle_timeout"
+    assert (bodies[-1].status, bodies[-1].partial) == ("timeout", True)
+    assert record.answer == "ab"
+
+
+async def test_an_owner_cancel_mid_stream_ends_the_job_as_cancelled(autojump_clock):
+    chat = ScriptedChat([(i + 1, f"{i} ") for i in range(30)])
+
+    async def cancel_at_3_5s(registry):
+        await trio.sleep(3.5)
+        assert registry.cancel("j1", "mallory", "x").value == "foreign"
+        assert registry.cancel("j1", "alice", "stop").value == "cancelled"
+
+    bodies, record, elapsed = await run(chat, during=cancel_at_3_5s)
+    assert elapsed == pytest.approx(3.5, abs=0.1)
+    assert kinds(bodies) == ["started", "token", "token", "token", "done"]
+    assert (bodies[-1].status, bodies[-1].partial) == ("cancelled", True)
+    assert record.answer == "0 1 2 " and chat.cancelled
+
+
+async def test_a_tombstone_cancels_the_job_before_the_model_is_called(autojump_clock):
+    registry = JobRegistry(tombstone_ttl_s=60)
+    registry.cancel("j1", "alice", "early")
+    chat = ScriptedChat([(1, "a")])
+    bodies, record, _ = await run(chat, registry=registry)
+    assert record.status == "cancelled" and record.answer == ""
+    assert chat.calls == 0
+    assert kinds(bodies) == ["started", "done"] and bodies[-1].status == "cancelled"
+
+
+async def test_tombstones_expire(autojump_clock):
+    registry = JobRegistry(tombstone_ttl_s=60)
+    registry.cancel("j1", "alice", "early")
+    await trio.sleep(61)
+    chat = ScriptedChat([(1, "a")])
+    bodies, _, _ = await run(chat, registry=registry)
+    assert chat.calls == 1 and bodies[-1].status == "completed"

@@ -1,0 +1,141 @@
+"""Jobs across workers and time (DESIGN 4.1, 4.4, 4.6, 4.8): session order, leases and
+attempts, redelivery, timeouts against a real slow server, SIGKILL and SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+
+from tests.helpers import (
+    events_of,
+    job_row,
+    produce,
+    request,
+    start_worker_process,
+    stop_process,
+    worker_running,
+)
+from tests.scripted_llm import Reply
+
+
+async def wait_calls(llm, predicate, timeout_s: float = 60) -> None:
+    await trio.to_thread.run_sync(lambda: llm.wait_until(predicate, timeout_s))
+
+
+async def test_one_session_runs_in_order_and_sessions_run_concurrently(config, llm, rds):
+    llm.default = Reply(tokens=tuple(f"w{i} " for i in range(10)), token_delay_s=0.2)
+    first = request("one", sessionId="same")
+    second = request("two", sessionId="same")
+    other = request("elsewhere", sessionId="other")
+    async with worker_running(config):
+        produce(config, first, second, other)
+        # `other` is called while `first` still streams: sessions do not wait for each other.
+        await wait_calls(llm, lambda calls: {c.messages[-1]["content"] for c in calls}
+                         >= {"one", "elsewhere"})
+        assert not next(c for c in llm.calls if c.messages[-1]["content"] == "one").finished
+        for job in (first, second, other):
+            await events_of(rds, config, job["jobId"])
+    two = next(c for c in llm.calls if c.messages[-1]["content"] == "two")
+    # `two` waited for `one` and sees it in its history.
+    assert [m["content"] for m in two.messages[1:-1]] == [
+        "one", "".join(f"w{i} " for i in range(10))]
+
+
+async def test_redelivery_of_a_completed_job_calls_no_model(config, llm, rds, db):
+    job = request("only once", sessionId="dup")
+    sentinel = request("after the duplicate", sessionId="dup")
+    async with worker_running(config):
+        produce(config, job)
+        await events_of(rds, config, job["jobId"])
+        produce(config, job, sentinel)  # same session: the sentinel runs after the duplicate
+        await events_of(rds, config, sentinel["jobId"])
+    assert [c.messages[-1]["content"] for c in llm.calls] == ["only once", "after the duplicate"]
+    key = config.stream.key_template.replace("{job_id}", job["jobId"])
+    assert [f["event"] for _, f in rds.xrange(key)].count("done") == 1
+    assert job_row(db, job["jobId"])["attempt"] == 1
+
+
+async def test_a_job_longer_than_max_poll_interval_causes_no_rebalance(make_config, llm, rds):
+    config, _ = make_config(extra='[kafka.consumer]\n"max.poll.interval.ms" = 2500\n')
+    llm.default = Reply(tokens=tuple(f"{i} " for i in range(12)), token_delay_s=0.5)
+    req = request("slow but steady")
+    async with worker_running(config) as worker:
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+        assert worker.consumer.revocations == 0
+    assert events[-1]["data"]["status"] == "completed" and len(llm.calls) == 1
+
+
+async def test_a_real_stalled_server_hits_the_first_token_timeout(make_config, llm, rds, db):
+    config, _ = make_config(extra="[jobs]\nfirst_token_timeout_s = 1\n")
+    llm.default = Reply(first_token_delay_s=3)
+    req = request("are you there?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-2]["event"] == "error" and events[-2]["data"]["code"] == "first_token_timeout"
+    assert events[-1]["data"] == {"status": "timeout", "partial": False}
+    assert job_row(db, req["jobId"])["status"] == "timeout"
+    await wait_calls(llm, lambda calls: calls[0].disconnected, 10)
+
+
+async def test_sigkill_mid_job_is_finished_by_the_next_worker_as_attempt_2(
+        make_config, llm, rds, db, tmp_path):
+    config, path = make_config(extra="[jobs]\nlease_s = 2\n")
+    llm.default = Reply(tokens=tuple(f"{i} " for i in range(50)), token_delay_s=0.2)
+    req = request("interrupted")
+    worker = start_worker_process(path, tmp_path / "worker.log")
+    try:
+        produce(config, req)
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3)
+        worker.kill()
+        worker.wait()
+    finally:
+        stop_process(worker)
+    assert job_row(db, req["jobId"])["status"] == "running"
+
+    llm.default = Reply(tokens=("fresh", " answer"))
+    async with worker_running(config):
+        events = await events_of(rds, config, req["jobId"])
+    assert [e["event"] for e in events].count("done") == 1
+    starts = [e["data"] for e in events if e["event"] == "started"]
+    assert [s["attempt"] for s in starts] == [1, 2]
+    assert events[-2]["data"]["text"] == "fresh answer" and events[-2]["attempt"] == "2"
+    row = job_row(db, req["jobId"])
+    assert (row["status"], row["attempt"]) == ("completed", 2)
+
+
+async def test_sigterm_completes_short_jobs_and_hands_long_ones_back(
+        make_config, llm, rds, db, tmp_path):
+    config, path = make_config()
+    path.write_text(path.read_text().replace("grace_s = 5", "grace_s = 3"))
+    short = request("short", sessionId="s-short")
+    long = request("long", sessionId="s-long")
+    llm.queue(Reply(tokens=tuple(f"{i} " for i in range(5)), token_delay_s=0.2))
+    llm.default = Reply(tokens=tuple(f"{i} " for i in range(200)), token_delay_s=0.2)
+    worker = start_worker_process(path, tmp_path / "worker.log")
+    try:
+        produce(config, short)
+        await wait_calls(llm, lambda calls: len(calls) == 1)
+        produce(config, long)
+        await wait_calls(llm, lambda calls: len(calls) == 2 and calls[1].tokens_sent >= 1)
+        worker.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+    finally:
+        stop_process(worker)
+    assert code == 0
+    short_events = await events_of(rds, config, short["jobId"])
+    assert short_events[-1]["data"]["status"] == "completed"
+    long_row = job_row(db, long["jobId"])
+    assert (long_row["status"], long_row["lease_owner"]) == ("queued", None)  # handed back
+    assert llm.calls[1].disconnected
+
+    llm.default = Reply(tokens=("resumed",))
+    async with worker_running(config):
+        long_events = await events_of(rds, config, long["jobId"])
+    assert long_events[-2]["data"]["text"] == "resumed" and long_events[-2]["attempt"] == "2"
+    assert [e["event"] for e in long_events].count("done") == 1
+    # The short job's offset was committed: it was not run again.
+    assert [c.messages[-1]["content"] for c in llm.calls] == ["short", "long", "long"]
+    assert {job_row(db, j["jobId"])["status"] for j in (short, long)} == {"completed"}
