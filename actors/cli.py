@@ -125,6 +125,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(once=args.once, keep=args.keep)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
+    if args.name not in names:
+        print(f"chat-actors bench: unknown benchmark {args.name!r} (have: {', '.join(names)})",
+              file=sys.stderr)
+        return 2
+    return int(importlib.import_module(f"bench.{args.name}").main(args.bench_args) or 0)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -179,6 +190,11 @@ def parser() -> argparse.ArgumentParser:
 
     migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
     migrate.set_defaults(func=cmd_migrate)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (numbers, not tests)")
+    bench.add_argument("name", help="the benchmark, e.g. cancel_latency")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options")
+    bench.set_defaults(func=cmd_bench)
 
     test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)

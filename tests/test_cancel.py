@@ -116,3 +116,23 @@ async def test_bad_control_messages_are_counted_and_the_worker_goes_on(config, l
         produce(config, req)
         events = await events_of(rds, config, req["jobId"])
     assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_the_cancel_command_cancels_a_running_job(make_config, llm, rds):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    config, path = make_config()
+    llm.default = SLOW
+    req = request("long answer please")
+    async with worker_running(config):
+        produce(config, req)
+        await wait_tokens(llm, 2)
+        result = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "actors.cli", "cancel", req["jobId"], "--user", "alice",
+             "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60))
+        events = await events_of(rds, config, req["jobId"])
+    assert result.returncode == 0 and f"cancel sent for {req['jobId']}" in result.stdout
+    assert events[-1]["data"] == {"status": "cancelled", "partial": True}

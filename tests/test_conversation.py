@@ -72,14 +72,15 @@ class NoEvents:
 
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
-              timeout_s: float | None = None, during=None):
+              timeout_s: float | None = None, during=None, store: FakeStore | None = None):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
     registry = registry or JobRegistry(tombstone_ttl_s=60)
     events_in, events_out = trio.open_memory_channel(100)
     records_in, records_out = trio.open_memory_channel(100)
-    worker = Worker(config=CONFIG, owner="w1", store=FakeStore(), chat=chat, events=events_in,
+    worker = Worker(config=CONFIG, owner="w1", store=store or FakeStore(), chat=chat,
+                    events=events_in,
                     records=records_in, event_log=NoEvents(), registry=registry)
 
     async def sink(channel, into):
@@ -119,8 +120,10 @@ async def test_a_job_completes_in_order(autojump_clock):
 async def test_total_timeout_keeps_the_partial_answer(autojump_clock):
     # Tokens every 4 s (under the 5 s idle limit) but 20 of them: the 60 s job limit hits.
     chat = ScriptedChat([(4 * i + 1, f"{i} ") for i in range(20)])
-    bodies, record, elapsed = await run(chat)
+    store = FakeStore()
+    bodies, record, elapsed = await run(chat, store=store)
     assert elapsed == pytest.approx(60, abs=0.1)
+    assert store.renewals >= 5  # the 30 s lease was renewed every 10 s while the job ran
     assert kinds(bodies)[-2:] == ["error", "done"]
     assert bodies[-2].code == "timeout" and bodies[-2].retryable
     assert (bodies[-1].status, bodies[-1].partial) == ("timeout", True)

@@ -4,6 +4,7 @@ attempts, redelivery, timeouts against a real slow server, SIGKILL and SIGTERM."
 from __future__ import annotations
 
 import signal
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -21,6 +22,18 @@ from tests.scripted_llm import Reply
 
 async def wait_calls(llm, predicate, timeout_s: float = 60) -> None:
     await trio.to_thread.run_sync(lambda: llm.wait_until(predicate, timeout_s))
+
+
+@asynccontextmanager
+async def process_streaming(config, config_path, log_path, llm, req, tokens: int):
+    """A worker process that has streamed `tokens` tokens of `req`; killed on exit if alive."""
+    worker = start_worker_process(config_path, log_path)
+    try:
+        produce(config, req)
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= tokens)
+        yield worker
+    finally:
+        stop_process(worker)
 
 
 async def test_one_session_runs_in_order_and_sessions_run_concurrently(config, llm, rds):
@@ -80,19 +93,29 @@ async def test_a_real_stalled_server_hits_the_first_token_timeout(make_config, l
     await wait_calls(llm, lambda calls: calls[0].disconnected, 10)
 
 
+async def test_a_request_timeout_ends_a_real_slow_stream_with_its_partial_answer(
+        config, llm, rds, db):
+    llm.default = Reply(tokens=tuple(f"{i} " for i in range(100)), token_delay_s=0.1)
+    req = request("take your time", timeoutS=1)
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-2]["data"]["code"] == "timeout"
+    assert events[-1]["data"] == {"status": "timeout", "partial": True}
+    row = job_row(db, req["jobId"])
+    assert (row["status"], row["partial"]) == ("timeout", True)
+    await wait_calls(llm, lambda calls: calls[0].disconnected, 10)
+    assert llm.calls[0].tokens_sent < 100
+
+
 async def test_sigkill_mid_job_is_finished_by_the_next_worker_as_attempt_2(
         make_config, llm, rds, db, tmp_path):
     config, path = make_config(extra="[jobs]\nlease_s = 2\n")
     llm.default = Reply(tokens=tuple(f"{i} " for i in range(50)), token_delay_s=0.2)
     req = request("interrupted")
-    worker = start_worker_process(path, tmp_path / "worker.log")
-    try:
-        produce(config, req)
-        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3)
+    async with process_streaming(config, path, tmp_path / "worker.log", llm, req, 3) as worker:
         worker.kill()
         worker.wait()
-    finally:
-        stop_process(worker)
     assert job_row(db, req["jobId"])["status"] == "running"
 
     llm.default = Reply(tokens=("fresh", " answer"))
@@ -139,3 +162,31 @@ async def test_sigterm_completes_short_jobs_and_hands_long_ones_back(
     # The short job's offset was committed: it was not run again.
     assert [c.messages[-1]["content"] for c in llm.calls] == ["short", "long", "long"]
     assert {job_row(db, j["jobId"])["status"] for j in (short, long)} == {"completed"}
+
+
+async def test_a_second_signal_stops_at_once_and_hands_the_job_back(
+        make_config, llm, rds, db, tmp_path):
+    config, path = make_config()
+    path.write_text(path.read_text().replace("grace_s = 5", "grace_s = 600"))
+    llm.default = Reply(tokens=tuple(f"{i} " for i in range(500)), token_delay_s=0.1)
+    req = request("endless")
+    log = tmp_path / "worker.log"
+    async with process_streaming(config, path, log, llm, req, 1) as worker:
+        worker.send_signal(signal.SIGTERM)
+        await trio.to_thread.run_sync(lambda: _wait_for_text(log, "draining"))
+        worker.send_signal(signal.SIGTERM)
+        # Far below the 600 s grace: the second signal did not wait for the job.
+        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+    assert code == 0
+    row = job_row(db, req["jobId"])
+    assert (row["status"], row["lease_owner"]) == ("queued", None)
+
+
+def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{text!r} not in {path}")
+        time.sleep(0.05)

@@ -60,8 +60,15 @@ class _Consumer:
 
     async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
         def consume() -> list[Delivery]:
+            # consume(n, timeout) waits the whole timeout unless n messages come; a
+            # cancel must not wait for a batch. Block for the first, then take what is there.
+            first = self._consumer.poll(timeout_s)
+            if first is None:
+                return []
+            rest = self._consumer.consume(num_messages=max_records - 1, timeout=0) \
+                if max_records > 1 else []
             out = []
-            for m in self._consumer.consume(num_messages=max(1, max_records), timeout=timeout_s):
+            for m in [first, *rest]:
                 error = m.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
