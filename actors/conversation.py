@@ -13,28 +13,21 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any
 
 import trio
 
-from actors.adapters.llm import cost_usd, provider_of
+from actors.adapters.llm import provider_of
 from actors.adapters.postgres import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
 from actors.adapters.tokens import TokenCounter
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages
+from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
 from actors.registry import JobRegistry, RunningJob
 from config import Config
-from messages.mailboxes import (
-    EventEmitted,
-    JobFinished,
-    JobRef,
-    PgSinkMessage,
-    ProviderChunk,
-    StreamFinished,
-    TokenDelta,
-)
+from messages.mailboxes import EventEmitted, JobFinished, JobRef, PgSinkMessage
 from messages.wire import (
     ChatRequest,
     Done,
@@ -42,6 +35,7 @@ from messages.wire import (
     Error,
     EventBody,
     Final,
+    ProviderSwitched,
     Started,
     Token,
     Usage,
@@ -171,15 +165,13 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     count = worker.counter(alias.model)
     await worker.emit(job, Started(model=alias_name, mode=request.mode, attempt=job.attempt))
     started = trio.current_time()
-    first_token_at: float | None = None
-    parts: list[str] = []
-    finished: StreamFinished | None = None
+    answer = Answer(alias=alias_name)
     failure: TransientError | PermanentError | None = None
     prompt_estimate = 0
     timeout_s = min(config.jobs.timeout_s, request.timeout_s or math.inf)
 
-    async def stream_answer() -> None:
-        nonlocal first_token_at, finished, failure, prompt_estimate, stalled
+    async def answer_request() -> None:
+        nonlocal prompt_estimate
         history = await retry_transient(
             lambda: worker.store.load_history(
                 user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
@@ -189,41 +181,14 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             system_prompt=config.llm.system_prompt, history=history,
             user_message=request.message, context_window=alias.context_window,
             answer_tokens=alias.max_tokens, count=count)
-        send, receive = trio.open_memory_channel[ProviderChunk](64)
+        await stream_answer(
+            chat=worker.chat, config=config, alias_name=alias_name, messages=messages,
+            params=_params(request, alias.max_tokens), count=count,
+            prompt_estimate=prompt_estimate, answer=answer,
+            on_token=lambda text: worker.emit(job, Token(text=text)),
+            on_switch=lambda old, new, why: worker.emit(
+                job, ProviderSwitched(from_=old, to=new, reason=why)))
 
-        async def pump() -> None:
-            nonlocal failure
-            try:
-                await worker.chat.stream(
-                    model=alias.model, api_base=alias.api_base, api_key_env=alias.api_key_env,
-                    messages=messages, params=_params(request, alias.max_tokens), out=send)
-            except (TransientError, PermanentError) as exc:
-                failure = exc
-
-        async with trio.open_nursery() as stream_nursery:
-            stream_nursery.start_soon(pump)
-            # A stalled stream is the common failure: no first token within
-            # first_token_timeout_s, or silence longer than idle_timeout_s after it.
-            with trio.CancelScope(
-                    deadline=trio.current_time() + config.jobs.first_token_timeout_s) as stall:
-                async with receive:
-                    async for chunk in receive:
-                        match chunk:
-                            case TokenDelta(text=text):
-                                if first_token_at is None:
-                                    first_token_at = trio.current_time()
-                                stall.deadline = trio.current_time() + config.jobs.idle_timeout_s
-                                parts.append(text)
-                                await worker.emit(job, Token(text=text))
-                            case StreamFinished():
-                                finished = chunk
-                            case _:
-                                assert_never(chunk)
-            if stall.cancelled_caught:
-                stalled = "first_token_timeout" if first_token_at is None else "idle_timeout"
-                stream_nursery.cancel_scope.cancel()
-
-    stalled: str | None = None
     status: DoneStatus = "completed"
     error: Error | None = None
     scope = running.scope  # the registry cancels it on the owner's cancel
@@ -234,38 +199,36 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             # Cancelled before it started (a tombstone): never call the model.
             if running.cancel_reason is None:
                 try:
-                    await stream_answer()
-                except PermanentError as exc:  # raised before the stream: context overflow
+                    await answer_request()
+                except (PermanentError, TransientError) as exc:
                     failure = exc
         job_nursery.cancel_scope.cancel()
-    if running.cancel_reason is not None and (scope.cancelled_caught or finished is None):
+    if running.cancel_reason is not None and (scope.cancelled_caught or answer.finished is None):
         status = "cancelled"
     elif scope.cancelled_caught:
         status = "timeout"
         error = Error(code="timeout", retryable=True,
                       message=f"the job took longer than its {timeout_s:g} s timeout")
-    elif stalled is not None:
+    elif isinstance(failure, ProviderExhausted) and isinstance(failure.last, Stalled):
         status = "timeout"
-        limit = (config.jobs.first_token_timeout_s if stalled == "first_token_timeout"
-                 else config.jobs.idle_timeout_s)
-        error = Error(code=stalled, retryable=True,
-                      message=f"the model stream stalled for {limit:g} s")
-    elif failure is not None or finished is None:
+        error = Error(code=failure.last.code, retryable=True, message=str(failure))
+    elif failure is not None:
         status = "failed"
-        failure = failure or TransientError("the model stream ended without finishing")
         error = Error(code=getattr(failure, "code", "provider_unavailable"), message=str(failure),
                       retryable=isinstance(failure, TransientError))
 
-    text = "".join(parts)
-    prompt_tokens = finished.prompt_tokens if finished and finished.prompt_tokens else None
-    completion_tokens = finished.completion_tokens if finished and finished.completion_tokens \
-        is not None else None
-    prompt_tokens = prompt_tokens if prompt_tokens is not None else prompt_estimate
-    completion_tokens = completion_tokens if completion_tokens is not None else count(text)
-    cost = cost_usd(alias.model, prompt_tokens, completion_tokens,
-                    alias.input_cost_per_token, alias.output_cost_per_token)
+    text = answer.text
+    if answer.finished is None and answer.tries:
+        # Cut off mid-try (cancel, timeout): bill what the vendor produced before it.
+        unbilled = count(text) - answer.completion_tokens
+        answer.bill(config.llm.models[answer.alias], prompt_estimate, max(unbilled, 0))
+    prompt_tokens, completion_tokens = answer.prompt_tokens, answer.completion_tokens
+    cost = answer.cost_usd if answer.tries else 0.0
     partial_answer = status != "completed" and bool(text)
     ended = trio.current_time()
+    first_token_at = answer.first_token_at
+    finished = answer.finished
+    answered_by = answer.alias
 
     with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
         if status == "completed" and finished is not None:
@@ -273,13 +236,14 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                 text=text, finish_reason=finished.finish_reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
-                cost_usd=cost, model=alias_name))
+                cost_usd=cost, model=answered_by))
         elif error is not None:
             await worker.emit(job, error)
         persisted = trio.Event()
         await worker.records.send(JobFinished(
             job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status=status,
-            model=alias_name, provider=provider_of(alias.model), prompt_tokens=prompt_tokens,
+            model=answered_by, provider=provider_of(config.llm.models[answered_by].model),
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cost_usd=cost,
             ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
             latency_ms=round((ended - started) * 1000),

@@ -79,6 +79,9 @@ class Llm(_Section):
     default_model: Name
     system_prompt: str
     max_history_turns: Annotated[int, Meta(ge=0)]
+    retries: Annotated[int, Meta(ge=0, le=10)]
+    retry_backoff_s: PositiveFloat
+    retry_backoff_cap_s: PositiveFloat
     models: dict[str, ModelAlias]
 
 

@@ -21,6 +21,7 @@ CONFIG = load_config(environ={
     "CHAT_ACTORS__JOBS__FIRST_TOKEN_TIMEOUT_S": "10",
     "CHAT_ACTORS__JOBS__IDLE_TIMEOUT_S": "5",
     "CHAT_ACTORS__JOBS__LEASE_S": "30",
+    "CHAT_ACTORS__LLM__RETRIES": "0",  # retries and fallbacks: tests/test_provider.py
 })
 
 

@@ -1,0 +1,119 @@
+"""Retries, fallbacks and continuation, with a fake ChatModel port and virtual time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from actors.errors import PermanentError, TransientError
+from actors.provider import Answer, ProviderExhausted, Stalled, continuation, stream_answer
+from config import load_config
+from messages.mailboxes import StreamFinished, TokenDelta
+
+CONFIG = load_config(environ={
+    "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
+    "CHAT_ACTORS__LLM__MODELS__BACKUP__MODEL": "openai/backup-model",
+    "CHAT_ACTORS__LLM__RETRIES": "2",
+    "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "1",
+    "CHAT_ACTORS__JOBS__FIRST_TOKEN_TIMEOUT_S": "10",
+    "CHAT_ACTORS__JOBS__IDLE_TIMEOUT_S": "5",
+})
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@dataclass
+class Try:
+    tokens: tuple[str, ...] = ()
+    error: Exception | None = None  # raised after the tokens
+    hang: bool = False  # send the tokens, then go silent
+
+
+@dataclass
+class FakeChat:
+    script: list[Try]
+    calls: list[tuple[str, list[dict[str, str]], float]] = field(default_factory=list)
+
+    async def stream(self, *, model, messages, out, **kwargs):
+        self.calls.append((model, messages, trio.current_time()))
+        step = self.script.pop(0)
+        with out:
+            for text in step.tokens:
+                await out.send(TokenDelta(text=text))
+            if step.hang:
+                await trio.sleep_forever()
+            if step.error is not None:
+                raise step.error
+            await out.send(StreamFinished(finish_reason="stop", prompt_tokens=None,
+                                          completion_tokens=None, model=model))
+
+
+async def run(chat: FakeChat) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
+    streamed: list[str] = []
+    switches: list[tuple[str, str, str]] = []
+
+    async def on_token(text):
+        streamed.append(text)
+
+    async def on_switch(old, new, why):
+        switches.append((old, new, why))
+
+    answer = Answer()
+    await stream_answer(chat=chat, config=CONFIG, alias_name="local", messages=MESSAGES,
+                        params={}, count=lambda text: len(text.split()), prompt_estimate=3,
+                        on_token=on_token, on_switch=on_switch, answer=answer)
+    return answer, streamed, switches
+
+
+async def test_a_429_is_retried_after_its_retry_after(autojump_clock):
+    chat = FakeChat([Try(error=TransientError("429", retry_after=7)), Try(tokens=("ok",))])
+    answer, streamed, switches = await run(chat)
+    assert answer.text == "ok" and streamed == ["ok"] and answer.alias == "local"
+    assert chat.calls[1][2] - chat.calls[0][2] >= 7
+    assert switches == [("local", "local", "429")]
+
+
+async def test_after_the_retries_the_fallback_answers(autojump_clock):
+    chat = FakeChat([Try(error=TransientError("500"))] * 3 + [Try(tokens=("from", " backup"))])
+    answer, _, switches = await run(chat)
+    assert [model for model, _, _ in chat.calls] == ["openai/smollm2"] * 3 + ["openai/backup-model"]
+    assert switches[-1] == ("local", "backup", "500")
+    assert answer.alias == "backup" and answer.text == "from backup"
+    assert answer.finished is not None and answer.tries == 4
+
+
+async def test_a_broken_stream_is_continued_not_restarted(autojump_clock):
+    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
+                     Try(tokens=(" is", " blue."))])
+    answer, streamed, _ = await run(chat)
+    assert streamed == ["The", " sky", " is", " blue."]  # the client saw one consistent text
+    assert answer.text == "The sky is blue."
+    assert chat.calls[1][1] == MESSAGES + [{"role": "assistant", "content": "The sky"}]
+
+
+async def test_a_stall_is_retried(autojump_clock):
+    chat = FakeChat([Try(tokens=("a",), hang=True), Try(tokens=("b",))])
+    answer, _, switches = await run(chat)
+    assert answer.text == "ab"
+    assert "idle_timeout" in switches[0][2]
+    assert chat.calls[1][2] - chat.calls[0][2] >= 5
+
+
+async def test_permanent_errors_fail_fast(autojump_clock):
+    chat = FakeChat([Try(error=PermanentError("401 bad key", code="auth")), Try(tokens=("x",))])
+    with pytest.raises(PermanentError, match="bad key"):
+        await run(chat)
+    assert len(chat.calls) == 1
+
+
+async def test_when_everything_fails_the_last_failure_is_reported(autojump_clock):
+    chat = FakeChat([Try(hang=True)] * 6)
+    with pytest.raises(ProviderExhausted) as info:
+        await run(chat)
+    assert isinstance(info.value.last, Stalled) and info.value.last.code == "first_token_timeout"
+    assert len(chat.calls) == 6  # 3 tries of local, 3 of backup
+
+
+def test_continuation_leaves_a_fresh_request_alone():
+    assert continuation(MESSAGES, "") == MESSAGES

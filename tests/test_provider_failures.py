@@ -1,0 +1,96 @@
+"""Vendor failures through LiteLLM's real client and the scripted server (DESIGN 4.7)."""
+
+from __future__ import annotations
+
+from tests.helpers import events_of, job_row, produce, request, worker_running
+from tests.scripted_llm import Reply
+
+BACKUP = """
+[llm.models.scripted]
+model = "openai/scripted-model"
+api_base = "{url}"
+api_key_env = "SCRIPTED_LLM_KEY"
+fallbacks = ["backup"]
+
+[llm.models.backup]
+model = "openai/backup-model"
+api_base = "{url}"
+api_key_env = "SCRIPTED_LLM_KEY"
+"""
+
+
+def with_backup(make_config, llm, retries: int):
+    _, path = make_config()
+    text = path.read_text()
+    # Replace the scripted alias of the base config with one that has a fallback.
+    head, _, _ = text.partition("[llm.models.scripted]")
+    extra = BACKUP.format(url=llm.url)
+    path.write_text(head + extra + "\n[shutdown]\ngrace_s = 5\n")
+    from config import load_config
+
+    return load_config(path, environ={"CHAT_ACTORS__LLM__RETRIES": str(retries),
+                                      "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "0.05"})
+
+
+async def test_a_429_is_retried_and_the_client_is_told(config, llm, rds):
+    llm.queue(Reply(status=429, headers=(("retry-after", "1"),)))
+    llm.default = Reply(tokens=("fine", " now"))
+    req = request("hello?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["started", "provider"]
+    assert events[1]["data"]["from"] == events[1]["data"]["to"] == "scripted"
+    assert "RateLimitError" in events[1]["data"]["reason"]
+    assert events[-2]["data"]["text"] == "fine now" and len(llm.calls) == 2
+    assert llm.calls[1].started_at - llm.calls[0].started_at >= 1  # Retry-After honoured
+
+
+async def test_a_stream_broken_mid_answer_is_continued_by_the_fallback(make_config, llm, rds, db):
+    config = with_backup(make_config, llm, retries=0)
+    llm.queue(Reply(tokens=("The", " sky", " is", " green"), break_after=2),
+              Reply(tokens=(" is", " blue.")))
+    req = request("What colour is the sky?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    switch = next(e for e in events if e["event"] == "provider")
+    assert (switch["data"]["from"], switch["data"]["to"]) == ("scripted", "backup")
+    tokens = "".join(e["data"]["text"] for e in events if e["event"] == "token")
+    assert tokens == events[-2]["data"]["text"] == "The sky is blue."
+    assert events[-2]["data"]["model"] == "backup"
+    # The fallback was asked to continue the partial answer, not to start again.
+    assert llm.calls[1].body["model"] == "backup-model"
+    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": "The sky"}
+    row = job_row(db, req["jobId"])
+    assert (row["status"], row["model"]) == ("completed", "backup")
+
+
+async def test_a_permanent_error_fails_fast_with_a_clear_error(make_config, llm, rds, db):
+    config = with_backup(make_config, llm, retries=2)
+    llm.queue(Reply(status=400, error_body='{"error": {"message": "bad parameter: tools"}}'))
+    req = request("hi")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert len(llm.calls) == 1  # no retry, no fallback
+    error = events[-2]["data"]
+    assert events[-2]["event"] == "error" and error["code"] == "bad_request"
+    assert "bad parameter: tools" in error["message"] and error["retryable"] is False
+    assert events[-1]["data"] == {"status": "failed", "partial": False}
+    assert job_row(db, req["jobId"])["status"] == "failed"
+
+
+async def test_5xx_on_every_alias_fails_as_retryable(make_config, llm, rds):
+    config = with_backup(make_config, llm, retries=1)
+    llm.default = Reply(status=503)
+    req = request("anyone?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert len(llm.calls) == 4  # 2 tries on each alias
+    assert [e["event"] for e in events].count("provider") == 3
+    assert events[-2]["data"]["code"] == "provider_unavailable"
+    assert events[-2]["data"]["retryable"] is True
+    assert events[-1]["data"]["status"] == "failed"
