@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -28,18 +28,34 @@ class Backoff:
         return max(jittered, min(hint_s, self.cap_s * 6)) if hint_s else jittered
 
 
+class DependencyHealth(Protocol):
+    def failed(self, dependency: str, problem: object) -> None: ...
+    def recovered(self, dependency: str) -> None: ...
+
+
 async def retry_transient(op: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,
-                          backoff: Backoff | None = None, attempts: int | None = None) -> T:
-    """Run `op` until it does not raise TransientError (forever if attempts is None)."""
+                          backoff: Backoff | None = None, attempts: int | None = None,
+                          health: DependencyHealth | None = None,
+                          dependency: str = "") -> T:
+    """Run `op` until it does not raise TransientError (forever if attempts is None).
+
+    With `health`, each failure marks `dependency` down and a success marks it up.
+    """
     backoff = backoff or Backoff()
     failures = 0
     while True:
         try:
-            return await op()
+            result = await op()
         except TransientError as exc:
+            if health is not None:
+                health.failed(dependency, exc)
             failures += 1
             if attempts is not None and failures >= attempts:
                 raise
             wait = backoff.delay(failures, exc.retry_after)
             log.warning("%s failed (%s); retry %d in %.2fs", what, exc, failures, wait)
             await trio.sleep(wait)
+        else:
+            if health is not None and failures:
+                health.recovered(dependency)
+            return result

@@ -22,6 +22,7 @@ from actors.adapters.postgres import AlreadyTerminal, Claimed, LeasedElsewhere, 
 from actors.adapters.tokens import TokenCounter
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
+from actors.health import Health
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages
 from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
@@ -60,6 +61,7 @@ class Worker:
     records: trio.MemorySendChannel[PgSinkMessage]
     event_log: EventWriter
     registry: JobRegistry
+    health: Health = field(default_factory=Health)
     _counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def counter(self, model: str) -> Callable[[str], int]:
@@ -101,7 +103,8 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
                 job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
                 trace_id=trace_id, mode=request.mode, model=alias_name,
                 provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s),
-            what=f"claim of job {request.job_id}", log=log)
+            what=f"claim of job {request.job_id}", log=log, health=worker.health,
+            dependency="postgres")
         if not isinstance(claim, LeasedElsewhere):
             break
         # Another worker holds a live lease. Skipping would commit the offset, and if
@@ -121,7 +124,8 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
             # crash came between Postgres and Redis, the client still gets its `done`.
             log.info("job %s is already %s; not running it again", job.job_id, status)
             if not await retry_transient(lambda: worker.event_log.done_recorded(job.job_id),
-                                         what="done check", log=log):
+                                         what="done check", log=log, health=worker.health,
+                                         dependency="redis"):
                 await worker.emit(job, Done(status=status, partial=False), wait=True)  # type: ignore[arg-type]
             return
         case OwnedByAnotherUser():
@@ -176,7 +180,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             lambda: worker.store.load_history(
                 user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
                 limit=config.llm.max_history_turns),
-            what="history read", log=log)
+            what="history read", log=log, health=worker.health, dependency="postgres")
         messages, prompt_estimate = build_messages(
             system_prompt=config.llm.system_prompt, history=history,
             user_message=request.message, context_window=alias.context_window,

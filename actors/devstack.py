@@ -50,6 +50,9 @@ output_cost_per_token = 0.0
 
 [shutdown]
 grace_s = 5
+
+[health]
+port = 0                    # any free port: several dev stacks may run at once
 """
 
 

@@ -62,7 +62,7 @@ async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: Dea
                ("source.offset", str(delivery.offset).encode())]
     await retry_transient(lambda: dlq.send(dlq_topic, delivery.value, key=delivery.key,
                                            headers=headers),
-                          what="DLQ produce", log=log)
+                          what="DLQ produce", log=log, health=worker.health, dependency="kafka")
     if problem.job_id and problem.user_id:
         session_id = problem.session_id or ""
         job = JobRef(job_id=problem.job_id, user_id=problem.user_id, session_id=session_id,
@@ -158,11 +158,14 @@ async def run_intake(
                     batch = await source.poll(min(config.kafka.poll_batch, max(room, 1)),
                                               POLL_TIMEOUT_S)
                 except TransientError as exc:
+                    worker.health.failed("kafka", exc)
                     poll_failures += 1
                     wait = poll_backoff.delay(poll_failures)
                     log.warning("poll failed (%s); retry in %.2fs", exc, wait)
                     await trio.sleep(wait)
                     continue
+                if poll_failures:
+                    worker.health.recovered("kafka")
                 poll_failures = 0
                 if room < len(batch):
                     # Fetched before the pause took effect: read them again later.
@@ -174,6 +177,7 @@ async def run_intake(
 
             # Draining: admit nothing more, keep polling (group membership), and give
             # running jobs shutdown.grace_s before cancelling them uncommitted.
+            worker.health.draining = True
             log.info("intake stopping; %d job(s) running", in_flight)
             await source.pause()
             with trio.move_on_after(config.shutdown.grace_s or 0):

@@ -10,7 +10,7 @@ import logging
 
 import trio
 
-from actors.backoff import Backoff, retry_transient
+from actors.backoff import Backoff, DependencyHealth, retry_transient
 from actors.ports import RecordWriter
 from messages.mailboxes import PgSinkMessage
 
@@ -19,6 +19,7 @@ log = logging.getLogger("chat_actors.pg_sink")
 
 async def run_pg_sink(inbox: trio.MemoryReceiveChannel[PgSinkMessage], writer: RecordWriter,
                       *, owner: str, batch_max: int, backoff: Backoff | None = None,
+                      health: DependencyHealth | None = None,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with inbox:
         task_status.started()
@@ -30,7 +31,8 @@ async def run_pg_sink(inbox: trio.MemoryReceiveChannel[PgSinkMessage], writer: R
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             await retry_transient(lambda batch=batch: writer.write_records(batch, owner),
-                                  what=f"write of {len(batch)} records", log=log, backoff=backoff)
+                                  what=f"write of {len(batch)} records", log=log, backoff=backoff,
+                                  health=health, dependency="postgres")
             for record in batch:
                 if record.receipt is not None:
                     record.receipt.set()

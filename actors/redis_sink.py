@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from actors.adapters.redis_events import StreamEntry
-from actors.backoff import Backoff, retry_transient
+from actors.backoff import Backoff, DependencyHealth, retry_transient
 from actors.ports import EventWriter
 from messages.mailboxes import EventEmitted
 from messages.wire import Done, StreamEvent, Token, event_data, now_ms
@@ -62,6 +62,7 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
 
 async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer: EventWriter,
                          *, batch_max: int, backoff: Backoff | None = None,
+                         health: DependencyHealth | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     next_seq: dict[JobKey, int] = {}
     with inbox:
@@ -77,7 +78,8 @@ async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer:
             # Never drop an event: a transient outage is retried until Redis is back,
             # while the bounded mailbox pushes back on the conversations.
             await retry_transient(lambda entries=entries: writer.write(entries),
-                                  what=f"XADD of {len(entries)} events", log=log, backoff=backoff)
+                                  what=f"XADD of {len(entries)} events", log=log, backoff=backoff,
+                                  health=health, dependency="redis")
             for message in batch:
                 if message.receipt is not None:
                     message.receipt.set()

@@ -27,6 +27,7 @@ from actors.adapters.redis_events import RedisEvents
 from actors.control import ControlStats, run_control
 from actors.conversation import Worker
 from actors.errors import ChatActorsError, TransientError
+from actors.health import Health, run_health
 from actors.intake import run_intake
 from actors.offsets import OffsetTracker
 from actors.pg_sink import run_pg_sink
@@ -55,6 +56,8 @@ class WorkerHandle:
     tracker: OffsetTracker
     control: ControlStats
     consumer: RequestConsumer
+    health: Health
+    health_port: int
 
 
 def worker_id() -> str:
@@ -87,11 +90,13 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
     """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
     stop = trio.Event() if stop is None else stop
     owner = worker_id()
+    health = Health()
     async with aio.open_bridge():
         pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
         await _check("postgres", redact(config.postgres.dsn), pg.migrate)
         events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
-                             maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s)
+                             maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
+                             socket_timeout_s=config.redis.socket_timeout_s)
         await _check("redis", redact(config.redis.url), events.ping)
         kafka = config.kafka
         topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
@@ -121,13 +126,20 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
         worker = Worker(config=config, owner=owner, store=pg, chat=chat or LiteLLMChat(),
                         events=events_in, records=records_in, event_log=events,
-                        registry=registry)
+                        registry=registry, health=health)
         try:
             async with trio.open_nursery() as root:
+                health_scope = trio.CancelScope()
+
+                async def health_actor(task_status: trio.TaskStatus[int]) -> None:
+                    with health_scope:
+                        await run_health(health, port=config.health.port, task_status=task_status)
+
+                health_port = await root.start(health_actor)
                 await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
-                                         batch_max=config.postgres.batch))
+                                         batch_max=config.postgres.batch, health=health))
                 await root.start(partial(run_redis_sink, events_out, events,
-                                         batch_max=config.stream.batch))
+                                         batch_max=config.stream.batch, health=health))
                 # Cancels stay honoured while running jobs drain; control stops after intake.
                 control_scope = trio.CancelScope()
 
@@ -148,12 +160,15 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                                               stop=stop))
                     log.info("worker %s ready: %s -> %s", owner, kafka.request_topic,
                              config.stream.key_template)
+                    health.started = True
                     task_status.started(WorkerHandle(owner=owner, stop=stop, registry=registry,
                                                      tracker=tracker, control=control_stats,
-                                                     consumer=consumer))
+                                                     consumer=consumer, health=health,
+                                                     health_port=health_port))
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
                 signal_scope.cancel()
                 control_scope.cancel()
+                health_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await dlq.close()

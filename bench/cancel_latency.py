@@ -82,6 +82,8 @@ dsn = "{pg.url}"
 [llm.models.local]
 model = "openai/scripted"
 api_base = "{llm.url}"
+[health]
+port = 0
 [log]
 level = "warning"
 """)

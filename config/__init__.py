@@ -49,6 +49,7 @@ class Kafka(_Section):
 class Redis(_Section):
     url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")]
     password_env: str
+    socket_timeout_s: PositiveFloat
 
 
 class Stream(_Section):

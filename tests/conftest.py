@@ -88,6 +88,9 @@ max_tokens = 256
 
 [shutdown]
 grace_s = 5
+
+[health]
+port = 0
 {extra}
 """
 

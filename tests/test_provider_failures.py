@@ -25,7 +25,7 @@ def with_backup(make_config, llm, retries: int):
     # Replace the scripted alias of the base config with one that has a fallback.
     head, _, _ = text.partition("[llm.models.scripted]")
     extra = BACKUP.format(url=llm.url)
-    path.write_text(head + extra + "\n[shutdown]\ngrace_s = 5\n")
+    path.write_text(head + extra + "\n[shutdown]\ngrace_s = 5\n[health]\nport = 0\n")
     from config import load_config
 
     return load_config(path, environ={"CHAT_ACTORS__LLM__RETRIES": str(retries),

@@ -16,6 +16,21 @@ import trio
 from actors.errors import PermanentError, TransientError
 from messages.wire import StreamEvent
 
+# Appends one entry unless its seq was already written for this (job, attempt):
+# a pipeline retried after a lost reply must not duplicate what did land.
+_APPEND_ONCE = """
+local high = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local seq = tonumber(ARGV[1])
+if seq <= high then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+redis.call('SET', KEYS[2], seq, 'EX', ARGV[3])
+return 1
+"""
+
+
+def _high_water(job_id: str, attempt: int) -> str:
+    return f"chat-actors:seq:{job_id}:{attempt}"
+
 
 def done_marker(job_id: str) -> str:
     # Separate from the stream so a shared stream key still answers "is this job done?".
@@ -28,11 +43,13 @@ class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RedisEvents:
-    def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int) -> None:
+    def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int,
+                 socket_timeout_s: float = 10.0) -> None:
         password = os.environ.get(password_env) if password_env else None
         self._client = redis.Redis.from_url(
-            url, password=password or None, socket_timeout=10, socket_connect_timeout=5,
-            health_check_interval=30)
+            url, password=password or None, socket_timeout=socket_timeout_s,
+            socket_connect_timeout=min(5.0, socket_timeout_s), health_check_interval=30)
+        self._append_once = self._client.register_script(_APPEND_ONCE)
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
@@ -53,7 +70,11 @@ class RedisEvents:
         def pipeline() -> None:
             pipe = self._client.pipeline(transaction=True)
             for entry in entries:
-                pipe.xadd(entry.key, entry.event.fields(), maxlen=self._maxlen, approximate=True)
+                event = entry.event
+                fields = [item for pair in event.fields().items() for item in pair]
+                self._append_once(keys=[entry.key, _high_water(event.job_id, event.attempt)],
+                                  args=[event.seq, self._maxlen, self._ttl_s, *fields],
+                                  client=pipe)
                 if entry.event.event == "done":
                     pipe.expire(entry.key, self._ttl_s)
                     pipe.set(done_marker(entry.event.job_id), entry.event.data, ex=self._ttl_s)
