@@ -22,6 +22,11 @@ class Stack:
         self.redis = local_stack.start_redis(workdir)
         self.postgres = local_stack.start_postgres(workdir)
 
+    def restart_postgres(self) -> None:
+        """A real restart: same data, same port."""
+        self.postgres.stop()
+        self.postgres = local_stack.start_postgres(self.workdir, self.postgres.port)
+
     def stop(self) -> None:
         for service in (self.kafka, self.redis, self.postgres):
             service.stop()

@@ -50,6 +50,8 @@ class Service:
     process: subprocess.Popen[bytes]
     log_path: Path
     port: int
+    # Postgres: SIGINT is the fast shutdown; SIGTERM would wait for every client to leave.
+    stop_signal: int = signal.SIGTERM
 
     @property
     def pid(self) -> int:
@@ -59,8 +61,8 @@ class Service:
         if self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGCONT)  # a paused service must hear SIGTERM
-            self.process.terminate()
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused service must hear the signal
+            self.process.send_signal(self.stop_signal)
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -172,7 +174,7 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
         argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     process, log_path = _spawn("postgres", argv, workdir, **kwargs)
     service = Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres",
-                      process, log_path, port)
+                      process, log_path, port, stop_signal=signal.SIGINT)
 
     def ready() -> bool:
         result = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port),

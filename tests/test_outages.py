@@ -1,0 +1,108 @@
+"""Dependency outages (DESIGN 4.7): retry with backoff, not ready meanwhile, and every
+job finishes with a contiguous event sequence and exactly one `done`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+import trio
+
+from tests.helpers import events_of, produce, request, until, worker_running
+from tests.scripted_llm import Reply
+
+STREAM = Reply(tokens=tuple(f"w{i} " for i in range(20)), token_delay_s=0.05)
+
+
+def readyz(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def assert_contiguous(events: list[dict]) -> None:
+    by_attempt: dict[str, list[int]] = {}
+    for e in events:
+        by_attempt.setdefault(e["attempt"], []).append(int(e["seq"]))
+    for seqs in by_attempt.values():
+        assert seqs == list(range(len(seqs)))  # no gap, no duplicate
+    assert [e["event"] for e in events].count("done") == 1
+
+
+async def test_redis_unreachable_mid_stream(make_config, stack, llm, rds):
+    config, _ = make_config(environ={"CHAT_ACTORS__REDIS__SOCKET_TIMEOUT_S": "0.5"})
+    llm.default = STREAM
+    req = request("through an outage")
+    async with worker_running(config) as worker:
+        assert (await trio.to_thread.run_sync(readyz, worker.health_port))[0] == 200
+        produce(config, req)
+        await trio.to_thread.run_sync(lambda: llm.wait_until(
+            lambda calls: calls and calls[0].tokens_sent >= 3))
+        os.kill(stack.redis.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: worker.health.failures["redis"] >= 2)
+            status, report = await trio.to_thread.run_sync(readyz, worker.health_port)
+            assert status == 503 and "redis" in report["down"]
+        finally:
+            os.kill(stack.redis.pid, signal.SIGCONT)
+        events = await events_of(rds, config, req["jobId"])
+        await until(lambda: worker.health.ready())
+    assert_contiguous(events)
+    tokens = "".join(e["data"]["text"] for e in events if e["event"] == "token")
+    assert tokens == events[-2]["data"]["text"] == "".join(f"w{i} " for i in range(20))
+    assert events[-1]["data"]["status"] == "completed" and len(llm.calls) == 1
+
+
+async def test_postgres_restarted_mid_job(config, stack, llm, rds):
+    llm.default = STREAM
+    req = request("through a restart")
+    async with worker_running(config) as worker:
+        produce(config, req)
+        await trio.to_thread.run_sync(lambda: llm.wait_until(
+            lambda calls: calls and calls[0].tokens_sent >= 3))
+        stack.postgres.stop()
+        try:
+            await until(lambda: worker.health.failures["postgres"] >= 1)
+            assert not worker.health.ready()
+        finally:
+            await trio.to_thread.run_sync(stack.restart_postgres)
+        events = await events_of(rds, config, req["jobId"])
+    assert_contiguous(events)
+    assert events[-1]["data"]["status"] == "completed" and len(llm.calls) == 1
+    import psycopg
+
+    with psycopg.connect(stack.postgres.url) as conn:
+        row = conn.execute("SELECT status, attempt FROM llm_jobs WHERE job_id = %s",
+                           (req["jobId"],)).fetchone()
+    assert row == ("completed", 1)
+
+
+async def test_a_job_finishes_while_the_broker_is_unreachable(config, stack, llm, rds):
+    llm.default = STREAM
+    first = request("during the pause")
+    second = request("after the pause")
+    async with worker_running(config):
+        produce(config, first)
+        await trio.to_thread.run_sync(lambda: llm.wait_until(
+            lambda calls: calls and calls[0].tokens_sent >= 3))
+        os.kill(stack.kafka.pid, signal.SIGSTOP)
+        try:
+            # Redis and Postgres are enough to finish a job already admitted.
+            events = await events_of(rds, config, first["jobId"])
+        finally:
+            os.kill(stack.kafka.pid, signal.SIGCONT)
+        produce(config, second)
+        await events_of(rds, config, second["jobId"])
+    assert_contiguous(events)
+    assert events[-1]["data"]["status"] == "completed"
+    # Its offset was committed once the broker was back: a new worker runs nothing again.
+    async with worker_running(config):
+        third = request("third")
+        produce(config, third)
+        await events_of(rds, config, third["jobId"])
+    assert [c.messages[-1]["content"] for c in llm.calls] == [
+        "during the pause", "after the pause", "third"]
