@@ -53,6 +53,8 @@ class ScriptedLLM:
     default: Reply = field(default_factory=Reply)
     _queue: deque[Reply] = field(default_factory=deque)
     calls: list[Call] = field(default_factory=list)
+    active: int = 0  # requests being answered now
+    max_active: int = 0  # the most at once since the last reset
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _server: ThreadingHTTPServer | None = None
 
@@ -67,6 +69,13 @@ class ScriptedLLM:
     def _record(self, call: Call) -> None:
         with self._cond:
             self.calls.append(call)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self._cond.notify_all()
+
+    def _ended(self) -> None:
+        with self._cond:
+            self.active -= 1
             self._cond.notify_all()
 
     def _changed(self) -> None:
@@ -87,6 +96,7 @@ class ScriptedLLM:
         with self._cond:
             self._queue.clear()
             self.calls.clear()
+            self.max_active = self.active
             self.default = Reply()
 
     @property
@@ -124,6 +134,12 @@ class ScriptedLLM:
                 payload = json.loads(self.rfile.read(length) or b"{}")
                 call = Call(self.path, payload, dict(self.headers.items()), time.monotonic())
                 owner._record(call)
+                try:
+                    self._answer(call, payload)
+                finally:
+                    owner._ended()
+
+            def _answer(self, call: Call, payload: dict[str, Any]) -> None:
                 reply = owner._next_reply()
                 if reply.status != 200:
                     self._send_json(reply.status, reply.error_body.encode(), reply.headers)
