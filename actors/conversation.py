@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
 from actors.adapters.llm import provider_of
@@ -119,14 +120,12 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
         case Claimed(attempt=attempt):
             job = JobRef(job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
                          attempt=attempt, stream_key=job.stream_key)
-        case AlreadyTerminal(status=status):
+        case AlreadyTerminal(status=status, attempt=attempt, partial=partial):
             # Redelivered after it finished: never call the model again. If the
             # crash came between Postgres and Redis, the client still gets its `done`.
             log.info("job %s is already %s; not running it again", job.job_id, status)
-            if not await retry_transient(lambda: worker.event_log.done_recorded(job.job_id),
-                                         what="done check", log=log, health=worker.health,
-                                         dependency="redis"):
-                await worker.emit(job, Done(status=status, partial=False), wait=True)  # type: ignore[arg-type]
+            await _resend_done(worker, msgspec.structs.replace(job, attempt=attempt),
+                               status, partial)  # type: ignore[arg-type]
             return
         case OwnedByAnotherUser():
             log.warning("job %s belongs to another user; request from %s ignored",
@@ -147,6 +146,22 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
                     await worker.store.release_lease(job_id=job.job_id, owner=worker.owner)
                 except TransientError as exc:
                     log.warning("job %s: lease not released (%s); it expires", job.job_id, exc)
+
+
+async def _resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: bool) -> None:
+    """Write the `done` a crash lost, continuing that attempt's sequence."""
+
+    async def redis(op):  # type: ignore[no-untyped-def]
+        return await retry_transient(op, what="done check", log=log, health=worker.health,
+                                     dependency="redis")
+
+    if await redis(lambda: worker.event_log.done_recorded(job.job_id)):
+        return
+    last = await redis(lambda: worker.event_log.last_seq(job.job_id, job.attempt))
+    receipt = trio.Event()
+    await worker.events.send(EventEmitted(job=job, body=Done(status=status, partial=partial),
+                                          receipt=receipt, first_seq=last + 1))
+    await receipt.wait()
 
 
 async def _renew_lease(worker: Worker, job: JobRef) -> None:

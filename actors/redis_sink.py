@@ -45,6 +45,8 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
             continue
         if key in open_token:
             close_token(key)
+        if message.first_seq is not None and key not in next_seq:
+            next_seq[key] = message.first_seq
         seq = next_seq.get(key, 0)
         next_seq[key] = seq + 1
         entries.append(StreamEntry(key=job.stream_key, event=StreamEvent(

@@ -31,6 +31,8 @@ class EventEmitted(msgspec.Struct, frozen=True, kw_only=True):
     job: JobRef
     body: EventBody
     receipt: trio.Event | None = None
+    # Continue an attempt's sequence from here (a `done` re-sent after a crash).
+    first_seq: int | None = None
 
 
 RedisSinkMessage = EventEmitted

@@ -71,6 +71,9 @@ class NoEvents:
     async def done_recorded(self, job_id):
         return False
 
+    async def last_seq(self, job_id, attempt):
+        return -1
+
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None):

@@ -190,3 +190,23 @@ def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{text!r} not in {path}")
         time.sleep(0.05)
+
+
+async def test_a_done_lost_after_postgres_is_resent_continuing_the_sequence(config, llm, rds):
+    from actors.adapters.redis_events import _high_water, done_marker
+
+    req = request("finish me")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+        # Make Redis look as a crash between the Postgres commit and the `done` left it.
+        key = config.stream.key_template.replace("{job_id}", req["jobId"])
+        done = events[-1]
+        rds.xdel(key, done["id"])
+        rds.delete(done_marker(req["jobId"]))
+        rds.set(_high_water(req["jobId"], 1), int(done["seq"]) - 1)
+        produce(config, req)  # the redelivery
+        again = await events_of(rds, config, req["jobId"])
+    assert len(llm.calls) == 1  # terminal in Postgres: no second model call
+    assert [int(e["seq"]) for e in again] == list(range(len(events)))
+    assert again[-1]["event"] == "done" and again[-1]["data"]["status"] == "completed"

@@ -33,6 +33,9 @@ class FakeWriter:
     async def done_recorded(self, job_id):
         return False
 
+    async def last_seq(self, job_id, attempt):
+        return -1
+
 
 async def test_adjacent_tokens_of_a_job_coalesce_and_seq_counts_entries(autojump_clock):
     writer = FakeWriter()

@@ -43,6 +43,8 @@ class Claimed(msgspec.Struct, frozen=True):
 
 class AlreadyTerminal(msgspec.Struct, frozen=True):
     status: str
+    attempt: int = 1
+    partial: bool = False
 
 
 class LeasedElsewhere(msgspec.Struct, frozen=True):
@@ -148,13 +150,14 @@ class Postgres:
             ).fetchone()
             if row is not None:
                 return Claimed(row[0])
-            status, row_user, lease_owner = conn.execute(
-                "SELECT status, user_id, lease_owner FROM llm_jobs WHERE job_id = %s", (job_id,)
+            status, row_user, lease_owner, attempt, partial = conn.execute(
+                "SELECT status, user_id, lease_owner, attempt, partial FROM llm_jobs "
+                "WHERE job_id = %s", (job_id,)
             ).fetchone()  # type: ignore[misc]
             if row_user != user_id:
                 return OwnedByAnotherUser()
             if status in _TERMINAL:
-                return AlreadyTerminal(status)
+                return AlreadyTerminal(status, max(attempt, 1), partial)
             return LeasedElsewhere(lease_owner or "")
 
         return await self.run(claim)

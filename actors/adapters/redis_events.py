@@ -82,6 +82,11 @@ class RedisEvents:
 
         await self._run(pipeline)
 
+    async def last_seq(self, job_id: str, attempt: int) -> int:
+        """The highest seq written for this attempt, -1 if none."""
+        value = await self._run(self._client.get, _high_water(job_id, attempt))
+        return int(value) if value is not None else -1
+
     async def done_recorded(self, job_id: str) -> bool:
         return bool(await self._run(self._client.exists, done_marker(job_id)))
 
