@@ -39,6 +39,7 @@ class Call:
     body: dict[str, Any]
     headers: dict[str, str]
     started_at: float
+    wall_at: float = field(default_factory=time.time)  # comparable with the events' `ts`
     tokens_sent: int = 0
     finished: bool = False
     disconnected: bool = False

@@ -1,0 +1,293 @@
+"""Chaos run: N jobs through a worker while everything around it fails.
+
+The worker runs as `chat-actors run` (a real process). Meanwhile this script
+SIGKILLs and restarts the worker, makes Redis and the broker unreachable
+(SIGSTOP ... SIGCONT: both keep their data only in memory), restarts Postgres
+for real, and the scripted vendor answers with 429s, 500s, stalls and streams
+broken mid-answer. At the end it checks every job's stream and row.
+
+    bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import confluent_kafka
+import psutil
+import psycopg
+import redis
+
+from actors.adapters import local_stack
+from tests.scripted_llm import Reply, ScriptedLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ChaoticLLM(ScriptedLLM):
+    """Answers most calls; some get a 429, a 500, a stall or a broken stream."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def _next_reply(self) -> Reply:
+        roll = self._rng.random()
+        tokens = tuple(f"w{i} " for i in range(8))
+        if roll < 0.05:
+            return Reply(status=429, headers=(("retry-after", "0.2"),))
+        if roll < 0.10:
+            return Reply(status=500)
+        if roll < 0.13:
+            return Reply(tokens=tokens, first_token_delay_s=3.0)  # stall past the limit
+        if roll < 0.18:
+            return Reply(tokens=tokens, token_delay_s=0.02, break_after=3)
+        return Reply(tokens=tokens, token_delay_s=0.02)
+
+
+@dataclass
+class Worker:
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    crashes: int = 0
+    kills: int = 0
+    peak_rss: int = 0
+    expected_exit: bool = False
+    rss_samples: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "actors.cli", "run", "--config", str(self.config_path)],
+                cwd=ROOT, stdout=log, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def check(self) -> None:
+        """Restart a worker that died by itself (a crash), and sample its memory."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            self.crashes += 1
+            self.start()
+            return
+        try:
+            rss = psutil.Process(self.process.pid).memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+        except psutil.NoSuchProcess:
+            pass
+
+    def kill_and_restart(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.kills += 1
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def pause(service: local_stack.Service, seconds: float) -> None:
+    os.kill(service.pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(service.pid, signal.SIGCONT)
+
+
+def pause_postgres(service: local_stack.Service, seconds: float) -> None:
+    root = psutil.Process(service.pid)
+    tree = [root, *root.children(recursive=True)]
+    for p in tree:
+        os.kill(p.pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        for p in tree:
+            with_suppress(lambda p=p: os.kill(p.pid, signal.SIGCONT))
+
+
+def with_suppress(fn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except ProcessLookupError:
+        pass
+
+
+def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str) -> None:
+    path.write_text(f"""
+[kafka]
+bootstrap_servers = "{kafka}"
+request_topic = "chaos.request.{tag}"
+control_topic = "chaos.control.{tag}"
+dlq_topic = "chaos.dlq.{tag}"
+group_id = "chaos-{tag}"
+session_timeout_ms = 3000
+fetch_wait_max_ms = 20
+[redis]
+url = "{rds}"
+socket_timeout_s = 1
+[postgres]
+dsn = "{pg}"
+[llm]
+retries = 3
+retry_backoff_s = 0.1
+retry_backoff_cap_s = 1
+[llm.models.local]
+model = "openai/scripted"
+api_base = "{llm}"
+[jobs]
+lease_s = 3
+first_token_timeout_s = 1.5
+idle_timeout_s = 1.5
+timeout_s = 120
+max_in_flight = 64
+[shutdown]
+grace_s = 2
+[health]
+port = 0
+[log]
+level = "warning"
+""")
+
+
+def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM,
+           template: str) -> dict[str, int]:
+    one_done = gaps = lost = 0
+    done_at: dict[str, float] = {}
+    for job_id in jobs:
+        entries = [f for _, f in rds.xrange(template.replace("{job_id}", job_id))
+                   if f.get("jobId") == job_id]
+        dones = [f for f in entries if f["event"] == "done"]
+        if not dones:
+            lost += 1
+            continue
+        if len(dones) == 1:
+            one_done += 1
+        done_at[job_id] = int(dones[-1]["ts"]) / 1000
+        by_attempt: dict[str, list[int]] = {}
+        for f in entries:
+            by_attempt.setdefault(f["attempt"], []).append(int(f["seq"]))
+        gaps += sum(seqs != list(range(len(seqs))) for seqs in by_attempt.values())
+    # A model call that began after its job's `done` was written: a second bill.
+    after_done = sum(1 for call in llm.calls
+                     if (job := call.messages[-1]["content"].split()[-1]) in done_at
+                     and call.wall_at > done_at[job] + 0.05)
+    with psycopg.connect(pg_url) as conn:
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM llm_jobs WHERE job_id = ANY(%s) GROUP BY status",
+            (jobs,)).fetchall())
+    left_running = statuses.get("queued", 0) + statuses.get("running", 0)
+    return {"one_done": one_done, "gaps": gaps, "lost": lost, "after_done": after_done,
+            "left_running": left_running,
+            "statuses": ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))}
+
+
+def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path) -> int:
+    rng = random.Random(seed)
+    kafka = local_stack.start_kafka(workdir)
+    rds_service = local_stack.start_redis(workdir)
+    pg = local_stack.start_postgres(workdir)
+    llm = ChaoticLLM(seed).start()
+    tag = uuid.uuid4().hex[:6]
+    config_path = workdir / "chaos.toml"
+    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag)
+    worker = Worker(config_path, workdir / "worker.log")
+    rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
+    template = "sse:chat:{job_id}"
+    jobs = [f"chaos-{tag}-{i}" for i in range(jobs_total)]
+    actions: dict[str, int] = {}
+    started = time.monotonic()
+    try:
+        worker.start()
+        producer = confluent_kafka.Producer({"bootstrap.servers": kafka.url,
+                                             "log.connection.close": False})
+        for i, job_id in enumerate(jobs):
+            session = f"s{i % (jobs_total // 4 or 1)}"  # some sessions get several jobs
+            producer.produce(f"chaos.request.{tag}", key=session.encode(), value=json.dumps({
+                "jobId": job_id, "userId": f"u{i % 13}", "sessionId": session,
+                "message": f"question for {job_id}"}).encode())
+        if producer.flush(30):
+            raise RuntimeError("could not produce the jobs")
+        print(f"submitted {jobs_total} jobs; chaos begins", flush=True)
+        while time.monotonic() - started < timeout_s:
+            finished = sum(1 for j in jobs if rds.exists(f"chat-actors:done:{j}"))
+            if finished == jobs_total:
+                break
+            action = rng.choice(["kill_worker", "pause_redis", "restart_postgres",
+                                 "pause_broker", "pause_postgres", "calm", "calm"])
+            actions[action] = actions.get(action, 0) + 1
+            if action == "kill_worker":
+                worker.kill_and_restart()
+            elif action == "pause_redis":
+                pause(rds_service, rng.uniform(1, 4))
+            elif action == "restart_postgres":
+                pg.stop()
+                time.sleep(rng.uniform(0.5, 2))
+                pg = local_stack.start_postgres(workdir, pg.port)
+            elif action == "pause_broker":
+                pause(kafka, rng.uniform(1, 4))
+            elif action == "pause_postgres":
+                pause_postgres(pg, rng.uniform(1, 3))
+            for _ in range(int(rng.uniform(2, 5) / 0.25)):
+                worker.check()
+                time.sleep(0.25)
+            print(f"  t={time.monotonic() - started:5.0f}s  done {finished}/{jobs_total}  "
+                  f"last action: {action}", flush=True)
+        worker.stop()
+        result = verify(jobs, rds, pg.url, llm, template)
+    finally:
+        worker.stop()
+        llm.stop()
+        rds.close()
+        for service in (pg, rds_service, kafka):
+            service.stop()
+    elapsed = time.monotonic() - started
+    print(f"""
+chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
+  actions: {', '.join(f'{k} x{v}' for k, v in sorted(actions.items()))}
+  vendor calls: {len(llm.calls)} (with injected 429/500/stalls/broken streams)
+  jobs submitted:                         {jobs_total}
+  jobs with exactly one done:             {result['one_done']}
+  jobs lost (no done):                    {result['lost']}
+  jobs left queued/running in Postgres:   {result['left_running']}
+  final statuses:                         {result['statuses']}
+  model calls for already-completed jobs: {result['after_done']}
+  gaps or duplicates in event sequences:  {result['gaps']}
+  worker crashes (exits we did not cause): {worker.crashes}  (SIGKILLs we sent: {worker.kills})
+  peak worker RSS:                        {worker.peak_rss / 1e6:.0f} MB""")
+    bad = result["lost"] + result["gaps"] + result["after_done"] + worker.crashes
+    return 0 if bad == 0 and result["one_done"] == jobs_total else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-actors bench chaos",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds of chaos at most")
+    args = parser.parse_args(argv)
+    if args.jobs < 4:
+        parser.error("--jobs must be at least 4")
+    with local_stack.workdir("chat-actors-chaos-") as workdir:
+        return run(args.jobs, args.seed, args.timeout, workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
