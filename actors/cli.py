@@ -125,6 +125,42 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(once=args.once, keep=args.keep)
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import logging
+
+    from actors.adapters.documents import DocumentStore
+    from actors.errors import PermanentError
+    from actors.ingest import freshness, ingest, refresh
+
+    logging.getLogger("chromadb").setLevel(logging.ERROR)
+    config = _config(args.config)
+    store = DocumentStore(path=Path(config.rag.path), chroma_url=config.rag.chroma_url or None)
+    try:
+        if args.status or args.refresh:
+            if args.refresh:
+                print(f"re-embedded {refresh(store, config, args.collection)} stale chunks")
+            state = freshness(store, config, args.collection)
+            print(f"{args.collection}: {state.total} chunks; {len(state.other_model)} embedded "
+                  f"with another model, {len(state.too_old)} older than "
+                  f"{config.rag.max_age_days:g} days")
+            return 0
+        if not args.paths:
+            print("chat-actors ingest: give files or folders to ingest", file=sys.stderr)
+            return 2
+        report = ingest(store, config, args.collection, [Path(p) for p in args.paths],
+                        dry_run=args.dry_run, root=Path.cwd())
+    except PermanentError as exc:
+        print(f"chat-actors ingest: {exc}", file=sys.stderr)
+        return 1
+    print(("would change: " if args.dry_run else "") + report.summary())
+    if args.dry_run:
+        for label, ids in (("add", report.added), ("replace", report.changed),
+                           ("delete", report.deleted)):
+            for chunk_id in ids:
+                print(f"  {label} {chunk_id}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -187,6 +223,19 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("--user", required=True, help="the userId that owns the job")
     cancel.add_argument("--reason", default="cancelled from the command line")
     cancel.set_defaults(func=cmd_cancel)
+
+    ingest = with_config(sub.add_parser(
+        "ingest", help="add documents (text, Markdown, PDF) to a RAG collection",
+        description="Chunk, embed and store documents. Re-ingesting keeps unchanged chunks, "
+                    "replaces changed ones and deletes vanished ones."))
+    ingest.add_argument("paths", nargs="*", metavar="PATH", help="files or folders")
+    ingest.add_argument("--collection", required=True,
+                        help='the collection, e.g. "user-alice" or a shared one')
+    ingest.add_argument("--dry-run", action="store_true", help="only report what would change")
+    ingest.add_argument("--status", action="store_true",
+                        help="report stale chunks (other embedding model, or too old)")
+    ingest.add_argument("--refresh", action="store_true", help="re-embed the stale chunks")
+    ingest.set_defaults(func=cmd_ingest)
 
     migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
     migrate.set_defaults(func=cmd_migrate)

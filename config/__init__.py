@@ -94,6 +94,26 @@ class Jobs(_Section):
     lease_s: PositiveFloat
 
 
+class Rag(_Section):
+    path: Name
+    chroma_url: str
+    embedding_model: Name
+    embedding_api_base: str
+    chunk_tokens: Annotated[int, Meta(ge=32, le=256)]
+    chunk_overlap_tokens: Annotated[int, Meta(ge=0)]
+    max_age_days: PositiveFloat
+    top_k: Annotated[int, Meta(ge=1, le=50)]
+    context_share: Annotated[float, Meta(gt=0, le=1)]
+    shared_collections: list[str]
+    grants: dict[str, list[str]]
+
+    def allowed(self, user_id: str) -> list[str]:
+        """The collections `user_id` may search, their own first."""
+        own = f"user-{user_id}"
+        granted = [name for name, users in self.grants.items() if user_id in users]
+        return list(dict.fromkeys([own, *self.shared_collections, *granted]))
+
+
 class Control(_Section):
     tombstone_ttl_s: Annotated[float, Meta(ge=0)]
 
@@ -121,6 +141,7 @@ class Config(_Section):
     postgres: Postgres
     llm: Llm
     jobs: Jobs
+    rag: Rag
     control: Control
     limits: Limits
     shutdown: Shutdown
@@ -230,6 +251,8 @@ def _check_models(config: Config) -> None:
                 f"llm.models.{alias}.max_tokens ({spec.max_tokens}) must be smaller than "
                 f"context_window ({spec.context_window})"
             )
+    if config.rag.chunk_overlap_tokens >= config.rag.chunk_tokens:
+        raise ConfigError("rag.chunk_overlap_tokens must be smaller than rag.chunk_tokens")
     if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"

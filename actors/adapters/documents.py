@@ -1,0 +1,164 @@
+"""The document store: Chroma for vectors (embedded PersistentClient, or HttpClient when
+`rag.chroma_url` is set) and a BM25 index per collection, persisted beside it.
+
+Blocking: every method here runs in a worker thread. Embeddings are computed by
+us (actors/adapters/embeddings.py) and handed to Chroma, which embeds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import chromadb
+import numpy as np
+from chromadb.config import Settings
+
+from actors.errors import PermanentError, TransientError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
+
+
+def collection_name(name: str) -> str:
+    """Chroma's rules: 3-512 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    if not _NAME.match(safe):
+        raise PermanentError(f"{name!r} cannot name a collection (3-512 chars of "
+                             "[A-Za-z0-9._-], alphanumeric at both ends)", code="bad_collection")
+    return safe
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    text: str
+    source: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class DocumentStore:
+    def __init__(self, *, path: Path, chroma_url: str | None = None) -> None:
+        settings = Settings(anonymized_telemetry=False)
+        self._bm25_dir = path / "bm25"
+        if chroma_url:
+            host, _, port = chroma_url.removeprefix("http://").rstrip("/").partition(":")
+            self._client = chromadb.HttpClient(host=host, port=int(port or 8000),
+                                               settings=settings)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self._client = chromadb.PersistentClient(path=str(path / "chroma"), settings=settings)
+        self._bm25: dict[str, tuple[bm25s.BM25, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def _collection(self, name: str, create: bool = False) -> Any:
+        name = collection_name(name)
+        try:
+            if create:
+                return self._client.get_or_create_collection(
+                    name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
+            return self._client.get_collection(name, embedding_function=None)
+        except (ValueError, chromadb.errors.NotFoundError) as exc:
+            raise PermanentError(f"no collection {name!r}", code="no_collection") from exc
+        except (ConnectionError, OSError) as exc:
+            raise TransientError(f"chroma: {exc}") from exc
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._collection(name)
+        except PermanentError:
+            return False
+        return True
+
+    # -- ingestion -------------------------------------------------------------------
+    def chunks_of(self, name: str) -> dict[str, dict[str, Any]]:
+        """Every chunk's metadata, by id."""
+        if not self.exists(name):
+            return {}
+        got = self._collection(name).get(include=["metadatas"])
+        return dict(zip(got["ids"], got["metadatas"], strict=True))
+
+    def documents(self, name: str, ids: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+        got = self._collection(name).get(ids=ids, include=["documents", "metadatas"])
+        return {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
+                                             strict=True)}
+
+    def upsert(self, name: str, ids: list[str], texts: list[str], vectors: np.ndarray,
+               metadatas: list[dict[str, Any]]) -> None:
+        collection = self._collection(name, create=True)
+        for start in range(0, len(ids), 1000):
+            end = start + 1000
+            collection.upsert(ids=ids[start:end], documents=texts[start:end],
+                              embeddings=vectors[start:end].tolist(),
+                              metadatas=metadatas[start:end])
+
+    def delete(self, name: str, ids: list[str]) -> None:
+        if ids:
+            self._collection(name).delete(ids=ids)
+
+    def rebuild_keyword_index(self, name: str) -> int:
+        """Re-index the whole collection for BM25 (bm25s indexes are not incremental)."""
+        got = self._collection(name, create=True).get(include=["documents"])
+        folder = self._bm25_dir / collection_name(name)
+        shutil.rmtree(folder, ignore_errors=True)
+        with self._lock:
+            self._bm25.pop(name, None)
+        if not got["ids"]:
+            return 0
+        index = bm25s.BM25()
+        index.index(bm25s.tokenize(got["documents"], stopwords="en", show_progress=False),
+                    show_progress=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        index.save(str(folder))
+        (folder / "ids.json").write_text(json.dumps(got["ids"]))
+        return len(got["ids"])
+
+    # -- retrieval ---------------------------------------------------------------------
+    def vector_search(self, name: str, vector: np.ndarray, k: int,
+                      where: dict[str, Any] | None) -> list[Hit]:
+        collection = self._collection(name)
+        found = collection.query(query_embeddings=[vector.tolist()], n_results=k, where=where,
+                                 include=["documents", "metadatas", "distances"])
+        return [Hit(id=i, text=d, source=str(m.get("source", "")), score=1.0 - dist, metadata=m)
+                for i, d, m, dist in zip(found["ids"][0], found["documents"][0],
+                                         found["metadatas"][0], found["distances"][0],
+                                         strict=True)]
+
+    def _keyword_index(self, name: str) -> tuple[bm25s.BM25, list[str]] | None:
+        with self._lock:
+            if name not in self._bm25:
+                folder = self._bm25_dir / collection_name(name)
+                if not (folder / "ids.json").exists():
+                    return None
+                self._bm25[name] = (bm25s.BM25.load(str(folder)),
+                                    json.loads((folder / "ids.json").read_text()))
+            return self._bm25[name]
+
+    def keyword_search(self, name: str, query: str, k: int,
+                       where: dict[str, Any] | None) -> list[Hit]:
+        loaded = self._keyword_index(name)
+        if loaded is None:
+            return []
+        index, ids = loaded
+        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+        if not tokens or not tokens[0]:
+            return []
+        # Ask for more when filtering: the filter runs after scoring.
+        wanted = min(len(ids), k * 4 if where else k)
+        positions, scores = index.retrieve(tokens, k=wanted, show_progress=False)
+        picked = [(ids[p], float(s)) for p, s in zip(positions[0], scores[0], strict=True)
+                  if s > 0]
+        if not picked:
+            return []
+        got = self._collection(name).get(ids=[i for i, _ in picked], where=where,
+                                         include=["documents", "metadatas"])
+        by_id = {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
+                                              strict=True)}
+        return [Hit(id=i, text=by_id[i][0], source=str(by_id[i][1].get("source", "")),
+                    score=s, metadata=by_id[i][1]) for i, s in picked if i in by_id][:k]

