@@ -25,9 +25,10 @@ from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.health import Health
 from actors.ports import ChatModel, EventWriter, JobStore
-from actors.prompt import build_messages
+from actors.prompt import build_messages, sources_message
 from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
 from actors.registry import JobRegistry, RunningJob
+from actors.retriever import Retrieval, Retrieved
 from config import Config
 from messages.mailboxes import EventEmitted, JobFinished, JobRef, PgSinkMessage
 from messages.wire import (
@@ -38,9 +39,13 @@ from messages.wire import (
     EventBody,
     Final,
     ProviderSwitched,
+    RetrievalHit,
     Started,
     Token,
     Usage,
+)
+from messages.wire import (
+    Retrieval as RetrievalEvent,
 )
 
 log = logging.getLogger("chat_actors.conversation")
@@ -48,6 +53,7 @@ log = logging.getLogger("chat_actors.conversation")
 # How long cleanup that must happen (records, `done`, lease release) may take
 # once the job itself is over or cancelled.
 FINISH_GRACE_S = 30.0
+SNIPPET_CHARS = 200
 
 
 @dataclass
@@ -63,6 +69,7 @@ class Worker:
     event_log: EventWriter
     registry: JobRegistry
     health: Health = field(default_factory=Health)
+    retriever: Retrieval | None = None  # RAG mode; None: rag requests fail clearly
     _counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def counter(self, model: str) -> Callable[[str], int]:
@@ -148,6 +155,23 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
                     log.warning("job %s: lease not released (%s); it expires", job.job_id, exc)
 
 
+async def _retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retrieved:
+    """Search the user's collections and tell the client each step, before any token."""
+    if worker.retriever is None:
+        raise PermanentError("RAG is not available on this worker", code="rag_unavailable")
+    options = request.rag
+    retrieved = await worker.retriever.search(
+        query=request.message, user_id=job.user_id,
+        collection=options.collection if options else None,
+        top_k=options.top_k if options else worker.config.rag.top_k,
+        where=options.where if options else None)
+    for step in retrieved.steps:
+        await worker.emit(job, RetrievalEvent(step=step.step, query=step.query, hits=[
+            RetrievalHit(id=h.id, score=round(h.score, 4), source=h.source,
+                         snippet=h.text[:SNIPPET_CHARS]) for h in step.hits]))
+    return retrieved
+
+
 async def _resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: bool) -> None:
     """Write the `done` a crash lost, continuing that attempt's sequence."""
 
@@ -189,17 +213,27 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     prompt_estimate = 0
     timeout_s = min(config.jobs.timeout_s, request.timeout_s or math.inf)
 
+    retrieved: Retrieved | None = None
+    sources_used: list[str] = []
+
     async def answer_request() -> None:
-        nonlocal prompt_estimate
+        nonlocal prompt_estimate, retrieved, sources_used
         history = await retry_transient(
             lambda: worker.store.load_history(
                 user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
                 limit=config.llm.max_history_turns),
             what="history read", log=log, health=worker.health, dependency="postgres")
+        context = ""
+        if request.mode == "rag":
+            retrieved = await _retrieve(request, worker, job)
+            budget = int(config.rag.context_share * (alias.context_window - alias.max_tokens))
+            context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
+                                            budget_tokens=budget, count=count)
+            sources_used = [h.id for h in retrieved.hits[:kept]]
         messages, prompt_estimate = build_messages(
             system_prompt=config.llm.system_prompt, history=history,
             user_message=request.message, context_window=alias.context_window,
-            answer_tokens=alias.max_tokens, count=count)
+            answer_tokens=alias.max_tokens, count=count, context=context)
         await stream_answer(
             chat=worker.chat, config=config, alias_name=alias_name, messages=messages,
             params=_params(request, alias.max_tokens), count=count,
@@ -255,7 +289,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                 text=text, finish_reason=finished.finish_reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
-                cost_usd=cost, model=answered_by))
+                cost_usd=cost, model=answered_by, sources=sources_used))
         elif error is not None:
             await worker.emit(job, error)
         persisted = trio.Event()
@@ -269,7 +303,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             error=None if error is None else f"{error.code}: {error.message}",
             partial=partial_answer,
             user_message=request.message, user_tokens=count(request.message), answer=text,
-            receipt=persisted))
+            retrieval_ms=retrieved.elapsed_ms if retrieved else None,
+            retrieval_hits=len(sources_used) if retrieved else None, receipt=persisted))
         await persisted.wait()
         await worker.emit(job, Done(status=status, partial=partial_answer), wait=True)
     if finishing.cancelled_caught:

@@ -19,16 +19,34 @@ PER_MESSAGE_TOKENS = 4
 REPLY_PRIMING_TOKENS = 3
 
 
+def sources_message(sources: Sequence[tuple[str, str]], *, budget_tokens: int,
+                    count: Callable[[str], int]) -> tuple[str, int]:
+    """The retrieved chunks as one system message, best first, within `budget_tokens`.
+
+    Returns the text and how many sources it holds; each is tagged [n] (source).
+    """
+    text = "Answer from these sources when they are relevant, and cite them as [n].\n"
+    kept = 0
+    for label, chunk in sources:
+        block = f"\n[{kept + 1}] ({label})\n{chunk}\n"
+        if count(text + block) > budget_tokens:
+            break
+        text += block
+        kept += 1
+    return (text if kept else ""), kept
+
+
 def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message: str,
-                   context_window: int, answer_tokens: int,
-                   count: Callable[[str], int]) -> tuple[list[dict[str, str]], int]:
+                   context_window: int, answer_tokens: int, count: Callable[[str], int],
+                   context: str = "") -> tuple[list[dict[str, str]], int]:
     """Return (messages, prompt token estimate); raise PermanentError if the message alone overflows."""
     budget = context_window - answer_tokens - REPLY_PRIMING_TOKENS
     head: list[dict[str, str]] = []
     used = 0
-    if system_prompt:
-        head.append({"role": "system", "content": system_prompt})
-        used += count(system_prompt) + PER_MESSAGE_TOKENS
+    for text in (system_prompt, context):  # context: retrieved sources, in RAG mode
+        if text:
+            head.append({"role": "system", "content": text})
+            used += count(text) + PER_MESSAGE_TOKENS
     used += count(user_message) + PER_MESSAGE_TOKENS
     if used > budget:
         raise PermanentError(

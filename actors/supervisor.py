@@ -34,6 +34,7 @@ from actors.pg_sink import run_pg_sink
 from actors.ports import ChatModel
 from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
+from actors.retriever import Retriever
 from config import Config
 
 log = logging.getLogger("chat_actors.supervisor")
@@ -126,7 +127,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
         worker = Worker(config=config, owner=owner, store=pg, chat=chat or LiteLLMChat(),
                         events=events_in, records=records_in, event_log=events,
-                        registry=registry, health=health)
+                        registry=registry, health=health,
+                        retriever=await trio.to_thread.run_sync(Retriever.from_config, config))
         try:
             async with trio.open_nursery() as root:
                 health_scope = trio.CancelScope()

@@ -64,6 +64,8 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     user_message: str
     user_tokens: int
     answer: str  # may be "" (nothing streamed): then no assistant row is written
+    retrieval_ms: int | None = None
+    retrieval_hits: int | None = None
     receipt: trio.Event | None = None
 
 

@@ -207,13 +207,14 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     total_tokens: int
 
 
-class Final(_Event):
+class Final(_Event, omit_defaults=True):
     EVENT: ClassVar[str] = "final"
     text: str
     finish_reason: str
     usage: Usage
     cost_usd: float | None
     model: str
+    sources: list[str] = []  # RAG: the chunk ids the prompt held (omitted when empty)
 
 
 class Error(_Event):

@@ -96,6 +96,9 @@ grace_s = 5
 
 [health]
 port = 0
+
+[rag]
+path = "{stack.workdir}/rag"
 {extra}
 """
 

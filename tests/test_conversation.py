@@ -76,7 +76,8 @@ class NoEvents:
 
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
-              timeout_s: float | None = None, during=None, store: FakeStore | None = None):
+              timeout_s: float | None = None, during=None, store: FakeStore | None = None,
+              retriever=None, mode: str = "gen"):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
@@ -85,7 +86,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
     records_in, records_out = trio.open_memory_channel(100)
     worker = Worker(config=CONFIG, owner="w1", store=store or FakeStore(), chat=chat,
                     events=events_in,
-                    records=records_in, event_log=NoEvents(), registry=registry)
+                    records=records_in, event_log=NoEvents(), registry=registry,
+                    retriever=retriever)
 
     async def sink(channel, into):
         async for message in channel:
@@ -94,7 +96,7 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
                 message.receipt.set()
 
     request = ChatRequest(job_id="j1", user_id="alice", session_id="s1", message="hi",
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, mode=mode)
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sink, events_out, events)
@@ -194,3 +196,42 @@ async def test_tombstones_expire(autojump_clock):
     chat = ScriptedChat([(1, "a")])
     bodies, _, _ = await run(chat, registry=registry)
     assert chat.calls == 1 and bodies[-1].status == "completed"
+
+
+class SlowRetriever:
+    """Retrieval that takes 30 s (virtual), as against a huge or distant collection."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def search(self, **kwargs):
+        try:
+            await trio.sleep(30)
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        raise AssertionError("not reached")
+
+
+async def test_a_cancel_during_retrieval_ends_the_job_before_any_model_call(autojump_clock):
+    chat = ScriptedChat([(1, "a")])
+    retriever = SlowRetriever()
+
+    async def cancel_at_2s(registry):
+        await trio.sleep(2)
+        registry.cancel("j1", "alice", "stop")
+
+    bodies, record, elapsed = await run(chat, during=cancel_at_2s, retriever=retriever,
+                                        mode="rag")
+    assert retriever.cancelled and chat.calls == 0
+    assert elapsed == pytest.approx(2, abs=0.1)
+    assert kinds(bodies) == ["started", "done"] and bodies[-1].status == "cancelled"
+    assert record.status == "cancelled"
+
+
+async def test_retrieval_counts_against_the_job_deadline(autojump_clock):
+    retriever = SlowRetriever()
+    bodies, record, elapsed = await run(ScriptedChat([(1, "a")]), retriever=retriever,
+                                        mode="rag", timeout_s=5)
+    assert retriever.cancelled and elapsed == pytest.approx(5, abs=0.1)
+    assert bodies[-1].status == "timeout" and record.status == "timeout"

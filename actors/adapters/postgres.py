@@ -208,11 +208,13 @@ class Postgres:
                         UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
                             prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
                             ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
+                            retrieval_ms = %s, retrieval_hits = %s,
                             finished_at = now(), lease_owner = NULL, lease_until = NULL
                         WHERE job_id = %s AND lease_owner = %s
                         """,
                         [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
-                          r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial, r.job_id, owner)
+                          r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
+                          r.retrieval_ms, r.retrieval_hits, r.job_id, owner)
                          for r in finished])
                     messages = []
                     for r in finished:

@@ -1,0 +1,142 @@
+"""RAG mode: ingestion with freshness, hybrid retrieval, scoping, and jobs end to end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.adapters.documents import DocumentStore
+from actors.ingest import freshness, ingest, refresh
+from actors.retriever import coverage, fuse
+from config import load_config
+from tests.helpers import events_of, job_row, produce, request, worker_running
+from tests.scripted_llm import Reply
+
+CORPUS = {
+    "tansu.md": "# Tansu\nTansu is a Kafka-compatible broker written in Rust.\n\n"
+                "## Groups\nA consumer group join takes about half the session timeout.\n",
+    "redis.md": "# Redis streams\nXADD appends an entry to a stream. Entries have ids "
+                "that only grow, so a reader can resume after the last id it saw.\n",
+    "postgres.md": "# Group commit\nBatching many rows into one transaction shares one fsync, "
+                   "so each row costs microseconds instead of milliseconds.\n",
+}
+
+
+def write_corpus(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.fixture
+def rag_config(tmp_path):
+    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag")})
+
+
+def test_ingest_reingest_change_and_delete(tmp_path, rag_config):
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = DocumentStore(path=Path(rag_config.rag.path))
+    first = ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
+    assert (len(first.added), first.changed, first.unchanged) == (4, [], 0)
+    assert sorted(store.chunks_of("user-alice")) == [
+        "docs/postgres.md#0", "docs/redis.md#0", "docs/tansu.md#0", "docs/tansu.md#1"]
+    meta = store.chunks_of("user-alice")["docs/redis.md#0"]
+    assert meta["embedding_model"] == rag_config.rag.embedding_model
+    assert meta["source"] == "docs/redis.md" and len(meta["content_hash"]) == 32
+
+    again = ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
+    assert (again.added, again.changed, again.unchanged, again.deleted) == ([], [], 4, [])
+
+    (docs / "redis.md").write_text("# Redis streams\nXTRIM caps a stream's length.\n")
+    (docs / "tansu.md").unlink()
+    planned = ingest(store, rag_config, "user-alice", [docs], root=tmp_path, dry_run=True)
+    assert planned.changed == ["docs/redis.md#0"]
+    assert sorted(planned.deleted) == ["docs/tansu.md#0", "docs/tansu.md#1"]
+    assert len(store.chunks_of("user-alice")) == 4  # a dry run changes nothing
+    ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
+    assert sorted(store.chunks_of("user-alice")) == ["docs/postgres.md#0", "docs/redis.md#0"]
+    hits = store.keyword_search("user-alice", "XTRIM", 3, None)  # BM25 was rebuilt too
+    assert [h.id for h in hits] == ["docs/redis.md#0"]
+
+
+def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monkeypatch):
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = DocumentStore(path=Path(rag_config.rag.path))
+    ingest(store, rag_config, "shared", [docs], root=tmp_path)
+    assert freshness(store, rag_config, "shared").too_old == []
+    # 100 days later, every chunk is older than max_age_days (90).
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 100 * 86400)
+    state = freshness(store, rag_config, "shared")
+    assert (state.total, len(state.too_old), state.other_model) == (4, 4, [])
+    assert refresh(store, rag_config, "shared") == 4
+    assert freshness(store, rag_config, "shared").too_old == []
+    other = load_config(environ={"CHAT_ACTORS__RAG__PATH": rag_config.rag.path,
+                                 "CHAT_ACTORS__RAG__EMBEDDING_MODEL": "openai/other"})
+    assert len(freshness(store, other, "shared").other_model) == 4
+
+
+def test_fusion_and_lexical_coverage():
+    from actors.adapters.documents import Hit
+
+    def hit(i):
+        return Hit(id=i, text=i, source="s", score=0.0, metadata={})
+
+    fused = fuse([[hit("a"), hit("b"), hit("c")], [hit("c"), hit("a")]], 3)
+    assert [h.id for h in fused] == ["a", "c", "b"]  # in both lists beats one top rank
+    assert coverage("group commit fsync", "one fsync per group commit") == 1.0
+    assert coverage("group commit fsync", "unrelated") == 0.0
+
+
+async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, stack, llm, rds,
+                                                                db, tmp_path):
+    config, _ = make_config()
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    ingest(DocumentStore(path=Path(config.rag.path)), config, "user-alice", [docs],
+           root=tmp_path)
+    llm.default = Reply(tokens=("It", " shares", " one", " fsync", " [1]."))
+    req = request("How does group commit make Postgres writes cheap?", mode="rag",
+                  rag={"topK": 2})
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    kinds = [e["event"] for e in events]
+    assert kinds[:4] == ["started", "retrieval", "retrieval", "retrieval"]
+    steps = [e["data"] for e in events if e["event"] == "retrieval"]
+    assert [s["step"] for s in steps] == ["vector", "keyword", "rerank"]
+    top = steps[-1]["hits"][0]
+    assert top["id"] == "docs/postgres.md#0" and top["source"] == "docs/postgres.md"
+    assert "fsync" in top["snippet"] and len(steps[-1]["hits"]) == 2
+    # The model was given the chunk, tagged with its source.
+    system = [m["content"] for m in llm.calls[0].messages if m["role"] == "system"]
+    assert "[1] (docs/postgres.md)" in system[1] and "shares one fsync" in system[1]
+    final = events[-2]["data"]
+    assert final["sources"][0] == "docs/postgres.md#0"
+    row = job_row(db, req["jobId"])
+    assert row["retrieval_hits"] == 2 and row["retrieval_ms"] >= 0
+
+
+async def test_a_user_cannot_search_another_users_collection(make_config, llm, rds, tmp_path):
+    config, _ = make_config()
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    ingest(DocumentStore(path=Path(config.rag.path)), config, "user-alice", [docs],
+           root=tmp_path)
+    nosy = request("What does alice know about Tansu?", userId="bob", mode="rag",
+                   rag={"collection": "user-alice"})
+    plain = request("Tansu broker", userId="bob", mode="rag")
+    async with worker_running(config):
+        produce(config, nosy, plain)
+        denied = await events_of(rds, config, nosy["jobId"])
+        own = await events_of(rds, config, plain["jobId"])
+    assert denied[-2]["data"]["code"] == "forbidden"
+    assert denied[-1]["data"]["status"] == "failed"
+    assert "retrieval" not in [e["event"] for e in denied]
+    # bob's own search never reaches alice's documents.
+    assert all(step["data"]["hits"] == [] for step in own if step["event"] == "retrieval")
+    assert own[-1]["data"]["status"] == "completed"
