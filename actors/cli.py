@@ -70,6 +70,9 @@ def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) ->
     first: float | None = None
     status = "unknown"
     for event, data in client.events(job_id, after):
+        if event == "retrieval" and data["step"] == "rerank":
+            for hit in data["hits"]:
+                out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")
         if event == "started" and data.get("attempt", 1) > 1:
             out.write(f"\n[attempt {data['attempt']}: restarting the answer]\n")
         elif event == "token":
@@ -122,7 +125,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from actors.devstack import run_dev
 
-    return run_dev(once=args.once, keep=args.keep)
+    return run_dev(once=args.once, keep=args.keep, rag=args.rag)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -208,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
                                      "sent as a chat message. Ctrl-D or Ctrl-C stops everything.")
     dev.add_argument("--once", metavar="TEXT", help="send one message, print the answer, exit")
     dev.add_argument("--keep", action="store_true", help="keep the stack's folder (logs) on exit")
+    dev.add_argument("--rag", action="store_true",
+                     help="answer from your documents (ingest them into user-dev first)")
     dev.set_defaults(func=cmd_dev)
 
     send = with_config(sub.add_parser("send", help="send one message to a running worker and "

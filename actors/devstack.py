@@ -23,7 +23,7 @@ from actors.adapters import local_stack
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dev_config(*, kafka: str, redis: str, postgres: str, llm: str) -> str:
+def dev_config(*, kafka: str, redis: str, postgres: str, llm: str, rag_path: Path) -> str:
     return f"""\
 # Written by `chat-actors dev` for its local stack.
 [kafka]
@@ -53,6 +53,9 @@ grace_s = 5
 
 [health]
 port = 0                    # any free port: several dev stacks may run at once
+
+[rag]
+path = "{rag_path}"         # where `bin/chat-actors ingest` puts documents by default
 """
 
 
@@ -68,7 +71,7 @@ def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: floa
     raise local_stack.StackError(f"the worker did not become ready; see {log_path}")
 
 
-def run_dev(*, once: str | None, keep: bool) -> int:
+def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     from actors.adapters.chat_client import ChatClient
     from actors.cli import print_answer
     from config import load_config
@@ -92,7 +95,8 @@ def run_dev(*, once: str | None, keep: bool) -> int:
         services.append(llm)
         config_path = workdir / "config.toml"
         config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,
-                                          postgres=postgres.url, llm=llm.url))
+                                          postgres=postgres.url, llm=llm.url,
+                                          rag_path=(ROOT / ".data" / "rag").resolve()))
         log_path = workdir / "worker.log"
         with log_path.open("ab") as log:
             worker = subprocess.Popen(
@@ -105,9 +109,10 @@ def run_dev(*, once: str | None, keep: bool) -> int:
             f"  config    {config_path}")
         client = ChatClient(load_config(config_path))
         session = f"dev-{uuid.uuid4().hex[:8]}"
+        mode = {"mode": "rag"} if rag else {}
         try:
             if once is not None:
-                job_id, after = client.send(once, user_id="dev", session_id=session)
+                job_id, after = client.send(once, user_id="dev", session_id=session, **mode)
                 return 0 if print_answer(client, job_id, after) == "completed" else 1
             say("type a message and press Enter (Ctrl-D or Ctrl-C to quit)")
             while True:
@@ -117,7 +122,7 @@ def run_dev(*, once: str | None, keep: bool) -> int:
                     print(file=sys.stderr)
                     return 0
                 if line:
-                    job_id, after = client.send(line, user_id="dev", session_id=session)
+                    job_id, after = client.send(line, user_id="dev", session_id=session, **mode)
                     print_answer(client, job_id, after)
         finally:
             client.close()
