@@ -2,8 +2,9 @@
 
 vector search (Chroma) + keyword search (BM25) -> reciprocal rank fusion ->
 rerank. The reranker is semantic and lexical, with no model to download: the
-exact cosine between the query and each fused candidate (one embedding call
-for all of them) plus a bonus for the share of query terms the chunk contains.
+exact cosine between the query and each fused candidate (from the vectors
+stored at ingest, so no second embedding pass) plus a bonus for the share of
+query terms the chunk contains.
 Runs inside the job's nursery: it is cancelled with the job, and its blocking
 calls run in worker threads that a cancel abandons.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import trio
 
 from actors.adapters.documents import DocumentStore, Hit
@@ -61,7 +63,7 @@ def fuse(rankings: list[list[Hit]], limit: int) -> list[Hit]:
             first.setdefault(hit.id, hit)
     ordered = sorted(scores, key=lambda i: -scores[i])[:limit]
     return [Hit(id=i, text=first[i].text, source=first[i].source, score=scores[i],
-                metadata=first[i].metadata) for i in ordered]
+                metadata=first[i].metadata, collection=first[i].collection) for i in ordered]
 
 
 def coverage(query: str, text: str) -> float:
@@ -115,12 +117,16 @@ class Retriever:
         def rerank() -> list[Hit]:
             if not fused:
                 return []
-            vectors = model.embed([query, *(h.text for h in fused)])
-            cosine = vectors[1:] @ vectors[0]
+            query_vector = model.embed([query])[0]
+            stored: dict[str, np.ndarray] = {}
+            for name in {h.collection for h in fused}:
+                stored |= self._store.embeddings(name, [h.id for h in fused
+                                                        if h.collection == name])
             scored = [Hit(id=h.id, text=h.text, source=h.source, metadata=h.metadata,
-                          score=float(SEMANTIC_WEIGHT * c
+                          collection=h.collection,
+                          score=float(SEMANTIC_WEIGHT * float(stored[h.id] @ query_vector)
                                       + (1 - SEMANTIC_WEIGHT) * coverage(query, h.text)))
-                      for h, c in zip(fused, cosine, strict=True)]
+                      for h in fused if h.id in stored]
             return sorted(scored, key=lambda h: -h.score)[:top_k]
 
         reranked = await trio.to_thread.run_sync(rerank, limiter=self._limiter,

@@ -41,6 +41,7 @@ class Hit:
     source: str
     score: float
     metadata: dict[str, Any]
+    collection: str = ""
 
 
 class DocumentStore:
@@ -125,7 +126,8 @@ class DocumentStore:
         collection = self._collection(name)
         found = collection.query(query_embeddings=[vector.tolist()], n_results=k, where=where,
                                  include=["documents", "metadatas", "distances"])
-        return [Hit(id=i, text=d, source=str(m.get("source", "")), score=1.0 - dist, metadata=m)
+        return [Hit(id=i, text=d, source=str(m.get("source", "")), score=1.0 - dist, metadata=m,
+                    collection=name)
                 for i, d, m, dist in zip(found["ids"][0], found["documents"][0],
                                          found["metadatas"][0], found["distances"][0],
                                          strict=True)]
@@ -161,4 +163,11 @@ class DocumentStore:
         by_id = {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
                                               strict=True)}
         return [Hit(id=i, text=by_id[i][0], source=str(by_id[i][1].get("source", "")),
-                    score=s, metadata=by_id[i][1]) for i, s in picked if i in by_id][:k]
+                    score=s, metadata=by_id[i][1], collection=name)
+                for i, s in picked if i in by_id][:k]
+
+    def embeddings(self, name: str, ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of `ids` (reranking needs no second embedding call)."""
+        got = self._collection(name).get(ids=ids, include=["embeddings"])
+        return {i: np.asarray(v, dtype=np.float32)
+                for i, v in zip(got["ids"], got["embeddings"], strict=True)}
