@@ -140,3 +140,18 @@ async def test_a_user_cannot_search_another_users_collection(make_config, llm, r
     # bob's own search never reaches alice's documents.
     assert all(step["data"]["hits"] == [] for step in own if step["event"] == "retrieval")
     assert own[-1]["data"]["status"] == "completed"
+
+
+async def test_where_filters_both_searches(rag_config, tmp_path):
+    from actors.retriever import Retriever
+
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = DocumentStore(path=Path(rag_config.rag.path))
+    ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
+    found = await Retriever(store, rag_config).search(
+        query="stream entries and group commit", user_id="alice", collection="user-alice",
+        top_k=5, where={"source": "docs/redis.md"})
+    for step in found.steps:
+        assert {h.source for h in step.hits} <= {"docs/redis.md"}
+    assert [h.id for h in found.hits] == ["docs/redis.md#0"]
