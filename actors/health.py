@@ -74,8 +74,18 @@ async def _serve_one(stream: trio.SocketStream, health: Health) -> None:
 
 async def run_health(health: Health, *, port: int,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve on 127.0.0.1:`port`... or every address in a container (host 0.0.0.0)."""
-    listeners = await trio.open_tcp_listeners(port, host="0.0.0.0")
+    """Serve on every address (containers probe from outside); port 0 picks a free one.
+
+    A port already taken (two workers on one host) is logged loudly but does not
+    stop the worker: serving chat matters more than answering probes.
+    """
+    try:
+        listeners = await trio.open_tcp_listeners(port, host="0.0.0.0")
+    except OSError as exc:
+        log.error("health: cannot listen on port %d (%s); /healthz and /readyz are off", port,
+                  exc.strerror or exc)
+        task_status.started(0)
+        await trio.sleep_forever()
     bound = listeners[0].socket.getsockname()[1]
     log.info("health on :%d (/healthz, /readyz)", bound)
     task_status.started(bound)

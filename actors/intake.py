@@ -13,9 +13,11 @@ in arrival order, each seeing the previous one in its history.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+import msgspec
 import trio
 
 from actors.backoff import Backoff, retry_transient
@@ -47,6 +49,19 @@ class SessionOrder:
         mine.set()
         if self._last.get(key) is mine:
             del self._last[key]
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def trace_id_from(headers: tuple[tuple[str, bytes], ...]) -> str | None:
+    """The trace id of a W3C `traceparent` header, when the request carries one."""
+    for name, value in headers:
+        if name.lower() == "traceparent":
+            match = _TRACEPARENT.match(value.decode("ascii", "replace").strip())
+            if match and match.group(1) != "0" * 32:
+                return match.group(1)
+    return None
 
 
 async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters,
@@ -132,6 +147,10 @@ async def run_intake(
             jobs.start_soon(settle_after, delivery,
                             partial(reject, delivery, problem, worker, dlq, config.kafka.dlq_topic))
             return
+        if request.trace_id is None:
+            trace_id = trace_id_from(delivery.headers)
+            if trace_id is not None:
+                request = msgspec.structs.replace(request, trace_id=trace_id)
         previous, mine = sessions.enter((request.user_id, request.session_id))
         jobs.start_soon(settle_after, delivery, lambda: ordered(request, previous, mine))
 

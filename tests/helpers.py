@@ -50,13 +50,15 @@ def request(message: str = "Hi there", **fields: Any) -> dict[str, Any]:
     return body
 
 
-def produce(config: Config, *values: dict[str, Any] | bytes, topic: str | None = None) -> None:
+def produce(config: Config, *values: dict[str, Any] | bytes, topic: str | None = None,
+            headers: list[tuple[str, bytes]] | None = None) -> None:
     producer = confluent_kafka.Producer({"bootstrap.servers": config.kafka.bootstrap_servers,
                                          "log.connection.close": False})
     for value in values:
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
         key = value.get("sessionId", "k").encode() if isinstance(value, dict) else b"k"
-        producer.produce(topic or config.kafka.request_topic, key=key, value=raw)
+        producer.produce(topic or config.kafka.request_topic, key=key, value=raw,
+                         headers=headers or [])
     assert producer.flush(10) == 0
 
 

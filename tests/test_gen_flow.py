@@ -107,3 +107,35 @@ max_tokens = 100
     assert kept and kept == [f"question {i} " + "word " * 30 for i in range(8 - 1 - len(kept), 7)]
     assert len(kept) < 7
     assert last[1]["role"] == "user"  # never starts with a reply to a dropped question
+
+
+async def test_trace_id_comes_from_the_request_or_its_traceparent_header(config, llm, rds, db):
+    explicit = request("one", traceId="trace-from-body")
+    from_header = request("two")
+    generated = request("three")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with worker_running(config):
+        produce(config, explicit, generated)
+        produce(config, from_header,
+                headers=[("traceparent", f"00-{trace}-00f067aa0ba902b7-01".encode())])
+        for job in (explicit, from_header, generated):
+            await events_of(rds, config, job["jobId"])
+    assert job_row(db, explicit["jobId"])["trace_id"] == "trace-from-body"
+    assert job_row(db, from_header["jobId"])["trace_id"] == trace
+    assert len(job_row(db, generated["jobId"])["trace_id"]) == 32  # generated when absent
+
+
+async def test_a_taken_health_port_does_not_stop_the_worker(make_config, llm, rds):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, _ = make_config(environ={"CHAT_ACTORS__HEALTH__PORT": str(port)})
+        req = request("still serving")
+        async with worker_running(config) as worker:
+            produce(config, req)
+            events = await events_of(rds, config, req["jobId"])
+    assert worker.health_port == 0
+    assert events[-1]["data"]["status"] == "completed"
