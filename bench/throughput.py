@@ -62,6 +62,8 @@ def run_batch(producer, client, topic: str, jobs: int, worker: psutil.Process) -
         for _, fields in client.xrevrange(f"sse:chat:{job_id}", count=3):
             if fields[b"event"] == b"final":
                 tokens += json.loads(fields[b"data"])["usage"]["completionTokens"]
+            elif fields[b"event"] == b"error":
+                raise RuntimeError(f"job {job_id} failed: {fields[b'data'].decode()}")
     wall = time.perf_counter() - started
     cpu = sum(worker.cpu_times()[:2]) - cpu0
     return {"jobs": jobs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         kafka = local_stack.start_kafka(workdir)
         rds = local_stack.start_redis(workdir)
         pg = local_stack.start_postgres(workdir)
-        llm = ScriptedLLM(default=Reply(tokens=("tok ",) * args.tokens)).start()
+        # Distinct tokens: LiteLLM fails a stream that repeats one chunk 100 times.
+        llm = ScriptedLLM(default=Reply(tokens=tuple(f"t{i} " for i in range(args.tokens)))).start()
         health_port = local_stack.free_port()
         config = workdir / "tp.toml"
         config.write_text(f"""
