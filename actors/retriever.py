@@ -99,7 +99,7 @@ class Retriever:
         wanted = top_k * CANDIDATES_PER_TOP_K
         started = time.perf_counter()
 
-        def candidates() -> tuple[list[Hit], list[Hit]]:
+        def candidates() -> tuple[np.ndarray, list[Hit], list[Hit]]:
             present = [n for n in names if self._store.exists(n)]
             vector = model.embed([query])[0]
             by_vector = [h for n in present for h in self._store.vector_search(n, vector,
@@ -108,16 +108,15 @@ class Retriever:
                           for h in self._store.keyword_search(n, query, wanted, where)]
             by_vector.sort(key=lambda h: -h.score)
             by_keyword.sort(key=lambda h: -h.score)
-            return by_vector[:wanted], by_keyword[:wanted]
+            return vector, by_vector[:wanted], by_keyword[:wanted]
 
-        by_vector, by_keyword = await trio.to_thread.run_sync(
+        query_vector, by_vector, by_keyword = await trio.to_thread.run_sync(
             candidates, limiter=self._limiter, abandon_on_cancel=True)
         fused = fuse([by_vector, by_keyword], wanted)
 
         def rerank() -> list[Hit]:
             if not fused:
                 return []
-            query_vector = model.embed([query])[0]
             stored: dict[str, np.ndarray] = {}
             for name in {h.collection for h in fused}:
                 stored |= self._store.embeddings(name, [h.id for h in fused

@@ -72,23 +72,9 @@ async def bench(jobs: int, fetch_wait_ms: int, workdir: Path) -> list[float]:
                                     token_delay_s=0.01)).start()
     try:
         config_path = workdir / "bench.toml"
-        config_path.write_text(f"""
-[kafka]
-bootstrap_servers = "{kafka.url}"
-session_timeout_ms = 2000
-fetch_wait_max_ms = {fetch_wait_ms}
-[redis]
-url = "{rds.url}"
-[postgres]
-dsn = "{pg.url}"
-[llm.models.local]
-model = "openai/scripted"
-api_base = "{llm.url}"
-[health]
-port = 0
-[log]
-level = "warning"
-""")
+        config_path.write_text(local_stack.stack_config(
+            kafka=kafka.url, redis=rds.url, postgres=pg.url, llm_url=llm.url,
+            sections={"kafka": {"fetch_wait_max_ms": fetch_wait_ms}}))
         config = load_config(config_path, environ={})
         producer = confluent_kafka.Producer({"bootstrap.servers": kafka.url, "linger.ms": 0,
                                              "log.connection.close": False})

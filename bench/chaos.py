@@ -12,6 +12,7 @@ broken mid-answer. At the end it checks every job's stream and row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -120,51 +121,22 @@ def pause_postgres(service: local_stack.Service, seconds: float) -> None:
         time.sleep(seconds)
     finally:
         for p in tree:
-            with_suppress(lambda p=p: os.kill(p.pid, signal.SIGCONT))
-
-
-def with_suppress(fn) -> None:  # type: ignore[no-untyped-def]
-    try:
-        fn()
-    except ProcessLookupError:
-        pass
+            with contextlib.suppress(ProcessLookupError):  # a backend may have exited
+                os.kill(p.pid, signal.SIGCONT)
 
 
 def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str) -> None:
-    path.write_text(f"""
-[kafka]
-bootstrap_servers = "{kafka}"
-request_topic = "chaos.request.{tag}"
-control_topic = "chaos.control.{tag}"
-dlq_topic = "chaos.dlq.{tag}"
-group_id = "chaos-{tag}"
-session_timeout_ms = 3000
-fetch_wait_max_ms = 20
-[redis]
-url = "{rds}"
-socket_timeout_s = 1
-[postgres]
-dsn = "{pg}"
-[llm]
-retries = 3
-retry_backoff_s = 0.1
-retry_backoff_cap_s = 1
-[llm.models.local]
-model = "openai/scripted"
-api_base = "{llm}"
-[jobs]
-lease_s = 3
-first_token_timeout_s = 1.5
-idle_timeout_s = 1.5
-timeout_s = 120
-max_in_flight = 64
-[shutdown]
-grace_s = 2
-[health]
-port = 0
-[log]
-level = "warning"
-""")
+    path.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm,
+                                             sections={
+        "kafka": {"request_topic": f"chaos.request.{tag}", "control_topic": f"chaos.control.{tag}",
+                  "dlq_topic": f"chaos.dlq.{tag}", "group_id": f"chaos-{tag}",
+                  "session_timeout_ms": 3000},
+        "redis": {"socket_timeout_s": 1},
+        "llm": {"retries": 3, "retry_backoff_s": 0.1, "retry_backoff_cap_s": 1},
+        "jobs": {"lease_s": 3, "first_token_timeout_s": 1.5, "idle_timeout_s": 1.5,
+                 "timeout_s": 120, "max_in_flight": 64},
+        "shutdown": {"grace_s": 2},
+    }))
 
 
 def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM,

@@ -85,27 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         llm = ScriptedLLM(default=Reply(tokens=tuple(f"t{i} " for i in range(args.tokens)))).start()
         health_port = local_stack.free_port()
         config = workdir / "tp.toml"
-        config.write_text(f"""
-[kafka]
-bootstrap_servers = "{kafka.url}"
-session_timeout_ms = 2000
-fetch_wait_max_ms = 10
-[redis]
-url = "{rds.url}"
-[postgres]
-dsn = "{pg.url}"
-[llm.models.local]
-model = "openai/scripted"
-api_base = "{llm.url}"
-context_window = 8192
-max_tokens = 2048
-[jobs]
-max_in_flight = 1024
-[health]
-port = {health_port}
-[log]
-level = "warning"
-""")
+        config.write_text(local_stack.stack_config(
+            kafka=kafka.url, redis=rds.url, postgres=pg.url, llm_url=llm.url, sections={
+                "kafka": {"fetch_wait_max_ms": 10},
+                "llm.models.local": {"context_window": 8192, "max_tokens": 2048},
+                "jobs": {"max_in_flight": 1024},
+                "health": {"port": health_port},
+            }))
         log = workdir / "worker.log"
         with log.open("wb") as out:
             process = subprocess.Popen(

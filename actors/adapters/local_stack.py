@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -205,6 +206,37 @@ def start_llama(workdir: Path, port: int | None = None, *, alias: str = "smollm2
             return False
 
     return _wait(service, ready, STARTUP_TIMEOUT_S)
+
+
+Scalar = str | int | float | bool
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def stack_config(*, kafka: str, redis: str, postgres: str, llm_url: str,
+                 sections: dict[str, dict[str, Scalar]] | None = None) -> str:
+    """A worker config (TOML) for this stack and a scripted vendor; `sections` override
+    or add keys per table, e.g. {"jobs": {"max_in_flight": 64}}."""
+    tables: dict[str, dict[str, Scalar]] = {
+        "kafka": {"bootstrap_servers": kafka, "session_timeout_ms": 2000,
+                  "fetch_wait_max_ms": 20},
+        "redis": {"url": redis},
+        "postgres": {"dsn": postgres},
+        "llm.models.local": {"model": "openai/scripted", "api_base": llm_url},
+        "health": {"port": 0},
+        "log": {"level": "warning"},
+    }
+    for table, values in (sections or {}).items():
+        tables[table] = {**tables.get(table, {}), **values}
+    return "".join(f"[{table}]\n" + "".join(f"{key} = {_toml_value(value)}\n"
+                                            for key, value in values.items())
+                   for table, values in tables.items())
 
 
 @contextlib.contextmanager
