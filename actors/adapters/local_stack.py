@@ -160,10 +160,14 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
         uid, gid = ids
         for path in (workdir, sockets):
             os.chown(path, uid, gid)
-        # Let the account reach the binaries and the work folder.
-        for path in [*bindir.parents][:6] + [*workdir.parents]:
+        # Let the account reach the binaries and the work folder: every folder above
+        # them must be searchable (a checkout under `mktemp -d` is 0700). Search only
+        # (o+x): nobody gains the right to list these folders.
+        for path in {*bindir.parents, *workdir.parents}:
             with contextlib.suppress(OSError):
-                os.chmod(path, os.stat(path).st_mode | 0o005)
+                mode = os.stat(path).st_mode
+                if not mode & 0o001:
+                    os.chmod(path, mode | 0o001)
         kwargs = {"user": uid, "group": gid, "extra_groups": []}
     if not (data / "PG_VERSION").exists():
         subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
