@@ -64,9 +64,7 @@ def one_cancel(producer, client, config, user: str) -> float:
 
 
 async def bench(jobs: int, fetch_wait_ms: int, workdir: Path) -> list[float]:
-    kafka = local_stack.start_kafka(workdir)
-    rds = local_stack.start_redis(workdir)
-    pg = local_stack.start_postgres(workdir)
+    kafka, rds, pg = local_stack.start_core(workdir)
     # Distinct tokens: LiteLLM fails a stream that repeats one chunk 100 times.
     llm = ScriptedLLM(default=Reply(tokens=tuple(f"t{i} " for i in range(2000)),
                                     token_delay_s=0.01)).start()

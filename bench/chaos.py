@@ -173,9 +173,7 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM,
 
 def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path) -> int:
     rng = random.Random(seed)
-    kafka = local_stack.start_kafka(workdir)
-    rds_service = local_stack.start_redis(workdir)
-    pg = local_stack.start_postgres(workdir)
+    kafka, rds_service, pg = local_stack.start_core(workdir)
     llm = ChaoticLLM(seed).start()
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"

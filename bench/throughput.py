@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     with local_stack.workdir("chat-actors-throughput-") as workdir:
-        kafka = local_stack.start_kafka(workdir)
-        rds = local_stack.start_redis(workdir)
-        pg = local_stack.start_postgres(workdir)
+        kafka, rds, pg = local_stack.start_core(workdir)
         # Distinct tokens: LiteLLM fails a stream that repeats one chunk 100 times.
         llm = ScriptedLLM(default=Reply(tokens=tuple(f"t{i} " for i in range(args.tokens)))).start()
         health_port = local_stack.free_port()

@@ -18,9 +18,7 @@ from tests.scripted_llm import ScriptedLLM
 class Stack:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.kafka = local_stack.start_kafka(workdir)
-        self.redis = local_stack.start_redis(workdir)
-        self.postgres = local_stack.start_postgres(workdir)
+        self.kafka, self.redis, self.postgres = local_stack.start_core(workdir)
 
     def restart_postgres(self) -> None:
         """A real restart: same data, same port."""

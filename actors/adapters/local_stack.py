@@ -212,6 +212,18 @@ def start_llama(workdir: Path, port: int | None = None, *, alias: str = "smollm2
     return _wait(service, ready, STARTUP_TIMEOUT_S)
 
 
+def start_core(workdir: Path) -> tuple[Service, Service, Service]:
+    """Kafka, Redis and Postgres; if one fails to start, the ones started are stopped."""
+    with contextlib.ExitStack() as started:
+        kafka = start_kafka(workdir)
+        started.callback(kafka.stop)
+        redis = start_redis(workdir)
+        started.callback(redis.stop)
+        postgres = start_postgres(workdir)
+        started.pop_all()
+    return kafka, redis, postgres
+
+
 Scalar = str | int | float | bool
 
 
