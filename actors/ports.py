@@ -39,7 +39,8 @@ class JobStore(Protocol):
 class ChatModel(Protocol):
     async def stream(self, *, model: str, api_base: str | None, api_key_env: str | None,
                      messages: list[dict[str, str]], params: Mapping[str, Any],
-                     out: trio.MemorySendChannel[ProviderChunk]) -> None: ...
+                     out: trio.MemorySendChannel[ProviderChunk],
+                     stream_path: str = "auto") -> None: ...
 
 
 class RequestSource(Protocol):

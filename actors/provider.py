@@ -79,6 +79,16 @@ def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str,
     return [*messages, {"role": "assistant", "content": partial}]
 
 
+def _waiting(receive: trio.MemoryReceiveChannel[ProviderChunk]) -> list[ProviderChunk]:
+    """Everything already in the mailbox, without a checkpoint."""
+    ready: list[ProviderChunk] = []
+    while True:
+        try:
+            ready.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return ready
+
+
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
                    on_token: Callable[[str], Awaitable[None]]) -> StreamFinished:
@@ -92,7 +102,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         try:
             await chat.stream(model=spec.model, api_base=spec.api_base,
                               api_key_env=spec.api_key_env, messages=messages,
-                              params=params, out=send)
+                              params=params, out=send, stream_path=spec.stream_path)
         except (TransientError, PermanentError) as exc:
             failure = exc
 
@@ -101,19 +111,25 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         nursery.start_soon(pump)
         with trio.CancelScope(deadline=trio.current_time() + jobs.first_token_timeout_s) as stall:
             async with receive:
-                async for chunk in receive:
-                    match chunk:
-                        case TokenDelta(text=text):
-                            got_token = True
-                            if answer.first_token_at is None:
-                                answer.first_token_at = trio.current_time()
-                            stall.deadline = trio.current_time() + jobs.idle_timeout_s
-                            answer.parts.append(text)
-                            await on_token(text)
-                        case StreamFinished():
-                            finished = chunk
-                        case _:
-                            assert_never(chunk)
+                async for first in receive:
+                    # Tokens that queued up while we were busy become one event.
+                    texts: list[str] = []
+                    for chunk in (first, *_waiting(receive)):
+                        match chunk:
+                            case TokenDelta(text=text):
+                                texts.append(text)
+                            case StreamFinished():
+                                finished = chunk
+                            case _:
+                                assert_never(chunk)
+                    if texts:
+                        got_token = True
+                        if answer.first_token_at is None:
+                            answer.first_token_at = trio.current_time()
+                        stall.deadline = trio.current_time() + jobs.idle_timeout_s
+                        text = "".join(texts)
+                        answer.parts.append(text)
+                        await on_token(text)
         if stall.cancelled_caught:
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor
             failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_token

@@ -21,7 +21,7 @@ import trio
 
 from actors.adapters import aio
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
-from actors.adapters.llm import LiteLLMChat
+from actors.adapters.openai_wire import OpenAIWireChat
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
 from actors.control import ControlStats, run_control
@@ -123,9 +123,10 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
             session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
             extra=kafka.consumer, on_revoke=tracker.revoke)
         dlq = Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer)
+        vendors = OpenAIWireChat()
         events_in, events_out = trio.open_memory_channel(EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
-        worker = Worker(config=config, owner=owner, store=pg, chat=chat or LiteLLMChat(),
+        worker = Worker(config=config, owner=owner, store=pg, chat=chat or vendors,
                         events=events_in, records=records_in, event_log=events,
                         registry=registry, health=health,
                         retriever=await trio.to_thread.run_sync(Retriever.from_config, config))
@@ -174,6 +175,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         finally:
             with trio.CancelScope(shield=True):
                 await dlq.close()
+                await vendors.aclose()
             events.close()
             pg.close()
     log.info("worker %s stopped", owner)

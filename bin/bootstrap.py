@@ -21,7 +21,7 @@ def main(target: str) -> int:
     venv_dir = Path(target)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     wanted = list(project["project"]["dependencies"])
-    for extra in ("local", "test"):
+    for extra in ("local", "test", "bench"):
         wanted += project["project"]["optional-dependencies"][extra]
     no_deps = project["tool"]["chat-actors"]["no-deps"]
     started = time.monotonic()

@@ -74,6 +74,8 @@ class ModelAlias(_Section):
     max_tokens: Positive = 512
     input_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
     output_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+    # auto: OpenAI-wire vendors stream natively, others through LiteLLM (see openai_wire).
+    stream_path: Literal["auto", "openai", "litellm"] = "auto"
 
 
 class Llm(_Section):

@@ -1,6 +1,11 @@
-"""Vendor failures through LiteLLM's real client and the scripted server (DESIGN 4.7)."""
+"""Vendor failures through the real clients and the scripted server (DESIGN 4.7).
+
+Every test runs twice: on the native OpenAI-wire path and forced through LiteLLM.
+"""
 
 from __future__ import annotations
+
+import pytest
 
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
@@ -11,12 +16,31 @@ model = "openai/scripted-model"
 api_base = "{url}"
 api_key_env = "SCRIPTED_LLM_KEY"
 fallbacks = ["backup"]
+stream_path = "{path}"
 
 [llm.models.backup]
 model = "openai/backup-model"
 api_base = "{url}"
 api_key_env = "SCRIPTED_LLM_KEY"
+stream_path = "{path}"
 """
+
+
+@pytest.fixture(params=["auto", "litellm"])
+def stream_path(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_config(make_config, stream_path):
+    """The suite's config, with the scripted alias on this test's stream path."""
+
+    def make(extra: str = "", tag: str | None = None, environ: dict[str, str] | None = None):
+        return make_config(extra, tag, {
+            "CHAT_ACTORS__LLM__MODELS__SCRIPTED__STREAM_PATH": stream_path, **(environ or {})})
+
+    make.stream_path = stream_path
+    return make
 
 
 def with_backup(make_config, llm, retries: int):
@@ -24,7 +48,7 @@ def with_backup(make_config, llm, retries: int):
     text = path.read_text()
     # Replace the scripted alias of the base config with one that has a fallback.
     head, _, _ = text.partition("[llm.models.scripted]")
-    extra = BACKUP.format(url=llm.url)
+    extra = BACKUP.format(url=llm.url, path=make_config.stream_path)
     path.write_text(head + extra + "\n[shutdown]\ngrace_s = 5\n[health]\nport = 0\n")
     from config import load_config
 
@@ -32,7 +56,7 @@ def with_backup(make_config, llm, retries: int):
                                       "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "0.05"})
 
 
-async def test_a_429_is_retried_and_the_client_is_told(config, llm, rds):
+async def test_a_429_is_retried_and_the_client_is_told(config, llm, rds, stream_path):
     llm.queue(Reply(status=429, headers=(("retry-after", "1"),)))
     llm.default = Reply(tokens=("fine", " now"))
     req = request("hello?")
@@ -45,6 +69,8 @@ async def test_a_429_is_retried_and_the_client_is_told(config, llm, rds):
     assert "RateLimitError" in events[1]["data"]["reason"]
     assert events[-2]["data"]["text"] == "fine now" and len(llm.calls) == 2
     assert llm.calls[1].started_at - llm.calls[0].started_at >= 1  # Retry-After honoured
+    agent = {k.lower(): v for k, v in llm.calls[0].headers.items()}["user-agent"]
+    assert ("OpenAI" in agent) == (stream_path == "litellm")  # the path this test meant to run
 
 
 async def test_a_stream_broken_mid_answer_is_continued_by_the_fallback(make_config, llm, rds, db):

@@ -9,10 +9,6 @@ Only when that channel is full does it cross the bridge to wait.
 from __future__ import annotations
 
 import os
-
-# Must precede the import: otherwise LiteLLM fetches its price list from the network.
-os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,6 +133,7 @@ class LiteLLMChat:
         messages: list[dict[str, str]],
         params: Mapping[str, Any],
         out: trio.MemorySendChannel[ProviderChunk],
+        stream_path: str = "litellm",
     ) -> None:
         """Stream one completion into `out`; raise TransientError / PermanentError."""
         request: dict[str, Any] = {

@@ -1,0 +1,1 @@
+"""Peer workers the benchmark runs against chat-actors on the same stack, in the same run."""

@@ -1,0 +1,165 @@
+"""The native OpenAI-wire path against the scripted vendor over real HTTP.
+
+LiteLLM still decides the route, the parameter mapping and the error classes;
+these tests pin each of those down, and the SSE parsing across odd reads.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from actors.adapters.openai_wire import OpenAIWireChat, Route, _read_events, resolve
+from actors.errors import PermanentError, TransientError
+from messages.mailboxes import StreamFinished, TokenDelta
+from tests.scripted_llm import Reply
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def collect(llm, model: str = "openai/scripted", params=None, **kwargs):
+    chat = OpenAIWireChat()
+    send, receive = trio.open_memory_channel(1000)
+    try:
+        await chat.stream(model=model, api_base=llm.url, api_key_env=kwargs.pop("key_env", None),
+                          messages=MESSAGES, params=params or {"max_tokens": 20}, out=send,
+                          **kwargs)
+    finally:
+        await chat.aclose()
+    return [item async for item in receive]
+
+
+def test_routes_openai_wire_vendors_natively_and_the_rest_through_litellm():
+    local = resolve("openai/smollm2", "http://127.0.0.1:8088/v1/", None, "auto")
+    assert local == Route(url="http://127.0.0.1:8088/v1/chat/completions", model="smollm2",
+                          provider="openai", api_key_env=None)
+    hosted = resolve("gpt-4o-mini", None, None, "auto")
+    assert hosted is not None and hosted.url == "https://api.openai.com/v1/chat/completions"
+    assert hosted.api_key_env == "OPENAI_API_KEY"
+    assert resolve("anthropic/claude-3-5-sonnet", None, "ANTHROPIC_API_KEY", "auto") is None
+    assert resolve("openai/smollm2", "http://h/v1", None, "litellm") is None
+    groq = "groq/llama-3.1-8b-instant"
+    assert resolve(groq, None, "GROQ_API_KEY", "auto") is None  # not on the native list
+    forced = resolve(groq, None, "GROQ_API_KEY", "openai")
+    assert forced is not None and forced.url == "https://api.groq.com/openai/v1/chat/completions"
+
+
+async def test_streams_text_usage_and_finish(llm):
+    llm.default = Reply(tokens=("Hel", "lo", " there"), prompt_tokens=9)
+    items = await collect(llm)
+    assert "".join(i.text for i in items if isinstance(i, TokenDelta)) == "Hello there"
+    assert items[-1] == StreamFinished(finish_reason="stop", prompt_tokens=9, completion_tokens=3,
+                                       model="scripted")
+    body = llm.calls[0].body
+    assert body["model"] == "scripted" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True} and body["messages"] == MESSAGES
+
+
+async def test_litellm_maps_the_parameters_for_the_model(llm):
+    llm.default = Reply(tokens=("ok",))
+    await collect(llm, model="openai/gpt-5-mini", params={"max_tokens": 33, "temperature": 0.2})
+    body = llm.calls[0].body
+    # A reasoning model takes max_completion_tokens and no temperature (LiteLLM drops it).
+    assert body["max_completion_tokens"] == 33
+    assert "max_tokens" not in body and "temperature" not in body
+
+
+async def test_the_key_comes_from_the_named_environment_variable(llm, monkeypatch):
+    monkeypatch.setenv("WIRE_TEST_KEY", "sk-wire-test-1234")
+    llm.default = Reply(tokens=("ok",))
+    await collect(llm, key_env="WIRE_TEST_KEY")
+    headers = {k.lower(): v for k, v in llm.calls[0].headers.items()}
+    assert headers["authorization"] == "Bearer sk-wire-test-1234"
+
+
+@pytest.mark.parametrize(("reply", "kind", "code"), [
+    (Reply(status=401, error_body='{"error": {"message": "bad key"}}'), PermanentError, "auth"),
+    (Reply(status=400, error_body='{"error": {"message": "This model\'s maximum context length is '
+                                  '2048 tokens", "code": "context_length_exceeded"}}'),
+     PermanentError, "context_length"),
+    (Reply(status=404, error_body='{"error": {"message": "no such model"}}'), PermanentError,
+     "model_not_found"),
+    (Reply(status=503), TransientError, None),
+])
+async def test_vendor_errors_are_classified_by_litellm(llm, reply, kind, code):
+    llm.queue(reply)
+    with pytest.raises(kind) as caught:
+        await collect(llm)
+    if code is not None:
+        assert caught.value.code == code
+
+
+async def test_a_429_keeps_its_retry_after(llm):
+    llm.queue(Reply(status=429, headers=(("retry-after", "3"),)))
+    with pytest.raises(TransientError) as caught:
+        await collect(llm)
+    assert caught.value.retry_after == 3
+    assert "RateLimitError" in str(caught.value)
+
+
+async def test_a_stream_cut_before_its_finish_is_transient(llm):
+    llm.queue(Reply(tokens=("a", "b", "c", "d"), break_after=2))
+    send, receive = trio.open_memory_channel(100)
+    chat = OpenAIWireChat()
+    with pytest.raises(TransientError):
+        await chat.stream(model="openai/scripted", api_base=llm.url, api_key_env=None,
+                          messages=MESSAGES, params={}, out=send)
+    await chat.aclose()
+    send.close()
+    assert "".join([i.text async for i in receive]) == "ab"  # what came before the cut was sent
+
+
+async def test_a_refused_connection_is_transient():
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    send, _ = trio.open_memory_channel(1)
+    chat = OpenAIWireChat()
+    with pytest.raises(TransientError, match="connection failed"):
+        await chat.stream(model="openai/x", api_base=f"http://127.0.0.1:{port}/v1",
+                          api_key_env=None, messages=MESSAGES, params={}, out=send)
+    await chat.aclose()
+
+
+class SplitResponse:
+    """Bytes arriving in arbitrary pieces, as TCP may deliver them."""
+
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.pieces = [data[i:i + cut] for i in range(0, len(data), cut)]
+
+    async def aiter_bytes(self):
+        for piece in self.pieces:
+            yield piece
+            await trio.lowlevel.checkpoint()
+
+
+def sse(*events: dict) -> bytes:
+    lines = [f"data: {json.dumps(e)}\r\n\r\n" for e in events]
+    return ("".join(lines) + ": keep-alive comment\n\ndata: [DONE]\n\n").encode()
+
+
+@pytest.mark.parametrize("cut", [1, 7, 64, 100_000])
+async def test_sse_lines_split_across_reads_are_reassembled(cut):
+    data = sse(*[{"choices": [{"delta": {"content": f"t{i} "}}]} for i in range(5)],
+               {"choices": [{"delta": {}, "finish_reason": "length"}]},
+               {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}, "model": "m2"})
+    send, receive = trio.open_memory_channel(1000)
+    route = Route(url="u", model="m", provider="openai", api_key_env=None)
+    await _read_events(SplitResponse(data, cut), send, route)  # type: ignore[arg-type]
+    send.close()
+    items = [i async for i in receive]
+    assert "".join(i.text for i in items[:-1]) == "t0 t1 t2 t3 t4 "
+    assert items[-1] == StreamFinished(finish_reason="length", prompt_tokens=4, completion_tokens=5,
+                                       model="m2")
+    if cut == 100_000:
+        assert len(items) == 2  # one read: all its tokens in one delta
+
+
+async def test_an_error_object_mid_stream_is_transient():
+    data = sse({"choices": [{"delta": {"content": "a"}}]}, {"error": {"message": "overloaded"}})
+    send, _ = trio.open_memory_channel(10)
+    route = Route(url="u", model="m", provider="openai", api_key_env=None)
+    with pytest.raises(TransientError, match="overloaded"):
+        await _read_events(SplitResponse(data, 1000), send, route)  # type: ignore[arg-type]
