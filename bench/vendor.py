@@ -50,6 +50,7 @@ class Vendor:
         self.base = base
         self.token_delay_s = 0.0
         self.streams = 0  # answered since start, for the benchmark's sanity checks
+        self.active = 0  # streaming now
 
     def usage(self, prompt: int, completion: int) -> bytes:
         return _event({**self.base, "choices": [], "usage": {
@@ -87,6 +88,8 @@ class Vendor:
         if method == "POST" and path.endswith("/_pace"):
             self.token_delay_s = float(json.loads(body)["token_delay_s"])
             await _reply_json(stream, 200, {"token_delay_s": self.token_delay_s})
+        elif method == "GET" and path.endswith("/_stats"):
+            await _reply_json(stream, 200, {"active": self.active, "streams": self.streams})
         elif method == "GET" and path.endswith("/models"):
             await _reply_json(stream, 200, {"object": "list", "data": [{"id": "bench"}]})
         elif method == "POST" and path.endswith("/chat/completions"):
@@ -102,6 +105,14 @@ class Vendor:
     async def stream(self, stream: trio.SocketStream, count: int, prompt: int,
                      include_usage: bool) -> None:
         self.streams += 1
+        self.active += 1
+        try:
+            await self._send(stream, count, prompt, include_usage)
+        finally:
+            self.active -= 1
+
+    async def _send(self, stream: trio.SocketStream, count: int, prompt: int,
+                    include_usage: bool) -> None:
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                               b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
                               + self.role)

@@ -39,6 +39,9 @@ from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy"})
 OPENAI_API_BASE = "https://api.openai.com/v1"
 ERROR_BODY_LIMIT = 64 * 1024
+# Idle connections kept open for reuse. httpcore's pool checks every connection
+# against this for each idle one (quadratic in the pool size), so keep it modest.
+KEEPALIVE = 100
 
 
 class _Delta(msgspec.Struct):
@@ -144,7 +147,7 @@ class OpenAIWireChat:
         if self._client is None:  # created inside Trio, on first use
             self._client = httpx.AsyncClient(
                 timeout=self._timeout, follow_redirects=False,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024))
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE))
         return self._client
 
     async def aclose(self) -> None:

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -102,20 +100,15 @@ class PgPool:
         return cls(dsn, [await psycopg.AsyncConnection.connect(dsn, autocommit=True)
                          for _ in range(size)])
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         conn = await self._idle.get()
         try:
-            if conn.closed:  # Postgres restarted under us: reconnect once, lazily
+            if conn.closed:  # Postgres restarted under us: reconnect, lazily
                 conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-            yield conn
-        finally:
-            self._idle.put_nowait(conn)
-
-    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        async with self.connection() as conn:
             cursor = await conn.execute(sql, params)
             return await cursor.fetchall() if cursor.description else []
+        finally:
+            self._idle.put_nowait(conn)
 
     async def close(self) -> None:
         while not self._idle.empty():
@@ -225,8 +218,9 @@ class Worker:
         began = time.monotonic()
         reply: BaseMessage | None = None
         status, error = "completed", None
-        timeout_s = min(self.timeout_s, float(request.get("timeoutS") or self.timeout_s))
+        timeout_s = self.timeout_s
         try:
+            timeout_s = min(timeout_s, float(request.get("timeoutS") or timeout_s))
             await self.pg.execute(UPSERT_RUNNING, (job_id, user_id, session_id,
                                                    request.get("traceId"), mode, self.model))
             await stream.emit("started", {"model": self.model, "mode": mode, "attempt": 1})
@@ -256,10 +250,11 @@ class Worker:
             status = "failed"
             retryable = not isinstance(exc, openai.APIStatusError) or exc.status_code >= 500
             error = {"code": "provider_unavailable", "message": str(exc), "retryable": retryable}
-        except (psycopg.Error, aioredis.RedisError) as exc:
+        except Exception as exc:  # Postgres, Redis, a malformed field: this job fails, not the worker
+            log.exception("job %s failed", job_id)
             status = "failed"
             error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}",
-                     "retryable": True}
+                     "retryable": False}
         # From here on a late cancel must not cut the terminal records short.
         self.running.pop(job_id, None)
         await self._finish(stream, relay, request, reply, status, error, began)
@@ -393,7 +388,9 @@ async def main(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     health = await serve_health(args.health_port, ready)
-    client = aioredis.Redis.from_url(args.redis)
+    # redis-py 8 caps an asyncio pool at 100 and raises past it; the old design (redis-py 4/5)
+    # opened one connection per concurrent caller, so allow one per job in flight.
+    client = aioredis.Redis.from_url(args.redis, max_connections=args.max_in_flight + 8)
     await client.ping()
     pg = await PgPool.open(args.postgres, args.pool_size)
     await pg.execute("SELECT 1")

@@ -1,0 +1,585 @@
+"""chat-actors against the seed-style peer, scenario by scenario, in one run.
+
+Starts the local stack (Tansu, Redis, Postgres) and a fast scripted
+OpenAI-compatible vendor (bench/vendor.py, its own process), then runs every
+scenario on chat-actors and on the peer (bench/peers/seed_style.py): the same
+requests, the same stack, the same vendor. Each scenario starts a fresh worker
+process on fresh topics, so every start is also a cold-start sample and no
+backlog leaks from one scenario into the next. CPU is the worker process's
+own user+system time (psutil), never wall time; RSS is its resident memory.
+
+A scenario that the peer cannot finish in `--cap-s` seconds is measured over
+that window (tokens delivered and CPU spent while it ran) and marked capped.
+
+    bin/chat-actors bench perf                 # everything, about 7 minutes on 2 cores
+    bin/chat-actors bench perf --quick         # a smaller smoke run, about 2 minutes
+    bin/chat-actors bench perf --only chat-actors --scenarios throughput
+
+Prints one table (chat-actors, peer, ratio) and writes it as JSON (`--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka
+import psutil
+import redis
+
+from actors.adapters import local_stack
+from actors.adapters.kafka import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+ANSWER_TOKENS = 500
+
+
+# ---------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    kafka: local_stack.Service
+    redis: local_stack.Service
+    postgres: local_stack.Service
+    vendor_url: str
+    vendor: subprocess.Popen[bytes]
+    workdir: Path
+    client: redis.Redis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = redis.Redis.from_url(self.redis.url, decode_responses=True)
+
+    def vendor_call(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if payload is None else json.dumps(payload).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                self.vendor_url + path, data=data, method="GET" if data is None else "POST"),
+                timeout=10) as response:
+            return json.loads(response.read())
+
+    def pace(self, token_delay_s: float) -> None:
+        self.vendor_call("/_pace", {"token_delay_s": token_delay_s})
+
+    def active_streams(self) -> int:
+        return int(self.vendor_call("/_stats")["active"])
+
+
+@contextlib.contextmanager
+def open_stack() -> Iterator[Stack]:
+    with local_stack.workdir("chat-actors-perf-") as workdir:
+        kafka, rds, pg = local_stack.start_core(workdir)
+        vendor = subprocess.Popen(
+            [sys.executable, "-m", "bench.vendor", "--port", "0", "--tokens", "2048"], cwd=ROOT,
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert vendor.stdout is not None
+            url = vendor.stdout.readline().decode().strip()
+            if not url.startswith("http"):
+                raise RuntimeError("the scripted vendor did not start")
+            migrate(kafka.url, rds.url, pg.url, url, workdir)
+            stack = Stack(kafka, rds, pg, url, vendor, workdir)
+            yield stack
+            stack.client.close()
+        finally:
+            vendor.terminate()
+            vendor.wait(10)
+            for service in (pg, rds, kafka):
+                service.stop()
+
+
+def migrate(kafka: str, rds: str, pg: str, llm_url: str, workdir: Path) -> None:
+    """The peer writes the same tables: create them once, before either runs."""
+    config = workdir / "migrate.toml"
+    config.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm_url))
+    subprocess.run([sys.executable, "-m", "actors.cli", "migrate", "--config", str(config)],
+                   cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ---------------------------------------------------------------- the two workers
+
+
+@dataclass(frozen=True)
+class Topics:
+    request: str
+    control: str
+    dlq: str
+    group: str
+
+    @classmethod
+    def fresh(cls) -> Topics:
+        tag = uuid.uuid4().hex[:8]
+        return cls(f"perf.{tag}.request", f"perf.{tag}.control", f"perf.{tag}.dlq", f"perf-{tag}")
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen[bytes]
+    topics: Topics
+    health_port: int
+    ready_s: float
+    log: Path
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def cpu_s(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n"
+                               f"{self.log.read_text()[-3000:]}")
+
+    def stop(self, *, drain: bool) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM if drain else signal.SIGKILL)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Subject:
+    name = ""
+
+    def argv(self, stack: Stack, topics: Topics, health_port: int, max_in_flight: int) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, stack: Stack, *, max_in_flight: int = 1100) -> Running:
+        topics = Topics.fresh()
+        ensure_topics(stack.kafka.url, {}, (topics.request, topics.control, topics.dlq), PARTITIONS)
+        port = local_stack.free_port()
+        log = stack.workdir / f"{self.name}-{topics.group}.log"
+        argv = self.argv(stack, topics, port, max_in_flight)
+        began = time.perf_counter()
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
+                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        running = Running(self.name, process, topics, port, 0.0, log)
+        while True:
+            running.alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.01)
+        running.ready_s = time.perf_counter() - began
+        return running
+
+
+class ChatActors(Subject):
+    name = "chat-actors"
+
+    def argv(self, stack: Stack, topics: Topics, health_port: int, max_in_flight: int) -> list[str]:
+        config = stack.workdir / f"chat-actors-{topics.group}.toml"
+        config.write_text(local_stack.stack_config(
+            kafka=stack.kafka.url, redis=stack.redis.url, postgres=stack.postgres.url,
+            llm_url=stack.vendor_url, sections={
+                "kafka": {"request_topic": topics.request, "control_topic": topics.control,
+                          "dlq_topic": topics.dlq, "group_id": topics.group,
+                          "fetch_wait_max_ms": 10, "partitions": PARTITIONS},
+                "llm.models.local": {"model": "openai/bench", "context_window": 8192,
+                                     "max_tokens": 2048},
+                "jobs": {"max_in_flight": max_in_flight, "timeout_s": 900,
+                         "idle_timeout_s": 120, "first_token_timeout_s": 120},
+                "health": {"port": health_port},
+            }))
+        return [sys.executable, "-m", "actors.cli", "run", "--config", str(config)]
+
+
+class SeedStyle(Subject):
+    name = "peer"
+
+    def argv(self, stack: Stack, topics: Topics, health_port: int, max_in_flight: int) -> list[str]:
+        return [sys.executable, "-m", "bench.peers.seed_style", "--kafka", stack.kafka.url,
+                "--redis", stack.redis.url, "--postgres", stack.postgres.url,
+                "--llm-url", stack.vendor_url, "--model", "bench",
+                "--health-port", str(health_port), "--group", topics.group,
+                "--request-topic", topics.request, "--control-topic", topics.control,
+                "--max-in-flight", str(max_in_flight)]
+
+
+# ---------------------------------------------------------------- requests and events
+
+
+class Client:
+    """Produces requests and cancels, and reads the events back from Redis."""
+
+    def __init__(self, stack: Stack, running: Running) -> None:
+        self.stack = stack
+        self.running = running
+        self.redis = stack.client
+        self.producer = confluent_kafka.Producer({
+            "bootstrap.servers": stack.kafka.url, "linger.ms": 2, "log.connection.close": False})
+
+    def submit(self, count: int, tokens: int) -> list[str]:
+        ids = [f"perf-{uuid.uuid4().hex[:16]}" for _ in range(count)]
+        for job_id in ids:
+            self.request(job_id, tokens)
+        self.producer.flush(60)
+        return ids
+
+    def request(self, job_id: str, tokens: int) -> None:
+        session = f"s-{job_id}"
+        self.producer.produce(self.running.topics.request, key=session.encode(), value=json.dumps({
+            "jobId": job_id, "userId": "perf", "sessionId": session,
+            "message": "Stream the benchmark answer.", "params": {"maxTokens": tokens}}).encode())
+
+    def cancel(self, job_id: str) -> None:
+        self.producer.produce(self.running.topics.control, key=job_id.encode(), value=json.dumps({
+            "type": "cancel", "jobId": job_id, "userId": "perf", "reason": "bench"}).encode())
+        self.producer.flush(10)
+
+    def wait_done(self, ids: list[str], deadline: float) -> list[str]:
+        """Wait until every job's stream ends with `done`, or the deadline; return the done."""
+        pending = set(ids)
+        while pending and time.perf_counter() < deadline:
+            self.running.alive()
+            pipe = self.redis.pipeline(transaction=False)
+            order = list(pending)
+            for job_id in order:
+                pipe.xrevrange(f"sse:chat:{job_id}", count=1)
+            for job_id, last in zip(order, pipe.execute(), strict=True):
+                if last and last[0][1]["event"] == "done":
+                    pending.discard(job_id)
+            if pending:
+                time.sleep(0.02)
+        return [job_id for job_id in ids if job_id not in pending]
+
+    def tokens_streamed(self, ids: list[str]) -> int:
+        """Tokens in the token events (the vendor's tokens are 't<i> ', one space each)."""
+        total = 0
+        for start in range(0, len(ids), 100):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids[start:start + 100]:
+                pipe.xrange(f"sse:chat:{job_id}")
+            for entries in pipe.execute():
+                total += sum(json.loads(f["data"])["text"].count(" ")
+                             for _, f in entries if f["event"] == "token")
+        return total
+
+    def next_event(self, job_id: str, after: str, timeout_s: float = 30) -> tuple[str, dict[str, str]]:
+        key = f"sse:chat:{job_id}"
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            self.running.alive()
+            for _, entries in self.redis.xread({key: after}, count=1, block=500) or []:
+                return entries[0]
+        raise TimeoutError(f"{self.running.name}: no event after {after} on {key}")
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# ---------------------------------------------------------------- scenarios
+
+Result = dict[str, Any]
+
+
+def warm_up(client: Client) -> None:
+    """Two jobs first, so one-time costs (first request, lazy imports) are not measured."""
+    ids = client.submit(2, 20)
+    if len(client.wait_done(ids, time.perf_counter() + 120)) != 2:
+        raise RuntimeError(f"{client.running.name}: warm-up jobs did not finish")
+
+
+def throughput(stack: Stack, subject: Subject, concurrency: int, cap_s: float) -> Result:
+    stack.pace(0.0)
+    running = subject.start(stack, max_in_flight=max(concurrency + 10, 64))
+    client = Client(stack, running)
+    try:
+        warm_up(client)
+        cpu0, began = running.cpu_s(), time.perf_counter()
+        ids = client.submit(concurrency, ANSWER_TOKENS)
+        done = client.wait_done(ids, began + cap_s)
+        wall, cpu = time.perf_counter() - began, running.cpu_s() - cpu0
+        running.stop(drain=False)
+        tokens = client.tokens_streamed(ids)
+    finally:
+        client.close()
+        running.stop(drain=False)
+    return {"jobs": concurrency, "jobs_done": len(done), "tokens": tokens, "wall_s": wall,
+            "capped": len(done) < concurrency, "tokens_per_s": tokens / wall,
+            "cpu_us_per_token": 1e6 * cpu / max(tokens, 1), "ready_s": running.ready_s}
+
+
+def jobs_rate(stack: Stack, subject: Subject, jobs: int, cap_s: float) -> Result:
+    stack.pace(0.0)
+    running = subject.start(stack, max_in_flight=1000)
+    client = Client(stack, running)
+    try:
+        warm_up(client)
+        cpu0, began = running.cpu_s(), time.perf_counter()
+        ids = client.submit(jobs, 50)
+        done = client.wait_done(ids, began + cap_s)
+        wall, cpu = time.perf_counter() - began, running.cpu_s() - cpu0
+    finally:
+        client.close()
+        running.stop(drain=False)
+    return {"jobs": jobs, "jobs_done": len(done), "wall_s": wall, "capped": len(done) < jobs,
+            "jobs_per_s": len(done) / wall, "cpu_ms_per_job": 1e3 * cpu / max(len(done), 1),
+            "ready_s": running.ready_s}
+
+
+def latencies(stack: Stack, subject: Subject, samples: int) -> Result:
+    """intake -> `started` (light load), then cancel -> `done{cancelled}` mid-stream."""
+    running = subject.start(stack)
+    client = Client(stack, running)
+    started_ms: list[float] = []
+    cancel_ms: list[float] = []
+    try:
+        stack.pace(0.0)
+        warm_up(client)
+        for _ in range(samples):
+            job_id = f"perf-{uuid.uuid4().hex[:16]}"
+            began = time.perf_counter()
+            client.request(job_id, 20)
+            client.producer.flush(10)
+            _, first = client.next_event(job_id, "0-0")
+            if first["event"] != "started":
+                raise RuntimeError(f"{running.name}: first event {first}")
+            started_ms.append(1e3 * (time.perf_counter() - began))
+            client.wait_done([job_id], time.perf_counter() + 30)
+        stack.pace(0.02)  # 500 tokens take 10 s: cancels land mid-stream
+        for _ in range(samples):
+            job_id = f"perf-{uuid.uuid4().hex[:16]}"
+            client.request(job_id, ANSWER_TOKENS)
+            client.producer.flush(10)
+            after = "0-0"
+            while True:
+                after, event = client.next_event(job_id, after)
+                if event["event"] == "token":
+                    break
+            began = time.perf_counter()
+            client.cancel(job_id)
+            while event["event"] != "done":
+                after, event = client.next_event(job_id, after)
+            if json.loads(event["data"])["status"] != "cancelled":
+                raise RuntimeError(f"{running.name}: cancelled job ended {event['data']}")
+            cancel_ms.append(1e3 * (time.perf_counter() - began))
+    finally:
+        stack.pace(0.0)
+        client.close()
+        running.stop(drain=False)
+    return {"samples": samples, "started_p50_ms": percentile(started_ms, 50),
+            "started_p99_ms": percentile(started_ms, 99),
+            "cancel_p50_ms": percentile(cancel_ms, 50), "cancel_p99_ms": percentile(cancel_ms, 99),
+            "ready_s": running.ready_s}
+
+
+def memory(stack: Stack, subject: Subject, streams: int, cap_s: float) -> Result:
+    """RSS per in-flight stream: slow streams (a token a second) held open at once."""
+    running = subject.start(stack, max_in_flight=streams + 16)
+    client = Client(stack, running)
+    try:
+        warm_up(client)
+        stack.pace(1.0)
+        idle = running.rss()
+        began = time.perf_counter()
+        client.submit(streams, ANSWER_TOKENS)
+        active = 0
+        while time.perf_counter() - began < cap_s:
+            running.alive()
+            active = stack.active_streams()
+            if active >= streams:
+                break
+            time.sleep(0.25)
+        time.sleep(2.0)  # every stream has received tokens and built its state
+        active = stack.active_streams()
+        loaded = running.rss()
+    finally:
+        client.close()
+        running.stop(drain=False)
+        stack.pace(0.0)
+    settle = time.perf_counter() + 60
+    while stack.active_streams() and time.perf_counter() < settle:  # the vendor hangs up
+        time.sleep(0.2)
+    return {"streams": streams, "in_flight": active, "capped": active < streams,
+            "idle_rss_mb": idle / 2**20, "loaded_rss_mb": loaded / 2**20,
+            "kb_per_stream": (loaded - idle) / 1024 / max(active, 1), "ready_s": running.ready_s}
+
+
+# ---------------------------------------------------------------- the report
+
+# (scenario key, metric, label, better: "lower" | "higher", format)
+ROWS = [
+    *[(f"throughput_{n}", "tokens_per_s", f"tokens/s, {n} concurrent x {ANSWER_TOKENS}", "higher", ",.0f")
+      for n in (1, 50, 200, 1000)],
+    *[(f"throughput_{n}", "cpu_us_per_token", f"worker CPU us/token, {n} concurrent", "lower", ",.1f")
+      for n in (1, 50, 200, 1000)],
+    ("jobs", "jobs_per_s", "jobs/s, 2,000 jobs x 50 tokens", "higher", ",.0f"),
+    ("jobs", "cpu_ms_per_job", "worker CPU ms/job", "lower", ",.2f"),
+    ("latency", "started_p50_ms", "intake -> started p50 ms", "lower", ",.1f"),
+    ("latency", "started_p99_ms", "intake -> started p99 ms", "lower", ",.1f"),
+    ("latency", "cancel_p50_ms", "cancel -> done p50 ms", "lower", ",.1f"),
+    ("latency", "cancel_p99_ms", "cancel -> done p99 ms", "lower", ",.1f"),
+    ("memory_1000", "kb_per_stream", "RSS KB per stream, 1,000 streams", "lower", ",.1f"),
+    ("memory_5000", "kb_per_stream", "RSS KB per stream, 5,000 streams", "lower", ",.1f"),
+    ("cold_start", "median_s", "cold start s (process -> ready)", "lower", ",.2f"),
+]
+
+# (label, scenario, metric, test on chat-actors' value, test on the ratio)
+GOALS: list[tuple[str, str, str, Callable[[float], bool] | None, Callable[[float], bool] | None]] = [
+    ("CPU <= 50 us/token at 200 streams, >= 8x peer", "throughput_200", "cpu_us_per_token",
+     lambda v: v <= 50, lambda r: r >= 8),
+    (">= 500 jobs/s, >= 10x peer", "jobs", "jobs_per_s", lambda v: v >= 500, lambda r: r >= 10),
+    ("intake -> started p99 <= 20 ms", "latency", "started_p99_ms", lambda v: v <= 20, None),
+    ("cancel p99 <= 50 ms", "latency", "cancel_p99_ms", lambda v: v <= 50, None),
+    ("<= 50 KB RSS per stream at 5,000 streams", "memory_5000", "kb_per_stream",
+     lambda v: v <= 50, None),
+    ("cold start <= 5 s", "cold_start", "median_s", lambda v: v <= 5, None),
+]
+
+
+def ratio(ours: float | None, peer: float | None, better: str) -> float | None:
+    if ours is None or peer is None or ours <= 0 or peer <= 0:
+        return None
+    return peer / ours if better == "lower" else ours / peer
+
+
+def report(results: dict[str, dict[str, Result]]) -> tuple[str, list[dict[str, Any]]]:
+    def value(name: str, scenario: str, metric: str) -> float | None:
+        return results.get(name, {}).get(scenario, {}).get(metric)
+
+    def capped(name: str, scenario: str) -> str:
+        return "*" if results.get(name, {}).get(scenario, {}).get("capped") else " "
+
+    lines = [f"{'':44} {'chat-actors':>13} {'peer':>13} {'ratio':>9}"]
+    for scenario, metric, label, better, fmt in ROWS:
+        ours, peer = value("chat-actors", scenario, metric), value("peer", scenario, metric)
+        if ours is None and peer is None:
+            continue
+        r = ratio(ours, peer, better)
+        cells = [f"{v:{fmt}}{capped(n, scenario)}" if v is not None else "-" for n, v in
+                 (("chat-actors", ours), ("peer", peer))]
+        lines.append(f"{label:44} {cells[0]:>13} {cells[1]:>13} "
+                     f"{(f'{r:,.1f}x' if r is not None else '-'):>9}")
+    lines.append("* capped: not every job finished within --cap-s; measured over that window")
+    goals = []
+    lines.append("")
+    for label, scenario, metric, on_value, on_ratio in GOALS:
+        better = next(row[3] for row in ROWS if row[0] == scenario and row[1] == metric)
+        ours, peer = value("chat-actors", scenario, metric), value("peer", scenario, metric)
+        r = ratio(ours, peer, better)
+        met = ours is not None and (on_value is None or on_value(ours)) and \
+            (on_ratio is None or (r is not None and on_ratio(r)))
+        goals.append({"goal": label, "value": ours, "ratio": r, "met": met})
+        shown = "-" if ours is None else f"{ours:,.2f}" + ("" if r is None else f", {r:,.1f}x peer")
+        lines.append(f"  {'met    ' if met else 'NOT MET'}  {label:45} {shown}")
+    return "\n".join(lines), goals
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(), "system": platform.platform()}
+
+
+SCENARIOS = ("throughput", "jobs", "latency", "memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-actors bench perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer jobs and streams: a smoke run, not numbers to quote")
+    parser.add_argument("--only", choices=("chat-actors", "peer"), help="run one side")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {', '.join(SCENARIOS)}")
+    parser.add_argument("--cap-s", type=float, default=30.0,
+                        help="longest a throughput or jobs scenario may run (default 30)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf.json",
+                        help="where to write the results (default bench/results/perf.json)")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; have {', '.join(SCENARIOS)}")
+    if args.cap_s <= 0:
+        parser.error("--cap-s must be positive")
+    levels = (1, 50, 200) if args.quick else (1, 50, 200, 1000)
+    jobs = 300 if args.quick else 2000
+    samples = 20 if args.quick else 100
+    streams = (200, 1000) if args.quick else (1000, 5000)
+    subjects = [s for s in (ChatActors(), SeedStyle()) if args.only in (None, s.name)]
+    results: dict[str, dict[str, Result]] = {s.name: {} for s in subjects}
+    began = time.perf_counter()
+
+    def step(subject: Subject, key: str, run: Callable[[], Result]) -> None:
+        print(f"  {subject.name}: {key} ...", end="", flush=True)
+        t = time.perf_counter()
+        results[subject.name][key] = result = run()
+        print(f" {time.perf_counter() - t:.0f} s", flush=True)
+        result_starts = results[subject.name].setdefault("_ready", {"samples": []})
+        result_starts["samples"].append(result["ready_s"])
+
+    with open_stack() as stack:
+        print(f"stack ready; vendor {stack.vendor_url}", flush=True)
+        for subject in subjects:
+            if "throughput" in chosen:
+                for n in levels:
+                    step(subject, f"throughput_{n}", lambda s=subject, n=n: throughput(
+                        stack, s, n, args.cap_s))
+            if "jobs" in chosen:
+                step(subject, "jobs", lambda s=subject: jobs_rate(stack, s, jobs, args.cap_s * 2))
+            if "latency" in chosen:
+                step(subject, "latency", lambda s=subject: latencies(stack, s, samples))
+            if "memory" in chosen:
+                for n in streams:
+                    step(subject, f"memory_{n}", lambda s=subject, n=n: memory(
+                        stack, s, n, args.cap_s * 3))
+    for name, scenarios in results.items():
+        starts = scenarios.pop("_ready", {"samples": []})["samples"]
+        if starts:
+            scenarios["cold_start"] = {"median_s": statistics.median(starts), "max_s": max(starts),
+                                       "samples": len(starts)}
+    table, goals = report(results)
+    total = time.perf_counter() - began
+    print(f"\nchat-actors vs the seed-style peer ({total / 60:.1f} min; {machine()['cpu']}, "
+          f"{os.cpu_count()} cores)\n")
+    print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
+        "wall_s": round(total, 1), "results": results, "goals": goals}, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
