@@ -13,13 +13,17 @@ from actors.errors import TransientError
 
 T = TypeVar("T")
 
+# One generator for every Backoff: seeding a new one reads os.urandom (~60 us),
+# and retry_transient makes a Backoff on every call, failing or not.
+_JITTER = random.Random()
+
 
 class Backoff:
     def __init__(self, *, base_s: float = 0.1, cap_s: float = 10.0,
                  rng: random.Random | None = None) -> None:
         self.base_s = base_s
         self.cap_s = cap_s
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER
 
     def delay(self, attempt: int, hint_s: float | None = None) -> float:
         """Seconds to wait before retry number `attempt` (1-based); honours a server's hint."""

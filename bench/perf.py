@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in streams:
                     step(subject, f"memory_{n}", lambda s=subject, n=n: memory(
                         stack, s, n, args.cap_s * 3))
-    for name, scenarios in results.items():
+    for scenarios in results.values():
         starts = scenarios.pop("_ready", {"samples": []})["samples"]
         if starts:
             scenarios["cold_start"] = {"median_s": statistics.median(starts), "max_s": max(starts),

@@ -163,3 +163,35 @@ async def test_an_error_object_mid_stream_is_transient():
     route = Route(url="u", model="m", provider="openai", api_key_env=None)
     with pytest.raises(TransientError, match="overloaded"):
         await _read_events(SplitResponse(data, 1000), send, route)  # type: ignore[arg-type]
+
+
+def test_cached_flat_prices_equal_litellms_own_sum():
+    """cost_usd caches a flat per-token price; it must agree with LiteLLM for every
+    model LiteLLM prices, tiered ones included (those still go through LiteLLM)."""
+    import random
+
+    import litellm
+
+    from actors.adapters.llm import _pricing, cost_usd
+
+    # (github_copilot's price lookup logs in over the network: not a model for us)
+    chat_models = sorted(m for m, info in litellm.model_cost.items()
+                         if info.get("mode") == "chat" and m != "sample_spec"
+                         and info.get("litellm_provider") not in ("github_copilot", "chatgpt"))
+    checked = 0
+    for model in random.Random(5).sample(chat_models, 400) + ["gpt-4o-mini", "gemini/gemini-2.5-pro",
+                                                              "deepseek/deepseek-v4-pro"]:
+        for prompt, completion in ((1200, 300), (250_000, 10)):
+            try:
+                expected = sum(litellm.cost_per_token(model=model, prompt_tokens=prompt,
+                                                      completion_tokens=completion))
+            except Exception:
+                assert cost_usd(model, prompt, completion, None, None) is None
+                continue
+            assert cost_usd(model, prompt, completion, None, None) == pytest.approx(expected), model
+            checked += 1
+    assert checked > 200
+    assert _pricing("gemini/gemini-2.5-pro") == "litellm"  # tiered above 200k tokens
+    assert _pricing("deepseek/deepseek-v4-pro") == "litellm"  # its own calculator
+    assert isinstance(_pricing("gpt-4o-mini"), tuple)
+    assert _pricing("openai/no-such-model-anywhere") == "unpriced"

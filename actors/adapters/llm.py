@@ -8,6 +8,7 @@ Only when that channel is full does it cross the bridge to wait.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -70,12 +71,49 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int,
     """Price from config when set, else LiteLLM's bundled price map; None if unknown."""
     if input_price is not None or output_price is not None:
         return prompt_tokens * (input_price or 0.0) + completion_tokens * (output_price or 0.0)
-    try:
-        prompt_cost, completion_cost = litellm.cost_per_token(
-            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    except Exception:  # LiteLLM raises bare Exception for an unpriced model
-        return None
+    match _pricing(model):
+        case (prompt_price, completion_price):
+            return prompt_tokens * prompt_price + completion_tokens * completion_price
+        case "unpriced":
+            return None
+    prompt_cost, completion_cost = litellm.cost_per_token(
+        model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     return float(prompt_cost) + float(completion_cost)
+
+
+_VARIABLE = ("peak", "tier", "_above_", "per_character", "per_second")
+
+
+@functools.lru_cache(maxsize=256)
+def _pricing(model: str) -> tuple[float, float] | str:
+    """How LiteLLM prices `model`: (input, output) USD per token when its price is
+    flat, "unpriced", or "litellm" (tiered, cache-aware, per character...: asked per job).
+
+    litellm.cost_per_token costs ~1 ms a call (as much again to raise for an unpriced
+    model). Flat means LiteLLM's own answers at small and large counts are exactly
+    the per-token prices times the counts; then that sum is done here."""
+    def litellm_cost(prompt: int, completion: int) -> float:
+        return sum(litellm.cost_per_token(model=model, prompt_tokens=prompt,
+                                          completion_tokens=completion))
+
+    try:
+        unit_in, unit_out = litellm_cost(1_000_000, 0) / 1e6, litellm_cost(0, 1_000_000) / 1e6
+    except Exception:  # LiteLLM raises bare Exception for an unpriced model
+        return "unpriced"
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return "litellm"
+    # Prices that change with the hour (off-peak), the size (tiers) or the unit.
+    if any(value and any(mark in key for mark in _VARIABLE) for key, value in info.items()):
+        return "litellm"
+    if (unit_in, unit_out) != (info.get("input_cost_per_token"), info.get("output_cost_per_token")):
+        return "litellm"
+    for prompt, completion in ((1, 1), (1000, 50), (300_000, 2000), (2_000_000, 100_000)):
+        expected = prompt * unit_in + completion * unit_out
+        if abs(litellm_cost(prompt, completion) - expected) > 1e-9 * max(expected, 1e-9):
+            return "litellm"
+    return unit_in, unit_out
 
 
 def provider_of(model: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy"})
 OPENAI_API_BASE = "https://api.openai.com/v1"
 ERROR_BODY_LIMIT = 64 * 1024
-# Idle connections kept open for reuse. httpcore's pool checks every connection
-# against this for each idle one (quadratic in the pool size), so keep it modest.
-KEEPALIVE = 100
+# httpcore's pool walks all its connections on every request start and end (and,
+# for each idle one, all of them again): at a thousand streams in one pool that is
+# milliseconds per request. Streams are spread round-robin over many small pools.
+POOLS = 32
+KEEPALIVE_PER_POOL = 4  # idle connections each pool keeps for reuse
 
 
 class _Delta(msgspec.Struct):
@@ -141,19 +144,20 @@ class OpenAIWireChat:
                  litellm_chat: LiteLLMChat | None = None) -> None:
         self._timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self._litellm = litellm_chat or LiteLLMChat(request_timeout_s=request_timeout_s)
-        self._client: httpx.AsyncClient | None = None
+        self._pools: list[httpx.AsyncClient] = []
+        self._turn = itertools.count()
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:  # created inside Trio, on first use
-            self._client = httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE))
-        return self._client
+        if not self._pools:  # created inside Trio, on first use
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_PER_POOL)
+            self._pools = [httpx.AsyncClient(timeout=self._timeout, follow_redirects=False,
+                                             limits=limits) for _ in range(POOLS)]
+        return self._pools[next(self._turn) % POOLS]
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            await pool.aclose()
 
     async def stream(self, *, model: str, api_base: str | None, api_key_env: str | None,
                      messages: list[dict[str, str]], params: Mapping[str, Any],

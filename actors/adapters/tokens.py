@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 
@@ -43,7 +43,11 @@ class TokenCounter:
     """Counts tokens of text for one model; approximate for non-OpenAI models."""
 
     def __init__(self, model: str) -> None:
-        self._encoding = _encoding(encoding_for(model))
+        encoding = _encoding(encoding_for(model))
 
-    def count(self, text: str) -> int:
-        return len(self._encoding.encode(text, disallowed_special=()))
+        # The system prompt and the user's message are counted more than once per job.
+        @lru_cache(maxsize=1024)
+        def count(text: str) -> int:
+            return len(encoding.encode(text, disallowed_special=()))
+
+        self.count = count
