@@ -147,7 +147,7 @@ async def test_sse_lines_split_across_reads_are_reassembled(cut):
                {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}, "model": "m2"})
     send, receive = trio.open_memory_channel(1000)
     route = Route(url="u", model="m", provider="openai", api_key_env=None)
-    await _read_events(SplitResponse(data, cut), send, route)  # type: ignore[arg-type]
+    await _read_events(SplitResponse(data, cut).aiter_bytes(), send, route)
     send.close()
     items = [i async for i in receive]
     assert "".join(i.text for i in items[:-1]) == "t0 t1 t2 t3 t4 "
@@ -162,7 +162,7 @@ async def test_an_error_object_mid_stream_is_transient():
     send, _ = trio.open_memory_channel(10)
     route = Route(url="u", model="m", provider="openai", api_key_env=None)
     with pytest.raises(TransientError, match="overloaded"):
-        await _read_events(SplitResponse(data, 1000), send, route)  # type: ignore[arg-type]
+        await _read_events(SplitResponse(data, 1000).aiter_bytes(), send, route)
 
 
 def test_cached_flat_prices_equal_litellms_own_sum():

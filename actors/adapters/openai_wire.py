@@ -3,8 +3,8 @@
 LiteLLM builds a pydantic object for every streamed chunk and runs behind the
 trio-asyncio bridge: 256-400 us of CPU per chunk (DESIGN 7). For vendors that
 speak the OpenAI chat-completions wire format, this adapter posts the request
-with httpx directly from Trio and decodes each SSE `data:` line with msgspec
-into three fields, about 12 us per chunk. LiteLLM still does the parts that
+directly from Trio (actors.adapters.http1) and decodes each SSE `data:` line
+with msgspec into the three fields we use: a few microseconds per chunk. LiteLLM still does the parts that
 need its knowledge: it resolves the model to a vendor and its endpoint, maps
 the request parameters for that model (`max_completion_tokens` for reasoning
 models, dropping what a model refuses), classifies vendor errors, and prices
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import os
-from collections.abc import Mapping
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import litellm
@@ -31,6 +33,7 @@ import trio
 from litellm.litellm_core_utils.exception_mapping_utils import exception_type
 from litellm.utils import get_optional_params
 
+from actors.adapters import http1
 from actors.adapters.llm import LiteLLMChat, translate
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
@@ -40,11 +43,6 @@ from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy"})
 OPENAI_API_BASE = "https://api.openai.com/v1"
 ERROR_BODY_LIMIT = 64 * 1024
-# httpcore's pool walks all its connections on every request start and end (and,
-# for each idle one, all of them again): at a thousand streams in one pool that is
-# milliseconds per request. Streams are spread round-robin over many small pools.
-POOLS = 32
-KEEPALIVE_PER_POOL = 4  # idle connections each pool keeps for reuse
 
 
 class _Delta(msgspec.Struct):
@@ -95,6 +93,8 @@ def resolve(model: str, api_base: str | None, api_key_env: str | None, stream_pa
         return None
     if provider not in NATIVE_PROVIDERS and stream_path != "openai":
         return None
+    if _proxied(api_base or base or OPENAI_API_BASE):
+        return None  # LiteLLM's client speaks the proxy; ours does not
     hosted_openai = provider == "openai" and not api_base
     base = api_base or base or (OPENAI_API_BASE if hosted_openai else None)
     if base is None:
@@ -102,6 +102,13 @@ def resolve(model: str, api_base: str | None, api_key_env: str | None, stream_pa
     # OPENAI_API_KEY only ever goes to OpenAI itself, never to a configured api_base.
     return Route(url=base.rstrip("/") + "/chat/completions", model=name, provider=provider,
                  api_key_env=api_key_env or ("OPENAI_API_KEY" if hosted_openai else None))
+
+
+def _proxied(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(urlsplit(url).scheme) or proxies.get("all")) and \
+        not urllib.request.proxy_bypass(host)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -119,15 +126,19 @@ def request_body(route: Route, messages: list[dict[str, str]], params: Mapping[s
     return _encode({**mapped, "model": route.model, "messages": messages})
 
 
-def _status_error(route: Route, response: httpx.Response) -> TransientError | PermanentError:
+def _status_error(route: Route, status: int, headers: dict[str, str],
+                  body_bytes: bytes) -> TransientError | PermanentError:
     """Classify a non-200 answer the way LiteLLM does for this vendor."""
-    text = response.text[:ERROR_BODY_LIMIT]
+    text = body_bytes.decode("utf-8", "replace")
     try:
-        body: Any = msgspec.json.decode(text)
+        body: Any = msgspec.json.decode(body_bytes)
     except msgspec.DecodeError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
-    message = (error.get("message") if isinstance(error, dict) else None) or text or response.reason_phrase
+    message = (error.get("message") if isinstance(error, dict) else None) or text or str(status)
+    # The openai SDK's error type, as LiteLLM's mapping expects it.
+    response = httpx.Response(status, headers=headers, content=body_bytes,
+                              request=httpx.Request("POST", route.url))
     vendor_error = openai.APIStatusError(str(message), response=response, body=body)
     try:
         exception_type(model=route.model, original_exception=vendor_error,
@@ -142,22 +153,12 @@ class OpenAIWireChat:
 
     def __init__(self, *, request_timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
                  litellm_chat: LiteLLMChat | None = None) -> None:
-        self._timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
+        self._request_timeout_s = request_timeout_s
+        self._http = http1.Client(connect_timeout_s=connect_timeout_s)
         self._litellm = litellm_chat or LiteLLMChat(request_timeout_s=request_timeout_s)
-        self._pools: list[httpx.AsyncClient] = []
-        self._turn = itertools.count()
-
-    def _http(self) -> httpx.AsyncClient:
-        if not self._pools:  # created inside Trio, on first use
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_PER_POOL)
-            self._pools = [httpx.AsyncClient(timeout=self._timeout, follow_redirects=False,
-                                             limits=limits) for _ in range(POOLS)]
-        return self._pools[next(self._turn) % POOLS]
 
     async def aclose(self) -> None:
-        pools, self._pools = self._pools, []
-        for pool in pools:
-            await pool.aclose()
+        await self._http.aclose()
 
     async def stream(self, *, model: str, api_base: str | None, api_key_env: str | None,
                      messages: list[dict[str, str]], params: Mapping[str, Any],
@@ -170,30 +171,35 @@ class OpenAIWireChat:
             return
         key = os.environ.get(route.api_key_env) if route.api_key_env else None
         headers = {"content-type": "application/json", "accept": "text/event-stream",
+                   "user-agent": "chat-actors",
                    # Our own OpenAI-compatible servers take any key, as in LiteLLMChat.
                    "authorization": f"Bearer {key or 'not-needed'}"}
         body = request_body(route, messages, params)
         with out:
             try:
-                async with self._http().stream("POST", route.url, content=body,
-                                               headers=headers) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        raise _status_error(route, response)
-                    await _read_events(response, out, route)
-            except httpx.TimeoutException as exc:
-                raise TransientError(f"{route.provider}: timed out ({type(exc).__name__})") from exc
-            except (httpx.TransportError, OSError) as exc:  # refused, reset, cut mid-body
+                with trio.fail_after(self._request_timeout_s):
+                    async with self._http.stream_post(route.url, headers, body) as response:
+                        if response.status != 200:
+                            raise _status_error(route, response.status, response.headers,
+                                                await response.read(ERROR_BODY_LIMIT))
+                        await _read_events(response.pieces(), out, route)
+            except trio.TooSlowError as exc:
+                raise TransientError(f"{route.provider}: no answer within "
+                                     f"{self._request_timeout_s:g} s") from exc
+            except ssl.SSLCertVerificationError as exc:
+                raise PermanentError(f"{route.provider}: TLS certificate refused: {exc}",
+                                     code="tls") from exc
+            except (http1.ConnectionLost, http1.ProtocolError, OSError) as exc:
                 raise TransientError(f"{route.provider}: connection failed ({type(exc).__name__}: "
                                      f"{exc})") from exc
 
 
-async def _read_events(response: httpx.Response, out: trio.MemorySendChannel[ProviderChunk],
+async def _read_events(body: AsyncIterator[bytes], out: trio.MemorySendChannel[ProviderChunk],
                        route: Route) -> None:
     """Parse SSE `data:` lines; send each network read's text as one TokenDelta."""
     stream = _StreamState(model=route.model)
     pending = b""
-    async with contextlib.aclosing(response.aiter_bytes()) as pieces:
+    async with contextlib.aclosing(body) as pieces:  # type: ignore[type-var]
         async for piece in pieces:
             lines = (pending + piece).split(b"\n")
             pending = lines.pop()  # an incomplete last line waits for the next read
