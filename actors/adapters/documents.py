@@ -13,12 +13,12 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bm25s
-import chromadb
 import numpy as np
-from chromadb.config import Settings
+
+if TYPE_CHECKING:
+    import bm25s
 
 from actors.errors import PermanentError, TransientError
 
@@ -44,19 +44,49 @@ class Hit:
     collection: str = ""
 
 
+def _chroma_errors() -> Any:
+    from chromadb import errors
+
+    return errors
+
+
+def _bm25s() -> Any:
+    import bm25s
+
+    return bm25s
+
+
 class DocumentStore:
+    """Chroma for vectors, bm25s for keywords. Both load on first use: a worker that
+    never sees a RAG request never imports them (about a second of start-up)."""
+
     def __init__(self, *, path: Path, chroma_url: str | None = None) -> None:
-        settings = Settings(anonymized_telemetry=False)
+        self._path = path
+        self._chroma_url = chroma_url
         self._bm25_dir = path / "bm25"
-        if chroma_url:
-            host, _, port = chroma_url.removeprefix("http://").rstrip("/").partition(":")
-            self._client = chromadb.HttpClient(host=host, port=int(port or 8000),
-                                               settings=settings)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            self._client = chromadb.PersistentClient(path=str(path / "chroma"), settings=settings)
+        if not chroma_url:
+            path.mkdir(parents=True, exist_ok=True)  # an unwritable path fails at start
+        self._chroma: Any = None
         self._bm25: dict[str, tuple[bm25s.BM25, list[str]]] = {}
         self._lock = threading.Lock()
+        self._opening = threading.Lock()
+
+    @property
+    def _client(self) -> Any:
+        with self._opening:
+            if self._chroma is None:
+                import chromadb
+                from chromadb.config import Settings
+
+                settings = Settings(anonymized_telemetry=False)
+                if self._chroma_url:
+                    host, _, port = self._chroma_url.removeprefix("http://").rstrip("/").partition(":")
+                    self._chroma = chromadb.HttpClient(host=host, port=int(port or 8000),
+                                                       settings=settings)
+                else:
+                    self._chroma = chromadb.PersistentClient(path=str(self._path / "chroma"),
+                                                             settings=settings)
+            return self._chroma
 
     def _collection(self, name: str, create: bool = False) -> Any:
         name = collection_name(name)
@@ -65,7 +95,7 @@ class DocumentStore:
                 return self._client.get_or_create_collection(
                     name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
             return self._client.get_collection(name, embedding_function=None)
-        except (ValueError, chromadb.errors.NotFoundError) as exc:
+        except (ValueError, _chroma_errors().NotFoundError) as exc:
             raise PermanentError(f"no collection {name!r}", code="no_collection") from exc
         except (ConnectionError, OSError) as exc:
             raise TransientError(f"chroma: {exc}") from exc
@@ -112,6 +142,7 @@ class DocumentStore:
             self._bm25.pop(name, None)
         if not got["ids"]:
             return 0
+        bm25s = _bm25s()
         index = bm25s.BM25()
         index.index(bm25s.tokenize(got["documents"], stopwords="en", show_progress=False),
                     show_progress=False)
@@ -138,7 +169,7 @@ class DocumentStore:
                 folder = self._bm25_dir / collection_name(name)
                 if not (folder / "ids.json").exists():
                     return None
-                self._bm25[name] = (bm25s.BM25.load(str(folder)),
+                self._bm25[name] = (_bm25s().BM25.load(str(folder)),
                                     json.loads((folder / "ids.json").read_text()))
             return self._bm25[name]
 
@@ -148,7 +179,7 @@ class DocumentStore:
         if loaded is None:
             return []
         index, ids = loaded
-        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
+        tokens = _bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)
         if not tokens or not tokens[0]:
             return []
         # Ask for more when filtering: the filter runs after scoring.
