@@ -24,6 +24,7 @@ from actors.adapters.tokens import TokenCounter
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.health import Health
+from actors.leases import LeaseKeeper
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages, sources_message
 from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
@@ -70,6 +71,7 @@ class Worker:
     registry: JobRegistry
     health: Health = field(default_factory=Health)
     retriever: Retrieval | None = None  # RAG mode; None: rag requests fail clearly
+    leases: LeaseKeeper = field(default_factory=LeaseKeeper)
     _counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def counter(self, model: str) -> Callable[[str], int]:
@@ -140,10 +142,12 @@ async def run_conversation(request: ChatRequest, worker: Worker) -> None:
             return
     settled = False
     running = worker.registry.admit(job.job_id, job.user_id)
+    worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
     try:
         await _run_claimed(request, worker, job, alias_name, running)
         settled = True
     finally:
+        worker.leases.drop(job.job_id)
         worker.registry.finish(running)
         if not settled:
             # Cancelled from outside (shutdown) or crashed: hand the job back so
@@ -186,19 +190,6 @@ async def _resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial:
     await worker.events.send(EventEmitted(job=job, body=Done(status=status, partial=partial),
                                           receipt=receipt, first_seq=last + 1))
     await receipt.wait()
-
-
-async def _renew_lease(worker: Worker, job: JobRef) -> None:
-    lease_s = worker.config.jobs.lease_s
-    while True:
-        await trio.sleep(lease_s / 3)
-        try:
-            if not await worker.store.renew_lease(job_id=job.job_id, owner=worker.owner,
-                                                  lease_s=lease_s):
-                log.warning("job %s: lease lost to another worker", job.job_id)
-                return
-        except TransientError as exc:
-            log.warning("job %s: lease renewal failed (%s); retrying", job.job_id, exc)
 
 
 async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
@@ -246,16 +237,13 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     error: Error | None = None
     scope = running.scope  # the registry cancels it on the owner's cancel
     scope.deadline = min(scope.deadline, started + timeout_s)
-    async with trio.open_nursery() as job_nursery:
-        job_nursery.start_soon(_renew_lease, worker, job)
-        with scope:
-            # Cancelled before it started (a tombstone): never call the model.
-            if running.cancel_reason is None:
-                try:
-                    await answer_request()
-                except (PermanentError, TransientError) as exc:
-                    failure = exc
-        job_nursery.cancel_scope.cancel()
+    with scope:
+        # Cancelled before it started (a tombstone): never call the model.
+        if running.cancel_reason is None:
+            try:
+                await answer_request()
+            except (PermanentError, TransientError) as exc:
+                failure = exc
     if running.cancel_reason is not None and (scope.cancelled_caught or answer.finished is None):
         status = "cancelled"
     elif scope.cancelled_caught:

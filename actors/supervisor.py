@@ -152,6 +152,14 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                                           task_status=task_status)
 
                 await root.start(control_actor)
+                lease_scope = trio.CancelScope()
+
+                async def lease_actor(task_status: trio.TaskStatus[None]) -> None:
+                    with lease_scope:
+                        await worker.leases.run(pg, owner=owner, lease_s=config.jobs.lease_s,
+                                                health=health, task_status=task_status)
+
+                await root.start(lease_actor)
                 signal_scope = trio.CancelScope()
                 if handle_signals:
                     async def watch() -> None:
@@ -171,6 +179,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
                 signal_scope.cancel()
                 control_scope.cancel()
+                lease_scope.cancel()
                 health_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import trio
@@ -33,9 +34,9 @@ class FakeStore:
     async def claim(self, **kwargs):
         return Claimed(1)
 
-    async def renew_lease(self, **kwargs):
+    async def renew_leases(self, *, job_ids, **kwargs):
         self.renewals += 1
-        return True
+        return set(job_ids)
 
     async def release_lease(self, *, job_id, owner):
         self.released.append(job_id)
@@ -103,6 +104,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         nursery.start_soon(sink, records_out, records)
         if during is not None:
             nursery.start_soon(during, registry)
+        nursery.start_soon(partial(worker.leases.run, worker.store, owner="w1",
+                                   lease_s=CONFIG.jobs.lease_s))
         await run_conversation(request, worker)
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started

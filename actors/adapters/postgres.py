@@ -162,13 +162,16 @@ class Postgres:
 
         return await self.run(claim)
 
-    async def renew_lease(self, *, job_id: str, owner: str, lease_s: float) -> bool:
-        def renew(conn: psycopg.Connection[Any]) -> bool:
-            cur = conn.execute(
+    async def renew_leases(self, *, job_ids: Sequence[str], owner: str,
+                           lease_s: float) -> set[str]:
+        """Extend every lease `owner` still holds among `job_ids`; return those renewed."""
+
+        def renew(conn: psycopg.Connection[Any]) -> set[str]:
+            rows = conn.execute(
                 "UPDATE llm_jobs SET lease_until = now() + %s "
-                "WHERE job_id = %s AND lease_owner = %s AND status = 'running'",
-                (timedelta(seconds=lease_s), job_id, owner))
-            return cur.rowcount == 1
+                "WHERE job_id = ANY(%s) AND lease_owner = %s AND status = 'running' "
+                "RETURNING job_id", (timedelta(seconds=lease_s), list(job_ids), owner))
+            return {row[0] for row in rows}
 
         return await self.run(renew)
 
