@@ -1,4 +1,4 @@
-"""The command line of bin/chat-actors: run, dev, send, cancel, migrate, test."""
+"""The command line of bin/chat-actors: run, dev, send, cancel, migrate, usage, ingest, bench, test."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,10 @@ def _config(path: str | None) -> Any:
         sys.exit(f"chat-actors: config error: {exc}")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _logging(config: Any) -> None:
+    from actors import logs
+
+    logs.configure(level=config.log.level, fmt=config.log.format, secrets=logs.secrets_from(config))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from actors.supervisor import StartupError, run_worker
 
     config = _config(args.config)
-    _logging(config.log.level)
+    _logging(config)
     failed = False
     try:
         trio.run(run_worker, config)
@@ -45,6 +45,49 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"chat-actors: cannot start: {exc}", file=sys.stderr)
         failed = True
     return 1 if failed else 0
+
+
+def since_arg(text: str) -> datetime:
+    """`--since`: an ISO date or time (UTC unless it says), or an age like 30m, 24h, 7d."""
+    ages = {"m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in ages:
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * ages[text[-1]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a date/time like 2026-11-01 or 2026-11-01T12:00 "
+            "nor an age like 30m, 24h or 7d") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import trio
+
+    from actors.adapters.postgres import Postgres, redact
+    from actors.errors import TransientError
+
+    config = _config(args.config)
+    pg = Postgres(dsn=config.postgres.dsn, pool_size=1)
+    try:
+        rows = trio.run(lambda: pg.usage(user_id=args.user, since=args.since))
+    except TransientError as exc:
+        print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pg.close()
+    head = ("user", "model", "jobs", "prompt tokens", "completion tokens", "cost USD")
+    table = [(r.user_id, r.model, f"{r.jobs:,}", f"{r.prompt_tokens:,}",
+              f"{r.completion_tokens:,}", f"{r.cost_usd:.6f}") for r in rows]
+    table.append(("total", "", f"{sum(r.jobs for r in rows):,}",
+                  f"{sum(r.prompt_tokens for r in rows):,}",
+                  f"{sum(r.completion_tokens for r in rows):,}",
+                  f"{sum(r.cost_usd for r in rows):.6f}"))
+    widths = [max(len(row[i]) for row in (head, *table)) for i in range(len(head))]
+    for row in (head, *table):
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -129,7 +172,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    import logging
 
     from actors.adapters.documents import DocumentStore
     from actors.errors import PermanentError
@@ -244,6 +286,13 @@ def parser() -> argparse.ArgumentParser:
 
     migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
     migrate.set_defaults(func=cmd_migrate)
+
+    usage = with_config(sub.add_parser(
+        "usage", help="tokens and cost by user and model, from llm_jobs"))
+    usage.add_argument("--user", help="only this user")
+    usage.add_argument("--since", type=since_arg,
+                       help="only jobs created since: 2026-11-01, 2026-11-01T12:00, or 24h / 7d / 30m")
+    usage.set_defaults(func=cmd_usage)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (numbers, not tests)")
     bench.add_argument("name", help="the benchmark, e.g. cancel_latency")

@@ -18,13 +18,21 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.adapters.llm import provider_of
-from actors.adapters.postgres import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
+from actors.adapters.llm import cost_usd, provider_of
+from actors.adapters.postgres import (
+    AlreadyTerminal,
+    Claimed,
+    Hold,
+    LeasedElsewhere,
+    OwnedByAnotherUser,
+)
 from actors.adapters.tokens import TokenCounter
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.health import Health
 from actors.leases import LeaseKeeper
+from actors.logs import job_context
+from actors.metrics import Metrics
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages, sources_message
 from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
@@ -54,6 +62,8 @@ log = logging.getLogger("chat_actors.conversation")
 # How long cleanup that must happen (records, `done`, lease release) may take
 # once the job itself is over or cancelled.
 FINISH_GRACE_S = 30.0
+# A PermanentError with one of these codes refuses the job before any model call.
+REFUSALS = ("budget_exceeded", "rate_limited")
 SNIPPET_CHARS = 200
 
 
@@ -72,6 +82,9 @@ class Worker:
     health: Health = field(default_factory=Health)
     retriever: Retrieval | None = None  # RAG mode; None: rag requests fail clearly
     leases: LeaseKeeper = field(default_factory=LeaseKeeper)
+    metrics: Metrics = field(default_factory=Metrics)
+    # Takes secrets (API keys a vendor echoed back) out of text bound for events and rows.
+    scrub: Callable[[str], str] = field(default=str)
     _counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def counter(self, model: str) -> Callable[[str], int]:
@@ -103,10 +116,16 @@ def _params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
 
 async def run_conversation(request: ChatRequest, worker: Worker) -> None:
     """Run one job to a settled state; returns when its offset may be committed."""
+    trace_id = request.trace_id or uuid.uuid4().hex
+    with job_context(trace_id=trace_id, job_id=request.job_id, user_id=request.user_id,
+                     session_id=request.session_id):
+        await _run_job(request, worker, trace_id)
+
+
+async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
     config = worker.config
     alias_name, alias = config.alias(request.model)
     provider = provider_of(alias.model)
-    trace_id = request.trace_id or uuid.uuid4().hex
     while True:
         claim = await retry_transient(
             lambda: worker.store.claim(
@@ -225,13 +244,17 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             system_prompt=config.llm.system_prompt, history=history,
             user_message=request.message, context_window=alias.context_window,
             answer_tokens=alias.max_tokens, count=count, context=context)
+        if config.log.content:
+            log.debug("prompt: %s", messages)
+        answer.spend_cap = await _reserve(worker, job, alias_name, prompt_estimate)
         await stream_answer(
             chat=worker.chat, config=config, alias_name=alias_name, messages=messages,
             params=_params(request, alias.max_tokens), count=count,
             prompt_estimate=prompt_estimate, answer=answer,
             on_token=lambda text: worker.emit(job, Token(text=text)),
             on_switch=lambda old, new, why: worker.emit(
-                job, ProviderSwitched(from_=old, to=new, reason=why)))
+                job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why))),
+            metrics=worker.metrics)
 
     status: DoneStatus = "completed"
     error: Error | None = None
@@ -252,15 +275,21 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                       message=f"the job took longer than its {timeout_s:g} s timeout")
     elif isinstance(failure, ProviderExhausted) and isinstance(failure.last, Stalled):
         status = "timeout"
-        error = Error(code=failure.last.code, retryable=True, message=str(failure))
+        error = Error(code=failure.last.code, retryable=True, message=worker.scrub(str(failure)))
+    elif isinstance(failure, PermanentError) and failure.code in REFUSALS:
+        status = "rejected"  # over a budget or rate limit: no model call was made
+        error = Error(code=failure.code, message=worker.scrub(str(failure)),
+                      retryable=failure.code == "rate_limited")
     elif failure is not None:
         status = "failed"
-        error = Error(code=getattr(failure, "code", "provider_unavailable"), message=str(failure),
+        error = Error(code=getattr(failure, "code", "provider_unavailable"),
+                      message=worker.scrub(str(failure)),
                       retryable=isinstance(failure, TransientError))
 
     text = answer.text
-    if answer.finished is None and answer.tries:
+    if answer.finished is None and answer.tries and failure is None:
         # Cut off mid-try (cancel, timeout): bill what the vendor produced before it.
+        # (A try that failed was billed by the provider, if it streamed at all.)
         unbilled = count(text) - answer.completion_tokens
         answer.bill(config.llm.models[answer.alias], prompt_estimate, max(unbilled, 0))
     prompt_tokens, completion_tokens = answer.prompt_tokens, answer.completion_tokens
@@ -277,7 +306,9 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                 text=text, finish_reason=finished.finish_reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
-                cost_usd=cost, model=answered_by, sources=sources_used))
+                cost_usd=cost, model=answered_by, sources=sources_used,
+                provider=provider_of(config.llm.models[answered_by].model),
+                retries=answer.retries, fallbacks=answer.fallbacks))
         elif error is not None:
             await worker.emit(job, error)
         persisted = trio.Event()
@@ -292,12 +323,70 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             partial=partial_answer,
             user_message=request.message, user_tokens=count(request.message), answer=text,
             retrieval_ms=retrieved.elapsed_ms if retrieved else None,
-            retrieval_hits=len(sources_used) if retrieved else None, receipt=persisted))
+            retrieval_hits=len(sources_used) if retrieved else None,
+            retries=answer.retries, fallbacks=answer.fallbacks, receipt=persisted))
         await persisted.wait()
         await worker.emit(job, Done(status=status, partial=partial_answer), wait=True)
     if finishing.cancelled_caught:
         raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
-    log.info("job %s %s in %.0f ms (%d+%d tokens)", job.job_id, status,
-             (ended - started) * 1000, prompt_tokens, completion_tokens)
+    _count(worker, request.mode, status, answered_by, prompt_tokens, completion_tokens, cost,
+           None if first_token_at is None else first_token_at - started, ended - started)
+    if status == "rejected" and error is not None:
+        worker.metrics.rejections.labels(reason=error.code).inc()
+    log.log(logging.INFO if error is None else logging.WARNING,
+            "job %s %s in %.0f ms (%d+%d tokens, $%s, %d retries, %d fallbacks)%s", job.job_id,
+            status, (ended - started) * 1000, prompt_tokens, completion_tokens,
+            "?" if cost is None else f"{cost:.6f}", answer.retries, answer.fallbacks,
+            "" if error is None else f": {error.code}: {error.message}")
+
+
+def _count(worker: Worker, mode: str, status: str, model: str, prompt_tokens: int,
+           completion_tokens: int, cost: float | None, ttft_s: float | None,
+           latency_s: float) -> None:
+    metrics = worker.metrics
+    metrics.jobs.labels(status=status, mode=mode).inc()
+    metrics.tokens.labels(direction="prompt", model=model).inc(prompt_tokens)
+    metrics.tokens.labels(direction="completion", model=model).inc(completion_tokens)
+    if cost:
+        metrics.cost.labels(model=model).inc(cost)
+    if ttft_s is not None:
+        metrics.ttft.labels(model=model).observe(ttft_s)
+    metrics.latency.labels(model=model).observe(latency_s)
+
+
+async def _reserve(worker: Worker, job: JobRef, alias_name: str, prompt_tokens: int) -> float | None:
+    """Reserve the job's worst case against the user's limits; return the USD cap it
+    may spend (None: no USD limit). Raises PermanentError over a limit."""
+    config = worker.config
+    budgets = config.budgets
+    alias = config.llm.models[alias_name]
+    worst_usd = max((cost_usd(spec.model, prompt_tokens, alias.max_tokens, spec.input_cost_per_token,
+                              spec.output_cost_per_token) or 0.0
+                     for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks))),
+                    default=0.0)
+    holds: list[Hold] = []
+    for scope, limit in budgets.for_user(job.user_id):
+        if limit.usd:
+            holds.append(Hold(scope=scope, kind="usd", amount=worst_usd, limit=limit.usd))
+        if limit.rpm:
+            holds.append(Hold(scope=scope, kind="requests", amount=1, limit=limit.rpm))
+        if limit.tpm:
+            holds.append(Hold(scope=scope, kind="tokens", amount=prompt_tokens + alias.max_tokens,
+                              limit=limit.tpm))
+    if not holds:
+        return None
+    refused = await retry_transient(
+        lambda: worker.store.reserve(job_id=job.job_id, owner=worker.owner, holds=holds,
+                                     period=budgets.period),
+        what="budget reservation", log=log, health=worker.health, dependency="postgres")
+    if refused is None:
+        return worst_usd if any(h.kind == "usd" for h in holds) else None
+    what = {"usd": f"USD budget per {budgets.period}", "requests": "requests per minute",
+            "tokens": "tokens per minute"}[refused.kind]
+    log.warning("job %s refused: %s over its %s", job.job_id, refused.scope, what)
+    raise PermanentError(
+        f"{refused.scope} is over its {what}: this job needs {refused.amount:g}, "
+        f"{refused.taken:g} of {refused.limit:g} is used or reserved",
+        code="budget_exceeded" if refused.kind == "usd" else "rate_limited")
 
 

@@ -9,11 +9,15 @@ class TransientError(ChatActorsError):
     """Worth retrying: a connection dropped, a server is busy, a lease is contended.
 
     `retry_after` (seconds) is a hint from the other side, when it gave one.
+    `kind` is a short label for metrics: rate_limit, server_error, connection,
+    timeout, stall, protocol, or transient when nothing more is known.
     """
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 kind: str = "transient") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.kind = kind
 
 
 class PermanentError(ChatActorsError):

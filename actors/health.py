@@ -1,4 +1,5 @@
-"""health: /healthz (alive) and /readyz (dependencies reachable, not draining) over HTTP.
+"""health: /healthz (alive), /readyz (dependencies reachable, not draining) and
+/metrics (Prometheus text) over HTTP, served from the worker's Trio process.
 
 Readiness is fed by the actors: a transient failure of Redis, Postgres, Kafka or
 the vendor marks that dependency down until its next success.
@@ -11,6 +12,9 @@ import logging
 from collections import Counter
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from actors.metrics import Metrics
 
 log = logging.getLogger("chat_actors.health")
 
@@ -42,13 +46,15 @@ class Health:
                 "down": dict(self._down), "failures": dict(self.failures)}
 
 
-def _response(status: str, body: dict[str, object]) -> bytes:
-    payload = json.dumps(body).encode()
-    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+def _response(status: str, body: dict[str, object] | bytes,
+              content_type: str = "application/json") -> bytes:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n"
             f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
 
 
-async def _serve_one(stream: trio.SocketStream, health: Health) -> None:
+async def _serve_one(stream: trio.SocketStream, health: Health,
+                     metrics: Metrics | None) -> None:
     async with stream:
         request = b""
         with trio.move_on_after(5):
@@ -64,6 +70,8 @@ async def _serve_one(stream: trio.SocketStream, health: Health) -> None:
         elif path == "/readyz":
             ok = health.ready()
             reply = _response("200 OK" if ok else "503 Service Unavailable", health.report())
+        elif path == "/metrics" and metrics is not None:
+            reply = _response("200 OK", metrics.render(), CONTENT_TYPE_LATEST)
         else:
             reply = _response("404 Not Found", {"error": f"no such path: {path}"})
         try:
@@ -72,7 +80,7 @@ async def _serve_one(stream: trio.SocketStream, health: Health) -> None:
             pass  # the prober hung up
 
 
-async def run_health(health: Health, *, port: int,
+async def run_health(health: Health, *, port: int, metrics: Metrics | None = None,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve on every address (containers probe from outside); port 0 picks a free one.
 
@@ -87,6 +95,6 @@ async def run_health(health: Health, *, port: int,
         task_status.started(0)
         await trio.sleep_forever()
     bound = listeners[0].socket.getsockname()[1]
-    log.info("health on :%d (/healthz, /readyz)", bound)
+    log.info("health on :%d (/healthz, /readyz, /metrics)", bound)
     task_status.started(bound)
-    await trio.serve_listeners(lambda stream: _serve_one(stream, health), listeners)
+    await trio.serve_listeners(lambda stream: _serve_one(stream, health, metrics), listeners)

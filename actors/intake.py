@@ -23,6 +23,7 @@ import trio
 from actors.backoff import Backoff, retry_transient
 from actors.conversation import Worker, run_conversation
 from actors.errors import PermanentError, TransientError
+from actors.logs import job_context
 from actors.offsets import OffsetTracker
 from actors.ports import DeadLetters, RequestSource
 from messages.mailboxes import Delivery, JobRef, JobRejected
@@ -67,8 +68,12 @@ def trace_id_from(headers: tuple[tuple[str, bytes], ...]) -> str | None:
 async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters,
                  dlq_topic: str) -> None:
     """Bad input: DLQ (unchanged, with why), then tell the job's stream and table if named."""
-    log.warning("bad request at %s[%d]@%d: %s", delivery.topic, delivery.partition,
-                delivery.offset, problem)
+    ids = {k: v for k, v in (("job_id", problem.job_id), ("user_id", problem.user_id),
+                             ("session_id", problem.session_id)) if v}
+    with job_context(**ids):
+        log.warning("bad request at %s[%d]@%d: %s", delivery.topic, delivery.partition,
+                    delivery.offset, problem)
+    worker.metrics.rejections.labels(reason="bad_input").inc()
     headers = [*delivery.headers,
                ("error.class", b"BadInput"),
                ("error.message", str(problem).encode()),

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import trio
 
-from actors.adapters.postgres import ClaimResult
+from actors.adapters.postgres import ClaimResult, Hold, Refused
 from actors.adapters.redis_events import StreamEntry
 from messages.mailboxes import Delivery, JobFinished, JobRejected, ProviderChunk, Turn
 
@@ -33,6 +33,8 @@ class JobStore(Protocol):
     async def renew_leases(self, *, job_ids: Sequence[str], owner: str,
                            lease_s: float) -> set[str]: ...
     async def release_lease(self, *, job_id: str, owner: str) -> None: ...
+    async def reserve(self, *, job_id: str, owner: str, holds: Sequence[Hold],
+                      period: str) -> Refused | None: ...
     async def load_history(self, *, user_id: str, session_id: str, before_job: str,
                            limit: int) -> list[Turn]: ...
 

@@ -21,9 +21,10 @@ from typing import Any, assert_never
 
 import trio
 
-from actors.adapters.llm import cost_usd
+from actors.adapters.llm import cost_usd, provider_of
 from actors.backoff import Backoff
 from actors.errors import PermanentError, TransientError
+from actors.metrics import Metrics
 from actors.ports import ChatModel
 from config import Config, ModelAlias
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
@@ -35,7 +36,7 @@ class Stalled(TransientError):
     """The stream sent nothing for too long; `code` says which limit."""
 
     def __init__(self, code: str, limit_s: float) -> None:
-        super().__init__(f"the model stream stalled for {limit_s:g} s ({code})")
+        super().__init__(f"the model stream stalled for {limit_s:g} s ({code})", kind="stall")
         self.code = code
 
 
@@ -43,7 +44,8 @@ class ProviderExhausted(TransientError):
     """Every retry and fallback failed; `last` is the final failure."""
 
     def __init__(self, last: TransientError, tries: int) -> None:
-        super().__init__(f"{tries} tries failed; last: {last}", retry_after=last.retry_after)
+        super().__init__(f"{tries} tries failed; last: {last}", retry_after=last.retry_after,
+                         kind=last.kind)
         self.last = last
 
 
@@ -59,16 +61,27 @@ class Answer:
     cost_usd: float | None = 0.0
     first_token_at: float | None = None
     tries: int = 0
+    retries: int = 0  # tries again on the same alias
+    spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
+    fallbacks: int = 0  # switches to the next alias
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def bill_failed_try(self, spec: ModelAlias, prompt_estimate: int, before: int,
+                        count: Callable[[str], int]) -> None:
+        """A try that failed is billed only if it streamed: a refused request costs nothing."""
+        if len(self.parts) > before:
+            self.bill(spec, prompt_estimate, count("".join(self.parts[before:])))
 
     def bill(self, spec: ModelAlias, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         cost = cost_usd(spec.model, prompt_tokens, completion_tokens,
                         spec.input_cost_per_token, spec.output_cost_per_token)
+        if cost is None and spec.api_base:
+            cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
 
 
@@ -137,7 +150,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     if failure is not None:
         raise failure
     if finished is None:
-        raise TransientError("the model stream ended without finishing")
+        raise TransientError("the model stream ended without finishing", kind="protocol")
     return finished
 
 
@@ -146,7 +159,8 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
                         count: Callable[[str], int], prompt_estimate: int,
                         on_token: Callable[[str], Awaitable[None]],
                         on_switch: Callable[[str, str, str], Awaitable[None]],
-                        answer: Answer, backoff: Backoff | None = None) -> Answer:
+                        answer: Answer, backoff: Backoff | None = None,
+                        metrics: Metrics | None = None) -> Answer:
     """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
     ProviderExhausted. `answer` keeps the partial text if this is cancelled."""
     llm = config.llm
@@ -156,27 +170,47 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
     for position, name in enumerate(chain):
         spec = config.llm.models[name]
         for retry in range(llm.retries + 1):
+            if answer.tries and answer.spend_cap is not None and answer.cost_usd is not None:
+                worst = cost_usd(spec.model, prompt_estimate + count(answer.text), spec.max_tokens,
+                                 spec.input_cost_per_token, spec.output_cost_per_token) or 0.0
+                if answer.cost_usd + worst > answer.spend_cap * (1 + 1e-9):
+                    log.warning("%s: no retry, the job's budget reservation would not cover it",
+                                name)
+                    break
             answer.tries += 1
             answer.alias = name
             before = len(answer.parts)
             request = continuation(messages, answer.text)
             try:
                 finished = await _one_try(chat, spec, request, params, config, answer, on_token)
-            except PermanentError:
-                answer.bill(spec, prompt_estimate, count("".join(answer.parts[before:])))
+            except PermanentError as exc:
+                answer.bill_failed_try(spec, prompt_estimate, before, count)
+                if metrics is not None:
+                    metrics.provider_failed(provider_of(spec.model), exc)
                 raise
             except TransientError as exc:
                 last = exc
-                answer.bill(spec, prompt_estimate, count("".join(answer.parts[before:])))
+                answer.bill_failed_try(spec, prompt_estimate, before, count)
+                vendor = provider_of(spec.model)
+                if metrics is not None:
+                    metrics.provider_failed(vendor, exc)
                 if retry < llm.retries:
                     wait = backoff.delay(retry + 1, exc.retry_after)
                     log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry + 1, wait)
+                    answer.retries += 1
+                    if metrics is not None:
+                        metrics.provider_retries.labels(vendor=vendor).inc()
                     await on_switch(name, name, str(exc))
                     await trio.sleep(wait)
                     continue
                 if position + 1 < len(chain):
                     log.warning("%s failed (%s); falling back to %s", name, exc,
                                 chain[position + 1])
+                    answer.fallbacks += 1
+                    if metrics is not None:
+                        metrics.provider_fallbacks.labels(
+                            from_vendor=vendor,
+                            to_vendor=provider_of(config.llm.models[chain[position + 1]].model)).inc()
                     await on_switch(name, chain[position + 1], str(exc))
                 break
             else:
@@ -187,5 +221,5 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
                             else count(new_text))
                 answer.finished = finished
                 return answer
-    assert last is not None
+    assert last is not None  # the first try is never held back
     raise ProviderExhausted(last, answer.tries)

@@ -19,6 +19,7 @@ from functools import partial
 
 import trio
 
+from actors import logs
 from actors.adapters import aio
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
 from actors.adapters.openai_wire import OpenAIWireChat
@@ -29,6 +30,7 @@ from actors.conversation import Worker
 from actors.errors import ChatActorsError, TransientError
 from actors.health import Health, run_health
 from actors.intake import run_intake
+from actors.metrics import Metrics
 from actors.offsets import OffsetTracker
 from actors.pg_sink import run_pg_sink
 from actors.ports import ChatModel
@@ -40,6 +42,7 @@ from config import Config
 log = logging.getLogger("chat_actors.supervisor")
 
 EVENT_MAILBOX = 1024
+LAG_EVERY_S = 5.0
 RECORD_MAILBOX = 256
 
 
@@ -75,6 +78,22 @@ async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
             else:
                 log.warning("second signal: stopping now")
                 root.cancel()
+
+
+async def _measure_lag(consumer: RequestConsumer, metrics: Metrics,
+                       scope: trio.CancelScope) -> None:
+    """Consumer lag per partition, every few seconds, for /metrics."""
+    with scope:
+        while True:
+            try:
+                lags = await consumer.lag()
+            except TransientError:
+                lags = None  # the broker is away; /readyz says so
+            if lags is not None:
+                metrics.lag.clear()
+                for (topic, partition), lag in lags.items():
+                    metrics.lag.labels(topic=topic, partition=str(partition)).set(lag)
+            await trio.sleep(LAG_EVERY_S)
 
 
 async def _check(what: str, where: str, probe) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +148,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
         worker = Worker(config=config, owner=owner, store=pg, chat=chat or vendors,
                         events=events_in, records=records_in, event_log=events,
                         registry=registry, health=health,
+                        scrub=logs.scrubber(logs.secrets_from(config)),
                         retriever=await trio.to_thread.run_sync(Retriever.from_config, config))
         try:
             async with trio.open_nursery() as root:
@@ -136,7 +156,8 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
 
                 async def health_actor(task_status: trio.TaskStatus[int]) -> None:
                     with health_scope:
-                        await run_health(health, port=config.health.port, task_status=task_status)
+                        await run_health(health, port=config.health.port, metrics=worker.metrics,
+                                         task_status=task_status)
 
                 health_port = await root.start(health_actor)
                 await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
@@ -160,6 +181,12 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                                                 health=health, task_status=task_status)
 
                 await root.start(lease_actor)
+                metrics = worker.metrics
+                metrics.in_flight.set_function(registry.running)
+                metrics.watch_mailbox("redis_sink", lambda: events_in.statistics().current_buffer_used)
+                metrics.watch_mailbox("pg_sink", lambda: records_in.statistics().current_buffer_used)
+                lag_scope = trio.CancelScope()
+                root.start_soon(_measure_lag, consumer, metrics, lag_scope)
                 signal_scope = trio.CancelScope()
                 if handle_signals:
                     async def watch() -> None:
@@ -180,6 +207,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                 signal_scope.cancel()
                 control_scope.cancel()
                 lease_scope.cancel()
+                lag_scope.cancel()
                 health_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -134,6 +134,34 @@ class Health(_Section):
 
 class Log(_Section):
     level: Literal["debug", "info", "warning", "error"]
+    format: Literal["json", "text"]
+    content: bool  # may debug lines show prompts and answers? never in production
+
+
+class Limit(_Section):
+    """One user's or tenant's limits; 0 means no limit."""
+
+    usd: Annotated[float, Meta(ge=0)] = 0.0
+    rpm: Annotated[int, Meta(ge=0)] = 0
+    tpm: Annotated[int, Meta(ge=0)] = 0
+
+
+class Tenant(Limit):
+    users: list[str] = []
+
+
+class Budgets(_Section):
+    period: Literal["day", "month"]
+    user: Limit  # every user's default
+    users: dict[str, Limit]  # per-user overrides (replace the default)
+    tenants: dict[str, Tenant]  # shared limits for a group of users, on top of their own
+
+    def for_user(self, user_id: str) -> list[tuple[str, Limit]]:
+        """The limits a job of `user_id` must fit: (scope, limit), the user's first."""
+        scopes = [(f"user:{user_id}", self.users.get(user_id, self.user))]
+        scopes += [(f"tenant:{name}", t) for name, t in sorted(self.tenants.items())
+                   if user_id in t.users]
+        return scopes
 
 
 class Config(_Section):
@@ -149,6 +177,7 @@ class Config(_Section):
     shutdown: Shutdown
     health: Health
     log: Log
+    budgets: Budgets
 
     def alias(self, name: str | None) -> tuple[str, ModelAlias]:
         name = name or self.llm.default_model

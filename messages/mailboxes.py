@@ -66,6 +66,8 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     answer: str  # may be "" (nothing streamed): then no assistant row is written
     retrieval_ms: int | None = None
     retrieval_hits: int | None = None
+    retries: int = 0
+    fallbacks: int = 0
     receipt: trio.Event | None = None
 
 

@@ -215,6 +215,9 @@ class Final(_Event, omit_defaults=True):
     cost_usd: float | None
     model: str
     sources: list[str] = []  # RAG: the chunk ids the prompt held (omitted when empty)
+    provider: str = ""  # the vendor that answered (LiteLLM's name: openai, anthropic, ...)
+    retries: int = 0  # tries again on the same alias (omitted when 0)
+    fallbacks: int = 0  # switches to a fallback alias (omitted when 0)
 
 
 class Error(_Event):

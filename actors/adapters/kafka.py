@@ -6,6 +6,7 @@ CapacityLimiter of 1. Rebalance callbacks run inside `consume`, in that thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,10 +30,16 @@ def _translate(exc: KafkaException) -> TransientError | PermanentError:
     return PermanentError(f"kafka: {exc}", code="kafka")
 
 
+# librdkafka's own messages go through `logging` (so through our JSON lines), not
+# straight to stderr; the client hands them over during poll.
+LIBRDKAFKA_LOG = logging.getLogger("chat_actors.librdkafka")
+
+
 def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
                        fetch_wait_max_ms: int, extra: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         "group.id": group_id,
         # Offsets are ours to commit, only once a job is persisted (DESIGN 4.1).
         "enable.auto.commit": False,
@@ -165,6 +172,23 @@ class RequestConsumer(_Consumer):
         parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         await self._run(lambda: self._consumer.commit(offsets=parts, asynchronous=False))
 
+    async def lag(self) -> dict[Partition, int]:
+        """Messages not yet consumed per assigned partition (high watermark - position),
+        from the client's cached watermarks: no broker round trip."""
+
+        def measure() -> dict[Partition, int]:
+            parts = [TopicPartition(t, p) for t, p in self.assigned()]
+            if not parts:
+                return {}
+            lags = {}
+            for tp in self._consumer.position(parts):
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lags[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+            return lags
+
+        return await self._run(measure)
+
     async def pause(self) -> None:
         self._paused = True
         await self._run(lambda: self._consumer.pause(
@@ -192,7 +216,8 @@ class Producer:
 
     def __init__(self, *, bootstrap: str, extra: Mapping[str, Any]) -> None:
         self._producer = confluent_kafka.Producer({
-            "bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, **extra})
+            "bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG, "enable.idempotence": True,
+            "linger.ms": 5, **extra})
         self._limiter = trio.CapacityLimiter(1)
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
@@ -228,7 +253,8 @@ def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str
     Blocking: run in a thread. Creation needs the broker's permission; where the
     platform team owns topics it is refused and the worker says so and goes on.
     """
-    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": bootstrap, **extra})
+    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": bootstrap,
+                                               "logger": LIBRDKAFKA_LOG, **extra})
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:

@@ -58,12 +58,20 @@ def translate(exc: BaseException) -> TransientError | PermanentError:
     for kind, code in _PERMANENT.items():  # ContextWindowExceeded is a BadRequest: check first
         if isinstance(exc, kind):
             return PermanentError(text, code=code)
-    if isinstance(exc, _TRANSIENT):
-        return TransientError(text, retry_after=_retry_after(exc))
     status = getattr(exc, "status_code", None)
-    if isinstance(status, int) and (status == 429 or status >= 500):
-        return TransientError(text, retry_after=_retry_after(exc))
+    if isinstance(exc, _TRANSIENT) or (isinstance(status, int) and (status == 429 or status >= 500)):
+        return TransientError(text, retry_after=_retry_after(exc), kind=_kind(exc, status))
     return PermanentError(text, code="provider_error")
+
+
+def _kind(exc: BaseException, status: object) -> str:
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
+        return "rate_limit"
+    if isinstance(exc, litellm.Timeout):
+        return "timeout"
+    if isinstance(exc, litellm.APIConnectionError):
+        return "connection"
+    return "server_error"
 
 
 def cost_usd(model: str, prompt_tokens: int, completion_tokens: int,
@@ -116,6 +124,7 @@ def _pricing(model: str) -> tuple[float, float] | str:
     return unit_in, unit_out
 
 
+@functools.lru_cache(maxsize=256)
 def provider_of(model: str) -> str:
     try:
         return litellm.get_llm_provider(model)[1]

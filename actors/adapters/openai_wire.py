@@ -185,13 +185,13 @@ class OpenAIWireChat:
                         await _read_events(response.pieces(), out, route)
             except trio.TooSlowError as exc:
                 raise TransientError(f"{route.provider}: no answer within "
-                                     f"{self._request_timeout_s:g} s") from exc
+                                     f"{self._request_timeout_s:g} s", kind="timeout") from exc
             except ssl.SSLCertVerificationError as exc:
                 raise PermanentError(f"{route.provider}: TLS certificate refused: {exc}",
                                      code="tls") from exc
             except (http1.ConnectionLost, http1.ProtocolError, OSError) as exc:
                 raise TransientError(f"{route.provider}: connection failed ({type(exc).__name__}: "
-                                     f"{exc})") from exc
+                                     f"{exc})", kind="connection") from exc
 
 
 async def _read_events(body: AsyncIterator[bytes], out: trio.MemorySendChannel[ProviderChunk],
@@ -207,7 +207,8 @@ async def _read_events(body: AsyncIterator[bytes], out: trio.MemorySendChannel[P
             if texts:
                 await _put(out, TokenDelta(text="".join(texts)))
     if stream.finish_reason is None:
-        raise TransientError(f"{route.provider}: the stream ended before the answer finished")
+        raise TransientError(f"{route.provider}: the stream ended before the answer finished",
+                             kind="protocol")
     await _put(out, StreamFinished(finish_reason=stream.finish_reason,
                                    prompt_tokens=stream.prompt_tokens,
                                    completion_tokens=stream.completion_tokens, model=stream.model))
@@ -232,10 +233,12 @@ class _StreamState:
             try:
                 chunk = _decode_chunk(data)
             except msgspec.DecodeError as exc:
-                raise TransientError(f"{route.provider}: malformed stream chunk ({exc})") from exc
+                raise TransientError(f"{route.provider}: malformed stream chunk ({exc})",
+                                     kind="protocol") from exc
             if chunk.error is not None:
-                raise TransientError(f"{route.provider}: error mid-stream: "
-                                     f"{chunk.error.get('message', chunk.error)}")
+                message = chunk.error.get("message", chunk.error)
+                raise TransientError(f"{route.provider}: error mid-stream: {message}",
+                                     kind="server_error")
             if chunk.usage is not None and chunk.usage.prompt_tokens is not None:
                 self.prompt_tokens = chunk.usage.prompt_tokens
                 self.completion_tokens = chunk.usage.completion_tokens

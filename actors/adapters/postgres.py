@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
 import msgspec
 import psycopg
+import psycopg.types.json
 import trio
 
 from actors.errors import PermanentError, TransientError
@@ -56,6 +57,74 @@ class OwnedByAnotherUser(msgspec.Struct, frozen=True):
 
 
 ClaimResult = Claimed | AlreadyTerminal | LeasedElsewhere | OwnedByAnotherUser
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """Reserve `amount` of `kind` (usd, requests, tokens) against `scope`'s `limit`."""
+
+    scope: str
+    kind: str
+    amount: float
+    limit: float
+
+
+class Refused(msgspec.Struct, frozen=True):
+    """The reservation that did not fit: `taken` is already used + reserved."""
+
+    scope: str
+    kind: str
+    amount: float
+    limit: float
+    taken: float
+
+
+class UsageRow(msgspec.Struct, frozen=True):
+    user_id: str
+    model: str
+    jobs: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class _OverLimit(Exception):
+    def __init__(self, refused: Refused) -> None:
+        self.refused = refused
+
+
+# The window a reservation counts in: rates per minute, money per configured period.
+_WINDOWS = {"minute": "date_trunc('minute', now())", "day": "date_trunc('day', now())",
+            "month": "date_trunc('month', now())"}
+_ACTUAL = {"usd": lambda r: r.cost_usd or 0.0, "requests": lambda r: 1,
+           "tokens": lambda r: r.prompt_tokens + r.completion_tokens}
+
+
+def _take(cur: psycopg.Cursor[Any], hold: Hold, period: str) -> list[Any]:
+    """Reserve one hold in its current window, or raise _OverLimit."""
+    window = _WINDOWS["minute" if hold.kind != "usd" else period]
+    key = (hold.scope, hold.kind)
+    cur.execute("INSERT INTO llm_budget_ledger (scope, kind, window_start) "
+                f"VALUES (%s, %s, {window}) ON CONFLICT DO NOTHING", key)
+    got = cur.execute(
+        "UPDATE llm_budget_ledger SET reserved = reserved + %s "
+        f"WHERE scope = %s AND kind = %s AND window_start = {window} "
+        "AND used + reserved + %s <= %s RETURNING window_start",
+        (hold.amount, *key, hold.amount, hold.limit)).fetchone()
+    if got is None:
+        now = cur.execute("SELECT used + reserved FROM llm_budget_ledger WHERE scope = %s "
+                          f"AND kind = %s AND window_start = {window}", key).fetchone()
+        raise _OverLimit(Refused(scope=hold.scope, kind=hold.kind, amount=hold.amount,
+                                 limit=hold.limit, taken=float(now[0]) if now else 0.0))
+    return [hold.scope, hold.kind, got[0].isoformat(), hold.amount]
+
+
+def _release(cur: psycopg.Cursor[Any], holds: list[list[Any]], record: JobFinished | None) -> None:
+    """Give back what `holds` reserved; with a finished job, count what it really used."""
+    for scope, kind, window, amount in holds:
+        used = _ACTUAL[kind](record) if record is not None else 0
+        cur.execute("UPDATE llm_budget_ledger SET reserved = GREATEST(reserved - %s, 0), "
+                    "used = used + %s WHERE scope = %s AND kind = %s AND window_start = %s",
+                    (amount, used, scope, kind, window))
 
 
 class Postgres:
@@ -175,6 +244,45 @@ class Postgres:
 
         return await self.run(renew)
 
+    async def reserve(self, *, job_id: str, owner: str, holds: Sequence[Hold],
+                      period: str) -> Refused | None:
+        """Reserve every hold for the job, all or none, in one transaction.
+
+        Each is one conditional UPDATE (used + reserved + amount <= limit) on the
+        ledger row, which Postgres re-checks on the latest row version after any
+        concurrent writer commits: concurrent jobs can never reserve past a limit.
+        What an earlier attempt of the job still holds is given back first."""
+
+        def reserve(conn: psycopg.Connection[Any]) -> Refused | None:
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    row = cur.execute("SELECT budget_holds FROM llm_jobs WHERE job_id = %s "
+                                      "AND lease_owner = %s FOR UPDATE", (job_id, owner)).fetchone()
+                    if row is None:
+                        raise TransientError(f"job {job_id}: lease lost before its reservation")
+                    _release(cur, row[0] or [], None)
+                    taken = [_take(cur, hold, period)
+                             for hold in sorted(holds, key=lambda h: (h.scope, h.kind))]
+                    cur.execute("UPDATE llm_jobs SET budget_holds = %s WHERE job_id = %s",
+                                (psycopg.types.json.Jsonb(taken), job_id))
+            except _OverLimit as over:  # the transaction rolled back: nothing is held
+                return over.refused
+            return None
+
+        return await self.run(reserve)
+
+    async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
+        """Jobs, tokens and cost by user and model alias, newest rows included."""
+        rows = await self.run(lambda conn: conn.execute(
+            "SELECT user_id, coalesce(model, '-'), count(*), coalesce(sum(prompt_tokens), 0), "
+            "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0) FROM llm_jobs "
+            "WHERE (%(user)s::text IS NULL OR user_id = %(user)s) "
+            "AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s) "
+            "AND status <> 'rejected' GROUP BY 1, 2 ORDER BY 1, 2",
+            {"user": user_id, "since": since}).fetchall())
+        return [UsageRow(user_id=r[0], model=r[1], jobs=r[2], prompt_tokens=int(r[3]),
+                         completion_tokens=int(r[4]), cost_usd=float(r[5])) for r in rows]
+
     async def release_lease(self, *, job_id: str, owner: str) -> None:
         """Give a job back unfinished: the next delivery runs it again at once."""
         await self.run(lambda conn: conn.execute(
@@ -206,18 +314,28 @@ class Postgres:
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 if finished:
+                    # Settle reservations to what each job really used, in the same
+                    # transaction as its terminal row (the owner check makes it once).
+                    by_id = {r.job_id: r for r in finished}
+                    for job_id, holds in cur.execute(
+                            "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
+                            "AND lease_owner = %s AND budget_holds IS NOT NULL "
+                            "ORDER BY job_id FOR UPDATE", (list(by_id), owner)).fetchall():
+                        _release(cur, holds, by_id[job_id])
                     cur.executemany(
                         """
                         UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
                             prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
                             ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
-                            retrieval_ms = %s, retrieval_hits = %s,
+                            retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
+                            budget_holds = NULL,
                             finished_at = now(), lease_owner = NULL, lease_until = NULL
                         WHERE job_id = %s AND lease_owner = %s
                         """,
                         [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
                           r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
-                          r.retrieval_ms, r.retrieval_hits, r.job_id, owner)
+                          r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
+                          r.job_id, owner)
                          for r in finished])
                     messages = []
                     for r in finished:
