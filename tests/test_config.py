@@ -68,3 +68,11 @@ def test_run_refuses_a_bad_config_with_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"chat-actors: config error: config file {tmp_path / 'missing.toml'} does not exist")
+
+
+def test_the_shipped_deployment_config_is_valid():
+    """deploy/worker.toml (mounted by docker-compose.yml) must load as the worker would."""
+    config = load_config(ROOT / "deploy" / "worker.toml", environ={})
+    assert config.kafka.bootstrap_servers == "kafka:9092"
+    assert config.llm.models[config.llm.default_model].api_key_env == "OPENAI_API_KEY"
+    assert config.budgets.for_user("anyone")[0][1].usd == 5.0
