@@ -246,7 +246,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             answer_tokens=alias.max_tokens, count=count, context=context)
         if config.log.content:
             log.debug("prompt: %s", messages)
-        answer.spend_cap = await _reserve(worker, job, alias_name, prompt_estimate)
+        answer.spend_cap, answer.reserved = await _reserve(worker, job, alias_name,
+                                                           prompt_estimate)
         await stream_answer(
             chat=worker.chat, config=config, alias_name=alias_name, messages=messages,
             params=_params(request, alias.max_tokens), count=count,
@@ -324,7 +325,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
             user_message=request.message, user_tokens=count(request.message), answer=text,
             retrieval_ms=retrieved.elapsed_ms if retrieved else None,
             retrieval_hits=len(sources_used) if retrieved else None,
-            retries=answer.retries, fallbacks=answer.fallbacks, receipt=persisted))
+            retries=answer.retries, fallbacks=answer.fallbacks,
+            reserved=answer.reserved, receipt=persisted))
         await persisted.wait()
         await worker.emit(job, Done(status=status, partial=partial_answer), wait=True)
     if finishing.cancelled_caught:
@@ -354,9 +356,11 @@ def _count(worker: Worker, mode: str, status: str, model: str, prompt_tokens: in
     metrics.latency.labels(model=model).observe(latency_s)
 
 
-async def _reserve(worker: Worker, job: JobRef, alias_name: str, prompt_tokens: int) -> float | None:
+async def _reserve(worker: Worker, job: JobRef, alias_name: str,
+                   prompt_tokens: int) -> tuple[float | None, bool]:
     """Reserve the job's worst case against the user's limits; return the USD cap it
-    may spend (None: no USD limit). Raises PermanentError over a limit."""
+    may spend (None: no USD limit) and whether anything is reserved. Raises
+    PermanentError over a limit."""
     config = worker.config
     budgets = config.budgets
     alias = config.llm.models[alias_name]
@@ -374,13 +378,13 @@ async def _reserve(worker: Worker, job: JobRef, alias_name: str, prompt_tokens: 
             holds.append(Hold(scope=scope, kind="tokens", amount=prompt_tokens + alias.max_tokens,
                               limit=limit.tpm))
     if not holds:
-        return None
+        return None, False
     refused = await retry_transient(
         lambda: worker.store.reserve(job_id=job.job_id, owner=worker.owner, holds=holds,
                                      period=budgets.period),
         what="budget reservation", log=log, health=worker.health, dependency="postgres")
     if refused is None:
-        return worst_usd if any(h.kind == "usd" for h in holds) else None
+        return (worst_usd if any(h.kind == "usd" for h in holds) else None), True
     what = {"usd": f"USD budget per {budgets.period}", "requests": "requests per minute",
             "tokens": "tokens per minute"}[refused.kind]
     log.warning("job %s refused: %s over its %s", job.job_id, refused.scope, what)

@@ -63,6 +63,7 @@ class Answer:
     tries: int = 0
     retries: int = 0  # tries again on the same alias
     spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
+    reserved: bool = False  # a budget reservation waits to be settled
     fallbacks: int = 0  # switches to the next alias
 
     @property

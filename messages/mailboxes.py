@@ -68,6 +68,7 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     retrieval_hits: int | None = None
     retries: int = 0
     fallbacks: int = 0
+    reserved: bool = False  # holds a budget reservation to settle
     receipt: trio.Event | None = None
 
 
