@@ -39,7 +39,7 @@ from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
 from actors.registry import JobRegistry, RunningJob
 from actors.retriever import Retrieval, Retrieved
 from config import Config
-from messages.mailboxes import EventEmitted, JobFinished, JobRef, PgSinkMessage
+from messages.mailboxes import EventEmitted, JobFinished, JobRef, PgSinkMessage, Turn
 from messages.wire import (
     ChatRequest,
     Done,
@@ -131,7 +131,8 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
             lambda: worker.store.claim(
                 job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
                 trace_id=trace_id, mode=request.mode, model=alias_name,
-                provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s),
+                provider=provider, owner=worker.owner, lease_s=config.jobs.lease_s,
+                history_limit=config.llm.max_history_turns),
             what=f"claim of job {request.job_id}", log=log, health=worker.health,
             dependency="postgres")
         if not isinstance(claim, LeasedElsewhere):
@@ -145,7 +146,7 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
     job = JobRef(job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
                  attempt=1, stream_key=worker.stream_key(request.job_id))
     match claim:
-        case Claimed(attempt=attempt):
+        case Claimed(attempt=attempt, history=history):
             job = JobRef(job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
                          attempt=attempt, stream_key=job.stream_key)
         case AlreadyTerminal(status=status, attempt=attempt, partial=partial):
@@ -163,7 +164,7 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
     running = worker.registry.admit(job.job_id, job.user_id)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
     try:
-        await _run_claimed(request, worker, job, alias_name, running)
+        await _run_claimed(request, worker, job, alias_name, running, history)
         settled = True
     finally:
         worker.leases.drop(job.job_id)
@@ -212,7 +213,7 @@ async def _resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial:
 
 
 async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
-                       alias_name: str, running: RunningJob) -> None:
+                       alias_name: str, running: RunningJob, history: list[Turn]) -> None:
     config = worker.config
     alias = config.llm.models[alias_name]
     count = worker.counter(alias.model)
@@ -228,11 +229,6 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
 
     async def answer_request() -> None:
         nonlocal prompt_estimate, retrieved, sources_used
-        history = await retry_transient(
-            lambda: worker.store.load_history(
-                user_id=job.user_id, session_id=job.session_id, before_job=job.job_id,
-                limit=config.llm.max_history_turns),
-            what="history read", log=log, health=worker.health, dependency="postgres")
         context = ""
         if request.mode == "rag":
             retrieved = await _retrieve(request, worker, job)

@@ -10,7 +10,7 @@ import trio
 
 from actors.adapters.postgres import ClaimResult, Hold, Refused
 from actors.adapters.redis_events import StreamEntry
-from messages.mailboxes import Delivery, JobFinished, JobRejected, ProviderChunk, Turn
+from messages.mailboxes import Delivery, JobFinished, JobRejected, ProviderChunk
 
 Partition = tuple[str, int]
 
@@ -29,14 +29,12 @@ class RecordWriter(Protocol):
 class JobStore(Protocol):
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, owner: str,
-                    lease_s: float) -> ClaimResult: ...
+                    lease_s: float, history_limit: int = 0) -> ClaimResult: ...
     async def renew_leases(self, *, job_ids: Sequence[str], owner: str,
                            lease_s: float) -> set[str]: ...
     async def release_lease(self, *, job_id: str, owner: str) -> None: ...
     async def reserve(self, *, job_id: str, owner: str, holds: Sequence[Hold],
                       period: str) -> Refused | None: ...
-    async def load_history(self, *, user_id: str, session_id: str, before_job: str,
-                           limit: int) -> list[Turn]: ...
 
 
 class ChatModel(Protocol):

@@ -41,8 +41,6 @@ class FakeStore:
     async def release_lease(self, *, job_id, owner):
         self.released.append(job_id)
 
-    async def load_history(self, **kwargs):
-        return []
 
 
 @dataclass

@@ -40,6 +40,7 @@ def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
 
 class Claimed(msgspec.Struct, frozen=True):
     attempt: int
+    history: list[Turn] = msgspec.field(default_factory=list)  # read in the same round trip
 
 
 class AlreadyTerminal(msgspec.Struct, frozen=True):
@@ -97,6 +98,17 @@ _WINDOWS = {"minute": "date_trunc('minute', now())", "day": "date_trunc('day', n
             "month": "date_trunc('month', now())"}
 _ACTUAL = {"usd": lambda r: r.cost_usd or 0.0, "requests": lambda r: 1,
            "tokens": lambda r: r.prompt_tokens + r.completion_tokens}
+
+
+def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, before_job: str,
+             limit: int) -> list[Turn]:
+    if limit == 0:
+        return []
+    rows = conn.execute(
+        "SELECT role, content FROM llm_messages "
+        "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
+        "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
+    return [Turn(role=role, content=content) for role, content in reversed(rows)]
 
 
 def _take(cur: psycopg.Cursor[Any], hold: Hold, period: str) -> list[Any]:
@@ -195,8 +207,11 @@ class Postgres:
     # -- the job store (request/reply) ---------------------------------------------------
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, owner: str,
-                    lease_s: float) -> ClaimResult:
-        """Take the job's lease: a new job runs as attempt 1, an expired lease as attempt + 1."""
+                    lease_s: float, history_limit: int = 0) -> ClaimResult:
+        """Take the job's lease: a new job runs as attempt 1, an expired lease as attempt + 1.
+
+        A claimed job also gets its session's last `history_limit` turns, read on the
+        same connection in the same thread hop (one round trip per job fewer)."""
 
         def claim(conn: psycopg.Connection[Any]) -> ClaimResult:
             row = conn.execute(
@@ -218,7 +233,7 @@ class Postgres:
                  "owner": owner, "lease": timedelta(seconds=lease_s)},
             ).fetchone()
             if row is not None:
-                return Claimed(row[0])
+                return Claimed(row[0], _history(conn, user_id, session_id, job_id, history_limit))
             status, row_user, lease_owner, attempt, partial = conn.execute(
                 "SELECT status, user_id, lease_owner, attempt, partial FROM llm_jobs "
                 "WHERE job_id = %s", (job_id,)
@@ -288,21 +303,6 @@ class Postgres:
         await self.run(lambda conn: conn.execute(
             "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL "
             "WHERE job_id = %s AND lease_owner = %s AND status = 'running'", (job_id, owner)))
-
-    async def load_history(self, *, user_id: str, session_id: str, before_job: str,
-                           limit: int) -> list[Turn]:
-        """The session's last `limit` turns, oldest first; only this user's rows."""
-
-        def load(conn: psycopg.Connection[Any]) -> list[Turn]:
-            rows = conn.execute(
-                "SELECT role, content FROM llm_messages "
-                "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
-                "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
-            return [Turn(role=role, content=content) for role, content in reversed(rows)]
-
-        if limit == 0:
-            return []
-        return await self.run(load)
 
     # -- the pg sink's batches ------------------------------------------------------------
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
