@@ -215,3 +215,22 @@ async def test_requests_per_minute_are_limited_per_window(make_config, llm, rds,
     # At most 3 per minute window (the jobs may straddle a minute boundary).
     assert all(float(used) <= 3 for (used,) in windows)
     assert sum(float(used) for (used,) in windows) == len(completed) == len(llm.calls)
+
+
+async def test_consumer_lag_shows_requests_waiting_behind_a_full_worker(make_config, llm, rds):
+    config, _ = make_config(environ={"CHAT_ACTORS__JOBS__MAX_IN_FLIGHT": "1"})
+    # The first job streams for 8 s: longer than the 5 s between lag measurements.
+    llm.queue(Reply(tokens=tuple(f"{i} " for i in range(80)), token_delay_s=0.1))
+    llm.default = Reply(tokens=("short",))
+    jobs = [request(f"queued {i}") for i in range(5)]
+    async with worker_running(config) as worker:
+        produce(config, *jobs)
+        # One job runs; the intake pauses; the other four wait in Kafka, unconsumed.
+        metrics = await scraped_when(worker.health_port, lambda m: sum(
+            v for (name, _), v in m.items() if name == "chat_actors_consumer_lag") >= 3)
+        assert sample(metrics, "chat_actors_jobs_in_flight") == 1
+        for job in jobs:
+            await events_of(rds, config, job["jobId"])
+        metrics = await scraped_when(worker.health_port, lambda m: sum(
+            v for (name, _), v in m.items() if name == "chat_actors_consumer_lag") == 0)
+    assert sample(metrics, "chat_actors_jobs_total", status="completed", mode="gen") == 5

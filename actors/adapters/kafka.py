@@ -182,9 +182,12 @@ class RequestConsumer(_Consumer):
                 return {}
             lags = {}
             for tp in self._consumer.position(parts):
-                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                if high >= 0 and tp.offset >= 0:
-                    lags[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue  # nothing fetched from it yet: unknown, not zero
+                # No position yet: nothing consumed, reading starts at the low watermark.
+                start = tp.offset if tp.offset >= 0 else low
+                lags[(tp.topic, tp.partition)] = max(high - max(start, 0), 0)
             return lags
 
         return await self._run(measure)
