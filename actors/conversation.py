@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.adapters.llm import cost_usd, provider_of
+from actors.adapters.llm import provider_of
 from actors.adapters.postgres import (
     AlreadyTerminal,
     Claimed,
@@ -35,7 +35,7 @@ from actors.logs import job_context
 from actors.metrics import Metrics
 from actors.ports import ChatModel, EventWriter, JobStore
 from actors.prompt import build_messages, sources_message
-from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer
+from actors.provider import Answer, ProviderExhausted, Stalled, stream_answer, worst_try_usd
 from actors.registry import JobRegistry, RunningJob
 from actors.retriever import Retrieval, Retrieved
 from config import Config
@@ -296,6 +296,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
     first_token_at = answer.first_token_at
     finished = answer.finished
     answered_by = answer.alias
+    vendor = provider_of(config.llm.models[answered_by].model)
 
     with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
         if status == "completed" and finished is not None:
@@ -303,16 +304,14 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef,
                 text=text, finish_reason=finished.finish_reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens),
-                cost_usd=cost, model=answered_by, sources=sources_used,
-                provider=provider_of(config.llm.models[answered_by].model),
+                cost_usd=cost, model=answered_by, sources=sources_used, provider=vendor,
                 retries=answer.retries, fallbacks=answer.fallbacks))
         elif error is not None:
             await worker.emit(job, error)
         persisted = trio.Event()
         await worker.records.send(JobFinished(
             job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status=status,
-            model=answered_by, provider=provider_of(config.llm.models[answered_by].model),
-            prompt_tokens=prompt_tokens,
+            model=answered_by, provider=vendor, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cost_usd=cost,
             ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
             latency_ms=round((ended - started) * 1000),
@@ -360,10 +359,8 @@ async def _reserve(worker: Worker, job: JobRef, alias_name: str,
     config = worker.config
     budgets = config.budgets
     alias = config.llm.models[alias_name]
-    worst_usd = max((cost_usd(spec.model, prompt_tokens, alias.max_tokens, spec.input_cost_per_token,
-                              spec.output_cost_per_token) or 0.0
-                     for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks))),
-                    default=0.0)
+    worst_usd = max(worst_try_usd(spec, prompt_tokens, alias.max_tokens)
+                    for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks)))
     holds: list[Hold] = []
     for scope, limit in budgets.for_user(job.user_id):
         if limit.usd:

@@ -62,9 +62,9 @@ class Answer:
     first_token_at: float | None = None
     tries: int = 0
     retries: int = 0  # tries again on the same alias
+    fallbacks: int = 0  # switches to the next alias
     spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
     reserved: bool = False  # a budget reservation waits to be settled
-    fallbacks: int = 0  # switches to the next alias
 
     @property
     def text(self) -> str:
@@ -84,6 +84,12 @@ class Answer:
         if cost is None and spec.api_base:
             cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+
+def worst_try_usd(spec: ModelAlias, prompt_tokens: int, answer_tokens: int) -> float:
+    """The most one try on `spec` can cost (0 for a model without a price)."""
+    return cost_usd(spec.model, prompt_tokens, answer_tokens, spec.input_cost_per_token,
+                    spec.output_cost_per_token) or 0.0
 
 
 def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str, str]]:
@@ -172,8 +178,7 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
         spec = config.llm.models[name]
         for retry in range(llm.retries + 1):
             if answer.tries and answer.spend_cap is not None and answer.cost_usd is not None:
-                worst = cost_usd(spec.model, prompt_estimate + count(answer.text), spec.max_tokens,
-                                 spec.input_cost_per_token, spec.output_cost_per_token) or 0.0
+                worst = worst_try_usd(spec, prompt_estimate + count(answer.text), spec.max_tokens)
                 if answer.cost_usd + worst > answer.spend_cap * (1 + 1e-9):
                     log.warning("%s: no retry, the job's budget reservation would not cover it",
                                 name)

@@ -80,20 +80,18 @@ async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
                 root.cancel()
 
 
-async def _measure_lag(consumer: RequestConsumer, metrics: Metrics,
-                       scope: trio.CancelScope) -> None:
+async def _measure_lag(consumer: RequestConsumer, metrics: Metrics) -> None:
     """Consumer lag per partition, every few seconds, for /metrics."""
-    with scope:
-        while True:
-            try:
-                lags = await consumer.lag()
-            except TransientError:
-                lags = None  # the broker is away; /readyz says so
-            if lags is not None:
-                metrics.lag.clear()
-                for (topic, partition), lag in lags.items():
-                    metrics.lag.labels(topic=topic, partition=str(partition)).set(lag)
-            await trio.sleep(LAG_EVERY_S)
+    while True:
+        try:
+            lags = await consumer.lag()
+        except TransientError:
+            lags = None  # the broker is away; /readyz says so
+        if lags is not None:
+            metrics.lag.clear()
+            for (topic, partition), lag in lags.items():
+                metrics.lag.labels(topic=topic, partition=str(partition)).set(lag)
+        await trio.sleep(LAG_EVERY_S)
 
 
 async def _check(what: str, where: str, probe) -> None:  # type: ignore[no-untyped-def]
@@ -151,48 +149,28 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                         scrub=logs.scrubber(logs.secrets_from(config)),
                         retriever=await trio.to_thread.run_sync(Retriever.from_config, config))
         try:
-            async with trio.open_nursery() as root:
-                health_scope = trio.CancelScope()
-
-                async def health_actor(task_status: trio.TaskStatus[int]) -> None:
-                    with health_scope:
-                        await run_health(health, port=config.health.port, metrics=worker.metrics,
-                                         task_status=task_status)
-
-                health_port = await root.start(health_actor)
+            async with trio.open_nursery() as root, trio.open_nursery() as background:
+                # `background` holds the actors that serve only while jobs run (health,
+                # control, leases, lag, signals); they stop together once intake is done,
+                # while the sinks in `root` flush what is left.
+                health_port = await background.start(partial(
+                    run_health, health, port=config.health.port, metrics=worker.metrics))
                 await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
                                          batch_max=config.postgres.batch, health=health))
                 await root.start(partial(run_redis_sink, events_out, events,
                                          batch_max=config.stream.batch, health=health))
                 # Cancels stay honoured while running jobs drain; control stops after intake.
-                control_scope = trio.CancelScope()
-
-                async def control_actor(task_status: trio.TaskStatus[None]) -> None:
-                    with control_scope:
-                        await run_control(control, registry, stats=control_stats,
-                                          task_status=task_status)
-
-                await root.start(control_actor)
-                lease_scope = trio.CancelScope()
-
-                async def lease_actor(task_status: trio.TaskStatus[None]) -> None:
-                    with lease_scope:
-                        await worker.leases.run(pg, owner=owner, lease_s=config.jobs.lease_s,
-                                                health=health, task_status=task_status)
-
-                await root.start(lease_actor)
+                await background.start(partial(run_control, control, registry,
+                                               stats=control_stats))
+                await background.start(partial(worker.leases.run, pg, owner=owner,
+                                               lease_s=config.jobs.lease_s, health=health))
                 metrics = worker.metrics
                 metrics.in_flight.set_function(registry.running)
                 metrics.watch_mailbox("redis_sink", lambda: events_in.statistics().current_buffer_used)
                 metrics.watch_mailbox("pg_sink", lambda: records_in.statistics().current_buffer_used)
-                lag_scope = trio.CancelScope()
-                root.start_soon(_measure_lag, consumer, metrics, lag_scope)
-                signal_scope = trio.CancelScope()
+                background.start_soon(_measure_lag, consumer, metrics)
                 if handle_signals:
-                    async def watch() -> None:
-                        with signal_scope:
-                            await _watch_signals(stop, root.cancel_scope)
-                    root.start_soon(watch)
+                    background.start_soon(_watch_signals, stop, root.cancel_scope)
                 async with trio.open_nursery() as front:
                     await front.start(partial(run_intake, consumer, dlq, worker, tracker,
                                               stop=stop))
@@ -204,11 +182,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                                                      consumer=consumer, health=health,
                                                      health_port=health_port))
                 # Intake is done and closed the sinks' mailboxes: they flush and end.
-                signal_scope.cancel()
-                control_scope.cancel()
-                lease_scope.cancel()
-                lag_scope.cancel()
-                health_scope.cancel()
+                background.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await dlq.close()

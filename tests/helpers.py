@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +43,24 @@ async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         # The worker owns this state and signals no event for it: check it often.
         while not condition():  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+async def wait_calls(llm: Any, predicate: Callable[[list[Any]], Any], timeout_s: float = 60) -> None:
+    """Wait (in a thread) until the scripted vendor's calls satisfy `predicate`."""
+    await trio.to_thread.run_sync(lambda: llm.wait_until(predicate, timeout_s))
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """GET /readyz from a thread (the worker may serve it on this very Trio loop)."""
+
+    def get() -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    return await trio.to_thread.run_sync(get)
 
 
 def request(message: str = "Hi there", **fields: Any) -> dict[str, Any]:

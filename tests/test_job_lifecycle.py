@@ -15,13 +15,10 @@ from tests.helpers import (
     request,
     start_worker_process,
     stop_process,
+    wait_calls,
     worker_running,
 )
 from tests.scripted_llm import Reply
-
-
-async def wait_calls(llm, predicate, timeout_s: float = 60) -> None:
-    await trio.to_thread.run_sync(lambda: llm.wait_until(predicate, timeout_s))
 
 
 @asynccontextmanager

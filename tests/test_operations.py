@@ -18,14 +18,15 @@ from tests.helpers import (
     events_of,
     job_row,
     produce,
+    readyz,
     request,
     start_worker_process,
     stop_process,
     until,
+    wait_calls,
     worker_running,
 )
 from tests.scripted_llm import Reply
-from tests.test_outages import readyz
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -97,13 +98,12 @@ async def test_readiness_turns_off_while_draining(make_config, llm, rds):
     llm.default = Reply(tokens=tuple(f"{i} " for i in range(40)), token_delay_s=0.05)
     req = request("a long one")
     async with worker_running(config) as worker:
-        assert (await trio.to_thread.run_sync(readyz, worker.health_port))[0] == 200
+        assert (await readyz(worker.health_port))[0] == 200
         produce(config, req)
-        await trio.to_thread.run_sync(lambda: llm.wait_until(
-            lambda calls: calls and calls[0].tokens_sent >= 2))
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 2, 30)
         worker.stop.set()
         await until(lambda: worker.health.draining)
-        status, report = await trio.to_thread.run_sync(readyz, worker.health_port)
+        status, report = await readyz(worker.health_port)
         assert status == 503 and report["draining"] is True
     events = await events_of(rds, config, req["jobId"])
     assert events[-1]["data"]["status"] == "completed"  # drained, not dropped

@@ -3,25 +3,15 @@ job finishes with a contiguous event sequence and exactly one `done`."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import urllib.request
 
 import trio
 
-from tests.helpers import events_of, produce, request, until, worker_running
+from tests.helpers import events_of, produce, readyz, request, until, wait_calls, worker_running
 from tests.scripted_llm import Reply
 
 STREAM = Reply(tokens=tuple(f"w{i} " for i in range(20)), token_delay_s=0.05)
-
-
-def readyz(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def assert_contiguous(events: list[dict]) -> None:
@@ -38,14 +28,13 @@ async def test_redis_unreachable_mid_stream(make_config, stack, llm, rds):
     llm.default = STREAM
     req = request("through an outage")
     async with worker_running(config) as worker:
-        assert (await trio.to_thread.run_sync(readyz, worker.health_port))[0] == 200
+        assert (await readyz(worker.health_port))[0] == 200
         produce(config, req)
-        await trio.to_thread.run_sync(lambda: llm.wait_until(
-            lambda calls: calls and calls[0].tokens_sent >= 3))
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3, 30)
         os.kill(stack.redis.pid, signal.SIGSTOP)
         try:
             await until(lambda: worker.health.failures["redis"] >= 2)
-            status, report = await trio.to_thread.run_sync(readyz, worker.health_port)
+            status, report = await readyz(worker.health_port)
             assert status == 503 and "redis" in report["down"]
         finally:
             os.kill(stack.redis.pid, signal.SIGCONT)
@@ -62,8 +51,7 @@ async def test_postgres_restarted_mid_job(config, stack, llm, rds):
     req = request("through a restart")
     async with worker_running(config) as worker:
         produce(config, req)
-        await trio.to_thread.run_sync(lambda: llm.wait_until(
-            lambda calls: calls and calls[0].tokens_sent >= 3))
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3, 30)
         stack.postgres.stop()
         try:
             await until(lambda: worker.health.failures["postgres"] >= 1)
@@ -87,8 +75,7 @@ async def test_a_job_finishes_while_the_broker_is_unreachable(config, stack, llm
     second = request("after the pause")
     async with worker_running(config):
         produce(config, first)
-        await trio.to_thread.run_sync(lambda: llm.wait_until(
-            lambda calls: calls and calls[0].tokens_sent >= 3))
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3, 30)
         os.kill(stack.kafka.pid, signal.SIGSTOP)
         try:
             # Redis and Postgres are enough to finish a job already admitted.

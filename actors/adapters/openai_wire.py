@@ -93,22 +93,20 @@ def resolve(model: str, api_base: str | None, api_key_env: str | None, stream_pa
         return None
     if provider not in NATIVE_PROVIDERS and stream_path != "openai":
         return None
-    if _proxied(api_base or base or OPENAI_API_BASE):
-        return None  # LiteLLM's client speaks the proxy; ours does not
     hosted_openai = provider == "openai" and not api_base
     base = api_base or base or (OPENAI_API_BASE if hosted_openai else None)
-    if base is None:
-        return None
+    if base is None or _proxied(base):
+        return None  # (behind a proxy: LiteLLM's client speaks it, ours does not)
     # OPENAI_API_KEY only ever goes to OpenAI itself, never to a configured api_base.
     return Route(url=base.rstrip("/") + "/chat/completions", model=name, provider=provider,
                  api_key_env=api_key_env or ("OPENAI_API_KEY" if hosted_openai else None))
 
 
 def _proxied(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    parts = urlsplit(url)
     proxies = urllib.request.getproxies()
-    return bool(proxies.get(urlsplit(url).scheme) or proxies.get("all")) and \
-        not urllib.request.proxy_bypass(host)
+    return bool(proxies.get(parts.scheme) or proxies.get("all")) and \
+        not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 @functools.lru_cache(maxsize=1024)

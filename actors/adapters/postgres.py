@@ -316,12 +316,13 @@ class Postgres:
                 if finished:
                     # Settle reservations to what each job really used, in the same
                     # transaction as its terminal row (the owner check makes it once).
-                    by_id = {r.job_id: r for r in finished if r.reserved}
-                    for job_id, holds in by_id and cur.execute(
-                            "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
-                            "AND lease_owner = %s AND budget_holds IS NOT NULL "
-                            "ORDER BY job_id FOR UPDATE", (list(by_id), owner)).fetchall():
-                        _release(cur, holds, by_id[job_id])
+                    reserved = {r.job_id: r for r in finished if r.reserved}
+                    if reserved:  # only those jobs pay for the locking read
+                        for job_id, holds in cur.execute(
+                                "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
+                                "AND lease_owner = %s AND budget_holds IS NOT NULL "
+                                "ORDER BY job_id FOR UPDATE", (list(reserved), owner)).fetchall():
+                            _release(cur, holds, reserved[job_id])
                     cur.executemany(
                         """
                         UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
