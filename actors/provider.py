@@ -178,7 +178,10 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
         spec = config.llm.models[name]
         for retry in range(llm.retries + 1):
             if answer.tries and answer.spend_cap is not None and answer.cost_usd is not None:
-                worst = worst_try_usd(spec, prompt_estimate + count(answer.text), spec.max_tokens)
+                # The answer may run to what the request asks (the first alias's limit)
+                # even on a fallback whose own limit is lower: take the larger.
+                answer_tokens = max(spec.max_tokens, params.get("max_tokens", 0))
+                worst = worst_try_usd(spec, prompt_estimate + count(answer.text), answer_tokens)
                 if answer.cost_usd + worst > answer.spend_cap * (1 + 1e-9):
                     log.warning("%s: no retry, the job's budget reservation would not cover it",
                                 name)

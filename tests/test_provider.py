@@ -117,3 +117,32 @@ async def test_when_everything_fails_the_last_failure_is_reported(autojump_clock
 
 def test_continuation_leaves_a_fresh_request_alone():
     assert continuation(MESSAGES, "") == MESSAGES
+
+
+async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallbacks_limit(
+        autojump_clock):
+    # One try may cost 100 tokens x $0.01 = $1.00, which is what the job reserved. The first
+    # try streams 10 tokens ($0.10) and breaks. The fallback's own max_tokens is 5, but the
+    # request still asks for up to 100: it could cost $1.00 more, so it must not run.
+    priced = {"INPUT_COST_PER_TOKEN": "0", "OUTPUT_COST_PER_TOKEN": "0.01"}
+    config = load_config(environ={
+        "CHAT_ACTORS__LLM__RETRIES": "0",
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__MAX_TOKENS": "100",
+        "CHAT_ACTORS__LLM__MODELS__BACKUP__MODEL": "openai/backup-model",
+        "CHAT_ACTORS__LLM__MODELS__BACKUP__MAX_TOKENS": "5",
+        **{f"CHAT_ACTORS__LLM__MODELS__{alias}__{key}": value
+           for alias in ("LOCAL", "BACKUP") for key, value in priced.items()}})
+    chat = FakeChat([Try(tokens=tuple(f"t{i} " for i in range(10)),
+                         error=TransientError("connection reset")),
+                     Try(tokens=("never",))])
+    answer = Answer(spend_cap=1.0)
+
+    async def ignore(*args):
+        pass
+
+    with pytest.raises(ProviderExhausted):
+        await stream_answer(chat=chat, config=config, alias_name="local", messages=MESSAGES,
+                            params={"max_tokens": 100}, count=lambda text: len(text.split()),
+                            prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
+    assert len(chat.calls) == 1 and answer.cost_usd == pytest.approx(0.10)
