@@ -24,6 +24,7 @@ COPY bin/ bin/
 COPY actors/ actors/
 COPY messages/ messages/
 COPY config/ config/
+COPY tools/ tools/
 RUN mkdir -p /app/.data && chown chat:chat /app/.data
 ENV CHAT_ACTORS_VENV=/opt/venv \
     PYTHONUNBUFFERED=1 \

@@ -8,18 +8,20 @@ so a cancel sent while this worker was starting is not missed.
 from __future__ import annotations
 
 import logging
+from typing import assert_never
 
 import trio
 
-from actors.backoff import Backoff
-from actors.errors import TransientError
-from actors.ports import RequestSource
+from actors.backoff import DependencyHealth
+from actors.polling import Poller
+from actors.ports import Source
 from actors.registry import CancelOutcome, JobRegistry
+from messages.mailboxes import Delivery
 from messages.wire import BadInput, CancelRequested, decode_control
 
 log = logging.getLogger("chat_actors.control")
 
-POLL_TIMEOUT_S = 0.1
+BATCH = 256
 
 
 class ControlStats:
@@ -28,42 +30,38 @@ class ControlStats:
         self.bad = 0
 
 
-async def run_control(source: RequestSource, registry: JobRegistry, *,
-                      stats: ControlStats | None = None,
+def apply(delivery: Delivery, registry: JobRegistry, stats: ControlStats) -> None:
+    """One control message: decode it and apply it to the registry."""
+    try:
+        message = decode_control(delivery.value)
+    except BadInput as problem:
+        stats.bad += 1
+        log.warning("bad control message at %s[%d]@%d: %s", delivery.topic,
+                    delivery.partition, delivery.offset, problem)
+        return
+    match message:
+        case CancelRequested(job_id=job_id, user_id=user_id, reason=reason):
+            outcome = registry.cancel(job_id, user_id, reason)
+            stats.applied += 1
+            if outcome is CancelOutcome.FOREIGN:
+                log.warning("cancel of job %s by %s ignored: the job is another user's",
+                            job_id, user_id)
+            else:
+                log.info("cancel of job %s by %s: %s", job_id, user_id, outcome.value)
+        case _:
+            assert_never(message)
+
+
+async def run_control(source: Source, registry: JobRegistry, *,
+                      stats: ControlStats | None = None, health: DependencyHealth | None = None,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     stats = stats or ControlStats()
-    backoff = Backoff(cap_s=5.0)
-    failures = 0
+    poller = Poller(source, what="control", log=log, health=health)
     task_status.started()
     try:
         while True:
-            try:
-                batch = await source.poll(256, POLL_TIMEOUT_S)
-                failures = 0
-            except TransientError as exc:
-                failures += 1
-                wait = backoff.delay(failures)
-                log.warning("control poll failed (%s); retry in %.2fs", exc, wait)
-                await trio.sleep(wait)
-                continue
-            for delivery in batch:
-                try:
-                    message = decode_control(delivery.value)
-                except BadInput as problem:
-                    stats.bad += 1
-                    log.warning("bad control message at %s[%d]@%d: %s", delivery.topic,
-                                delivery.partition, delivery.offset, problem)
-                    continue
-                match message:
-                    case CancelRequested(job_id=job_id, user_id=user_id, reason=reason):
-                        outcome = registry.cancel(job_id, user_id, reason)
-                        stats.applied += 1
-                        if outcome is CancelOutcome.FOREIGN:
-                            log.warning("cancel of job %s by %s ignored: not the owner",
-                                        job_id, user_id)
-                        else:
-                            log.info("cancel of job %s by %s: %s", job_id, user_id,
-                                     outcome.value)
+            for delivery in await poller.poll(BATCH):
+                apply(delivery, registry, stats)
     finally:
         with trio.CancelScope(shield=True):
             await source.close()

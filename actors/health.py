@@ -35,9 +35,6 @@ class Health:
     def recovered(self, dependency: str) -> None:
         self._down.pop(dependency, None)
 
-    def is_down(self, dependency: str) -> bool:
-        return dependency in self._down
-
     def ready(self) -> bool:
         return self.started and not self.draining and not self._down
 

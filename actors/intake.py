@@ -20,18 +20,20 @@ from functools import partial
 import msgspec
 import trio
 
-from actors.backoff import Backoff, retry_transient
-from actors.conversation import Worker, run_conversation
+from actors.backoff import retry_transient
+from actors.conversation import run_conversation
 from actors.errors import PermanentError, TransientError
 from actors.logs import job_context
 from actors.offsets import OffsetTracker
+from actors.polling import Poller
 from actors.ports import DeadLetters, RequestSource
-from messages.mailboxes import Delivery, JobRef, JobRejected
+from actors.worker import Worker
+from messages.mailboxes import Delivery, JobRejected
 from messages.wire import BadInput, ChatRequest, Done, Error, decode_request
 
 log = logging.getLogger("chat_actors.intake")
 
-POLL_TIMEOUT_S = 0.1
+RunJob = Callable[[ChatRequest, Worker], Awaitable[None]]
 
 
 class SessionOrder:
@@ -65,8 +67,7 @@ def trace_id_from(headers: tuple[tuple[str, bytes], ...]) -> str | None:
     return None
 
 
-async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters,
-                 dlq_topic: str) -> None:
+async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters) -> None:
     """Bad input: DLQ (unchanged, with why), then tell the job's stream and table if named."""
     ids = {k: v for k, v in (("job_id", problem.job_id), ("user_id", problem.user_id),
                              ("session_id", problem.session_id)) if v}
@@ -80,45 +81,119 @@ async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: Dea
                ("source.topic", delivery.topic.encode()),
                ("source.partition", str(delivery.partition).encode()),
                ("source.offset", str(delivery.offset).encode())]
-    await retry_transient(lambda: dlq.send(dlq_topic, delivery.value, key=delivery.key,
-                                           headers=headers),
-                          what="DLQ produce", log=log, health=worker.health, dependency="kafka")
+
+    async def dead_letter() -> None:
+        await dlq.send(worker.config.kafka.dlq_topic, delivery.value, key=delivery.key,
+                       headers=headers)
+
+    await retry_transient(dead_letter, what="DLQ produce", log=log, health=worker.health,
+                          dependency="kafka")
     if problem.job_id and problem.user_id:
-        session_id = problem.session_id or ""
-        job = JobRef(job_id=problem.job_id, user_id=problem.user_id, session_id=session_id,
-                     attempt=1, stream_key=worker.stream_key(problem.job_id))
+        job = worker.job_ref(problem.job_id, problem.user_id, problem.session_id or "")
         persisted = trio.Event()
         await worker.records.send(JobRejected(job_id=job.job_id, user_id=job.user_id,
-                                              session_id=session_id, error=str(problem),
+                                              session_id=job.session_id, error=str(problem),
                                               receipt=persisted))
         await persisted.wait()
         await worker.emit(job, Error(code="bad_request", message=str(problem), retryable=False))
         await worker.emit(job, Done(status="rejected", partial=False), wait=True)
 
 
-async def run_intake(
-    source: RequestSource,
-    dlq: DeadLetters,
-    worker: Worker,
-    tracker: OffsetTracker,
-    *,
-    stop: trio.Event,
-    run_job: Callable[[ChatRequest, Worker], Awaitable[None]] = run_conversation,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Consume until `stop` is set; then drain running jobs within shutdown.grace_s."""
-    config = worker.config
-    aliases = frozenset(config.llm.models)
-    max_in_flight = config.jobs.max_in_flight
-    low_water = max_in_flight * 3 // 4
-    in_flight = 0
-    paused = False
-    sessions = SessionOrder()
-    poll_backoff = Backoff(cap_s=5.0)
-    poll_failures = 0
+class Intake:
+    """The intake's state: jobs in flight, whether the partitions are paused, the
+    order of each session's jobs, and which offsets may be committed."""
 
-    async def settle_after(delivery: Delivery, job: Callable[[], Awaitable[None]]) -> None:
-        nonlocal in_flight
+    def __init__(self, source: RequestSource, dlq: DeadLetters, worker: Worker,
+                 tracker: OffsetTracker, run_job: RunJob) -> None:
+        self.source = source
+        self.dlq = dlq
+        self.worker = worker
+        self.tracker = tracker
+        self.run_job = run_job
+        self.aliases = frozenset(worker.config.llm.models)
+        self.max_in_flight = worker.config.jobs.max_in_flight
+        self.low_water = self.max_in_flight * 3 // 4
+        self.in_flight = 0
+        self.paused = False
+        self.sessions = SessionOrder()
+        self.poller = Poller(source, what="request", log=log, health=worker.health)
+
+    async def run(self, stop: trio.Event, task_status: trio.TaskStatus[None]) -> None:
+        worker = self.worker
+        with worker.events, worker.records:
+            async with trio.open_nursery() as jobs:
+                task_status.started()
+                while not stop.is_set():
+                    await self.flow_control()
+                    for delivery in await self.poll():
+                        self.admit(delivery, jobs)
+                    await self.commit_settled()
+                await self.drain()
+                jobs.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self.commit_settled()
+                await self.source.close()
+        log.info("intake stopped; unsettled deliveries: %d", self.tracker.unsettled())
+
+    async def flow_control(self) -> None:
+        """Pause the partitions at the limit; resume below the low-water mark."""
+        if not self.paused and self.in_flight >= self.max_in_flight:
+            await self.source.pause()
+            self.paused = True
+        elif self.paused and self.in_flight <= self.low_water:
+            await self.source.resume()
+            self.paused = False
+
+    async def poll(self) -> list[Delivery]:
+        room = max(0, self.max_in_flight - self.in_flight)
+        batch = await self.poller.poll(min(self.worker.config.kafka.poll_batch, max(room, 1)))
+        if room < len(batch):
+            # Fetched before the pause took effect: read them again later.
+            await self.source.seek(batch[room:])
+            batch = batch[:room]
+        return batch
+
+    async def drain(self) -> None:
+        """Admit nothing more, keep polling (group membership), and give running jobs
+        shutdown.grace_s before they are cancelled with their offsets uncommitted."""
+        self.worker.health.draining = True
+        log.info("intake stopping; %d job(s) running", self.in_flight)
+        await self.source.pause()
+        with trio.move_on_after(self.worker.config.shutdown.grace_s or 0):
+            while self.in_flight:
+                await self.poller.poll(1)
+                await self.commit_settled()
+
+    def admit(self, delivery: Delivery, jobs: trio.Nursery) -> None:
+        self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
+        self.in_flight += 1
+        try:
+            request = decode_request(delivery.value, model_aliases=self.aliases,
+                                     max_message_chars=self.worker.config.limits.max_message_chars)
+        except BadInput as problem:
+            # `problem` is unbound when the except block ends: bind it now.
+            jobs.start_soon(self.settle_after, delivery,
+                            partial(reject, delivery, problem, self.worker, self.dlq))
+            return
+        if request.trace_id is None:
+            trace_id = trace_id_from(delivery.headers)
+            if trace_id is not None:
+                request = msgspec.structs.replace(request, trace_id=trace_id)
+        previous, mine = self.sessions.enter((request.user_id, request.session_id))
+        jobs.start_soon(self.settle_after, delivery,
+                        partial(self.in_order, request, previous, mine))
+
+    async def in_order(self, request: ChatRequest, previous: trio.Event | None,
+                       mine: trio.Event) -> None:
+        """Run the job once the session's previous job is done."""
+        try:
+            if previous is not None:
+                await previous.wait()
+            await self.run_job(request, self.worker)
+        finally:
+            self.sessions.leave((request.user_id, request.session_id), mine)
+
+    async def settle_after(self, delivery: Delivery, job: Callable[[], Awaitable[None]]) -> None:
         partition = (delivery.topic, delivery.partition)
         try:
             await job()
@@ -126,92 +201,22 @@ async def run_intake(
             # Not settled: the offset stays uncommitted and the request is redelivered.
             log.error("job at %s[%d]@%d not settled: %s", *partition, delivery.offset, exc)
         else:
-            tracker.settle(partition, delivery.offset)
+            self.tracker.settle(partition, delivery.offset)
         finally:
-            in_flight -= 1
+            self.in_flight -= 1
 
-    async def ordered(request: ChatRequest, previous: trio.Event | None,
-                      mine: trio.Event) -> None:
-        key = (request.user_id, request.session_id)
-        try:
-            if previous is not None:
-                await previous.wait()
-            await run_job(request, worker)
-        finally:
-            sessions.leave(key, mine)
-
-    def admit(delivery: Delivery, jobs: trio.Nursery) -> None:
-        nonlocal in_flight
-        tracker.track((delivery.topic, delivery.partition), delivery.offset)
-        in_flight += 1
-        try:
-            request = decode_request(delivery.value, model_aliases=aliases,
-                                     max_message_chars=config.limits.max_message_chars)
-        except BadInput as problem:
-            # `problem` is unbound when the except block ends: bind it now.
-            jobs.start_soon(settle_after, delivery,
-                            partial(reject, delivery, problem, worker, dlq, config.kafka.dlq_topic))
-            return
-        if request.trace_id is None:
-            trace_id = trace_id_from(delivery.headers)
-            if trace_id is not None:
-                request = msgspec.structs.replace(request, trace_id=trace_id)
-        previous, mine = sessions.enter((request.user_id, request.session_id))
-        jobs.start_soon(settle_after, delivery, lambda: ordered(request, previous, mine))
-
-    async def commit_settled() -> None:
-        commits = tracker.take_commits()
+    async def commit_settled(self) -> None:
+        commits = self.tracker.take_commits()
         if commits:
             try:
-                await source.commit(commits)
+                await self.source.commit(commits)
             except TransientError as exc:
                 log.warning("commit failed (%s); the jobs may be redelivered", exc)
 
-    with worker.events, worker.records:
-        async with trio.open_nursery() as jobs:
-            task_status.started()
-            while not stop.is_set():
-                if not paused and in_flight >= max_in_flight:
-                    await source.pause()
-                    paused = True
-                elif paused and in_flight <= low_water:
-                    await source.resume()
-                    paused = False
-                room = max(0, max_in_flight - in_flight)
-                try:
-                    batch = await source.poll(min(config.kafka.poll_batch, max(room, 1)),
-                                              POLL_TIMEOUT_S)
-                except TransientError as exc:
-                    worker.health.failed("kafka", exc)
-                    poll_failures += 1
-                    wait = poll_backoff.delay(poll_failures)
-                    log.warning("poll failed (%s); retry in %.2fs", exc, wait)
-                    await trio.sleep(wait)
-                    continue
-                if poll_failures:
-                    worker.health.recovered("kafka")
-                poll_failures = 0
-                if room < len(batch):
-                    # Fetched before the pause took effect: read them again later.
-                    await source.seek(batch[room:])
-                    batch = batch[:room]
-                for delivery in batch:
-                    admit(delivery, jobs)
-                await commit_settled()
 
-            # Draining: admit nothing more, keep polling (group membership), and give
-            # running jobs shutdown.grace_s before cancelling them uncommitted.
-            worker.health.draining = True
-            log.info("intake stopping; %d job(s) running", in_flight)
-            await source.pause()
-            with trio.move_on_after(config.shutdown.grace_s or 0):
-                while in_flight:
-                    await source.poll(1, POLL_TIMEOUT_S)
-                    await commit_settled()
-            jobs.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await commit_settled()
-            await source.close()
-    log.info("intake stopped; unsettled deliveries: %d", tracker.unsettled())
-
-
+async def run_intake(source: RequestSource, dlq: DeadLetters, worker: Worker,
+                     tracker: OffsetTracker, *, stop: trio.Event,
+                     run_job: RunJob = run_conversation,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Consume until `stop` is set; then drain running jobs within shutdown.grace_s."""
+    await Intake(source, dlq, worker, tracker, run_job).run(stop, task_status)

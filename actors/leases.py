@@ -6,8 +6,8 @@ lease_s / 3: at five thousand streams, hundreds of transactions a second and a
 task per job. The keeper renews all the leases this worker holds with one
 UPDATE per period instead. A job the UPDATE does not return was taken over by
 another worker after an outage outlived its lease: that is logged, and the
-job's own end (its records are written under the same owner check) settles
-who wins.
+job's own end (its records are written under the same lease holder check)
+settles who wins.
 """
 
 from __future__ import annotations
@@ -37,21 +37,22 @@ class LeaseKeeper:
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
-    async def run(self, store: JobStore, *, owner: str, lease_s: float,
+    async def run(self, store: JobStore, *, lease_holder: str, lease_s: float,
                   health: DependencyHealth | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(lease_s / 3)
-            await self.renew(store, owner=owner, lease_s=lease_s, health=health)
+            await self.renew(store, lease_holder=lease_holder, lease_s=lease_s, health=health)
 
-    async def renew(self, store: JobStore, *, owner: str, lease_s: float,
+    async def renew(self, store: JobStore, *, lease_holder: str, lease_s: float,
                     health: DependencyHealth | None = None) -> None:
         job_ids = sorted(self._held)
         if not job_ids:
             return
         try:
-            renewed = await store.renew_leases(job_ids=job_ids, owner=owner, lease_s=lease_s)
+            renewed = await store.renew_leases(job_ids=job_ids, lease_holder=lease_holder,
+                                               lease_s=lease_s)
         except TransientError as exc:
             # The next period tries again; a lease is three periods long.
             log.warning("renewing %d leases failed (%s); retrying", len(job_ids), exc)

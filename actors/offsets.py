@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-Partition = tuple[str, int]
+from messages.mailboxes import Partition
 
 
 class OffsetTracker:
@@ -32,7 +32,7 @@ class OffsetTracker:
     def settle(self, partition: Partition, offset: int) -> None:
         pending = self._pending.get(partition)
         if not pending or offset not in pending:
-            return  # revoked meanwhile: the next owner redelivers it
+            return  # revoked meanwhile: the partition's next holder redelivers it
         settled = self._settled.setdefault(partition, set())
         settled.add(offset)
         while pending and pending[0] in settled:

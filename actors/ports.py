@@ -1,18 +1,20 @@
 """What the actors need from the world, as Protocols. Adapters implement them;
-unit tests implement small fakes of them."""
+unit tests implement small fakes of them (tests/fakes.py). The values that cross
+a port live in messages/, so nothing here, and no actor, imports an adapter.
+
+`lease_holder` is always this worker's id, the one written as llm_jobs.lease_owner.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import trio
 
-from actors.adapters.postgres import ClaimResult, Hold, Refused
-from actors.adapters.redis_events import StreamEntry
-from messages.mailboxes import Delivery, JobFinished, JobRejected, ProviderChunk
-
-Partition = tuple[str, int]
+from messages.mailboxes import Delivery, JobFinished, JobRejected, Partition, ProviderChunk
+from messages.ports import ClaimResult, Hit, Hold, Refused, StreamEntry
 
 
 class EventWriter(Protocol):
@@ -23,17 +25,17 @@ class EventWriter(Protocol):
 
 class RecordWriter(Protocol):
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
-                            owner: str) -> None: ...
+                            lease_holder: str) -> None: ...
 
 
 class JobStore(Protocol):
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
-                    mode: str, model: str, provider: str, owner: str,
+                    mode: str, model: str, provider: str, lease_holder: str,
                     lease_s: float, history_limit: int = 0) -> ClaimResult: ...
-    async def renew_leases(self, *, job_ids: Sequence[str], owner: str,
+    async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]: ...
-    async def release_lease(self, *, job_id: str, owner: str) -> None: ...
-    async def reserve(self, *, job_id: str, owner: str, holds: Sequence[Hold],
+    async def release_lease(self, *, job_id: str, lease_holder: str) -> None: ...
+    async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
                       period: str) -> Refused | None: ...
 
 
@@ -44,15 +46,53 @@ class ChatModel(Protocol):
                      stream_path: str = "auto") -> None: ...
 
 
-class RequestSource(Protocol):
+class Pricing(Protocol):
+    """What a model costs and who serves it (LiteLLM's price map and routing)."""
+
+    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
+                 input_price: float | None, output_price: float | None) -> float | None: ...
+    def provider_of(self, model: str) -> str: ...
+
+
+class TokenCounting(Protocol):
+    def counter(self, model: str) -> Callable[[str], int]:
+        """A function counting the tokens of a text for `model` (approximate for some)."""
+        ...
+
+
+class Source(Protocol):
+    """A Kafka topic read in batches: chat.control is only this."""
+
     async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]: ...
+    async def close(self) -> None: ...
+
+
+class RequestSource(Source, Protocol):
+    """chat.request: a consumer group member that commits, pauses and rewinds."""
+
     async def commit(self, offsets: Mapping[Partition, int]) -> None: ...
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
     async def seek(self, deliveries: Iterable[Delivery]) -> None: ...
-    async def close(self) -> None: ...
 
 
 class DeadLetters(Protocol):
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
                    headers: Iterable[tuple[str, bytes]] = (), timeout_s: float = 30.0) -> None: ...
+
+
+class Embedder(Protocol):
+    """Texts -> L2-normalised vectors, one row each. Blocking: call it from a thread."""
+
+    def embed(self, texts: list[str]) -> np.ndarray[Any, Any]: ...
+
+
+class DocumentIndex(Protocol):
+    """The searches the retriever makes. Blocking: call them from a thread."""
+
+    def exists(self, collection: str) -> bool: ...
+    def vector_search(self, collection: str, vector: np.ndarray[Any, Any], k: int,
+                      where: dict[str, Any] | None) -> list[Hit]: ...
+    def keyword_search(self, collection: str, query: str, k: int,
+                       where: dict[str, Any] | None) -> list[Hit]: ...
+    def embeddings(self, collection: str, ids: list[str]) -> dict[str, np.ndarray[Any, Any]]: ...

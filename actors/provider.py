@@ -21,15 +21,17 @@ from typing import Any, assert_never
 
 import trio
 
-from actors.adapters.llm import cost_usd, provider_of
 from actors.backoff import Backoff
+from actors.channels import ready
 from actors.errors import PermanentError, TransientError
 from actors.metrics import Metrics
-from actors.ports import ChatModel
+from actors.ports import ChatModel, Pricing
 from config import Config, ModelAlias
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 
 log = logging.getLogger("chat_actors.provider")
+
+PROVIDER_MAILBOX = 64
 
 
 class Stalled(TransientError):
@@ -70,26 +72,28 @@ class Answer:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def bill_failed_try(self, spec: ModelAlias, prompt_estimate: int, before: int,
-                        count: Callable[[str], int]) -> None:
+    def bill_failed_try(self, pricing: Pricing, spec: ModelAlias, prompt_estimate: int,
+                        before: int, count: Callable[[str], int]) -> None:
         """A try that failed is billed only if it streamed: a refused request costs nothing."""
         if len(self.parts) > before:
-            self.bill(spec, prompt_estimate, count("".join(self.parts[before:])))
+            self.bill(pricing, spec, prompt_estimate, count("".join(self.parts[before:])))
 
-    def bill(self, spec: ModelAlias, prompt_tokens: int, completion_tokens: int) -> None:
+    def bill(self, pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
+             completion_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
-        cost = cost_usd(spec.model, prompt_tokens, completion_tokens,
-                        spec.input_cost_per_token, spec.output_cost_per_token)
+        cost = pricing.cost_usd(spec.model, prompt_tokens, completion_tokens,
+                                spec.input_cost_per_token, spec.output_cost_per_token)
         if cost is None and spec.api_base:
             cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
 
 
-def worst_try_usd(spec: ModelAlias, prompt_tokens: int, answer_tokens: int) -> float:
+def worst_try_usd(pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
+                  answer_tokens: int) -> float:
     """The most one try on `spec` can cost (0 for a model without a price)."""
-    return cost_usd(spec.model, prompt_tokens, answer_tokens, spec.input_cost_per_token,
-                    spec.output_cost_per_token) or 0.0
+    return pricing.cost_usd(spec.model, prompt_tokens, answer_tokens, spec.input_cost_per_token,
+                            spec.output_cost_per_token) or 0.0
 
 
 def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str, str]]:
@@ -99,20 +103,10 @@ def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str,
     return [*messages, {"role": "assistant", "content": partial}]
 
 
-def _waiting(receive: trio.MemoryReceiveChannel[ProviderChunk]) -> list[ProviderChunk]:
-    """Everything already in the mailbox, without a checkpoint."""
-    ready: list[ProviderChunk] = []
-    while True:
-        try:
-            ready.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return ready
-
-
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
                    on_token: Callable[[str], Awaitable[None]]) -> StreamFinished:
-    send, receive = trio.open_memory_channel[ProviderChunk](64)
+    send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
     got_token = False
@@ -134,7 +128,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                 async for first in receive:
                     # Tokens that queued up while we were busy become one event.
                     texts: list[str] = []
-                    for chunk in (first, *_waiting(receive)):
+                    for chunk in ready(receive, first, PROVIDER_MAILBOX + 1):
                         match chunk:
                             case TokenDelta(text=text):
                                 texts.append(text)
@@ -161,7 +155,78 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     return finished
 
 
-async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
+@dataclass
+class _Chain:
+    """One job's walk through its alias, retries and fallbacks (stream_answer's state)."""
+
+    chat: ChatModel
+    pricing: Pricing
+    config: Config
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+    count: Callable[[str], int]
+    prompt_estimate: int
+    answer: Answer
+    on_token: Callable[[str], Awaitable[None]]
+    on_switch: Callable[[str, str, str], Awaitable[None]]
+    backoff: Backoff
+    metrics: Metrics | None
+
+    def covered(self, spec: ModelAlias) -> bool:
+        """May another try run within the job's budget reservation?"""
+        answer = self.answer
+        if not answer.tries or answer.spend_cap is None or answer.cost_usd is None:
+            return True
+        # The answer may run to what the request asks (the first alias's limit)
+        # even on a fallback whose own limit is lower: take the larger.
+        answer_tokens = max(spec.max_tokens, self.params.get("max_tokens", 0))
+        worst = worst_try_usd(self.pricing, spec,
+                              self.prompt_estimate + self.count(answer.text), answer_tokens)
+        return answer.cost_usd + worst <= answer.spend_cap * (1 + 1e-9)
+
+    async def attempt(self, name: str, spec: ModelAlias) -> StreamFinished:
+        """One try on `spec`, billed whether it finishes or fails."""
+        answer = self.answer
+        answer.tries += 1
+        answer.alias = name
+        before = len(answer.parts)
+        request = continuation(self.messages, answer.text)
+        try:
+            finished = await _one_try(self.chat, spec, request, self.params, self.config,
+                                      answer, self.on_token)
+        except (PermanentError, TransientError) as exc:
+            answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
+            if self.metrics is not None:
+                self.metrics.provider_failed(self.pricing.provider_of(spec.model), exc)
+            raise
+        new_text = "".join(answer.parts[before:])
+        answer.bill(self.pricing, spec,
+                    finished.prompt_tokens if finished.prompt_tokens else
+                    self.prompt_estimate + self.count(answer.text) - self.count(new_text),
+                    finished.completion_tokens if finished.completion_tokens is not None
+                    else self.count(new_text))
+        return finished
+
+    async def retry(self, name: str, spec: ModelAlias, retry: int, exc: TransientError) -> None:
+        wait = self.backoff.delay(retry, exc.retry_after)
+        log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry, wait)
+        self.answer.retries += 1
+        if self.metrics is not None:
+            self.metrics.provider_retries.labels(vendor=self.pricing.provider_of(spec.model)).inc()
+        await self.on_switch(name, name, str(exc))
+        await trio.sleep(wait)
+
+    async def fall_back(self, name: str, spec: ModelAlias, to: str, exc: TransientError) -> None:
+        log.warning("%s failed (%s); falling back to %s", name, exc, to)
+        self.answer.fallbacks += 1
+        if self.metrics is not None:
+            self.metrics.provider_fallbacks.labels(
+                from_vendor=self.pricing.provider_of(spec.model),
+                to_vendor=self.pricing.provider_of(self.config.llm.models[to].model)).inc()
+        await self.on_switch(name, to, str(exc))
+
+
+async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, alias_name: str,
                         messages: list[dict[str, str]], params: dict[str, Any],
                         count: Callable[[str], int], prompt_estimate: int,
                         on_token: Callable[[str], Awaitable[None]],
@@ -171,64 +236,29 @@ async def stream_answer(*, chat: ChatModel, config: Config, alias_name: str,
     """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
     ProviderExhausted. `answer` keeps the partial text if this is cancelled."""
     llm = config.llm
-    backoff = backoff or Backoff(base_s=llm.retry_backoff_s, cap_s=llm.retry_backoff_cap_s)
-    chain = [alias_name, *config.llm.models[alias_name].fallbacks]
+    walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
+                  count=count, prompt_estimate=prompt_estimate, answer=answer,
+                  on_token=on_token, on_switch=on_switch, metrics=metrics,
+                  backoff=backoff or Backoff(base_s=llm.retry_backoff_s,
+                                             cap_s=llm.retry_backoff_cap_s))
+    chain = [alias_name, *llm.models[alias_name].fallbacks]
     last: TransientError | None = None
     for position, name in enumerate(chain):
-        spec = config.llm.models[name]
+        spec = llm.models[name]
         for retry in range(llm.retries + 1):
-            if answer.tries and answer.spend_cap is not None and answer.cost_usd is not None:
-                # The answer may run to what the request asks (the first alias's limit)
-                # even on a fallback whose own limit is lower: take the larger.
-                answer_tokens = max(spec.max_tokens, params.get("max_tokens", 0))
-                worst = worst_try_usd(spec, prompt_estimate + count(answer.text), answer_tokens)
-                if answer.cost_usd + worst > answer.spend_cap * (1 + 1e-9):
-                    log.warning("%s: no retry, the job's budget reservation would not cover it",
-                                name)
-                    break
-            answer.tries += 1
-            answer.alias = name
-            before = len(answer.parts)
-            request = continuation(messages, answer.text)
+            if not walk.covered(spec):
+                log.warning("%s: no retry, the job's budget reservation would not cover it", name)
+                break
             try:
-                finished = await _one_try(chat, spec, request, params, config, answer, on_token)
-            except PermanentError as exc:
-                answer.bill_failed_try(spec, prompt_estimate, before, count)
-                if metrics is not None:
-                    metrics.provider_failed(provider_of(spec.model), exc)
-                raise
+                answer.finished = await walk.attempt(name, spec)
             except TransientError as exc:
                 last = exc
-                answer.bill_failed_try(spec, prompt_estimate, before, count)
-                vendor = provider_of(spec.model)
-                if metrics is not None:
-                    metrics.provider_failed(vendor, exc)
                 if retry < llm.retries:
-                    wait = backoff.delay(retry + 1, exc.retry_after)
-                    log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry + 1, wait)
-                    answer.retries += 1
-                    if metrics is not None:
-                        metrics.provider_retries.labels(vendor=vendor).inc()
-                    await on_switch(name, name, str(exc))
-                    await trio.sleep(wait)
+                    await walk.retry(name, spec, retry + 1, exc)
                     continue
                 if position + 1 < len(chain):
-                    log.warning("%s failed (%s); falling back to %s", name, exc,
-                                chain[position + 1])
-                    answer.fallbacks += 1
-                    if metrics is not None:
-                        metrics.provider_fallbacks.labels(
-                            from_vendor=vendor,
-                            to_vendor=provider_of(config.llm.models[chain[position + 1]].model)).inc()
-                    await on_switch(name, chain[position + 1], str(exc))
+                    await walk.fall_back(name, spec, chain[position + 1], exc)
                 break
-            else:
-                new_text = "".join(answer.parts[before:])
-                answer.bill(spec, finished.prompt_tokens if finished.prompt_tokens else
-                            prompt_estimate + count(answer.text) - count(new_text),
-                            finished.completion_tokens if finished.completion_tokens is not None
-                            else count(new_text))
-                answer.finished = finished
-                return answer
+            return answer
     assert last is not None  # the first try is never held back
     raise ProviderExhausted(last, answer.tries)

@@ -1,22 +1,24 @@
-"""redis_sink: StreamEvents -> pipelined XADDs, a job's tokens coalesced per flush.
+"""redis_sink: StreamEvents -> pipelined XADDs, a job's tokens coalesced per batch.
 
-There is no flush timer: while one pipeline is in flight, new events queue in
-the mailbox, and the next batch merges each job's adjacent tokens into one
-entry. Under load entries grow; when idle every token leaves at once. `seq`
-is assigned here, per (job, attempt), so it counts the entries the client sees.
+While one pipeline is in flight, new events queue in the mailbox (actors/sinks.py),
+and the next batch merges each job's adjacent tokens into one entry. Under load
+entries grow; when idle every token leaves at once. `seq` is assigned here, per
+(job, attempt), so it counts the entries the client sees.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import msgspec
 import trio
 
-from actors.adapters.redis_events import StreamEntry
-from actors.backoff import Backoff, DependencyHealth, retry_transient
+from actors.backoff import Backoff, DependencyHealth
 from actors.ports import EventWriter
+from actors.sinks import run_sink
 from messages.mailboxes import EventEmitted
+from messages.ports import StreamEntry
 from messages.wire import Done, StreamEvent, Token, event_data, now_ms
 
 log = logging.getLogger("chat_actors.redis_sink")
@@ -67,21 +69,6 @@ async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer:
                          health: DependencyHealth | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     next_seq: dict[JobKey, int] = {}
-    with inbox:
-        task_status.started()
-        async for first in inbox:
-            batch = [first]
-            while len(batch) < batch_max:
-                try:
-                    batch.append(inbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            entries = coalesce(batch, next_seq)
-            # Never drop an event: a transient outage is retried until Redis is back,
-            # while the bounded mailbox pushes back on the conversations.
-            await retry_transient(lambda entries=entries: writer.write(entries),
-                                  what=f"XADD of {len(entries)} events", log=log, backoff=backoff,
-                                  health=health, dependency="redis")
-            for message in batch:
-                if message.receipt is not None:
-                    message.receipt.set()
+    await run_sink(inbox, partial(coalesce, next_seq=next_seq), writer.write,
+                   what="XADD of {n} events", dependency="redis", batch_max=batch_max, log=log,
+                   backoff=backoff, health=health, task_status=task_status)

@@ -1,6 +1,6 @@
-"""The job registry: which jobs run here, who owns them, and cancels waiting for a job.
+"""The job registry: which jobs run here, whose they are, and cancels waiting for a job.
 
-A cancel is honoured only from the job's owner (DESIGN 1.2). A cancel for a job
+A cancel is honoured only from the job's user (DESIGN 1.2). A cancel for a job
 not running here becomes a tombstone for `tombstone_ttl_s`: the gateway may
 send it before the request reaches us, or the job may run on another worker
 and come back here on redelivery. Pure bookkeeping on Trio's clock, no I/O.
@@ -15,7 +15,7 @@ from enum import Enum
 
 import trio
 
-log = logging.getLogger("chat_actors.control")
+log = logging.getLogger("chat_actors.registry")
 
 MAX_TOMBSTONES = 100_000
 
@@ -30,9 +30,10 @@ class CancelOutcome(Enum):
 class RunningJob:
     job_id: str
     user_id: str
-    # The job's own scope: cancelled by an owner's cancel, given its deadline by the job.
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    cancel_reason: str | None = None
+    # Answers one question, "did the job's user cancel it?": the registry cancels it,
+    # the conversation runs the job inside it (its deadline is a scope of its own).
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cancel_reason: str = ""  # for the log line
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,14 @@ class JobRegistry:
             del self._tombstones[job_id]
 
     def admit(self, job_id: str, user_id: str) -> RunningJob:
-        """Register a job about to run. If its owner already cancelled it, its
-        `cancel_reason` is set and its scope is cancelled before it starts."""
+        """Register a job about to run. If its user already cancelled it, its cancel
+        scope is cancelled before it starts."""
         self._prune()
         job = RunningJob(job_id=job_id, user_id=user_id)
         stone = self._tombstones.pop(job_id, None)
         if stone is not None:
             if stone.user_id == user_id:
-                job.cancel_reason = stone.reason or "cancelled before it started"
-                job.scope.cancel()
+                self._cancel(job, stone.reason or "cancelled before it started")
             else:
                 log.warning("job %s: ignoring a cancel from %s, the job belongs to %s",
                             job_id, stone.user_id, user_id)
@@ -86,10 +86,14 @@ class JobRegistry:
             return CancelOutcome.TOMBSTONED
         if job.user_id != user_id:
             return CancelOutcome.FOREIGN
-        if job.cancel_reason is None:
-            job.cancel_reason = reason or "cancelled by the user"
-        job.scope.cancel()
+        self._cancel(job, reason or "cancelled by the user")
         return CancelOutcome.CANCELLED
+
+    @staticmethod
+    def _cancel(job: RunningJob, reason: str) -> None:
+        if not job.cancel_scope.cancel_called:
+            job.cancel_reason = reason
+        job.cancel_scope.cancel()
 
     def running(self) -> int:
         return len(self._running)

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import trio
 
-from actors.adapters.documents import DocumentStore, Hit
-from actors.adapters.embeddings import embedder
 from actors.errors import PermanentError
+from actors.ports import DocumentIndex, Embedder
 from config import Config
+from messages.ports import Hit
 
 RRF_K = 60  # the usual constant of reciprocal rank fusion
 CANDIDATES_PER_TOP_K = 4
@@ -72,15 +72,15 @@ def coverage(query: str, text: str) -> float:
 
 
 class Retriever:
-    def __init__(self, store: DocumentStore, config: Config, *, threads: int = 2) -> None:
+    """`embedder` loads the embedding model; it is called on the first search, in a
+    thread, so a worker that never sees a RAG request never loads it."""
+
+    def __init__(self, store: DocumentIndex, config: Config, *,
+                 embedder: Callable[[], Embedder], threads: int = 2) -> None:
         self._store = store
         self._config = config
+        self._embedder = embedder
         self._limiter = trio.CapacityLimiter(threads)
-
-    @classmethod
-    def from_config(cls, config: Config) -> Retriever:
-        return cls(DocumentStore(path=Path(config.rag.path),
-                                 chroma_url=config.rag.chroma_url or None), config)
 
     def collections_for(self, user_id: str, requested: str | None) -> list[str]:
         allowed = self._config.rag.allowed(user_id)
@@ -94,14 +94,12 @@ class Retriever:
     async def search(self, *, query: str, user_id: str, collection: str | None, top_k: int,
                      where: dict[str, Any] | None) -> Retrieved:
         names = self.collections_for(user_id, collection)
-        rag = self._config.rag
-        model = embedder(rag.embedding_model, rag.embedding_api_base or None)
         wanted = top_k * CANDIDATES_PER_TOP_K
         started = time.perf_counter()
 
-        def candidates() -> tuple[np.ndarray, list[Hit], list[Hit]]:
+        def candidates() -> tuple[np.ndarray[Any, Any], list[Hit], list[Hit]]:
             present = [n for n in names if self._store.exists(n)]
-            vector = model.embed([query])[0]
+            vector = self._embedder().embed([query])[0]
             by_vector = [h for n in present for h in self._store.vector_search(n, vector,
                                                                                wanted, where)]
             by_keyword = [h for n in present
@@ -117,7 +115,7 @@ class Retriever:
         def rerank() -> list[Hit]:
             if not fused:
                 return []
-            stored: dict[str, np.ndarray] = {}
+            stored: dict[str, np.ndarray[Any, Any]] = {}
             for name in {h.collection for h in fused}:
                 stored |= self._store.embeddings(name, [h.id for h in fused
                                                         if h.collection == name])

@@ -2,6 +2,9 @@
 checks every dependency, then starts the actors downstream first (sinks, then
 intake) so a broken dependency fails start-up loudly instead of mid-job.
 
+It is the composition root: the one actor module that imports adapters and
+puts them behind the ports (actors/ports.py) the other actors are given.
+
 Shutdown: the first SIGINT/SIGTERM stops intake, which drains running jobs
 within shutdown.grace_s and commits what settled; the sinks then flush and
 end. A second signal cancels everything at once.
@@ -14,6 +17,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,12 +25,15 @@ import trio
 
 from actors import logs
 from actors.adapters import aio
+from actors.adapters.documents import DocumentStore
+from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
+from actors.adapters.llm import LiteLLMPricing
 from actors.adapters.openai_wire import OpenAIWireChat
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
+from actors.adapters.tokens import TiktokenCounting
 from actors.control import ControlStats, run_control
-from actors.conversation import Worker
 from actors.errors import ChatActorsError, TransientError
 from actors.health import Health, run_health
 from actors.intake import run_intake
@@ -37,7 +44,9 @@ from actors.ports import ChatModel
 from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever
+from actors.worker import Worker
 from config import Config
+from messages.mailboxes import EventEmitted, PgSinkMessage
 
 log = logging.getLogger("chat_actors.supervisor")
 
@@ -54,7 +63,7 @@ class StartupError(ChatActorsError):
 class WorkerHandle:
     """What a running worker exposes to its starter (tests, health)."""
 
-    owner: str
+    worker_id: str
     stop: trio.Event
     registry: JobRegistry
     tracker: OffsetTracker
@@ -94,11 +103,67 @@ async def _measure_lag(consumer: RequestConsumer, metrics: Metrics) -> None:
         await trio.sleep(LAG_EVERY_S)
 
 
-async def _check(what: str, where: str, probe) -> None:  # type: ignore[no-untyped-def]
+async def _check(what: str, where: str, probe: Callable[[], Awaitable[object]]) -> None:
     try:
         await probe()
     except TransientError as exc:
         raise StartupError(f"{what} at {where} is unreachable: {exc}") from exc
+
+
+@dataclass
+class _Adapters:
+    """The adapters behind one worker's ports, each checked reachable at start."""
+
+    pg: Postgres
+    events: RedisEvents
+    control: ControlConsumer
+    consumer: RequestConsumer
+    dlq: Producer
+    vendors: OpenAIWireChat
+    documents: DocumentStore
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.dlq.close()
+            await self.vendors.aclose()
+        self.events.close()
+        self.pg.close()
+
+
+async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> _Adapters:
+    """Build the adapters; a dependency that is missing fails start-up with StartupError."""
+    pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
+    await _check("postgres", redact(config.postgres.dsn), pg.migrate)
+    events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
+                         maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
+                         socket_timeout_s=config.redis.socket_timeout_s)
+    await _check("redis", redact(config.redis.url), events.ping)
+    kafka = config.kafka
+    topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
+
+    async def topics_ready() -> None:
+        created = await trio.to_thread.run_sync(
+            ensure_topics, kafka.bootstrap_servers, kafka.producer, topics, kafka.partitions)
+        if created:
+            log.info("created topics %s with %d partitions", created, kafka.partitions)
+
+    await _check("kafka", kafka.bootstrap_servers, topics_ready)
+    control = ControlConsumer(
+        topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
+        group_id=f"{kafka.group_id}.control.{this_worker}",
+        session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
+        extra=kafka.consumer)
+    await _check("kafka", kafka.bootstrap_servers,
+                 lambda: control.assign_since(config.control.tombstone_ttl_s))
+    consumer = RequestConsumer(
+        topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
+        session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
+        extra=kafka.consumer, on_revoke=tracker.revoke)
+    return _Adapters(pg=pg, events=events, control=control, consumer=consumer,
+                     dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer),
+                     vendors=OpenAIWireChat(),
+                     documents=await trio.to_thread.run_sync(DocumentStore.from_config,
+                                                             config.rag))
 
 
 async def run_worker(config: Config, *, stop: trio.Event | None = None,
@@ -107,86 +172,71 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                      ) -> None:
     """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
     stop = trio.Event() if stop is None else stop
-    owner = worker_id()
-    health = Health()
+    this_worker = worker_id()
+    tracker = OffsetTracker()
     async with aio.open_bridge():
-        pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
-        await _check("postgres", redact(config.postgres.dsn), pg.migrate)
-        events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
-                             maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
-                             socket_timeout_s=config.redis.socket_timeout_s)
-        await _check("redis", redact(config.redis.url), events.ping)
-        kafka = config.kafka
-        topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
-
-        async def topics_ready() -> None:
-            created = await trio.to_thread.run_sync(
-                ensure_topics, kafka.bootstrap_servers, kafka.producer, topics, kafka.partitions)
-            if created:
-                log.info("created topics %s with %d partitions", created, kafka.partitions)
-
-        await _check("kafka", kafka.bootstrap_servers, topics_ready)
-        control = ControlConsumer(
-            topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
-            group_id=f"{kafka.group_id}.control.{owner}", session_timeout_ms=kafka.session_timeout_ms,
-            fetch_wait_max_ms=kafka.fetch_wait_max_ms, extra=kafka.consumer)
-        await _check("kafka", kafka.bootstrap_servers,
-                     lambda: control.assign_since(config.control.tombstone_ttl_s))
-        registry = JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s)
-        control_stats = ControlStats()
-        tracker = OffsetTracker()
-        consumer = RequestConsumer(
-            topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
-            session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-            extra=kafka.consumer, on_revoke=tracker.revoke)
-        dlq = Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer)
-        vendors = OpenAIWireChat()
-        events_in, events_out = trio.open_memory_channel(EVENT_MAILBOX)
-        records_in, records_out = trio.open_memory_channel(RECORD_MAILBOX)
-        worker = Worker(config=config, owner=owner, store=pg, chat=chat or vendors,
-                        events=events_in, records=records_in, event_log=events,
-                        registry=registry, health=health,
-                        scrub=logs.scrubber(logs.secrets_from(config)),
-                        retriever=await trio.to_thread.run_sync(Retriever.from_config, config))
+        adapters = await _connect(config, this_worker, tracker)
+        events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
+        records_in, records_out = trio.open_memory_channel[PgSinkMessage](RECORD_MAILBOX)
+        worker = Worker(
+            config=config, worker_id=this_worker, store=adapters.pg,
+            chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=TiktokenCounting(),
+            events=events_in, records=records_in, event_log=adapters.events,
+            registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s),
+            scrub=logs.scrubber(logs.secrets_from(config)),
+            retriever=Retriever(adapters.documents, config,
+                                embedder=partial(configured_embedder, config.rag)))
         try:
-            async with trio.open_nursery() as root, trio.open_nursery() as background:
-                # `background` holds the actors that serve only while jobs run (health,
-                # control, leases, lag, signals); they stop together once intake is done,
-                # while the sinks in `root` flush what is left.
-                health_port = await background.start(partial(
-                    run_health, health, port=config.health.port, metrics=worker.metrics))
-                await root.start(partial(run_pg_sink, records_out, pg, owner=owner,
-                                         batch_max=config.postgres.batch, health=health))
-                await root.start(partial(run_redis_sink, events_out, events,
-                                         batch_max=config.stream.batch, health=health))
-                # Cancels stay honoured while running jobs drain; control stops after intake.
-                await background.start(partial(run_control, control, registry,
-                                               stats=control_stats))
-                await background.start(partial(worker.leases.run, pg, owner=owner,
-                                               lease_s=config.jobs.lease_s, health=health))
-                metrics = worker.metrics
-                metrics.in_flight.set_function(registry.running)
-                metrics.watch_mailbox("redis_sink", lambda: events_in.statistics().current_buffer_used)
-                metrics.watch_mailbox("pg_sink", lambda: records_in.statistics().current_buffer_used)
-                background.start_soon(_measure_lag, consumer, metrics)
-                if handle_signals:
-                    background.start_soon(_watch_signals, stop, root.cancel_scope)
-                async with trio.open_nursery() as front:
-                    await front.start(partial(run_intake, consumer, dlq, worker, tracker,
-                                              stop=stop))
-                    log.info("worker %s ready: %s -> %s", owner, kafka.request_topic,
-                             config.stream.key_template)
-                    health.started = True
-                    task_status.started(WorkerHandle(owner=owner, stop=stop, registry=registry,
-                                                     tracker=tracker, control=control_stats,
-                                                     consumer=consumer, health=health,
-                                                     health_port=health_port))
-                # Intake is done and closed the sinks' mailboxes: they flush and end.
-                background.cancel_scope.cancel()
+            await _run_actors(worker, adapters, tracker, events_out, records_out, stop=stop,
+                              handle_signals=handle_signals, task_status=task_status)
         finally:
-            with trio.CancelScope(shield=True):
-                await dlq.close()
-                await vendors.aclose()
-            events.close()
-            pg.close()
-    log.info("worker %s stopped", owner)
+            await adapters.close()
+    log.info("worker %s stopped", this_worker)
+
+
+async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracker,
+                      events_out: trio.MemoryReceiveChannel[EventEmitted],
+                      records_out: trio.MemoryReceiveChannel[PgSinkMessage], *,
+                      stop: trio.Event, handle_signals: bool,
+                      task_status: trio.TaskStatus[WorkerHandle]) -> None:
+    config, health, registry = worker.config, worker.health, worker.registry
+    lease_holder = worker.worker_id
+    control_stats = ControlStats()
+    async with trio.open_nursery() as root, trio.open_nursery() as background:
+        # `background` holds the actors that serve only while jobs run (health,
+        # control, leases, lag, signals); they stop together once intake is done,
+        # while the sinks in `root` flush what is left.
+        health_port = await background.start(partial(
+            run_health, health, port=config.health.port, metrics=worker.metrics))
+        await root.start(partial(run_pg_sink, records_out, adapters.pg, lease_holder=lease_holder,
+                                 batch_max=config.postgres.batch, health=health))
+        await root.start(partial(run_redis_sink, events_out, adapters.events,
+                                 batch_max=config.stream.batch, health=health))
+        # Cancels stay honoured while running jobs drain; control stops after intake.
+        await background.start(partial(run_control, adapters.control, registry,
+                                       stats=control_stats, health=health))
+        await background.start(partial(worker.leases.run, adapters.pg, lease_holder=lease_holder,
+                                       lease_s=config.jobs.lease_s, health=health))
+        _watch(worker.metrics, worker)
+        background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
+        if handle_signals:
+            background.start_soon(_watch_signals, stop, root.cancel_scope)
+        async with trio.open_nursery() as front:
+            await front.start(partial(run_intake, adapters.consumer, adapters.dlq, worker,
+                                      tracker, stop=stop))
+            log.info("worker %s ready: %s -> %s", lease_holder, config.kafka.request_topic,
+                     config.stream.key_template)
+            health.started = True
+            task_status.started(WorkerHandle(
+                worker_id=lease_holder, stop=stop, registry=registry, tracker=tracker,
+                control=control_stats, consumer=adapters.consumer, health=health,
+                health_port=health_port))
+        # Intake is done and closed the sinks' mailboxes: they flush and end.
+        background.cancel_scope.cancel()
+
+
+def _watch(metrics: Metrics, worker: Worker) -> None:
+    """Gauges read when /metrics is scraped."""
+    metrics.in_flight.set_function(worker.registry.running)
+    metrics.watch_mailbox("redis_sink", lambda: worker.events.statistics().current_buffer_used)
+    metrics.watch_mailbox("pg_sink", lambda: worker.records.statistics().current_buffer_used)

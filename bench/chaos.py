@@ -29,8 +29,8 @@ import psutil
 import psycopg
 import redis
 
-from actors.adapters import local_stack
 from tests.scripted_llm import Reply, ScriptedLLM
+from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ class Worker:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "actors.cli", "run", "--config", str(self.config_path)],
+                [sys.executable, "-m", "tools.cli", "run", "--config", str(self.config_path)],
                 cwd=ROOT, stdout=log, stderr=log,
                 env={**os.environ, "PYTHONPATH": str(ROOT)})
 

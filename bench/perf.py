@@ -42,8 +42,8 @@ import confluent_kafka
 import psutil
 import redis
 
-from actors.adapters import local_stack
 from actors.adapters.kafka import ensure_topics
+from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -109,7 +109,7 @@ def migrate(kafka: str, rds: str, pg: str, llm_url: str, workdir: Path) -> None:
     """The peer writes the same tables: create them once, before either runs."""
     config = workdir / "migrate.toml"
     config.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm_url))
-    subprocess.run([sys.executable, "-m", "actors.cli", "migrate", "--config", str(config)],
+    subprocess.run([sys.executable, "-m", "tools.cli", "migrate", "--config", str(config)],
                    cwd=ROOT, check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -212,7 +212,7 @@ class ChatActors(Subject):
                          "idle_timeout_s": 120, "first_token_timeout_s": 120},
                 "health": {"port": health_port},
             }))
-        return [sys.executable, "-m", "actors.cli", "run", "--config", str(config)]
+        return [sys.executable, "-m", "tools.cli", "run", "--config", str(config)]
 
 
 class SeedStyle(Subject):

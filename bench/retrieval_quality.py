@@ -22,15 +22,17 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from actors.adapters.documents import DocumentStore, Hit
-from actors.adapters.embeddings import embedder
-from actors.ingest import ingest
+from actors.adapters.documents import DocumentStore
+from actors.adapters.embeddings import configured_embedder, embedder
 from actors.retriever import Retriever, fuse
 from config import load_config
+from messages.ports import Hit
+from tools.ingest import ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 RIVERS = ["Amber", "Silt", "Corran", "Vell", "Mistwater", "Oxley", "Tarn", "Brisk"]
@@ -133,7 +135,8 @@ def quality(workdir: Path) -> dict[str, tuple[float, float]]:
 
     config_grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
                                          "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["bench"]'})
-    retriever = Retriever(store, config_grants)
+    retriever = Retriever(store, config_grants,
+                          embedder=partial(configured_embedder, config_grants.rag))
     trio.run(reranked)
     relevant = [wanted for _, wanted in queries]
     return {name: evaluate(ranked, relevant) for name, ranked in results.items()}
@@ -154,7 +157,7 @@ def latency(workdir: Path, chunks: int) -> tuple[float, float, float]:
                      [{"source": t["name"]} for t in batch])
     store.rebuild_keyword_index("big")
     build_s = time.perf_counter() - started
-    retriever = Retriever(store, config)
+    retriever = Retriever(store, config, embedder=partial(configured_embedder, config.rag))
     questions = [town_queries(rng, towns)[i][0] for i in range(60)]
     timings: list[float] = []
 

@@ -58,6 +58,10 @@ class Stream(_Section):
     maxlen: Positive
     batch: Positive
 
+    def key(self, job_id: str) -> str:
+        """The Redis stream a job's events go to: the one place that fills the template."""
+        return self.key_template.replace("{job_id}", job_id)
+
 
 class Postgres(_Section):
     dsn: Name

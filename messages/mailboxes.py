@@ -103,6 +103,9 @@ ProviderChunk = TokenDelta | StreamFinished
 
 # --- intake: one record as it came off Kafka -----------------------------------------
 
+Partition = tuple[str, int]  # (topic, partition number)
+
+
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     topic: str
     partition: int

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 import redis
 
-from actors.adapters import local_stack
 from config import Config, load_config
 from tests.scripted_llm import ScriptedLLM
+from tools import local_stack
 
 
 class Stack:

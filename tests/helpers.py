@@ -85,7 +85,7 @@ def produce(config: Config, *values: dict[str, Any] | bytes, topic: str | None =
 def read_events(client: redis.Redis, config: Config, job_id: str,
                 timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """Block until the job's `done` entry, then return all its entries (data decoded)."""
-    key = config.stream.key_template.replace("{job_id}", job_id)
+    key = config.stream.key(job_id)
     after = "0-0"
     entries: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
@@ -127,7 +127,7 @@ def start_worker_process(config_path: Path, log_path: Path, **env: str) -> subpr
     """`chat-actors run --config` as a real process, its output in `log_path`."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "run", "--config", str(config_path)], cwd=ROOT,
+            [sys.executable, "-m", "tools.cli", "run", "--config", str(config_path)], cwd=ROOT,
             stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 

@@ -101,7 +101,7 @@ async def test_cancelling_a_finished_job_has_no_effect(config, llm, rds, db):
         before = await events_of(rds, config, req["jobId"])
         cancel(config, req["jobId"], "alice")
         await until(lambda: worker.control.applied == 1)
-    key = config.stream.key_template.replace("{job_id}", req["jobId"])
+    key = config.stream.key(req["jobId"])
     assert rds.xlen(key) == len(before)  # no event after `done`
     assert job_row(db, req["jobId"])["status"] == "completed"
     assert len(llm.calls) == 1
@@ -131,7 +131,7 @@ async def test_the_cancel_command_cancels_a_running_job(make_config, llm, rds):
         produce(config, req)
         await wait_tokens(llm, 2)
         result = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [sys.executable, "-m", "actors.cli", "cancel", req["jobId"], "--user", "alice",
+            [sys.executable, "-m", "tools.cli", "cancel", req["jobId"], "--user", "alice",
              "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60))
         events = await events_of(rds, config, req["jobId"])
     assert result.returncode == 0 and f"cancel sent for {req['jobId']}" in result.stdout

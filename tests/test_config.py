@@ -63,7 +63,7 @@ def test_bad_file_names_the_file(tmp_path):
 
 def test_run_refuses_a_bad_config_with_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "run", "--config", str(tmp_path / "missing.toml")],
+        [sys.executable, "-m", "tools.cli", "run", "--config", str(tmp_path / "missing.toml")],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (

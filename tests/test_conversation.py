@@ -4,18 +4,19 @@ timeouts (total, first token, idle) and cancel, in virtual time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import pytest
 import trio
 
-from actors.adapters.postgres import Claimed
-from actors.conversation import Worker, run_conversation
+from actors.conversation import run_conversation
 from actors.registry import JobRegistry
+from actors.worker import Worker
 from config import load_config
 from messages.mailboxes import EventEmitted, JobFinished, StreamFinished, TokenDelta
 from messages.wire import ChatRequest
+from tests.fakes import FakeStore, FlatPricing, NoEvents, WordCounting
 
 CONFIG = load_config(environ={
     "CHAT_ACTORS__JOBS__TIMEOUT_S": "60",
@@ -24,23 +25,6 @@ CONFIG = load_config(environ={
     "CHAT_ACTORS__JOBS__LEASE_S": "30",
     "CHAT_ACTORS__LLM__RETRIES": "0",  # retries and fallbacks: tests/test_provider.py
 })
-
-
-@dataclass
-class FakeStore:
-    released: list[str] = field(default_factory=list)
-    renewals: int = 0
-
-    async def claim(self, **kwargs):
-        return Claimed(1)
-
-    async def renew_leases(self, *, job_ids, **kwargs):
-        self.renewals += 1
-        return set(job_ids)
-
-    async def release_lease(self, *, job_id, owner):
-        self.released.append(job_id)
-
 
 
 @dataclass
@@ -66,14 +50,6 @@ class ScriptedChat:
                 raise
 
 
-class NoEvents:
-    async def done_recorded(self, job_id):
-        return False
-
-    async def last_seq(self, job_id, attempt):
-        return -1
-
-
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None,
               retriever=None, mode: str = "gen"):
@@ -83,8 +59,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
     registry = registry or JobRegistry(tombstone_ttl_s=60)
     events_in, events_out = trio.open_memory_channel(100)
     records_in, records_out = trio.open_memory_channel(100)
-    worker = Worker(config=CONFIG, owner="w1", store=store or FakeStore(), chat=chat,
-                    events=events_in,
+    worker = Worker(config=CONFIG, worker_id="w1", store=store or FakeStore(), chat=chat,
+                    pricing=FlatPricing(), tokens=WordCounting(), events=events_in,
                     records=records_in, event_log=NoEvents(), registry=registry,
                     retriever=retriever)
 
@@ -102,7 +78,7 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         nursery.start_soon(sink, records_out, records)
         if during is not None:
             nursery.start_soon(during, registry)
-        nursery.start_soon(partial(worker.leases.run, worker.store, owner="w1",
+        nursery.start_soon(partial(worker.leases.run, worker.store, lease_holder="w1",
                                    lease_s=CONFIG.jobs.lease_s))
         await run_conversation(request, worker)
         nursery.cancel_scope.cancel()
@@ -130,7 +106,7 @@ async def test_total_timeout_keeps_the_partial_answer(autojump_clock):
     store = FakeStore()
     bodies, record, elapsed = await run(chat, store=store)
     assert elapsed == pytest.approx(60, abs=0.1)
-    assert store.renewals >= 5  # the 30 s lease was renewed every 10 s while the job ran
+    assert len(store.renewals) >= 5  # the 30 s lease was renewed every 10 s while the job ran
     assert kinds(bodies)[-2:] == ["error", "done"]
     assert bodies[-2].code == "timeout" and bodies[-2].retryable
     assert (bodies[-1].status, bodies[-1].partial) == ("timeout", True)

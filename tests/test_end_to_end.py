@@ -12,9 +12,9 @@ import confluent_kafka
 import pytest
 import trio
 
-from actors.adapters import local_stack
 from tests.helpers import ROOT, events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
+from tools import local_stack
 
 
 def read_dlq(config, count: int, timeout_s: float = 30.0) -> list:
@@ -116,7 +116,7 @@ max_tokens = 48
 
 def test_help_of_every_command():
     for command in ("run", "dev", "send", "cancel", "migrate"):
-        result = subprocess.run([sys.executable, "-m", "actors.cli", command, "--help"],
+        result = subprocess.run([sys.executable, "-m", "tools.cli", command, "--help"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and "usage: chat-actors " + command in result.stdout
 
@@ -126,7 +126,7 @@ async def test_send_prints_the_streamed_answer_and_its_status(make_config, llm):
     llm.default = Reply(tokens=("Stream", "ed", " reply"), prompt_tokens=10)
     async with worker_running(config):
         result = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [sys.executable, "-m", "actors.cli", "send", "hello there", "--user", "bob",
+            [sys.executable, "-m", "tools.cli", "send", "hello there", "--user", "bob",
              "--session", "cli-s", "--config", str(path)],
             cwd=ROOT, capture_output=True, text=True, timeout=120))
     assert result.returncode == 0, result.stderr

@@ -61,7 +61,7 @@ async def test_redelivery_of_a_completed_job_calls_no_model(config, llm, rds, db
         produce(config, job, sentinel)  # same session: the sentinel runs after the duplicate
         await events_of(rds, config, sentinel["jobId"])
     assert [c.messages[-1]["content"] for c in llm.calls] == ["only once", "after the duplicate"]
-    key = config.stream.key_template.replace("{job_id}", job["jobId"])
+    key = config.stream.key(job["jobId"])
     assert [f["event"] for _, f in rds.xrange(key)].count("done") == 1
     assert job_row(db, job["jobId"])["attempt"] == 1
 
@@ -197,7 +197,7 @@ async def test_a_done_lost_after_postgres_is_resent_continuing_the_sequence(conf
         produce(config, req)
         events = await events_of(rds, config, req["jobId"])
         # Make Redis look as a crash between the Postgres commit and the `done` left it.
-        key = config.stream.key_template.replace("{job_id}", req["jobId"])
+        key = config.stream.key(req["jobId"])
         done = events[-1]
         rds.xdel(key, done["id"])
         rds.delete(done_marker(req["jobId"]))

@@ -6,21 +6,8 @@ from functools import partial
 
 import trio
 
-from actors.errors import TransientError
 from actors.leases import LeaseKeeper
-
-
-class Store:
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], float]] = []
-        self.taken: set[str] = set()  # leases another worker took over
-        self.down = False
-
-    async def renew_leases(self, *, job_ids, owner, lease_s):
-        self.calls.append((list(job_ids), trio.current_time()))
-        if self.down:
-            raise TransientError("postgres is down")
-        return set(job_ids) - self.taken
+from tests.fakes import FakeStore as Store
 
 
 async def test_all_held_leases_are_renewed_together_every_third_of_a_lease(autojump_clock):
@@ -28,12 +15,12 @@ async def test_all_held_leases_are_renewed_together_every_third_of_a_lease(autoj
     for job in ("a", "b", "c"):
         keeper.hold(job)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(keeper.run, store, owner="w", lease_s=30))
+        await nursery.start(partial(keeper.run, store, lease_holder="w", lease_s=30))
         await trio.sleep(25)
         keeper.drop("b")
         await trio.sleep(10)
         nursery.cancel_scope.cancel()
-    assert [(ids, round(at)) for ids, at in store.calls] == [
+    assert [(ids, round(at)) for ids, at in store.renewals] == [
         (["a", "b", "c"], 10), (["a", "b", "c"], 20), (["a", "c"], 30)]
 
 
@@ -43,25 +30,26 @@ async def test_a_lease_taken_over_elsewhere_is_dropped_and_an_outage_retried(aut
     keeper.hold("lost")
     store.taken = {"lost"}
     store.down = True
-    await keeper.renew(store, owner="w", lease_s=30)
+    await keeper.renew(store, lease_holder="w", lease_s=30)
     assert keeper.held == {"mine", "lost"}  # a failed renewal changes nothing; next period retries
     store.down = False
-    await keeper.renew(store, owner="w", lease_s=30)
+    await keeper.renew(store, lease_holder="w", lease_s=30)
     assert keeper.held == {"mine"}
-    await keeper.renew(store, owner="w", lease_s=30)
-    assert store.calls[-1][0] == ["mine"]
+    await keeper.renew(store, lease_holder="w", lease_s=30)
+    assert store.renewals[-1][0] == ["mine"]
 
 
 async def test_nothing_held_means_no_query(autojump_clock):
     keeper, store = LeaseKeeper(), Store()
-    await keeper.renew(store, owner="w", lease_s=30)
-    assert store.calls == []
+    await keeper.renew(store, lease_holder="w", lease_s=30)
+    assert store.renewals == []
 
 
-async def test_postgres_renews_only_the_leases_this_owner_still_holds(stack, db):
+async def test_postgres_renews_only_the_leases_this_worker_still_holds(stack, db):
     import uuid
 
-    from actors.adapters.postgres import Claimed, Postgres
+    from actors.adapters.postgres import Postgres
+    from messages.ports import Claimed
 
     pg = Postgres(dsn=stack.postgres.url, pool_size=2)
     await pg.migrate()
@@ -69,11 +57,12 @@ async def test_postgres_renews_only_the_leases_this_owner_still_holds(stack, db)
     try:
         for job_id, owner in zip(jobs, ("w1", "w1", "w2"), strict=True):
             claim = await pg.claim(job_id=job_id, user_id="u", session_id="s", trace_id="t",
-                                   mode="gen", model="m", provider="p", owner=owner, lease_s=5)
+                                   mode="gen", model="m", provider="p", lease_holder=owner,
+                                   lease_s=5)
             assert isinstance(claim, Claimed)
         before = dict(db.execute("SELECT job_id, lease_until FROM llm_jobs WHERE job_id = ANY(%s)",
                                  (jobs,)).fetchall())
-        renewed = await pg.renew_leases(job_ids=jobs, owner="w1", lease_s=600)
+        renewed = await pg.renew_leases(job_ids=jobs, lease_holder="w1", lease_s=600)
         assert renewed == set(jobs[:2])
         after = dict(db.execute("SELECT job_id, lease_until FROM llm_jobs WHERE job_id = ANY(%s)",
                                 (jobs,)).fetchall())

@@ -27,7 +27,7 @@ def getaddrinfo(host, *args, **kwargs):
         raise socket.gaierror("network disabled by test")
     return real_getaddrinfo(host, *args, **kwargs)
 socket.getaddrinfo = getaddrinfo
-import actors.cli, actors.supervisor, actors.adapters.openai_wire, actors.adapters.tokens
+import tools.cli, actors.supervisor, actors.adapters.openai_wire, actors.adapters.tokens
 from actors.adapters.tokens import TokenCounter
 from actors.adapters.llm import cost_usd
 TokenCounter("gpt-4o-mini").count("hello world")

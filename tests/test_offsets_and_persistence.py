@@ -43,7 +43,7 @@ def test_partitions_are_independent_and_revocation_returns_pending_commits():
 
 
 def wait_for_event(client, config, job_id: str, event: str, timeout_s: float = 60.0) -> None:
-    key = config.stream.key_template.replace("{job_id}", job_id)
+    key = config.stream.key(job_id)
     deadline = time.monotonic() + timeout_s
     after = "0-0"
     while time.monotonic() < deadline:
@@ -70,7 +70,7 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
     req = request("persist me")
     with (tmp_path / "worker.log").open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "run", "--config", str(path)], cwd=ROOT,
+            [sys.executable, "-m", "tools.cli", "run", "--config", str(path)], cwd=ROOT,
             stderr=log, stdout=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     paused = False
     try:

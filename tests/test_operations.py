@@ -186,7 +186,7 @@ async def test_concurrent_jobs_at_the_edge_of_a_budget_never_overspend(make_conf
 
     # `usage` reads the same rows: carol's five jobs and their cost.
     out = await trio.to_thread.run_sync(lambda: subprocess.run(
-        [sys.executable, "-m", "actors.cli", "usage", "--config", str(path), "--user", "carol",
+        [sys.executable, "-m", "tools.cli", "usage", "--config", str(path), "--user", "carol",
          "--since", "1h"], cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}))
     assert out.returncode == 0, out.stderr

@@ -11,6 +11,7 @@ from actors.errors import PermanentError, TransientError
 from actors.provider import Answer, ProviderExhausted, Stalled, continuation, stream_answer
 from config import load_config
 from messages.mailboxes import StreamFinished, TokenDelta
+from tests.fakes import FlatPricing
 
 CONFIG = load_config(environ={
     "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
@@ -60,7 +61,8 @@ async def run(chat: FakeChat) -> tuple[Answer, list[str], list[tuple[str, str, s
         switches.append((old, new, why))
 
     answer = Answer()
-    await stream_answer(chat=chat, config=CONFIG, alias_name="local", messages=MESSAGES,
+    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
+                        messages=MESSAGES,
                         params={}, count=lambda text: len(text.split()), prompt_estimate=3,
                         on_token=on_token, on_switch=on_switch, answer=answer)
     return answer, streamed, switches
@@ -142,7 +144,8 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
         pass
 
     with pytest.raises(ProviderExhausted):
-        await stream_answer(chat=chat, config=config, alias_name="local", messages=MESSAGES,
+        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
+                            messages=MESSAGES,
                             params={"max_tokens": 100}, count=lambda text: len(text.split()),
                             prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
     assert len(chat.calls) == 1 and answer.cost_usd == pytest.approx(0.10)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from actors.adapters.documents import DocumentStore
-from actors.ingest import freshness, ingest, refresh
+from actors.adapters.embeddings import configured_embedder
 from actors.retriever import coverage, fuse
 from config import load_config
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
+from tools.ingest import freshness, ingest, refresh
 
 CORPUS = {
     "tansu.md": "# Tansu\nTansu is a Kafka-compatible broker written in Rust.\n\n"
@@ -81,7 +83,7 @@ def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monk
 
 
 def test_fusion_and_lexical_coverage():
-    from actors.adapters.documents import Hit
+    from messages.ports import Hit
 
     def hit(i):
         return Hit(id=i, text=i, source="s", score=0.0, metadata={})
@@ -149,7 +151,8 @@ async def test_where_filters_both_searches(rag_config, tmp_path):
     write_corpus(docs, CORPUS)
     store = DocumentStore(path=Path(rag_config.rag.path))
     ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
-    found = await Retriever(store, rag_config).search(
+    found = await Retriever(store, rag_config,
+                            embedder=partial(configured_embedder, rag_config.rag)).search(
         query="stream entries and group commit", user_id="alice", collection="user-alice",
         top_k=5, where={"source": "docs/redis.md"})
     for step in found.steps:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,7 +41,3 @@ def run_asyncio(coro_fn: Callable[..., Any], *args: Any) -> Any:
 async def to_trio(async_fn: Callable[..., Any], *args: Any) -> Any:
     """From asyncio code, await a Trio function (one bridge crossing)."""
     return await trio_asyncio.trio_as_aio(async_fn)(*args)
-
-
-def current_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_event_loop()

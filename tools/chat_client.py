@@ -1,11 +1,13 @@
 """A small blocking client of the contract (DESIGN 1): produce a request, follow its events.
 
 Used by `send` and `dev`; knows only the wire format, like the gateway does.
+`print_answer` shows a job's events as they stream, for a person at a terminal.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ class ChatClient:
         self._redis = redis.Redis.from_url(config.redis.url, decode_responses=True)
 
     def stream_key(self, job_id: str) -> str:
-        return self._config.stream.key_template.replace("{job_id}", job_id)
+        return self._config.stream.key(job_id)
 
     def send(self, message: str, *, user_id: str, session_id: str, model: str | None = None,
              job_id: str | None = None, **extra: Any) -> tuple[str, str]:
@@ -70,3 +72,36 @@ class ChatClient:
     def close(self) -> None:
         self._producer.flush(5)
         self._redis.close()
+
+
+def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) -> str:
+    """Print a job's tokens as they stream, then one status line; return the status."""
+    started = time.monotonic()
+    first: float | None = None
+    status = "unknown"
+    for event, data in client.events(job_id, after):
+        if event == "retrieval" and data["step"] == "rerank":
+            for hit in data["hits"]:
+                out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")
+        if event == "started" and data.get("attempt", 1) > 1:
+            out.write(f"\n[attempt {data['attempt']}: restarting the answer]\n")
+        elif event == "token":
+            first = first or time.monotonic()
+            out.write(data["text"])
+            out.flush()
+        elif event == "error":
+            out.write(f"\n[error {data['code']}: {data['message']}]")
+        elif event == "final":
+            usage = data["usage"]
+            cost = data["costUsd"]
+            out.write(f"\n[{data['model']}: {usage['promptTokens']}+{usage['completionTokens']}"
+                      f" tokens, cost {'n/a' if cost is None else f'${cost:.6f}'}")
+            if first is not None:
+                out.write(f", first token {1000 * (first - started):.0f} ms")
+            out.write("]")
+        elif event == "done":
+            status = data["status"]
+            out.write(f"\n[done: {status}{', partial' if data['partial'] else ''} "
+                      f"in {time.monotonic() - started:.1f}s]\n")
+    out.flush()
+    return status

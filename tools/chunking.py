@@ -26,7 +26,7 @@ def _sections(text: str) -> list[tuple[str, str]]:
 
 
 def _pieces(body: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
-    """Paragraphs, with any paragraph over the budget cut at sentences, then words."""
+    """Paragraphs, with any paragraph over the budget cut between words."""
     out: list[str] = []
     for paragraph in re.split(r"\n\s*\n", body):
         paragraph = " ".join(paragraph.split())

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import embedder
+from actors.adapters.embeddings import configured_embedder
 from actors.adapters.tokens import TokenCounter
-from actors.chunking import chunk_text
 from actors.errors import PermanentError
 from config import Config
+from tools.chunking import chunk_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 PDF_SUFFIXES = {".pdf"}
@@ -139,7 +139,7 @@ def _still_present(source: str, root: Path | None) -> bool:
 
 def _embed_and_store(store: DocumentStore, config: Config, collection: str, ids: list[str],
                      chunks: dict[str, tuple[str, dict]]) -> None:
-    model = embedder(config.rag.embedding_model, config.rag.embedding_api_base or None)
+    model = configured_embedder(config.rag)
     progress = Progress(len(ids), f"embedding into {collection}")
     for start in range(0, len(ids), 64):
         batch = ids[start:start + 64]

@@ -1,6 +1,6 @@
 """`bin/chat-actors dev`: the whole product on loopback, then a chat prompt.
 
-Starts Kafka, Redis, Postgres and SmolLM2 (actors/adapters/local_stack.py),
+Starts Kafka, Redis, Postgres and SmolLM2 (tools/local_stack.py),
 writes a config file for them, starts `chat-actors run --config` as a
 subprocess (the same path as production), and sends each typed line as a
 request of one session, printing the answer as it streams from Redis.
@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from actors.adapters import local_stack
+from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,9 +72,8 @@ def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: floa
 
 
 def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
-    from actors.adapters.chat_client import ChatClient
-    from actors.cli import print_answer
     from config import load_config
+    from tools.chat_client import ChatClient, print_answer
 
     (ROOT / ".dev").mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
@@ -100,7 +99,7 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
         log_path = workdir / "worker.log"
         with log_path.open("ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "actors.cli", "run", "--config", str(config_path)],
+                [sys.executable, "-m", "tools.cli", "run", "--config", str(config_path)],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         _wait_ready(worker, log_path)

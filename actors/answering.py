@@ -1,0 +1,103 @@
+"""answering: a claimed job's work, from its request to the model's last token.
+
+[retrieval (RAG mode)] -> the prompt within the token budget -> the budget
+reservation -> the provider's stream, each token sent to the job's stream as
+it comes. Everything it produced is kept in a `JobRun`, so a cancel or a
+timeout at any point leaves the partial answer for the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.budget import reserve
+from actors.errors import PermanentError, TransientError
+from actors.prompt import build_messages, sources_message
+from actors.provider import Answer, stream_answer
+from actors.retriever import Retrieved
+from actors.worker import Worker
+from messages.mailboxes import JobRef, Turn
+from messages.wire import ChatRequest, ProviderSwitched, Retrieval, RetrievalHit, Token
+
+log = logging.getLogger("chat_actors.answering")
+
+SNIPPET_CHARS = 200
+
+
+@dataclass
+class JobRun:
+    """What one attempt of a job has produced so far."""
+
+    answer: Answer
+    prompt_estimate: int = 0
+    retrieved: Retrieved | None = None
+    sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
+    failure: TransientError | PermanentError | None = None
+
+
+def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
+    """The request's sampling parameters, the answer capped at the alias's limit."""
+    p = request.params
+    params: dict[str, Any] = {"max_tokens": min(p.max_tokens or answer_tokens, answer_tokens)}
+    if p.temperature is not None:
+        params["temperature"] = p.temperature
+    if p.top_p is not None:
+        params["top_p"] = p.top_p
+    if p.stop:
+        params["stop"] = p.stop
+    return params
+
+
+async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retrieved:
+    """Search the user's collections and tell the client each step, before any token."""
+    if worker.retriever is None:
+        raise PermanentError("RAG is not available on this worker", code="rag_unavailable")
+    options = request.rag
+    retrieved = await worker.retriever.search(
+        query=request.message, user_id=job.user_id,
+        collection=options.collection if options else None,
+        top_k=options.top_k if options else worker.config.rag.top_k,
+        where=options.where if options else None)
+    for step in retrieved.steps:
+        await worker.emit(job, Retrieval(step=step.step, query=step.query, hits=[
+            RetrievalHit(id=h.id, score=round(h.score, 4), source=h.source,
+                         snippet=h.text[:SNIPPET_CHARS]) for h in step.hits]))
+    return retrieved
+
+
+async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
+                 run: JobRun) -> None:
+    """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
+    config = worker.config
+    alias_name = run.answer.alias
+    alias = config.llm.models[alias_name]
+    count = worker.tokens.counter(alias.model)
+    context = ""
+    if request.mode == "rag":
+        run.retrieved = retrieved = await retrieve(request, worker, job)
+        budget = int(config.rag.context_share * (alias.context_window - alias.max_tokens))
+        context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
+                                        budget_tokens=budget, count=count)
+        run.sources_used = [h.id for h in retrieved.hits[:kept]]
+    messages, run.prompt_estimate = build_messages(
+        system_prompt=config.llm.system_prompt, history=history,
+        user_message=request.message, context_window=alias.context_window,
+        answer_tokens=alias.max_tokens, count=count, context=context)
+    if config.log.content:
+        log.debug("prompt: %s", messages)
+    run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
+                                                              run.prompt_estimate)
+
+    async def on_token(text: str) -> None:
+        await worker.emit(job, Token(text=text))
+
+    async def on_switch(old: str, new: str, why: str) -> None:
+        await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
+
+    await stream_answer(
+        chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
+        messages=messages, params=model_params(request, alias.max_tokens), count=count,
+        prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
+        on_switch=on_switch, metrics=worker.metrics)

@@ -1,0 +1,75 @@
+"""budget: reserve a job's worst case against its user's limits before any model call.
+
+The holds are taken all or none in one Postgres transaction (JobStore.reserve)
+and settled to what the job really used in the same transaction as its
+terminal row. Over a limit the job is refused with `budget_exceeded` (USD) or
+`rate_limited` (requests or tokens per minute).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from actors.backoff import retry_transient
+from actors.errors import PermanentError
+from actors.provider import worst_try_usd
+from actors.worker import Worker
+from config import Budgets, Config
+from messages.mailboxes import JobRef
+from messages.ports import Hold, Refused
+
+log = logging.getLogger("chat_actors.budget")
+
+# A PermanentError with one of these codes refuses the job before any model call.
+REFUSALS = ("budget_exceeded", "rate_limited")
+_LIMIT_NAMES = {"usd": "USD budget per {period}", "requests": "requests per minute",
+                "tokens": "tokens per minute"}
+
+
+def holds_for(budgets: Budgets, user_id: str, *, worst_usd: float,
+              tokens: int) -> list[Hold]:
+    """What a job of `user_id` must reserve under each limit that applies to it."""
+    holds: list[Hold] = []
+    for scope, limit in budgets.for_user(user_id):
+        if limit.usd:
+            holds.append(Hold(scope=scope, kind="usd", amount=worst_usd, limit=limit.usd))
+        if limit.rpm:
+            holds.append(Hold(scope=scope, kind="requests", amount=1, limit=limit.rpm))
+        if limit.tpm:
+            holds.append(Hold(scope=scope, kind="tokens", amount=tokens, limit=limit.tpm))
+    return holds
+
+
+def worst_job_usd(worker: Worker, config: Config, alias_name: str, prompt_tokens: int) -> float:
+    """The most one try can cost on the alias or any of its fallbacks."""
+    alias = config.llm.models[alias_name]
+    return max(worst_try_usd(worker.pricing, spec, prompt_tokens, alias.max_tokens)
+               for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks)))
+
+
+async def reserve(worker: Worker, job: JobRef, alias_name: str,
+                  prompt_tokens: int) -> tuple[float | None, bool]:
+    """Reserve the job's worst case; return the USD cap it may spend (None: no USD
+    limit) and whether anything is reserved. Raises PermanentError over a limit."""
+    config = worker.config
+    budgets = config.budgets
+    worst_usd = worst_job_usd(worker, config, alias_name, prompt_tokens)
+    holds = holds_for(budgets, job.user_id, worst_usd=worst_usd,
+                      tokens=prompt_tokens + config.llm.models[alias_name].max_tokens)
+    if not holds:
+        return None, False
+
+    async def take() -> Refused | None:
+        return await worker.store.reserve(job_id=job.job_id, lease_holder=worker.worker_id,
+                                          holds=holds, period=budgets.period)
+
+    refused = await retry_transient(take, what="budget reservation", log=log,
+                                    health=worker.health, dependency="postgres")
+    if refused is None:
+        return (worst_usd if any(h.kind == "usd" for h in holds) else None), True
+    what = _LIMIT_NAMES[refused.kind].format(period=budgets.period)
+    log.warning("job %s refused: %s over its %s", job.job_id, refused.scope, what)
+    raise PermanentError(
+        f"{refused.scope} is over its {what}: this job needs {refused.amount:g}, "
+        f"{refused.taken:g} of {refused.limit:g} is used or reserved",
+        code="budget_exceeded" if refused.kind == "usd" else "rate_limited")

@@ -1,0 +1,85 @@
+"""claim: take a job's lease in llm_jobs, or learn why this worker must not run it.
+
+DESIGN 4.1: a new job runs as attempt 1, a job whose lease expired as the next
+attempt; a job under a live lease elsewhere is waited for (skipping it would
+commit its offset, and if that worker has died the job would be lost); a job
+that is already terminal is never run again, but its `done` is re-sent in case
+a crash came between Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import assert_never
+
+import trio
+
+from actors.backoff import retry_transient
+from actors.errors import TransientError
+from actors.worker import Worker
+from messages.mailboxes import EventEmitted, JobRef
+from messages.ports import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
+from messages.wire import ChatRequest, Done, DoneStatus
+
+log = logging.getLogger("chat_actors.claim")
+
+# How long cleanup that must happen (records, `done`, lease release) may take
+# once the job itself is over or cancelled.
+FINISH_GRACE_S = 30.0
+
+
+async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
+                    alias_name: str) -> Claimed | AlreadyTerminal | OwnedByAnotherUser:
+    """Claim the job, waiting while another worker holds a live lease on it."""
+    config = worker.config
+    provider = worker.pricing.provider_of(config.llm.models[alias_name].model)
+    while True:
+        claim = await retry_transient(
+            lambda: worker.store.claim(
+                job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
+                trace_id=trace_id, mode=request.mode, model=alias_name, provider=provider,
+                lease_holder=worker.worker_id, lease_s=config.jobs.lease_s,
+                history_limit=config.llm.max_history_turns),
+            what=f"claim of job {request.job_id}", log=log, health=worker.health,
+            dependency="postgres")
+        match claim:
+            case LeasedElsewhere(lease_holder=holder):
+                # Wait until that worker finishes the job (terminal) or its lease runs
+                # out (we take over as the next attempt).
+                log.info("job %s is leased by %s; waiting for it to finish or expire",
+                         request.job_id, holder)
+                await trio.sleep(config.jobs.lease_s / 3)
+            case Claimed() | AlreadyTerminal() | OwnedByAnotherUser():
+                return claim
+            case _:
+                assert_never(claim)
+
+
+async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: bool) -> None:
+    """Write the `done` a crash lost, continuing that attempt's sequence."""
+
+    async def done_recorded() -> bool:
+        return await worker.event_log.done_recorded(job.job_id)
+
+    async def last_seq() -> int:
+        return await worker.event_log.last_seq(job.job_id, job.attempt)
+
+    if await retry_transient(done_recorded, what="done check", log=log, health=worker.health,
+                             dependency="redis"):
+        return
+    last = await retry_transient(last_seq, what="done check", log=log, health=worker.health,
+                                 dependency="redis")
+    receipt = trio.Event()
+    await worker.events.send(EventEmitted(job=job, body=Done(status=status, partial=partial),
+                                          receipt=receipt, first_seq=last + 1))
+    await receipt.wait()
+
+
+async def release_lease(worker: Worker, job_id: str) -> None:
+    """Hand an unfinished job back so its redelivery runs it at once instead of waiting
+    out the lease. Shielded: it runs while the job is being cancelled."""
+    with trio.move_on_after(FINISH_GRACE_S, shield=True):
+        try:
+            await worker.store.release_lease(job_id=job_id, lease_holder=worker.worker_id)
+        except TransientError as exc:
+            log.warning("job %s: lease not released (%s); it expires", job_id, exc)

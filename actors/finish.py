@@ -1,0 +1,104 @@
+"""finish: a job's terminal writes, in the order DESIGN 4.1/4.2 needs.
+
+`final` (or `error`) -> the job's row and messages committed in Postgres ->
+`done` in Redis; only then may the intake commit the offset. Shielded for
+FINISH_GRACE_S so a job cancelled by shutdown still settles; a job that cannot
+settle in time raises TransientError and its offset stays uncommitted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from actors.answering import JobRun
+from actors.claim import FINISH_GRACE_S
+from actors.errors import TransientError
+from actors.outcome import Outcome, cut_try_tokens
+from actors.worker import Worker
+from messages.mailboxes import JobFinished, JobRef
+from messages.wire import ChatRequest, Done, Final, Usage
+
+log = logging.getLogger("chat_actors.finish")
+
+
+def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,
+                    provider: str, user_tokens: int, started: float, ended: float,
+                    receipt: trio.Event) -> JobFinished:
+    answer = run.answer
+    error = outcome.error
+    first_token_at = answer.first_token_at
+    return JobFinished(
+        job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
+        status=outcome.status, model=answer.alias, provider=provider,
+        prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+        cost_usd=answer.cost_usd if answer.tries else 0.0,
+        ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
+        latency_ms=round((ended - started) * 1000),
+        error=None if error is None else f"{error.code}: {error.message}",
+        partial=outcome.partial, user_message=request.message, user_tokens=user_tokens,
+        answer=answer.text,
+        retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
+        retrieval_hits=len(run.sources_used) if run.retrieved else None,
+        retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
+        receipt=receipt)
+
+
+async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
+                 outcome: Outcome, *, started: float) -> None:
+    answer = run.answer
+    spec = worker.config.llm.models[answer.alias]  # the alias that answered
+    provider = worker.pricing.provider_of(spec.model)
+    count = worker.tokens.counter(worker.config.alias(request.model)[1].model)
+    cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
+                         failure=run.failure, streamed_tokens=count(answer.text),
+                         billed_tokens=answer.completion_tokens)
+    if cut is not None:
+        answer.bill(worker.pricing, spec, run.prompt_estimate, cut)
+    ended = trio.current_time()
+    record = terminal_record(request, job, run, outcome, provider=provider,
+                             user_tokens=count(request.message), started=started, ended=ended,
+                             receipt=trio.Event())
+    with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
+        if outcome.status == "completed" and answer.finished is not None:
+            await worker.emit(job, Final(
+                text=record.answer, finish_reason=answer.finished.finish_reason,
+                usage=Usage(prompt_tokens=record.prompt_tokens,
+                            completion_tokens=record.completion_tokens,
+                            total_tokens=record.prompt_tokens + record.completion_tokens),
+                cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
+                provider=provider, retries=answer.retries, fallbacks=answer.fallbacks))
+        elif outcome.error is not None:
+            await worker.emit(job, outcome.error)
+        await worker.records.send(record)
+        assert record.receipt is not None
+        await record.receipt.wait()
+        await worker.emit(job, Done(status=outcome.status, partial=outcome.partial), wait=True)
+    if finishing.cancelled_caught:
+        raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
+    ttft_s = None if answer.first_token_at is None else answer.first_token_at - started
+    observe(worker, request.mode, record, outcome, ttft_s=ttft_s, latency_s=ended - started)
+
+
+def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,
+            ttft_s: float | None, latency_s: float) -> None:
+    """The settled job's metrics and its one log line."""
+    metrics = worker.metrics
+    model = record.model
+    metrics.jobs.labels(status=record.status, mode=mode).inc()
+    metrics.tokens.labels(direction="prompt", model=model).inc(record.prompt_tokens)
+    metrics.tokens.labels(direction="completion", model=model).inc(record.completion_tokens)
+    if record.cost_usd:
+        metrics.cost.labels(model=model).inc(record.cost_usd)
+    if ttft_s is not None:
+        metrics.ttft.labels(model=model).observe(ttft_s)
+    metrics.latency.labels(model=model).observe(latency_s)
+    if outcome.status == "rejected" and outcome.error is not None:
+        metrics.rejections.labels(reason=outcome.error.code).inc()
+    cost = "?" if record.cost_usd is None else f"{record.cost_usd:.6f}"
+    log.log(logging.INFO if record.error is None else logging.WARNING,
+            "job %s %s in %.0f ms (%d+%d tokens, $%s, %d retries, %d fallbacks)%s",
+            record.job_id, record.status, latency_s * 1000, record.prompt_tokens,
+            record.completion_tokens, cost, record.retries, record.fallbacks,
+            "" if record.error is None else f": {record.error}")

@@ -1,0 +1,53 @@
+"""Worker: what every job of one worker process shares, passed in, never global.
+
+Built once by the supervisor (the composition root, which picks the adapters
+behind each port) and handed to the intake and each conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from actors.health import Health
+from actors.leases import LeaseKeeper
+from actors.metrics import Metrics
+from actors.ports import ChatModel, EventWriter, JobStore, Pricing, TokenCounting
+from actors.registry import JobRegistry
+from actors.retriever import Retrieval
+from config import Config
+from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage
+from messages.wire import EventBody
+
+
+@dataclass
+class Worker:
+    config: Config
+    worker_id: str  # written as llm_jobs.lease_owner: the lease holder of this worker's jobs
+    store: JobStore
+    chat: ChatModel
+    pricing: Pricing
+    tokens: TokenCounting
+    events: trio.MemorySendChannel[EventEmitted]  # the redis_sink's mailbox
+    records: trio.MemorySendChannel[PgSinkMessage]  # the pg_sink's mailbox
+    event_log: EventWriter  # read side of the events: was a `done` written?
+    registry: JobRegistry
+    health: Health = field(default_factory=Health)
+    retriever: Retrieval | None = None  # RAG mode; None: rag requests fail clearly
+    leases: LeaseKeeper = field(default_factory=LeaseKeeper)
+    metrics: Metrics = field(default_factory=Metrics)
+    # Takes secrets (API keys a vendor echoed back) out of text bound for events and rows.
+    scrub: Callable[[str], str] = field(default=str)
+
+    def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
+        return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,
+                      stream_key=self.config.stream.key(job_id))
+
+    async def emit(self, job: JobRef, body: EventBody, *, wait: bool = False) -> None:
+        """Send an event to the job's stream; with `wait`, return once it is in Redis."""
+        receipt = trio.Event() if wait else None
+        await self.events.send(EventEmitted(job=job, body=body, receipt=receipt))
+        if receipt is not None:
+            await receipt.wait()

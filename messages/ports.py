@@ -1,0 +1,99 @@
+"""The values that cross a port (actors/ports.py): what an actor hands an adapter and
+what it gets back. Plain data, no I/O, so the domain never imports an adapter to
+name them and a fake of a port needs nothing but this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from messages.mailboxes import Turn
+from messages.wire import DoneStatus, StreamEvent
+
+# --- the job store: claiming a job ---------------------------------------------------
+
+
+class Claimed(msgspec.Struct, frozen=True):
+    """This worker now holds the job's lease and runs it as `attempt`."""
+
+    attempt: int
+    history: list[Turn] = msgspec.field(default_factory=list[Turn])  # read in the same round trip
+
+
+class AlreadyTerminal(msgspec.Struct, frozen=True):
+    """The job ended before (a redelivery): never run it again."""
+
+    status: DoneStatus
+    attempt: int = 1
+    partial: bool = False
+
+
+class LeasedElsewhere(msgspec.Struct, frozen=True):
+    """Another worker holds a live lease on the job."""
+
+    lease_holder: str
+
+
+class OwnedByAnotherUser(msgspec.Struct, frozen=True):
+    """The job id belongs to another user's job: this request is ignored."""
+
+
+ClaimResult = Claimed | AlreadyTerminal | LeasedElsewhere | OwnedByAnotherUser
+
+# --- the job store: budgets ----------------------------------------------------------
+
+HoldKind = Literal["usd", "requests", "tokens"]
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """Reserve `amount` of `kind` against `scope`'s `limit`."""
+
+    scope: str
+    kind: HoldKind
+    amount: float
+    limit: float
+
+
+class Refused(msgspec.Struct, frozen=True):
+    """The reservation that did not fit: `taken` is already used + reserved."""
+
+    scope: str
+    kind: HoldKind
+    amount: float
+    limit: float
+    taken: float
+
+
+class UsageRow(msgspec.Struct, frozen=True):
+    user_id: str
+    model: str
+    jobs: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+# --- the event log -------------------------------------------------------------------
+
+
+class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One event and the Redis stream it goes to."""
+
+    key: str
+    event: StreamEvent
+
+
+# --- the document store --------------------------------------------------------------
+
+
+class Hit(msgspec.Struct, frozen=True, kw_only=True):
+    """One chunk found by a search, with its score in that search."""
+
+    id: str
+    text: str
+    source: str
+    score: float
+    metadata: dict[str, Any]
+    collection: str = ""

@@ -1,0 +1,78 @@
+"""One small fake per port of our own (actors/ports.py), for unit tests of actor logic.
+
+Only our ports are faked here; Kafka, Redis, Postgres and the vendor are real in
+the integration tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from actors.errors import TransientError
+from messages.ports import Claimed, ClaimResult, Hold, Refused
+
+
+@dataclass
+class FakeStore:
+    """The JobStore port: every claim is a fresh attempt 1, every lease renews unless
+    taken over (`taken`) or Postgres is `down`."""
+
+    claims: list[ClaimResult] = field(default_factory=list[ClaimResult])  # scripted, then Claimed(1)
+    released: list[str] = field(default_factory=list[str])
+    renewals: list[tuple[list[str], float]] = field(default_factory=list[tuple[list[str], float]])
+    taken: set[str] = field(default_factory=set[str])
+    down: bool = False
+
+    async def claim(self, **_: object) -> ClaimResult:
+        return self.claims.pop(0) if self.claims else Claimed(1)
+
+    async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
+                           lease_s: float) -> set[str]:
+        self.renewals.append((list(job_ids), trio.current_time()))
+        if self.down:
+            raise TransientError("postgres is down")
+        return set(job_ids) - self.taken
+
+    async def release_lease(self, *, job_id: str, lease_holder: str) -> None:
+        self.released.append(job_id)
+
+    async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
+                      period: str) -> Refused | None:
+        return None
+
+
+class NoEvents:
+    """The read side of the EventWriter port for a job that never ran before."""
+
+    async def done_recorded(self, job_id: str) -> bool:
+        return False
+
+    async def last_seq(self, job_id: str, attempt: int) -> int:
+        return -1
+
+
+@dataclass
+class FlatPricing:
+    """The Pricing port at fixed per-token prices (0 by default: free)."""
+
+    input_price: float = 0.0
+    output_price: float = 0.0
+
+    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
+                 input_price: float | None, output_price: float | None) -> float | None:
+        if input_price is not None or output_price is not None:
+            return prompt_tokens * (input_price or 0.0) + completion_tokens * (output_price or 0.0)
+        return prompt_tokens * self.input_price + completion_tokens * self.output_price
+
+    def provider_of(self, model: str) -> str:
+        return model.split("/", 1)[0] if "/" in model else "unknown"
+
+
+class WordCounting:
+    """The TokenCounting port: one token per word."""
+
+    def counter(self, model: str) -> Callable[[str], int]:
+        return lambda text: len(text.split())
