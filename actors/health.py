@@ -50,7 +50,7 @@ def _response(status: str, body: dict[str, object] | bytes,
             f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
 
 
-async def _serve_one(stream: trio.SocketStream, health: Health,
+async def _serve_one(stream: trio.abc.Stream, health: Health,
                      metrics: Metrics | None) -> None:
     async with stream:
         request = b""
@@ -94,4 +94,8 @@ async def run_health(health: Health, *, port: int, metrics: Metrics | None = Non
     bound = listeners[0].socket.getsockname()[1]
     log.info("health on :%d (/healthz, /readyz, /metrics)", bound)
     task_status.started(bound)
-    await trio.serve_listeners(lambda stream: _serve_one(stream, health, metrics), listeners)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, health, metrics)
+
+    await trio.serve_listeners(serve, listeners)

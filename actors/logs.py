@@ -15,11 +15,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 NOISY = ("LiteLLM", "litellm", "httpx", "httpcore", "openai", "chromadb", "kafka")
 REDACTED = "[redacted]"
@@ -48,7 +49,7 @@ class _Redact:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._scrub = scrubber(secrets)
 
-    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
         return {k: self._scrub(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
@@ -78,7 +79,7 @@ def configure(*, level: str, fmt: str = "json", secrets: Iterable[str] = (),
 
 
 @contextmanager
-def job_context(**ids: str) -> Iterator[None]:
+def job_context(**ids: str) -> Generator[None]:
     """Bind the job's ids to every line logged in this task (and tasks it starts)."""
     with structlog.contextvars.bound_contextvars(**ids):
         yield

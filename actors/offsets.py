@@ -47,7 +47,7 @@ class OffsetTracker:
 
     def revoke(self, partitions: list[Partition]) -> dict[Partition, int]:
         """Stop tracking `partitions`; return their offsets still to commit."""
-        commits = {}
+        commits: dict[Partition, int] = {}
         for partition in partitions:
             self._pending.pop(partition, None)
             self._settled.pop(partition, None)

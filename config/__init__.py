@@ -10,7 +10,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from msgspec import Meta
@@ -32,7 +32,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
-class Kafka(_Section):
+class Kafka(_Section, frozen=True):
     bootstrap_servers: Name
     request_topic: Name
     control_topic: Name
@@ -46,13 +46,13 @@ class Kafka(_Section):
     producer: dict[str, str | int | float | bool]
 
 
-class Redis(_Section):
+class Redis(_Section, frozen=True):
     url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")]
     password_env: str
     socket_timeout_s: PositiveFloat
 
 
-class Stream(_Section):
+class Stream(_Section, frozen=True):
     key_template: Name
     ttl_s: Positive
     maxlen: Positive
@@ -63,13 +63,13 @@ class Stream(_Section):
         return self.key_template.replace("{job_id}", job_id)
 
 
-class Postgres(_Section):
+class Postgres(_Section, frozen=True):
     dsn: Name
     pool_size: Positive
     batch: Positive
 
 
-class ModelAlias(_Section):
+class ModelAlias(_Section, frozen=True):
     model: Name
     api_base: str | None = None
     api_key_env: str | None = None
@@ -82,7 +82,7 @@ class ModelAlias(_Section):
     stream_path: Literal["auto", "openai", "litellm"] = "auto"
 
 
-class Llm(_Section):
+class Llm(_Section, frozen=True):
     default_model: Name
     system_prompt: str
     max_history_turns: Annotated[int, Meta(ge=0)]
@@ -92,7 +92,7 @@ class Llm(_Section):
     models: dict[str, ModelAlias]
 
 
-class Jobs(_Section):
+class Jobs(_Section, frozen=True):
     timeout_s: PositiveFloat
     first_token_timeout_s: PositiveFloat
     idle_timeout_s: PositiveFloat
@@ -100,7 +100,7 @@ class Jobs(_Section):
     lease_s: PositiveFloat
 
 
-class Rag(_Section):
+class Rag(_Section, frozen=True):
     path: Name
     chroma_url: str
     embedding_model: Name
@@ -120,29 +120,29 @@ class Rag(_Section):
         return list(dict.fromkeys([own, *self.shared_collections, *granted]))
 
 
-class Control(_Section):
+class Control(_Section, frozen=True):
     tombstone_ttl_s: Annotated[float, Meta(ge=0)]
 
 
-class Limits(_Section):
+class Limits(_Section, frozen=True):
     max_message_chars: Positive
 
 
-class Shutdown(_Section):
+class Shutdown(_Section, frozen=True):
     grace_s: Annotated[float, Meta(ge=0)]
 
 
-class Health(_Section):
+class Health(_Section, frozen=True):
     port: Port
 
 
-class Log(_Section):
+class Log(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["json", "text"]
     content: bool  # may debug lines show prompts and answers? never in production
 
 
-class Limit(_Section):
+class Limit(_Section, frozen=True):
     """One user's or tenant's limits; 0 means no limit."""
 
     usd: Annotated[float, Meta(ge=0)] = 0.0
@@ -150,11 +150,11 @@ class Limit(_Section):
     tpm: Annotated[int, Meta(ge=0)] = 0
 
 
-class Tenant(Limit):
+class Tenant(Limit, frozen=True):
     users: list[str] = []
 
 
-class Budgets(_Section):
+class Budgets(_Section, frozen=True):
     period: Literal["day", "month"]
     user: Limit  # every user's default
     users: dict[str, Limit]  # per-user overrides (replace the default)
@@ -168,7 +168,7 @@ class Budgets(_Section):
         return scopes
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     kafka: Kafka
     redis: Redis
     stream: Stream
@@ -192,7 +192,7 @@ def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overlay.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _merge(merged[key], cast(Mapping[str, Any], value))
         else:
             merged[key] = value
     return merged
@@ -230,9 +230,10 @@ def _env_overlay(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, 
             raise ConfigError(f"environment variable {name}: empty key segment")
         node = overlay
         for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
                 raise ConfigError(f"environment variable {name} conflicts with another one")
+            node = cast(dict[str, Any], child)
         node[path[-1]] = _env_value(text)
         origins["$." + ".".join(path)] = f"environment variable {name}"
     return overlay, origins

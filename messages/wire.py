@@ -17,7 +17,8 @@ from msgspec import Meta
 SCHEMA_VERSION = 1
 
 # DESIGN 1.1: ids are 1-128 chars of [A-Za-z0-9._:-].
-Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
+Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=IDENT_PATTERN)]
 UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
@@ -76,7 +77,6 @@ class _Ids(msgspec.Struct, rename="camel"):
 
 _request_decoder = msgspec.json.Decoder(ChatRequest)
 _ids_decoder = msgspec.json.Decoder(_Ids)
-_ident_pattern = Ident.__metadata__[0].pattern  # type: ignore[attr-defined]
 
 
 def _readable_ids(raw: bytes) -> dict[str, str | None]:
@@ -86,7 +86,7 @@ def _readable_ids(raw: bytes) -> dict[str, str | None]:
         return {"job_id": None, "user_id": None, "session_id": None}
 
     def ok(value: Any) -> str | None:
-        if isinstance(value, str) and 0 < len(value) <= 128 and re.match(_ident_pattern, value):
+        if isinstance(value, str) and 0 < len(value) <= 128 and re.match(IDENT_PATTERN, value):
             return value
         return None
 
@@ -168,7 +168,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     EVENT: ClassVar[str]
 
 
-class Started(_Event):
+class Started(_Event, frozen=True):
     EVENT: ClassVar[str] = "started"
     model: str
     mode: str
@@ -182,19 +182,19 @@ class RetrievalHit(msgspec.Struct, frozen=True, kw_only=True):
     snippet: str
 
 
-class Retrieval(_Event):
+class Retrieval(_Event, frozen=True):
     EVENT: ClassVar[str] = "retrieval"
     step: str
     query: str
     hits: list[RetrievalHit]
 
 
-class Token(_Event):
+class Token(_Event, frozen=True):
     EVENT: ClassVar[str] = "token"
     text: str
 
 
-class ProviderSwitched(_Event):
+class ProviderSwitched(_Event, frozen=True):
     EVENT: ClassVar[str] = "provider"
     from_: str = msgspec.field(name="from")
     to: str
@@ -207,7 +207,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     total_tokens: int
 
 
-class Final(_Event, omit_defaults=True):
+class Final(_Event, frozen=True, omit_defaults=True):
     EVENT: ClassVar[str] = "final"
     text: str
     finish_reason: str
@@ -220,7 +220,7 @@ class Final(_Event, omit_defaults=True):
     fallbacks: int = 0  # switches to a fallback alias (omitted when 0)
 
 
-class Error(_Event):
+class Error(_Event, frozen=True):
     EVENT: ClassVar[str] = "error"
     code: str
     message: str
@@ -230,7 +230,7 @@ class Error(_Event):
 DoneStatus = Literal["completed", "cancelled", "timeout", "failed", "rejected"]
 
 
-class Done(_Event):
+class Done(_Event, frozen=True):
     EVENT: ClassVar[str] = "done"
     status: DoneStatus
     partial: bool

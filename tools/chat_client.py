@@ -35,7 +35,7 @@ class ChatClient:
         """Produce one request; return (job_id, the stream id to read after)."""
         job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
         key = self.stream_key(job_id)
-        last = self._redis.xrevrange(key, count=1)
+        last: Any = self._redis.xrevrange(key, count=1)  # str ids: decode_responses
         start_after = last[0][0] if last else "0-0"
         request = {"jobId": job_id, "userId": user_id, "sessionId": session_id,
                    "message": message, **extra}
@@ -59,7 +59,8 @@ class ChatClient:
         key = self.stream_key(job_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for _, entries in self._redis.xread({key: after}, block=1000, count=256) or []:
+            found: Any = self._redis.xread({key: after}, block=1000, count=256)
+            for _, entries in found or []:
                 for entry_id, fields in entries:
                     after = entry_id
                     if fields.get("jobId") != job_id:

@@ -98,12 +98,27 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, **kwargs) -> tuple[subprocess.Popen[bytes], Path]:  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class _RunAs:
+    """The account a service runs as (Postgres refuses to run as root)."""
+
+    user: int | None = None
+    group: int | None = None
+
+    @property
+    def extra_groups(self) -> list[int] | None:
+        return [] if self.user is not None else None
+
+
+def _spawn(name: str, argv: list[str], workdir: Path,
+           run_as: _RunAs = _RunAs()) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = workdir / f"{name}.log"
     log = log_path.open("ab")
     # New session: Ctrl-C in the terminal reaches dev, which stops these in order.
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+                               stdin=subprocess.DEVNULL, start_new_session=True,
+                               user=run_as.user, group=run_as.group,
+                               extra_groups=run_as.extra_groups)
     log.close()
     return process, log_path
 
@@ -156,7 +171,7 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
     sockets = workdir / "pgsock"
     sockets.mkdir(exist_ok=True)
     ids = _postgres_user()
-    kwargs: dict[str, object] = {}
+    run_as = _RunAs()
     if ids is not None:
         uid, gid = ids
         for path in (workdir, sockets):
@@ -169,16 +184,17 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
                 mode = os.stat(path).st_mode
                 if not mode & 0o001:
                     os.chmod(path, mode | 0o001)
-        kwargs = {"user": uid, "group": gid, "extra_groups": []}
+        run_as = _RunAs(user=uid, group=gid)
     if not (data / "PG_VERSION").exists():
         subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                         "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                       check=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+                       check=True, capture_output=True, user=run_as.user, group=run_as.group,
+                       extra_groups=run_as.extra_groups)
     argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]
     if not durable:
         argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-    process, log_path = _spawn("postgres", argv, workdir, **kwargs)
+    process, log_path = _spawn("postgres", argv, workdir, run_as)
     service = Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres",
                       process, log_path, port, stop_signal=signal.SIGINT)
 

@@ -10,6 +10,7 @@ tokens, about 14x slower on short chunks (DESIGN 5).
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,9 @@ class LocalEmbedder:
             encodings = self._tokenizer.encode_batch(texts[start:start + batch])
             ids = np.array([e.ids for e in encodings], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                              "token_type_ids": np.zeros_like(ids)})[0]
+            hidden = np.asarray(self._session.run(None, {
+                "input_ids": ids, "attention_mask": mask,
+                "token_type_ids": np.zeros_like(ids)})[0])
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
             out.append(pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True),
@@ -68,8 +70,8 @@ class LiteLLMEmbedder:
 
         vectors = []
         for start in range(0, len(texts), batch):
-            response = litellm.embedding(model=self.name, input=texts[start:start + batch],
-                                         api_base=self._api_base)
+            response: Any = litellm.embedding(model=self.name, input=texts[start:start + batch],
+                                              api_base=self._api_base)  # sync: a response
             vectors += [item["embedding"] for item in response.data]
         matrix = np.array(vectors, dtype=np.float32)
         return matrix / np.clip(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12, None)

@@ -14,7 +14,7 @@ requests that must go through a proxy to LiteLLM instead.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -145,7 +145,7 @@ class Response:
         length = headers.get("content-length")
         self._left = int(length) if length is not None and self._chunked is None else None
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self) -> AsyncGenerator[bytes]:
         """The body, de-chunked, one network read at a time."""
         connection = self._connection
         while True:

@@ -16,6 +16,7 @@ import confluent_kafka
 import confluent_kafka.admin
 import trio
 from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.cimpl import NewTopic
 
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import Delivery, Partition
@@ -50,6 +51,18 @@ def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
     }
 
 
+def _delivery(message: confluent_kafka.Message) -> Delivery:
+    """A consumed record as our own type (librdkafka sets topic, partition and offset
+    on every record that is not an error; header values may arrive as str)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise KafkaException(KafkaError(KafkaError._BAD_MSG, "a record without its position"))
+    headers = tuple((name, value.encode() if isinstance(value, str) else value or b"")
+                    for name, value in message.headers() or ())
+    return Delivery(topic=topic, partition=partition, offset=offset, key=message.key(),
+                    value=message.value(), headers=headers)
+
+
 class _Consumer:
     """What both consumers share: one confluent Consumer used from one thread at a time."""
 
@@ -72,16 +85,14 @@ class _Consumer:
                 return []
             rest = self._consumer.consume(num_messages=max_records - 1, timeout=0) \
                 if max_records > 1 else []
-            out = []
+            out: list[Delivery] = []
             for m in [first, *rest]:
                 error = m.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
                         continue
                     raise KafkaException(error)
-                out.append(Delivery(topic=m.topic(), partition=m.partition(), offset=m.offset(),
-                                    key=m.key(), value=m.value(),
-                                    headers=tuple((k, v or b"") for k, v in m.headers() or ())))
+                out.append(_delivery(m))
             return out
 
         return await self._run(consume)
@@ -254,8 +265,8 @@ def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str
     Blocking: run in a thread. Creation needs the broker's permission; where the
     platform team owns topics it is refused and the worker says so and goes on.
     """
-    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": bootstrap,
-                                               "logger": LIBRDKAFKA_LOG, **extra})
+    settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG, **extra}
+    admin = confluent_kafka.admin.AdminClient(settings)
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
@@ -264,7 +275,7 @@ def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str
     if not missing:
         return []
     futures = admin.create_topics(
-        [confluent_kafka.admin.NewTopic(t, num_partitions=partitions, replication_factor=1)
+        [NewTopic(t, num_partitions=partitions, replication_factor=1)
          for t in missing], request_timeout=timeout_s)
     created = []
     for topic, future in futures.items():

@@ -20,25 +20,24 @@ from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 
-litellm.telemetry = False
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # a vendor that lacks a param must not fail the job
 
 _TRANSIENT = (
-    litellm.RateLimitError,
-    litellm.APIConnectionError,
-    litellm.Timeout,
-    litellm.InternalServerError,
-    litellm.ServiceUnavailableError,
-    litellm.BadGatewayError,
+    litellm.exceptions.RateLimitError,
+    litellm.exceptions.APIConnectionError,
+    litellm.exceptions.Timeout,
+    litellm.exceptions.InternalServerError,
+    litellm.exceptions.ServiceUnavailableError,
+    litellm.exceptions.BadGatewayError,
 )
 _PERMANENT = {
-    litellm.ContextWindowExceededError: "context_length",
-    litellm.AuthenticationError: "auth",
-    litellm.PermissionDeniedError: "auth",
-    litellm.NotFoundError: "model_not_found",
-    litellm.BadRequestError: "bad_request",
-    litellm.UnprocessableEntityError: "bad_request",
+    litellm.exceptions.ContextWindowExceededError: "context_length",
+    litellm.exceptions.AuthenticationError: "auth",
+    litellm.exceptions.PermissionDeniedError: "auth",
+    litellm.exceptions.NotFoundError: "model_not_found",
+    litellm.exceptions.BadRequestError: "bad_request",
+    litellm.exceptions.UnprocessableEntityError: "bad_request",
 }
 
 
@@ -65,11 +64,11 @@ def translate(exc: BaseException) -> TransientError | PermanentError:
 
 
 def _kind(exc: BaseException, status: object) -> str:
-    if isinstance(exc, litellm.RateLimitError) or status == 429:
+    if isinstance(exc, litellm.exceptions.RateLimitError) or status == 429:
         return "rate_limit"
-    if isinstance(exc, litellm.Timeout):
+    if isinstance(exc, litellm.exceptions.Timeout):
         return "timeout"
-    if isinstance(exc, litellm.APIConnectionError):
+    if isinstance(exc, litellm.exceptions.APIConnectionError):
         return "connection"
     return "server_error"
 
@@ -140,7 +139,7 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
         except trio.WouldBlock:
             await aio.to_trio(out.send, item)
 
-    response = await litellm.acompletion(**request)
+    response: Any = await litellm.acompletion(**request)  # a stream: CustomStreamWrapper
     finish_reason = "stop"
     prompt_tokens = completion_tokens = None
     model = request["model"]

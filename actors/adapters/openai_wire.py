@@ -20,9 +20,9 @@ import functools
 import os
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -137,7 +137,8 @@ def _status_error(route: Route, status: int, headers: dict[str, str],
     # The openai SDK's error type, as LiteLLM's mapping expects it.
     response = httpx.Response(status, headers=headers, content=body_bytes,
                               request=httpx.Request("POST", route.url))
-    vendor_error = openai.APIStatusError(str(message), response=response, body=body)
+    # openai 3.x annotates httpx2's Response; it reads only status, headers and body.
+    vendor_error = openai.APIStatusError(str(message), response=cast(Any, response), body=body)
     try:
         exception_type(model=route.model, original_exception=vendor_error,
                        custom_llm_provider=route.provider)
@@ -192,12 +193,12 @@ class OpenAIWireChat:
                                      f"{exc})", kind="connection") from exc
 
 
-async def _read_events(body: AsyncIterator[bytes], out: trio.MemorySendChannel[ProviderChunk],
+async def _read_events(body: AsyncGenerator[bytes], out: trio.MemorySendChannel[ProviderChunk],
                        route: Route) -> None:
     """Parse SSE `data:` lines; send each network read's text as one TokenDelta."""
     stream = _StreamState(model=route.model)
     pending = b""
-    async with contextlib.aclosing(body) as pieces:  # type: ignore[type-var]
+    async with contextlib.aclosing(body) as pieces:
         async for piece in pieces:
             lines = (pending + piece).split(b"\n")
             pending = lines.pop()  # an incomplete last line waits for the next read

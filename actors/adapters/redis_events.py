@@ -7,13 +7,16 @@ event, against ~130 us for one awaited XADD through redis.asyncio on the bridge.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
 import trio
 
 from actors.errors import PermanentError, TransientError
 from messages.ports import StreamEntry
+
+T = TypeVar("T")
 
 # Appends one entry unless its seq was already written for this (job, attempt):
 # a pipeline retried after a lost reply must not duplicate what did land.
@@ -48,7 +51,7 @@ class RedisEvents:
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
 
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
