@@ -29,3 +29,20 @@ class PermanentError(ChatActorsError):
     def __init__(self, message: str, *, code: str = "permanent") -> None:
         super().__init__(message)
         self.code = code
+
+
+class Stalled(TransientError):
+    """The stream sent nothing for too long; `code` says which limit."""
+
+    def __init__(self, code: str, limit_s: float) -> None:
+        super().__init__(f"the model stream stalled for {limit_s:g} s ({code})", kind="stall")
+        self.code = code
+
+
+class ProviderExhausted(TransientError):
+    """Every retry and fallback failed; `last` is the final failure."""
+
+    def __init__(self, last: TransientError, tries: int) -> None:
+        super().__init__(f"{tries} tries failed; last: {last}", retry_after=last.retry_after,
+                         kind=last.kind)
+        self.last = last

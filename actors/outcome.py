@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.budget import REFUSALS
-from actors.errors import PermanentError, TransientError
-from actors.provider import ProviderExhausted, Stalled
+from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
 from messages.wire import DoneStatus, Error
 
 

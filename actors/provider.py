@@ -23,7 +23,7 @@ import trio
 
 from actors.backoff import Backoff
 from actors.channels import ready
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from config import Config, ModelAlias
@@ -32,23 +32,6 @@ from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 log = logging.getLogger("chat_actors.provider")
 
 PROVIDER_MAILBOX = 64
-
-
-class Stalled(TransientError):
-    """The stream sent nothing for too long; `code` says which limit."""
-
-    def __init__(self, code: str, limit_s: float) -> None:
-        super().__init__(f"the model stream stalled for {limit_s:g} s ({code})", kind="stall")
-        self.code = code
-
-
-class ProviderExhausted(TransientError):
-    """Every retry and fallback failed; `last` is the final failure."""
-
-    def __init__(self, last: TransientError, tries: int) -> None:
-        super().__init__(f"{tries} tries failed; last: {last}", retry_after=last.retry_after,
-                         kind=last.kind)
-        self.last = last
 
 
 @dataclass

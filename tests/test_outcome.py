@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
 from actors.outcome import cut_try_tokens, decide
-from actors.provider import ProviderExhausted, Stalled
 
 NORMAL: dict[str, Any] = dict(cancel_requested=False, cancel_caught=False, timed_out=False,
                               timeout_s=60, finished=True, failure=None, text="an answer")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from actors.errors import PermanentError, TransientError
-from actors.provider import Answer, ProviderExhausted, Stalled, continuation, stream_answer
+from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
+from actors.provider import Answer, continuation, stream_answer
 from config import load_config
 from messages.mailboxes import StreamFinished, TokenDelta
 from tests.fakes import FlatPricing
