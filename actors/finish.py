@@ -52,8 +52,8 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
     provider = worker.pricing.provider_of(spec.model)
     count = worker.tokens.counter(worker.config.alias(request.model)[1].model)
     cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
-                         failure=run.failure, streamed_tokens=count(answer.text),
-                         billed_tokens=answer.completion_tokens)
+                         failure=run.failure, text=answer.text,
+                         billed_tokens=answer.completion_tokens, count=count)
     if cut is not None:
         answer.bill(worker.pricing, spec, run.prompt_estimate, cut)
     ended = trio.current_time()

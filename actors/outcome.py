@@ -59,11 +59,12 @@ def _status(*, cancel_requested: bool, cancel_caught: bool, timed_out: bool, tim
 
 
 def cut_try_tokens(*, finished: bool, tries: int,
-                   failure: TransientError | PermanentError | None, streamed_tokens: int,
-                   billed_tokens: int) -> int | None:
+                   failure: TransientError | PermanentError | None, text: str,
+                   billed_tokens: int, count: Callable[[str], int]) -> int | None:
     """A try cut off mid-stream by a cancel or timeout was billed by nobody: the
     completion tokens to bill it for (the vendor produced them), or None when every
-    try was billed (the provider bills each try that ends, failed or not)."""
+    try was billed (the provider bills each try that ends, failed or not). `text` is
+    counted only then: a finished job never pays for counting its answer again."""
     if finished or not tries or failure is not None:
         return None
-    return max(streamed_tokens - billed_tokens, 0)
+    return max(count(text) - billed_tokens, 0)

@@ -83,9 +83,17 @@ def test_error_messages_are_scrubbed_of_secrets():
 
 
 def test_only_a_try_cut_off_mid_stream_is_left_to_bill():
-    cut = dict(finished=False, tries=1, failure=None, streamed_tokens=7, billed_tokens=2)
+    counted: list[str] = []
+
+    def count(text: str) -> int:
+        counted.append(text)
+        return len(text.split())
+
+    cut = dict(finished=False, tries=1, failure=None, text="a b c d e f g", billed_tokens=2,
+               count=count)
     assert cut_try_tokens(**cut) == 5
     assert cut_try_tokens(**{**cut, "billed_tokens": 9}) == 0  # never negative
     assert cut_try_tokens(**{**cut, "finished": True}) is None  # the provider billed it
     assert cut_try_tokens(**{**cut, "tries": 0}) is None  # the model was never called
     assert cut_try_tokens(**{**cut, "failure": TransientError("x")}) is None
+    assert len(counted) == 2  # a billed answer is never counted again
