@@ -168,8 +168,10 @@ class Intake:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
         self.in_flight += 1
         try:
+            limits = self.worker.config.limits
             request = decode_request(delivery.value, model_aliases=self.aliases,
-                                     max_message_chars=self.worker.config.limits.max_message_chars)
+                                     max_message_chars=limits.max_message_chars,
+                                     max_request_bytes=limits.max_request_bytes)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.
             jobs.start_soon(self.settle_after, delivery,

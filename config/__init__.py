@@ -126,6 +126,7 @@ class Control(_Section, frozen=True):
 
 class Limits(_Section, frozen=True):
     max_message_chars: Positive
+    max_request_bytes: Annotated[int, Meta(ge=1024)]
 
 
 class Shutdown(_Section, frozen=True):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, ClassVar, Literal
+from itertools import accumulate
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import msgspec
 from msgspec import Meta
@@ -79,6 +80,52 @@ _request_decoder = msgspec.json.Decoder(ChatRequest)
 _ids_decoder = msgspec.json.Decoder(_Ids)
 
 
+# DESIGN 1.1: no value may nest deeper than this (the request object itself is level 1).
+MAX_DEPTH = 32
+MAX_CONTROL_BYTES = 64 * 1024
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+NUL, ESCAPED_NUL = "\x00", "\\u0000"
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _nesting(raw: bytes) -> int:
+    """How deep the JSON in `raw` nests, counted without decoding it: the decoder
+    recurses, so a value nested 50,000 deep must never reach it. C-speed passes
+    (a regex, translate, accumulate) keep this linear and short even at 1 MB."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_DEPTH:
+        return len(brackets)  # an upper bound, and within the limit
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)))
+
+
+def _check_shape(raw: bytes, max_bytes: int) -> None:
+    """Size and nesting, checked before any decoder sees the value."""
+    if len(raw) > max_bytes:
+        raise BadInput("$", f"the value is {len(raw)} bytes; the limit is {max_bytes}")
+    depth = _nesting(raw)
+    if depth > MAX_DEPTH:
+        raise BadInput("$", f"the value nests {depth} levels deep; the limit is {MAX_DEPTH}")
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """The JSON path of the first string (or key) holding U+0000, if any."""
+    if isinstance(value, str):
+        return path if NUL in value else None
+    if isinstance(value, dict):
+        for key, item in cast(dict[str, Any], value).items():
+            where = f"{path}.{key.replace(NUL, ESCAPED_NUL)}"
+            found = where if NUL in key else _nul_at(item, where)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(cast(list[Any], value)):
+            found = _nul_at(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def _readable_ids(raw: bytes) -> dict[str, str | None]:
     try:
         ids = _ids_decoder.decode(raw)
@@ -106,11 +153,14 @@ def _field_of(error_text: str) -> tuple[str, str]:
 
 
 def decode_request(
-    raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str]
+    raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str],
+    max_request_bytes: int = 1024 * 1024,
 ) -> ChatRequest:
-    """Decode and validate one `chat.request` value, or raise BadInput naming the problem."""
+    """Decode and validate one `chat.request` value, or raise BadInput naming the problem.
+    Nothing else escapes: whatever the bytes, the answer is a request or a BadInput."""
     if raw is None:
         raise BadInput("$", "the message has no value")
+    _check_shape(raw, max_request_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -120,10 +170,16 @@ def decode_request(
     except msgspec.ValidationError as exc:
         field, rule = _field_of(str(exc))
         raise BadInput(field, rule, **_readable_ids(raw)) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise BadInput("$", f"the value is not a JSON object: {exc}") from exc
     ids = {"job_id": request.job_id, "user_id": request.user_id,
            "session_id": request.session_id}
+    # Postgres cannot store U+0000; JSON can only carry it escaped, so look closer
+    # only when the escape is there.
+    if b"\\u0000" in raw:
+        where = _nul_at(msgspec.to_builtins(request), "$")
+        if where is not None:
+            raise BadInput(where, "contains U+0000, which cannot be stored", **ids)
     if request.v != SCHEMA_VERSION:
         raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads 1)", **ids)
     if len(request.message) > max_message_chars:
@@ -149,14 +205,16 @@ _control_decoder = msgspec.json.Decoder(ControlMessage)
 
 
 def decode_control(raw: bytes | None) -> ControlMessage:
+    """Decode one `chat.control` value, or raise BadInput; nothing else escapes."""
     if raw is None:
         raise BadInput("$", "the message has no value")
+    _check_shape(raw, MAX_CONTROL_BYTES)
     try:
         return _control_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         field, rule = _field_of(str(exc))
         raise BadInput(field, rule) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise BadInput("$", f"the value is not a JSON object: {exc}") from exc
 
 

@@ -1,23 +1,29 @@
-"""Property-based: mutated and random requests never crash the decoder or a running intake;
-every bad one lands in the DLQ, every good one completes (DESIGN 4.5)."""
+"""Property-based: mutated, hostile and random requests never crash the decoder or a
+running intake; every bad one lands in the DLQ, every good one completes (DESIGN 4.5,
+4.10). Hostile means what an attacker or a broken neighbour sends, not only a good
+message with one field wrong: nesting 50,000 deep, U+0000, oversize values, invalid
+UTF-8."""
 
 from __future__ import annotations
 
 import json
 
 import confluent_kafka
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messages.wire import BadInput, decode_request
+from messages.wire import BadInput, decode_control, decode_request
 from tests.helpers import events_of, produce, worker_running
 
 ALIASES = frozenset({"scripted", "priced"})
+# Text a user may send: anything but U+0000 (DESIGN 1.1) and lone surrogates (not UTF-8).
+TEXT = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 IDENT = st.text(alphabet="abcXYZ019._:-", min_size=1, max_size=20)
 GOOD = st.fixed_dictionaries({
     "jobId": IDENT, "userId": IDENT, "sessionId": IDENT,
-    "message": st.text(min_size=1, max_size=50),
+    "message": st.text(TEXT, min_size=1, max_size=50),
 }, optional={
     "mode": st.sampled_from(["gen", "rag"]),
     "model": st.sampled_from(sorted(ALIASES)),
@@ -41,12 +47,42 @@ MUTATIONS = {
     "unknown mode": lambda d, v: {**d, "mode": "chat"},
 }
 REQUIRED = ["jobId", "userId", "sessionId", "message"]
+MAX_REQUEST_BYTES = 65536
+
+
+def _with_raw_field(good: dict, name: str, raw: bytes) -> bytes:
+    """`good` as JSON with one more field whose value is `raw` (json.dumps would recurse)."""
+    body = json.dumps(good).encode()
+    return body[:-1] + b', "' + name.encode() + b'": ' + raw + b"}"
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+# Each builds a hostile value from a good request and a size drawn by hypothesis.
+HOSTILE = {
+    "nested deep in an unknown field": lambda d, n: _with_raw_field(d, "extra", _nested(n)),
+    "nested deep in rag.where": lambda d, n: _with_raw_field(
+        d, "rag", b'{"where": {"a": ' + b'{"b": ' * n + b"1" + b"}" * n + b"}}"),
+    "U+0000 in the message": lambda d, n: json.dumps({**d, "message": "a\x00b"}).encode(),
+    "U+0000 in a stop string": lambda d, n: json.dumps(
+        {**d, "params": {"stop": ["x", "\x00"]}}).encode(),
+    "U+0000 in a rag.where key": lambda d, n: json.dumps(
+        {**d, "rag": {"where": {"a\x00": 1}}}).encode(),
+    "invalid UTF-8 inside the message": lambda d, n: json.dumps(d).encode().replace(
+        b'"message": "', b'"message": "\xff\xfe', 1),
+    "larger than limits.max_request_bytes": lambda d, n: _with_raw_field(
+        d, "padding", json.dumps("p" * (MAX_REQUEST_BYTES + n)).encode()),
+}
 
 
 @st.composite
 def bad_values(draw) -> bytes:
-    kind = draw(st.sampled_from([*MUTATIONS, "random bytes", "truncated json"]))
+    kind = draw(st.sampled_from([*MUTATIONS, *HOSTILE, "random bytes", "truncated json"]))
     good = draw(GOOD)
+    if kind in HOSTILE:
+        return HOSTILE[kind](good, draw(st.sampled_from([33, 100, 5000, 50_000])))
     if kind == "random bytes":
         return draw(st.binary(min_size=0, max_size=80).filter(lambda b: not b.strip().startswith(b"{")))
     if kind == "truncated json":
@@ -56,7 +92,8 @@ def bad_values(draw) -> bytes:
 
 
 def decode(raw: bytes):
-    return decode_request(raw, max_message_chars=1000, model_aliases=ALIASES)
+    return decode_request(raw, max_message_chars=1000, model_aliases=ALIASES,
+                          max_request_bytes=MAX_REQUEST_BYTES)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -104,22 +141,57 @@ def read_topic(config, topic: str, count: int) -> list[bytes | None]:
     return values
 
 
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_each_hostile_shape_is_bad_input_naming_where(kind):
+    good = {"jobId": "j1", "userId": "u1", "sessionId": "s1", "message": "hello"}
+    with pytest.raises(BadInput) as info:
+        decode(HOSTILE[kind](good, 5_000))
+    problem = info.value
+    assert problem.field.startswith("$") and problem.rule
+    if "U+0000" in kind:  # named down to the field, and the job can still be told
+        assert problem.field != "$" and "U+0000" in problem.rule and problem.job_id == "j1"
+    if "nested" in kind:
+        assert "limit is 32" in problem.rule
+
+
+def test_nesting_50000_deep_is_refused_before_the_decoder_recurses():
+    good = {"jobId": "j1", "userId": "u1", "sessionId": "s1", "message": "hello"}
+    for kind in ("nested deep in an unknown field", "nested deep in rag.where"):
+        with pytest.raises(BadInput, match="nests 500(01|03) levels deep; the limit is 32"):
+            decode_request(HOSTILE[kind](good, 50_000), max_message_chars=1000,
+                           model_aliases=ALIASES)  # the default 1 MiB size limit
+    # chat.control too: one such message used to stop every worker at once.
+    with pytest.raises(BadInput, match="nests 30001 levels deep"):
+        decode_control(b'{"type": "cancel", "x": ' + _nested(30_000) + b"}")
+
+
 @settings(max_examples=1, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
-@given(st.lists(bad_values(), min_size=60, max_size=60), st.lists(GOOD, min_size=20, max_size=20))
-def test_a_running_intake_survives_a_mixed_burst(make_config, llm, rds, bad, good):
-    config, _ = make_config()
+@given(st.lists(bad_values(), min_size=30, max_size=30), st.lists(GOOD, min_size=20, max_size=20))
+def test_a_running_intake_survives_a_mixed_burst(make_config, llm, rds, drawn, good):
+    config, _ = make_config(f"""
+[limits]
+max_message_chars = 1000
+max_request_bytes = {MAX_REQUEST_BYTES}
+""")
     good = [{**g, "jobId": f"fuzz-{i}", "sessionId": f"fuzz-s{i}", "model": "scripted"}
             for i, g in enumerate(good)]
-    mixed = [*bad, *[json.dumps(g).encode() for g in good]]
+    # Every kind of bad value at least once, whatever hypothesis drew.
+    template = {"jobId": "bad-j", "userId": "bad-u", "sessionId": "bad-s", "message": "m"}
+    bad = [*drawn, *(build(template, 5_000) for build in HOSTILE.values()),
+           *(json.dumps(mutate(template, "message")).encode() for mutate in MUTATIONS.values())]
+    mixed = [value for pair in zip(bad, [json.dumps(g).encode() for g in good] * 4,
+                                   strict=False) for value in pair]
+    mixed += bad[len(mixed) // 2:]
 
     async def scenario():
-        async with worker_running(config):
+        async with worker_running(config) as handle:
             produce(config, *mixed)
-            return [await events_of(rds, config, g["jobId"]) for g in good]
+            finished = [await events_of(rds, config, g["jobId"]) for g in good]
+            return finished, handle
 
-    finished = trio.run(scenario)
+    finished, _ = trio.run(scenario)
     assert all(events[-1]["data"]["status"] == "completed" for events in finished)
     dead = read_topic(config, config.kafka.dlq_topic, len(bad))
-    assert sorted(dead, key=lambda v: v or b"") == sorted(bad)
+    assert sorted(dead, key=lambda v: v or b"") == sorted(bad, key=lambda v: v or b"")
