@@ -93,3 +93,45 @@ async def test_a_job_finishes_while_the_broker_is_unreachable(config, stack, llm
         await events_of(rds, config, third["jobId"])
     assert [c.messages[-1]["content"] for c in llm.calls] == [
         "during the pause", "after the pause", "third"]
+
+
+async def test_redis_out_of_memory_is_waited_out_and_named_in_readyz(config, llm, rds):
+    # OOM (like MISCONF or LOADING) is a state the server passes through: the events
+    # wait for it, /readyz names it, and the worker goes on. It used to kill the sink.
+    llm.default = STREAM
+    req = request("through an out-of-memory Redis")
+    policy = rds.config_get("maxmemory-policy")["maxmemory-policy"]
+    async with worker_running(config) as worker:
+        rds.config_set("maxmemory-policy", "noeviction")
+        rds.config_set("maxmemory", 1)
+        try:
+            produce(config, req)
+            await until(lambda: worker.health.failures["redis"] >= 2)
+            status, report = await readyz(worker.health_port)
+            assert status == 503 and "OutOfMemoryError" in report["down"]["redis"]
+        finally:
+            rds.config_set("maxmemory", 0)
+            rds.config_set("maxmemory-policy", policy)
+        events = await events_of(rds, config, req["jobId"])
+        await until(lambda: worker.health.ready())
+    assert_contiguous(events)
+    assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_postgres_read_only_during_a_failover_is_waited_out(config, llm, rds, db):
+    llm.default = STREAM
+    req = request("through a read-only Postgres")
+    async with worker_running(config) as worker:
+        db.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        db.execute("SELECT pg_reload_conf()")
+        try:
+            produce(config, req)
+            await until(lambda: worker.health.failures["postgres"] >= 2)
+            status, report = await readyz(worker.health_port)
+            assert status == 503 and "ReadOnlySqlTransaction" in report["down"]["postgres"]
+        finally:
+            db.execute("SET default_transaction_read_only = off")
+            db.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            db.execute("SELECT pg_reload_conf()")
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-1]["data"]["status"] == "completed"

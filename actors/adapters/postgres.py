@@ -40,9 +40,17 @@ def redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"password=\S+", "password=***", dsn))
 
 
+# Retried: the server is away or passing through a state (shutting down, too many
+# connections, a standby that is read-only during a failover, a lock or serialization
+# conflict). OperationalError covers the connection-level ones (admin shutdown,
+# cannot connect now, too many connections).
+_PASSING = (psycopg.OperationalError, psycopg.errors.SerializationFailure,
+            psycopg.errors.DeadlockDetected, psycopg.errors.ReadOnlySqlTransaction,
+            psycopg.errors.LockNotAvailable)
+
+
 def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
-    if isinstance(exc, psycopg.OperationalError | psycopg.errors.SerializationFailure
-                  | psycopg.errors.DeadlockDetected):
+    if isinstance(exc, _PASSING):
         return TransientError(f"postgres: {type(exc).__name__}: {exc}".strip())
     return PermanentError(f"postgres: {type(exc).__name__}: {exc}", code="postgres")
 

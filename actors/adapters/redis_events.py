@@ -7,16 +7,37 @@ event, against ~130 us for one awaited XADD through redis.asyncio on the bridge.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
+import redis.exceptions as redis_errors
 import trio
 
 from actors.errors import PermanentError, TransientError
 from messages.ports import StreamEntry
 
 T = TypeVar("T")
+
+# States a server passes through: out of memory, a failed snapshot, loading, a replica
+# mid-failover, a busy script, a cluster reconfiguring. Retried, and named in /readyz.
+_PASSING = (redis.ConnectionError, redis.TimeoutError, redis_errors.BusyLoadingError,
+            redis_errors.ReadOnlyError, redis_errors.OutOfMemoryError,
+            redis_errors.TryAgainError, redis_errors.MasterDownError,
+            redis_errors.ClusterDownError, redis_errors.MaxConnectionsError)
+# The same states as error replies redis-py does not type (from inside a script, a
+# pipeline, or a server newer than the client).
+_PASSING_REPLY = re.compile(r"(^|[\s:-])(OOM|MISCONF|LOADING|READONLY|BUSY|MASTERDOWN|TRYAGAIN"
+                            r"|CLUSTERDOWN|NOREPLICAS)\b")
+
+
+def translate(exc: redis.RedisError) -> TransientError | PermanentError:
+    text = f"redis: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _PASSING) or (isinstance(exc, redis.ResponseError)
+                                     and _PASSING_REPLY.search(str(exc))):
+        return TransientError(text, kind="server_state")
+    return PermanentError(text, code="redis")
 
 # Appends one entry unless its seq was already written for this (job, attempt):
 # a pipeline retried after a lost reply must not duplicate what did land.
@@ -54,12 +75,8 @@ class RedisEvents:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
-        except redis.ReadOnlyError as exc:  # a replica mid-failover
-            raise TransientError(f"redis: {exc}") from exc
         except redis.RedisError as exc:
-            raise PermanentError(f"redis: {type(exc).__name__}: {exc}", code="redis") from exc
+            raise translate(exc) from exc
 
     async def write(self, entries: Sequence[StreamEntry]) -> None:
         """XADD every entry in one pipelined round trip; a `done` also arms the expiry."""
