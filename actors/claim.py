@@ -17,7 +17,7 @@ import trio
 from actors.backoff import retry_transient
 from actors.errors import TransientError
 from actors.worker import Worker
-from messages.mailboxes import EventEmitted, JobRef
+from messages.mailboxes import EventEmitted, JobRef, Receipt
 from messages.ports import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
 from messages.wire import ChatRequest, Done, DoneStatus
 
@@ -69,7 +69,7 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
         return
     last = await retry_transient(last_seq, what="done check", log=log, health=worker.health,
                                  dependency="redis")
-    receipt = trio.Event()
+    receipt = Receipt()
     await worker.events.send(EventEmitted(job=job, body=Done(status=status, partial=partial),
                                           receipt=receipt, first_seq=last + 1))
     await receipt.wait()

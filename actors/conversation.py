@@ -73,6 +73,15 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
             await release_lease(worker, job.job_id)
 
 
+def _internal(worker: Worker, job: JobRef, exc: Exception) -> PermanentError:
+    """The job ends `failed` with error{internal}: the process and its other jobs go on.
+    The traceback goes to the log (secrets redacted there), not to the client."""
+    log.error("job %s failed on an unexpected error", job.job_id, exc_info=exc)
+    worker.metrics.internal_errors.labels(where="job").inc()
+    return PermanentError(f"internal error ({type(exc).__name__}); see the worker's log",
+                          code="internal")
+
+
 async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, alias_name: str,
                        running: RunningJob, history: list[Turn]) -> None:
     await worker.emit(job, Started(model=alias_name, mode=request.mode, attempt=job.attempt))
@@ -87,6 +96,8 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, alias_
                 await answer(request, worker, job, history, run)
             except (PermanentError, TransientError) as exc:
                 run.failure = exc
+            except Exception as exc:  # a bug, or a library error no adapter classified
+                run.failure = _internal(worker, job, exc)
     if cancel.cancel_called:
         log.info("job %s cancelled: %s", job.job_id, running.cancel_reason)
     outcome = decide(cancel_requested=cancel.cancel_called, cancel_caught=cancel.cancelled_caught,

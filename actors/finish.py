@@ -17,15 +17,15 @@ from actors.claim import FINISH_GRACE_S
 from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
 from actors.worker import Worker
-from messages.mailboxes import JobFinished, JobRef
-from messages.wire import ChatRequest, Done, Final, Usage
+from messages.mailboxes import JobFinished, JobRef, Receipt
+from messages.wire import ChatRequest, Done, Error, Final, Usage
 
 log = logging.getLogger("chat_actors.finish")
 
 
 def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,
                     provider: str, user_tokens: int, started: float, ended: float,
-                    receipt: trio.Event) -> JobFinished:
+                    receipt: Receipt) -> JobFinished:
     answer = run.answer
     error = outcome.error
     first_token_at = answer.first_token_at
@@ -38,7 +38,8 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         latency_ms=round((ended - started) * 1000),
         error=None if error is None else f"{error.code}: {error.message}",
         partial=outcome.partial, user_message=request.message, user_tokens=user_tokens,
-        answer=answer.text,
+        # Postgres cannot store U+0000: a vendor that sends it loses that character only.
+        answer=answer.text.replace("\x00", ""),
         retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
         retrieval_hits=len(run.sources_used) if run.retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
@@ -59,7 +60,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
     ended = trio.current_time()
     record = terminal_record(request, job, run, outcome, provider=provider,
                              user_tokens=count(request.message), started=started, ended=ended,
-                             receipt=trio.Event())
+                             receipt=Receipt())
     with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
         if outcome.status == "completed" and answer.finished is not None:
             await worker.emit(job, Final(
@@ -73,7 +74,13 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
             await worker.emit(job, outcome.error)
         await worker.records.send(record)
         assert record.receipt is not None
-        await record.receipt.wait()
+        refused = await record.receipt.wait()
+        if refused is not None:  # only the minimal row (failed, no content) was written
+            worker.metrics.internal_errors.labels(where="record").inc()
+            error = Error(code="internal", retryable=False,
+                          message="the job's record could not be stored; it is kept as failed")
+            outcome = Outcome(status="failed", partial=False, error=error)
+            await worker.emit(job, error)
         await worker.emit(job, Done(status=outcome.status, partial=outcome.partial), wait=True)
     if finishing.cancelled_caught:
         raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
@@ -86,7 +93,7 @@ def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,
     """The settled job's metrics and its one log line."""
     metrics = worker.metrics
     model = record.model
-    metrics.jobs.labels(status=record.status, mode=mode).inc()
+    metrics.jobs.labels(status=outcome.status, mode=mode).inc()
     metrics.tokens.labels(direction="prompt", model=model).inc(record.prompt_tokens)
     metrics.tokens.labels(direction="completion", model=model).inc(record.completion_tokens)
     if record.cost_usd:
@@ -97,8 +104,8 @@ def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,
     if outcome.status == "rejected" and outcome.error is not None:
         metrics.rejections.labels(reason=outcome.error.code).inc()
     cost = "?" if record.cost_usd is None else f"{record.cost_usd:.6f}"
-    log.log(logging.INFO if record.error is None else logging.WARNING,
+    log.log(logging.INFO if outcome.error is None else logging.WARNING,
             "job %s %s in %.0f ms (%d+%d tokens, $%s, %d retries, %d fallbacks)%s",
-            record.job_id, record.status, latency_s * 1000, record.prompt_tokens,
+            record.job_id, outcome.status, latency_s * 1000, record.prompt_tokens,
             record.completion_tokens, cost, record.retries, record.fallbacks,
-            "" if record.error is None else f": {record.error}")
+            "" if outcome.error is None else f": {outcome.error.code}: {outcome.error.message}")

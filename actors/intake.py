@@ -28,7 +28,7 @@ from actors.offsets import OffsetTracker
 from actors.polling import Poller
 from actors.ports import DeadLetters, RequestSource
 from actors.worker import Worker
-from messages.mailboxes import Delivery, JobRejected
+from messages.mailboxes import Delivery, JobRejected, Receipt
 from messages.wire import BadInput, ChatRequest, Done, Error, decode_request
 
 log = logging.getLogger("chat_actors.intake")
@@ -90,7 +90,7 @@ async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: Dea
                           dependency="kafka")
     if problem.job_id and problem.user_id:
         job = worker.job_ref(problem.job_id, problem.user_id, problem.session_id or "")
-        persisted = trio.Event()
+        persisted = Receipt()
         await worker.records.send(JobRejected(job_id=job.job_id, user_id=job.user_id,
                                               session_id=job.session_id, error=str(problem),
                                               receipt=persisted))

@@ -52,6 +52,10 @@ class Metrics:
         self.provider_fallbacks = Counter(
             "chat_actors_provider_fallbacks", "Switches to a fallback alias, by vendor left and taken.",
             ["from_vendor", "to_vendor"], registry=registry)
+        self.internal_errors = Counter(
+            "chat_actors_internal_errors", "Jobs failed by a bug or an unexpected error (where: "
+            "job), or settled as failed because Postgres refused their record (where: record).",
+            ["where"], registry=registry)
         self.rejections = Counter(
             "chat_actors_rejections", "Requests refused before any model call, by reason.",
             ["reason"], registry=registry)

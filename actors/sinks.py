@@ -10,7 +10,7 @@ leaves at once. A message is never dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -18,11 +18,12 @@ import trio
 
 from actors.backoff import Backoff, DependencyHealth, retry_transient
 from actors.channels import ready
+from messages.mailboxes import Receipt
 
 
 class WithReceipt(Protocol):
     @property
-    def receipt(self) -> trio.Event | None: ...
+    def receipt(self) -> Receipt | None: ...
 
 
 M = TypeVar("M", bound=WithReceipt)
@@ -30,19 +31,24 @@ P = TypeVar("P")
 
 
 async def run_sink(inbox: trio.MemoryReceiveChannel[M], prepare: Callable[[list[M]], P],
-                   write: Callable[[P], Awaitable[None]], *, what: str, dependency: str,
+                   write: Callable[[P], Awaitable[Mapping[int, str] | None]], *, what: str,
+                   dependency: str,
                    batch_max: int, log: logging.Logger, backoff: Backoff | None = None,
                    health: DependencyHealth | None = None,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """`prepare` turns each batch into what `write` sends, once: a retry resends the same.
-    `what` names a write of `{n}` messages in log lines."""
+    `write` may return, by position in the batch, why a message was written only in a
+    minimal form (the server refused it); its receipt carries that. `what` names a
+    write of `{n}` messages in log lines."""
     with inbox:
         task_status.started()
         async for first in inbox:
             batch = ready(inbox, first, batch_max)
             prepared = prepare(batch)
-            await retry_transient(partial(write, prepared), what=what.format(n=len(batch)),
-                                  log=log, backoff=backoff, health=health, dependency=dependency)
-            for message in batch:
+            refused = await retry_transient(partial(write, prepared),
+                                            what=what.format(n=len(batch)), log=log,
+                                            backoff=backoff, health=health,
+                                            dependency=dependency) or {}
+            for index, message in enumerate(batch):
                 if message.receipt is not None:
-                    message.receipt.set()
+                    message.receipt.set(refused.get(index))

@@ -18,7 +18,7 @@ from actors.ports import ChatModel, EventWriter, JobStore, Pricing, TokenCountin
 from actors.registry import JobRegistry
 from actors.retriever import Retrieval
 from config import Config
-from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage
+from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage, Receipt
 from messages.wire import EventBody
 
 
@@ -47,7 +47,7 @@ class Worker:
 
     async def emit(self, job: JobRef, body: EventBody, *, wait: bool = False) -> None:
         """Send an event to the job's stream; with `wait`, return once it is in Redis."""
-        receipt = trio.Event() if wait else None
+        receipt = Receipt() if wait else None
         await self.events.send(EventEmitted(job=job, body=body, receipt=receipt))
         if receipt is not None:
             await receipt.wait()

@@ -1,8 +1,8 @@
 """What actors send each other. One union per mailbox; commands are imperative,
 events past tense, data nouns.
 
-A `receipt` is a trio.Event the sink sets once the record is durably written;
-the conversation waits on receipts before it lets the offset commit.
+A `receipt` is set by the sink once the record is durably written; the
+conversation waits on receipts before it lets the offset commit.
 """
 
 from __future__ import annotations
@@ -13,6 +13,29 @@ import msgspec
 import trio
 
 from messages.wire import DoneStatus, EventBody
+
+
+class Receipt:
+    """A sink's word that a message is durably written. `refused` says why, when the
+    server refused the record and only its minimal form was written instead."""
+
+    __slots__ = ("_written", "refused")
+
+    def __init__(self) -> None:
+        self._written = trio.Event()
+        self.refused: str | None = None
+
+    def set(self, refused: str | None = None) -> None:
+        self.refused = refused
+        self._written.set()
+
+    def is_set(self) -> bool:
+        return self._written.is_set()
+
+    async def wait(self) -> str | None:
+        """Return once written: None, or why only the minimal form was."""
+        await self._written.wait()
+        return self.refused
 
 
 class JobRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,7 +53,7 @@ class JobRef(msgspec.Struct, frozen=True, kw_only=True):
 class EventEmitted(msgspec.Struct, frozen=True, kw_only=True):
     job: JobRef
     body: EventBody
-    receipt: trio.Event | None = None
+    receipt: Receipt | None = None
     # Continue an attempt's sequence from here (a `done` re-sent after a crash).
     first_seq: int | None = None
 
@@ -64,12 +87,13 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     user_message: str
     user_tokens: int
     answer: str  # may be "" (nothing streamed): then no assistant row is written
+    messages: bool = True  # write the exchange to llm_messages (not for a minimal record)
     retrieval_ms: int | None = None
     retrieval_hits: int | None = None
     retries: int = 0
     fallbacks: int = 0
     reserved: bool = False  # holds a budget reservation to settle
-    receipt: trio.Event | None = None
+    receipt: Receipt | None = None
 
 
 class JobRejected(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,7 +103,7 @@ class JobRejected(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     session_id: str
     error: str
-    receipt: trio.Event | None = None
+    receipt: Receipt | None = None
 
 
 PgSinkMessage = JobFinished | JobRejected

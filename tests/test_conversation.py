@@ -212,3 +212,29 @@ async def test_retrieval_counts_against_the_job_deadline(autojump_clock):
                                         mode="rag", timeout_s=5)
     assert retriever.cancelled and elapsed == pytest.approx(5, abs=0.1)
     assert bodies[-1].status == "timeout" and record.status == "timeout"
+
+
+class BrokenChat:
+    """A vendor library that fails in a way no adapter classified (a bug, a ValueError)."""
+
+    async def stream(self, *, out, **kwargs):
+        with out:
+            await out.send(TokenDelta(text="half "))
+            raise ValueError("Content-Length: 10, 10")
+
+
+class BrokenRetriever:
+    async def search(self, **kwargs):
+        raise RuntimeError("InvalidArgumentError: Expected where operator")  # as Chroma's
+
+
+@pytest.mark.parametrize("broken", ["chat", "retriever"])
+async def test_an_unexpected_exception_fails_only_its_job_as_internal(autojump_clock, broken):
+    chat = BrokenChat() if broken == "chat" else ScriptedChat([(1, "a")])
+    bodies, record, _ = await run(chat, retriever=BrokenRetriever(),
+                                  mode="rag" if broken == "retriever" else "gen")
+    assert kinds(bodies)[-2:] == ["error", "done"]
+    assert bodies[-2].code == "internal" and not bodies[-2].retryable
+    assert "Content-Length" not in bodies[-2].message  # the detail goes to the log only
+    assert bodies[-1].status == "failed" and record.status == "failed"
+    assert record.error.startswith("internal: internal error (")

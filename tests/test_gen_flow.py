@@ -139,3 +139,19 @@ async def test_a_taken_health_port_does_not_stop_the_worker(make_config, llm, rd
             events = await events_of(rds, config, req["jobId"])
     assert worker.health_port == 0
     assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_a_vendor_answer_holding_u0000_is_stored_without_it(config, llm, rds, db):
+    # Postgres cannot store U+0000: the answer used to be refused at the job's end,
+    # which stopped the process (and the redelivery paid the model again).
+    llm.default = Reply(tokens=("nul", "\x00", " byte"))
+    req, after = request("Say a NUL"), request("Still here?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+        produce(config, after)
+        later = await events_of(rds, config, after["jobId"])
+    assert events[-1]["data"]["status"] == "completed"
+    assert events[-2]["data"]["text"] == "nul byte"
+    assert [m["content"] for m in message_rows(db, req["jobId"])] == ["Say a NUL", "nul byte"]
+    assert later[-1]["data"]["status"] == "completed"

@@ -10,7 +10,7 @@ import trio.testing
 
 from actors.errors import TransientError
 from actors.redis_sink import run_redis_sink
-from messages.mailboxes import EventEmitted, JobRef
+from messages.mailboxes import EventEmitted, JobRef, Receipt
 from messages.wire import Done, Started, Token
 
 JOB = JobRef(job_id="j", user_id="u", session_id="s", attempt=1, stream_key="sse:chat:j")
@@ -40,7 +40,7 @@ class FakeWriter:
 async def test_adjacent_tokens_of_a_job_coalesce_and_seq_counts_entries(autojump_clock):
     writer = FakeWriter()
     send, receive = trio.open_memory_channel(100)
-    receipt = trio.Event()
+    receipt = Receipt()
     async with trio.open_nursery() as nursery:
         # Queue everything before the sink starts: they all land in one batch.
         for message in [
@@ -64,7 +64,7 @@ async def test_adjacent_tokens_of_a_job_coalesce_and_seq_counts_entries(autojump
 async def test_transient_failures_are_retried_with_backoff_and_nothing_is_lost(autojump_clock):
     writer = FakeWriter(failures=3)
     send, receive = trio.open_memory_channel(10)
-    receipt = trio.Event()
+    receipt = Receipt()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_redis_sink, receive, writer, batch_max=64))
         started = trio.current_time()

@@ -311,6 +311,8 @@ class Postgres:
                          for r in finished])
                     messages = []
                     for r in finished:
+                        if not r.messages:
+                            continue
                         messages.append((r.job_id, r.session_id, r.user_id, "user",
                                          r.user_message, r.user_tokens, False))
                         if r.answer:
