@@ -12,7 +12,6 @@ rendered line, whatever logged it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable, Generator, Iterable
@@ -22,15 +21,17 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from config import Config, secret
+
 NOISY = ("LiteLLM", "litellm", "httpx", "httpcore", "openai", "chromadb", "kafka")
 REDACTED = "[redacted]"
 
 
-def secrets_from(config: Any) -> list[str]:
+def secrets_from(config: Config) -> list[str]:
     """Every secret value the config points at, from the environment."""
     names = {alias.api_key_env for alias in config.llm.models.values() if alias.api_key_env}
     names |= {config.redis.password_env, "PGPASSWORD"}
-    values = [os.environ.get(name, "") for name in names if name]
+    values = [secret(name) or "" for name in names]
     values += re.findall(r"://[^:/@]+:([^@]+)@", config.postgres.dsn + " " + config.redis.url)
     values += re.findall(r"password=(\S+)", config.postgres.dsn)
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)

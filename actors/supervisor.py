@@ -45,7 +45,7 @@ from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever
 from actors.worker import Worker
-from config import Config
+from config import Config, secret_problems
 from messages.mailboxes import EventEmitted, PgSinkMessage
 
 log = logging.getLogger("chat_actors.supervisor")
@@ -171,6 +171,9 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                      task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
                      ) -> None:
     """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
+    problems = secret_problems(config)
+    if problems:
+        raise StartupError("; ".join(problems))
     stop = trio.Event() if stop is None else stop
     this_worker = worker_id()
     tracker = OffsetTracker()

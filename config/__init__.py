@@ -10,11 +10,12 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import msgspec
 from msgspec import Meta
 
+T = TypeVar("T")
 DEFAULT_FILE = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "CHAT_ACTORS__"
 
@@ -22,6 +23,15 @@ Positive = Annotated[int, Meta(gt=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Name = Annotated[str, Meta(min_length=1)]
+# An endpoint a client connects to: http(s) with a host. "localhost:8000/v1" would only
+# fail at the first request, deep in a vendor library.
+_HTTP_URL = r"^https?://[^\s/?#]+[^\s]*$"
+_OPTIONAL_HTTP_URL = r"^(https?://[^\s/?#]+[^\s]*)?$"
+HttpUrl = Annotated[str, Meta(pattern=_HTTP_URL, max_length=2048)]
+OptionalHttpUrl = Annotated[str, Meta(pattern=_OPTIONAL_HTTP_URL, max_length=2048)]
+# What a pattern means, for the error line (msgspec would print the regex).
+_PATTERN_RULES = {_HTTP_URL: "must be an http:// or https:// URL with a host",
+                  _OPTIONAL_HTTP_URL: "must be empty or an http:// or https:// URL with a host"}
 
 
 class ConfigError(ValueError):
@@ -71,7 +81,7 @@ class Postgres(_Section, frozen=True):
 
 class ModelAlias(_Section, frozen=True):
     model: Name
-    api_base: str | None = None
+    api_base: HttpUrl | None = None
     api_key_env: str | None = None
     fallbacks: list[str] = []
     context_window: Annotated[int, Meta(ge=64)] = 8192
@@ -102,9 +112,9 @@ class Jobs(_Section, frozen=True):
 
 class Rag(_Section, frozen=True):
     path: Name
-    chroma_url: str
+    chroma_url: OptionalHttpUrl
     embedding_model: Name
-    embedding_api_base: str
+    embedding_api_base: OptionalHttpUrl
     chunk_tokens: Annotated[int, Meta(ge=32, le=256)]
     chunk_overlap_tokens: Annotated[int, Meta(ge=0)]
     max_age_days: PositiveFloat
@@ -257,17 +267,31 @@ def load_config(file: Path | str | None = None,
         raw = _merge(raw, _read_toml(file))
     overlay, origins = _env_overlay(environ)
     raw = _merge(raw, overlay)
-    try:
-        config = msgspec.convert(raw, Config, strict=False)
-    except msgspec.ValidationError as exc:
-        rule, _, where = str(exc).rpartition(" - at ")
-        where = where.strip("`")
-        raise ConfigError(
-            f"{where.removeprefix('$.') or 'config'}: {rule or exc} "
-            f"(from {_origin(where, origins, file)})"
-        ) from None
+    # Each model alias first, so an error names the alias (msgspec says `models[...]`).
+    llm: Any = raw.get("llm")
+    models: Any = llm.get("models") if isinstance(llm, dict) else None
+    if isinstance(models, dict):  # anything else: the whole-config check names it
+        for alias, table in cast(dict[str, Any], models).items():
+            _convert(table, ModelAlias, f"$.llm.models.{alias}", origins, file)
+    config = _convert(raw, Config, "$", origins, file)
     _check_models(config)
     return config
+
+
+def _convert(raw: Any, kind: type[T], prefix: str, origins: dict[str, str],
+             file: Path | None) -> T:
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        rule, _, where = str(exc).rpartition(" - at ")
+        where = prefix + where.strip("`").removeprefix("$")
+        rule = rule or str(exc)
+        for pattern, meaning in _PATTERN_RULES.items():
+            if f"regex {pattern!r}" in rule:
+                rule = meaning
+        raise ConfigError(
+            f"{where.removeprefix('$.') or 'config'}: {rule} (from {_origin(where, origins, file)})"
+        ) from None
 
 
 def _check_models(config: Config) -> None:
@@ -294,3 +318,25 @@ def _check_models(config: Config) -> None:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"
         )
+
+
+def secret(env_name: str | None) -> str | None:
+    """The secret in environment variable `env_name`, without surrounding whitespace
+    (a Kubernetes secret made with `echo` ends in a newline); None when unset or empty."""
+    if not env_name:
+        return None
+    return os.environ.get(env_name, "").strip() or None
+
+
+def secret_problems(config: Config) -> list[str]:
+    """Secrets the config points at that cannot be right: whitespace inside a key."""
+    names = {f"llm.models.{alias}.api_key_env": spec.api_key_env
+             for alias, spec in config.llm.models.items() if spec.api_key_env}
+    names["redis.password_env"] = config.redis.password_env
+    problems: list[str] = []
+    for key, env_name in sorted(names.items()):
+        value = secret(env_name)
+        if value is not None and any(c.isspace() or not c.isprintable() for c in value):
+            problems.append(f"{key}: the value of ${env_name} holds whitespace or control "
+                            "characters inside it (only surrounding whitespace is removed)")
+    return problems

@@ -76,3 +76,39 @@ def test_the_shipped_deployment_config_is_valid():
     assert config.kafka.bootstrap_servers == "kafka:9092"
     assert config.llm.models[config.llm.default_model].api_key_env == "OPENAI_API_KEY"
     assert config.budgets.for_user("anyone")[0][1].usd == 5.0
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("LLM__MODELS__LOCAL__API_BASE", "localhost:8000/v1"),  # no scheme: failed at the first call
+    ("LLM__MODELS__LOCAL__API_BASE", "ftp://host/v1"),
+    ("RAG__CHROMA_URL", "chroma:8000"),
+    ("RAG__EMBEDDING_API_BASE", "http:// spaced"),
+])
+def test_endpoints_must_be_http_urls(key, value):
+    with pytest.raises(ConfigError, match=key.lower().replace("__", ".")):
+        load_config(environ={f"CHAT_ACTORS__{key}": value})
+
+
+def test_secrets_lose_surrounding_whitespace_and_whitespace_inside_is_refused(monkeypatch):
+    from config import secret, secret_problems
+
+    monkeypatch.setenv("KEY_WITH_NEWLINE", "sk-abc\n")
+    monkeypatch.setenv("KEY_BROKEN", "sk-a bc")
+    assert secret("KEY_WITH_NEWLINE") == "sk-abc" and secret("UNSET_KEY") is None
+    config = load_config(environ={
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__API_KEY_ENV": "KEY_WITH_NEWLINE",
+        "CHAT_ACTORS__LLM__MODELS__OTHER__MODEL": "openai/x",
+        "CHAT_ACTORS__LLM__MODELS__OTHER__API_KEY_ENV": "KEY_BROKEN"})
+    assert secret_problems(config) == [
+        "llm.models.other.api_key_env: the value of $KEY_BROKEN holds whitespace or control "
+        "characters inside it (only surrounding whitespace is removed)"]
+
+
+async def test_a_key_with_whitespace_inside_stops_the_start_with_one_clear_line(monkeypatch):
+    from actors.supervisor import StartupError, run_worker
+
+    monkeypatch.setenv("KEY_BROKEN", "sk-a\nbc")
+    config = load_config(environ={"CHAT_ACTORS__LLM__MODELS__LOCAL__API_KEY_ENV": "KEY_BROKEN"})
+    with pytest.raises(StartupError, match=r"llm.models.local.api_key_env: the value of "
+                                           r"\$KEY_BROKEN holds whitespace"):
+        await run_worker(config)

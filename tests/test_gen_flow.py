@@ -155,3 +155,17 @@ async def test_a_vendor_answer_holding_u0000_is_stored_without_it(config, llm, r
     assert events[-2]["data"]["text"] == "nul byte"
     assert [m["content"] for m in message_rows(db, req["jobId"])] == ["Say a NUL", "nul byte"]
     assert later[-1]["data"]["status"] == "completed"
+
+
+async def test_an_api_key_with_a_trailing_newline_is_sent_without_it(config, llm, rds,
+                                                                       monkeypatch):
+    # A Kubernetes secret made with `echo` ends in a newline; sent as is, it broke the
+    # request (or put a raw newline into a header).
+    monkeypatch.setenv("SCRIPTED_LLM_KEY", "sk-from-a-file\n")
+    req = request("Hello with a key")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-1]["data"]["status"] == "completed"
+    headers = {name.lower(): value for name, value in llm.calls[0].headers.items()}
+    assert headers["authorization"] == "Bearer sk-from-a-file"

@@ -9,7 +9,6 @@ Only when that channel is full does it cross the bridge to wait.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ import trio
 
 from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
+from config import secret
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 
 litellm.suppress_debug_info = True
@@ -193,7 +193,7 @@ class LiteLLMChat:
         }
         if api_base:
             request["api_base"] = api_base
-        key = os.environ.get(api_key_env) if api_key_env else None
+        key = secret(api_key_env)
         if key:
             request["api_key"] = key
         elif api_base and model.startswith("openai/"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, Mapping
@@ -36,6 +35,7 @@ from litellm.utils import get_optional_params
 from actors.adapters import http1
 from actors.adapters.llm import LiteLLMChat, translate
 from actors.errors import PermanentError, TransientError
+from config import secret
 from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 
 # LiteLLM providers whose chat endpoint is the plain OpenAI wire format, with no
@@ -168,7 +168,7 @@ class OpenAIWireChat:
             await self._litellm.stream(model=model, api_base=api_base, api_key_env=api_key_env,
                                        messages=messages, params=params, out=out)
             return
-        key = os.environ.get(route.api_key_env) if route.api_key_env else None
+        key = secret(route.api_key_env)
         headers = {"content-type": "application/json", "accept": "text/event-stream",
                    "user-agent": "chat-actors",
                    # Our own OpenAI-compatible servers take any key, as in LiteLLMChat.

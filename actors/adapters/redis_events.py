@@ -6,7 +6,6 @@ event, against ~130 us for one awaited XADD through redis.asyncio on the bridge.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ import redis.exceptions as redis_errors
 import trio
 
 from actors.errors import PermanentError, TransientError
+from config import secret
 from messages.ports import StreamEntry
 
 T = TypeVar("T")
@@ -63,7 +63,7 @@ def done_marker(job_id: str) -> str:
 class RedisEvents:
     def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int,
                  socket_timeout_s: float = 10.0) -> None:
-        password = os.environ.get(password_env) if password_env else None
+        password = secret(password_env)
         self._client = redis.Redis.from_url(
             url, password=password or None, socket_timeout=socket_timeout_s,
             socket_connect_timeout=min(5.0, socket_timeout_s), health_check_interval=30)
