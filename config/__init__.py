@@ -269,7 +269,7 @@ def load_config(file: Path | str | None = None,
     raw = _merge(raw, overlay)
     # Each model alias first, so an error names the alias (msgspec says `models[...]`).
     llm: Any = raw.get("llm")
-    models: Any = llm.get("models") if isinstance(llm, dict) else None
+    models: Any = cast(dict[str, Any], llm).get("models") if isinstance(llm, dict) else None
     if isinstance(models, dict):  # anything else: the whole-config check names it
         for alias, table in cast(dict[str, Any], models).items():
             _convert(table, ModelAlias, f"$.llm.models.{alias}", origins, file)
