@@ -126,6 +126,56 @@ def _nul_at(value: Any, path: str) -> str | None:
     return None
 
 
+# rag.where: the metadata filter grammar Chroma accepts, checked here so a filter it
+# would refuse is bad input naming the rule, not a failed job.
+MAX_WHERE_TERMS = 64
+_COMPARE = frozenset({"$gt", "$gte", "$lt", "$lte"})
+_EQUAL = frozenset({"$eq", "$ne"})
+_MEMBER = frozenset({"$in", "$nin"})
+_LOGICAL = frozenset({"$and", "$or"})
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _where_problem(where: Any, path: str, terms: list[int]) -> tuple[str, str] | None:
+    """(path, rule) of the first thing Chroma would refuse in a `where` filter."""
+    terms[0] += 1
+    if terms[0] > MAX_WHERE_TERMS:
+        return path, f"a filter may hold at most {MAX_WHERE_TERMS} conditions"
+    if not isinstance(where, dict) or len(cast(dict[str, Any], where)) != 1:
+        return path, "must be an object with exactly one field or one of $and, $or"
+    ((key, value),) = cast(dict[str, Any], where).items()
+    here = f"{path}.{key}"
+    if key in _LOGICAL:
+        if not isinstance(value, list) or len(cast(list[Any], value)) < 2:
+            return here, "must be a list of at least two filters"
+        for index, item in enumerate(cast(list[Any], value)):
+            if found := _where_problem(item, f"{here}[{index}]", terms):
+                return found
+        return None
+    if key.startswith("$"):
+        return here, f"unknown operator (use a field name, {', '.join(sorted(_LOGICAL))})"
+    if _is_scalar(value):
+        return None
+    if not isinstance(value, dict) or len(cast(dict[str, Any], value)) != 1:
+        return here, "must be a string, number or boolean, or an object with one operator"
+    ((operator, operand),) = cast(dict[str, Any], value).items()
+    at = f"{here}.{operator}"
+    if operator in _COMPARE:
+        ok = isinstance(operand, int | float) and not isinstance(operand, bool)
+        return None if ok else (at, "must be a number")
+    if operator in _EQUAL:
+        return None if _is_scalar(operand) else (at, "must be a string, number or boolean")
+    if operator in _MEMBER:
+        items = cast(list[Any], operand) if isinstance(operand, list) else []
+        ok = bool(items) and all(_is_scalar(item) for item in items)
+        return None if ok else (at, "must be a non-empty list of strings, numbers or booleans")
+    known = ", ".join(sorted(_COMPARE | _EQUAL | _MEMBER))
+    return at, f"unknown operator (known: {known})"
+
+
 def _readable_ids(raw: bytes) -> dict[str, str | None]:
     try:
         ids = _ids_decoder.decode(raw)
@@ -182,6 +232,10 @@ def decode_request(
             raise BadInput(where, "contains U+0000, which cannot be stored", **ids)
     if request.v != SCHEMA_VERSION:
         raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads 1)", **ids)
+    if request.rag is not None and request.rag.where is not None:
+        problem = _where_problem(request.rag.where, "$.rag.where", [0])
+        if problem is not None:
+            raise BadInput(*problem, **ids)
     if len(request.message) > max_message_chars:
         raise BadInput("$.message", f"longer than limits.max_message_chars ({max_message_chars})",
                        **ids)

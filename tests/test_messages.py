@@ -75,3 +75,28 @@ def test_event_data_is_camel_case_json():
         "usage": {"promptTokens": 1, "completionTokens": 2, "totalTokens": 3}}
     assert json.loads(event_data(ProviderSwitched(from_="a", to="b", reason="429"))) == {
         "from": "a", "to": "b", "reason": "429"}
+
+
+@pytest.mark.parametrize(("where", "field", "rule"), [
+    ({"$bogus": 1}, "$.rag.where.$bogus", "unknown operator"),
+    ({"a": {"$gt": "x"}}, "$.rag.where.a.$gt", "must be a number"),
+    ({"a": 1, "b": 2}, "$.rag.where", "exactly one field"),
+    ({"$or": [{"a": 1}]}, "$.rag.where.$or", "at least two filters"),
+    ({"$and": [{"a": 1}, {"b": {"$in": []}}]}, "$.rag.where.$and[1].b.$in", "non-empty list"),
+    ({"a": {"$regex": "x"}}, "$.rag.where.a.$regex", "unknown operator"),
+    ({"$or": [{"a": i} for i in range(70)]}, "$.rag.where.$or[63]", "at most 64 conditions"),
+])
+def test_a_filter_chroma_would_refuse_is_bad_input_naming_the_rule(where, field, rule):
+    # These used to reach Chroma, whose InvalidArgumentError escaped the job.
+    with pytest.raises(BadInput) as info:
+        decode(json.dumps({**GOOD, "rag": {"where": where}}).encode())
+    assert info.value.field == field and rule in info.value.rule
+    assert info.value.job_id == GOOD["jobId"]
+
+
+@pytest.mark.parametrize("where", [
+    {"source": "a.md"}, {"n": {"$gte": 2}}, {"tag": {"$in": ["x", "y"]}},
+    {"$and": [{"source": "a.md"}, {"$or": [{"n": {"$lt": 3}}, {"ok": True}]}]},
+])
+def test_filters_in_chromas_grammar_pass(where):
+    assert decode(json.dumps({**GOOD, "rag": {"where": where}}).encode()).rag.where == where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -12,6 +13,7 @@ from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.retriever import coverage, fuse
 from config import load_config
+from messages.wire import decode_request
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
 from tools.ingest import freshness, ingest, refresh
@@ -158,3 +160,27 @@ async def test_where_filters_both_searches(rag_config, tmp_path):
     for step in found.steps:
         assert {h.source for h in step.hits} <= {"docs/redis.md"}
     assert [h.id for h in found.hits] == ["docs/redis.md#0"]
+
+
+async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config, tmp_path):
+    # The other side of the typed rag.where (tests/test_messages.py): what passes the
+    # decoder must not make the real Chroma refuse the search.
+    from actors.retriever import Retriever
+
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = DocumentStore(path=Path(rag_config.rag.path))
+    ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
+    retriever = Retriever(store, rag_config, embedder=partial(configured_embedder, rag_config.rag))
+    for where in ({"source": "docs/redis.md"}, {"chunk_index": {"$gte": 0}},
+                  {"source": {"$in": ["docs/redis.md", "x"]}},
+                  {"$and": [{"source": {"$ne": "x"}},
+                            {"$or": [{"chunk_index": {"$lt": 3}}, {"source": "y"}]}]}):
+        request = json.dumps({"jobId": "j", "userId": "alice", "sessionId": "s",
+                              "message": "m", "rag": {"where": where}}).encode()
+        decoded = decode_request(request, max_message_chars=100, model_aliases=frozenset())
+        assert decoded.rag is not None and decoded.rag.where is not None
+        found = await retriever.search(query="stream entries", user_id="alice",
+                                       collection="user-alice", top_k=3,
+                                       where=decoded.rag.where)
+        assert found.hits, where
