@@ -56,6 +56,13 @@ class Metrics:
             "chat_actors_internal_errors", "Jobs failed by a bug or an unexpected error (where: "
             "job), or settled as failed because Postgres refused their record (where: record).",
             ["where"], registry=registry)
+        self.longest_step = Gauge(
+            "chat_actors_longest_step_seconds", "The longest a task ran between two checkpoints "
+            "since start (the event loop was stalled that long), and which task.",
+            ["task"], registry=registry)
+        self.slow_steps = Counter(
+            "chat_actors_slow_steps", "Task steps that ran over 100 ms without a checkpoint.",
+            registry=registry)
         self.rejections = Counter(
             "chat_actors_rejections", "Requests refused before any model call, by reason.",
             ["reason"], registry=registry)

@@ -44,6 +44,7 @@ from actors.ports import ChatModel
 from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever
+from actors.watchdog import StepWatch
 from actors.worker import Worker
 from config import Config, secret_problems
 from messages.mailboxes import EventEmitted, PgSinkMessage
@@ -177,6 +178,20 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
     stop = trio.Event() if stop is None else stop
     this_worker = worker_id()
     tracker = OffsetTracker()
+    metrics = Metrics()
+    watch = StepWatch(metrics)
+    trio.lowlevel.add_instrument(watch)
+    try:
+        await _run(config, this_worker, tracker, metrics, chat=chat, stop=stop,
+                   handle_signals=handle_signals, task_status=task_status)
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+    log.info("worker %s stopped", this_worker)
+
+
+async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics: Metrics, *,
+               chat: ChatModel | None, stop: trio.Event, handle_signals: bool,
+               task_status: trio.TaskStatus[WorkerHandle]) -> None:
     async with aio.open_bridge():
         adapters = await _connect(config, this_worker, tracker)
         events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
@@ -186,7 +201,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
             chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=TiktokenCounting(),
             events=events_in, records=records_in, event_log=adapters.events,
             registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s),
-            scrub=logs.scrubber(logs.secrets_from(config)),
+            scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
             retriever=Retriever(adapters.documents, config,
                                 embedder=partial(configured_embedder, config.rag)))
         try:
@@ -194,7 +209,6 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
                               handle_signals=handle_signals, task_status=task_status)
         finally:
             await adapters.close()
-    log.info("worker %s stopped", this_worker)
 
 
 async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracker,
