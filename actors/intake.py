@@ -202,6 +202,10 @@ class Intake:
         except (TransientError, PermanentError) as exc:
             # Not settled: the offset stays uncommitted and the request is redelivered.
             log.error("job at %s[%d]@%d not settled: %s", *partition, delivery.offset, exc)
+        except Exception as exc:  # a bug outside the job's answer: this job only, never the process
+            self.worker.metrics.internal_errors.labels(where="intake").inc()
+            log.error("job at %s[%d]@%d not settled: unexpected error", *partition,
+                      delivery.offset, exc_info=exc)
         else:
             self.tracker.settle(partition, delivery.offset)
         finally:
