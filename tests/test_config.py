@@ -112,3 +112,18 @@ async def test_a_key_with_whitespace_inside_stops_the_start_with_one_clear_line(
     with pytest.raises(StartupError, match=r"llm.models.local.api_key_env: the value of "
                                            r"\$KEY_BROKEN holds whitespace"):
         await run_worker(config)
+
+
+def test_run_with_postgres_unreachable_names_it_in_one_line(tmp_path):
+    # It used to print only "cannot start: Exceptions from Trio nursery (1 sub-exception)".
+    config = tmp_path / "pg-down.toml"
+    config.write_text('[postgres]\ndsn = "postgresql://postgres:pw-secret@127.0.0.1:1/db"\n'
+                      "[health]\nport = 0\n")
+    result = subprocess.run([sys.executable, "-m", "tools.cli", "run", "--config", str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    line = next(line for line in result.stderr.splitlines() if "cannot start" in line)
+    assert line.startswith("chat-actors: cannot start: postgres at "
+                           "postgresql://postgres:***@127.0.0.1:1/db is unreachable: ")
+    assert "Connection refused" in line and "pw-secret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -41,10 +41,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(run_worker, config)
     except* StartupError as group:
-        for exc in group.exceptions:
+        for exc in leaves(group):
             print(f"chat-actors: cannot start: {exc}", file=sys.stderr)
         failed = True
     return 1 if failed else 0
+
+
+def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions inside nested exception groups (Trio nurseries nest them), so
+    an operator reads the cause, not "Exceptions from Trio nursery (1 sub-exception)"."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def since_arg(text: str) -> datetime:
