@@ -32,7 +32,7 @@ def secrets_from(config: Config) -> list[str]:
     names = {alias.api_key_env for alias in config.llm.models.values() if alias.api_key_env}
     names |= {config.redis.password_env, "PGPASSWORD"}
     values = [secret(name) or "" for name in names]
-    values += re.findall(r"://[^:/@]+:([^@]+)@", config.postgres.dsn + " " + config.redis.url)
+    values += re.findall(r"://[^:/@]*:([^@]+)@", config.postgres.dsn + " " + config.redis.url)
     values += re.findall(r"password=(\S+)", config.postgres.dsn)
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
 

@@ -7,6 +7,7 @@ Used by `send` and `dev`; knows only the wire format, like the gateway does.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import uuid
@@ -16,16 +17,56 @@ from typing import Any
 import confluent_kafka
 import redis
 
-from config import Config
+from actors.adapters.kafka import LIBRDKAFKA_LOG
+from actors.adapters.postgres import redact
+from config import Config, secret
+
+
+class Unreachable(Exception):
+    """A dependency the command needs did not answer in time; the message names it."""
 
 
 class ChatClient:
-    def __init__(self, config: Config) -> None:
+    """Every call gives up after `timeout_s` with Unreachable, naming what did not answer."""
+
+    def __init__(self, config: Config, *, timeout_s: float = 5.0) -> None:
+        if not LIBRDKAFKA_LOG.handlers:
+            # A terminal command: librdkafka's lines reach configured logging, if any,
+            # and are never printed raw (the command says in one line what failed).
+            LIBRDKAFKA_LOG.addHandler(logging.NullHandler())
         self._config = config
+        self._timeout_s = timeout_s
         self._producer = confluent_kafka.Producer({
             "bootstrap.servers": config.kafka.bootstrap_servers, "log.connection.close": False,
+            # librdkafka's own lines go through logging, never raw to the terminal.
+            "logger": LIBRDKAFKA_LOG, "message.timeout.ms": int(timeout_s * 1000),
             **config.kafka.producer})
-        self._redis = redis.Redis.from_url(config.redis.url, decode_responses=True)
+        # Reads block for 1 s at a time (events), so a reply may take that much longer.
+        self._redis = redis.Redis.from_url(
+            config.redis.url, decode_responses=True, password=secret(config.redis.password_env),
+            socket_connect_timeout=timeout_s, socket_timeout=timeout_s + 1)
+
+    def _redis_call(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise Unreachable(f"redis at {redact(self._config.redis.url)}: {what} failed: "
+                              f"{exc}") from None
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(error.str())
+
+        self._producer.produce(topic, key=key, value=value, on_delivery=delivered)
+        left = self._producer.flush(self._timeout_s + 1)
+        if left or failures:
+            self._producer.purge()  # nothing may be sent later, behind the user's back
+            why = f"{failures[0]}; " if failures else ""
+            raise Unreachable(f"kafka at {self._config.kafka.bootstrap_servers}: {why}not "
+                              f"delivered within {self._timeout_s:g} s (is the broker up?)")
 
     def stream_key(self, job_id: str) -> str:
         return self._config.stream.key(job_id)
@@ -35,23 +76,21 @@ class ChatClient:
         """Produce one request; return (job_id, the stream id to read after)."""
         job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
         key = self.stream_key(job_id)
-        last: Any = self._redis.xrevrange(key, count=1)  # str ids: decode_responses
+        # str ids: decode_responses
+        last: Any = self._redis_call("reading the stream", self._redis.xrevrange, key, count=1)
         start_after = last[0][0] if last else "0-0"
         request = {"jobId": job_id, "userId": user_id, "sessionId": session_id,
                    "message": message, **extra}
         if model:
             request["model"] = model
-        self._producer.produce(self._config.kafka.request_topic, key=session_id.encode(),
-                               value=json.dumps(request).encode())
-        if self._producer.flush(30):
-            raise RuntimeError(f"kafka at {self._config.kafka.bootstrap_servers}: not delivered")
+        self._produce(self._config.kafka.request_topic, session_id.encode(),
+                      json.dumps(request).encode())
         return job_id, start_after
 
     def cancel(self, job_id: str, *, user_id: str, reason: str = "") -> None:
-        self._producer.produce(self._config.kafka.control_topic, key=job_id.encode(),
-                               value=json.dumps({"type": "cancel", "jobId": job_id,
-                                                 "userId": user_id, "reason": reason}).encode())
-        self._producer.flush(30)
+        self._produce(self._config.kafka.control_topic, job_id.encode(),
+                      json.dumps({"type": "cancel", "jobId": job_id, "userId": user_id,
+                                  "reason": reason}).encode())
 
     def events(self, job_id: str, after: str = "0-0",
                timeout_s: float = 600.0) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -59,7 +98,8 @@ class ChatClient:
         key = self.stream_key(job_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            found: Any = self._redis.xread({key: after}, block=1000, count=256)
+            found: Any = self._redis_call("reading the stream", self._redis.xread,
+                                          {key: after}, block=1000, count=256)
             for _, entries in found or []:
                 for entry_id, fields in entries:
                     after = entry_id
@@ -71,7 +111,8 @@ class ChatClient:
         raise TimeoutError(f"no `done` for job {job_id} within {timeout_s:.0f}s")
 
     def close(self) -> None:
-        self._producer.flush(5)
+        self._producer.purge()  # anything still queued was reported undelivered already
+        self._producer.flush(0)
         self._redis.close()
 
 

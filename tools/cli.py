@@ -117,26 +117,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from tools.chat_client import ChatClient, print_answer
+    from tools.chat_client import ChatClient, Unreachable, print_answer
 
     config = _config(args.config)
-    client = ChatClient(config)
+    client = ChatClient(config, timeout_s=args.timeout)
     try:
         job_id, after = client.send(args.text, user_id=args.user, session_id=args.session,
                                     model=args.model)
         print(f"[job {job_id}]", file=sys.stderr)
         status = print_answer(client, job_id, after)
+    except Unreachable as exc:
+        print(f"chat-actors send: {exc}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     return 0 if status == "completed" else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from tools.chat_client import ChatClient
+    from tools.chat_client import ChatClient, Unreachable
 
-    client = ChatClient(_config(args.config))
-    client.cancel(args.job_id, user_id=args.user, reason=args.reason)
-    client.close()
+    client = ChatClient(_config(args.config), timeout_s=args.timeout)
+    try:
+        client.cancel(args.job_id, user_id=args.user, reason=args.reason)
+    except Unreachable as exc:
+        print(f"chat-actors cancel: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
     print(f"cancel sent for {args.job_id}")
     return 0
 
@@ -255,12 +263,18 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--user", default="cli-user", help="userId (default: %(default)s)")
     send.add_argument("--session", default="cli-session", help="sessionId (default: %(default)s)")
     send.add_argument("--model", help="model alias from config (default: llm.default_model)")
+    send.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                      help="give up on a dependency that does not answer in S seconds "
+                           "(default: %(default)s)")
     send.set_defaults(func=cmd_send)
 
     cancel = with_config(sub.add_parser("cancel", help="ask the workers to cancel a job"))
     cancel.add_argument("job_id")
     cancel.add_argument("--user", required=True, help="the userId that owns the job")
     cancel.add_argument("--reason", default="cancelled from the command line")
+    cancel.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="give up on a broker that does not answer in S seconds "
+                             "(default: %(default)s)")
     cancel.set_defaults(func=cmd_cancel)
 
     ingest = with_config(sub.add_parser(

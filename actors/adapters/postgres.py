@@ -37,7 +37,7 @@ _MIGRATION_LOCK = 0x63686174
 
 def redact(dsn: str) -> str:
     """The DSN as it may be logged: no password."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"password=\S+", "password=***", dsn))
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"password=\S+", "password=***", dsn))
 
 
 # Retried: the server is away or passing through a state (shutting down, too many

@@ -1,0 +1,43 @@
+"""Commands that meet a dependency they cannot reach end in bounded time with one line
+naming it, its address (no credentials) and the cause, and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+from tools.local_stack import free_port
+
+DOWN = """
+[kafka]
+bootstrap_servers = "127.0.0.1:{port}"
+[redis]
+url = "redis://:pw-secret@127.0.0.1:{port}/0"
+"""
+
+
+def run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "down.toml"
+    config.write_text(DOWN.format(port=free_port()))  # nothing listens there
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args, "--config", str(config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_cancel_with_the_broker_down_says_so_in_one_line(tmp_path):
+    # It used to print librdkafka's raw %3|...|FAIL| lines and never return.
+    done = run_cli(tmp_path, "cancel", "job-1", "--user", "u", "--timeout", "1")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        line for line in done.stderr.strip().splitlines() if line.startswith("chat-actors")]
+    assert done.stderr.startswith("chat-actors cancel: kafka at 127.0.0.1:")
+    assert "not delivered within 1 s (is the broker up?)" in done.stderr
+    assert "|FAIL|" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_send_with_redis_down_says_so_in_one_line(tmp_path):
+    done = run_cli(tmp_path, "send", "hello", "--timeout", "1")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chat-actors send: redis at redis://:***@")
+    assert "Connection refused" in lines[0] and "pw-secret" not in done.stderr
