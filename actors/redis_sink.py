@@ -9,12 +9,14 @@ entries grow; when idle every token leaves at once. `seq` is assigned here, per
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import msgspec
 import trio
 
-from actors.backoff import Backoff, DependencyHealth
+from actors.backoff import Backoff, DependencyHealth, retry_transient
+from actors.errors import PermanentError
 from actors.ports import EventWriter
 from actors.sinks import run_sink
 from messages.mailboxes import EventEmitted
@@ -64,11 +66,32 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
     return entries
 
 
+def _isolating(writer: EventWriter,
+               health: DependencyHealth | None) -> Callable[[list[StreamEntry]], Awaitable[None]]:
+    """A write that never stops the sink for one entry Redis refuses for good (say a
+    key of another type where the job's stream should be): the batch is written again
+    entry by entry and a refused entry is dropped, logged and counted."""
+
+    async def write(entries: list[StreamEntry]) -> None:
+        try:
+            await writer.write(entries)
+        except PermanentError:
+            for entry in entries:
+                try:
+                    await retry_transient(partial(writer.write, [entry]), what="XADD of 1 event",
+                                          log=log, health=health, dependency="redis")
+                except PermanentError as exc:
+                    log.error("job %s: redis refused its %s event for good (%s); dropped",
+                              entry.event.job_id, entry.event.event, exc)
+
+    return write
+
+
 async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer: EventWriter,
                          *, batch_max: int, backoff: Backoff | None = None,
                          health: DependencyHealth | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     next_seq: dict[JobKey, int] = {}
-    await run_sink(inbox, partial(coalesce, next_seq=next_seq), writer.write,
+    await run_sink(inbox, partial(coalesce, next_seq=next_seq), _isolating(writer, health),
                    what="XADD of {n} events", dependency="redis", batch_max=batch_max, log=log,
                    backoff=backoff, health=health, task_status=task_status)

@@ -8,7 +8,7 @@ from functools import partial
 import trio
 import trio.testing
 
-from actors.errors import TransientError
+from actors.errors import PermanentError, TransientError
 from actors.redis_sink import run_redis_sink
 from messages.mailboxes import EventEmitted, JobRef, Receipt
 from messages.wire import Done, Started, Token
@@ -76,3 +76,29 @@ async def test_transient_failures_are_retried_with_backoff_and_nothing_is_lost(a
     assert writer.calls == 4
     assert [e.event.event for e in writer.written] == ["done"]
     assert waited > 0  # it backed off (virtual time) instead of spinning
+
+
+class RefusingWriter(FakeWriter):
+    """Redis refuses job k's entries for good (say a key of another type is in the way)."""
+
+    async def write(self, entries):
+        if any(e.event.job_id == "k" for e in entries):
+            raise PermanentError("redis: ResponseError: WRONGTYPE", code="redis")
+        self.written.extend(entries)
+
+
+async def test_an_entry_redis_refuses_for_good_is_dropped_and_the_sink_goes_on(autojump_clock):
+    writer = RefusingWriter()
+    send, receive = trio.open_memory_channel(10)
+    mine, theirs, later = Receipt(), Receipt(), Receipt()
+    async with trio.open_nursery() as nursery:
+        send.send_nowait(EventEmitted(job=JOB, body=Token(text="a"), receipt=mine))
+        send.send_nowait(EventEmitted(job=OTHER, body=Token(text="b"), receipt=theirs))
+        await nursery.start(partial(run_redis_sink, receive, writer, batch_max=64))
+        await send.send(EventEmitted(job=JOB, body=Done(status="completed", partial=False),
+                                     receipt=later))
+        await later.wait()
+        send.close()
+    assert mine.is_set() and theirs.is_set()
+    assert [(e.event.job_id, e.event.event) for e in writer.written] == [
+        ("j", "token"), ("j", "done")]
