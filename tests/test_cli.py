@@ -41,3 +41,28 @@ def test_send_with_redis_down_says_so_in_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chat-actors send: redis at redis://:***@")
     assert "Connection refused" in lines[0] and "pw-secret" not in done.stderr
+
+
+def test_migrate_with_postgres_down_says_so_in_one_line(tmp_path):
+    config = tmp_path / "pg-down.toml"
+    config.write_text(f'[postgres]\ndsn = "postgresql://u:pw-secret@127.0.0.1:{free_port()}/db"\n')
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "migrate", "--config", str(config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chat-actors: postgres at postgresql://u:***@")
+    assert "Connection refused" in lines[0] and "pw-secret" not in done.stderr
+
+
+def test_an_unexpected_error_is_one_line_unless_debug_is_asked(tmp_path):
+    config = tmp_path / "odd.toml"
+    config.write_text('[kafka.producer]\n"no.such.setting" = "x"\n')
+    argv = [sys.executable, "-m", "tools.cli", "send", "hi", "--config", str(config)]
+    quiet = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()]
+    assert quiet.stderr.startswith("chat-actors send: KafkaException: ")
+    assert "no.such.setting" in quiet.stderr and "(--debug shows the traceback)" in quiet.stderr
+    loud = subprocess.run([argv[0], "-m", "tools.cli", "--debug", *argv[3:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr

@@ -238,6 +238,8 @@ def parser() -> argparse.ArgumentParser:
             Config: config/default.toml < --config FILE < CHAT_ACTORS__SECTION__KEY env vars.
             Try it: bin/chat-actors dev --once "Why is the sky blue?"
         """))
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -317,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         # Everything after `test` belongs to pytest, options included.
         return cmd_test(argparse.Namespace(pytest_args=argv[1:]))
     args = parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        if args.debug:
+            raise
+        # An operator gets one line; the traceback is one flag away.
+        print(f"chat-actors {args.command}: {type(exc).__name__}: {exc} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

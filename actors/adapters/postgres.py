@@ -50,9 +50,11 @@ _PASSING = (psycopg.OperationalError, psycopg.errors.SerializationFailure,
 
 
 def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
+    # libpq's messages span lines ("...refused\n\tIs the server running..."): one line.
+    text = f"postgres: {type(exc).__name__}: {' '.join(str(exc).split())}"
     if isinstance(exc, _PASSING):
-        return TransientError(f"postgres: {type(exc).__name__}: {exc}".strip())
-    return PermanentError(f"postgres: {type(exc).__name__}: {exc}", code="postgres")
+        return TransientError(text)
+    return PermanentError(text, code="postgres")
 
 
 class _OverLimit(Exception):
