@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.backoff import retry_transient
 from actors.budget import reserve
 from actors.errors import PermanentError, TransientError
 from actors.prompt import build_messages, sources_message
@@ -56,11 +57,19 @@ async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retriev
     if worker.retriever is None:
         raise PermanentError("RAG is not available on this worker", code="rag_unavailable")
     options = request.rag
-    retrieved = await worker.retriever.search(
-        query=request.message, user_id=job.user_id,
-        collection=options.collection if options else None,
-        top_k=options.top_k if options else worker.config.rag.top_k,
-        where=options.where if options else None)
+    retriever = worker.retriever
+
+    async def search() -> Retrieved:
+        return await retriever.search(
+            query=request.message, user_id=job.user_id,
+            collection=options.collection if options else None,
+            top_k=options.top_k if options else worker.config.rag.top_k,
+            where=options.where if options else None)
+
+    # A document store that is away (a Chroma server) is waited for, within the job's
+    # deadline, and named in /readyz; it is never read as "no documents".
+    retrieved = await retry_transient(search, what="retrieval", log=log, health=worker.health,
+                                      dependency="chroma")
     for step in retrieved.steps:
         await worker.emit(job, Retrieval(step=step.step, query=step.query, hits=[
             RetrievalHit(id=h.id, score=round(h.score, 4), source=h.source,

@@ -184,3 +184,22 @@ async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config
                                        collection="user-alice", top_k=3,
                                        where=decoded.rag.where)
         assert found.hits, where
+
+
+async def test_a_chroma_server_that_is_down_is_waited_for_not_read_as_no_documents(
+        make_config, llm, rds):
+    # It used to answer without sources, as if the user had none, with /readyz green.
+    from tests.helpers import readyz, until
+    from tools.local_stack import free_port
+
+    config, _ = make_config(environ={"CHAT_ACTORS__RAG__CHROMA_URL":
+                                     f"http://127.0.0.1:{free_port()}"})
+    req = request("What do my documents say?", mode="rag", timeoutS=3)
+    async with worker_running(config) as worker:
+        produce(config, req)
+        await until(lambda: worker.health.failures["chroma"] >= 2)
+        status, report = await readyz(worker.health_port)
+        events = await events_of(rds, config, req["jobId"])
+    assert status == 503 and "Could not connect" in report["down"]["chroma"]
+    assert [e["event"] for e in events][-2:] == ["error", "done"]
+    assert events[-1]["data"]["status"] == "timeout" and not llm.calls

@@ -76,8 +76,12 @@ class DocumentStore:
                 settings = Settings(anonymized_telemetry=False)
                 if self._chroma_url:
                     host, _, port = self._chroma_url.removeprefix("http://").rstrip("/").partition(":")
-                    self._chroma = chromadb.HttpClient(host=host, port=int(port or 8000),
-                                                       settings=settings)
+                    try:
+                        self._chroma = chromadb.HttpClient(host=host, port=int(port or 8000),
+                                                           settings=settings)
+                    except (ValueError, ConnectionError, OSError) as exc:
+                        # chromadb says "Could not connect to a Chroma server" as ValueError.
+                        raise TransientError(f"chroma at {self._chroma_url}: {exc}") from exc
                 else:
                     self._chroma = chromadb.PersistentClient(path=str(self._path / "chroma"),
                                                              settings=settings)
@@ -91,6 +95,8 @@ class DocumentStore:
                     name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
             return self._client.get_collection(name, embedding_function=None)
         except (ValueError, _chroma_errors().NotFoundError) as exc:
+            if "could not connect" in str(exc).lower():  # a server that went away
+                raise TransientError(f"chroma at {self._chroma_url}: {exc}") from exc
             raise PermanentError(f"no collection {name!r}", code="no_collection") from exc
         except (ConnectionError, OSError) as exc:
             raise TransientError(f"chroma: {exc}") from exc
