@@ -14,7 +14,7 @@ from actors.backoff import retry_transient
 from actors.errors import PermanentError
 from actors.provider import worst_try_usd
 from actors.worker import Worker
-from config import Budgets, Config
+from config import Budgets
 from messages.mailboxes import JobRef
 from messages.ports import Hold, Refused
 
@@ -40,8 +40,9 @@ def holds_for(budgets: Budgets, user_id: str, *, worst_usd: float,
     return holds
 
 
-def worst_job_usd(worker: Worker, config: Config, alias_name: str, prompt_tokens: int) -> float:
+def worst_job_usd(worker: Worker, alias_name: str, prompt_tokens: int) -> float:
     """The most one try can cost on the alias or any of its fallbacks."""
+    config = worker.config
     alias = config.llm.models[alias_name]
     return max(worst_try_usd(worker.pricing, spec, prompt_tokens, alias.max_tokens)
                for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks)))
@@ -53,7 +54,7 @@ async def reserve(worker: Worker, job: JobRef, alias_name: str,
     limit) and whether anything is reserved. Raises PermanentError over a limit."""
     config = worker.config
     budgets = config.budgets
-    worst_usd = worst_job_usd(worker, config, alias_name, prompt_tokens)
+    worst_usd = worst_job_usd(worker, alias_name, prompt_tokens)
     holds = holds_for(budgets, job.user_id, worst_usd=worst_usd,
                       tokens=prompt_tokens + config.llm.models[alias_name].max_tokens)
     if not holds:

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from config import Config, secret
+from config import Config, secret, secret_variables
 
 NOISY = ("LiteLLM", "litellm", "httpx", "httpcore", "openai", "chromadb", "kafka")
 REDACTED = "[redacted]"
@@ -29,8 +29,7 @@ REDACTED = "[redacted]"
 
 def secrets_from(config: Config) -> list[str]:
     """Every secret value the config points at, from the environment."""
-    names = {alias.api_key_env for alias in config.llm.models.values() if alias.api_key_env}
-    names |= {config.redis.password_env, "PGPASSWORD"}
+    names = {*secret_variables(config).values(), "PGPASSWORD"}
     values = [secret(name) or "" for name in names]
     values += re.findall(r"://[^:/@]*:([^@]+)@", config.postgres.dsn + " " + config.redis.url)
     values += re.findall(r"password=(\S+)", config.postgres.dsn)

@@ -328,13 +328,19 @@ def secret(env_name: str | None) -> str | None:
     return os.environ.get(env_name, "").strip() or None
 
 
-def secret_problems(config: Config) -> list[str]:
-    """Secrets the config points at that cannot be right: whitespace inside a key."""
+def secret_variables(config: Config) -> dict[str, str]:
+    """The environment variables holding secrets, by the config key that names each."""
     names = {f"llm.models.{alias}.api_key_env": spec.api_key_env
              for alias, spec in config.llm.models.items() if spec.api_key_env}
-    names["redis.password_env"] = config.redis.password_env
+    if config.redis.password_env:
+        names["redis.password_env"] = config.redis.password_env
+    return names
+
+
+def secret_problems(config: Config) -> list[str]:
+    """Secrets the config points at that cannot be right: whitespace inside a key."""
     problems: list[str] = []
-    for key, env_name in sorted(names.items()):
+    for key, env_name in sorted(secret_variables(config).items()):
         value = secret(env_name)
         if value is not None and any(c.isspace() or not c.isprintable() for c in value):
             problems.append(f"{key}: the value of ${env_name} holds whitespace or control "

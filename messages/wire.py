@@ -93,6 +93,8 @@ def _nesting(raw: bytes) -> int:
     """How deep the JSON in `raw` nests, counted without decoding it: the decoder
     recurses, so a value nested 50,000 deep must never reach it. C-speed passes
     (a regex, translate, accumulate) keep this linear and short even at 1 MB."""
+    if len(raw.translate(None, _NOT_BRACKETS)) <= MAX_DEPTH:
+        return 0  # within the limit: too few brackets anywhere, strings included
     brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if len(brackets) <= MAX_DEPTH:
         return len(brackets)  # an upper bound, and within the limit

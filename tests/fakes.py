@@ -20,14 +20,13 @@ class FakeStore:
     """The JobStore port: every claim is a fresh attempt 1, every lease renews unless
     taken over (`taken`) or Postgres is `down`."""
 
-    claims: list[ClaimResult] = field(default_factory=list[ClaimResult])  # scripted, then Claimed(1)
     released: list[str] = field(default_factory=list[str])
     renewals: list[tuple[list[str], float]] = field(default_factory=list[tuple[list[str], float]])
     taken: set[str] = field(default_factory=set[str])
     down: bool = False
 
     async def claim(self, **_: object) -> ClaimResult:
-        return self.claims.pop(0) if self.claims else Claimed(1)
+        return Claimed(1)
 
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]:

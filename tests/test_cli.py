@@ -17,9 +17,9 @@ url = "redis://:pw-secret@127.0.0.1:{port}/0"
 """
 
 
-def run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(tmp_path, *args: str, config_text: str = DOWN) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "down.toml"
-    config.write_text(DOWN.format(port=free_port()))  # nothing listens there
+    config.write_text(config_text.format(port=free_port()))  # nothing listens on {port}
     return subprocess.run([sys.executable, "-m", "tools.cli", *args, "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
@@ -35,23 +35,22 @@ def test_cancel_with_the_broker_down_says_so_in_one_line(tmp_path):
     assert "|FAIL|" not in done.stderr and "Traceback" not in done.stderr
 
 
-def test_send_with_redis_down_says_so_in_one_line(tmp_path):
-    done = run_cli(tmp_path, "send", "hello", "--timeout", "1")
+def assert_one_redacted_line(done: subprocess.CompletedProcess[str], start: str) -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("chat-actors send: redis at redis://:***@")
+    assert len(lines) == 1 and lines[0].startswith(start)
     assert "Connection refused" in lines[0] and "pw-secret" not in done.stderr
+
+
+def test_send_with_redis_down_says_so_in_one_line(tmp_path):
+    done = run_cli(tmp_path, "send", "hello", "--timeout", "1")
+    assert_one_redacted_line(done, "chat-actors send: redis at redis://:***@")
 
 
 def test_migrate_with_postgres_down_says_so_in_one_line(tmp_path):
-    config = tmp_path / "pg-down.toml"
-    config.write_text(f'[postgres]\ndsn = "postgresql://u:pw-secret@127.0.0.1:{free_port()}/db"\n')
-    done = subprocess.run([sys.executable, "-m", "tools.cli", "migrate", "--config", str(config)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("chat-actors: postgres at postgresql://u:***@")
-    assert "Connection refused" in lines[0] and "pw-secret" not in done.stderr
+    done = run_cli(tmp_path, "migrate", config_text='[postgres]\ndsn = '
+                   '"postgresql://u:pw-secret@127.0.0.1:{port}/db"\n')
+    assert_one_redacted_line(done, "chat-actors: postgres at postgresql://u:***@")
 
 
 def test_an_unexpected_error_is_one_line_unless_debug_is_asked(tmp_path):

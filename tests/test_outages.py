@@ -95,6 +95,13 @@ async def test_a_job_finishes_while_the_broker_is_unreachable(config, stack, llm
         "during the pause", "after the pause", "third"]
 
 
+async def assert_named_in_readyz(worker, dependency: str, state: str) -> None:
+    """Once the worker has retried `dependency` twice, /readyz is 503 naming its state."""
+    await until(lambda: worker.health.failures[dependency] >= 2)
+    status, report = await readyz(worker.health_port)
+    assert status == 503 and state in report["down"][dependency]
+
+
 async def test_redis_out_of_memory_is_waited_out_and_named_in_readyz(config, llm, rds):
     # OOM (like MISCONF or LOADING) is a state the server passes through: the events
     # wait for it, /readyz names it, and the worker goes on. It used to kill the sink.
@@ -106,9 +113,7 @@ async def test_redis_out_of_memory_is_waited_out_and_named_in_readyz(config, llm
         rds.config_set("maxmemory", 1)
         try:
             produce(config, req)
-            await until(lambda: worker.health.failures["redis"] >= 2)
-            status, report = await readyz(worker.health_port)
-            assert status == 503 and "OutOfMemoryError" in report["down"]["redis"]
+            await assert_named_in_readyz(worker, "redis", "OutOfMemoryError")
         finally:
             rds.config_set("maxmemory", 0)
             rds.config_set("maxmemory-policy", policy)
@@ -126,9 +131,7 @@ async def test_postgres_read_only_during_a_failover_is_waited_out(config, llm, r
         db.execute("SELECT pg_reload_conf()")
         try:
             produce(config, req)
-            await until(lambda: worker.health.failures["postgres"] >= 2)
-            status, report = await readyz(worker.health_port)
-            assert status == 503 and "ReadOnlySqlTransaction" in report["down"]["postgres"]
+            await assert_named_in_readyz(worker, "postgres", "ReadOnlySqlTransaction")
         finally:
             db.execute("SET default_transaction_read_only = off")
             db.execute("ALTER SYSTEM RESET default_transaction_read_only")
