@@ -37,6 +37,7 @@ class JobRun:
     retrieved: Retrieved | None = None
     sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
     failure: TransientError | PermanentError | None = None
+    done_sent: bool = False  # its `done` is in Redis: nothing more may be said
 
 
 def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from actors.claim import FINISH_GRACE_S
 from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
 from actors.worker import Worker
-from messages.mailboxes import JobFinished, JobRef, Receipt
+from messages.mailboxes import JobFinished, JobRef, PgSinkMessage, Receipt
 from messages.wire import ChatRequest, Done, Error, Final, Usage
 
 log = logging.getLogger("chat_actors.finish")
@@ -38,8 +38,7 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         latency_ms=round((ended - started) * 1000),
         error=None if error is None else f"{error.code}: {error.message}",
         partial=outcome.partial, user_message=request.message, user_tokens=user_tokens,
-        # Postgres cannot store U+0000: a vendor that sends it loses that character only.
-        answer=answer.text.replace("\x00", ""),
+        answer=answer.text,
         retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
         retrieval_hits=len(run.sources_used) if run.retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
@@ -69,7 +68,8 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                             completion_tokens=record.completion_tokens,
                             total_tokens=record.prompt_tokens + record.completion_tokens),
                 cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
-                provider=provider, retries=answer.retries, fallbacks=answer.fallbacks))
+                provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
+                nul_removed=answer.nul_removed))
         elif outcome.error is not None:
             await worker.emit(job, outcome.error)
         await worker.records.send(record)
@@ -82,10 +82,37 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
             outcome = Outcome(status="failed", partial=False, error=error)
             await worker.emit(job, error)
         await worker.emit(job, Done(status=outcome.status, partial=outcome.partial), wait=True)
+        run.done_sent = True
     if finishing.cancelled_caught:
         raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
     ttft_s = None if answer.first_token_at is None else answer.first_token_at - started
     observe(worker, request.mode, record, outcome, ttft_s=ttft_s, latency_s=ended - started)
+
+
+def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> JobFinished:
+    """The minimal row of a job that failed outside its answer: `failed`, no content,
+    but what it was billed and its budget reservation to settle."""
+    answer = run.answer
+    return JobFinished(
+        job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status="failed",
+        model=answer.alias, provider="", prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens, cost_usd=answer.cost_usd, ttft_ms=None,
+        latency_ms=latency_ms, error=f"internal: {why}", partial=False, user_message="",
+        user_tokens=0, answer="", messages=False, retries=answer.retries,
+        fallbacks=answer.fallbacks, reserved=answer.reserved, receipt=Receipt())
+
+
+async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, error: Error) -> None:
+    """A job that failed outside its answer still settles: its minimal row, then
+    `error` + `done{failed}`; raises TransientError if that cannot be done in time."""
+    with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
+        await worker.records.send(record)
+        assert record.receipt is not None
+        await record.receipt.wait()
+        await worker.emit(job, error)
+        await worker.emit(job, Done(status="failed", partial=False), wait=True)
+    if finishing.cancelled_caught:
+        raise TransientError(f"job {job.job_id}: its failure was not persisted in time")
 
 
 def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,

@@ -54,7 +54,8 @@ class Metrics:
             ["from_vendor", "to_vendor"], registry=registry)
         self.internal_errors = Counter(
             "chat_actors_internal_errors", "Jobs failed by a bug or an unexpected error (where: "
-            "job), or settled as failed because Postgres refused their record (where: record).",
+            "job, claim, finish; intake: left unsettled), or settled as failed because "
+            "Postgres refused their record (where: record).",
             ["where"], registry=registry)
         self.longest_step = Gauge(
             "chat_actors_longest_step_seconds", "The longest a task ran between two checkpoints "

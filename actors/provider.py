@@ -50,6 +50,7 @@ class Answer:
     fallbacks: int = 0  # switches to the next alias
     spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
     reserved: bool = False  # a budget reservation waits to be settled
+    nul_removed: int = 0  # U+0000 characters the vendor sent (Postgres cannot store them)
 
     @property
     def text(self) -> str:
@@ -125,6 +126,11 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                             answer.first_token_at = trio.current_time()
                         stall.deadline = trio.current_time() + jobs.idle_timeout_s
                         text = "".join(texts)
+                        if "\x00" in text:  # dropped here, so tokens, final and row agree
+                            answer.nul_removed += text.count("\x00")
+                            text = text.replace("\x00", "")
+                            if not text:
+                                continue
                         answer.parts.append(text)
                         await on_token(text)
         if stall.cancelled_caught:

@@ -97,12 +97,15 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JobRejected(msgspec.Struct, frozen=True, kw_only=True):
-    """Bad input that named a job: a `rejected` row so the gateway can see why."""
+    """A job that never ran, with a row so the gateway can see why: bad input that
+    named it (`rejected`), or a claim that failed on an error nobody expected
+    (`failed`)."""
 
     job_id: str
     user_id: str
     session_id: str
     error: str
+    status: Literal["rejected", "failed"] = "rejected"
     receipt: Receipt | None = None
 
 

@@ -332,6 +332,9 @@ class Final(_Event, frozen=True, omit_defaults=True):
     provider: str = ""  # the vendor that answered (LiteLLM's name: openai, anthropic, ...)
     retries: int = 0  # tries again on the same alias (omitted when 0)
     fallbacks: int = 0  # switches to a fallback alias (omitted when 0)
+    # U+0000 characters removed from the vendor's text, the only thing it lost
+    # (Postgres cannot store them; omitted when 0)
+    nul_removed: int = 0
 
 
 class Error(_Event, frozen=True):

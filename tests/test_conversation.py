@@ -14,7 +14,7 @@ from actors.conversation import run_conversation
 from actors.registry import JobRegistry
 from actors.worker import Worker
 from config import load_config
-from messages.mailboxes import EventEmitted, JobFinished, StreamFinished, TokenDelta
+from messages.mailboxes import EventEmitted, JobRejected, StreamFinished, TokenDelta
 from messages.wire import ChatRequest
 from tests.fakes import FakeStore, FlatPricing, NoEvents, WordCounting
 
@@ -52,7 +52,7 @@ class ScriptedChat:
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None,
-              retriever=None, mode: str = "gen"):
+              retriever=None, mode: str = "gen", pricing: FlatPricing | None = None):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
@@ -60,9 +60,9 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
     events_in, events_out = trio.open_memory_channel(100)
     records_in, records_out = trio.open_memory_channel(100)
     worker = Worker(config=CONFIG, worker_id="w1", store=store or FakeStore(), chat=chat,
-                    pricing=FlatPricing(), tokens=WordCounting(), events=events_in,
-                    records=records_in, event_log=NoEvents(), registry=registry,
-                    retriever=retriever)
+                    pricing=pricing or FlatPricing(), tokens=WordCounting(),
+                    events=events_in, records=records_in, event_log=NoEvents(),
+                    registry=registry, retriever=retriever)
 
     async def sink(channel, into):
         async for message in channel:
@@ -84,9 +84,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started
     bodies = [m.body for m in events if isinstance(m, EventEmitted)]
-    finished = [r for r in records if isinstance(r, JobFinished)]
-    assert len(finished) == 1
-    return bodies, finished[0], elapsed
+    assert len(records) == 1
+    return bodies, records[0], elapsed
 
 
 def kinds(bodies):
@@ -238,3 +237,45 @@ async def test_an_unexpected_exception_fails_only_its_job_as_internal(autojump_c
     assert "Content-Length" not in bodies[-2].message  # the detail goes to the log only
     assert bodies[-1].status == "failed" and record.status == "failed"
     assert record.error.startswith("internal: internal error (")
+
+
+class ClaimBug(FakeStore):
+    async def claim(self, **_: object):
+        raise RuntimeError("a bug in the claim")
+
+
+async def test_a_claim_that_fails_unexpectedly_settles_its_job_as_failed(autojump_clock):
+    # Left unsettled, the request would be redelivered and fail the same way forever.
+    chat = ScriptedChat([(1, "a")])
+    bodies, record, _ = await run(chat, store=ClaimBug())  # returns: the offset may settle
+    assert chat.calls == 0
+    assert kinds(bodies) == ["error", "done"] and bodies[0].code == "internal"
+    assert "a bug in the claim" not in bodies[0].message  # the detail goes to the log only
+    assert bodies[-1].status == "failed"
+    assert isinstance(record, JobRejected) and record.status == "failed"
+
+
+@dataclass
+class PricingBrokenAfterClaim(FlatPricing):
+    """A lookup that works for the claim and raises in the job's terminal writes."""
+
+    lookups: int = 0
+
+    def provider_of(self, model: str) -> str:
+        self.lookups += 1
+        if self.lookups > 1:
+            raise KeyError(model)
+        return super().provider_of(model)
+
+
+async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_clock):
+    store = FakeStore()
+    bodies, record, _ = await run(ScriptedChat([(1, "a"), (2, "b")]), store=store,
+                                  pricing=PricingBrokenAfterClaim())
+    assert kinds(bodies) == ["started", "token", "token", "error", "done"]
+    assert bodies[-2].code == "internal" and bodies[-1].status == "failed"
+    # The minimal row: failed, no content, what was billed kept; written under the
+    # lease, so the job is not handed back to run again.
+    assert record.status == "failed" and record.answer == "" and not record.messages
+    assert record.prompt_tokens == 3 and record.completion_tokens == 2
+    assert store.released == []

@@ -152,7 +152,10 @@ async def test_a_vendor_answer_holding_u0000_is_stored_without_it(config, llm, r
         produce(config, after)
         later = await events_of(rds, config, after["jobId"])
     assert events[-1]["data"]["status"] == "completed"
-    assert events[-2]["data"]["text"] == "nul byte"
+    final = events[-2]["data"]
+    assert final["text"] == "nul byte"
+    assert final["nulRemoved"] == 1  # the client is told that character was all it lost
+    assert "".join(e["data"]["text"] for e in events if e["event"] == "token") == "nul byte"
     assert [m["content"] for m in message_rows(db, req["jobId"])] == ["Say a NUL", "nul byte"]
     assert later[-1]["data"]["status"] == "completed"
 

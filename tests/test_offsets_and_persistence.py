@@ -106,3 +106,41 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
     assert len(llm.calls) == 2
     row = job_row(db, req["jobId"])
     assert row["status"] == "completed" and row["attempt"] == 2
+
+
+async def test_a_claim_postgres_refuses_settles_its_job_once_as_failed(config, llm, rds, db):
+    # A refusal that is not a passing state would refuse every redelivery too: the job
+    # ends failed with a minimal row and its offset settles, so the session's next job
+    # runs and the request is not read again after a restart.
+    poison, after = request("refused"), request("fine")
+    after["sessionId"] = poison["sessionId"]  # same partition, behind it
+    db.execute(f"""
+        CREATE OR REPLACE FUNCTION refuse_claim() RETURNS trigger AS $$ BEGIN
+            IF NEW.job_id = '{poison["jobId"]}' AND NEW.status = 'running' THEN
+                RAISE EXCEPTION 'refused by a test trigger';
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql""")
+    try:
+        async with worker_running(config):  # migrates: the table exists from here
+            db.execute("CREATE TRIGGER refuse_claim BEFORE INSERT ON llm_jobs FOR EACH ROW "
+                       "EXECUTE FUNCTION refuse_claim()")
+            produce(config, poison, after)
+            events = await events_of(rds, config, poison["jobId"])
+            later = await events_of(rds, config, after["jobId"])
+        async with worker_running(config):
+            produce(config, request("after restart"))
+            await trio.to_thread.run_sync(lambda: llm.wait_until(lambda c: len(c) == 2, 60))
+    finally:
+        db.execute("DROP TRIGGER IF EXISTS refuse_claim ON llm_jobs")
+    assert [e["event"] for e in events] == ["error", "done"]
+    assert events[0]["data"]["code"] == "internal"
+    assert "test trigger" not in events[0]["data"]["message"]
+    assert events[1]["data"] == {"status": "failed", "partial": False}
+    row = job_row(db, poison["jobId"])
+    assert row["status"] == "failed" and row["error"].startswith("internal: ")
+    assert later[-1]["data"]["status"] == "completed"
+    # Committed: the restarted worker did not read the refused request again.
+    stream = rds.xrange(config.stream.key(poison["jobId"]))
+    assert [f["event"] for _, f in stream if f["jobId"] == poison["jobId"]] == ["error", "done"]
+    assert [c.messages[-1]["content"] for c in llm.calls] == ["fine", "after restart"]

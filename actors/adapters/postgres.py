@@ -325,10 +325,17 @@ class Postgres:
                         "tokens, partial) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (job_id, role) DO NOTHING", messages)
                 if rejected:
+                    # Never over a job that ran or runs: only a new row, or (for a failed
+                    # claim) the same user's job that no live lease holds.
                     cur.executemany(
-                        "INSERT INTO llm_jobs (job_id, user_id, session_id, status, error, "
-                        "finished_at) VALUES (%s, %s, %s, 'rejected', %s, now()) "
-                        "ON CONFLICT (job_id) DO NOTHING",
-                        [(r.job_id, r.user_id, r.session_id, r.error) for r in rejected])
+                        "INSERT INTO llm_jobs AS j (job_id, user_id, session_id, status, error, "
+                        "finished_at) VALUES (%s, %s, %s, %s, %s, now()) "
+                        "ON CONFLICT (job_id) DO UPDATE SET status = EXCLUDED.status, "
+                        "error = EXCLUDED.error, finished_at = now(), lease_owner = NULL, "
+                        "lease_until = NULL WHERE EXCLUDED.status = 'failed' "
+                        "AND j.user_id = EXCLUDED.user_id AND j.status IN ('queued', 'running') "
+                        "AND (j.lease_until IS NULL OR j.lease_until < now())",
+                        [(r.job_id, r.user_id, r.session_id, r.status, r.error)
+                         for r in rejected])
 
         await self.run(write)
