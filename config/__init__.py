@@ -113,6 +113,7 @@ class Jobs(_Section, frozen=True):
 class Rag(_Section, frozen=True):
     path: Name
     chroma_url: OptionalHttpUrl
+    chroma_timeout_s: PositiveFloat
     embedding_model: Name
     embedding_api_base: OptionalHttpUrl
     chunk_tokens: Annotated[int, Meta(ge=32, le=256)]

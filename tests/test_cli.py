@@ -3,8 +3,13 @@ naming it, its address (no credentials) and the cause, and a non-zero exit."""
 
 from __future__ import annotations
 
+import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import ROOT
 from tools.local_stack import free_port
@@ -65,3 +70,49 @@ def test_an_unexpected_error_is_one_line_unless_debug_is_asked(tmp_path):
     loud = subprocess.run([argv[0], "-m", "tools.cli", "--debug", *argv[3:]], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+
+
+@pytest.mark.parametrize("away", ["refusing", "silent"])
+def test_ingest_with_the_chroma_server_away_says_so_in_one_line(tmp_path, away):
+    # A server that accepted and never answered held `ingest` forever (chromadb waits
+    # without a limit); a refusing one ended in a traceback.
+    (tmp_path / "doc.txt").write_text("A document about lighthouses.")
+    with socket.socket() as silent:
+        if away == "silent":  # the kernel accepts connections; nobody ever answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+        port = silent.getsockname()[1] if away == "silent" else free_port()
+        done = run_cli(tmp_path, "ingest", "--collection", "docs", str(tmp_path / "doc.txt"),
+                       config_text=f'[rag]\nchroma_url = "http://127.0.0.1:{port}"\n'
+                                   "chroma_timeout_s = 1\n")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"chat-actors ingest: chroma at http://127.0.0.1:{port}: ")
+    assert ("Connection refused" if away == "refusing" else "no answer in time") in lines[0]
+
+
+def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, capsys):
+    # It used to print the service's log tail over many lines, then delete that log.
+    from tools import devstack, local_stack
+
+    ports: list[int] = []
+    real_free_port = local_stack.free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: redis cannot bind it
+
+        def free_port() -> int:  # Kafka starts first, Redis second
+            ports.append(taken.getsockname()[1] if len(ports) == 1 else real_free_port())
+            return ports[-1]
+
+        monkeypatch.setattr(local_stack, "free_port", free_port)
+        code = devstack.run_dev(once="hello", keep=False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"chat-actors dev: redis at redis://127.0.0.1:{ports[1]}/0 "
+                               "exited with 1: ")
+    assert "Address already in use" in lines[0]
+    log = Path(lines[0].rsplit("(log: ", 1)[1].removesuffix(")"))
+    assert log.is_file()  # kept, since the line names it
+    shutil.rmtree(log.parent)
+    assert not local_stack._port_open(ports[0])  # Kafka, started before, was stopped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -186,20 +187,29 @@ async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config
         assert found.hits, where
 
 
+@pytest.mark.parametrize("away", ["refusing", "silent"])
 async def test_a_chroma_server_that_is_down_is_waited_for_not_read_as_no_documents(
-        make_config, llm, rds):
-    # It used to answer without sources, as if the user had none, with /readyz green.
+        make_config, llm, rds, away):
+    # It used to answer without sources, as if the user had none, with /readyz green;
+    # a server that accepted and never answered held the job's thread forever.
     from tests.helpers import readyz, until
     from tools.local_stack import free_port
 
-    config, _ = make_config(environ={"CHAT_ACTORS__RAG__CHROMA_URL":
-                                     f"http://127.0.0.1:{free_port()}"})
-    req = request("What do my documents say?", mode="rag", timeoutS=3)
-    async with worker_running(config) as worker:
-        produce(config, req)
-        await until(lambda: worker.health.failures["chroma"] >= 2)
-        status, report = await readyz(worker.health_port)
-        events = await events_of(rds, config, req["jobId"])
-    assert status == 503 and "Could not connect" in report["down"]["chroma"]
+    with socket.socket() as silent:
+        if away == "silent":  # the kernel accepts connections; nobody ever answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(64)
+        port = silent.getsockname()[1] if away == "silent" else free_port()
+        config, _ = make_config(environ={"CHAT_ACTORS__RAG__CHROMA_URL": f"http://127.0.0.1:{port}",
+                                         "CHAT_ACTORS__RAG__CHROMA_TIMEOUT_S": "0.5"})
+        req = request("What do my documents say?", mode="rag", timeoutS=3)
+        async with worker_running(config) as worker:
+            produce(config, req)
+            await until(lambda: worker.health.failures["chroma"] >= 2)
+            status, report = await readyz(worker.health_port)
+            events = await events_of(rds, config, req["jobId"])
+    cause = "Connection refused" if away == "refusing" else "no answer in time"
+    assert status == 503 and f"chroma at http://127.0.0.1:{port}" in report["down"]["chroma"]
+    assert cause in report["down"]["chroma"]
     assert [e["event"] for e in events][-2:] == ["error", "done"]
     assert events[-1]["data"]["status"] == "timeout" and not llm.calls

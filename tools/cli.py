@@ -158,7 +158,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
 
     from actors.adapters.documents import DocumentStore
-    from actors.errors import PermanentError
+    from actors.errors import PermanentError, TransientError
     from tools.ingest import freshness, ingest, refresh
 
     logging.getLogger("chromadb").setLevel(logging.ERROR)
@@ -178,7 +178,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             return 2
         report = ingest(store, config, args.collection, [Path(p) for p in args.paths],
                         dry_run=args.dry_run, root=Path.cwd())
-    except PermanentError as exc:
+    except (PermanentError, TransientError) as exc:  # one line: which part, where, why
         print(f"chat-actors ingest: {exc}", file=sys.stderr)
         return 1
     print(("would change: " if args.dry_run else "") + report.summary())

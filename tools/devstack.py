@@ -66,9 +66,12 @@ def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: floa
         if " ready: " in text:
             return
         if worker.poll() is not None:
-            raise local_stack.StackError(f"the worker exited:\n{text[-3000:]}")
+            raise local_stack.StackError(
+                f"the worker exited with {worker.returncode}: "
+                f"{local_stack.last_words(log_path, lines=1)} (log: {log_path})")
         time.sleep(0.1)
-    raise local_stack.StackError(f"the worker did not become ready; see {log_path}")
+    raise local_stack.StackError(f"the worker did not become ready in {timeout_s:.0f} s: "
+                                 f"{local_stack.last_words(log_path)} (log: {log_path})")
 
 
 def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
@@ -79,8 +82,9 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
     services: list[local_stack.Service] = []
     worker: subprocess.Popen[bytes] | None = None
+    failed = False
     # Ctrl-C is ours to handle: stop everything in order, then exit.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         say = (lambda *a: None) if once else (lambda *a: print(*a, file=sys.stderr))
         say("starting the local stack ...")
@@ -128,8 +132,9 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     except KeyboardInterrupt:
         print("\nstopping ...", file=sys.stderr)
         return 130
-    except local_stack.StackError as exc:
+    except local_stack.StackError as exc:  # one line: which service, where, why
         print(f"chat-actors dev: {exc}", file=sys.stderr)
+        failed = True  # the folder stays: that line names the log in it
         return 1
     finally:
         with contextlib.suppress(KeyboardInterrupt):
@@ -141,7 +146,8 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
                     worker.kill()
             for service in reversed(services):
                 service.stop()
-            if not keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-            else:
+            if keep:
                 print(f"stack folder kept: {workdir}", file=sys.stderr)
+            elif not failed:
+                shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, sigterm)

@@ -73,23 +73,31 @@ class Service:
 
 
 def _wait(service: Service, ready: Callable[[], bool], timeout_s: float) -> Service:
+    """Return once `ready()`; else stop the service and raise one line naming it, its
+    address and the cause (the last lines of its log)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
-            raise StackError(f"{service.name} exited with {service.process.returncode}; "
-                             f"see {service.log_path}:\n{_tail(service.log_path)}")
+            raise StackError(f"{service.name} at {service.url} exited with "
+                             f"{service.process.returncode}: {last_words(service.log_path)} "
+                             f"(log: {service.log_path})")
         if ready():
             return service
         time.sleep(0.05)
     service.stop()
-    raise StackError(f"{service.name} not ready after {timeout_s:.0f}s; see {service.log_path}")
+    raise StackError(f"{service.name} at {service.url} not ready after {timeout_s:.0f} s: "
+                     f"{last_words(service.log_path)} (log: {service.log_path})")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def last_words(path: Path, lines: int = 3, chars: int = 400) -> str:
+    """The last lines of a log, as one line: what a process said before it ended."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace")
     except OSError:
-        return ""
+        return "no log"
+    said = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    joined = " / ".join(said) or "nothing in its log"
+    return joined if len(joined) <= chars else "..." + joined[-chars:]
 
 
 def _port_open(port: int) -> bool:
@@ -186,10 +194,14 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
                     os.chmod(path, mode | 0o001)
         run_as = _RunAs(user=uid, group=gid)
     if not (data / "PG_VERSION").exists():
-        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                        "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                       check=True, capture_output=True, user=run_as.user, group=run_as.group,
-                       extra_groups=run_as.extra_groups)
+        made = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                               "--auth=trust", "--encoding=UTF8", "--no-sync"],
+                              capture_output=True, text=True, user=run_as.user,
+                              group=run_as.group, extra_groups=run_as.extra_groups)
+        if made.returncode:
+            said = " / ".join(line for line in made.stderr.splitlines() if line.strip())
+            raise StackError(f"postgres: initdb of {data} failed with {made.returncode}: "
+                             f"{said[-400:] or 'no output'}")
     argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]
     if not durable:

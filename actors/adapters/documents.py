@@ -7,12 +7,14 @@ us (actors/adapters/embeddings.py) and handed to Chroma, which embeds nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 from actors.errors import PermanentError, TransientError
 from config import Rag
 from messages.ports import Hit
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 
@@ -47,17 +52,54 @@ def _bm25s() -> Any:
     return bm25s
 
 
+def _away(exc: BaseException) -> str | None:
+    """Why a Chroma server could not be talked to, or None when `exc` is something else."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
+    if isinstance(exc, (httpx.TransportError, ConnectionError, OSError)):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError) and "could not connect" in str(exc).lower():
+        return str(exc)  # chromadb's word for a refused connection
+    return None
+
+
+def _talks_to_chroma(method: Callable[P, R]) -> Callable[P, R]:
+    """A Chroma server that is away (refused, reset, silent past the timeout) is a
+    TransientError naming its address, whichever call met it."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (TransientError, PermanentError):
+            raise
+        except Exception as exc:
+            away = _away(exc)
+            if away is None:
+                raise
+            store = args[0]
+            assert isinstance(store, DocumentStore)
+            raise TransientError(f"chroma at {store.where}: {away}") from exc
+
+    return call
+
+
 class DocumentStore:
     """Chroma for vectors, bm25s for keywords. Both load on first use: a worker that
     never sees a RAG request never imports them (about a second of start-up)."""
 
     @classmethod
     def from_config(cls, rag: Rag) -> DocumentStore:
-        return cls(path=Path(rag.path), chroma_url=rag.chroma_url or None)
+        return cls(path=Path(rag.path), chroma_url=rag.chroma_url or None,
+                   timeout_s=rag.chroma_timeout_s)
 
-    def __init__(self, *, path: Path, chroma_url: str | None = None) -> None:
+    def __init__(self, *, path: Path, chroma_url: str | None = None,
+                 timeout_s: float = 10.0) -> None:
         self._path = path
-        self._chroma_url = chroma_url
+        self.chroma_url = chroma_url
+        self._timeout_s = timeout_s  # each request to a Chroma server
         self._bm25_dir = path / "bm25"
         if not chroma_url:
             path.mkdir(parents=True, exist_ok=True)  # an unwritable path fails at start
@@ -67,24 +109,25 @@ class DocumentStore:
         self._opening = threading.Lock()
 
     @property
+    def where(self) -> str:
+        """The Chroma server's address, or the embedded store's folder."""
+        return self.chroma_url or str(self._path / "chroma")
+
+    @property
     def _client(self) -> Any:
         with self._opening:
             if self._chroma is None:
-                import chromadb
-                from chromadb.config import Settings
+                if self.chroma_url:
+                    from actors.adapters.chroma_http import connect
 
-                settings = Settings(anonymized_telemetry=False)
-                if self._chroma_url:
-                    host, _, port = self._chroma_url.removeprefix("http://").rstrip("/").partition(":")
-                    try:
-                        self._chroma = chromadb.HttpClient(host=host, port=int(port or 8000),
-                                                           settings=settings)
-                    except (ValueError, ConnectionError, OSError) as exc:
-                        # chromadb says "Could not connect to a Chroma server" as ValueError.
-                        raise TransientError(f"chroma at {self._chroma_url}: {exc}") from exc
+                    self._chroma = connect(self.chroma_url, self._timeout_s)
                 else:
-                    self._chroma = chromadb.PersistentClient(path=str(self._path / "chroma"),
-                                                             settings=settings)
+                    import chromadb
+                    from chromadb.config import Settings
+
+                    self._chroma = chromadb.PersistentClient(
+                        path=str(self._path / "chroma"),
+                        settings=Settings(anonymized_telemetry=False))
             return self._chroma
 
     def _collection(self, name: str, create: bool = False) -> Any:
@@ -95,12 +138,11 @@ class DocumentStore:
                     name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
             return self._client.get_collection(name, embedding_function=None)
         except (ValueError, _chroma_errors().NotFoundError) as exc:
-            if "could not connect" in str(exc).lower():  # a server that went away
-                raise TransientError(f"chroma at {self._chroma_url}: {exc}") from exc
+            if _away(exc) is not None:
+                raise
             raise PermanentError(f"no collection {name!r}", code="no_collection") from exc
-        except (ConnectionError, OSError) as exc:
-            raise TransientError(f"chroma: {exc}") from exc
 
+    @_talks_to_chroma
     def exists(self, name: str) -> bool:
         try:
             self._collection(name)
@@ -109,6 +151,7 @@ class DocumentStore:
         return True
 
     # -- ingestion -------------------------------------------------------------------
+    @_talks_to_chroma
     def chunks_of(self, name: str) -> dict[str, dict[str, Any]]:
         """Every chunk's metadata, by id."""
         if not self.exists(name):
@@ -116,11 +159,13 @@ class DocumentStore:
         got = self._collection(name).get(include=["metadatas"])
         return dict(zip(got["ids"], got["metadatas"], strict=True))
 
+    @_talks_to_chroma
     def documents(self, name: str, ids: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         got = self._collection(name).get(ids=ids, include=["documents", "metadatas"])
         return {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
                                              strict=True)}
 
+    @_talks_to_chroma
     def upsert(self, name: str, ids: list[str], texts: list[str], vectors: np.ndarray,
                metadatas: list[dict[str, Any]]) -> None:
         collection = self._collection(name, create=True)
@@ -130,10 +175,12 @@ class DocumentStore:
                               embeddings=vectors[start:end].tolist(),
                               metadatas=metadatas[start:end])
 
+    @_talks_to_chroma
     def delete(self, name: str, ids: list[str]) -> None:
         if ids:
             self._collection(name).delete(ids=ids)
 
+    @_talks_to_chroma
     def rebuild_keyword_index(self, name: str) -> int:
         """Re-index the whole collection for BM25 (bm25s indexes are not incremental)."""
         got = self._collection(name, create=True).get(include=["documents"])
@@ -153,6 +200,7 @@ class DocumentStore:
         return len(got["ids"])
 
     # -- retrieval ---------------------------------------------------------------------
+    @_talks_to_chroma
     def vector_search(self, name: str, vector: np.ndarray, k: int,
                       where: dict[str, Any] | None) -> list[Hit]:
         collection = self._collection(name)
@@ -174,6 +222,7 @@ class DocumentStore:
                                     json.loads((folder / "ids.json").read_text()))
             return self._bm25[name]
 
+    @_talks_to_chroma
     def keyword_search(self, name: str, query: str, k: int,
                        where: dict[str, Any] | None) -> list[Hit]:
         loaded = self._keyword_index(name)
@@ -198,6 +247,7 @@ class DocumentStore:
                     score=s, metadata=by_id[i][1], collection=name)
                 for i, s in picked if i in by_id][:k]
 
+    @_talks_to_chroma
     def embeddings(self, name: str, ids: list[str]) -> dict[str, np.ndarray]:
         """The stored vectors of `ids` (reranking needs no second embedding call)."""
         got = self._collection(name).get(ids=ids, include=["embeddings"])
