@@ -7,7 +7,7 @@ a port live in messages/, so nothing here, and no actor, imports an adapter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,10 +40,15 @@ class JobStore(Protocol):
 
 
 class ChatModel(Protocol):
+    """Streams one completion into `out`. `resend` is asked before a request that may
+    have reached the vendor is sent again (a kept-alive connection lost before any
+    answer): True sends it, and it counts as a retry."""
+
     async def stream(self, *, model: str, api_base: str | None, api_key_env: str | None,
                      messages: list[dict[str, str]], params: Mapping[str, Any],
                      out: trio.MemorySendChannel[ProviderChunk],
-                     stream_path: str = "auto") -> None: ...
+                     stream_path: str = "auto",
+                     resend: Callable[[str], Awaitable[bool]] | None = None) -> None: ...
 
 
 class Pricing(Protocol):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, assert_never
 
 import trio
@@ -89,7 +90,8 @@ def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str,
 
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
-                   on_token: Callable[[str], Awaitable[None]]) -> StreamFinished:
+                   on_token: Callable[[str], Awaitable[None]],
+                   resend: Callable[[str], Awaitable[bool]]) -> StreamFinished:
     send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
@@ -100,7 +102,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         try:
             await chat.stream(model=spec.model, api_base=spec.api_base,
                               api_key_env=spec.api_key_env, messages=messages,
-                              params=params, out=send, stream_path=spec.stream_path)
+                              params=params, out=send, stream_path=spec.stream_path,
+                              resend=resend)
         except (TransientError, PermanentError) as exc:
             failure = exc
 
@@ -182,7 +185,7 @@ class _Chain:
         request = continuation(self.messages, answer.text)
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,
-                                      answer, self.on_token)
+                                      answer, self.on_token, partial(self.resend, name, spec))
         except (PermanentError, TransientError) as exc:
             answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
             if self.metrics is not None:
@@ -196,12 +199,25 @@ class _Chain:
                     else self.count(new_text))
         return finished
 
-    async def retry(self, name: str, spec: ModelAlias, retry: int, exc: TransientError) -> None:
-        wait = self.backoff.delay(retry, exc.retry_after)
-        log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry, wait)
+    async def resend(self, name: str, spec: ModelAlias, why: str) -> bool:
+        """The transport asks to send the request again (it may have reached the vendor):
+        it counts as a retry, and only if the budget reservation still covers a try."""
+        if not self.covered(spec):
+            return False
+        log.warning("%s: %s", name, why)
+        self.count_retry(spec)
+        await self.on_switch(name, name, why)
+        return True
+
+    def count_retry(self, spec: ModelAlias) -> None:
         self.answer.retries += 1
         if self.metrics is not None:
             self.metrics.provider_retries.labels(vendor=self.pricing.provider_of(spec.model)).inc()
+
+    async def retry(self, name: str, spec: ModelAlias, retry: int, exc: TransientError) -> None:
+        wait = self.backoff.delay(retry, exc.retry_after)
+        log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry, wait)
+        self.count_retry(spec)
         await self.on_switch(name, name, str(exc))
         await trio.sleep(wait)
 

@@ -6,7 +6,14 @@ SIGKILLs and restarts the worker, makes Redis and the broker unreachable
 for real, and the scripted vendor answers with 429s, 500s, stalls and streams
 broken mid-answer. At the end it checks every job's stream and row.
 
-    bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600]
+Hostile (the default; --no-hostile leaves it out): in the same run, requests
+and control messages an attacker or a broken neighbour would send (deep
+nesting, U+0000, oversize, invalid UTF-8, wrong types, forged ids, RAG filters
+Chroma refuses) go between the good ones, and the vendor sometimes answers
+with broken HTTP (a negative chunk size, a doubled Content-Length, bytes that
+are not HTTP, endless headers, gzip unasked, a 101, a close mid-chunk).
+
+    bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600] [--no-hostile]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +37,7 @@ import psutil
 import psycopg
 import redis
 
+from tests.hostile import BROKEN_HTTP, CUT_MID_CHUNK, HOSTILE_CONTROL, MAX_REQUEST_BYTES, hostile_requests
 from tests.scripted_llm import Reply, ScriptedLLM
 from tools import local_stack
 
@@ -36,15 +45,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ChaoticLLM(ScriptedLLM):
-    """Answers most calls; some get a 429, a 500, a stall or a broken stream."""
+    """Answers most calls; some get a 429, a 500, a stall or a broken stream, and when
+    hostile, broken HTTP."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, hostile: bool = False) -> None:
         super().__init__()
         self._rng = random.Random(seed)
+        self._broken = [*BROKEN_HTTP.values(), CUT_MID_CHUNK] if hostile else []
+        self.broken_sent = 0
 
     def _next_reply(self) -> Reply:
         roll = self._rng.random()
         tokens = tuple(f"w{i} " for i in range(8))
+        if self._broken and roll > 0.94:
+            self.broken_sent += 1
+            return Reply(raw=self._rng.choice(self._broken))
         if roll < 0.05:
             return Reply(status=429, headers=(("retry-after", "0.2"),))
         if roll < 0.10:
@@ -125,9 +140,13 @@ def pause_postgres(service: local_stack.Service, seconds: float) -> None:
                 os.kill(p.pid, signal.SIGCONT)
 
 
-def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str) -> None:
+def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str,
+                 health_port: int) -> None:
     path.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm,
                                              sections={
+        "health": {"port": health_port},
+        # The limits tests/hostile.py builds its oversize values against.
+        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_message_chars": 1000},
         "kafka": {"request_topic": f"chaos.request.{tag}", "control_topic": f"chaos.control.{tag}",
                   "dlq_topic": f"chaos.dlq.{tag}", "group_id": f"chaos-{tag}",
                   "session_timeout_ms": 3000},
@@ -171,13 +190,73 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM,
             "statuses": ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))}
 
 
-def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path) -> int:
+def stuck_partitions(bootstrap: str, topic: str, group: str) -> int:
+    """Partitions whose committed offset is behind their end once every job is done:
+    a message the worker could never settle (goal 0)."""
+    consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                         "enable.auto.commit": False,
+                                         "log.connection.close": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed(
+            [confluent_kafka.TopicPartition(topic, p) for p in partitions], timeout=10)
+        stuck = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            stuck += high > low and tp.offset < high  # (never committed: offset < 0)
+        return stuck
+    finally:
+        consumer.close()
+
+
+@dataclass
+class LongestStep:
+    """The longest task step the worker's watchdog reported, across its restarts."""
+
+    port: int
+    seconds: float = 0.0
+    task: str = ""
+
+    def sample(self) -> None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                        timeout=0.5) as response:
+                text = response.read().decode()
+        except OSError:
+            return  # restarting, or paused dependencies: next time
+        for line in text.splitlines():
+            if line.startswith("chat_actors_longest_step_seconds{"):
+                labels, _, value = line.rpartition(" ")
+                if float(value) > self.seconds:
+                    self.seconds, self.task = float(value), labels.split('"')[1]
+
+
+def produce_hostile(producer: confluent_kafka.Producer, tag: str, count: int,
+                    rng: random.Random) -> int:
+    """Hostile requests and control messages; returns how many were sent."""
+    sent = 0
+    for i in range(count):
+        template = {"jobId": f"hostile-{tag}-{i}", "userId": "mallory",
+                    "sessionId": f"h{i}", "message": "m"}
+        for value in hostile_requests(template):
+            producer.produce(f"chaos.request.{tag}", key=f"h{i}".encode(), value=value)
+            sent += 1
+        for value in rng.sample(HOSTILE_CONTROL, len(HOSTILE_CONTROL)):
+            producer.produce(f"chaos.control.{tag}", key=b"c", value=value)
+            sent += 1
+        producer.poll(0)
+    return sent
+
+
+def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
     rng = random.Random(seed)
     kafka, rds_service, pg = local_stack.start_core(workdir)
-    llm = ChaoticLLM(seed).start()
+    llm = ChaoticLLM(seed, hostile).start()
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
-    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag)
+    steps = LongestStep(local_stack.free_port())
+    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, steps.port)
+    hostile_sent = 0
     worker = Worker(config_path, workdir / "worker.log")
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
     template = "sse:chat:{job_id}"
@@ -193,6 +272,8 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path) -> int:
             producer.produce(f"chaos.request.{tag}", key=session.encode(), value=json.dumps({
                 "jobId": job_id, "userId": f"u{i % 13}", "sessionId": session,
                 "message": f"question for {job_id}"}).encode())
+            if hostile and i % 100 == 50:  # between the good ones, on every partition
+                hostile_sent += produce_hostile(producer, f"{tag}-{i}", 1, rng)
         if producer.flush(30):
             raise RuntimeError("could not produce the jobs")
         print(f"submitted {jobs_total} jobs; chaos begins", flush=True)
@@ -217,11 +298,14 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path) -> int:
                 pause_postgres(pg, rng.uniform(1, 3))
             for _ in range(int(rng.uniform(2, 5) / 0.25)):
                 worker.check()
+                steps.sample()
                 time.sleep(0.25)
             print(f"  t={time.monotonic() - started:5.0f}s  done {finished}/{jobs_total}  "
                   f"last action: {action}", flush=True)
+        steps.sample()
         worker.stop()
         result = verify(jobs, rds, pg.url, llm, template)
+        stuck = stuck_partitions(kafka.url, f"chaos.request.{tag}", f"chaos-{tag}")
     finally:
         worker.stop()
         llm.stop()
@@ -241,8 +325,11 @@ chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
   model calls for already-completed jobs: {result['after_done']}
   gaps or duplicates in event sequences:  {result['gaps']}
   worker crashes (exits we did not cause): {worker.crashes}  (SIGKILLs we sent: {worker.kills})
+  hostile messages sent:                  {hostile_sent}  (broken HTTP answers: {llm.broken_sent})
+  partitions whose commit stopped:        {stuck}
+  longest task step (watchdog):           {steps.seconds * 1000:.1f} ms ({steps.task or "-"})
   peak worker RSS:                        {worker.peak_rss / 1e6:.0f} MB""")
-    bad = result["lost"] + result["gaps"] + result["after_done"] + worker.crashes
+    bad = result["lost"] + result["gaps"] + result["after_done"] + worker.crashes + stuck
     return 0 if bad == 0 and result["one_done"] == jobs_total else 1
 
 
@@ -252,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=600, help="seconds of chaos at most")
+    parser.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
+                        help="hostile input and broken HTTP in the same run (default: on)")
     args = parser.parse_args(argv)
     if args.jobs < 4:
         parser.error("--jobs must be at least 4")
     with local_stack.workdir("chat-actors-chaos-") as workdir:
-        return run(args.jobs, args.seed, args.timeout, workdir)
+        return run(args.jobs, args.seed, args.timeout, workdir, args.hostile)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ server was sent and whether the client hung up early.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -31,6 +32,8 @@ class Reply:
     finish_reason: str = "stop"
     prompt_tokens: int | None = None  # None: count words of the prompt
     report_usage: bool = True
+    # Broken HTTP: these bytes are the whole answer, then the connection closes.
+    raw: bytes | None = None
 
 
 @dataclass
@@ -142,6 +145,14 @@ class ScriptedLLM:
 
             def _answer(self, call: Call, payload: dict[str, Any]) -> None:
                 reply = owner._next_reply()
+                if reply.raw is not None:
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(reply.raw)
+                        self.wfile.flush()
+                    self.close_connection = True
+                    call.finished = True
+                    owner._changed()
+                    return
                 if reply.status != 200:
                     self._send_json(reply.status, reply.error_body.encode(), reply.headers)
                     call.finished = True

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from messages.wire import BadInput, decode_control, decode_request
 from tests.helpers import events_of, produce, worker_running
+from tests.hostile import HOSTILE, MAX_REQUEST_BYTES, MUTATIONS, REQUIRED, nested
 
 ALIASES = frozenset({"scripted", "priced"})
 # Text a user may send: anything but U+0000 (DESIGN 1.1) and lone surrogates (not UTF-8).
@@ -33,50 +34,6 @@ GOOD = st.fixed_dictionaries({
     "timeoutS": st.floats(0.1, 600),
     "extraField": st.integers(),  # unknown fields are ignored
 })
-# Each mutation breaks one rule of DESIGN 1.1.
-MUTATIONS = {
-    "drop a required field": lambda d, v: {k: x for k, x in d.items() if k != v},
-    "wrong type": lambda d, v: {**d, v: 12345},
-    "bad id characters": lambda d, v: {**d, "jobId": d["jobId"] + " /?"},
-    "id too long": lambda d, v: {**d, "userId": "u" * 129},
-    "empty message": lambda d, v: {**d, "message": ""},
-    "oversize message": lambda d, v: {**d, "message": "x" * 1001},
-    "unknown model alias": lambda d, v: {**d, "model": "no-such-alias"},
-    "temperature out of range": lambda d, v: {**d, "params": {"temperature": 9.5}},
-    "negative timeout": lambda d, v: {**d, "timeoutS": -1},
-    "unknown mode": lambda d, v: {**d, "mode": "chat"},
-}
-REQUIRED = ["jobId", "userId", "sessionId", "message"]
-MAX_REQUEST_BYTES = 65536
-
-
-def _with_raw_field(good: dict, name: str, raw: bytes) -> bytes:
-    """`good` as JSON with one more field whose value is `raw` (json.dumps would recurse)."""
-    body = json.dumps(good).encode()
-    return body[:-1] + b', "' + name.encode() + b'": ' + raw + b"}"
-
-
-def _nested(depth: int) -> bytes:
-    return b"[" * depth + b"]" * depth
-
-
-# Each builds a hostile value from a good request and a size drawn by hypothesis.
-HOSTILE = {
-    "nested deep in an unknown field": lambda d, n: _with_raw_field(d, "extra", _nested(n)),
-    "nested deep in rag.where": lambda d, n: _with_raw_field(
-        d, "rag", b'{"where": {"a": ' + b'{"b": ' * n + b"1" + b"}" * n + b"}}"),
-    "U+0000 in the message": lambda d, n: json.dumps({**d, "message": "a\x00b"}).encode(),
-    "U+0000 in a stop string": lambda d, n: json.dumps(
-        {**d, "params": {"stop": ["x", "\x00"]}}).encode(),
-    "U+0000 in a rag.where key": lambda d, n: json.dumps(
-        {**d, "rag": {"where": {"a\x00": 1}}}).encode(),
-    "invalid UTF-8 inside the message": lambda d, n: json.dumps(d).encode().replace(
-        b'"message": "', b'"message": "\xff\xfe', 1),
-    "larger than limits.max_request_bytes": lambda d, n: _with_raw_field(
-        d, "padding", json.dumps("p" * (MAX_REQUEST_BYTES + n)).encode()),
-}
-
-
 @st.composite
 def bad_values(draw) -> bytes:
     kind = draw(st.sampled_from([*MUTATIONS, *HOSTILE, "random bytes", "truncated json"]))
@@ -162,7 +119,7 @@ def test_nesting_50000_deep_is_refused_before_the_decoder_recurses():
                            model_aliases=ALIASES)  # the default 1 MiB size limit
     # chat.control too: one such message used to stop every worker at once.
     with pytest.raises(BadInput, match="nests 30001 levels deep"):
-        decode_control(b'{"type": "cancel", "x": ' + _nested(30_000) + b"}")
+        decode_control(b'{"type": "cancel", "x": ' + nested(30_000) + b"}")
 
 
 @settings(max_examples=1, deadline=None,

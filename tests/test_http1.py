@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 from functools import partial
 
 import pytest
 import trio
+import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.adapters.http1 import ChunkedDecoder, Client, ConnectionLost, ProtocolError
+from actors.adapters.http1 import (
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_TRAILER,
+    ChunkedDecoder,
+    Client,
+    ConnectionLost,
+    HeadParser,
+    ProtocolError,
+)
 
 
 def chunked(*parts: bytes) -> bytes:
@@ -36,10 +48,58 @@ def test_chunk_extensions_and_trailers_are_skipped():
     assert decoder.done
 
 
-@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"3\r\nabcXY", b"9" * 2000])
+@pytest.mark.parametrize("bad", [
+    b"zz\r\nabc\r\n", b"3\r\nabcXY", b"9" * 2000,
+    b"1\r\na\r\n-6\r\n",  # a negative size: it looped forever, with no checkpoint
+    b"5_0\r\n", b"+5\r\n", b"0x5\r\n", b" 5\r\n", b"5 ;ext\r\n", b"1" * 17 + b"\r\n",
+    b"0\r\nnot a trailer\r\n", b"0\r\n" + b"t: x\r\n" * 200,
+    b"0\r\nt: " + b"x" * (MAX_TRAILER + 1),  # a trailer without end is bounded too
+])
 def test_malformed_chunking_is_a_protocol_error(bad):
     with pytest.raises(ProtocolError):
         ChunkedDecoder().feed(bad)
+
+
+@pytest.mark.parametrize(("head", "why"), [
+    (b"SSH-2.0-OpenSSH_9.6", "bad status line"),
+    (b"HTTP/1.1 2OO OK", "bad status line"),
+    (b"HTTP/1.1 \xd9\xa2\xd9\xa0\xd9\xa0 OK", "bad status line"),  # non-ASCII digits
+    (b"HTTP/2 200", "bad status line"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10, 10", "exactly one, of digits"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\ncontent-length: 10", "exactly one, of digits"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: +10", "exactly one, of digits"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: xchunked", "only one 'chunked'"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked", "only one 'chunked'"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3", "conflicting"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip", "was not asked for"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket", "was not asked for"),
+    (b"HTTP/1.1 200 OK\r\n folded: value", "bad header line"),
+    (b"HTTP/1.1 200 OK\r\nx: a\x00b", "bad header line"),
+    (b"HTTP/1.1 200 OK" + b"\r\nx: 1" * (MAX_HEADERS + 1), "more than"),
+])
+def test_a_malformed_head_is_a_protocol_error_naming_the_fault(head, why):
+    with pytest.raises(ProtocolError, match=why):
+        HeadParser().take(bytearray(head + b"\r\n\r\n"))
+
+
+def test_an_endless_head_is_refused_at_its_limit_however_it_drips_in():
+    parser, buffer = HeadParser(), bytearray(b"HTTP/1.1 200 OK\r\n")
+    with pytest.raises(ProtocolError, match="larger than"):
+        for _ in range(MAX_HEAD):  # a byte per read: each is scanned once
+            buffer += b"x"
+            assert parser.take(buffer) is None
+
+
+def test_informational_heads_are_skipped_and_framing_is_read():
+    buffer = bytearray(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nlink: x\r\n\r\n"
+                       b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    head = HeadParser().take(buffer)
+    assert head is not None and head.status == 200 and not head.keep_alive  # HTTP/1.0
+    assert head.body.feed(bytes(buffer)) == b"ok" and head.body.done
+    for connection, keep in (("close", False), ("Keep-Alive, Close", False), ("keep-alive", True)):
+        head = HeadParser().take(bytearray(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+                                           b"connection: %s\r\n\r\n" % connection.encode()))
+        assert head is not None and head.keep_alive is keep
 
 
 async def read_request(stream: trio.SocketStream, buffer: bytearray) -> bool:
@@ -72,8 +132,9 @@ async def start(nursery: trio.Nursery, handler) -> tuple[str, list[int]]:
     return f"http://127.0.0.1:{port}/v1/chat", connections
 
 
-async def body_of(client: Client, url: str) -> bytes:
-    async with client.stream_post(url, {"content-type": "application/json"}, b"{}") as response:
+async def body_of(client: Client, url: str, resend=None) -> bytes:
+    async with client.stream_post(url, {"content-type": "application/json"}, b"{}",
+                                  resend=resend) as response:
         assert response.status == 200
         return b"".join([piece async for piece in response.pieces()])
 
@@ -93,8 +154,12 @@ async def test_a_finished_response_leaves_its_connection_for_the_next_request():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_connection_the_server_closed_while_idle_is_replaced_once():
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_a_post_is_sent_again_on_a_lost_kept_alive_connection_only_if_allowed(allowed):
+    # The first may have reached the vendor: the caller counts it as a retry and checks
+    # its budget before saying yes.
     closed = trio.Event()
+    asked: list[str] = []
 
     async def one_answer_then_close(stream: trio.SocketStream) -> None:
         await read_request(stream, bytearray())
@@ -102,14 +167,76 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_once():
         await stream.aclose()  # no `connection: close`: the client finds out on reuse
         closed.set()
 
+    async def resend(why: str) -> bool:
+        asked.append(why)
+        return allowed
+
     async with trio.open_nursery() as nursery:
         url, connections = await start(nursery, one_answer_then_close)
         client = Client()
         assert await body_of(client, url) == b"hello world"
         await closed.wait()  # the server hung up on the kept-alive connection
-        assert await body_of(client, url) == b"hello world"
-        assert len(connections) == 2
+        if allowed:
+            assert await body_of(client, url, resend=resend) == b"hello world"
+        else:
+            with pytest.raises(ConnectionLost):
+                await body_of(client, url, resend=resend)
+        assert len(asked) == 1 and "kept-alive connection lost" in asked[0]
+        assert len(connections) == (2 if allowed else 1)
         await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_connections_expire_and_have_tcp_keepalive(autojump_clock):
+    async def keep_alive(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        while await read_request(stream, buffer):
+            await stream.send_all(OK)
+
+    async with trio.open_nursery() as nursery:
+        url, connections = await start(nursery, keep_alive)
+        client = Client(idle_expiry_s=4)
+        await body_of(client, url)
+        (idle,) = [c for pool in client._idle.values() for c in pool]
+        assert idle.stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        await trio.sleep(3)
+        await body_of(client, url)
+        assert len(connections) == 1  # reused within its expiry
+        await trio.sleep(5)
+        await body_of(client, url)
+        assert len(connections) == 2  # expired: closed, and a fresh one opened
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_private_ca_named_in_ssl_cert_file_is_trusted(tmp_path, monkeypatch):
+    # LiteLLM's path (httpx) honours SSL_CERT_FILE; this one ignored it.
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    async def answer(stream: trio.SSLStream) -> None:
+        try:
+            await read_request(stream, bytearray())
+            await stream.send_all(OK)
+        except trio.BrokenResourceError:
+            pass  # the client refused our certificate
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, answer, 0, server,
+                                                host="127.0.0.1"))
+        url = f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}/v1"
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        client = Client()
+        with pytest.raises(ssl.SSLCertVerificationError):  # not worth retrying
+            await body_of(client, url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        trusting = Client()
+        assert await body_of(trusting, url) == b"hello world"
+        await client.aclose()
+        await trusting.aclose()
         nursery.cancel_scope.cancel()
 
 

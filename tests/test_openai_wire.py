@@ -6,14 +6,24 @@ these tests pin each of those down, and the SSE parsing across odd reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from functools import partial
 
 import pytest
 import trio
 
-from actors.adapters.openai_wire import OpenAIWireChat, Route, _read_events, resolve
+from actors.adapters.openai_wire import (
+    MAX_SSE_LINE,
+    OpenAIWireChat,
+    Route,
+    _PartialLine,
+    _read_events,
+    resolve,
+)
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import StreamFinished, TokenDelta
+from tests.hostile import BROKEN_HTTP
 from tests.scripted_llm import Reply
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -195,3 +205,37 @@ def test_cached_flat_prices_equal_litellms_own_sum():
     assert _pricing("deepseek/deepseek-v4-pro") == "litellm"  # its own calculator
     assert isinstance(_pricing("gpt-4o-mini"), tuple)
     assert _pricing("openai/no-such-model-anywhere") == "unpriced"
+
+
+def test_a_line_split_over_many_reads_is_joined_once_and_bounded():
+    route = Route(url="u", model="m", provider="openai", api_key_env=None)
+    line = _PartialLine(route)
+    event = b'data: {"choices": []}'
+    pieces = [event[i:i + 1] for i in range(len(event))] + [b"\n\ndata: x"]
+    assert [line.complete(p) for p in pieces][-1] == [event, b""]
+    endless = _PartialLine(route)
+    with pytest.raises(TransientError, match="SSE line longer than") as refused:
+        for _ in range(MAX_SSE_LINE // 65536 + 2):  # a vendor that never ends a line
+            endless.complete(b"x" * 65536)
+    assert refused.value.kind == "protocol"
+
+
+@pytest.mark.parametrize("kind", BROKEN_HTTP)
+async def test_a_vendor_speaking_broken_http_is_a_transient_protocol_error(kind):
+    async def vendor(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(BROKEN_HTTP[kind])
+            await trio.sleep_forever()  # never closes: only the parser can end the call
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, vendor, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        send, _ = trio.open_memory_channel(10)
+        chat = OpenAIWireChat()
+        with pytest.raises(TransientError, match="broken HTTP") as failed:
+            await chat.stream(model="openai/x", api_base=f"http://127.0.0.1:{port}/v1",
+                              api_key_env=None, messages=MESSAGES, params={}, out=send)
+        assert failed.value.kind == "protocol"
+        await chat.aclose()
+        nursery.cancel_scope.cancel()

@@ -149,3 +149,49 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
                             params={"max_tokens": 100}, count=lambda text: len(text.split()),
                             prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
     assert len(chat.calls) == 1 and answer.cost_usd == pytest.approx(0.10)
+
+
+@dataclass
+class ResendingChat:
+    """A transport whose kept-alive connection was lost before any answer: it asks to
+    send the request again, and does so only if told yes."""
+
+    answers: list[bool] = field(default_factory=list)
+
+    async def stream(self, *, model, out, resend, **kwargs):
+        with out:
+            allowed = await resend("kept-alive connection lost; sent again")
+            self.answers.append(allowed)
+            if not allowed:
+                raise TransientError("connection lost")
+            await out.send(TokenDelta(text="ok"))
+            await out.send(StreamFinished(finish_reason="stop", prompt_tokens=None,
+                                          completion_tokens=None, model=model))
+
+
+async def test_a_resent_request_counts_as_a_retry(autojump_clock):
+    chat = ResendingChat()
+    answer, _, switches = await run(chat)
+    assert chat.answers == [True] and answer.text == "ok"
+    assert answer.retries == 1  # the first may have reached the vendor
+    assert switches == [("local", "local", "kept-alive connection lost; sent again")]
+
+
+async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
+    # One try may cost 100 tokens x $0.01 = $1.00; the job reserved $0.50.
+    config = load_config(environ={
+        "CHAT_ACTORS__LLM__RETRIES": "0",
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__MAX_TOKENS": "100",
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__INPUT_COST_PER_TOKEN": "0",
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__OUTPUT_COST_PER_TOKEN": "0.01"})
+    chat, answer = ResendingChat(), Answer(spend_cap=0.5)
+
+    async def ignore(*args):
+        pass
+
+    with pytest.raises(ProviderExhausted):
+        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
+                            messages=MESSAGES, params={"max_tokens": 100},
+                            count=lambda text: len(text.split()), prompt_estimate=0,
+                            on_token=ignore, on_switch=ignore, answer=answer)
+    assert chat.answers == [False] and answer.retries == 0

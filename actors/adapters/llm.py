@@ -9,7 +9,7 @@ Only when that channel is full does it cross the bridge to wait.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import litellm
@@ -180,6 +180,7 @@ class LiteLLMChat:
         params: Mapping[str, Any],
         out: trio.MemorySendChannel[ProviderChunk],
         stream_path: str = "litellm",
+        resend: Callable[[str], Awaitable[bool]] | None = None,  # LiteLLM never resends
     ) -> None:
         """Stream one completion into `out`; raise TransientError / PermanentError."""
         request: dict[str, Any] = {

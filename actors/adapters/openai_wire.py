@@ -19,7 +19,7 @@ import contextlib
 import functools
 import ssl
 import urllib.request
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -43,6 +43,7 @@ from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
 NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy"})
 OPENAI_API_BASE = "https://api.openai.com/v1"
 ERROR_BODY_LIMIT = 64 * 1024
+MAX_SSE_LINE = 4 * 1024 * 1024  # one `data:` line (a chunk with a large tool call fits)
 
 
 class _Delta(msgspec.Struct):
@@ -161,7 +162,8 @@ class OpenAIWireChat:
 
     async def stream(self, *, model: str, api_base: str | None, api_key_env: str | None,
                      messages: list[dict[str, str]], params: Mapping[str, Any],
-                     out: trio.MemorySendChannel[ProviderChunk], stream_path: str = "auto") -> None:
+                     out: trio.MemorySendChannel[ProviderChunk], stream_path: str = "auto",
+                     resend: Callable[[str], Awaitable[bool]] | None = None) -> None:
         """Stream one completion into `out`; raise TransientError / PermanentError."""
         route = resolve(model, api_base, api_key_env, stream_path)
         if route is None:
@@ -177,7 +179,8 @@ class OpenAIWireChat:
         with out:
             try:
                 with trio.fail_after(self._request_timeout_s):
-                    async with self._http.stream_post(route.url, headers, body) as response:
+                    async with self._http.stream_post(route.url, headers, body,
+                                                      resend=resend) as response:
                         if response.status != 200:
                             raise _status_error(route, response.status, response.headers,
                                                 await response.read(ERROR_BODY_LIMIT))
@@ -188,7 +191,10 @@ class OpenAIWireChat:
             except ssl.SSLCertVerificationError as exc:
                 raise PermanentError(f"{route.provider}: TLS certificate refused: {exc}",
                                      code="tls") from exc
-            except (http1.ConnectionLost, http1.ProtocolError, OSError) as exc:
+            except http1.ProtocolError as exc:  # retried like a dropped stream
+                raise TransientError(f"{route.provider}: broken HTTP from {route.url}: {exc}",
+                                     kind="protocol") from exc
+            except (http1.ConnectionLost, OSError) as exc:
                 raise TransientError(f"{route.provider}: connection failed ({type(exc).__name__}: "
                                      f"{exc})", kind="connection") from exc
 
@@ -197,20 +203,51 @@ async def _read_events(body: AsyncGenerator[bytes], out: trio.MemorySendChannel[
                        route: Route) -> None:
     """Parse SSE `data:` lines; send each network read's text as one TokenDelta."""
     stream = _StreamState(model=route.model)
-    pending = b""
+    line = _PartialLine(route)
     async with contextlib.aclosing(body) as pieces:
         async for piece in pieces:
-            lines = (pending + piece).split(b"\n")
-            pending = lines.pop()  # an incomplete last line waits for the next read
-            texts = stream.parse(lines, route)
-            if texts:
-                await _put(out, TokenDelta(text="".join(texts)))
+            lines = line.complete(piece)
+            if lines:
+                texts = stream.parse(lines, route)
+                if texts:
+                    await _put(out, TokenDelta(text="".join(texts)))
     if stream.finish_reason is None:
         raise TransientError(f"{route.provider}: the stream ended before the answer finished",
                              kind="protocol")
     await _put(out, StreamFinished(finish_reason=stream.finish_reason,
                                    prompt_tokens=stream.prompt_tokens,
                                    completion_tokens=stream.completion_tokens, model=stream.model))
+
+
+class _PartialLine:
+    """The SSE lines each read completes. A line that spans reads is joined once, when
+    its end comes (linear however many reads it takes), within MAX_SSE_LINE."""
+
+    def __init__(self, route: Route) -> None:
+        self._route = route
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def complete(self, piece: bytes) -> list[bytes]:
+        end = piece.rfind(b"\n")
+        if end < 0:
+            self._hold(piece)
+            return []
+        head, tail = piece[:end], piece[end + 1:]
+        if self._parts:
+            head = b"".join([*self._parts, head])
+            self._parts.clear()
+            self._size = 0
+        if tail:
+            self._hold(tail)
+        return head.split(b"\n")
+
+    def _hold(self, part: bytes) -> None:
+        self._parts.append(part)
+        self._size += len(part)
+        if self._size > MAX_SSE_LINE:
+            raise TransientError(f"{self._route.provider}: an SSE line longer than "
+                                 f"{MAX_SSE_LINE} bytes", kind="protocol")
 
 
 @dataclass
