@@ -61,7 +61,12 @@ async def run_control(source: Source, registry: JobRegistry, *,
     try:
         while True:
             for delivery in await poller.poll(BATCH):
-                apply(delivery, registry, stats)
+                try:
+                    apply(delivery, registry, stats)
+                except Exception:  # a bug of ours: this message only, never every worker
+                    stats.bad += 1
+                    log.exception("control message at %s[%d]@%d not applied: unexpected "
+                                  "error", delivery.topic, delivery.partition, delivery.offset)
     finally:
         with trio.CancelScope(shield=True):
             await source.close()

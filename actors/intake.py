@@ -35,6 +35,8 @@ log = logging.getLogger("chat_actors.intake")
 
 RunJob = Callable[[ChatRequest, Worker], Awaitable[None]]
 
+ADMIT_STEP = 64  # deliveries decoded between two checkpoints
+
 
 class SessionOrder:
     """Per (user, session): each job waits for the one admitted before it."""
@@ -125,8 +127,10 @@ class Intake:
                 task_status.started()
                 while not stop.is_set():
                     await self.flow_control()
-                    for delivery in await self.poll():
+                    for n, delivery in enumerate(await self.poll(), 1):
                         self.admit(delivery, jobs)
+                        if n % ADMIT_STEP == 0:  # a batch of large bad values is decoded
+                            await trio.lowlevel.checkpoint()  # in steps, not one stall
                     await self.commit_settled()
                 await self.drain()
                 jobs.cancel_scope.cancel()

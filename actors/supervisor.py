@@ -29,7 +29,7 @@ from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
 from actors.adapters.llm import LiteLLMPricing
-from actors.adapters.openai_wire import OpenAIWireChat
+from actors.adapters.openai_wire import OpenAIWireChat, warm_error_mapping
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
 from actors.adapters.tokens import TiktokenCounting
@@ -193,12 +193,20 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
                chat: ChatModel | None, stop: trio.Event, handle_signals: bool,
                task_status: trio.TaskStatus[WorkerHandle]) -> None:
     async with aio.open_bridge():
-        adapters = await _connect(config, this_worker, tracker)
+        tokens = TiktokenCounting()
+        async with trio.open_nursery() as starting:
+            # The tokenizers load in a thread while the dependencies connect.
+            # So does LiteLLM's error mapping: either, first used by a job, stalls the
+            # event loop for a quarter of a second or more.
+            models = [spec.model for spec in config.llm.models.values()]
+            starting.start_soon(trio.to_thread.run_sync, partial(tokens.warm, models))
+            starting.start_soon(trio.to_thread.run_sync, warm_error_mapping)
+            adapters = await _connect(config, this_worker, tracker)
         events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel[PgSinkMessage](RECORD_MAILBOX)
         worker = Worker(
             config=config, worker_id=this_worker, store=adapters.pg,
-            chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=TiktokenCounting(),
+            chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=tokens,
             events=events_in, records=records_in, event_log=adapters.events,
             registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,

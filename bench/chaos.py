@@ -81,6 +81,7 @@ class Worker:
     peak_rss: int = 0
     expected_exit: bool = False
     rss_samples: list[int] = field(default_factory=list)
+    exits: list[str] = field(default_factory=list)  # each crash: the log's last words
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -94,6 +95,8 @@ class Worker:
         assert self.process is not None
         if self.process.poll() is not None:
             self.crashes += 1
+            self.exits.append(f"exit {self.process.returncode}: "
+                              f"{local_stack.last_words(self.log_path, lines=2)}")
             self.start()
             return
         try:
@@ -313,6 +316,7 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
         for service in (pg, rds_service, kafka):
             service.stop()
     elapsed = time.monotonic() - started
+    exits = "".join(f"    {line}\n" for line in worker.exits)  # why each crash happened
     print(f"""
 chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
   actions: {', '.join(f'{k} x{v}' for k, v in sorted(actions.items()))}
@@ -325,7 +329,7 @@ chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
   model calls for already-completed jobs: {result['after_done']}
   gaps or duplicates in event sequences:  {result['gaps']}
   worker crashes (exits we did not cause): {worker.crashes}  (SIGKILLs we sent: {worker.kills})
-  hostile messages sent:                  {hostile_sent}  (broken HTTP answers: {llm.broken_sent})
+{exits}  hostile messages sent:                  {hostile_sent}  (broken HTTP answers: {llm.broken_sent})
   partitions whose commit stopped:        {stuck}
   longest task step (watchdog):           {steps.seconds * 1000:.1f} ms ({steps.task or "-"})
   peak worker RSS:                        {worker.peak_rss / 1e6:.0f} MB""")

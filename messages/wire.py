@@ -204,6 +204,13 @@ def _field_of(error_text: str) -> tuple[str, str]:
     return where, rule
 
 
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput("$", f"the value is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
 def decode_request(
     raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str],
     max_request_bytes: int = 1024 * 1024,
@@ -213,10 +220,7 @@ def decode_request(
     if raw is None:
         raise BadInput("$", "the message has no value")
     _check_shape(raw, max_request_bytes)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInput("$", f"the value is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    text = _utf8(raw)
     try:
         request = _request_decoder.decode(text)
     except msgspec.ValidationError as exc:
@@ -265,8 +269,9 @@ def decode_control(raw: bytes | None) -> ControlMessage:
     if raw is None:
         raise BadInput("$", "the message has no value")
     _check_shape(raw, MAX_CONTROL_BYTES)
+    text = _utf8(raw)  # msgspec raises UnicodeDecodeError on bytes: it stopped the worker
     try:
-        return _control_decoder.decode(raw)
+        return _control_decoder.decode(text)
     except msgspec.ValidationError as exc:
         field, rule = _field_of(str(exc))
         raise BadInput(field, rule) from exc

@@ -7,6 +7,7 @@ UTF-8."""
 from __future__ import annotations
 
 import json
+import os
 
 import confluent_kafka
 import pytest
@@ -16,9 +17,11 @@ from hypothesis import strategies as st
 
 from messages.wire import BadInput, decode_control, decode_request
 from tests.helpers import events_of, produce, worker_running
-from tests.hostile import HOSTILE, MAX_REQUEST_BYTES, MUTATIONS, REQUIRED, nested
+from tests.hostile import HOSTILE, HOSTILE_CONTROL, MAX_REQUEST_BYTES, MUTATIONS, REQUIRED, nested
 
 ALIASES = frozenset({"scripted", "priced"})
+# Bounded in the test command; `bin/chat-actors bench fuzz` runs many more.
+EXAMPLES = int(os.environ.get("CHAT_ACTORS_FUZZ_EXAMPLES", "2000"))
 # Text a user may send: anything but U+0000 (DESIGN 1.1) and lone surrogates (not UTF-8).
 TEXT = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 IDENT = st.text(alphabet="abcXYZ019._:-", min_size=1, max_size=20)
@@ -53,14 +56,14 @@ def decode(raw: bytes):
                           max_request_bytes=MAX_REQUEST_BYTES)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(GOOD)
 def test_every_good_request_decodes(value):
     request = decode(json.dumps(value).encode())
     assert (request.job_id, request.user_id) == (value["jobId"], value["userId"])
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(bad_values())
 def test_every_bad_request_is_a_bad_input_naming_a_field(raw):
     try:
@@ -71,13 +74,25 @@ def test_every_bad_request_is_a_bad_input_naming_a_field(raw):
         raise AssertionError(f"accepted {raw!r}")
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_the_decoder(raw):
     try:
         decode(raw)
     except BadInput:
         pass
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.sampled_from(HOSTILE_CONTROL),
+                 bad_values().map(lambda raw: b'{"type": "cancel", ' + raw[1:])))
+def test_no_control_message_escapes_the_control_decoder_as_anything_but_bad_input(raw):
+    # Invalid UTF-8 escaped as UnicodeDecodeError and stopped the control actor (and
+    # with it every worker, again at each restart while it stayed in the history).
+    try:
+        decode_control(raw)
+    except BadInput as problem:
+        assert problem.field.startswith("$") and problem.rule
 
 
 def read_topic(config, topic: str, count: int) -> list[bytes | None]:

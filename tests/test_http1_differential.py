@@ -9,6 +9,7 @@ refuse more: it is stricter about framing), and always in bounded time and memor
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass
 
@@ -169,7 +170,9 @@ def split(raw: bytes, cuts: list[int]) -> list[bytes]:
     return [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
 
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Bounded in the test command; `bin/chat-actors bench fuzz` runs many more.
+FUZZ = settings(max_examples=int(os.environ.get("CHAT_ACTORS_FUZZ_EXAMPLES", "400")),
+                deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ

@@ -148,6 +148,15 @@ def _status_error(route: Route, status: int, headers: dict[str, str],
     return translate(vendor_error)
 
 
+def warm_error_mapping() -> None:
+    """LiteLLM's error mapping loads on its first use, about 0.3 s of blocking work.
+    Done at start (in a thread), so a running worker's first vendor error does not
+    stall the event loop, and every stream with it."""
+    route = Route(url="http://127.0.0.1/v1/chat/completions", model="gpt-4o-mini",
+                  provider="openai", api_key_env=None)
+    _status_error(route, 500, {}, b'{"error": {"message": "warming up"}}')
+
+
 class OpenAIWireChat:
     """The provider port: native OpenAI-wire streaming where possible, LiteLLM otherwise."""
 

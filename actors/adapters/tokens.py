@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -59,6 +59,12 @@ class TiktokenCounting:
 
     def __init__(self) -> None:
         self._counters: dict[str, TokenCounter] = {}
+
+    def warm(self, models: Iterable[str]) -> None:
+        """Load the encodings now (blocking, about a quarter of a second): loaded by the
+        first job instead, they stall the event loop and every stream with it."""
+        for model in models:
+            self.counter(model)
 
     def counter(self, model: str) -> Callable[[str], int]:
         if model not in self._counters:
