@@ -12,6 +12,7 @@ end. A second signal cancels everything at once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -244,8 +245,12 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
                                        lease_s=config.jobs.lease_s, health=health))
         _watch(worker.metrics, worker)
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
-        if handle_signals:
+        if handle_signals:  # the process is ours
             background.start_soon(_watch_signals, stop, root.cancel_scope)
+            # What start-up loaded (LiteLLM alone is ~400k objects) stays for the life of
+            # the process: out of the collector's sight, a full collection takes
+            # milliseconds instead of stalling the event loop for ~0.4 s.
+            gc.freeze()
         async with trio.open_nursery() as front:
             await front.start(partial(run_intake, adapters.consumer, adapters.dlq, worker,
                                       tracker, stop=stop))
