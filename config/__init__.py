@@ -77,6 +77,7 @@ class Postgres(_Section, frozen=True):
     dsn: Name
     pool_size: Positive
     batch: Positive
+    statement_timeout_s: PositiveFloat
 
 
 class ModelAlias(_Section, frozen=True):

@@ -138,3 +138,37 @@ async def test_postgres_read_only_during_a_failover_is_waited_out(config, llm, r
             db.execute("SELECT pg_reload_conf()")
         events = await events_of(rds, config, req["jobId"])
     assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_hung_queries_end_at_the_statement_timeout_and_never_starve_the_pool(stack, db):
+    # A query that waits forever (here on a lock; in life on a frozen server) used to
+    # hold its pooled connection and its thread's limiter token for good: four of them
+    # blocked every later Postgres call of the worker.
+    from actors.adapters.postgres import Postgres
+    from actors.errors import TransientError
+
+    store = Postgres(dsn=stack.postgres.url, pool_size=2, statement_timeout_s=0.5)
+    await store.migrate()
+    db.execute("CREATE TABLE IF NOT EXISTS hung_probe (id int PRIMARY KEY)")
+    db.execute("INSERT INTO hung_probe VALUES (1) ON CONFLICT DO NOTHING")
+    failures: list[str] = []
+
+    async def blocked() -> None:
+        try:
+            await store.run(lambda conn: conn.execute(
+                "SELECT id FROM hung_probe WHERE id = 1 FOR UPDATE").fetchone())
+        except TransientError as exc:
+            failures.append(str(exc))
+
+    with db.transaction():
+        db.execute("SELECT id FROM hung_probe WHERE id = 1 FOR UPDATE")  # held meanwhile
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):  # twice the pool
+                nursery.start_soon(blocked)
+    assert len(failures) == 4 and all("statement timeout" in f for f in failures)
+    # The pool and its limiter are whole again.
+    assert await store.run(lambda conn: conn.execute("SELECT 42").fetchone()) == (42,)
+    with store._connect() as conn:  # a peer that vanished is found by TCP keepalive
+        parameters = conn.info.get_parameters()
+    assert (parameters["keepalives"], parameters["keepalives_idle"]) == ("1", "30")
+    store.close()

@@ -15,6 +15,7 @@ from typing import Any, LiteralString, TypeVar, cast
 import psycopg
 import psycopg.types.json
 import trio
+from psycopg import sql
 
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import JobFinished, JobRejected, Turn
@@ -110,24 +111,42 @@ def _release(cur: psycopg.Cursor[Any], holds: list[list[Any]], record: JobFinish
 
 
 class Postgres:
-    def __init__(self, *, dsn: str, pool_size: int) -> None:
+    """Request/reply queries on a small pool, each call in a worker thread.
+
+    No call can hang for good, so none can starve the pool or its limiter (a thread
+    abandoned on cancel keeps its limiter token until it ends): every call is one
+    transaction whose statements end within `statement_timeout_s` (SET LOCAL, so it
+    holds through PgBouncer in transaction mode), connecting ends within 5 s, and TCP
+    keepalive with a user timeout ends a call on a peer that vanished.
+    """
+
+    def __init__(self, *, dsn: str, pool_size: int, statement_timeout_s: float = 30.0) -> None:
         self._dsn = dsn
         self._idle: list[psycopg.Connection[Any]] = []
         self._limiter = trio.CapacityLimiter(pool_size)
         self._closed = False
+        ms = max(1, round(statement_timeout_s * 1000))
+        # One round trip opens the transaction and sets its limit (simple protocol).
+        self._begin = sql.SQL("BEGIN; SET LOCAL statement_timeout = {}").format(ms)
+        self._tcp_user_timeout_ms = ms + 5000
 
     # -- plumbing ---------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self._dsn, autocommit=True, connect_timeout=5,
-                               application_name="chat-actors")
+                               application_name="chat-actors", keepalives=1,
+                               keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                               tcp_user_timeout=self._tcp_user_timeout_ms)
 
     async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run `fn(conn)` in a worker thread with a pooled connection."""
+        """Run `fn(conn)` in a worker thread with a pooled connection, as one transaction
+        whose statements end within the statement timeout."""
 
         def call() -> T:
             conn = self._idle.pop() if self._idle else self._connect()
             try:
-                result = fn(conn)
+                conn.execute(self._begin)
+                result = fn(conn)  # its own `conn.transaction()` blocks become savepoints
+                conn.execute("COMMIT")
             except BaseException:
                 conn.close()  # a broken connection is never returned to the pool
                 raise
