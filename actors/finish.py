@@ -31,7 +31,7 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
     first_token_at = answer.first_token_at
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
-        status=outcome.status, model=answer.alias, provider=provider,
+        status=outcome.status, attempt=job.attempt, model=answer.alias, provider=provider,
         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
         cost_usd=answer.cost_usd if answer.tries else 0.0,
         ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
@@ -75,6 +75,9 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
         await worker.records.send(record)
         assert record.receipt is not None
         refused = await record.receipt.wait()
+        if record.receipt.superseded:  # a later attempt holds the job: it alone ends it
+            superseded(worker, job)
+            return
         if refused is not None:  # only the minimal row (failed, no content) was written
             worker.metrics.internal_errors.labels(where="record").inc()
             error = Error(code="internal", retryable=False,
@@ -89,13 +92,21 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
     observe(worker, request.mode, record, outcome, ttft_s=ttft_s, latency_s=ended - started)
 
 
+def superseded(worker: Worker, job: JobRef) -> None:
+    """This attempt lost the job to a later one (its lease ran out meanwhile): it says
+    nothing more, no `done`; the later attempt ends the job (DESIGN 4.11)."""
+    log.warning("job %s: attempt %d was superseded by a later attempt; it ends silently",
+                job.job_id, job.attempt)
+    worker.metrics.superseded.inc()
+
+
 def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> JobFinished:
     """The minimal row of a job that failed outside its answer: `failed`, no content,
     but what it was billed and its budget reservation to settle."""
     answer = run.answer
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status="failed",
-        model=answer.alias, provider="", prompt_tokens=answer.prompt_tokens,
+        attempt=job.attempt, model=answer.alias, provider="", prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens, cost_usd=answer.cost_usd, ttft_ms=None,
         latency_ms=latency_ms, error=f"internal: {why}", partial=False, user_message="",
         user_tokens=0, answer="", messages=False, retries=answer.retries,
@@ -109,6 +120,9 @@ async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, erro
         await worker.records.send(record)
         assert record.receipt is not None
         await record.receipt.wait()
+        if record.receipt.superseded:
+            superseded(worker, job)
+            return
         await worker.emit(job, error)
         await worker.emit(job, Done(status="failed", partial=False), wait=True)
     if finishing.cancelled_caught:

@@ -5,14 +5,15 @@ each job's lease on its own timer is one Postgres round trip per job every
 lease_s / 3: at five thousand streams, hundreds of transactions a second and a
 task per job. The keeper renews all the leases this worker holds with one
 UPDATE per period instead. A job the UPDATE does not return was taken over by
-another worker after an outage outlived its lease: that is logged, and the
-job's own end (its records are written under the same lease holder check)
-settles who wins.
+another attempt after an outage (or a frozen worker) outlived its lease: it is
+stopped at once (`on_lost`), and its terminal record, fenced by attempt, writes
+nothing (DESIGN 4.11).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -39,14 +40,17 @@ class LeaseKeeper:
 
     async def run(self, store: JobStore, *, lease_holder: str, lease_s: float,
                   health: DependencyHealth | None = None,
+                  on_lost: Callable[[str], None] | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(lease_s / 3)
-            await self.renew(store, lease_holder=lease_holder, lease_s=lease_s, health=health)
+            await self.renew(store, lease_holder=lease_holder, lease_s=lease_s, health=health,
+                             on_lost=on_lost)
 
     async def renew(self, store: JobStore, *, lease_holder: str, lease_s: float,
-                    health: DependencyHealth | None = None) -> None:
+                    health: DependencyHealth | None = None,
+                    on_lost: Callable[[str], None] | None = None) -> None:
         job_ids = sorted(self._held)
         if not job_ids:
             return
@@ -63,5 +67,7 @@ class LeaseKeeper:
             health.recovered("postgres")
         for job_id in job_ids:
             if job_id not in renewed and job_id in self._held:
-                log.warning("job %s: lease lost to another worker", job_id)
+                log.warning("job %s: lease lost to a later attempt; stopping it", job_id)
                 self._held.discard(job_id)
+                if on_lost is not None:
+                    on_lost(job_id)

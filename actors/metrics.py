@@ -57,6 +57,10 @@ class Metrics:
             "job, claim, finish; intake: left unsettled), or settled as failed because "
             "Postgres refused their record (where: record).",
             ["where"], registry=registry)
+        self.superseded = Counter(
+            "chat_actors_superseded_attempts", "Attempts that found, at their terminal write, "
+            "that a later attempt holds the job: they wrote nothing and sent no done.",
+            registry=registry)
         self.longest_step = Gauge(
             "chat_actors_longest_step_seconds", "The longest a task ran between two checkpoints "
             "since start (the event loop was stalled that long), and which task.",

@@ -38,6 +38,14 @@ def minimal(record: PgSinkMessage, why: str) -> PgSinkMessage:
             return msgspec.structs.replace(record, error="bad input (its detail was refused)")
 
 
+def _mark_superseded(batch: Sequence[PgSinkMessage], job_ids: set[str]) -> None:
+    for record in batch:
+        if record.job_id in job_ids and record.receipt is not None:
+            log.warning("job %s: attempt %s superseded; its terminal record was not written",
+                        record.job_id, getattr(record, "attempt", "?"))
+            record.receipt.superseded = True
+
+
 class _Isolating:
     """Writes a batch; on a refusal, each record alone, the refused in minimal form."""
 
@@ -49,7 +57,7 @@ class _Isolating:
 
     async def write(self, batch: Sequence[PgSinkMessage]) -> dict[int, str] | None:
         try:
-            await self._writer.write_records(batch, self._lease_holder)
+            superseded = await self._writer.write_records(batch, self._lease_holder)
         except PermanentError as exc:
             if len(batch) == 1:
                 return {0: await self._write_minimal(batch[0], exc)}
@@ -60,12 +68,15 @@ class _Isolating:
                 except PermanentError as alone:
                     refused[index] = await self._write_minimal(record, alone)
             return refused
+        if superseded:
+            _mark_superseded(batch, superseded)
         return None
 
     async def _retry(self, records: Sequence[PgSinkMessage]) -> None:
-        await retry_transient(lambda: self._writer.write_records(records, self._lease_holder),
-                              what="write of one record", log=log, health=self._health,
-                              dependency="postgres")
+        superseded = await retry_transient(
+            lambda: self._writer.write_records(records, self._lease_holder),
+            what="write of one record", log=log, health=self._health, dependency="postgres")
+        _mark_superseded(records, superseded)
 
     async def _write_minimal(self, record: PgSinkMessage, refusal: PermanentError) -> str:
         """Write the refused record's minimal form; return why it was needed."""

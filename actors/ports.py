@@ -25,7 +25,10 @@ class EventWriter(Protocol):
 
 class RecordWriter(Protocol):
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
-                            lease_holder: str) -> None: ...
+                            lease_holder: str) -> set[str]:
+        """Write a batch in one transaction; return the ids of jobs whose terminal
+        record did not land because a later attempt holds the job (DESIGN 4.11)."""
+        ...
 
 
 class JobStore(Protocol):

@@ -89,6 +89,13 @@ class JobRegistry:
         self._cancel(job, reason or "cancelled by the user")
         return CancelOutcome.CANCELLED
 
+    def stop(self, job_id: str, reason: str) -> None:
+        """Stop a running job whoever its user: a later attempt holds it (its lease was
+        lost), so it must not go on calling the model or writing (DESIGN 4.11)."""
+        job = self._running.get(job_id)
+        if job is not None:
+            self._cancel(job, reason)
+
     @staticmethod
     def _cancel(job: RunningJob, reason: str) -> None:
         if not job.cancel_scope.cancel_called:

@@ -242,8 +242,10 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
         # Cancels stay honoured while running jobs drain; control stops after intake.
         await background.start(partial(run_control, adapters.control, registry,
                                        stats=control_stats, health=health))
-        await background.start(partial(worker.leases.run, adapters.pg, lease_holder=lease_holder,
-                                       lease_s=config.jobs.lease_s, health=health))
+        await background.start(partial(
+            worker.leases.run, adapters.pg, lease_holder=lease_holder,
+            lease_s=config.jobs.lease_s, health=health,
+            on_lost=partial(registry.stop, reason="superseded: a later attempt holds the job")))
         _watch(worker.metrics, worker)
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
         if handle_signals:  # the process is ours

@@ -19,11 +19,13 @@ class Receipt:
     """A sink's word that a message is durably written. `refused` says why, when the
     server refused the record and only its minimal form was written instead."""
 
-    __slots__ = ("_written", "refused")
+    __slots__ = ("_written", "refused", "superseded")
 
     def __init__(self) -> None:
         self._written = trio.Event()
         self.refused: str | None = None
+        # A later attempt of the job holds it: nothing of this attempt was written.
+        self.superseded = False
 
     def set(self, refused: str | None = None) -> None:
         self.refused = refused
@@ -75,6 +77,7 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     session_id: str
     status: DoneStatus
+    attempt: int  # fences the write: it lands only while no later attempt claimed the job
     model: str
     provider: str
     prompt_tokens: int

@@ -52,7 +52,8 @@ class ScriptedChat:
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None,
-              retriever=None, mode: str = "gen", pricing: FlatPricing | None = None):
+              retriever=None, mode: str = "gen", pricing: FlatPricing | None = None,
+              superseded: bool = False):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
@@ -68,6 +69,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         async for message in channel:
             into.append(message)
             if message.receipt is not None:
+                # As the pg sink says it when a later attempt holds the job.
+                message.receipt.superseded = superseded and hasattr(message, "attempt")
                 message.receipt.set()
 
     request = ChatRequest(job_id="j1", user_id="alice", session_id="s1", message="hi",
@@ -79,7 +82,8 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         if during is not None:
             nursery.start_soon(during, registry)
         nursery.start_soon(partial(worker.leases.run, worker.store, lease_holder="w1",
-                                   lease_s=CONFIG.jobs.lease_s))
+                                   lease_s=CONFIG.jobs.lease_s,
+                                   on_lost=partial(registry.stop, reason="superseded")))
         await run_conversation(request, worker)
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started
@@ -279,3 +283,20 @@ async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_c
     assert record.status == "failed" and record.answer == "" and not record.messages
     assert record.prompt_tokens == 3 and record.completion_tokens == 2
     assert store.released == []
+
+
+async def test_an_attempt_superseded_at_its_terminal_write_sends_no_done(autojump_clock):
+    # Its lease ran out while it ran (a frozen worker): the later attempt ends the job.
+    bodies, record, _ = await run(ScriptedChat([(1, "a")]), superseded=True)
+    assert record.status == "completed" and record.attempt == 1
+    assert "done" not in kinds(bodies) and "error" not in kinds(bodies)
+
+
+async def test_an_attempt_that_loses_its_lease_stops_at_once(autojump_clock):
+    # A later attempt took the job (this one's lease ran out while Postgres or this
+    # worker was frozen): the renewal finds out, and the job stops calling the model
+    # instead of answering to the end and sending a second `done`.
+    chat = ScriptedChat([(t, "x ") for t in range(1, 50)])
+    bodies, record, elapsed = await run(chat, store=FakeStore(taken={"j1"}), superseded=True)
+    assert chat.cancelled and elapsed == pytest.approx(CONFIG.jobs.lease_s / 3, abs=0.5)
+    assert record.attempt == 1 and "done" not in kinds(bodies)

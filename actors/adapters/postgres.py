@@ -298,23 +298,29 @@ class Postgres:
 
     # -- the pg sink's batches ------------------------------------------------------------
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
-                            lease_holder: str) -> None:
-        """Write a batch in one transaction: terminal job rows and their messages."""
+                            lease_holder: str) -> set[str]:
+        """Write a batch in one transaction: terminal job rows and their messages.
+        Each terminal row lands only under this holder's lease of the same attempt
+        (DESIGN 4.11); the ids of those that did not are returned, and their messages
+        and budget settlement are not written either."""
         finished = [r for r in records if isinstance(r, JobFinished)]
         rejected = [r for r in records if isinstance(r, JobRejected)]
 
-        def write(conn: psycopg.Connection[Any]) -> None:
+        def write(conn: psycopg.Connection[Any]) -> set[str]:
+            landed: set[str] = set()
             with conn.transaction(), conn.cursor() as cur:
                 if finished:
                     # Settle reservations to what each job really used, in the same
-                    # transaction as its terminal row (the lease holder check makes it once).
+                    # transaction as its terminal row (the lease and attempt check it once).
                     reserved = {r.job_id: r for r in finished if r.reserved}
                     if reserved:  # only those jobs pay for the locking read
-                        for job_id, holds in cur.execute(
-                                "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
-                                "AND lease_owner = %s AND budget_holds IS NOT NULL "
-                                "ORDER BY job_id FOR UPDATE", (list(reserved), lease_holder)).fetchall():
-                            _release(cur, holds, reserved[job_id])
+                        for job_id, attempt, holds in cur.execute(
+                                "SELECT job_id, attempt, budget_holds FROM llm_jobs "
+                                "WHERE job_id = ANY(%s) AND lease_owner = %s "
+                                "AND budget_holds IS NOT NULL ORDER BY job_id FOR UPDATE",
+                                (list(reserved), lease_holder)).fetchall():
+                            if attempt == reserved[job_id].attempt:
+                                _release(cur, holds, reserved[job_id])
                     cur.executemany(
                         """
                         UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
@@ -323,16 +329,21 @@ class Postgres:
                             retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
                             budget_holds = NULL,
                             finished_at = now(), lease_owner = NULL, lease_until = NULL
-                        WHERE job_id = %s AND lease_owner = %s
+                        WHERE job_id = %s AND lease_owner = %s AND attempt = %s
+                        RETURNING job_id
                         """,
                         [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
                           r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
                           r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
-                          r.job_id, lease_holder)
-                         for r in finished])
+                          r.job_id, lease_holder, r.attempt)
+                         for r in finished], returning=True)
+                    while True:  # one result per record: its id when it landed
+                        landed.update(row[0] for row in cur.fetchall())
+                        if not cur.nextset():
+                            break
                     messages = []
                     for r in finished:
-                        if not r.messages:
+                        if not r.messages or r.job_id not in landed:
                             continue
                         messages.append((r.job_id, r.session_id, r.user_id, "user",
                                          r.user_message, r.user_tokens, False))
@@ -356,5 +367,6 @@ class Postgres:
                         "AND (j.lease_until IS NULL OR j.lease_until < now())",
                         [(r.job_id, r.user_id, r.session_id, r.status, r.error)
                          for r in rejected])
+            return {r.job_id for r in finished} - landed
 
-        await self.run(write)
+        return await self.run(write)
