@@ -70,7 +70,7 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
         case _:
             assert_never(claim)
     job = msgspec.structs.replace(job, attempt=attempt)
-    running = worker.registry.admit(job.job_id, job.user_id)
+    running = worker.registry.admit(job.job_id, job.user_id, job.attempt)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
     run = JobRun(answer=Answer(alias=alias_name))
     started = trio.current_time()

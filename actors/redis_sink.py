@@ -66,20 +66,32 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
     return entries
 
 
-def _isolating(writer: EventWriter,
-               health: DependencyHealth | None) -> Callable[[list[StreamEntry]], Awaitable[None]]:
+Superseded = Callable[[str, int], None]
+
+
+def _isolating(writer: EventWriter, health: DependencyHealth | None,
+               on_superseded: Superseded | None) -> Callable[[list[StreamEntry]], Awaitable[None]]:
     """A write that never stops the sink for one entry Redis refuses for good (say a
     key of another type where the job's stream should be): the batch is written again
-    entry by entry and a refused entry is dropped, logged and counted."""
+    entry by entry and a refused entry is dropped, logged and counted. An attempt
+    whose entries were refused because a later attempt holds the job is stopped."""
+
+    def superseded(attempts: set[tuple[str, int]]) -> None:
+        for job_id, attempt in sorted(attempts):
+            log.warning("job %s: attempt %d superseded; its events are not written",
+                        job_id, attempt)
+            if on_superseded is not None:
+                on_superseded(job_id, attempt)
 
     async def write(entries: list[StreamEntry]) -> None:
         try:
-            await writer.write(entries)
+            superseded(await writer.write(entries))
         except PermanentError:
             for entry in entries:
                 try:
-                    await retry_transient(partial(writer.write, [entry]), what="XADD of 1 event",
-                                          log=log, health=health, dependency="redis")
+                    superseded(await retry_transient(
+                        partial(writer.write, [entry]), what="XADD of 1 event", log=log,
+                        health=health, dependency="redis"))
                 except PermanentError as exc:
                     log.error("job %s: redis refused its %s event for good (%s); dropped",
                               entry.event.job_id, entry.event.event, exc)
@@ -90,8 +102,10 @@ def _isolating(writer: EventWriter,
 async def run_redis_sink(inbox: trio.MemoryReceiveChannel[EventEmitted], writer: EventWriter,
                          *, batch_max: int, backoff: Backoff | None = None,
                          health: DependencyHealth | None = None,
+                         on_superseded: Superseded | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     next_seq: dict[JobKey, int] = {}
-    await run_sink(inbox, partial(coalesce, next_seq=next_seq), _isolating(writer, health),
+    await run_sink(inbox, partial(coalesce, next_seq=next_seq),
+                   _isolating(writer, health, on_superseded),
                    what="XADD of {n} events", dependency="redis", batch_max=batch_max, log=log,
                    backoff=backoff, health=health, task_status=task_status)

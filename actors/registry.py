@@ -30,6 +30,7 @@ class CancelOutcome(Enum):
 class RunningJob:
     job_id: str
     user_id: str
+    attempt: int = 1
     # Answers one question, "did the job's user cancel it?": the registry cancels it,
     # the conversation runs the job inside it (its deadline is a scope of its own).
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -57,11 +58,11 @@ class JobRegistry:
                 break
             del self._tombstones[job_id]
 
-    def admit(self, job_id: str, user_id: str) -> RunningJob:
+    def admit(self, job_id: str, user_id: str, attempt: int = 1) -> RunningJob:
         """Register a job about to run. If its user already cancelled it, its cancel
         scope is cancelled before it starts."""
         self._prune()
-        job = RunningJob(job_id=job_id, user_id=user_id)
+        job = RunningJob(job_id=job_id, user_id=user_id, attempt=attempt)
         stone = self._tombstones.pop(job_id, None)
         if stone is not None:
             if stone.user_id == user_id:
@@ -89,11 +90,12 @@ class JobRegistry:
         self._cancel(job, reason or "cancelled by the user")
         return CancelOutcome.CANCELLED
 
-    def stop(self, job_id: str, reason: str) -> None:
+    def stop(self, job_id: str, reason: str, attempt: int | None = None) -> None:
         """Stop a running job whoever its user: a later attempt holds it (its lease was
-        lost), so it must not go on calling the model or writing (DESIGN 4.11)."""
+        lost, or Redis refused its events), so it must not go on calling the model or
+        writing (DESIGN 4.11). With `attempt`, only if that attempt is the one running."""
         job = self._running.get(job_id)
-        if job is not None:
+        if job is not None and (attempt is None or job.attempt == attempt):
             self._cancel(job, reason)
 
     @staticmethod

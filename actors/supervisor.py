@@ -237,15 +237,21 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             run_health, health, port=config.health.port, metrics=worker.metrics))
         await root.start(partial(run_pg_sink, records_out, adapters.pg, lease_holder=lease_holder,
                                  batch_max=config.postgres.batch, health=health))
+        superseded = "superseded: a later attempt holds the job"
+
+        def stop_superseded(job_id: str, attempt: int) -> None:
+            registry.stop(job_id, superseded, attempt=attempt)
+
         await root.start(partial(run_redis_sink, events_out, adapters.events,
-                                 batch_max=config.stream.batch, health=health))
+                                 batch_max=config.stream.batch, health=health,
+                                 on_superseded=stop_superseded))
         # Cancels stay honoured while running jobs drain; control stops after intake.
         await background.start(partial(run_control, adapters.control, registry,
                                        stats=control_stats, health=health))
         await background.start(partial(
             worker.leases.run, adapters.pg, lease_holder=lease_holder,
             lease_s=config.jobs.lease_s, health=health,
-            on_lost=partial(registry.stop, reason="superseded: a later attempt holds the job")))
+            on_lost=partial(registry.stop, reason=superseded)))
         _watch(worker.metrics, worker)
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
         if handle_signals:  # the process is ours

@@ -29,6 +29,7 @@ class FakeWriter:
             self.failures -= 1
             raise TransientError("redis: connection refused")
         self.written.extend(entries)
+        return set()
 
     async def done_recorded(self, job_id):
         return False
@@ -85,6 +86,7 @@ class RefusingWriter(FakeWriter):
         if any(e.event.job_id == "k" for e in entries):
             raise PermanentError("redis: ResponseError: WRONGTYPE", code="redis")
         self.written.extend(entries)
+        return set()
 
 
 async def test_an_entry_redis_refuses_for_good_is_dropped_and_the_sink_goes_on(autojump_clock):
@@ -102,3 +104,45 @@ async def test_an_entry_redis_refuses_for_good_is_dropped_and_the_sink_goes_on(a
     assert mine.is_set() and theirs.is_set()
     assert [(e.event.job_id, e.event.event) for e in writer.written] == [
         ("j", "token"), ("j", "done")]
+
+
+def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
+    # Attempt 1 of a job froze; attempt 2 took it over and said `started`. Attempt 1's
+    # late events (tokens, its `done`) must not reach the client's stream (DESIGN 4.11),
+    # and only an appended `done` arms the done marker.
+    from actors.adapters.redis_events import RedisEvents, done_marker
+    from messages.ports import StreamEntry
+    from messages.wire import StreamEvent, event_data, now_ms
+
+    events = RedisEvents(url=stack.redis.url, password_env="", maxlen=1000, ttl_s=60)
+    job_id = "fenced-job"
+    key = f"sse:chat:{job_id}"
+
+    def entry(attempt: int, seq: int, body) -> StreamEntry:
+        return StreamEntry(key=key, event=StreamEvent(
+            event=body.EVENT, job_id=job_id, user_id="u", session_id="s", attempt=attempt,
+            seq=seq, ts=now_ms(), data=event_data(body)))
+
+    async def scenario() -> list[set[tuple[str, int]]]:
+        return [
+            await events.write([entry(1, 0, Started(model="m", mode="gen", attempt=1)),
+                                entry(1, 1, Token(text="old "))]),
+            await events.write([entry(2, 0, Started(model="m", mode="gen", attempt=2))]),
+            await events.write([entry(1, 2, Token(text="late")),
+                                entry(1, 3, Done(status="completed", partial=False))]),
+            await events.write([entry(2, 1, Token(text="new")),
+                                entry(2, 2, Done(status="completed", partial=False))]),
+        ]
+
+    import redis
+
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    client.delete(key, done_marker(job_id), f"chat-actors:attempt:{job_id}")
+    results = trio.run(scenario)
+    assert results == [set(), set(), {(job_id, 1)}, set()]
+    stream = [(f["attempt"], f["event"]) for _, f in client.xrange(key)]
+    assert stream == [("1", "started"), ("1", "token"), ("2", "started"), ("2", "token"),
+                      ("2", "done")]
+    assert client.exists(done_marker(job_id)) and client.ttl(key) > 0
+    events.close()
+    client.close()

@@ -39,20 +39,38 @@ def translate(exc: redis.RedisError) -> TransientError | PermanentError:
         return TransientError(text, kind="server_state")
     return PermanentError(text, code="redis")
 
-# Appends one entry unless its seq was already written for this (job, attempt):
-# a pipeline retried after a lost reply must not duplicate what did land.
+# Appends one entry, in one script so nothing can come between the checks and the
+# write (DESIGN 4.11):
+# - a later attempt holds the job (its attempt key is higher): nothing, -1;
+# - its seq was already written for this (job, attempt), as when a pipeline is
+#   retried after a lost reply: nothing, 0;
+# - else the entry, 1. A `done` (ARGV[5], its data) then also arms the stream's expiry
+#   and the job's done marker: only a `done` that was appended counts.
+# KEYS: the stream, this attempt's high-water seq, the job's attempt, its done marker.
+# ARGV: seq, maxlen, ttl_s, attempt, the done's data or '', the entry's fields...
 _APPEND_ONCE = """
+local attempt = tonumber(ARGV[4])
+if attempt < tonumber(redis.call('GET', KEYS[3]) or '0') then return -1 end
+redis.call('SET', KEYS[3], attempt, 'EX', ARGV[3])
 local high = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local seq = tonumber(ARGV[1])
 if seq <= high then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
 redis.call('SET', KEYS[2], seq, 'EX', ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[3])
+end
 return 1
 """
 
 
 def _high_water(job_id: str, attempt: int) -> str:
     return f"chat-actors:seq:{job_id}:{attempt}"
+
+
+def _attempt_key(job_id: str) -> str:
+    return f"chat-actors:attempt:{job_id}"
 
 
 def done_marker(job_id: str) -> str:
@@ -78,23 +96,26 @@ class RedisEvents:
         except redis.RedisError as exc:
             raise translate(exc) from exc
 
-    async def write(self, entries: Sequence[StreamEntry]) -> None:
-        """XADD every entry in one pipelined round trip; a `done` also arms the expiry."""
+    async def write(self, entries: Sequence[StreamEntry]) -> set[tuple[str, int]]:
+        """Append every entry in one pipelined round trip; return the (job, attempt) of
+        entries not written because a later attempt holds the job."""
 
-        def pipeline() -> None:
+        def pipeline() -> set[tuple[str, int]]:
             pipe = self._client.pipeline(transaction=True)
             for entry in entries:
                 event = entry.event
                 fields = [item for pair in event.fields().items() for item in pair]
-                self._append_once(keys=[entry.key, _high_water(event.job_id, event.attempt)],
-                                  args=[event.seq, self._maxlen, self._ttl_s, *fields],
+                done = event.data if event.event == "done" else ""
+                self._append_once(keys=[entry.key, _high_water(event.job_id, event.attempt),
+                                        _attempt_key(event.job_id), done_marker(event.job_id)],
+                                  args=[event.seq, self._maxlen, self._ttl_s, event.attempt,
+                                        done, *fields],
                                   client=pipe)
-                if entry.event.event == "done":
-                    pipe.expire(entry.key, self._ttl_s)
-                    pipe.set(done_marker(entry.event.job_id), entry.event.data, ex=self._ttl_s)
-            pipe.execute()
+            results = pipe.execute()
+            return {(entry.event.job_id, entry.event.attempt)
+                    for entry, result in zip(entries, results, strict=True) if result == -1}
 
-        await self._run(pipeline)
+        return await self._run(pipeline)
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
