@@ -139,6 +139,7 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
     await _check("postgres", redact(config.postgres.dsn), pg.migrate)
     events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
                          maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
+                         keys=config.job_keys, cluster=config.redis.cluster,
                          socket_timeout_s=config.redis.socket_timeout_s)
     await _check("redis", redact(config.redis.url), events.ping)
     kafka = config.kafka

@@ -43,7 +43,7 @@ class Worker:
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
         return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,
-                      stream_key=self.config.stream.key(job_id))
+                      stream_key=self.config.job_keys(job_id).stream)
 
     async def emit(self, job: JobRef, body: EventBody, *, wait: bool = False) -> None:
         """Send an event to the job's stream; with `wait`, return once it is in Redis."""

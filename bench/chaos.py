@@ -37,6 +37,7 @@ import psutil
 import psycopg
 import redis
 
+from config import job_keys
 from tests.hostile import BROKEN_HTTP, CUT_MID_CHUNK, HOSTILE_CONTROL, MAX_REQUEST_BYTES, hostile_requests
 from tests.scripted_llm import Reply, ScriptedLLM
 from tools import local_stack
@@ -281,7 +282,7 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
             raise RuntimeError("could not produce the jobs")
         print(f"submitted {jobs_total} jobs; chaos begins", flush=True)
         while time.monotonic() - started < timeout_s:
-            finished = sum(1 for j in jobs if rds.exists(f"chat-actors:done:{j}"))
+            finished = sum(1 for j in jobs if rds.exists(job_keys(template, j, cluster=False).done))
             if finished == jobs_total:
                 break
             action = rng.choice(["kill_worker", "pause_redis", "restart_postgres",

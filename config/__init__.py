@@ -60,6 +60,28 @@ class Redis(_Section, frozen=True):
     url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")]
     password_env: str
     socket_timeout_s: PositiveFloat
+    cluster: bool = False
+
+
+class JobKeys(msgspec.Struct, frozen=True):
+    """Every Redis key of one job (DESIGN 3). In cluster mode the job id is a hash tag,
+    `{<jobId>}`, so all of a job's keys share a slot and one script may touch them."""
+
+    stream: str  # the events a client reads
+    attempt: str  # the attempt that holds the job (DESIGN 4.11)
+    done: str  # set with the job's appended `done`
+    seq_prefix: str  # + attempt: the highest seq written for that attempt
+
+    def seq(self, attempt: int) -> str:
+        return f"{self.seq_prefix}{attempt}"
+
+
+def job_keys(key_template: str, job_id: str, *, cluster: bool) -> JobKeys:
+    """The one function that names a job's Redis keys (gateways apply the same rule)."""
+    tag = f"{{{job_id}}}" if cluster else job_id
+    return JobKeys(stream=key_template.replace("{job_id}", tag),
+                   attempt=f"chat-actors:attempt:{tag}", done=f"chat-actors:done:{tag}",
+                   seq_prefix=f"chat-actors:seq:{tag}:")
 
 
 class Stream(_Section, frozen=True):
@@ -67,10 +89,6 @@ class Stream(_Section, frozen=True):
     ttl_s: Positive
     maxlen: Positive
     batch: Positive
-
-    def key(self, job_id: str) -> str:
-        """The Redis stream a job's events go to: the one place that fills the template."""
-        return self.key_template.replace("{job_id}", job_id)
 
 
 class Postgres(_Section, frozen=True):
@@ -200,6 +218,9 @@ class Config(_Section, frozen=True):
         name = name or self.llm.default_model
         return name, self.llm.models[name]
 
+    def job_keys(self, job_id: str) -> JobKeys:
+        return job_keys(self.stream.key_template, job_id, cluster=self.redis.cluster)
+
 
 def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
@@ -319,6 +340,11 @@ def _check_models(config: Config) -> None:
     if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"
+        )
+    if config.redis.cluster and "{job_id}" not in config.stream.key_template:
+        raise ConfigError(
+            "stream.key_template: with redis.cluster = true it must hold {job_id}: a shared "
+            f"stream ({config.stream.key_template!r}) would put every job in one slot"
         )
 
 

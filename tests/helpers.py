@@ -85,7 +85,7 @@ def produce(config: Config, *values: dict[str, Any] | bytes, topic: str | None =
 def read_events(client: redis.Redis, config: Config, job_id: str,
                 timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """Block until the job's `done` entry, then return all its entries (data decoded)."""
-    key = config.stream.key(job_id)
+    key = config.job_keys(job_id).stream
     after = "0-0"
     entries: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s

@@ -101,7 +101,7 @@ async def test_cancelling_a_finished_job_has_no_effect(config, llm, rds, db):
         before = await events_of(rds, config, req["jobId"])
         cancel(config, req["jobId"], "alice")
         await until(lambda: worker.control.applied == 1)
-    key = config.stream.key(req["jobId"])
+    key = config.job_keys(req["jobId"]).stream
     assert rds.xlen(key) == len(before)  # no event after `done`
     assert job_row(db, req["jobId"])["status"] == "completed"
     assert len(llm.calls) == 1

@@ -61,7 +61,7 @@ async def test_redelivery_of_a_completed_job_calls_no_model(config, llm, rds, db
         produce(config, job, sentinel)  # same session: the sentinel runs after the duplicate
         await events_of(rds, config, sentinel["jobId"])
     assert [c.messages[-1]["content"] for c in llm.calls] == ["only once", "after the duplicate"]
-    key = config.stream.key(job["jobId"])
+    key = config.job_keys(job["jobId"]).stream
     assert [f["event"] for _, f in rds.xrange(key)].count("done") == 1
     assert job_row(db, job["jobId"])["attempt"] == 1
 
@@ -191,18 +191,16 @@ def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
 
 
 async def test_a_done_lost_after_postgres_is_resent_continuing_the_sequence(config, llm, rds):
-    from actors.adapters.redis_events import _high_water, done_marker
-
     req = request("finish me")
     async with worker_running(config):
         produce(config, req)
         events = await events_of(rds, config, req["jobId"])
         # Make Redis look as a crash between the Postgres commit and the `done` left it.
-        key = config.stream.key(req["jobId"])
+        keys = config.job_keys(req["jobId"])
         done = events[-1]
-        rds.xdel(key, done["id"])
-        rds.delete(done_marker(req["jobId"]))
-        rds.set(_high_water(req["jobId"], 1), int(done["seq"]) - 1)
+        rds.xdel(keys.stream, done["id"])
+        rds.delete(keys.done)
+        rds.set(keys.seq(1), int(done["seq"]) - 1)
         produce(config, req)  # the redelivery
         again = await events_of(rds, config, req["jobId"])
     assert len(llm.calls) == 1  # terminal in Postgres: no second model call

@@ -43,7 +43,7 @@ def test_partitions_are_independent_and_revocation_returns_pending_commits():
 
 
 def wait_for_event(client, config, job_id: str, event: str, timeout_s: float = 60.0) -> None:
-    key = config.stream.key(job_id)
+    key = config.job_keys(job_id).stream
     deadline = time.monotonic() + timeout_s
     after = "0-0"
     while time.monotonic() < deadline:
@@ -141,6 +141,6 @@ async def test_a_claim_postgres_refuses_settles_its_job_once_as_failed(config, l
     assert row["status"] == "failed" and row["error"].startswith("internal: ")
     assert later[-1]["data"]["status"] == "completed"
     # Committed: the restarted worker did not read the refused request again.
-    stream = rds.xrange(config.stream.key(poison["jobId"]))
+    stream = rds.xrange(config.job_keys(poison["jobId"]).stream)
     assert [f["event"] for _, f in stream if f["jobId"] == poison["jobId"]] == ["error", "done"]
     assert [c.messages[-1]["content"] for c in llm.calls] == ["fine", "after restart"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
@@ -110,13 +111,16 @@ def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     # Attempt 1 of a job froze; attempt 2 took it over and said `started`. Attempt 1's
     # late events (tokens, its `done`) must not reach the client's stream (DESIGN 4.11),
     # and only an appended `done` arms the done marker.
-    from actors.adapters.redis_events import RedisEvents, done_marker
+    from actors.adapters.redis_events import RedisEvents
+    from config import job_keys
     from messages.ports import StreamEntry
     from messages.wire import StreamEvent, event_data, now_ms
 
-    events = RedisEvents(url=stack.redis.url, password_env="", maxlen=1000, ttl_s=60)
     job_id = "fenced-job"
-    key = f"sse:chat:{job_id}"
+    keys = job_keys("sse:chat:{job_id}", job_id, cluster=False)
+    events = RedisEvents(url=stack.redis.url, password_env="", maxlen=1000, ttl_s=60,
+                         keys=lambda job: job_keys("sse:chat:{job_id}", job, cluster=False))
+    key = keys.stream
 
     def entry(attempt: int, seq: int, body) -> StreamEntry:
         return StreamEntry(key=key, event=StreamEvent(
@@ -137,12 +141,30 @@ def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     import redis
 
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
-    client.delete(key, done_marker(job_id), f"chat-actors:attempt:{job_id}")
+    client.delete(key, keys.done, keys.attempt, keys.seq(1), keys.seq(2))
     results = trio.run(scenario)
     assert results == [set(), set(), {(job_id, 1)}, set()]
     stream = [(f["attempt"], f["event"]) for _, f in client.xrange(key)]
     assert stream == [("1", "started"), ("1", "token"), ("2", "started"), ("2", "token"),
                       ("2", "done")]
-    assert client.exists(done_marker(job_id)) and client.ttl(key) > 0
+    assert client.exists(keys.done) and client.ttl(key) > 0
     events.close()
     client.close()
+
+
+def test_one_function_names_every_key_of_a_job_and_cluster_mode_tags_them():
+    from config import ConfigError, job_keys, load_config
+
+    plain = job_keys("sse:chat:{job_id}", "j-1", cluster=False)
+    assert (plain.stream, plain.attempt, plain.done, plain.seq(2)) == (
+        "sse:chat:j-1", "chat-actors:attempt:j-1", "chat-actors:done:j-1", "chat-actors:seq:j-1:2")
+    tagged = job_keys("sse:chat:{job_id}", "j-1", cluster=True)
+    keys = [tagged.stream, tagged.attempt, tagged.done, tagged.seq(2)]
+    assert tagged.stream == "sse:chat:{j-1}"
+    # Redis Cluster hashes only what is inside the first {...}: the same slot for all.
+    assert {key[key.index("{") + 1:key.index("}")] for key in keys} == {"j-1"}
+    config = load_config(environ={"CHAT_ACTORS__REDIS__CLUSTER": "true"})
+    assert config.job_keys("j-2").stream == "sse:chat:{j-2}"
+    with pytest.raises(ConfigError, match="must hold {job_id}"):
+        load_config(environ={"CHAT_ACTORS__REDIS__CLUSTER": "true",
+                             "CHAT_ACTORS__STREAM__KEY_TEMPLATE": "sse:chat:events"})

@@ -69,7 +69,7 @@ class ChatClient:
                               f"delivered within {self._timeout_s:g} s (is the broker up?)")
 
     def stream_key(self, job_id: str) -> str:
-        return self._config.stream.key(job_id)
+        return self._config.job_keys(job_id).stream
 
     def send(self, message: str, *, user_id: str, session_id: str, model: str | None = None,
              job_id: str | None = None, **extra: Any) -> tuple[str, str]:

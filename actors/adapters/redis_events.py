@@ -15,7 +15,7 @@ import redis.exceptions as redis_errors
 import trio
 
 from actors.errors import PermanentError, TransientError
-from config import secret
+from config import JobKeys, secret
 from messages.ports import StreamEntry
 
 T = TypeVar("T")
@@ -65,26 +65,23 @@ return 1
 """
 
 
-def _high_water(job_id: str, attempt: int) -> str:
-    return f"chat-actors:seq:{job_id}:{attempt}"
-
-
-def _attempt_key(job_id: str) -> str:
-    return f"chat-actors:attempt:{job_id}"
-
-
-def done_marker(job_id: str) -> str:
-    # Separate from the stream so a shared stream key still answers "is this job done?".
-    return f"chat-actors:done:{job_id}"
-
-
 class RedisEvents:
+    """`keys` names a job's keys (config.job_keys: the done marker is separate from the
+    stream, so a shared stream still answers "is this job done?"). With `cluster`, each
+    pipeline is plain (no MULTI/EXEC across slots): every script touches the keys of
+    one job, which share a slot."""
+
     def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int,
+                 keys: Callable[[str], JobKeys], cluster: bool = False,
                  socket_timeout_s: float = 10.0) -> None:
         password = secret(password_env)
-        self._client = redis.Redis.from_url(
-            url, password=password or None, socket_timeout=socket_timeout_s,
-            socket_connect_timeout=min(5.0, socket_timeout_s), health_check_interval=30)
+        options: dict[str, Any] = {
+            "password": password or None, "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": min(5.0, socket_timeout_s)}
+        self._client: Any = (redis.RedisCluster.from_url(url, **options) if cluster else
+                             redis.Redis.from_url(url, health_check_interval=30, **options))
+        self._cluster = cluster
+        self._keys = keys
         self._append_once = self._client.register_script(_APPEND_ONCE)
         self._maxlen = maxlen
         self._ttl_s = ttl_s
@@ -101,13 +98,14 @@ class RedisEvents:
         entries not written because a later attempt holds the job."""
 
         def pipeline() -> set[tuple[str, int]]:
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=not self._cluster)
             for entry in entries:
                 event = entry.event
                 fields = [item for pair in event.fields().items() for item in pair]
                 done = event.data if event.event == "done" else ""
-                self._append_once(keys=[entry.key, _high_water(event.job_id, event.attempt),
-                                        _attempt_key(event.job_id), done_marker(event.job_id)],
+                keys = self._keys(event.job_id)
+                self._append_once(keys=[entry.key, keys.seq(event.attempt), keys.attempt,
+                                        keys.done],
                                   args=[event.seq, self._maxlen, self._ttl_s, event.attempt,
                                         done, *fields],
                                   client=pipe)
@@ -119,11 +117,11 @@ class RedisEvents:
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
-        value = await self._run(self._client.get, _high_water(job_id, attempt))
+        value = await self._run(self._client.get, self._keys(job_id).seq(attempt))
         return int(value) if value is not None else -1
 
     async def done_recorded(self, job_id: str) -> bool:
-        return bool(await self._run(self._client.exists, done_marker(job_id)))
+        return bool(await self._run(self._client.exists, self._keys(job_id).done))
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
