@@ -1,9 +1,10 @@
 """finish: a job's terminal writes, in the order DESIGN 4.1/4.2 needs.
 
 `final` (or `error`) -> the job's row and messages committed in Postgres ->
-`done` in Redis; only then may the intake commit the offset. Shielded for
-FINISH_GRACE_S so a job cancelled by shutdown still settles; a job that cannot
-settle in time raises TransientError and its offset stays uncommitted.
+`done` in Redis; only then may the intake commit the offset. Shielded: while the
+worker runs, a job whose Postgres is away keeps its answer and waits for its
+fenced terminal write (DESIGN 4.11); once the worker stops, each job gets
+FINISH_GRACE_S to settle, or raises TransientError with its offset uncommitted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import trio
 
 from actors.answering import JobRun
-from actors.claim import FINISH_GRACE_S
 from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
 from actors.worker import Worker
@@ -60,7 +60,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
     record = terminal_record(request, job, run, outcome, provider=provider,
                              user_tokens=count(request.message), started=started, ended=ended,
                              receipt=Receipt())
-    with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
+    with worker.finishing.scope() as finishing:
         if outcome.status == "completed" and answer.finished is not None:
             await worker.emit(job, Final(
                 text=record.answer, finish_reason=answer.finished.finish_reason,
@@ -87,7 +87,8 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
         await worker.emit(job, Done(status=outcome.status, partial=outcome.partial), wait=True)
         run.done_sent = True
     if finishing.cancelled_caught:
-        raise TransientError(f"job {job.job_id}: terminal records not persisted in time")
+        raise TransientError(f"job {job.job_id}: terminal records not persisted before the "
+                             "worker stopped")
     ttft_s = None if answer.first_token_at is None else answer.first_token_at - started
     observe(worker, request.mode, record, outcome, ttft_s=ttft_s, latency_s=ended - started)
 
@@ -116,7 +117,7 @@ def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> Job
 async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, error: Error) -> None:
     """A job that failed outside its answer still settles: its minimal row, then
     `error` + `done{failed}`; raises TransientError if that cannot be done in time."""
-    with trio.move_on_after(FINISH_GRACE_S, shield=True) as finishing:
+    with worker.finishing.scope() as finishing:
         await worker.records.send(record)
         assert record.receipt is not None
         await record.receipt.wait()

@@ -12,6 +12,7 @@ in arrival order, each seeing the previous one in its history.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,8 @@ from functools import partial
 import msgspec
 import trio
 
-from actors.backoff import retry_transient
+from actors.backoff import Backoff, retry_transient
+from actors.claim import FINISH_GRACE_S
 from actors.conversation import run_conversation
 from actors.errors import PermanentError, TransientError
 from actors.logs import job_context
@@ -167,6 +169,8 @@ class Intake:
             while self.in_flight:
                 await self.poller.poll(1)
                 await self.commit_settled()
+        # Jobs still waiting for Postgres now get a bounded time to settle.
+        self.worker.finishing.bound(FINISH_GRACE_S)
 
     def admit(self, delivery: Delivery, jobs: trio.Nursery) -> None:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
@@ -200,18 +204,32 @@ class Intake:
             self.sessions.leave((request.user_id, request.session_id), mine)
 
     async def settle_after(self, delivery: Delivery, job: Callable[[], Awaitable[None]]) -> None:
+        """Run the job until it settles. A job that could not settle (a bug, or its
+        terminal write cut short) is run again after a capped backoff, never dropped:
+        that partition's committed offset must go on. The run again is safe, since
+        every write is fenced by attempt (DESIGN 4.11). Only a stopping worker leaves
+        it unsettled, for the redelivery."""
         partition = (delivery.topic, delivery.partition)
+        backoff = Backoff(base_s=1.0, cap_s=30.0)
         try:
-            await job()
-        except (TransientError, PermanentError) as exc:
-            # Not settled: the offset stays uncommitted and the request is redelivered.
-            log.error("job at %s[%d]@%d not settled: %s", *partition, delivery.offset, exc)
-        except Exception as exc:  # a bug outside the job's answer: this job only, never the process
-            self.worker.metrics.internal_errors.labels(where="intake").inc()
-            log.error("job at %s[%d]@%d not settled: unexpected error", *partition,
-                      delivery.offset, exc_info=exc)
-        else:
-            self.tracker.settle(partition, delivery.offset)
+            for tries in itertools.count(1):
+                try:
+                    await job()
+                except Exception as exc:
+                    expected = isinstance(exc, (TransientError, PermanentError))
+                    if not expected:  # a bug outside the job's answer: this job only
+                        self.worker.metrics.internal_errors.labels(where="intake").inc()
+                    if self.worker.health.draining:
+                        log.error("job at %s[%d]@%d not settled before the worker stopped: %s",
+                                  *partition, delivery.offset, exc, exc_info=not expected)
+                        return  # its offset stays uncommitted: it is redelivered
+                    wait = backoff.delay(tries)
+                    log.error("job at %s[%d]@%d not settled (%s); running it again in %.1f s",
+                              *partition, delivery.offset, exc, wait, exc_info=not expected)
+                    await trio.sleep(wait)
+                    continue
+                self.tracker.settle(partition, delivery.offset)
+                return
         finally:
             self.in_flight -= 1
 

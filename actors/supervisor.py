@@ -34,6 +34,7 @@ from actors.adapters.openai_wire import OpenAIWireChat, warm_error_mapping
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
 from actors.adapters.tokens import TiktokenCounting
+from actors.claim import FINISH_GRACE_S
 from actors.control import ControlStats, run_control
 from actors.errors import ChatActorsError, TransientError
 from actors.health import Health, run_health
@@ -46,7 +47,7 @@ from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever
 from actors.watchdog import StepWatch
-from actors.worker import Worker
+from actors.worker import Finishing, Worker
 from config import Config, secret_problems
 from messages.mailboxes import EventEmitted, PgSinkMessage
 
@@ -79,7 +80,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
+async def _watch_signals(stop: trio.Event, root: trio.CancelScope,
+                         finishing: Finishing) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not stop.is_set():
@@ -88,6 +90,7 @@ async def _watch_signals(stop: trio.Event, root: trio.CancelScope) -> None:
                 stop.set()
             else:
                 log.warning("second signal: stopping now")
+                finishing.bound(FINISH_GRACE_S)
                 root.cancel()
 
 
@@ -256,7 +259,7 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
         _watch(worker.metrics, worker)
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
         if handle_signals:  # the process is ours
-            background.start_soon(_watch_signals, stop, root.cancel_scope)
+            background.start_soon(_watch_signals, stop, root.cancel_scope, worker.finishing)
             # What start-up loaded (LiteLLM alone is ~400k objects) stays for the life of
             # the process: out of the collector's sight, a full collection takes
             # milliseconds instead of stalling the event loop for ~0.4 s.

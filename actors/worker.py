@@ -6,7 +6,8 @@ behind each port) and handed to the intake and each conversation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -20,6 +21,34 @@ from actors.retriever import Retrieval
 from config import Config
 from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage, Receipt
 from messages.wire import EventBody
+
+
+class Finishing:
+    """The shielded terminal writes of running jobs. While the worker runs, a job waits
+    for its fenced terminal write however long Postgres is away (DESIGN 4.11: it
+    keeps its answer); once the worker stops, each gets `bound(seconds)` more."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._limit_s: float | None = None
+
+    @contextmanager
+    def scope(self) -> Generator[trio.CancelScope]:
+        scope = trio.CancelScope(shield=True)
+        if self._limit_s is not None:
+            scope.deadline = trio.current_time() + self._limit_s
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.discard(scope)
+
+    def bound(self, seconds: float) -> None:
+        self._limit_s = seconds if self._limit_s is None else min(self._limit_s, seconds)
+        deadline = trio.current_time() + seconds
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, deadline)
 
 
 @dataclass
@@ -37,6 +66,7 @@ class Worker:
     health: Health = field(default_factory=Health)
     retriever: Retrieval | None = None  # RAG mode; None: rag requests fail clearly
     leases: LeaseKeeper = field(default_factory=LeaseKeeper)
+    finishing: Finishing = field(default_factory=Finishing)
     metrics: Metrics = field(default_factory=Metrics)
     # Takes secrets (API keys a vendor echoed back) out of text bound for events and rows.
     scrub: Callable[[str], str] = field(default=str)

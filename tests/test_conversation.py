@@ -53,7 +53,7 @@ class ScriptedChat:
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None,
               retriever=None, mode: str = "gen", pricing: FlatPricing | None = None,
-              superseded: bool = False):
+              superseded: bool = False, postgres_away_s: float = 0.0):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
@@ -69,8 +69,10 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
         async for message in channel:
             into.append(message)
             if message.receipt is not None:
-                # As the pg sink says it when a later attempt holds the job.
-                message.receipt.superseded = superseded and hasattr(message, "attempt")
+                if hasattr(message, "attempt"):  # a record for Postgres
+                    await trio.sleep(postgres_away_s)  # the pg sink retries meanwhile
+                    # As the pg sink says it when a later attempt holds the job.
+                    message.receipt.superseded = superseded
                 message.receipt.set()
 
     request = ChatRequest(job_id="j1", user_id="alice", session_id="s1", message="hi",
@@ -300,3 +302,13 @@ async def test_an_attempt_that_loses_its_lease_stops_at_once(autojump_clock):
     bodies, record, elapsed = await run(chat, store=FakeStore(taken={"j1"}), superseded=True)
     assert chat.cancelled and elapsed == pytest.approx(CONFIG.jobs.lease_s / 3, abs=0.5)
     assert record.attempt == 1 and "done" not in kinds(bodies)
+
+
+async def test_a_job_whose_postgres_is_away_keeps_its_answer_until_it_lands(autojump_clock):
+    # It used to give up after 30 s (FINISH_GRACE_S) and hand the job back, so the
+    # redelivery paid the model again; a running worker now waits for the fenced write.
+    chat = ScriptedChat([(1, "a")])
+    bodies, record, elapsed = await run(chat, postgres_away_s=120)
+    assert elapsed == pytest.approx(121, abs=1) and chat.calls == 1
+    assert kinds(bodies)[-2:] == ["final", "done"] and bodies[-1].status == "completed"
+    assert record.status == "completed"
