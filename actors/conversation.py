@@ -81,13 +81,11 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
     except TransientError:
         raise
     except Exception as exc:  # outside the answer (its terminal writes): settle it as failed
-        if not run.done_sent:
-            error = _internal(worker, job, exc, where="finish")
+        error = _internal(worker, job, exc, where="finish")
+        if not run.done_sent:  # else settled already: only counted and logged
             latency_ms = round((trio.current_time() - started) * 1000)
             await settle_failed(worker, job, failed_record(job, run, error.message,
                                                            latency_ms=latency_ms), error)
-        else:
-            _internal(worker, job, exc, where="finish")  # settled already: counted and logged
         settled = True
     finally:
         worker.leases.drop(job.job_id)

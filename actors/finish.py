@@ -116,7 +116,7 @@ def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> Job
 
 async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, error: Error) -> None:
     """A job that failed outside its answer still settles: its minimal row, then
-    `error` + `done{failed}`; raises TransientError if that cannot be done in time."""
+    `error` + `done{failed}`; raises TransientError if the worker stops first."""
     with worker.finishing.scope() as finishing:
         await worker.records.send(record)
         assert record.receipt is not None
@@ -127,7 +127,8 @@ async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, erro
         await worker.emit(job, error)
         await worker.emit(job, Done(status="failed", partial=False), wait=True)
     if finishing.cancelled_caught:
-        raise TransientError(f"job {job.job_id}: its failure was not persisted in time")
+        raise TransientError(f"job {job.job_id}: its failure was not persisted before the "
+                             "worker stopped")
 
 
 def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,

@@ -132,6 +132,13 @@ async def start(nursery: trio.Nursery, handler) -> tuple[str, list[int]]:
     return f"http://127.0.0.1:{port}/v1/chat", connections
 
 
+async def keep_alive(stream: trio.SocketStream) -> None:
+    """A server that answers every request on a connection with OK."""
+    buffer = bytearray()
+    while await read_request(stream, buffer):
+        await stream.send_all(OK)
+
+
 async def body_of(client: Client, url: str, resend=None) -> bytes:
     async with client.stream_post(url, {"content-type": "application/json"}, b"{}",
                                   resend=resend) as response:
@@ -140,11 +147,6 @@ async def body_of(client: Client, url: str, resend=None) -> bytes:
 
 
 async def test_a_finished_response_leaves_its_connection_for_the_next_request():
-    async def keep_alive(stream: trio.SocketStream) -> None:
-        buffer = bytearray()
-        while await read_request(stream, buffer):
-            await stream.send_all(OK)
-
     async with trio.open_nursery() as nursery:
         url, connections = await start(nursery, keep_alive)
         client = Client()
@@ -188,11 +190,6 @@ async def test_a_post_is_sent_again_on_a_lost_kept_alive_connection_only_if_allo
 
 
 async def test_idle_connections_expire_and_have_tcp_keepalive(autojump_clock):
-    async def keep_alive(stream: trio.SocketStream) -> None:
-        buffer = bytearray()
-        while await read_request(stream, buffer):
-            await stream.send_all(OK)
-
     async with trio.open_nursery() as nursery:
         url, connections = await start(nursery, keep_alive)
         client = Client(idle_expiry_s=4)
