@@ -4,9 +4,10 @@ Offsets: each delivery is tracked; a job settles when its conversation returns
 (terminal in Postgres, `done` in Redis) and the highest contiguous settled
 offset per partition is committed after every poll. Never auto-commit.
 
-Admission: at most `jobs.max_in_flight` jobs run. At the limit the intake
-pauses its partitions but keeps polling, so the consumer group never sees it
-as gone however long the jobs take (DESIGN 4.8). Requests of one session run
+Admission: at most `jobs.max_in_flight` jobs run, and at most the tracker's
+limit of offsets wait to be committed. At either limit the intake pauses its
+partitions but keeps polling, so the consumer group never sees it as gone
+however long the jobs take (DESIGN 4.8). Requests of one session run
 in arrival order, each seeing the previous one in its history.
 """
 
@@ -142,16 +143,19 @@ class Intake:
         log.info("intake stopped; unsettled deliveries: %d", self.tracker.unsettled())
 
     async def flow_control(self) -> None:
-        """Pause the partitions at the limit; resume below the low-water mark."""
-        if not self.paused and self.in_flight >= self.max_in_flight:
+        """Pause the partitions at either limit (jobs in flight, offsets tracked);
+        resume below both low-water marks."""
+        tracker = self.tracker
+        if not self.paused and (self.in_flight >= self.max_in_flight or not tracker.room()):
             await self.source.pause()
             self.paused = True
-        elif self.paused and self.in_flight <= self.low_water:
+        elif (self.paused and self.in_flight <= self.low_water
+              and tracker.unsettled() <= tracker.limit * 3 // 4):
             await self.source.resume()
             self.paused = False
 
     async def poll(self) -> list[Delivery]:
-        room = max(0, self.max_in_flight - self.in_flight)
+        room = max(0, min(self.max_in_flight - self.in_flight, self.tracker.room()))
         batch = await self.poller.poll(min(self.worker.config.kafka.poll_batch, max(room, 1)))
         if room < len(batch):
             # Fetched before the pause took effect: read them again later.

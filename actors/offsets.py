@@ -5,6 +5,10 @@ A job is settled when it is terminal in Postgres and its `done` is in Redis
 offset only moves past a job once every job before it on its partition is
 settled, so a crash redelivers everything that might not be persisted.
 Pure bookkeeping: no I/O, owned by the intake.
+
+Its memory is bounded: while one job holds a partition's head (its terminal
+write retried through an outage), later deliveries settle behind it and wait.
+At `limit` tracked offsets the intake fetches nothing more until the head moves.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from collections import deque
 
 from messages.mailboxes import Partition
 
+MAX_TRACKED = 10_000  # ~1 MB: deliveries waiting for an earlier one to settle
+
 
 class OffsetTracker:
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_TRACKED) -> None:
+        self.limit = limit
         self._pending: dict[Partition, deque[int]] = {}
         self._settled: dict[Partition, set[int]] = {}
         self._committable: dict[Partition, int] = {}
@@ -57,3 +64,7 @@ class OffsetTracker:
 
     def unsettled(self) -> int:
         return sum(len(p) for p in self._pending.values())
+
+    def room(self) -> int:
+        """How many more deliveries may be tracked before the intake must wait."""
+        return max(0, self.limit - self.unsettled())
