@@ -64,8 +64,16 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
     async def last_seq() -> int:
         return await worker.event_log.last_seq(job.job_id, job.attempt)
 
-    if await retry_transient(done_recorded, what="done check", log=log, health=worker.health,
-                             dependency="redis"):
+    # The worker that ended the job writes its `done` right after the terminal row: wait
+    # for it a lease long before taking it for lost (else this `done` takes the seq of
+    # that worker's `final`, which Redis would then skip as written).
+    deadline = trio.current_time() + worker.config.jobs.lease_s
+    while await retry_transient(done_recorded, what="done check", log=log,
+                                health=worker.health, dependency="redis") is False:
+        if trio.current_time() >= deadline:
+            break
+        await trio.sleep(0.2)
+    else:
         return
     last = await retry_transient(last_seq, what="done check", log=log, health=worker.health,
                                  dependency="redis")

@@ -106,6 +106,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                               resend=resend)
         except (TransientError, PermanentError) as exc:
             failure = exc
+        except trio.BrokenResourceError:
+            pass  # the reader stopped this try (a stall) and hangs up on it next
 
     jobs = config.jobs
     async with trio.open_nursery() as nursery:

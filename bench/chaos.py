@@ -13,51 +13,60 @@ Chroma refuses) go between the good ones, and the vendor sometimes answers
 with broken HTTP (a negative chunk size, a doubled Content-Length, bytes that
 are not HTTP, endless headers, gzip unasked, a 101, a close mid-chunk).
 
+Many workers (--workers 3): three workers in one consumer group. One starts; two
+join while the jobs stream; one is SIGKILLed; one is frozen (SIGSTOP) past its
+leases and the session timeout until another worker has taken over a job of its,
+then woken; Postgres is frozen past every lease and thawed (tests/many_workers.py).
+The vendor is as chaotic as above. The printout checks DESIGN 4.1, 4.2 and 4.11
+(tests/invariants.py) and counts the jobs the vendor answered twice: legitimate
+after a lost lease, never visible to a client.
+
     bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600] [--no-hostile]
+                                [--workers 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import confluent_kafka
-import psutil
-import psycopg
 import redis
 
+from actors.adapters.kafka import ensure_topics
 from config import job_keys
 from tests.hostile import BROKEN_HTTP, CUT_MID_CHUNK, HOSTILE_CONTROL, MAX_REQUEST_BYTES, hostile_requests
-from tests.scripted_llm import Reply, ScriptedLLM
+from tests.invariants import NumberedLLM, uncommitted_partitions, verify
+from tests.many_workers import Choreography, WorkerProcess, produce_jobs
+from tests.scripted_llm import Reply
 from tools import local_stack
 
-ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 6
+LEASE_S = 3
 
 
-class ChaoticLLM(ScriptedLLM):
+class ChaoticLLM(NumberedLLM):
     """Answers most calls; some get a 429, a 500, a stall or a broken stream, and when
-    hostile, broken HTTP."""
+    hostile, broken HTTP. Every answer is numbered (tests.invariants)."""
 
-    def __init__(self, seed: int, hostile: bool = False) -> None:
+    def __init__(self, seed: int, hostile: bool = False, *, tokens: int = 8,
+                 token_delay_s: float = 0.02) -> None:
         super().__init__()
         self._rng = random.Random(seed)
         self._broken = [*BROKEN_HTTP.values(), CUT_MID_CHUNK] if hostile else []
+        self._tokens = tuple(f"w{i} " for i in range(tokens))
+        self._delay = token_delay_s
         self.broken_sent = 0
 
-    def _next_reply(self) -> Reply:
+    def choose(self) -> Reply:
         roll = self._rng.random()
-        tokens = tuple(f"w{i} " for i in range(8))
+        tokens, delay = self._tokens, self._delay
         if self._broken and roll > 0.94:
             self.broken_sent += 1
             return Reply(raw=self._rng.choice(self._broken))
@@ -68,149 +77,30 @@ class ChaoticLLM(ScriptedLLM):
         if roll < 0.13:
             return Reply(tokens=tokens, first_token_delay_s=3.0)  # stall past the limit
         if roll < 0.18:
-            return Reply(tokens=tokens, token_delay_s=0.02, break_after=3)
-        return Reply(tokens=tokens, token_delay_s=0.02)
-
-
-@dataclass
-class Worker:
-    config_path: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    crashes: int = 0
-    kills: int = 0
-    peak_rss: int = 0
-    expected_exit: bool = False
-    rss_samples: list[int] = field(default_factory=list)
-    exits: list[str] = field(default_factory=list)  # each crash: the log's last words
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "run", "--config", str(self.config_path)],
-                cwd=ROOT, stdout=log, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def check(self) -> None:
-        """Restart a worker that died by itself (a crash), and sample its memory."""
-        assert self.process is not None
-        if self.process.poll() is not None:
-            self.crashes += 1
-            self.exits.append(f"exit {self.process.returncode}: "
-                              f"{local_stack.last_words(self.log_path, lines=2)}")
-            self.start()
-            return
-        try:
-            rss = psutil.Process(self.process.pid).memory_info().rss
-            self.peak_rss = max(self.peak_rss, rss)
-        except psutil.NoSuchProcess:
-            pass
-
-    def kill_and_restart(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-        self.kills += 1
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def pause(service: local_stack.Service, seconds: float) -> None:
-    os.kill(service.pid, signal.SIGSTOP)
-    try:
-        time.sleep(seconds)
-    finally:
-        os.kill(service.pid, signal.SIGCONT)
-
-
-def pause_postgres(service: local_stack.Service, seconds: float) -> None:
-    root = psutil.Process(service.pid)
-    tree = [root, *root.children(recursive=True)]
-    for p in tree:
-        os.kill(p.pid, signal.SIGSTOP)
-    try:
-        time.sleep(seconds)
-    finally:
-        for p in tree:
-            with contextlib.suppress(ProcessLookupError):  # a backend may have exited
-                os.kill(p.pid, signal.SIGCONT)
+            return Reply(tokens=tokens, token_delay_s=delay, break_after=3)
+        return Reply(tokens=tokens, token_delay_s=delay)
 
 
 def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str,
-                 health_port: int) -> None:
-    path.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm,
-                                             sections={
+                 health_port: int, **sections: dict[str, local_stack.Scalar]) -> None:
+    """The chaos config; `sections` override keys per table."""
+    tables: dict[str, dict[str, local_stack.Scalar]] = {
         "health": {"port": health_port},
         # The limits tests/hostile.py builds its oversize values against.
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_message_chars": 1000},
         "kafka": {"request_topic": f"chaos.request.{tag}", "control_topic": f"chaos.control.{tag}",
                   "dlq_topic": f"chaos.dlq.{tag}", "group_id": f"chaos-{tag}",
-                  "session_timeout_ms": 3000},
+                  "session_timeout_ms": 3000, "partitions": PARTITIONS},
         "redis": {"socket_timeout_s": 1},
         "llm": {"retries": 3, "retry_backoff_s": 0.1, "retry_backoff_cap_s": 1},
-        "jobs": {"lease_s": 3, "first_token_timeout_s": 1.5, "idle_timeout_s": 1.5,
+        "jobs": {"lease_s": LEASE_S, "first_token_timeout_s": 1.5, "idle_timeout_s": 1.5,
                  "timeout_s": 120, "max_in_flight": 64},
         "shutdown": {"grace_s": 2},
-    }))
-
-
-def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM,
-           template: str) -> dict[str, int]:
-    one_done = gaps = lost = 0
-    done_at: dict[str, float] = {}
-    for job_id in jobs:
-        entries = [f for _, f in rds.xrange(template.replace("{job_id}", job_id))
-                   if f.get("jobId") == job_id]
-        dones = [f for f in entries if f["event"] == "done"]
-        if not dones:
-            lost += 1
-            continue
-        if len(dones) == 1:
-            one_done += 1
-        done_at[job_id] = int(dones[-1]["ts"]) / 1000
-        by_attempt: dict[str, list[int]] = {}
-        for f in entries:
-            by_attempt.setdefault(f["attempt"], []).append(int(f["seq"]))
-        gaps += sum(seqs != list(range(len(seqs))) for seqs in by_attempt.values())
-    # A model call that began after its job's `done` was written: a second bill.
-    after_done = sum(1 for call in llm.calls
-                     if (job := call.messages[-1]["content"].split()[-1]) in done_at
-                     and call.wall_at > done_at[job] + 0.05)
-    with psycopg.connect(pg_url) as conn:
-        statuses = dict(conn.execute(
-            "SELECT status, count(*) FROM llm_jobs WHERE job_id = ANY(%s) GROUP BY status",
-            (jobs,)).fetchall())
-    left_running = statuses.get("queued", 0) + statuses.get("running", 0)
-    return {"one_done": one_done, "gaps": gaps, "lost": lost, "after_done": after_done,
-            "left_running": left_running,
-            "statuses": ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))}
-
-
-def stuck_partitions(bootstrap: str, topic: str, group: str) -> int:
-    """Partitions whose committed offset is behind their end once every job is done:
-    a message the worker could never settle (goal 0)."""
-    consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                         "enable.auto.commit": False,
-                                         "log.connection.close": False})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        committed = consumer.committed(
-            [confluent_kafka.TopicPartition(topic, p) for p in partitions], timeout=10)
-        stuck = 0
-        for tp in committed:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            stuck += high > low and tp.offset < high  # (never committed: offset < 0)
-        return stuck
-    finally:
-        consumer.close()
+    }
+    for table, values in sections.items():
+        tables[table] = {**tables[table], **values}
+    path.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm,
+                                             sections=tables))
 
 
 @dataclass
@@ -253,6 +143,7 @@ def produce_hostile(producer: confluent_kafka.Producer, tag: str, count: int,
 
 
 def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
+    """One worker, restarted and SIGKILLed, among random dependency faults."""
     rng = random.Random(seed)
     kafka, rds_service, pg = local_stack.start_core(workdir)
     llm = ChaoticLLM(seed, hostile).start()
@@ -260,8 +151,9 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
     config_path = workdir / "chaos.toml"
     steps = LongestStep(local_stack.free_port())
     write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, steps.port)
+    ensure_topics(kafka.url, {}, [f"chaos.request.{tag}"], PARTITIONS)
     hostile_sent = 0
-    worker = Worker(config_path, workdir / "worker.log")
+    worker = WorkerProcess(config_path, workdir / "worker.log")
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
     template = "sse:chat:{job_id}"
     jobs = [f"chaos-{tag}-{i}" for i in range(jobs_total)]
@@ -269,17 +161,14 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
     started = time.monotonic()
     try:
         worker.start()
-        producer = confluent_kafka.Producer({"bootstrap.servers": kafka.url,
-                                             "log.connection.close": False})
-        for i, job_id in enumerate(jobs):
-            session = f"s{i % (jobs_total // 4 or 1)}"  # some sessions get several jobs
-            producer.produce(f"chaos.request.{tag}", key=session.encode(), value=json.dumps({
-                "jobId": job_id, "userId": f"u{i % 13}", "sessionId": session,
-                "message": f"question for {job_id}"}).encode())
-            if hostile and i % 100 == 50:  # between the good ones, on every partition
+        produce_jobs(kafka.url, f"chaos.request.{tag}", jobs, sessions=jobs_total // 4 or 1)
+        if hostile:  # after the good ones, on every partition
+            producer = confluent_kafka.Producer({"bootstrap.servers": kafka.url,
+                                                 "log.connection.close": False})
+            for i in range(0, jobs_total, 100):
                 hostile_sent += produce_hostile(producer, f"{tag}-{i}", 1, rng)
-        if producer.flush(30):
-            raise RuntimeError("could not produce the jobs")
+            if producer.flush(30):
+                raise RuntimeError("could not produce the hostile messages")
         print(f"submitted {jobs_total} jobs; chaos begins", flush=True)
         while time.monotonic() - started < timeout_s:
             finished = sum(1 for j in jobs if rds.exists(job_keys(template, j, cluster=False).done))
@@ -289,17 +178,21 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
                                  "pause_broker", "pause_postgres", "calm", "calm"])
             actions[action] = actions.get(action, 0) + 1
             if action == "kill_worker":
-                worker.kill_and_restart()
+                worker.kill()
+                worker.start()
             elif action == "pause_redis":
-                pause(rds_service, rng.uniform(1, 4))
+                with rds_service.frozen():
+                    time.sleep(rng.uniform(1, 4))
             elif action == "restart_postgres":
                 pg.stop()
                 time.sleep(rng.uniform(0.5, 2))
                 pg = local_stack.start_postgres(workdir, pg.port)
             elif action == "pause_broker":
-                pause(kafka, rng.uniform(1, 4))
+                with kafka.frozen():
+                    time.sleep(rng.uniform(1, 4))
             elif action == "pause_postgres":
-                pause_postgres(pg, rng.uniform(1, 3))
+                with pg.frozen():
+                    time.sleep(rng.uniform(1, 3))
             for _ in range(int(rng.uniform(2, 5) / 0.25)):
                 worker.check()
                 steps.sample()
@@ -308,8 +201,9 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
                   f"last action: {action}", flush=True)
         steps.sample()
         worker.stop()
-        result = verify(jobs, rds, pg.url, llm, template)
-        stuck = stuck_partitions(kafka.url, f"chaos.request.{tag}", f"chaos-{tag}")
+        verdict = verify(jobs, rds, pg.url, llm, template=template)
+        verdict.uncommitted = uncommitted_partitions(kafka.url, f"chaos.request.{tag}",
+                                                     f"chaos-{tag}")
     finally:
         worker.stop()
         llm.stop()
@@ -322,20 +216,62 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
 chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
   actions: {', '.join(f'{k} x{v}' for k, v in sorted(actions.items()))}
   vendor calls: {len(llm.calls)} (with injected 429/500/stalls/broken streams)
-  jobs submitted:                         {jobs_total}
-  jobs with exactly one done:             {result['one_done']}
-  jobs lost (no done):                    {result['lost']}
-  jobs left queued/running in Postgres:   {result['left_running']}
-  final statuses:                         {result['statuses']}
-  model calls for already-completed jobs: {result['after_done']}
-  gaps or duplicates in event sequences:  {result['gaps']}
+{_indent(verdict.report())}
   worker crashes (exits we did not cause): {worker.crashes}  (SIGKILLs we sent: {worker.kills})
 {exits}  hostile messages sent:                  {hostile_sent}  (broken HTTP answers: {llm.broken_sent})
-  partitions whose commit stopped:        {stuck}
   longest task step (watchdog):           {steps.seconds * 1000:.1f} ms ({steps.task or "-"})
   peak worker RSS:                        {worker.peak_rss / 1e6:.0f} MB""")
-    bad = result["lost"] + result["gaps"] + result["after_done"] + worker.crashes + stuck
-    return 0 if bad == 0 and result["one_done"] == jobs_total else 1
+    return 0 if verdict.problems() + worker.crashes == 0 else 1
+
+
+def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
+    """Three workers in one group (DESIGN 4.13): tests.many_workers' choreography."""
+    kafka, rds_service, pg = local_stack.start_core(workdir)
+    # Answers stream for about two seconds: the jobs outlast every step.
+    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1).start()
+    tag = uuid.uuid4().hex[:6]
+    config_path = workdir / "chaos.toml"
+    # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
+    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
+                 jobs={"max_in_flight": max(64, jobs_total)})
+    topic = f"chaos.request.{tag}"
+    ensure_topics(kafka.url, {}, [topic], PARTITIONS)
+    rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
+    jobs = [f"chaos-{tag}-{i}" for i in range(jobs_total)]
+    workers = [WorkerProcess(config_path, workdir / f"worker-{n}.log") for n in range(3)]
+    choreography = Choreography(
+        workers=workers, jobs=jobs, bootstrap=kafka.url, topic=topic, rds=rds, pg_url=pg.url,
+        postgres=pg, lease_s=LEASE_S, timeout_s=timeout_s,
+        say=lambda line: print(f"  t={time.monotonic() - started:5.0f}s  {line}", flush=True))
+    started = time.monotonic()
+    try:
+        choreography.run()
+        exit_codes = choreography.stop()
+        verdict = verify(jobs, rds, pg.url, llm)
+        verdict.uncommitted = uncommitted_partitions(kafka.url, topic, f"chaos-{tag}")
+    finally:
+        choreography.stop()
+        llm.stop()
+        rds.close()
+        for service in (pg, rds_service, kafka):
+            service.stop()
+    crashes = sum(w.crashes for w in workers)
+    exits = "".join(f"    {line}\n" for w in workers for line in w.exits)
+    print(f"""
+many-workers chaos run: {jobs_total} jobs, 3 workers, seed {seed}, \
+{time.monotonic() - started:.0f} s
+  vendor calls: {len(llm.calls)} (with injected 429/500/stalls/broken streams)
+{_indent(verdict.report())}
+  jobs of the frozen worker run again meanwhile: {len(choreography.taken_over)}
+  exit codes of the workers stopped at the end:  {exit_codes}
+  worker crashes (exits we did not cause):      {crashes}
+{exits}  peak worker RSS:                              \
+{max(w.peak_rss for w in workers) / 1e6:.0f} MB""")
+    return 0 if verdict.problems() + crashes == 0 and set(exit_codes) == {0} else 1
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds of chaos at most")
     parser.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
                         help="hostile input and broken HTTP in the same run (default: on)")
+    parser.add_argument("--workers", type=int, choices=(1, 3), default=1,
+                        help="1: one worker among random faults; 3: three workers joining, "
+                             "SIGKILLed and frozen, and Postgres frozen (default: 1)")
     args = parser.parse_args(argv)
     if args.jobs < 4:
         parser.error("--jobs must be at least 4")
     with local_stack.workdir("chat-actors-chaos-") as workdir:
-        return run(args.jobs, args.seed, args.timeout, workdir, args.hostile)
+        chaos = run_many if args.workers == 3 else run
+        return chaos(args.jobs, args.seed, args.timeout, workdir, args.hostile)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ came from, before anything starts.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -312,6 +313,9 @@ def _convert(raw: Any, kind: type[T], prefix: str, origins: dict[str, str],
         for pattern, meaning in _PATTERN_RULES.items():
             if f"regex {pattern!r}" in rule:
                 rule = meaning
+        if re.search(r"kafka\.(consumer|producer)\[", where) and "got `object`" in rule:
+            rule += ('; librdkafka property names have dots, which TOML reads as tables: '
+                     'quote the name ("max.poll.interval.ms" = 60000)')
         raise ConfigError(
             f"{where.removeprefix('$.') or 'config'}: {rule} (from {_origin(where, origins, file)})"
         ) from None

@@ -61,6 +61,16 @@ def test_bad_file_names_the_file(tmp_path):
         load_config(path, environ={})
 
 
+def test_an_unquoted_librdkafka_property_is_explained(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[kafka.consumer]\nmax.poll.interval.ms = 60000\n")
+    with pytest.raises(ConfigError, match=r'kafka.consumer\[...\]: .*quote the name '
+                                          r'\("max.poll.interval.ms" = 60000\)'):
+        load_config(path, environ={})
+    path.write_text('[kafka.consumer]\n"max.poll.interval.ms" = 60000\n')
+    assert load_config(path, environ={}).kafka.consumer == {"max.poll.interval.ms": 60000}
+
+
 def test_run_refuses_a_bad_config_with_one_clear_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tools.cli", "run", "--config", str(tmp_path / "missing.toml")],

@@ -50,7 +50,9 @@ async def test_job_and_message_rows_with_cost(config, llm, rds, db):
     assert float(row["cost_usd"]) == pytest.approx(1000 * 0.15e-6 + 2 * 0.6e-6)
     assert events[-2]["data"]["costUsd"] == pytest.approx(float(row["cost_usd"]))
     assert row["ttft_ms"] is not None and row["latency_ms"] >= row["ttft_ms"] >= 0
-    assert row["finished_at"] is not None and row["lease_owner"] is None
+    # The lease ends with the job; its holder stays named (the worker that ended it).
+    assert row["finished_at"] is not None and row["lease_until"] is None
+    assert row["lease_owner"] is not None
     assert row["partial"] is False
     messages = message_rows(db, req["jobId"])
     assert [(m["role"], m["content"], m["partial"]) for m in messages] == [

@@ -190,7 +190,11 @@ def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
-async def test_a_done_lost_after_postgres_is_resent_continuing_the_sequence(config, llm, rds):
+async def test_a_done_lost_after_postgres_is_resent_continuing_the_sequence(make_config, llm,
+                                                                             rds):
+    # The redelivery waits a lease for the `done` of the worker that ended the job
+    # before taking it for lost: a short lease keeps the test short.
+    config, _ = make_config(extra="[jobs]\nlease_s = 2\n")
     req = request("finish me")
     async with worker_running(config):
         produce(config, req)

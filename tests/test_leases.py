@@ -45,7 +45,7 @@ async def test_nothing_held_means_no_query(autojump_clock):
     assert store.renewals == []
 
 
-async def test_postgres_renews_only_the_leases_this_worker_still_holds(stack, db):
+async def test_postgres_renews_the_leases_this_worker_holds_and_loses_only_those_taken_over(stack, db):
     import uuid
 
     from actors.adapters.postgres import Postgres
@@ -53,19 +53,24 @@ async def test_postgres_renews_only_the_leases_this_worker_still_holds(stack, db
 
     pg = Postgres(dsn=stack.postgres.url, pool_size=2)
     await pg.migrate()
-    jobs = [f"lease-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    jobs = [f"lease-{uuid.uuid4().hex[:8]}" for _ in range(4)]
     try:
-        for job_id, owner in zip(jobs, ("w1", "w1", "w2"), strict=True):
+        for job_id, owner in zip(jobs, ("w1", "w1", "w2", "w1"), strict=True):
             claim = await pg.claim(job_id=job_id, user_id="u", session_id="s", trace_id="t",
                                    mode="gen", model="m", provider="p", lease_holder=owner,
                                    lease_s=5)
             assert isinstance(claim, Claimed)
+        # w1 ended the fourth job (its terminal row landed) while the renewal was on its way.
+        db.execute("UPDATE llm_jobs SET status = 'completed' WHERE job_id = %s", (jobs[3],))
         before = dict(db.execute("SELECT job_id, lease_until FROM llm_jobs WHERE job_id = ANY(%s)",
                                  (jobs,)).fetchall())
-        renewed = await pg.renew_leases(job_ids=jobs, lease_holder="w1", lease_s=600)
-        assert renewed == set(jobs[:2])
+        still_mine = await pg.renew_leases(job_ids=jobs, lease_holder="w1", lease_s=600)
+        # The job w2 holds is lost to w1; the one w1 ended is not (it must not be stopped
+        # while it sends its done), and is not renewed.
+        assert still_mine == {jobs[0], jobs[1], jobs[3]}
         after = dict(db.execute("SELECT job_id, lease_until FROM llm_jobs WHERE job_id = ANY(%s)",
                                 (jobs,)).fetchall())
-        assert all(after[j] > before[j] for j in jobs[:2]) and after[jobs[2]] == before[jobs[2]]
+        assert all(after[j] > before[j] for j in jobs[:2])
+        assert after[jobs[2]] == before[jobs[2]] and after[jobs[3]] == before[jobs[3]]
     finally:
         pg.close()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import trio
 
 from actors.offsets import OffsetTracker
@@ -55,12 +53,6 @@ def wait_for_event(client, config, job_id: str, event: str, timeout_s: float = 6
     raise TimeoutError(f"no {event} event for {job_id}")
 
 
-def _signal_tree(pid: int, signum: int) -> None:
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        os.kill(process.pid, signum)
-
-
 async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
         make_config, stack, llm, rds, db, tmp_path):
     config, path = make_config(extra="[jobs]\nlease_s = 2\n")
@@ -72,20 +64,16 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
         worker = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "run", "--config", str(path)], cwd=ROOT,
             stderr=log, stdout=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    paused = False
     try:
         produce(config, req)
         await trio.to_thread.run_sync(lambda: llm.wait_until(
             lambda calls: calls and calls[0].tokens_sent >= 1, 60))
-        _signal_tree(stack.postgres.pid, signal.SIGSTOP)
-        paused = True
-        # `final` reaches Redis (it precedes the Postgres write); then the worker dies.
-        await trio.to_thread.run_sync(wait_for_event, rds, config, req["jobId"], "final")
-        worker.kill()
-        worker.wait()
+        with stack.postgres.frozen():
+            # `final` reaches Redis (it precedes the Postgres write); then the worker dies.
+            await trio.to_thread.run_sync(wait_for_event, rds, config, req["jobId"], "final")
+            worker.kill()
+            worker.wait()
     finally:
-        if paused:
-            _signal_tree(stack.postgres.pid, signal.SIGCONT)
         if worker.poll() is None:
             worker.kill()
             worker.wait()

@@ -29,6 +29,7 @@ class Try:
     tokens: tuple[str, ...] = ()
     error: Exception | None = None  # raised after the tokens
     hang: bool = False  # send the tokens, then go silent
+    late: bool = False  # go silent past the stall, then deliver a token (not cancellable)
 
 
 @dataclass
@@ -44,6 +45,10 @@ class FakeChat:
                 await out.send(TokenDelta(text=text))
             if step.hang:
                 await trio.sleep_forever()
+            if step.late:  # like a read in a thread: the hang-up reaches it only afterwards
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(CONFIG.jobs.first_token_timeout_s + 1)
+                out.send_nowait(TokenDelta(text="late"))
             if step.error is not None:
                 raise step.error
             await out.send(StreamFinished(finish_reason="stop", prompt_tokens=None,
@@ -100,6 +105,15 @@ async def test_a_stall_is_retried(autojump_clock):
     assert answer.text == "ab"
     assert "idle_timeout" in switches[0][2]
     assert chat.calls[1][2] - chat.calls[0][2] >= 5
+
+
+async def test_a_token_that_arrives_after_the_job_gave_up_on_a_stall_is_not_a_crash(
+        autojump_clock):
+    """Seen on a worker woken from SIGSTOP: every deadline had passed, so the stall
+    fired while the vendor's next token was already on its way to the mailbox."""
+    chat = FakeChat([Try(late=True), Try(tokens=("b",))])
+    answer, _, switches = await run(chat)
+    assert answer.text == "b" and "first_token_timeout" in switches[0][2]
 
 
 async def test_permanent_errors_fail_fast(autojump_clock):

@@ -59,6 +59,23 @@ class Service:
     def pid(self) -> int:
         return self.process.pid
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP the service and every process it started (Postgres's backends)
+        until the block ends: unreachable, yet holding its connections and data."""
+        import psutil  # a test dependency, like the freezing itself
+
+        tree = [self.process.pid, *(p.pid for p in psutil.Process(self.pid).children(
+            recursive=True))]
+        for pid in tree:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):  # a backend may have exited
+                    os.kill(pid, signal.SIGCONT)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process.poll() is not None:
             return
@@ -264,6 +281,11 @@ def _toml_value(value: Scalar) -> str:
     return repr(value)
 
 
+def _toml_key(key: str) -> str:
+    """A bare key, or quoted when it has dots (librdkafka's `max.poll.interval.ms`)."""
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
 def stack_config(*, kafka: str, redis: str, postgres: str, llm_url: str,
                  sections: dict[str, dict[str, Scalar]] | None = None) -> str:
     """A worker config (TOML) for this stack and a scripted vendor; `sections` override
@@ -279,7 +301,7 @@ def stack_config(*, kafka: str, redis: str, postgres: str, llm_url: str,
     }
     for table, values in (sections or {}).items():
         tables[table] = {**tables.get(table, {}), **values}
-    return "".join(f"[{table}]\n" + "".join(f"{key} = {_toml_value(value)}\n"
+    return "".join(f"[{table}]\n" + "".join(f"{_toml_key(key)} = {_toml_value(value)}\n"
                                             for key, value in values.items())
                    for table, values in tables.items())
 

@@ -240,13 +240,21 @@ class Postgres:
 
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]:
-        """Extend every lease `lease_holder` still holds among `job_ids`; return those renewed."""
+        """Extend every lease `lease_holder` still holds among `job_ids`. Return the jobs
+        still its own: those renewed, and those it already ended (a job whose terminal
+        row lands while this runs is not lost). The rest were taken over."""
 
         def renew(conn: psycopg.Connection[Any]) -> set[str]:
             rows = conn.execute(
-                "UPDATE llm_jobs SET lease_until = now() + %s "
-                "WHERE job_id = ANY(%s) AND lease_owner = %s AND status = 'running' "
-                "RETURNING job_id", (timedelta(seconds=lease_s), list(job_ids), lease_holder))
+                "WITH mine AS (SELECT job_id, status FROM llm_jobs"
+                "              WHERE job_id = ANY(%(ids)s) AND lease_owner = %(me)s),"
+                " renewed AS (UPDATE llm_jobs SET lease_until = now() + %(lease)s"
+                "             WHERE job_id IN (SELECT job_id FROM mine WHERE status = 'running')"
+                "             AND lease_owner = %(me)s AND status = 'running' RETURNING job_id)"
+                " SELECT job_id FROM renewed"
+                " UNION ALL SELECT job_id FROM mine WHERE status <> 'running'",
+                {"ids": list(job_ids), "me": lease_holder,
+                 "lease": timedelta(seconds=lease_s)})
             return {row[0] for row in rows}
 
         return await self.run(renew)
@@ -327,8 +335,7 @@ class Postgres:
                             prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
                             ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
                             retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
-                            budget_holds = NULL,
-                            finished_at = now(), lease_owner = NULL, lease_until = NULL
+                            budget_holds = NULL, finished_at = now(), lease_until = NULL
                         WHERE job_id = %s AND lease_owner = %s AND attempt = %s
                         RETURNING job_id
                         """,

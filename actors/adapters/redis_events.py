@@ -55,6 +55,7 @@ redis.call('SET', KEYS[3], attempt, 'EX', ARGV[3])
 local high = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local seq = tonumber(ARGV[1])
 if seq <= high then return 0 end
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
 redis.call('SET', KEYS[2], seq, 'EX', ARGV[3])
 if ARGV[5] ~= '' then

@@ -1,0 +1,177 @@
+"""What every run must leave behind, however many workers ran it and whatever failed:
+read from the real Redis, Postgres and broker after the run (DESIGN 4.1, 4.2, 4.11).
+
+Shared by the many-workers test and `bench chaos`. The vendor's answers must name
+their call (`NumberedLLM`) so an answer in the history can be traced to the attempt
+that streamed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field
+
+import confluent_kafka
+import psycopg
+import redis
+
+from config import job_keys
+from tests.scripted_llm import Call, Reply, ScriptedLLM
+
+TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
+
+
+class NumberedLLM(ScriptedLLM):
+    """Every answer starts with its own call number, so two attempts of a job never
+    stream the same text. Subclasses choose the replies (`choose`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._numbers = itertools.count(1)
+
+    def choose(self) -> Reply:
+        return super()._next_reply()
+
+    def _next_reply(self) -> Reply:
+        reply = self.choose()
+        if reply.raw is not None or reply.status != 200:
+            return reply
+        return dataclasses.replace(reply, tokens=(f"#{next(self._numbers)} ", *reply.tokens))
+
+
+def job_of(call: Call) -> str:
+    """The job a call answers: requests end their message with the job id."""
+    return str(call.messages[-1]["content"]).split()[-1]
+
+
+@dataclass
+class Verdict:
+    jobs: int
+    one_done: int = 0  # jobs with exactly one `done`
+    lost: int = 0  # jobs with no `done`
+    gaps: int = 0  # attempts whose seq is not 0, 1, 2, ... (a gap or a duplicate)
+    stale: int = 0  # jobs with an event of attempt N after attempt N+k's `started`
+    not_terminal: int = 0  # jobs whose row is missing, queued or running
+    done_vs_row: int = 0  # jobs whose `done` disagrees with the row (status, attempt)
+    wrong_answer: int = 0  # completed jobs whose history answer is not the one streamed
+    after_done: int = 0  # model calls begun after their job's `done` was written
+    answered_twice: int = 0  # jobs the vendor answered in full more than once (lost leases)
+    uncommitted: int = 0  # partitions whose committed offset is short of their end
+    statuses: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)  # the first few problems, named
+
+    def problems(self) -> int:
+        return (self.jobs - self.one_done + self.gaps + self.stale + self.not_terminal
+                + self.done_vs_row + self.wrong_answer + self.after_done + self.uncommitted)
+
+    def note(self, job_id: str, what: str) -> None:
+        if len(self.examples) < 5:
+            self.examples.append(f"{job_id}: {what}")
+
+    def report(self) -> str:
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        lines = [
+            f"jobs submitted:                               {self.jobs}",
+            f"jobs with exactly one done:                   {self.one_done}",
+            f"jobs lost (no done):                          {self.lost}",
+            f"jobs not terminal in Postgres:                {self.not_terminal}",
+            f"final statuses:                               {statuses}",
+            f"done disagreeing with the terminal row:       {self.done_vs_row}",
+            f"events of an attempt after a later started:   {self.stale}",
+            f"completed jobs whose history is not the answer: {self.wrong_answer}",
+            f"gaps or duplicates in event sequences:        {self.gaps}",
+            f"model calls for already-finished jobs:        {self.after_done}",
+            f"jobs answered twice by the vendor (legit):    {self.answered_twice}",
+            f"partitions whose committed offset is short:   {self.uncommitted}",
+            *(f"  e.g. {example}" for example in self.examples)]
+        return "\n".join(lines)
+
+
+def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
+           template: str = "sse:chat:{job_id}") -> Verdict:
+    """Read every job's stream and rows; `rds` must decode responses."""
+    verdict = Verdict(jobs=len(jobs))
+    with psycopg.connect(pg_url) as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            "SELECT job_id, status, attempt FROM llm_jobs WHERE job_id = ANY(%s)", (jobs,))}
+        answers = dict(conn.execute(
+            "SELECT job_id, content FROM llm_messages WHERE job_id = ANY(%s) AND role = 'assistant'",
+            (jobs,)).fetchall())
+    done_at: dict[str, float] = {}
+    for job_id in jobs:
+        entries = [f for _, f in rds.xrange(job_keys(template, job_id, cluster=False).stream)
+                   if f.get("jobId") == job_id]
+        _check_stream(verdict, job_id, entries)
+        dones = [f for f in entries if f["event"] == "done"]
+        status, attempt = rows.get(job_id, ("missing", 0))
+        verdict.statuses[status] = verdict.statuses.get(status, 0) + 1
+        if status not in TERMINAL:
+            verdict.not_terminal += 1
+            verdict.note(job_id, f"row {status}")
+        if not dones:
+            continue
+        done = dones[-1]
+        done_at[job_id] = int(done["ts"]) / 1000
+        if (json.loads(done["data"])["status"], int(done["attempt"])) != (status, attempt):
+            verdict.done_vs_row += 1
+            verdict.note(job_id, f"done {done['data']} of attempt {done['attempt']}, "
+                                 f"row {status} of attempt {attempt}")
+        finals = [f for f in entries if f["event"] == "final" and f["attempt"] == done["attempt"]]
+        if status == "completed" and (
+                not finals or answers.get(job_id) != json.loads(finals[-1]["data"])["text"]):
+            verdict.wrong_answer += 1
+            verdict.note(job_id, f"history {answers.get(job_id)!r}, "
+                                 f"streamed {[json.loads(f['data'])['text'] for f in finals]}")
+    full_answers: dict[str, int] = {}
+    for call in llm.calls:
+        job_id = job_of(call)
+        if job_id in done_at and call.wall_at > done_at[job_id] + 0.05:
+            verdict.after_done += 1
+            verdict.note(job_id, "a model call after its done")
+        if call.finished and not call.disconnected:
+            full_answers[job_id] = full_answers.get(job_id, 0) + 1
+    verdict.answered_twice = sum(n > 1 for n in full_answers.values())
+    return verdict
+
+
+def _check_stream(verdict: Verdict, job_id: str, entries: list[dict[str, str]]) -> None:
+    dones = sum(f["event"] == "done" for f in entries)
+    verdict.one_done += dones == 1
+    verdict.lost += dones == 0
+    if dones > 1:
+        verdict.note(job_id, f"{dones} dones")
+    by_attempt: dict[str, list[int]] = {}
+    newest = 0  # the highest attempt that said `started` so far
+    stale = False
+    for f in entries:
+        by_attempt.setdefault(f["attempt"], []).append(int(f["seq"]))
+        if f["event"] == "started":
+            newest = max(newest, int(f["attempt"]))
+        stale |= int(f["attempt"]) < newest
+    if stale:
+        verdict.stale += 1
+        verdict.note(job_id, "events of a superseded attempt after a later started: "
+                             + " ".join(f"{f['event']}@{f['attempt']}" for f in entries))
+    if any(seqs != list(range(len(seqs))) for seqs in by_attempt.values()):
+        verdict.gaps += 1
+        verdict.note(job_id, f"seqs by attempt {by_attempt}")
+
+
+def uncommitted_partitions(bootstrap: str, topic: str, group: str) -> int:
+    """Partitions whose committed offset is behind their end: a message nobody settled."""
+    consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                         "enable.auto.commit": False,
+                                         "log.connection.close": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed(
+            [confluent_kafka.TopicPartition(topic, p) for p in partitions], timeout=10)
+        short = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            short += high > low and tp.offset < high  # (never committed: offset < 0)
+        return short
+    finally:
+        consumer.close()
