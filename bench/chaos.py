@@ -40,10 +40,9 @@ import confluent_kafka
 import redis
 
 from actors.adapters.kafka import ensure_topics
-from config import job_keys
 from tests.hostile import BROKEN_HTTP, CUT_MID_CHUNK, HOSTILE_CONTROL, MAX_REQUEST_BYTES, hostile_requests
 from tests.invariants import NumberedLLM, uncommitted_partitions, verify
-from tests.many_workers import Choreography, WorkerProcess, produce_jobs
+from tests.many_workers import Choreography, WorkerProcess, count_done, produce_jobs
 from tests.scripted_llm import Reply
 from tools import local_stack
 
@@ -171,7 +170,7 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
                 raise RuntimeError("could not produce the hostile messages")
         print(f"submitted {jobs_total} jobs; chaos begins", flush=True)
         while time.monotonic() - started < timeout_s:
-            finished = sum(1 for j in jobs if rds.exists(job_keys(template, j, cluster=False).done))
+            finished = count_done(rds, jobs, template)
             if finished == jobs_total:
                 break
             action = rng.choice(["kill_worker", "pause_redis", "restart_postgres",

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -121,14 +119,6 @@ def job_row(db: Any, job_id: str) -> dict[str, Any] | None:
 def message_rows(db: Any, job_id: str) -> list[dict[str, Any]]:
     cur = db.execute("SELECT * FROM llm_messages WHERE job_id = %s ORDER BY id", (job_id,))
     return [dict(zip([c.name for c in cur.description], r, strict=True)) for r in cur.fetchall()]
-
-
-def start_worker_process(config_path: Path, log_path: Path, **env: str) -> subprocess.Popen:
-    """`chat-actors run --config` as a real process, its output in `log_path`."""
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "run", "--config", str(config_path)], cwd=ROOT,
-            stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 
 def stop_process(process: subprocess.Popen) -> None:

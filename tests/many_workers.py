@@ -31,6 +31,22 @@ from tools import local_stack
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def launch_worker(config_path: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`chat-actors run --config` as a real process, its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "run", "--config", str(config_path)], cwd=ROOT,
+            stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def count_done(rds: redis.Redis, jobs: list[str], template: str) -> int:
+    """How many of `jobs` have their done marker, in one round trip."""
+    with rds.pipeline(transaction=False) as pipe:
+        for job_id in jobs:
+            pipe.exists(job_keys(template, job_id, cluster=False).done)
+        return sum(pipe.execute())
+
+
 @dataclass
 class WorkerProcess:
     """`chat-actors run --config` as a real process, its output in `log_path`."""
@@ -44,11 +60,7 @@ class WorkerProcess:
     exits: list[str] = field(default_factory=list)  # each crash: the log's last words
 
     def start(self) -> WorkerProcess:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "run", "--config", str(self.config_path)],
-                cwd=ROOT, stdout=log, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.process = launch_worker(self.config_path, self.log_path)
         return self
 
     def ready(self) -> bool:
@@ -147,10 +159,7 @@ class Choreography:
     taken_over: list[str] = field(default_factory=list)  # the frozen worker's jobs, rerun
 
     def finished(self) -> int:
-        with self.rds.pipeline(transaction=False) as pipe:
-            for job_id in self.jobs:
-                pipe.exists(job_keys(self.template, job_id, cluster=False).done)
-            return sum(pipe.execute())
+        return count_done(self.rds, self.jobs, self.template)
 
     def running_under(self, worker: WorkerProcess) -> dict[str, int]:
         """The jobs whose lease `worker` holds now: job id -> attempt."""

@@ -13,18 +13,18 @@ from tests.helpers import (
     job_row,
     produce,
     request,
-    start_worker_process,
     stop_process,
     wait_calls,
     worker_running,
 )
+from tests.many_workers import launch_worker
 from tests.scripted_llm import Reply
 
 
 @asynccontextmanager
 async def process_streaming(config, config_path, log_path, llm, req, tokens: int):
     """A worker process that has streamed `tokens` tokens of `req`; killed on exit if alive."""
-    worker = start_worker_process(config_path, log_path)
+    worker = launch_worker(config_path, log_path)
     try:
         produce(config, req)
         await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= tokens)
@@ -134,7 +134,7 @@ async def test_sigterm_completes_short_jobs_and_hands_long_ones_back(
     long = request("long", sessionId="s-long")
     llm.queue(Reply(tokens=tuple(f"{i} " for i in range(5)), token_delay_s=0.2))
     llm.default = Reply(tokens=tuple(f"{i} " for i in range(200)), token_delay_s=0.2)
-    worker = start_worker_process(path, tmp_path / "worker.log")
+    worker = launch_worker(path, tmp_path / "worker.log")
     try:
         produce(config, short)
         await wait_calls(llm, lambda calls: len(calls) == 1)

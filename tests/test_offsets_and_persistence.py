@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import trio
 
 from actors.offsets import OffsetTracker
-from tests.helpers import ROOT, events_of, job_row, produce, request, worker_running
+from tests.helpers import events_of, job_row, produce, request, worker_running
+from tests.many_workers import launch_worker
 from tests.scripted_llm import Reply
 
 
@@ -60,10 +58,7 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
     # mid-stream, so the answer completes but its terminal row cannot be written.
     llm.default = Reply(tokens=("first", " try"), token_delay_s=1.0)
     req = request("persist me")
-    with (tmp_path / "worker.log").open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "run", "--config", str(path)], cwd=ROOT,
-            stderr=log, stdout=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = launch_worker(path, tmp_path / "worker.log")
     try:
         produce(config, req)
         await trio.to_thread.run_sync(lambda: llm.wait_until(

@@ -20,12 +20,12 @@ from tests.helpers import (
     produce,
     readyz,
     request,
-    start_worker_process,
     stop_process,
     until,
     wait_calls,
     worker_running,
 )
+from tests.many_workers import launch_worker
 from tests.scripted_llm import Reply
 
 
@@ -120,7 +120,7 @@ async def test_log_lines_are_json_with_the_job_ids_and_never_a_secret(
     echo = json.dumps({"error": {"message": f"overloaded; your key was {SECRET}"}})
     llm.queue(*[Reply(status=503, error_body=echo)] * (config.llm.retries + 1))
     failing, ok = request("first"), request("second", traceId="4bf92f3577b34da6a3ce929d0e0e4736")
-    worker = start_worker_process(path, log, SCRIPTED_LLM_KEY=SECRET)
+    worker = launch_worker(path, log, SCRIPTED_LLM_KEY=SECRET)
     try:
         produce(config, failing)
         failed_events = await events_of(rds, config, failing["jobId"], timeout_s=60)
