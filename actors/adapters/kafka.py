@@ -32,6 +32,7 @@ def _translate(exc: KafkaException) -> TransientError | PermanentError:
 # librdkafka's own messages go through `logging` (so through our JSON lines), not
 # straight to stderr; the client hands them over during poll.
 LIBRDKAFKA_LOG = logging.getLogger("chat_actors.librdkafka")
+log = logging.getLogger("chat_actors.kafka")
 
 
 def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
@@ -207,9 +208,33 @@ class RequestConsumer(_Consumer):
             [TopicPartition(t, p) for t, p in self.assigned()]))
 
     async def resume(self) -> None:
+        """Resume every assigned partition, then seek each to where the application
+        stands. librdkafka 2.x restarts a resumed partition only at its broker thread's
+        next wake-up, up to a second later; at every max_in_flight crossing that capped
+        a backlog's intake. A seek starts the fetch at once, and to the application's
+        own position it neither skips nor repeats."""
         self._paused = False
-        await self._run(lambda: self._consumer.resume(
-            [TopicPartition(t, p) for t, p in self.assigned()]))
+
+        def resume() -> None:
+            parts = [TopicPartition(t, p) for t, p in self.assigned()]
+            if not parts:
+                return
+            self._consumer.resume(parts)
+            positions = self._consumer.position(parts)
+            known = [tp for tp in positions if tp.offset >= 0]
+            unread = [TopicPartition(tp.topic, tp.partition) for tp in positions
+                      if tp.offset < 0]
+            if unread:  # nothing consumed from them yet: their committed offset
+                try:
+                    known += [tp for tp in self._consumer.committed(unread, timeout=5.0)
+                              if tp.offset >= 0]
+                except KafkaException as exc:
+                    log.warning("kafka: no committed offsets to restart %d resumed "
+                                "partition(s) from: %s", len(unread), exc)
+            for tp in known:
+                self._consumer.seek(tp)
+
+        await self._run(resume)
 
     async def seek(self, deliveries: Iterable[Delivery]) -> None:
         """Rewind each partition to the first of `deliveries` so they are fetched again."""
