@@ -97,7 +97,7 @@ def write_config(path: Path, kafka: str, rds: str, pg: str, llm: str, tag: str,
         "shutdown": {"grace_s": 2},
     }
     for table, values in sections.items():
-        tables[table] = {**tables[table], **values}
+        tables[table] = {**tables.get(table, {}), **values}
     path.write_text(local_stack.stack_config(kafka=kafka, redis=rds, postgres=pg, llm_url=llm,
                                              sections=tables))
 
@@ -231,8 +231,9 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
     # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
+    # At info level a worker says when it is ready, which the choreography waits for.
     write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
-                 jobs={"max_in_flight": max(64, jobs_total)})
+                 jobs={"max_in_flight": max(64, jobs_total)}, log={"level": "info"})
     topic = f"chaos.request.{tag}"
     ensure_topics(kafka.url, {}, [topic], PARTITIONS)
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
