@@ -2,16 +2,19 @@
 
 The holds are taken all or none in one Postgres transaction (JobStore.reserve)
 and settled to what the job really used in the same transaction as its
-terminal row. Over a limit the job is refused with `budget_exceeded` (USD) or
-`rate_limited` (requests or tokens per minute).
+terminal row; a terminal row also gives back what an earlier attempt still held.
+Over a limit the job is refused with `budget_exceeded` (USD) or `rate_limited`
+(requests or tokens per minute). Windows are UTC; old ones are pruned.
 """
 
 from __future__ import annotations
 
 import logging
 
+import trio
+
 from actors.backoff import retry_transient
-from actors.errors import PermanentError
+from actors.errors import PermanentError, TransientError
 from actors.provider import worst_try_usd
 from actors.worker import Worker
 from config import Budgets
@@ -22,6 +25,7 @@ log = logging.getLogger("chat_actors.budget")
 
 # A PermanentError with one of these codes refuses the job before any model call.
 REFUSALS = ("budget_exceeded", "rate_limited")
+PRUNE_EVERY_S = 600.0
 _LIMIT_NAMES = {"usd": "USD budget per {period}", "requests": "requests per minute",
                 "tokens": "tokens per minute"}
 
@@ -74,3 +78,19 @@ async def reserve(worker: Worker, job: JobRef, alias_name: str,
         f"{refused.scope} is over its {what}: this job needs {refused.amount:g}, "
         f"{refused.taken:g} of {refused.limit:g} is used or reserved",
         code="budget_exceeded" if refused.kind == "usd" else "rate_limited")
+
+
+async def prune_ledger(worker: Worker, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Delete ledger windows nothing counts in any more, every PRUNE_EVERY_S. Every
+    worker does it; the deletes are idempotent and cheap on the primary key."""
+    task_status.started()
+    while True:
+        try:
+            pruned = await worker.store.prune_ledger(period=worker.config.budgets.period)
+        except TransientError as exc:
+            log.warning("budget ledger not pruned (%s); trying again later", exc)
+        else:
+            if pruned:
+                log.info("budget ledger: %d old window(s) pruned", pruned)
+        await trio.sleep(PRUNE_EVERY_S)

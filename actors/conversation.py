@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from actors.answering import JobRun, answer
+from actors.backoff import retry_transient
 from actors.claim import claim_job, release_lease, resend_done
 from actors.errors import PermanentError, TransientError
 from actors.finish import failed_record, finish, settle_failed
@@ -55,8 +56,11 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
             status="failed", error=f"internal: {error.message}", receipt=Receipt()), error)
         return
     match claim:
-        case Claimed(attempt=attempt, history=history):
-            pass
+        case Claimed(attempt=attempt, history=history, over_rejected=over_rejected):
+            if over_rejected:
+                await retry_transient(lambda: worker.event_log.hand_over(job.job_id, attempt),
+                                      what="job id hand-over", log=log, health=worker.health,
+                                      dependency="redis")
         case AlreadyTerminal(status=status, attempt=attempt, partial=partial):
             # Redelivered after it finished: never call the model again.
             log.info("job %s is already %s; not running it again", request.job_id, status)

@@ -31,7 +31,7 @@ from actors.offsets import OffsetTracker
 from actors.polling import Poller
 from actors.ports import DeadLetters, RequestSource
 from actors.worker import Worker
-from messages.mailboxes import Delivery, JobRejected, Receipt
+from messages.mailboxes import Delivery, JobRef, JobRejected, Receipt
 from messages.wire import BadInput, ChatRequest, Done, Error, decode_request
 
 log = logging.getLogger("chat_actors.intake")
@@ -42,21 +42,40 @@ ADMIT_STEP = 64  # deliveries decoded between two checkpoints
 
 
 class SessionOrder:
-    """Per (user, session): each job waits for the one admitted before it."""
+    """Per (user, session): each job waits for the one admitted before it, and at most
+    `queue_max` wait at once (the running one not counted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue_max: int) -> None:
+        self.queue_max = queue_max
         self._last: dict[tuple[str, str], trio.Event] = {}
+        self._waiting: dict[tuple[str, str], int] = {}
 
-    def enter(self, key: tuple[str, str]) -> tuple[trio.Event | None, trio.Event]:
+    def enter(self, key: tuple[str, str]) -> tuple[trio.Event | None, trio.Event] | None:
+        """The event to wait for (None: run now) and this job's own; None when the
+        session's queue is full."""
         previous = self._last.get(key)
+        if previous is not None:
+            if self._waiting.get(key, 0) >= self.queue_max:
+                return None
+            self._waiting[key] = self._waiting.get(key, 0) + 1
         mine = trio.Event()
         self._last[key] = mine
         return previous, mine
+
+    def stop_waiting(self, key: tuple[str, str]) -> None:
+        left = self._waiting[key] - 1
+        if left:
+            self._waiting[key] = left
+        else:
+            del self._waiting[key]
 
     def leave(self, key: tuple[str, str], mine: trio.Event) -> None:
         mine.set()
         if self._last.get(key) is mine:
             del self._last[key]
+
+    def waiting(self) -> int:
+        return sum(self._waiting.values())
 
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -73,7 +92,8 @@ def trace_id_from(headers: tuple[tuple[str, bytes], ...]) -> str | None:
 
 
 async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters) -> None:
-    """Bad input: DLQ (unchanged, with why), then tell the job's stream and table if named."""
+    """Bad input: DLQ (unchanged, with why), then tell the job's stream and table if named,
+    and only if that job id is free or already this user's rejection."""
     ids = {k: v for k, v in (("job_id", problem.job_id), ("user_id", problem.user_id),
                              ("session_id", problem.session_id)) if v}
     with job_context(**ids):
@@ -95,13 +115,24 @@ async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: Dea
                           dependency="kafka")
     if problem.job_id and problem.user_id:
         job = worker.job_ref(problem.job_id, problem.user_id, problem.session_id or "")
-        persisted = Receipt()
-        await worker.records.send(JobRejected(job_id=job.job_id, user_id=job.user_id,
-                                              session_id=job.session_id, error=str(problem),
-                                              receipt=persisted))
-        await persisted.wait()
-        await worker.emit(job, Error(code="bad_request", message=str(problem), retryable=False))
-        await worker.emit(job, Done(status="rejected", partial=False), wait=True)
+        await refuse(worker, job, Error(code="bad_request", message=str(problem),
+                                        retryable=False))
+
+
+async def refuse(worker: Worker, job: JobRef, error: Error) -> None:
+    """End a job that never ran as `rejected`: its row first, then `error` and `done`,
+    all only if the row landed (DESIGN 1.2: nothing is written to another's job)."""
+    persisted = Receipt()
+    await worker.records.send(JobRejected(job_id=job.job_id, user_id=job.user_id,
+                                          session_id=job.session_id,
+                                          error=f"{error.code}: {error.message}",
+                                          receipt=persisted))
+    await persisted.wait()
+    if persisted.superseded:
+        log.warning("job %s: not told it was rejected, the id is another job's", job.job_id)
+        return
+    await worker.emit(job, error)
+    await worker.emit(job, Done(status="rejected", partial=False), wait=True)
 
 
 class Intake:
@@ -118,9 +149,9 @@ class Intake:
         self.aliases = frozenset(worker.config.llm.models)
         self.max_in_flight = worker.config.jobs.max_in_flight
         self.low_water = self.max_in_flight * 3 // 4
-        self.in_flight = 0
+        self.in_flight = 0  # jobs running, not those waiting behind their session
         self.paused = False
-        self.sessions = SessionOrder()
+        self.sessions = SessionOrder(worker.config.jobs.session_queue_max)
         self.poller = Poller(source, what="request", log=log, health=worker.health)
 
     async def run(self, stop: trio.Event, task_status: trio.TaskStatus[None]) -> None:
@@ -170,7 +201,7 @@ class Intake:
         log.info("intake stopping; %d job(s) running", self.in_flight)
         await self.source.pause()
         with trio.move_on_after(self.worker.config.shutdown.grace_s or 0):
-            while self.in_flight:
+            while self.in_flight or self.sessions.waiting():
                 await self.poller.poll(1)
                 await self.commit_settled()
         # Jobs still waiting for Postgres now get a bounded time to settle.
@@ -178,7 +209,6 @@ class Intake:
 
     def admit(self, delivery: Delivery, jobs: trio.Nursery) -> None:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
-        self.in_flight += 1
         try:
             limits = self.worker.config.limits
             request = decode_request(delivery.value, model_aliases=self.aliases,
@@ -186,26 +216,67 @@ class Intake:
                                      max_request_bytes=limits.max_request_bytes)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.
-            jobs.start_soon(self.settle_after, delivery,
+            self.in_flight += 1
+            jobs.start_soon(self.settle_counted, delivery,
                             partial(reject, delivery, problem, self.worker, self.dlq))
             return
         if request.trace_id is None:
             trace_id = trace_id_from(delivery.headers)
             if trace_id is not None:
                 request = msgspec.structs.replace(request, trace_id=trace_id)
-        previous, mine = self.sessions.enter((request.user_id, request.session_id))
-        jobs.start_soon(self.settle_after, delivery,
-                        partial(self.in_order, request, previous, mine))
+        turn = self.sessions.enter((request.user_id, request.session_id))
+        if turn is None:
+            self.in_flight += 1
+            jobs.start_soon(self.settle_counted, delivery, partial(
+                self.busy, request,
+                f"{self.sessions.queue_max} requests of this session already wait for their turn"))
+            return
+        previous, mine = turn
+        if previous is None:
+            self.in_flight += 1  # it runs now: counted before the next poll's room
+        jobs.start_soon(self.in_order, delivery, request, previous, mine)
 
-    async def in_order(self, request: ChatRequest, previous: trio.Event | None,
-                       mine: trio.Event) -> None:
-        """Run the job once the session's previous job is done."""
+    async def settle_counted(self, delivery: Delivery,
+                             job: Callable[[], Awaitable[None]]) -> None:
+        """settle_after for a job counted in `in_flight` (max_in_flight bounds them)."""
+        try:
+            await self.settle_after(delivery, job)
+        finally:
+            self.in_flight -= 1
+
+    async def in_order(self, delivery: Delivery, request: ChatRequest,
+                       previous: trio.Event | None, mine: trio.Event) -> None:
+        """Run the job once the session's previous job has settled. The wait holds no
+        in-flight slot and is bounded by jobs.session_wait_s; the job's own timeout
+        starts when it starts."""
+        key = (request.user_id, request.session_id)
         try:
             if previous is not None:
-                await previous.wait()
-            await self.run_job(request, self.worker)
+                wait_s = self.worker.config.jobs.session_wait_s
+                try:
+                    with trio.move_on_after(wait_s):
+                        await previous.wait()
+                finally:
+                    self.sessions.stop_waiting(key)
+                self.in_flight += 1
+                if not previous.is_set():
+                    await self.settle_counted(delivery, partial(
+                        self.busy, request, f"it waited {wait_s:g} s behind an earlier "
+                        "request of its session"))
+                    await previous.wait()  # the session's next request still waits for it
+                    return
+            await self.settle_counted(delivery, partial(self.run_job, request, self.worker))
         finally:
-            self.sessions.leave((request.user_id, request.session_id), mine)
+            self.sessions.leave(key, mine)
+
+    async def busy(self, request: ChatRequest, why: str) -> None:
+        """Refuse a valid request its session cannot take now; the client may resend."""
+        log.warning("job %s refused: %s", request.job_id, why)
+        self.worker.metrics.rejections.labels(reason="session_busy").inc()
+        job = self.worker.job_ref(request.job_id, request.user_id, request.session_id)
+        await refuse(self.worker, job, Error(
+            code="session_busy", retryable=True,
+            message=f"the session is busy: {why}; send it again once the earlier ones end"))
 
     async def settle_after(self, delivery: Delivery, job: Callable[[], Awaitable[None]]) -> None:
         """Run the job until it settles. A job that could not settle (a bug, or its
@@ -215,27 +286,24 @@ class Intake:
         it unsettled, for the redelivery."""
         partition = (delivery.topic, delivery.partition)
         backoff = Backoff(base_s=1.0, cap_s=30.0)
-        try:
-            for tries in itertools.count(1):
-                try:
-                    await job()
-                except Exception as exc:
-                    expected = isinstance(exc, (TransientError, PermanentError))
-                    if not expected:  # a bug outside the job's answer: this job only
-                        self.worker.metrics.internal_errors.labels(where="intake").inc()
-                    if self.worker.health.draining:
-                        log.error("job at %s[%d]@%d not settled before the worker stopped: %s",
-                                  *partition, delivery.offset, exc, exc_info=not expected)
-                        return  # its offset stays uncommitted: it is redelivered
-                    wait = backoff.delay(tries)
-                    log.error("job at %s[%d]@%d not settled (%s); running it again in %.1f s",
-                              *partition, delivery.offset, exc, wait, exc_info=not expected)
-                    await trio.sleep(wait)
-                    continue
-                self.tracker.settle(partition, delivery.offset)
-                return
-        finally:
-            self.in_flight -= 1
+        for tries in itertools.count(1):
+            try:
+                await job()
+            except Exception as exc:
+                expected = isinstance(exc, (TransientError, PermanentError))
+                if not expected:  # a bug outside the job's answer: this job only
+                    self.worker.metrics.internal_errors.labels(where="intake").inc()
+                if self.worker.health.draining:
+                    log.error("job at %s[%d]@%d not settled before the worker stopped: %s",
+                              *partition, delivery.offset, exc, exc_info=not expected)
+                    return  # its offset stays uncommitted: it is redelivered
+                wait = backoff.delay(tries)
+                log.error("job at %s[%d]@%d not settled (%s); running it again in %.1f s",
+                          *partition, delivery.offset, exc, wait, exc_info=not expected)
+                await trio.sleep(wait)
+                continue
+            self.tracker.settle(partition, delivery.offset)
+            return
 
     async def commit_settled(self) -> None:
         commits = self.tracker.take_commits()

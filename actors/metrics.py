@@ -68,6 +68,12 @@ class Metrics:
         self.slow_steps = Counter(
             "chat_actors_slow_steps", "Task steps that ran over 100 ms without a checkpoint.",
             registry=registry)
+        self.tombstones = Gauge(
+            "chat_actors_cancel_tombstones", "Cancels kept for jobs not running here yet.",
+            registry=registry)
+        self.tombstones_evicted = Counter(
+            "chat_actors_cancel_tombstones_evicted", "Cancels dropped before their TTL: their "
+            "user (or all users) had too many waiting.", registry=registry)
         self.rejections = Counter(
             "chat_actors_rejections", "Requests refused before any model call, by reason.",
             ["reason"], registry=registry)

@@ -24,13 +24,17 @@ class EventWriter(Protocol):
         ...
     async def done_recorded(self, job_id: str) -> bool: ...
     async def last_seq(self, job_id: str, attempt: int) -> int: ...
+    async def hand_over(self, job_id: str, attempt: int) -> None:
+        """Clear what a rejected request wrote for a job id a valid one now claims."""
+        ...
 
 
 class RecordWriter(Protocol):
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
                             lease_holder: str) -> set[str]:
         """Write a batch in one transaction; return the ids of jobs whose terminal
-        record did not land because a later attempt holds the job (DESIGN 4.11)."""
+        record did not land: a later attempt holds the job (DESIGN 4.11), or, for a
+        rejection, the job id belongs to a job it must not touch."""
         ...
 
 
@@ -43,6 +47,7 @@ class JobStore(Protocol):
     async def release_lease(self, *, job_id: str, lease_holder: str) -> None: ...
     async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
                       period: str) -> Refused | None: ...
+    async def prune_ledger(self, *, period: str) -> int: ...  # windows deleted
 
 
 class ChatModel(Protocol):

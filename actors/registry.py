@@ -1,15 +1,19 @@
 """The job registry: which jobs run here, whose they are, and cancels waiting for a job.
 
 A cancel is honoured only from the job's user (DESIGN 1.2). A cancel for a job
-not running here becomes a tombstone for `tombstone_ttl_s`: the gateway may
-send it before the request reaches us, or the job may run on another worker
-and come back here on redelivery. Pure bookkeeping on Trio's clock, no I/O.
+not running here becomes a tombstone: the gateway may send it before the request
+reaches us, the job may wait behind its session, or it may run on another worker
+and come back here on redelivery. Tombstones are kept per (job, user), so a cancel
+naming another user's job never replaces the owner's; they live `tombstone_ttl_s` (the
+configured TTL plus the longest session wait) and are bounded per user and in
+total, the oldest going first. Pure bookkeeping on Trio's clock, no I/O.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -17,7 +21,9 @@ import trio
 
 log = logging.getLogger("chat_actors.registry")
 
-MAX_TOMBSTONES = 100_000
+MAX_TOMBSTONES = 20_000  # in total, about 10 MB at the longest ids and reasons
+MAX_TOMBSTONES_PER_USER = 200  # one user's flood evicts only its own
+MAX_REASON_CHARS = 200
 
 
 class CancelOutcome(Enum):
@@ -39,37 +45,51 @@ class RunningJob:
 
 @dataclass(frozen=True)
 class _Tombstone:
-    user_id: str
     reason: str
     expires_at: float
 
 
 class JobRegistry:
-    def __init__(self, *, tombstone_ttl_s: float) -> None:
+    def __init__(self, *, tombstone_ttl_s: float, max_total: int = MAX_TOMBSTONES,
+                 max_per_user: int = MAX_TOMBSTONES_PER_USER,
+                 on_evict: Callable[[], None] | None = None) -> None:
         self._ttl = tombstone_ttl_s
+        self._max_total = max_total
+        self._max_per_user = max_per_user
+        self._on_evict = on_evict or (lambda: None)
         self._running: dict[str, RunningJob] = {}
-        self._tombstones: OrderedDict[str, _Tombstone] = OrderedDict()
+        # (job, user) -> tombstone, oldest first; and each user's, oldest first.
+        self._tombstones: OrderedDict[tuple[str, str], _Tombstone] = OrderedDict()
+        self._of_user: dict[str, OrderedDict[str, None]] = {}
+
+    def _drop(self, key: tuple[str, str]) -> _Tombstone | None:
+        stone = self._tombstones.pop(key, None)
+        if stone is not None:
+            job_id, user_id = key
+            mine = self._of_user[user_id]
+            del mine[job_id]
+            if not mine:
+                del self._of_user[user_id]
+        return stone
 
     def _prune(self) -> None:
         now = trio.current_time()
         while self._tombstones:
-            job_id, stone = next(iter(self._tombstones.items()))
-            if stone.expires_at > now and len(self._tombstones) <= MAX_TOMBSTONES:
+            key, stone = next(iter(self._tombstones.items()))
+            if stone.expires_at > now and len(self._tombstones) <= self._max_total:
                 break
-            del self._tombstones[job_id]
+            self._drop(key)
+            if stone.expires_at > now:
+                self._on_evict()
 
     def admit(self, job_id: str, user_id: str, attempt: int = 1) -> RunningJob:
         """Register a job about to run. If its user already cancelled it, its cancel
         scope is cancelled before it starts."""
         self._prune()
         job = RunningJob(job_id=job_id, user_id=user_id, attempt=attempt)
-        stone = self._tombstones.pop(job_id, None)
+        stone = self._drop((job_id, user_id))
         if stone is not None:
-            if stone.user_id == user_id:
-                self._cancel(job, stone.reason or "cancelled before it started")
-            else:
-                log.warning("job %s: ignoring a cancel from %s, the job belongs to %s",
-                            job_id, stone.user_id, user_id)
+            self._cancel(job, stone.reason or "cancelled before it started")
         self._running[job_id] = job
         return job
 
@@ -80,15 +100,24 @@ class JobRegistry:
     def cancel(self, job_id: str, user_id: str, reason: str) -> CancelOutcome:
         job = self._running.get(job_id)
         if job is None:
-            self._prune()
-            self._tombstones[job_id] = _Tombstone(user_id, reason,
-                                                  trio.current_time() + self._ttl)
-            self._tombstones.move_to_end(job_id)
+            self._tombstone(job_id, user_id, reason)
             return CancelOutcome.TOMBSTONED
         if job.user_id != user_id:
             return CancelOutcome.FOREIGN
         self._cancel(job, reason or "cancelled by the user")
         return CancelOutcome.CANCELLED
+
+    def _tombstone(self, job_id: str, user_id: str, reason: str) -> None:
+        key = (job_id, user_id)
+        self._drop(key)  # a repeated cancel renews it
+        self._tombstones[key] = _Tombstone(reason[:MAX_REASON_CHARS],
+                                           trio.current_time() + self._ttl)
+        mine = self._of_user.setdefault(user_id, OrderedDict())
+        mine[job_id] = None
+        if len(mine) > self._max_per_user:
+            self._drop((next(iter(mine)), user_id))
+            self._on_evict()
+        self._prune()
 
     def stop(self, job_id: str, reason: str, attempt: int | None = None) -> None:
         """Stop a running job whoever its user: a later attempt holds it (its lease was

@@ -22,7 +22,7 @@ import trio
 
 from actors.errors import PermanentError
 from actors.ports import DocumentIndex, Embedder
-from config import Config
+from config import Config, stored_collection_name
 from messages.ports import Hit
 
 RRF_K = 60  # the usual constant of reciprocal rank fusion
@@ -85,7 +85,8 @@ class Retriever:
     def collections_for(self, user_id: str, requested: str | None) -> list[str]:
         allowed = self._config.rag.allowed(user_id)
         if requested is not None:
-            if requested not in allowed:
+            # On the stored names: what is searched is exactly what is permitted.
+            if stored_collection_name(requested) not in {stored_collection_name(n) for n in allowed}:
                 raise PermanentError(f"collection {requested!r} is not open to user {user_id}",
                                      code="forbidden")
             return [requested]

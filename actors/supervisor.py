@@ -34,6 +34,7 @@ from actors.adapters.openai_wire import OpenAIWireChat, warm_error_mapping
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
 from actors.adapters.tokens import TiktokenCounting
+from actors.budget import prune_ledger
 from actors.claim import FINISH_GRACE_S
 from actors.control import ControlStats, run_control
 from actors.errors import ChatActorsError, TransientError
@@ -214,7 +215,10 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
             config=config, worker_id=this_worker, store=adapters.pg,
             chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=tokens,
             events=events_in, records=records_in, event_log=adapters.events,
-            registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s),
+            # A tombstone outlives the longest wait behind a session (DESIGN 1.2).
+            registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s
+                                 + config.jobs.session_wait_s,
+                                 on_evict=metrics.tombstones_evicted.inc),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
             retriever=Retriever(adapters.documents, config,
                                 embedder=partial(configured_embedder, config.rag)))
@@ -258,6 +262,7 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             on_lost=partial(registry.stop, reason=superseded)))
         _watch(worker.metrics, worker)
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
+        background.start_soon(prune_ledger, worker)
         if handle_signals:  # the process is ours
             background.start_soon(_watch_signals, stop, root.cancel_scope, worker.finishing)
             # What start-up loaded (LiteLLM alone is ~400k objects) stays for the life of
@@ -281,5 +286,6 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
 def _watch(metrics: Metrics, worker: Worker) -> None:
     """Gauges read when /metrics is scraped."""
     metrics.in_flight.set_function(worker.registry.running)
+    metrics.tombstones.set_function(worker.registry.tombstones)
     metrics.watch_mailbox("redis_sink", lambda: worker.events.statistics().current_buffer_used)
     metrics.watch_mailbox("pg_sink", lambda: worker.records.statistics().current_buffer_used)

@@ -6,6 +6,7 @@ came from, before anything starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -72,6 +73,7 @@ class JobKeys(msgspec.Struct, frozen=True):
     attempt: str  # the attempt that holds the job (DESIGN 4.11)
     done: str  # set with the job's appended `done`
     seq_prefix: str  # + attempt: the highest seq written for that attempt
+    own_stream: bool = True  # False: the template names one stream shared by many jobs
 
     def seq(self, attempt: int) -> str:
         return f"{self.seq_prefix}{attempt}"
@@ -82,7 +84,8 @@ def job_keys(key_template: str, job_id: str, *, cluster: bool) -> JobKeys:
     tag = f"{{{job_id}}}" if cluster else job_id
     return JobKeys(stream=key_template.replace("{job_id}", tag),
                    attempt=f"chat-actors:attempt:{tag}", done=f"chat-actors:done:{tag}",
-                   seq_prefix=f"chat-actors:seq:{tag}:")
+                   seq_prefix=f"chat-actors:seq:{tag}:",
+                   own_stream="{job_id}" in key_template)
 
 
 class Stream(_Section, frozen=True):
@@ -128,6 +131,8 @@ class Jobs(_Section, frozen=True):
     idle_timeout_s: PositiveFloat
     max_in_flight: Positive
     lease_s: PositiveFloat
+    session_queue_max: Positive
+    session_wait_s: PositiveFloat
 
 
 class Rag(_Section, frozen=True):
@@ -149,6 +154,29 @@ class Rag(_Section, frozen=True):
         own = f"user-{user_id}"
         granted = [name for name, users in self.grants.items() if user_id in users]
         return list(dict.fromkeys([own, *self.shared_collections, *granted]))
+
+
+# Names stored as they are: lowercase letters, digits and inner dashes, 3-63 chars.
+_PLAIN = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_SLUG_CHARS = 40
+
+
+def stored_collection_name(name: str) -> str:
+    """The stored name of collection `name`: one-to-one, so two names never share
+    documents, and within Chroma's rules (3-512 chars of [A-Za-z0-9._-], alphanumeric
+    at both ends) and a case-insensitive file system's (the keyword index's folder).
+
+    A plain name (lowercase letters, digits, inner dashes) is stored as it is. Any
+    other gets a readable slug, "_", and 24 hex digits of the SHA-256 of its exact
+    text: plain names have no "_", so they never meet these, and `acme:bob`, `acme-bob`,
+    `acme.bob` and `Acme-Bob` are four collections."""
+    if _PLAIN.match(name):
+        return name
+    if not name:
+        raise ValueError("an empty name cannot name a collection")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:_SLUG_CHARS].strip("-")
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return f"{slug or 'c'}_{digest}"
 
 
 class Control(_Section, frozen=True):
@@ -177,9 +205,11 @@ class Log(_Section, frozen=True):
 class Limit(_Section, frozen=True):
     """One user's or tenant's limits; 0 means no limit."""
 
-    usd: Annotated[float, Meta(ge=0)] = 0.0
-    rpm: Annotated[int, Meta(ge=0)] = 0
-    tpm: Annotated[int, Meta(ge=0)] = 0
+    # Finite: the ledger's numeric column holds no infinity (and an infinite budget is
+    # written 0, no limit). msgspec says which key is out of range.
+    usd: Annotated[float, Meta(ge=0, le=1e12)] = 0.0
+    rpm: Annotated[int, Meta(ge=0, le=10**12)] = 0
+    tpm: Annotated[int, Meta(ge=0, le=10**12)] = 0
 
 
 class Tenant(Limit, frozen=True):

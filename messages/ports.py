@@ -20,6 +20,7 @@ class Claimed(msgspec.Struct, frozen=True):
 
     attempt: int
     history: list[Turn] = msgspec.field(default_factory=list[Turn])  # read in the same round trip
+    over_rejected: bool = False  # the id was a rejected request's: its events are cleared
 
 
 class AlreadyTerminal(msgspec.Struct, frozen=True):

@@ -42,6 +42,9 @@ class FakeStore:
                       period: str) -> Refused | None:
         return None
 
+    async def prune_ledger(self, *, period: str) -> int:
+        return 0
+
 
 class NoEvents:
     """The read side of the EventWriter port for a job that never ran before."""
@@ -51,6 +54,9 @@ class NoEvents:
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         return -1
+
+    async def hand_over(self, job_id: str, attempt: int) -> None:
+        pass
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 
 import trio
 
+from actors.registry import JobRegistry
 from tests.helpers import (
     events_of,
     job_row,
@@ -136,3 +137,47 @@ async def test_the_cancel_command_cancels_a_running_job(make_config, llm, rds):
         events = await events_of(rds, config, req["jobId"])
     assert result.returncode == 0 and f"cancel sent for {req['jobId']}" in result.stdout
     assert events[-1]["data"] == {"status": "cancelled", "partial": True}
+
+
+async def test_a_cancel_naming_another_users_job_never_replaces_the_owners():
+    registry = JobRegistry(tombstone_ttl_s=60)
+    registry.cancel("job-1", "alice", "changed my mind")
+    registry.cancel("job-1", "mallory", "gotcha")
+    assert registry.admit("job-1", "alice").cancel_reason == "changed my mind"
+    assert not registry.admit("job-2", "mallory").cancel_scope.cancel_called
+
+
+async def test_tombstones_are_bounded_per_user_and_in_total():
+    evicted: list[None] = []
+    registry = JobRegistry(tombstone_ttl_s=60, max_total=50, max_per_user=10,
+                           on_evict=lambda: evicted.append(None))
+    registry.cancel("mine", "alice", "stop")
+    for n in range(1000):  # one user's flood evicts only that user's oldest
+        registry.cancel(f"flood-{n}", "mallory", "x" * 10_000)
+    assert registry.tombstones() == 11 and len(evicted) == 990
+    assert registry.admit("mine", "alice").cancel_scope.cancel_called
+    assert registry.admit("flood-999", "mallory").cancel_reason == "x" * 200  # kept short
+    for n in range(60):  # many users: the total bound evicts the oldest of anyone's
+        registry.cancel(f"job-{n}", f"user-{n}", "stop")
+    assert registry.tombstones() == 50 and len(evicted) == 990 + 19
+    assert registry.admit("job-59", "user-59").cancel_scope.cancel_called
+    assert not registry.admit("job-0", "user-0").cancel_scope.cancel_called
+
+
+async def test_a_cancel_outlives_its_jobs_wait_behind_the_session(make_config, llm, rds, db):
+    """tombstone_ttl_s 0.5, and the cancelled job waits ~3 s behind its session's first:
+    the tombstone lives the TTL plus the longest session wait, so the job never runs."""
+    config, _ = make_config(extra="[control]\ntombstone_ttl_s = 0.5\n")
+    llm.default = Reply(tokens=tuple(f"t{i} " for i in range(30)), token_delay_s=0.1)
+    first = request("first", sessionId="s-wait")
+    second = request("second", sessionId="s-wait")
+    async with worker_running(config) as worker:
+        produce(config, first)
+        await wait_tokens(llm, 1)
+        produce(config, second)
+        cancel(config, second["jobId"], "alice", reason="not any more")
+        await until(lambda: worker.registry.tombstones() == 1)
+        events = await events_of(rds, config, second["jobId"])
+    assert events[-1]["data"] == {"status": "cancelled", "partial": False}
+    assert len(llm.calls) == 1  # the first job's only
+    assert job_row(db, first["jobId"])["status"] == "completed"

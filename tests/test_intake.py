@@ -41,14 +41,42 @@ class OneBatch:
     async def close(self) -> None: ...
 
 
-def _worker(max_in_flight: int = 64) -> Worker:
-    config = load_config(environ={"CHAT_ACTORS__JOBS__MAX_IN_FLIGHT": str(max_in_flight)})
-    events_in, _ = trio.open_memory_channel(10)
-    records_in, _ = trio.open_memory_channel(10)
-    return Worker(config=config, worker_id="w", store=FakeStore(), chat=None,
-                  pricing=FlatPricing(), tokens=WordCounting(), events=events_in,
-                  records=records_in, event_log=NoEvents(),
-                  registry=JobRegistry(tombstone_ttl_s=60))
+def _worker(max_in_flight: int = 64, **jobs: object) -> Worker:
+    environ = {f"CHAT_ACTORS__JOBS__{k.upper()}": str(v) for k, v in jobs.items()}
+    config = load_config(environ={"CHAT_ACTORS__JOBS__MAX_IN_FLIGHT": str(max_in_flight),
+                                  **environ})
+    events_in, events_out = trio.open_memory_channel(100)
+    records_in, records_out = trio.open_memory_channel(100)
+    worker = Worker(config=config, worker_id="w", store=FakeStore(), chat=None,
+                    pricing=FlatPricing(), tokens=WordCounting(), events=events_in,
+                    records=records_in, event_log=NoEvents(),
+                    registry=JobRegistry(tombstone_ttl_s=60))
+    worker.sink_inboxes = (events_out, records_out)  # type: ignore[attr-defined]
+    return worker
+
+
+class Sinks:
+    """Both sinks as fakes: each record is written at once, each event kept by job."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.events_out, self.records_out = worker.sink_inboxes  # type: ignore[attr-defined]
+        self.events: dict[str, list[tuple[float, object]]] = {}
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._records)
+            nursery.start_soon(self._events)
+
+    async def _records(self) -> None:
+        async for record in self.records_out:
+            record.receipt.set()
+
+    async def _events(self) -> None:
+        async for emitted in self.events_out:
+            self.events.setdefault(emitted.job.job_id, []).append(
+                (trio.current_time(), emitted.body))
+            if emitted.receipt is not None:
+                emitted.receipt.set()
 
 
 async def test_a_job_that_raises_an_unexpected_error_does_not_stop_the_intake(autojump_clock):
@@ -131,3 +159,96 @@ async def test_a_stuck_head_bounds_the_offsets_the_intake_tracks(autojump_clock)
         stop.set()
     assert source.most_tracked == 10
     assert tracker.unsettled() == 0 and source.commits[-1] == {("t", 0): 40}
+
+
+class Timed(PausingBatch):
+    """PausingBatch whose values arrive at given times (Trio's clock)."""
+
+    def __init__(self, timed: list[tuple[float, bytes]]) -> None:
+        super().__init__([v for _, v in timed])
+        self.arrives = [at for at, _ in timed]
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        now = trio.current_time()
+        ready = sum(1 for d in self.batch if self.arrives[d.offset] <= now)
+        return await super().poll(min(max_records, max(ready, 0)) or 1, timeout_s) \
+            if ready else await _idle(timeout_s)
+
+
+async def _idle(timeout_s: float) -> list[Delivery]:
+    await trio.sleep(timeout_s)
+    return []
+
+
+def _request(job_id: str, session: str) -> bytes:
+    return json.dumps({"jobId": job_id, "userId": "u", "sessionId": session,
+                       "message": "m"}).encode()
+
+
+async def test_requests_waiting_behind_their_session_hold_no_in_flight_slot(autojump_clock):
+    """One session with a running job and five queued behind it must not keep another
+    session's job out: only running jobs count against max_in_flight."""
+    worker = _worker(max_in_flight=2)
+    release = trio.Event()
+    started: dict[str, float] = {}
+
+    async def job(request: ChatRequest, _: Worker) -> None:
+        started[request.job_id] = trio.current_time()
+        if request.job_id == "a0":
+            await release.wait()
+
+    values = [_request(f"a{i}", "A") for i in range(6)] + [_request("b0", "B")]
+    source, tracker, stop = PausingBatch(values), OffsetTracker(), trio.Event()
+    sinks = Sinks(worker)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sinks.run)
+        await nursery.start(partial(run_intake, source, None, worker, tracker,
+                                    stop=stop, run_job=job))
+        await trio.sleep(10)
+        assert sorted(started) == ["a0", "b0"]  # a1..a5 wait; b0 ran beside a0
+        release.set()
+        await trio.sleep(10)
+        stop.set()
+        nursery.cancel_scope.deadline = trio.current_time() + 30
+    assert sorted(started) == ["a0", "a1", "a2", "a3", "a4", "a5", "b0"]
+    assert [started[f"a{i}"] <= started[f"a{i + 1}"] for i in range(5)] == [True] * 5
+
+
+async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(autojump_clock):
+    """queue_max 2: a third request waiting is refused at once. session_wait_s 30: a
+    request still waiting after 30 s is refused then, and the one behind it still
+    waits for the running job (the session's order holds)."""
+    worker = _worker(session_queue_max=2, session_wait_s=30)
+    ended: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    async def job(request: ChatRequest, _: Worker) -> None:
+        started[request.job_id] = trio.current_time()
+        if request.job_id == "a0":
+            await trio.sleep(40)
+        ended[request.job_id] = trio.current_time()
+
+    source = Timed([(0, _request("a0", "A")), (0, _request("a1", "A")),
+                    (20, _request("a2", "A")), (20, _request("a3", "A"))])
+    tracker, stop = OffsetTracker(), trio.Event()
+    sinks = Sinks(worker)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sinks.run)
+        await nursery.start(partial(run_intake, source, None, worker, tracker,
+                                    stop=stop, run_job=job))
+        await trio.sleep(100)
+        stop.set()
+        nursery.cancel_scope.deadline = trio.current_time() + 30
+
+    def refused(job_id: str) -> float:
+        (t_error, error), (_, done) = sinks.events[job_id]
+        assert (error.code, error.retryable, done.status) == ("session_busy", True, "rejected")
+        return t_error
+
+    assert sorted(started) == ["a0", "a2"]
+    assert 20 <= refused("a3") < 21  # a1 and a2 already waited: the queue was full
+    assert 30 <= refused("a1") < 31  # waited its 30 s behind a0
+    assert started["a2"] >= ended["a0"] >= 40  # not when a1 gave up at 30: after a0
+    assert "a0" not in sinks.events and tracker.unsettled() == 0
+    rendered = worker.metrics.render().decode()
+    assert 'chat_actors_rejections_total{reason="session_busy"} 2.0' in rendered

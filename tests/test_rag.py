@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from functools import partial
@@ -13,7 +14,7 @@ import pytest
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.retriever import coverage, fuse
-from config import load_config
+from config import load_config, stored_collection_name
 from messages.wire import decode_request
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
@@ -213,3 +214,46 @@ async def test_a_chroma_server_that_is_down_is_waited_for_not_read_as_no_documen
     assert cause in report["down"]["chroma"]
     assert [e["event"] for e in events][-2:] == ["error", "done"]
     assert events[-1]["data"]["status"] == "timeout" and not llm.calls
+
+
+# Chroma's rules, and a case-insensitive file system's (the keyword index's folder).
+_CHROMA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
+LOOKALIKES = ["acme:bob", "acme-bob", "acme.bob", "Acme-Bob", "acme_bob", "acme--bob",
+              "acme/bob", "acme bob", "acme-bob_"]
+
+
+def test_collection_names_are_one_to_one_and_valid():
+    names = [f"user-{u}" for u in LOOKALIKES] + [
+        "ab", "_lead", "trail-", "a" * 600, "a" * 601, "日本語", "..", "a..b", "c", "x_y",
+        stored_collection_name("user-acme:bob")]  # a stored name, used as a raw one
+    stored = [stored_collection_name(n) for n in names]
+    assert len({s.lower() for s in stored}) == len(names)
+    for name, s in zip(names, stored, strict=True):
+        assert _CHROMA_NAME.match(s) and ".." not in s, (name, s)
+    assert stored_collection_name("user-alice") == "user-alice"  # plain names unchanged
+
+
+async def test_user_ids_differing_only_in_punctuation_or_case_never_share_documents(
+        rag_config, tmp_path):
+    from actors.errors import PermanentError
+    from actors.retriever import Retriever
+
+    store = DocumentStore(path=Path(rag_config.rag.path))
+    for n, user in enumerate(LOOKALIKES):
+        docs = tmp_path / f"docs{n}"
+        write_corpus(docs, {f"secret{n}.md": f"# Secret {n}\nThe vault code of {user} is "
+                                              f"{1000 + n}. Tansu brokers keep it.\n"})
+        ingest(store, rag_config, f"user-{user}", [docs], root=tmp_path)
+    retriever = Retriever(store, rag_config,
+                          embedder=partial(configured_embedder, rag_config.rag))
+    for n, user in enumerate(LOOKALIKES):
+        found = await retriever.search(query="vault code Tansu", user_id=user, collection=None,
+                                       top_k=5, where=None)
+        sources = {h.source for step in found.steps for h in step.hits}
+        assert sources == {f"docs{n}/secret{n}.md"}, (user, sources)
+    for asker, owner in [("acme:bob", "acme-bob"), ("Acme-Bob", "acme-bob"),
+                         ("acme-bob", "acme.bob")]:
+        with pytest.raises(PermanentError) as refused:
+            await retriever.search(query="vault code", user_id=asker,
+                                   collection=f"user-{owner}", top_k=5, where=None)
+        assert refused.value.code == "forbidden"

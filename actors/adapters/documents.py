@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -22,22 +21,19 @@ if TYPE_CHECKING:
     import bm25s
 
 from actors.errors import PermanentError, TransientError
-from config import Rag
+from config import Rag, stored_collection_name
 from messages.ports import Hit
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
-
-
 def collection_name(name: str) -> str:
-    """Chroma's rules: 3-512 chars of [A-Za-z0-9._-], alphanumeric at both ends."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", name)
-    if not _NAME.match(safe):
-        raise PermanentError(f"{name!r} cannot name a collection (3-512 chars of "
-                             "[A-Za-z0-9._-], alphanumeric at both ends)", code="bad_collection")
-    return safe
+    """The stored name of collection `name` (config.collection_name), or a
+    PermanentError for a name no collection can have."""
+    try:
+        return stored_collection_name(name)
+    except ValueError as exc:
+        raise PermanentError(str(exc), code="bad_collection") from None
 
 
 def _chroma_errors() -> Any:

@@ -64,9 +64,10 @@ class _OverLimit(Exception):
 
 
 # The window a reservation counts in: rates per minute, money per configured period.
-_WINDOWS: dict[str, LiteralString] = {"minute": "date_trunc('minute', now())",
-                                       "day": "date_trunc('day', now())",
-                                       "month": "date_trunc('month', now())"}
+# In UTC whatever the session's TimeZone, so every worker counts in the same windows.
+_WINDOWS: dict[str, LiteralString] = {"minute": "date_trunc('minute', now(), 'UTC')",
+                                       "day": "date_trunc('day', now(), 'UTC')",
+                                       "month": "date_trunc('month', now(), 'UTC')"}
 _ACTUAL = {"usd": lambda r: r.cost_usd or 0.0, "requests": lambda r: 1,
            "tokens": lambda r: r.prompt_tokens + r.completion_tokens}
 
@@ -213,17 +214,23 @@ class Postgres:
                 ON CONFLICT (job_id) DO UPDATE SET
                     attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
                     lease_until = excluded.lease_until, started_at = now(),
-                    model = excluded.model, provider = excluded.provider
-                WHERE j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
-                  AND (j.lease_until IS NULL OR j.lease_until < now())
-                RETURNING attempt
+                    model = excluded.model, provider = excluded.provider,
+                    user_id = excluded.user_id, session_id = excluded.session_id,
+                    trace_id = excluded.trace_id, mode = excluded.mode,
+                    error = NULL, finished_at = NULL
+                WHERE (j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
+                       AND (j.lease_until IS NULL OR j.lease_until < now()))
+                   -- a rejected request never took the id: a valid one claims it over
+                   OR j.status = 'rejected'
+                RETURNING attempt, (SELECT status FROM llm_jobs WHERE job_id = %(job_id)s)
                 """,
                 {"job_id": job_id, "user_id": user_id, "session_id": session_id,
                  "trace_id": trace_id, "mode": mode, "model": model, "provider": provider,
                  "holder": lease_holder, "lease": timedelta(seconds=lease_s)},
             ).fetchone()
             if row is not None:
-                return Claimed(row[0], _history(conn, user_id, session_id, job_id, history_limit))
+                return Claimed(row[0], _history(conn, user_id, session_id, job_id, history_limit),
+                               over_rejected=row[1] == "rejected")
             existing = conn.execute(
                 "SELECT status, user_id, lease_owner, attempt, partial FROM llm_jobs "
                 "WHERE job_id = %s", (job_id,)).fetchone()
@@ -286,6 +293,14 @@ class Postgres:
 
         return await self.run(reserve)
 
+    async def prune_ledger(self, *, period: str) -> int:
+        """Delete ledger windows no reservation counts in any more (rates older than an
+        hour, money older than the previous period); return how many."""
+        return await self.run(lambda conn: conn.execute(
+            "DELETE FROM llm_budget_ledger WHERE window_start < CASE WHEN kind = 'usd' "
+            "THEN date_trunc(%(period)s, now(), 'UTC') - ('1 ' || %(period)s)::interval "
+            "ELSE now() - interval '1 hour' END", {"period": period}).rowcount)
+
     async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
         """Jobs, tokens and cost by user and model alias, newest rows included."""
         rows = await self.run(lambda conn: conn.execute(
@@ -318,17 +333,19 @@ class Postgres:
             landed: set[str] = set()
             with conn.transaction(), conn.cursor() as cur:
                 if finished:
-                    # Settle reservations to what each job really used, in the same
-                    # transaction as its terminal row (the lease and attempt check it once).
-                    reserved = {r.job_id: r for r in finished if r.reserved}
-                    if reserved:  # only those jobs pay for the locking read
-                        for job_id, attempt, holds in cur.execute(
-                                "SELECT job_id, attempt, budget_holds FROM llm_jobs "
-                                "WHERE job_id = ANY(%s) AND lease_owner = %s "
-                                "AND budget_holds IS NOT NULL ORDER BY job_id FOR UPDATE",
-                                (list(reserved), lease_holder)).fetchall():
-                            if attempt == reserved[job_id].attempt:
-                                _release(cur, holds, reserved[job_id])
+                    # Settle reservations in the same transaction as the terminal row
+                    # (the lease and attempt check it once): this attempt's to what it
+                    # really used; an earlier attempt's, when this one ended before
+                    # reserving (cancelled, refused, timed out), given back unused.
+                    by_id = {r.job_id: r for r in finished}
+                    for job_id, attempt, holds in cur.execute(
+                            "SELECT job_id, attempt, budget_holds FROM llm_jobs "
+                            "WHERE job_id = ANY(%s) AND lease_owner = %s "
+                            "AND budget_holds IS NOT NULL ORDER BY job_id FOR UPDATE",
+                            (list(by_id), lease_holder)).fetchall():
+                        record = by_id[job_id]
+                        if attempt == record.attempt:
+                            _release(cur, holds, record if record.reserved else None)
                     cur.executemany(
                         """
                         UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
@@ -362,18 +379,35 @@ class Postgres:
                         "tokens, partial) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (job_id, role) DO NOTHING", messages)
                 if rejected:
-                    # Never over a job that ran or runs: only a new row, or (for a failed
-                    # claim) the same user's job that no live lease holds.
+                    # A job id is never taken from its owner: a rejection lands only as a
+                    # new row (attempt 1, which a valid request may later claim over),
+                    # over the same user's rejection (redelivered), or, for a failed
+                    # claim, over the same user's job that no live lease holds (what
+                    # that job had reserved is given back).
+                    ids = [r.job_id for r in rejected]
+                    for _, holds in cur.execute(
+                            "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
+                            "AND budget_holds IS NOT NULL AND status IN ('queued', 'running') "
+                            "AND (lease_until IS NULL OR lease_until < now()) "
+                            "ORDER BY job_id FOR UPDATE", (ids,)).fetchall():
+                        _release(cur, holds, None)
                     cur.executemany(
                         "INSERT INTO llm_jobs AS j (job_id, user_id, session_id, status, error, "
-                        "finished_at) VALUES (%s, %s, %s, %s, %s, now()) "
+                        "attempt, finished_at) VALUES (%s, %s, %s, %s, %s, 1, now()) "
                         "ON CONFLICT (job_id) DO UPDATE SET status = EXCLUDED.status, "
                         "error = EXCLUDED.error, finished_at = now(), lease_owner = NULL, "
-                        "lease_until = NULL WHERE EXCLUDED.status = 'failed' "
-                        "AND j.user_id = EXCLUDED.user_id AND j.status IN ('queued', 'running') "
-                        "AND (j.lease_until IS NULL OR j.lease_until < now())",
+                        "lease_until = NULL, budget_holds = NULL "
+                        "WHERE j.user_id = EXCLUDED.user_id AND ("
+                        "(EXCLUDED.status = 'rejected' AND j.status = 'rejected') OR "
+                        "(EXCLUDED.status = 'failed' AND j.status IN ('queued', 'running') "
+                        "AND (j.lease_until IS NULL OR j.lease_until < now()))) "
+                        "RETURNING job_id",
                         [(r.job_id, r.user_id, r.session_id, r.status, r.error)
-                         for r in rejected])
-            return {r.job_id for r in finished} - landed
+                         for r in rejected], returning=True)
+                    while True:
+                        landed.update(row[0] for row in cur.fetchall())
+                        if not cur.nextset():
+                            break
+            return {r.job_id for r in records} - landed
 
         return await self.run(write)

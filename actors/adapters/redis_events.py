@@ -65,6 +65,18 @@ end
 return 1
 """
 
+# Hands a job id over from a rejected request to a valid one claiming it (attempt N):
+# the rejection's done marker goes, and its stream when it is the job's own (ARGV[2]);
+# the attempt key rises to N at once, so a late entry of the rejection is refused.
+# KEYS: the stream, the job's attempt, its done marker. ARGV: attempt, own stream, ttl_s.
+_HAND_OVER = """
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[2]) or '0') then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+redis.call('DEL', KEYS[3])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 
 class RedisEvents:
     """`keys` names a job's keys (config.job_keys: the done marker is separate from the
@@ -84,6 +96,7 @@ class RedisEvents:
         self._cluster = cluster
         self._keys = keys
         self._append_once = self._client.register_script(_APPEND_ONCE)
+        self._hand_over = self._client.register_script(_HAND_OVER)
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
@@ -115,6 +128,14 @@ class RedisEvents:
                     for entry, result in zip(entries, results, strict=True) if result == -1}
 
         return await self._run(pipeline)
+
+    async def hand_over(self, job_id: str, attempt: int) -> None:
+        """A valid request claimed `job_id` over a rejected one, as `attempt`: clear what
+        the rejection wrote (its own stream, or on a shared stream only its done marker)."""
+        keys = self._keys(job_id)
+        await self._run(lambda: self._hand_over(
+            keys=[keys.stream, keys.attempt, keys.done],
+            args=[attempt, "1" if keys.own_stream else "0", self._ttl_s]))
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
