@@ -43,6 +43,9 @@ def test_env_can_define_a_new_model_alias():
     ({"CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["ghost"]'},
      "llm.models.local.fallbacks: unknown alias 'ghost'"),
     ({"CHAT_ACTORS__REDIS__URL": "http://x"}, "redis.url: Expected `str` matching regex"),
+    # Limits are finite: the ledger cannot hold an infinity (no limit is written 0).
+    ({"CHAT_ACTORS__BUDGETS__USER__USD": "inf"}, "budgets.user.usd: Expected `float` <="),
+    ({"CHAT_ACTORS__JOBS__SESSION_QUEUE_MAX": "0"}, "jobs.session_queue_max: Expected `int` >= 1"),
 ])
 def test_bad_values_name_the_key_and_the_rule(environ, message):
     with pytest.raises(ConfigError) as info:
