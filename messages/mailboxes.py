@@ -25,6 +25,7 @@ class Receipt:
         self._written = trio.Event()
         self.refused: str | None = None
         # A later attempt of the job holds it: nothing of this attempt was written.
+        # For a rejection: the job id is another job's, and nothing was written.
         self.superseded = False
 
     def set(self, refused: str | None = None) -> None:

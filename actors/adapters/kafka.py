@@ -146,6 +146,9 @@ class RequestConsumer(_Consumer):
         self.revocations = 0  # partitions taken away: a rebalance we caused or suffered
         self._assigned: set[Partition] = set()
         self._assigned_lock = threading.Lock()
+        # The next offset to read per partition, as the application stands: a seek
+        # leaves librdkafka's position unknown until a message is consumed after it.
+        self._next: dict[Partition, int] = {}
         self._consumer.subscribe([topic], on_assign=self._assigned_cb,
                                  on_revoke=self._revoked_cb, on_lost=self._revoked_cb)
 
@@ -161,6 +164,8 @@ class RequestConsumer(_Consumer):
         self.revocations += len(revoked)
         with self._assigned_lock:
             self._assigned.difference_update(revoked)
+        for partition in revoked:
+            self._next.pop(partition, None)
         # Commit what is settled before another member takes the partitions over.
         offsets = trio.from_thread.run_sync(self._on_revoke, revoked)
         if offsets:
@@ -171,6 +176,12 @@ class RequestConsumer(_Consumer):
                 pass  # the partition's next holder redelivers; leases make that harmless
 
     # -- calls from Trio --------------------------------------------------------------
+    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        deliveries = await super().poll(max_records, timeout_s)
+        for d in deliveries:
+            self._next[(d.topic, d.partition)] = d.offset + 1
+        return deliveries
+
     def assigned(self) -> set[Partition]:
         with self._assigned_lock:
             return set(self._assigned)
@@ -195,8 +206,10 @@ class RequestConsumer(_Consumer):
                 low, high = self._consumer.get_watermark_offsets(tp, cached=True)
                 if high < 0:
                     continue  # nothing fetched from it yet: unknown, not zero
-                # No position yet: nothing consumed, reading starts at the low watermark.
-                start = tp.offset if tp.offset >= 0 else low
+                # No position: nothing consumed since assignment or a seek; then where
+                # the application stands, or the low watermark if it has read nothing.
+                start = tp.offset if tp.offset >= 0 else self._next.get(
+                    (tp.topic, tp.partition), low)
                 lags[(tp.topic, tp.partition)] = max(high - max(start, 0), 0)
             return lags
 
@@ -220,10 +233,12 @@ class RequestConsumer(_Consumer):
             if not parts:
                 return
             self._consumer.resume(parts)
-            positions = self._consumer.position(parts)
-            known = [tp for tp in positions if tp.offset >= 0]
-            unread = [TopicPartition(tp.topic, tp.partition) for tp in positions
-                      if tp.offset < 0]
+            known: list[TopicPartition] = []
+            unread: list[TopicPartition] = []
+            for tp in self._consumer.position(parts):
+                offset = self._next.get((tp.topic, tp.partition), tp.offset)
+                (known if offset >= 0 else unread).append(
+                    TopicPartition(tp.topic, tp.partition, offset))
             if unread:  # nothing consumed from them yet: their committed offset
                 try:
                     known += [tp for tp in self._consumer.committed(unread, timeout=5.0)
@@ -245,6 +260,7 @@ class RequestConsumer(_Consumer):
         def rewind() -> None:
             for (t, p), o in first.items():
                 self._consumer.seek(TopicPartition(t, p, o))
+                self._next[(t, p)] = o
 
         await self._run(rewind)
 
