@@ -21,7 +21,7 @@ from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
 from actors.worker import Worker
 from messages.mailboxes import JobRef, Turn
-from messages.wire import ChatRequest, ProviderSwitched, Retrieval, RetrievalHit, Token
+from messages.wire import ChatRequest, ProviderSwitched, Reasoning, Retrieval, RetrievalHit, Token
 
 log = logging.getLogger("chat_actors.answering")
 
@@ -105,6 +105,9 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         # Hands back emit's coroutine: no extra frame per token on the hot path.
         return worker.emit(job, Token(text=text))
 
+    def on_reasoning(text: str) -> Awaitable[None]:
+        return worker.emit(job, Reasoning(text=text))
+
     async def on_switch(old: str, new: str, why: str) -> None:
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
@@ -112,4 +115,4 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
         messages=messages, params=model_params(request, alias.max_tokens), count=count,
         prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
-        on_switch=on_switch, metrics=worker.metrics)
+        on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning)

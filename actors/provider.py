@@ -28,7 +28,7 @@ from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientE
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from config import Config, ModelAlias
-from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
+from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
 
 log = logging.getLogger("chat_actors.provider")
 
@@ -88,14 +88,35 @@ def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str,
     return [*messages, {"role": "assistant", "content": partial}]
 
 
+@dataclass(frozen=True)
+class Listeners:
+    """Where the provider hands what streams: answer text, reasoning text, switches."""
+
+    on_token: Callable[[str], Awaitable[None]]
+    on_switch: Callable[[str, str, str], Awaitable[None]]
+    on_reasoning: Callable[[str], Awaitable[None]] | None = None
+
+
+def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
+    """(is reasoning, text) for each run of one kind, in order."""
+    runs: list[tuple[bool, list[str]]] = []
+    for chunk in chunks:
+        thought = isinstance(chunk, ReasoningDelta)
+        if runs and runs[-1][0] == thought:
+            runs[-1][1].append(chunk.text)
+        else:
+            runs.append((thought, [chunk.text]))
+    return [(thought, "".join(texts)) for thought, texts in runs]
+
+
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
-                   on_token: Callable[[str], Awaitable[None]],
+                   listeners: Listeners,
                    resend: Callable[[str], Awaitable[bool]]) -> StreamFinished:
     send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
-    got_token = False
+    got_output = False  # answer or reasoning: either shows the model is alive
 
     async def pump() -> None:
         nonlocal failure
@@ -115,32 +136,36 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         with trio.CancelScope(deadline=trio.current_time() + jobs.first_token_timeout_s) as stall:
             async with receive:
                 async for first in receive:
-                    # Tokens that queued up while we were busy become one event.
-                    texts: list[str] = []
+                    # Text that queued up while we were busy becomes one event per run.
+                    deltas: list[TokenDelta | ReasoningDelta] = []
                     for chunk in ready(receive, first, PROVIDER_MAILBOX + 1):
                         match chunk:
-                            case TokenDelta(text=text):
-                                texts.append(text)
+                            case TokenDelta() | ReasoningDelta():
+                                deltas.append(chunk)
                             case StreamFinished():
                                 finished = chunk
                             case _:
                                 assert_never(chunk)
-                    if texts:
-                        got_token = True
-                        if answer.first_token_at is None:
-                            answer.first_token_at = trio.current_time()
+                    if deltas:
+                        got_output = True
                         stall.deadline = trio.current_time() + jobs.idle_timeout_s
-                        text = "".join(texts)
+                    for thought, text in _runs(deltas):
                         if "\x00" in text:  # dropped here, so tokens, final and row agree
                             answer.nul_removed += text.count("\x00")
                             text = text.replace("\x00", "")
                             if not text:
                                 continue
+                        if thought:
+                            if listeners.on_reasoning is not None:
+                                await listeners.on_reasoning(text)
+                            continue
+                        if answer.first_token_at is None:
+                            answer.first_token_at = trio.current_time()
                         answer.parts.append(text)
-                        await on_token(text)
+                        await listeners.on_token(text)
         if stall.cancelled_caught:
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor
-            failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_token
+            failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_output
                        else Stalled("first_token_timeout", jobs.first_token_timeout_s))
     if failure is not None:
         raise failure
@@ -161,8 +186,7 @@ class _Chain:
     count: Callable[[str], int]
     prompt_estimate: int
     answer: Answer
-    on_token: Callable[[str], Awaitable[None]]
-    on_switch: Callable[[str, str, str], Awaitable[None]]
+    listeners: Listeners
     backoff: Backoff
     metrics: Metrics | None
 
@@ -187,7 +211,7 @@ class _Chain:
         request = continuation(self.messages, answer.text)
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,
-                                      answer, self.on_token, partial(self.resend, name, spec))
+                                      answer, self.listeners, partial(self.resend, name, spec))
         except (PermanentError, TransientError) as exc:
             answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
             if self.metrics is not None:
@@ -208,7 +232,7 @@ class _Chain:
             return False
         log.warning("%s: %s", name, why)
         self.count_retry(spec)
-        await self.on_switch(name, name, why)
+        await self.listeners.on_switch(name, name, why)
         return True
 
     def count_retry(self, spec: ModelAlias) -> None:
@@ -220,7 +244,7 @@ class _Chain:
         wait = self.backoff.delay(retry, exc.retry_after)
         log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry, wait)
         self.count_retry(spec)
-        await self.on_switch(name, name, str(exc))
+        await self.listeners.on_switch(name, name, str(exc))
         await trio.sleep(wait)
 
     async def fall_back(self, name: str, spec: ModelAlias, to: str, exc: TransientError) -> None:
@@ -230,7 +254,7 @@ class _Chain:
             self.metrics.provider_fallbacks.labels(
                 from_vendor=self.pricing.provider_of(spec.model),
                 to_vendor=self.pricing.provider_of(self.config.llm.models[to].model)).inc()
-        await self.on_switch(name, to, str(exc))
+        await self.listeners.on_switch(name, to, str(exc))
 
 
 async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, alias_name: str,
@@ -239,13 +263,15 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, al
                         on_token: Callable[[str], Awaitable[None]],
                         on_switch: Callable[[str, str, str], Awaitable[None]],
                         answer: Answer, backoff: Backoff | None = None,
-                        metrics: Metrics | None = None) -> Answer:
+                        metrics: Metrics | None = None,
+                        on_reasoning: Callable[[str], Awaitable[None]] | None = None) -> Answer:
     """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
     ProviderExhausted. `answer` keeps the partial text if this is cancelled."""
     llm = config.llm
     walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
                   count=count, prompt_estimate=prompt_estimate, answer=answer,
-                  on_token=on_token, on_switch=on_switch, metrics=metrics,
+                  listeners=Listeners(on_token=on_token, on_switch=on_switch,
+                                      on_reasoning=on_reasoning), metrics=metrics,
                   backoff=backoff or Backoff(base_s=llm.retry_backoff_s,
                                              cap_s=llm.retry_backoff_cap_s))
     chain = [alias_name, *llm.models[alias_name].fallbacks]

@@ -21,7 +21,7 @@ from actors.ports import EventWriter
 from actors.sinks import run_sink
 from messages.mailboxes import EventEmitted
 from messages.ports import StreamEntry
-from messages.wire import Done, StreamEvent, Token, event_data, now_ms
+from messages.wire import Done, Reasoning, StreamEvent, Token, event_data, now_ms
 
 log = logging.getLogger("chat_actors.redis_sink")
 
@@ -29,26 +29,29 @@ JobKey = tuple[str, int]
 
 
 def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[StreamEntry]:
-    """Turn a batch into stream entries, merging each job's adjacent tokens."""
+    """Turn a batch into stream entries, merging each job's adjacent tokens (and its
+    adjacent reasoning: the two are never merged into each other)."""
     entries: list[StreamEntry] = []
-    open_token: dict[JobKey, tuple[int, list[str]]] = {}  # job -> (entry index, texts)
+    # job -> (entry index, the run's event type, texts)
+    open_run: dict[JobKey, tuple[int, type[Token] | type[Reasoning], list[str]]] = {}
 
-    def close_token(key: JobKey) -> None:
-        index, texts = open_token.pop(key)
+    def close_run(key: JobKey) -> None:
+        index, kind, texts = open_run.pop(key)
         if len(texts) > 1:
             entry = entries[index]
-            merged = msgspec.structs.replace(entry.event, data=event_data(Token(text="".join(texts))))
+            merged = msgspec.structs.replace(entry.event, data=event_data(kind(text="".join(texts))))
             entries[index] = StreamEntry(key=entry.key, event=merged)
 
     for message in batch:
         job = message.job
         key = (job.job_id, job.attempt)
         body = message.body
-        if isinstance(body, Token) and key in open_token:
-            open_token[key][1].append(body.text)
+        run = open_run.get(key)
+        if run is not None and isinstance(body, (Token, Reasoning)) and type(body) is run[1]:
+            run[2].append(body.text)
             continue
-        if key in open_token:
-            close_token(key)
+        if run is not None:
+            close_run(key)
         if message.first_seq is not None and key not in next_seq:
             next_seq[key] = message.first_seq
         seq = next_seq.get(key, 0)
@@ -57,12 +60,12 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
             event=body.EVENT, job_id=job.job_id, user_id=job.user_id,
             session_id=job.session_id, attempt=job.attempt, seq=seq, ts=now_ms(),
             data=event_data(body))))
-        if isinstance(body, Token):
-            open_token[key] = (len(entries) - 1, [body.text])
+        if isinstance(body, (Token, Reasoning)):
+            open_run[key] = (len(entries) - 1, type(body), [body.text])
         if isinstance(body, Done):
             next_seq.pop(key, None)
-    for key in list(open_token):
-        close_token(key)
+    for key in list(open_run):
+        close_run(key)
     return entries
 
 

@@ -122,6 +122,12 @@ class TokenDelta(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+class ReasoningDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """The model's reasoning (thinking) text: streamed apart, never part of the answer."""
+
+    text: str
+
+
 class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     prompt_tokens: int | None  # None: the vendor did not report usage
@@ -129,7 +135,7 @@ class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # what the vendor says answered
 
 
-ProviderChunk = TokenDelta | StreamFinished
+ProviderChunk = TokenDelta | ReasoningDelta | StreamFinished
 
 
 # --- intake: one record as it came off Kafka -----------------------------------------

@@ -313,6 +313,13 @@ class Token(_Event, frozen=True):
     text: str
 
 
+class Reasoning(_Event, frozen=True):
+    """v2: the model's reasoning (thinking) text, apart from `token` (DESIGN 1.4)."""
+
+    EVENT: ClassVar[str] = "reasoning"
+    text: str
+
+
 class ProviderSwitched(_Event, frozen=True):
     EVENT: ClassVar[str] = "provider"
     from_: str = msgspec.field(name="from")
@@ -358,7 +365,7 @@ class Done(_Event, frozen=True):
     partial: bool
 
 
-EventBody = Started | Retrieval | Token | ProviderSwitched | Final | Error | Done
+EventBody = Started | Retrieval | Token | Reasoning | ProviderSwitched | Final | Error | Done
 
 _body_encoder = msgspec.json.Encoder()
 

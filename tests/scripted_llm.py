@@ -34,6 +34,10 @@ class Reply:
     report_usage: bool = True
     # Broken HTTP: these bytes are the whole answer, then the connection closes.
     raw: bytes | None = None
+    # Streamed before the tokens, each in its own chunk under `reasoning_field`
+    # (DeepSeek and vLLM say reasoning_content; OpenRouter and Ollama say reasoning).
+    reasoning: tuple[str, ...] = ()
+    reasoning_field: str = "reasoning_content"
 
 
 @dataclass
@@ -213,6 +217,14 @@ class ScriptedLLM:
                 self.end_headers()
                 if reply.first_token_delay_s:
                     time.sleep(reply.first_token_delay_s)
+                for i, thought in enumerate(reply.reasoning):
+                    if i and reply.token_delay_s:
+                        time.sleep(reply.token_delay_s)
+                    delta = {reply.reasoning_field: thought, "content": None}
+                    if not i:
+                        delta["role"] = "assistant"
+                    self._chunk(payload, choices=[{"index": 0, "delta": delta,
+                                                   "finish_reason": None}])
                 for i, token in enumerate(reply.tokens):
                     if reply.break_after is not None and i >= reply.break_after:
                         # Abort mid-stream: no terminating chunk, connection closed.

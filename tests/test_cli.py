@@ -3,6 +3,7 @@ naming it, its address (no credentials) and the cause, and a non-zero exit."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from tools.chat_client import print_answer
 from tools.local_stack import free_port
 
 DOWN = """
@@ -116,3 +118,34 @@ def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, ca
     assert log.is_file()  # kept, since the line names it
     shutil.rmtree(log.parent)
     assert not local_stack._port_open(ports[0])  # Kafka, started before, was stopped
+
+
+class ScriptedEvents:
+    """The chat client's read side, replaying a job's events."""
+
+    def __init__(self, events: list[tuple[str, dict]]) -> None:
+        self._events = events
+
+    def events(self, job_id: str, after: str):
+        yield from self._events
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("out", [io.StringIO(), Terminal()])
+def test_send_prints_reasoning_apart_from_the_answer(out):
+    usage = {"promptTokens": 3, "completionTokens": 2}
+    print_answer(ScriptedEvents([
+        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
+        ("reasoning", {"text": "Six times"}), ("reasoning", {"text": " seven."}),
+        ("token", {"text": "42"}),
+        ("final", {"model": "m", "usage": usage, "costUsd": 0.0}),
+        ("done", {"status": "completed", "partial": False})]), "job", "0-0", out=out)
+    text = out.getvalue()
+    if isinstance(out, Terminal):
+        assert text.startswith("\x1b[2mSix times seven.\x1b[0m\n42\n")
+    else:
+        assert text.startswith("[reasoning: Six times seven.]\n42\n")

@@ -174,3 +174,26 @@ async def test_an_api_key_with_a_trailing_newline_is_sent_without_it(config, llm
     assert events[-1]["data"]["status"] == "completed"
     headers = {name.lower(): value for name, value in llm.calls[0].headers.items()}
     assert headers["authorization"] == "Bearer sk-from-a-file"
+
+
+async def test_reasoning_streams_as_its_own_events_and_keeps_a_slow_thinker_alive(
+        make_config, llm, rds, db):
+    """A reasoning model thinks for 1.6 s before its first answer token, past a 1 s
+    first_token_timeout: its reasoning shows it is alive. The reasoning streams as
+    `reasoning` events, and never reaches `token`, `final` or the history."""
+    config, _ = make_config(environ={"CHAT_ACTORS__JOBS__FIRST_TOKEN_TIMEOUT_S": "1"})
+    llm.default = Reply(reasoning=tuple(f"step {i}. " for i in range(5)), tokens=("4", "2"),
+                        token_delay_s=0.4)
+    req = request("What is six times seven?")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-2:] == ["final", "done"]
+    assert kinds.index("token") > max(i for i, k in enumerate(kinds) if k == "reasoning")
+    thought = "".join(e["data"]["text"] for e in events if e["event"] == "reasoning")
+    assert thought == "step 0. step 1. step 2. step 3. step 4. "
+    assert "".join(e["data"]["text"] for e in events if e["event"] == "token") == "42"
+    assert events[-2]["data"]["text"] == "42" and events[-1]["data"]["status"] == "completed"
+    assert [m["content"] for m in message_rows(db, req["jobId"])] == [
+        "What is six times seven?", "42"]

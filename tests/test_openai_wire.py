@@ -22,7 +22,7 @@ from actors.adapters.openai_wire import (
     resolve,
 )
 from actors.errors import PermanentError, TransientError
-from messages.mailboxes import StreamFinished, TokenDelta
+from messages.mailboxes import ReasoningDelta, StreamFinished, TokenDelta
 from tests.hostile import BROKEN_HTTP
 from tests.scripted_llm import Reply
 
@@ -239,3 +239,53 @@ async def test_a_vendor_speaking_broken_http_is_a_transient_protocol_error(kind)
         assert failed.value.kind == "protocol"
         await chat.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("cut", [1, 13, 100_000])
+async def test_reasoning_streams_apart_from_the_answer_in_order(cut):
+    """DeepSeek and vLLM send `reasoning_content`, OpenRouter and Ollama `reasoning`;
+    either becomes ReasoningDelta, never answer text, and runs keep their order."""
+    data = sse({"choices": [{"delta": {"role": "assistant", "reasoning_content": "Think",
+                                       "content": None}}]},
+               {"choices": [{"delta": {"reasoning_content": "ing."}}]},
+               {"choices": [{"delta": {"content": "Answer"}}]},
+               {"choices": [{"delta": {"reasoning": " More"}}]},
+               {"choices": [{"delta": {"content": "!"}, "finish_reason": "stop"}]})
+    send, receive = trio.open_memory_channel(1000)
+    route = Route(url="u", model="m", provider="openai", api_key_env=None)
+    await _read_events(SplitResponse(data, cut).aiter_bytes(), send, route)
+    send.close()
+    items = [i async for i in receive]
+    runs: list[tuple[str, str]] = []
+    for item in items[:-1]:
+        kind = type(item).__name__
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1] + item.text)
+        else:
+            runs.append((kind, item.text))
+    assert runs == [("ReasoningDelta", "Thinking."), ("TokenDelta", "Answer"),
+                    ("ReasoningDelta", " More"), ("TokenDelta", "!")]
+    if cut == 100_000:
+        assert len(items) == 5  # one read: one delta per run
+
+
+@pytest.mark.parametrize("stream_path", ["openai", "litellm"])
+async def test_both_stream_paths_give_the_same_reasoning_and_answer(llm, stream_path):
+    llm.default = Reply(reasoning=("Let me", " think."), tokens=("Four", "."))
+    if stream_path == "openai":
+        items = await collect(llm, stream_path="openai")
+    else:
+        from actors.adapters import aio
+        from actors.adapters.llm import LiteLLMChat
+
+        send, receive = trio.open_memory_channel(1000)
+        async with aio.open_bridge():
+            await LiteLLMChat().stream(model="openai/scripted", api_base=llm.url,
+                                       api_key_env=None, messages=MESSAGES,
+                                       params={"max_tokens": 20}, out=send)
+        items = [item async for item in receive]
+    reasoning = "".join(i.text for i in items if isinstance(i, ReasoningDelta))
+    answer = "".join(i.text for i in items if isinstance(i, TokenDelta))
+    assert (reasoning, answer) == ("Let me think.", "Four.")
+    first_answer = next(n for n, i in enumerate(items) if isinstance(i, TokenDelta))
+    assert all(not isinstance(i, ReasoningDelta) for i in items[first_answer:])

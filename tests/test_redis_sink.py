@@ -10,9 +10,9 @@ import trio
 import trio.testing
 
 from actors.errors import PermanentError, TransientError
-from actors.redis_sink import run_redis_sink
+from actors.redis_sink import coalesce, run_redis_sink
 from messages.mailboxes import EventEmitted, JobRef, Receipt
-from messages.wire import Done, Started, Token
+from messages.wire import Done, Reasoning, Started, Token
 
 JOB = JobRef(job_id="j", user_id="u", session_id="s", attempt=1, stream_key="sse:chat:j")
 OTHER = JobRef(job_id="k", user_id="u", session_id="s", attempt=1, stream_key="sse:chat:k")
@@ -61,6 +61,17 @@ async def test_adjacent_tokens_of_a_job_coalesce_and_seq_counts_entries(autojump
     assert json.loads(mine[1].data) == {"text": "Hello"}
     assert [json.loads(e.event.data) for e in writer.written if e.event.job_id == "k"] == [
         {"text": "x"}]
+
+
+def test_reasoning_coalesces_apart_from_tokens():
+    """Adjacent reasoning merges like tokens do, but a run of one kind never absorbs
+    the other: the client sees reasoning and answer in the order they came."""
+    bodies = [Reasoning(text="Think"), Reasoning(text="ing."), Token(text="An"),
+              Token(text="swer"), Reasoning(text=" again"), Token(text="!")]
+    entries = coalesce([EventEmitted(job=JOB, body=b) for b in bodies], {})
+    assert [(e.event.event, json.loads(e.event.data)["text"], e.event.seq) for e in entries] == [
+        ("reasoning", "Thinking.", 0), ("token", "Answer", 1), ("reasoning", " again", 2),
+        ("token", "!", 3)]
 
 
 async def test_transient_failures_are_retried_with_backoff_and_nothing_is_lost(autojump_clock):

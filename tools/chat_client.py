@@ -116,12 +116,28 @@ class ChatClient:
         self._redis.close()
 
 
+DIM, NORMAL = "\x1b[2m", "\x1b[0m"
+
+
 def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) -> str:
-    """Print a job's tokens as they stream, then one status line; return the status."""
+    """Print a job's tokens as they stream, then one status line; return the status.
+    Reasoning streams dimmed on a terminal, else between `[reasoning: ` and `]`."""
     started = time.monotonic()
     first: float | None = None
     status = "unknown"
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    thinking = False
     for event, data in client.events(job_id, after):
+        if event == "reasoning":
+            if not thinking:
+                out.write(DIM if tty else "[reasoning: ")
+                thinking = True
+            out.write(data["text"])
+            out.flush()
+            continue
+        if thinking:
+            out.write(f"{NORMAL}\n" if tty else "]\n")
+            thinking = False
         if event == "retrieval" and data["step"] == "rerank":
             for hit in data["hits"]:
                 out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")

@@ -18,7 +18,7 @@ import trio
 from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
 from config import secret
-from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
+from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
 
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # a vendor that lacks a param must not fail the job
@@ -151,9 +151,13 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
                 completion_tokens = usage.completion_tokens
             model = getattr(chunk, "model", None) or model
             for choice in chunk.choices:
-                text = choice.delta.content if choice.delta is not None else None
-                if text:
-                    await put(TokenDelta(text=text))
+                delta = choice.delta
+                # LiteLLM's name for every vendor's reasoning (Anthropic's thinking too).
+                thought = getattr(delta, "reasoning_content", None) if delta else None
+                if thought:
+                    await put(ReasoningDelta(text=thought))
+                if delta is not None and delta.content:
+                    await put(TokenDelta(text=delta.content))
                 if choice.finish_reason:
                     finish_reason = choice.finish_reason
     finally:

@@ -36,7 +36,7 @@ from actors.adapters import http1
 from actors.adapters.llm import LiteLLMChat, translate
 from actors.errors import PermanentError, TransientError
 from config import secret
-from messages.mailboxes import ProviderChunk, StreamFinished, TokenDelta
+from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
 
 # LiteLLM providers whose chat endpoint is the plain OpenAI wire format, with no
 # request or response rewriting beyond the parameter mapping done here.
@@ -48,6 +48,8 @@ MAX_SSE_LINE = 4 * 1024 * 1024  # one `data:` line (a chunk with a large tool ca
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    reasoning_content: str | None = None  # DeepSeek, vLLM
+    reasoning: str | None = None  # OpenRouter, Ollama
 
 
 class _Choice(msgspec.Struct):
@@ -210,16 +212,16 @@ class OpenAIWireChat:
 
 async def _read_events(body: AsyncGenerator[bytes], out: trio.MemorySendChannel[ProviderChunk],
                        route: Route) -> None:
-    """Parse SSE `data:` lines; send each network read's text as one TokenDelta."""
+    """Parse SSE `data:` lines; send each network read's text as one delta per run of
+    reasoning or answer text."""
     stream = _StreamState(model=route.model)
     line = _PartialLine(route)
     async with contextlib.aclosing(body) as pieces:
         async for piece in pieces:
             lines = line.complete(piece)
             if lines:
-                texts = stream.parse(lines, route)
-                if texts:
-                    await _put(out, TokenDelta(text="".join(texts)))
+                for delta in stream.parse(lines, route):
+                    await _put(out, delta)
     if stream.finish_reason is None:
         raise TransientError(f"{route.provider}: the stream ended before the answer finished",
                              kind="protocol")
@@ -266,9 +268,21 @@ class _StreamState:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
-    def parse(self, lines: list[bytes], route: Route) -> list[str]:
-        """The text of these SSE lines; usage, model and finish reason are kept."""
+    def parse(self, lines: list[bytes], route: Route) -> list[TokenDelta | ReasoningDelta]:
+        """The text of these SSE lines, reasoning and answer apart and in order, each run
+        of one kind as one delta; usage, model and finish reason are kept."""
+        runs: list[TokenDelta | ReasoningDelta] = []
+        kind: type[TokenDelta] | type[ReasoningDelta] = TokenDelta
         texts: list[str] = []
+
+        def add(of: type[TokenDelta] | type[ReasoningDelta], text: str) -> None:
+            nonlocal kind
+            if of is not kind and texts:
+                runs.append(kind(text="".join(texts)))
+                texts.clear()
+            kind = of
+            texts.append(text)
+
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` / `id:` fields
@@ -289,11 +303,18 @@ class _StreamState:
                 self.completion_tokens = chunk.usage.completion_tokens
             self.model = chunk.model or self.model
             for choice in chunk.choices:
-                if choice.delta is not None and choice.delta.content:
-                    texts.append(choice.delta.content)
+                delta = choice.delta
+                if delta is not None:
+                    thought = delta.reasoning_content or delta.reasoning
+                    if thought:
+                        add(ReasoningDelta, thought)
+                    if delta.content:
+                        add(TokenDelta, delta.content)
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
-        return texts
+        if texts:
+            runs.append(kind(text="".join(texts)))
+        return runs
 
 
 async def _put(out: trio.MemorySendChannel[ProviderChunk], item: ProviderChunk) -> None:
