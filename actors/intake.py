@@ -311,7 +311,10 @@ class Intake:
             try:
                 await self.source.commit(commits)
             except TransientError as exc:
-                log.warning("commit failed (%s); the jobs may be redelivered", exc)
+                # Offered again after the next poll: a partition that gets no more
+                # messages must still commit to its end.
+                self.tracker.retry_commits(commits)
+                log.warning("commit failed (%s); trying again after the next poll", exc)
 
 
 async def run_intake(source: RequestSource, dlq: DeadLetters, worker: Worker,

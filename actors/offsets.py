@@ -52,6 +52,13 @@ class OffsetTracker:
         commits, self._committable = self._committable, {}
         return commits
 
+    def retry_commits(self, commits: dict[Partition, int]) -> None:
+        """A commit failed: offer its offsets again with the next ones (those of
+        partitions revoked meanwhile are their next holder's)."""
+        for partition, offset in commits.items():
+            if partition in self._pending and offset > self._committable.get(partition, -1):
+                self._committable[partition] = offset
+
     def revoke(self, partitions: list[Partition]) -> dict[Partition, int]:
         """Stop tracking `partitions`; return their offsets still to commit."""
         commits: dict[Partition, int] = {}

@@ -241,7 +241,7 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
     workers = [WorkerProcess(config_path, workdir / f"worker-{n}.log") for n in range(3)]
     choreography = Choreography(
         workers=workers, jobs=jobs, bootstrap=kafka.url, topic=topic, rds=rds, pg_url=pg.url,
-        postgres=pg, lease_s=LEASE_S, timeout_s=timeout_s,
+        postgres=pg, lease_s=LEASE_S, timeout_s=timeout_s, group=f"chaos-{tag}",
         say=lambda line: print(f"  t={time.monotonic() - started:5.0f}s  {line}", flush=True))
     started = time.monotonic()
     try:

@@ -8,6 +8,7 @@ from functools import partial
 
 import trio
 
+from actors.errors import TransientError
 from actors.intake import run_intake
 from actors.offsets import OffsetTracker
 from actors.polling import POLL_TIMEOUT_S
@@ -252,3 +253,27 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
     assert "a0" not in sinks.events and tracker.unsettled() == 0
     rendered = worker.metrics.render().decode()
     assert 'chat_actors_rejections_total{reason="session_busy"} 2.0' in rendered
+
+
+class FailingFirstCommit(OneBatch):
+    async def commit(self, offsets) -> None:
+        if not getattr(self, "failed", False):
+            self.failed = True
+            raise TransientError("kafka: Commit failed: Broker: Unknown member")
+        await super().commit(offsets)
+
+
+async def test_a_failed_commit_is_made_again_though_no_more_messages_come(autojump_clock):
+    worker = _worker()
+
+    async def job(request: ChatRequest, _: Worker) -> None:
+        pass
+
+    source, tracker, stop = FailingFirstCommit([_request("only", "s")]), OffsetTracker(), \
+        trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_intake, source, None, worker, tracker,
+                                    stop=stop, run_job=job))
+        await trio.sleep(5)
+        assert source.failed and source.commits == [{("t", 0): 1}]
+        stop.set()

@@ -43,7 +43,8 @@ def test_three_workers_joining_killed_and_frozen_answer_every_job_once(stack, tm
     run = Choreography(
         workers=[WorkerProcess(config, tmp_path / f"worker-{n}.log") for n in range(3)],
         jobs=jobs, bootstrap=stack.kafka.url, topic=topic, rds=rds,
-        pg_url=stack.postgres.url, postgres=stack.postgres, lease_s=LEASE_S, timeout_s=120)
+        pg_url=stack.postgres.url, postgres=stack.postgres, lease_s=LEASE_S, timeout_s=120,
+        group=f"many-{tag}")
     try:
         run.run()
     finally:

@@ -127,3 +127,16 @@ async def test_a_claim_postgres_refuses_settles_its_job_once_as_failed(config, l
     stream = rds.xrange(config.job_keys(poison["jobId"]).stream)
     assert [f["event"] for _, f in stream if f["jobId"] == poison["jobId"]] == ["error", "done"]
     assert [c.messages[-1]["content"] for c in llm.calls] == ["fine", "after restart"]
+
+
+def test_a_failed_commit_is_offered_again_unless_the_partition_was_revoked():
+    tracker = OffsetTracker()
+    a, b = ("t", 0), ("t", 1)
+    for partition in (a, b):
+        tracker.track(partition, 0)
+        tracker.settle(partition, 0)
+    failed = tracker.take_commits()
+    assert failed == {a: 1, b: 1}
+    tracker.revoke([b])
+    tracker.retry_commits(failed)  # the commit call failed (the broker was away)
+    assert tracker.take_commits() == {a: 1}
