@@ -15,13 +15,22 @@ from typing import Any
 
 from actors.backoff import retry_transient
 from actors.budget import reserve
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, RequestRefused, TransientError
 from actors.prompt import build_messages, sources_message
 from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
 from actors.worker import Worker
 from messages.mailboxes import JobRef, Turn
-from messages.wire import ChatRequest, ProviderSwitched, Reasoning, Retrieval, RetrievalHit, Token
+from messages.wire import (
+    ChatRequest,
+    ProviderSwitched,
+    Reasoning,
+    Retrieval,
+    RetrievalHit,
+    Token,
+    ToolCall,
+    ToolChoiceName,
+)
 
 log = logging.getLogger("chat_actors.answering")
 
@@ -50,6 +59,25 @@ def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
         params["top_p"] = p.top_p
     if p.stop:
         params["stop"] = p.stop
+    if p.seed is not None:
+        params["seed"] = p.seed
+    if p.reasoning_effort is not None:
+        params["reasoning_effort"] = p.reasoning_effort
+    if request.tools:  # OpenAI's form: LiteLLM maps it to every other vendor's
+        params["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description, "parameters": t.parameters}}
+            for t in request.tools]
+    choice = request.tool_choice
+    if isinstance(choice, ToolChoiceName):
+        params["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    elif choice is not None:
+        params["tool_choice"] = choice
+    fmt = request.response_format
+    if fmt is not None:
+        params["response_format"] = {"type": fmt.type} if fmt.type != "json_schema" else {
+            "type": "json_schema", "json_schema": {
+                "name": fmt.name or "response", "schema": fmt.schema,
+                **({"strict": fmt.strict} if fmt.strict is not None else {})}}
     return params
 
 
@@ -78,6 +106,24 @@ async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retriev
     return retrieved
 
 
+def pending_results(request: ChatRequest, history: list[Turn]) -> list[Turn]:
+    """The request's tool results as `tool` turns, once they are known to answer every
+    call of the session's last assistant turn and nothing else (DESIGN 1.1 v2). Checked
+    here, not at intake: that turn may still have been running when this one arrived."""
+    if not request.tool_results:
+        return []
+    last = history[-1] if history else None
+    calls: set[str] = ({c.id for c in last.tool_calls or ()}
+                       if last and last.role == "assistant" else set())
+    answered = [r.tool_call_id for r in request.tool_results]
+    if set(answered) != calls:
+        raise RequestRefused(
+            f"$.toolResults: they answer {', '.join(answered)}, but the session's pending tool "
+            f"calls are {', '.join(sorted(calls)) or 'none'}", code="bad_request")
+    return [Turn(role="tool", content=r.content, tool_call_id=r.tool_call_id)
+            for r in request.tool_results]
+
+
 async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
                  run: JobRun) -> None:
     """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
@@ -85,6 +131,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     alias_name = run.answer.alias
     alias = config.llm.models[alias_name]
     count = worker.tokens.counter(alias.model)
+    results = pending_results(request, history)
     context = ""
     if request.mode == "rag":
         run.retrieved = retrieved = await retrieve(request, worker, job)
@@ -95,7 +142,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     messages, run.prompt_estimate = build_messages(
         system_prompt=config.llm.system_prompt, history=history,
         user_message=request.message, context_window=alias.context_window,
-        answer_tokens=alias.max_tokens, count=count, context=context)
+        answer_tokens=alias.max_tokens, count=count, context=context, tool_results=results)
     if config.log.content:
         log.debug("prompt: %s", messages)
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
@@ -108,6 +155,9 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     def on_reasoning(text: str) -> Awaitable[None]:
         return worker.emit(job, Reasoning(text=text))
 
+    def on_tool_call(call: ToolCall) -> Awaitable[None]:
+        return worker.emit(job, call)
+
     async def on_switch(old: str, new: str, why: str) -> None:
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
@@ -115,4 +165,5 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
         messages=messages, params=model_params(request, alias.max_tokens), count=count,
         prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
-        on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning)
+        on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
+        on_tool_call=on_tool_call)

@@ -31,6 +31,11 @@ class PermanentError(ChatActorsError):
         self.code = code
 
 
+class RequestRefused(PermanentError):
+    """The request cannot run as it asks (found only once the job runs, such as tool
+    results that answer no pending call): the job ends `rejected`, no model call made."""
+
+
 class Stalled(TransientError):
     """The stream sent nothing for too long; `code` says which limit."""
 

@@ -17,7 +17,7 @@ from actors.answering import JobRun
 from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
 from actors.worker import Worker
-from messages.mailboxes import JobFinished, JobRef, PgSinkMessage, Receipt
+from messages.mailboxes import CallMade, JobFinished, JobRef, PgSinkMessage, Receipt
 from messages.wire import ChatRequest, Done, Error, Final, Usage
 
 log = logging.getLogger("chat_actors.finish")
@@ -42,6 +42,12 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
         retrieval_hits=len(run.sources_used) if run.retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
+        # A refused job answered nothing; only a completed answer's calls are kept, so a
+        # cancelled or cut answer never leaves a call without its results.
+        tool_results=[] if outcome.status == "rejected" else [
+            (r.tool_call_id, r.content) for r in request.tool_results or ()],
+        tool_calls=[CallMade(c.id, c.name, c.arguments) for c in answer.tool_calls]
+        if outcome.status == "completed" else [],
         receipt=receipt)
 
 
@@ -69,7 +75,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                             total_tokens=record.prompt_tokens + record.completion_tokens),
                 cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
                 provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
-                nul_removed=answer.nul_removed))
+                nul_removed=answer.nul_removed, tool_calls=answer.tool_calls))
         elif outcome.error is not None:
             await worker.emit(job, outcome.error)
         await worker.records.send(record)

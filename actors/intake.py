@@ -23,6 +23,7 @@ import msgspec
 import trio
 
 from actors.backoff import Backoff, retry_transient
+from actors.capabilities import alias_capabilities, check_capabilities
 from actors.claim import FINISH_GRACE_S
 from actors.conversation import run_conversation
 from actors.errors import PermanentError, TransientError
@@ -147,6 +148,7 @@ class Intake:
         self.tracker = tracker
         self.run_job = run_job
         self.aliases = frozenset(worker.config.llm.models)
+        self.capabilities = alias_capabilities(worker.config, worker.pricing)
         self.max_in_flight = worker.config.jobs.max_in_flight
         self.low_water = self.max_in_flight * 3 // 4
         self.in_flight = 0  # jobs running, not those waiting behind their session
@@ -214,6 +216,7 @@ class Intake:
             request = decode_request(delivery.value, model_aliases=self.aliases,
                                      max_message_chars=limits.max_message_chars,
                                      max_request_bytes=limits.max_request_bytes)
+            check_capabilities(request, self.worker.config, self.capabilities)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.
             self.in_flight += 1

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.budget import REFUSALS
-from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
+from actors.errors import (
+    PermanentError,
+    ProviderExhausted,
+    RequestRefused,
+    Stalled,
+    TransientError,
+)
 from messages.wire import DoneStatus, Error
 
 
@@ -47,6 +53,8 @@ def _status(*, cancel_requested: bool, cancel_caught: bool, timed_out: bool, tim
             return "completed", None
         case ProviderExhausted(last=Stalled() as stall):
             return "timeout", Error(code=stall.code, retryable=True, message=scrub(str(failure)))
+        case RequestRefused(code=code):
+            return "rejected", Error(code=code, message=scrub(str(failure)), retryable=False)
         case PermanentError(code=code) if code in REFUSALS:
             # Over a budget or rate limit: no model call was made.
             return "rejected", Error(code=code, message=scrub(str(failure)),

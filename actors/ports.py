@@ -14,7 +14,7 @@ import numpy as np
 import trio
 
 from messages.mailboxes import Delivery, JobFinished, JobRejected, Partition, ProviderChunk
-from messages.ports import ClaimResult, Hit, Hold, Refused, StreamEntry
+from messages.ports import Capabilities, ClaimResult, Hit, Hold, Refused, StreamEntry
 
 
 class EventWriter(Protocol):
@@ -68,6 +68,7 @@ class Pricing(Protocol):
     def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
                  input_price: float | None, output_price: float | None) -> float | None: ...
     def provider_of(self, model: str) -> str: ...
+    def capabilities(self, model: str) -> Capabilities: ...  # what the model map says
 
 
 class TokenCounting(Protocol):

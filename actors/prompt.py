@@ -4,11 +4,16 @@ Budget = context_window - answer budget. The system prompt and the new user
 message are always kept; history turns are added newest first until the next
 one would not fit, so the oldest turns are dropped first. A history that would
 start with an assistant turn loses that turn too (a reply to nothing).
+
+Tool calls (contract v2): an assistant turn that called tools and the `tool`
+turns answering it are one group, kept or dropped whole; so is the pending call
+that the request's tool results answer, which is always kept with them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from actors.errors import PermanentError
 from messages.mailboxes import Turn
@@ -36,32 +41,80 @@ def sources_message(sources: Sequence[tuple[str, str]], *, budget_tokens: int,
     return (text if kept else ""), kept
 
 
+def _message(turn: Turn) -> dict[str, Any]:
+    """A history turn in OpenAI's chat format (LiteLLM maps it to other vendors')."""
+    if turn.role == "tool":
+        return {"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.content}
+    if turn.tool_calls:
+        return {"role": "assistant", "content": turn.content or None, "tool_calls": [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in turn.tool_calls]}
+    return {"role": turn.role, "content": turn.content}
+
+
+def _cost(turn: Turn, count: Callable[[str], int]) -> int:
+    calls = sum(count(c.name) + count(c.arguments) for c in turn.tool_calls or ())
+    return count(turn.content) + calls + PER_MESSAGE_TOKENS
+
+
+def _groups(history: Sequence[Turn]) -> list[list[Turn]]:
+    """Turns grouped so that `tool` turns stay with the call they answer."""
+    groups: list[list[Turn]] = []
+    for turn in history:
+        if turn.role == "tool" and groups and groups[-1][0].tool_calls:
+            groups[-1].append(turn)
+        else:
+            groups.append([turn])
+    return groups
+
+
+def _complete(group: list[Turn]) -> bool:
+    """A group the vendor accepts: not tool turns alone, and every call answered."""
+    first = group[0]
+    if first.role == "tool":
+        return False
+    answered = {t.tool_call_id for t in group[1:]}
+    return all(c.id in answered for c in first.tool_calls or ())
+
+
 def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message: str,
                    context_window: int, answer_tokens: int, count: Callable[[str], int],
-                   context: str = "") -> tuple[list[dict[str, str]], int]:
-    """Return (messages, prompt token estimate); raise PermanentError if the message alone overflows."""
+                   context: str = "", tool_results: Sequence[Turn] = ()
+                   ) -> tuple[list[dict[str, Any]], int]:
+    """Return (messages, prompt token estimate); raise PermanentError if what must be
+    sent alone overflows. With `tool_results`, history's last group is the pending call
+    they answer (checked by the caller) and is sent with them whatever its size."""
     budget = context_window - answer_tokens - REPLY_PRIMING_TOKENS
-    head: list[dict[str, str]] = []
+    head: list[dict[str, Any]] = []
     used = 0
     for text in (system_prompt, context):  # context: retrieved sources, in RAG mode
         if text:
             head.append({"role": "system", "content": text})
             used += count(text) + PER_MESSAGE_TOKENS
-    used += count(user_message) + PER_MESSAGE_TOKENS
+    groups = _groups(history)
+    tail: list[Turn] = []
+    if tool_results:
+        tail = [*groups.pop(), *tool_results]
+    if user_message:
+        tail.append(Turn(role="user", content=user_message))
+    used += sum(_cost(t, count) for t in tail)
     if used > budget:
         raise PermanentError(
             f"the message needs {used} tokens with the system prompt; the model's window leaves "
             f"{budget} after reserving {answer_tokens} for the answer", code="context_length")
-    kept: list[Turn] = []
-    for turn in reversed(history):
-        cost = count(turn.content) + PER_MESSAGE_TOKENS
+    kept: list[tuple[list[Turn], int]] = []
+    for group in reversed(groups):
+        if not _complete(group):
+            continue  # a call cut from its results (or results cut from their call)
+        cost = sum(_cost(t, count) for t in group)
         if used + cost > budget:
             break
         used += cost
-        kept.append(turn)
+        kept.append((group, cost))
     kept.reverse()
-    while kept and kept[0].role == "assistant":
-        used -= count(kept.pop(0).content) + PER_MESSAGE_TOKENS
-    messages = head + [{"role": t.role, "content": t.content} for t in kept]
-    messages.append({"role": "user", "content": user_message})
+    while kept and kept[0][0][0].role != "user":  # never a reply to nothing
+        used -= kept.pop(0)[1]
+    messages = head + [_message(t) for group, _ in kept for t in group]
+    messages += [_message(t) for t in tail]
     return messages, used + REPLY_PRIMING_TOKENS

@@ -15,6 +15,7 @@ and only the new text is streamed on, so the client's text stays consistent.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,11 +29,14 @@ from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientE
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from config import Config, ModelAlias
-from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
+from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta, ToolCallDelta
+from messages.wire import ToolCall
 
 log = logging.getLogger("chat_actors.provider")
 
 PROVIDER_MAILBOX = 64
+MAX_TOOL_CALLS = 128  # in one answer
+MAX_TOOL_ARGUMENTS = 1_000_000  # characters of one call's arguments
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Answer:
     spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
     reserved: bool = False  # a budget reservation waits to be settled
     nul_removed: int = 0  # U+0000 characters the vendor sent (Postgres cannot store them)
+    tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])  # of the finished try
 
     @property
     def text(self) -> str:
@@ -95,6 +100,23 @@ class Listeners:
     on_token: Callable[[str], Awaitable[None]]
     on_switch: Callable[[str, str, str], Awaitable[None]]
     on_reasoning: Callable[[str], Awaitable[None]] | None = None
+    on_tool_call: Callable[[ToolCall], Awaitable[None]] | None = None
+
+
+def assemble_tool_calls(pieces: dict[int, list[ToolCallDelta]], provider: str) -> list[ToolCall]:
+    """One call per index, in index order: the first id and name given, the arguments
+    joined byte for byte (empty pieces included); an id the vendor never sent is made."""
+    calls: list[ToolCall] = []
+    for index in sorted(pieces):
+        parts = pieces[index]
+        name = next((p.name for p in parts if p.name), None)
+        if name is None:
+            raise TransientError(f"{provider}: tool call {index} came without a name",
+                                 kind="protocol")
+        call_id = next((p.id for p in parts if p.id), None) or f"call_{uuid.uuid4().hex[:24]}"
+        calls.append(ToolCall(index=index, id=call_id, name=name,
+                              arguments="".join(p.arguments for p in parts)))
+    return calls
 
 
 def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
@@ -116,7 +138,9 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
-    got_output = False  # answer or reasoning: either shows the model is alive
+    got_output = False  # answer, reasoning or a tool call: each shows the model is alive
+    calls: dict[int, list[ToolCallDelta]] = {}
+    arguments: dict[int, int] = {}
 
     async def pump() -> None:
         nonlocal failure
@@ -138,15 +162,29 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                 async for first in receive:
                     # Text that queued up while we were busy becomes one event per run.
                     deltas: list[TokenDelta | ReasoningDelta] = []
+                    called = False
                     for chunk in ready(receive, first, PROVIDER_MAILBOX + 1):
                         match chunk:
                             case TokenDelta() | ReasoningDelta():
                                 deltas.append(chunk)
+                            case ToolCallDelta():
+                                calls.setdefault(chunk.index, []).append(chunk)
+                                size = arguments[chunk.index] = (arguments.get(chunk.index, 0)
+                                                                 + len(chunk.arguments))
+                                if len(calls) > MAX_TOOL_CALLS or size > MAX_TOOL_ARGUMENTS:
+                                    failure = TransientError(
+                                        f"{spec.model}: more than {MAX_TOOL_CALLS} tool calls or "
+                                        f"{MAX_TOOL_ARGUMENTS} characters of arguments",
+                                        kind="protocol")
+                                called = True
                             case StreamFinished():
                                 finished = chunk
                             case _:
                                 assert_never(chunk)
-                    if deltas:
+                    if failure is not None:
+                        nursery.cancel_scope.cancel()  # hang up on the runaway vendor
+                        break
+                    if deltas or called:
                         got_output = True
                         stall.deadline = trio.current_time() + jobs.idle_timeout_s
                     for thought, text in _runs(deltas):
@@ -171,6 +209,10 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         raise failure
     if finished is None:
         raise TransientError("the model stream ended without finishing", kind="protocol")
+    answer.tool_calls = assemble_tool_calls(calls, spec.model)
+    if listeners.on_tool_call is not None:
+        for call in answer.tool_calls:
+            await listeners.on_tool_call(call)
     return finished
 
 
@@ -264,14 +306,17 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, al
                         on_switch: Callable[[str, str, str], Awaitable[None]],
                         answer: Answer, backoff: Backoff | None = None,
                         metrics: Metrics | None = None,
-                        on_reasoning: Callable[[str], Awaitable[None]] | None = None) -> Answer:
+                        on_reasoning: Callable[[str], Awaitable[None]] | None = None,
+                        on_tool_call: Callable[[ToolCall], Awaitable[None]] | None = None,
+                        ) -> Answer:
     """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
     ProviderExhausted. `answer` keeps the partial text if this is cancelled."""
     llm = config.llm
     walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
                   count=count, prompt_estimate=prompt_estimate, answer=answer,
                   listeners=Listeners(on_token=on_token, on_switch=on_switch,
-                                      on_reasoning=on_reasoning), metrics=metrics,
+                                      on_reasoning=on_reasoning, on_tool_call=on_tool_call),
+                  metrics=metrics,
                   backoff=backoff or Backoff(base_s=llm.retry_backoff_s,
                                              cap_s=llm.retry_backoff_cap_s))
     chain = [alias_name, *llm.models[alias_name].fallbacks]

@@ -113,6 +113,10 @@ class ModelAlias(_Section, frozen=True):
     output_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
     # auto: OpenAI-wire vendors stream natively, others through LiteLLM (see openai_wire).
     stream_path: Literal["auto", "openai", "litellm"] = "auto"
+    # What the model takes (DESIGN 1.1 v2); unset: what LiteLLM's model map says.
+    vision: bool | None = None
+    tools: bool | None = None
+    reasoning: bool | None = None
 
 
 class Llm(_Section, frozen=True):

@@ -66,9 +66,19 @@ RedisSinkMessage = EventEmitted
 
 # --- pg_sink mailbox ----------------------------------------------------------------
 
+class CallMade(msgspec.Struct, frozen=True):
+    """A tool call the model made, as the history keeps it."""
+
+    id: str
+    name: str
+    arguments: str  # the vendor's JSON text, byte for byte
+
+
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[CallMade] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a `tool` turn: the call it answers
 
 
 class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +107,8 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     retries: int = 0
     fallbacks: int = 0
     reserved: bool = False  # holds a budget reservation to settle
+    tool_results: list[tuple[str, str]] = []  # v2: (tool call id, content) this job answered
+    tool_calls: list[CallMade] = []  # v2: the calls the answer made
     receipt: Receipt | None = None
 
 
@@ -128,6 +140,16 @@ class ReasoningDelta(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the model's call of tool number `index`: the vendor splits a call over
+    many chunks, `id` and `name` usually only in the first, `arguments` anywhere."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     prompt_tokens: int | None  # None: the vendor did not report usage
@@ -135,7 +157,7 @@ class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # what the vendor says answered
 
 
-ProviderChunk = TokenDelta | ReasoningDelta | StreamFinished
+ProviderChunk = TokenDelta | ReasoningDelta | ToolCallDelta | StreamFinished
 
 
 # --- intake: one record as it came off Kafka -----------------------------------------

@@ -98,3 +98,11 @@ class Hit(msgspec.Struct, frozen=True, kw_only=True):
     score: float
     metadata: dict[str, Any]
     collection: str = ""
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    """What a model alias takes besides text (DESIGN 1.1, version 2)."""
+
+    vision: bool = False
+    tools: bool = False
+    reasoning: bool = False

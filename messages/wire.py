@@ -15,7 +15,11 @@ from typing import Annotated, Any, ClassVar, Literal, cast
 import msgspec
 from msgspec import Meta
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what a request means when it says no `v`
+SCHEMA_VERSIONS = (1, 2)  # DESIGN 1.1: v2 is additive
+MAX_TOOLS = 64
+MAX_TOOL_RESULTS = 64
+MAX_DESCRIPTION_CHARS = 4096
 
 # DESIGN 1.1: ids are 1-128 chars of [A-Za-z0-9._:-].
 IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
@@ -44,6 +48,39 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
         Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=4)]
         | None
     ) = None
+    # v2
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+
+# DESIGN 1.1, version 2.
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    name: ToolName
+    description: Annotated[str, Meta(max_length=MAX_DESCRIPTION_CHARS)] = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolChoiceName(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: ToolName
+
+
+ToolChoice = Literal["auto", "none", "required"] | ToolChoiceName
+
+
+class ToolResult(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    content: str
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    type: Literal["text", "json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: ToolName | None = None
+    strict: bool | None = None
 
 
 class RagOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -58,7 +95,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     job_id: Ident
     user_id: Ident
     session_id: Ident
-    message: Annotated[str, Meta(min_length=1)]
+    message: str  # non-empty, unless v2 toolResults answer a call (then it may be "")
     mode: Literal["gen", "rag"] = "gen"
     model: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
     params: Params = Params()
@@ -66,6 +103,12 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     rag: RagOptions | None = None
     trace_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
     v: int = SCHEMA_VERSION
+    # v2 (DESIGN 1.1): each needs "v": 2.
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    tool_results: Annotated[list[ToolResult], Meta(max_length=MAX_TOOL_RESULTS)] | None = None
+    response_format: ResponseFormat | None = None
+    attachments: Any = None  # images: not read by this worker yet (always refused)
 
 
 class _Ids(msgspec.Struct, rename="camel"):
@@ -211,6 +254,55 @@ def _utf8(raw: bytes) -> str:
         raise BadInput("$", f"the value is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
+_V2_FIELDS = (("tools", "tools"), ("tool_choice", "toolChoice"), ("tool_results", "toolResults"),
+              ("response_format", "responseFormat"), ("attachments", "attachments"))
+
+
+def _check_version(request: ChatRequest, ids: dict[str, str]) -> None:
+    """`v` is 1 or 2, and a v2 field comes only with "v": 2 (DESIGN 1.1): a worker
+    that predates v2 refuses such a request instead of silently dropping the field."""
+    if request.v not in SCHEMA_VERSIONS:
+        raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads "
+                       f"{', '.join(map(str, SCHEMA_VERSIONS))})", **ids)
+    if request.v >= 2:
+        if request.attachments is not None:
+            raise BadInput("$.attachments", "images are not supported by this worker yet", **ids)
+        return
+    used = [f"$.{name}" for field, name in _V2_FIELDS if getattr(request, field) is not None]
+    used += [f"$.params.{name}" for field, name in (("seed", "seed"),
+                                                      ("reasoning_effort", "reasoningEffort"))
+             if getattr(request.params, field) is not None]
+    if used:
+        raise BadInput(used[0], 'a version 2 field: the request must say "v": 2', **ids)
+
+
+def _check_tools(request: ChatRequest, ids: dict[str, str]) -> None:
+    tools = request.tools or []
+    names = [tool.name for tool in tools]
+    for n, tool in enumerate(tools):
+        kind = tool.parameters.get("type", "object")
+        if kind != "object":
+            raise BadInput(f"$.tools[{n}].parameters",
+                           f'a JSON Schema of an object ("type": "object"), not {kind!r}', **ids)
+        if tool.name in names[:n]:
+            raise BadInput(f"$.tools[{n}].name", f"tool {tool.name!r} is named twice", **ids)
+    choice = request.tool_choice
+    if isinstance(choice, ToolChoiceName) and choice.name not in names:
+        known = ", ".join(names) or "no tools"
+        raise BadInput("$.toolChoice.name", f"names no tool of the request ({known})", **ids)
+    if choice in ("required",) and not tools:
+        raise BadInput("$.toolChoice", '"required" needs tools', **ids)
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema is None:
+        raise BadInput("$.responseFormat.schema", 'required when "type" is "json_schema"', **ids)
+    seen: set[str] = set()
+    for n, result in enumerate(request.tool_results or ()):
+        if result.tool_call_id in seen:
+            raise BadInput(f"$.toolResults[{n}].toolCallId",
+                           f"{result.tool_call_id!r} is answered twice", **ids)
+        seen.add(result.tool_call_id)
+
+
 def decode_request(
     raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str],
     max_request_bytes: int = 1024 * 1024,
@@ -236,15 +328,21 @@ def decode_request(
         where = _nul_at(msgspec.to_builtins(request), "$")
         if where is not None:
             raise BadInput(where, "contains U+0000, which cannot be stored", **ids)
-    if request.v != SCHEMA_VERSION:
-        raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads 1)", **ids)
+    _check_version(request, ids)
     if request.rag is not None and request.rag.where is not None:
         problem = _where_problem(request.rag.where, "$.rag.where", [0])
         if problem is not None:
             raise BadInput(*problem, **ids)
+    if not request.message and not request.tool_results:
+        raise BadInput("$.message", "Expected `str` of length >= 1", **ids)
     if len(request.message) > max_message_chars:
         raise BadInput("$.message", f"longer than limits.max_message_chars ({max_message_chars})",
                        **ids)
+    for n, result in enumerate(request.tool_results or ()):
+        if len(result.content) > max_message_chars:
+            raise BadInput(f"$.toolResults[{n}].content",
+                           f"longer than limits.max_message_chars ({max_message_chars})", **ids)
+    _check_tools(request, ids)
     if request.model is not None and request.model not in model_aliases:
         known = ", ".join(sorted(model_aliases))
         raise BadInput("$.model", f"unknown model alias {request.model!r} (known: {known})", **ids)
@@ -320,6 +418,16 @@ class Reasoning(_Event, frozen=True):
     text: str
 
 
+class ToolCall(_Event, frozen=True):
+    """v2: one complete tool call; `arguments` is the vendor's JSON text, byte for byte."""
+
+    EVENT: ClassVar[str] = "tool_call"
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
 class ProviderSwitched(_Event, frozen=True):
     EVENT: ClassVar[str] = "provider"
     from_: str = msgspec.field(name="from")
@@ -347,6 +455,7 @@ class Final(_Event, frozen=True, omit_defaults=True):
     # U+0000 characters removed from the vendor's text, the only thing it lost
     # (Postgres cannot store them; omitted when 0)
     nul_removed: int = 0
+    tool_calls: list[ToolCall] = []  # v2: when finishReason is tool_calls (omitted when none)
 
 
 class Error(_Event, frozen=True):
@@ -365,7 +474,8 @@ class Done(_Event, frozen=True):
     partial: bool
 
 
-EventBody = Started | Retrieval | Token | Reasoning | ProviderSwitched | Final | Error | Done
+EventBody = (Started | Retrieval | Token | Reasoning | ToolCall | ProviderSwitched | Final | Error
+             | Done)
 
 _body_encoder = msgspec.json.Encoder()
 

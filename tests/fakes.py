@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import trio
 
 from actors.errors import TransientError
-from messages.ports import Claimed, ClaimResult, Hold, Refused
+from messages.ports import Capabilities, Claimed, ClaimResult, Hold, Refused
 
 
 @dataclass
@@ -74,6 +74,9 @@ class FlatPricing:
 
     def provider_of(self, model: str) -> str:
         return model.split("/", 1)[0] if "/" in model else "unknown"
+
+    def capabilities(self, model: str) -> Capabilities:
+        return Capabilities()
 
 
 class WordCounting:

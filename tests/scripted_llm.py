@@ -38,6 +38,9 @@ class Reply:
     # (DeepSeek and vLLM say reasoning_content; OpenRouter and Ollama say reasoning).
     reasoning: tuple[str, ...] = ()
     reasoning_field: str = "reasoning_content"
+    # After the tokens: (id, name, argument pieces) per call, split as OpenAI does: the
+    # id, name and an empty argument string first, then the pieces, one chunk each.
+    tool_calls: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -239,6 +242,13 @@ class ScriptedLLM:
                                                    "finish_reason": None}])
                     call.tokens_sent += 1
                     owner._changed()
+                for index, (call_id, name, pieces) in enumerate(reply.tool_calls):
+                    first = {"index": index, "id": call_id, "type": "function",
+                             "function": {"name": name, "arguments": ""}}
+                    for part in [first, *({"index": index, "function": {"arguments": piece}}
+                                          for piece in pieces)]:
+                        self._chunk(payload, choices=[{"index": 0, "finish_reason": None,
+                                                       "delta": {"tool_calls": [part]}}])
                 self._chunk(payload, choices=[{"index": 0, "delta": {},
                                                "finish_reason": reply.finish_reason}])
                 wants_usage = (payload.get("stream_options") or {}).get("include_usage")

@@ -149,3 +149,27 @@ def test_send_prints_reasoning_apart_from_the_answer(out):
         assert text.startswith("\x1b[2mSix times seven.\x1b[0m\n42\n")
     else:
         assert text.startswith("[reasoning: Six times seven.]\n42\n")
+
+
+def test_send_takes_tools_from_a_file_and_says_what_is_wrong_with_one(tmp_path):
+    from tools.cli import _v2_fields
+
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"name": "get_weather", "parameters": {"type": "object"}}]')
+    assert _v2_fields(str(tools), ["call_1=21 C"]) == {
+        "v": 2, "tools": [{"name": "get_weather", "parameters": {"type": "object"}}],
+        "toolResults": [{"toolCallId": "call_1", "content": "21 C"}]}
+    assert _v2_fields(None, []) == {}  # a plain v1 request
+    tools.write_text('{"name": "f"}')
+    with pytest.raises(ValueError, match="a JSON array of tools is expected"):
+        _v2_fields(str(tools), [])
+    with pytest.raises(ValueError, match="No such file"):
+        _v2_fields(str(tmp_path / "missing.json"), [])
+    with pytest.raises(ValueError, match="expected CALL_ID=CONTENT"):
+        _v2_fields(None, ["no-equals-sign"])
+    out = io.StringIO()
+    print_answer(ScriptedEvents([
+        ("tool_call", {"index": 0, "id": "call_1", "name": "get_weather",
+                       "arguments": '{"city": "Paris"}'}),
+        ("done", {"status": "completed", "partial": False})]), "job", "0-0", out=out)
+    assert out.getvalue().startswith('\n[tool call call_1: get_weather({"city": "Paris"})]')

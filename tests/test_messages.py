@@ -38,7 +38,33 @@ def test_a_minimal_request_gets_the_documented_defaults():
     ({"params": {"maxTokens": "many"}}, "$.params.maxTokens", "Expected `int | null`"),
     ({"params": {"topP": 0}}, "$.params.topP", "> 0.0"),
     ({"timeoutS": -1}, "$.timeoutS", "> 0.0"),
-    ({"v": 2}, "$.v", "unsupported schema version 2"),
+    ({"v": 3}, "$.v", "unsupported schema version 3"),
+    # Version 2 fields need "v": 2, and are validated with a named rule.
+    ({"tools": [{"name": "f"}]}, "$.tools", 'must say "v": 2'),
+    ({"params": {"seed": 1}}, "$.params.seed", 'must say "v": 2'),
+    ({"toolResults": [{"toolCallId": "c", "content": "x"}], "v": 1}, "$.toolResults",
+     'must say "v": 2'),
+    ({"v": 2, "tools": [{"name": "bad name"}]}, "$.tools[0].name", "matching regex"),
+    ({"v": 2, "tools": [{"name": f"f{i}"} for i in range(65)]}, "$.tools", "length <= 64"),
+    ({"v": 2, "tools": [{"name": "f"}, {"name": "f"}]}, "$.tools[1].name", "named twice"),
+    ({"v": 2, "tools": [{"name": "f", "parameters": {"type": "string"}}]},
+     "$.tools[0].parameters", '"type": "object"'),
+    ({"v": 2, "tools": [{"name": "f"}], "toolChoice": {"name": "g"}}, "$.toolChoice.name",
+     "names no tool of the request (f)"),
+    ({"v": 2, "toolChoice": "sometimes"}, "$.toolChoice", "Invalid enum value 'sometimes'"),
+    ({"v": 2, "toolChoice": "required"}, "$.toolChoice", "needs tools"),
+    ({"v": 2, "responseFormat": {"type": "json_schema"}}, "$.responseFormat.schema", "required"),
+    ({"v": 2, "responseFormat": {"type": "yaml"}}, "$.responseFormat.type", "Invalid enum"),
+    ({"v": 2, "params": {"reasoningEffort": "max"}}, "$.params.reasoningEffort",
+     "Invalid enum value 'max'"),
+    ({"v": 2, "message": "", "toolResults": [{"toolCallId": "c", "content": "1"},
+                                              {"toolCallId": "c", "content": "2"}]},
+     "$.toolResults[1].toolCallId", "answered twice"),
+    ({"v": 2, "message": "", "toolResults": [{"toolCallId": "c", "content": "x" * 101}]},
+     "$.toolResults[0].content", "max_message_chars (100)"),
+    ({"v": 2, "message": ""}, "$.message", "length >= 1"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "data:image/png;base64,AA=="}]},
+     "$.attachments", "not supported by this worker yet"),
 ])
 def test_bad_fields_are_named_with_their_rule(change, field, rule):
     with pytest.raises(BadInput) as info:
@@ -46,6 +72,18 @@ def test_bad_fields_are_named_with_their_rule(change, field, rule):
     assert info.value.field == field
     assert rule in info.value.rule
     assert field in str(info.value)
+
+
+def test_a_v2_request_decodes_its_tools_results_and_format():
+    request = decode({**GOOD, "v": 2, "message": "", "tools": [{"name": "f"}],
+                      "toolChoice": "auto",
+                      "toolResults": [{"toolCallId": "call_1", "content": "21 C"}],
+                      "responseFormat": {"type": "json_schema", "schema": {"type": "object"}},
+                      "params": {"seed": -3, "reasoningEffort": "high"}})
+    assert request.tools is not None and request.tools[0].parameters == {
+        "type": "object", "properties": {}}
+    assert request.tool_results is not None and request.tool_results[0].tool_call_id == "call_1"
+    assert (request.params.seed, request.params.reasoning_effort) == (-3, "high")
 
 
 def test_missing_field_names_the_field_and_keeps_readable_ids():

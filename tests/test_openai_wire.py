@@ -22,7 +22,8 @@ from actors.adapters.openai_wire import (
     resolve,
 )
 from actors.errors import PermanentError, TransientError
-from messages.mailboxes import ReasoningDelta, StreamFinished, TokenDelta
+from actors.provider import assemble_tool_calls
+from messages.mailboxes import ReasoningDelta, StreamFinished, TokenDelta, ToolCallDelta
 from tests.hostile import BROKEN_HTTP
 from tests.scripted_llm import Reply
 
@@ -269,23 +270,47 @@ async def test_reasoning_streams_apart_from_the_answer_in_order(cut):
         assert len(items) == 5  # one read: one delta per run
 
 
+async def stream_via(llm, stream_path: str) -> list:
+    """One answer from the scripted vendor, natively or through LiteLLM (the bridge)."""
+    if stream_path == "openai":
+        return await collect(llm, stream_path="openai")
+    from actors.adapters import aio
+    from actors.adapters.llm import LiteLLMChat
+
+    send, receive = trio.open_memory_channel(1000)
+    async with aio.open_bridge():
+        await LiteLLMChat().stream(model="openai/scripted", api_base=llm.url, api_key_env=None,
+                                   messages=MESSAGES, params={"max_tokens": 20}, out=send)
+    return [item async for item in receive]
+
+
 @pytest.mark.parametrize("stream_path", ["openai", "litellm"])
 async def test_both_stream_paths_give_the_same_reasoning_and_answer(llm, stream_path):
     llm.default = Reply(reasoning=("Let me", " think."), tokens=("Four", "."))
-    if stream_path == "openai":
-        items = await collect(llm, stream_path="openai")
-    else:
-        from actors.adapters import aio
-        from actors.adapters.llm import LiteLLMChat
-
-        send, receive = trio.open_memory_channel(1000)
-        async with aio.open_bridge():
-            await LiteLLMChat().stream(model="openai/scripted", api_base=llm.url,
-                                       api_key_env=None, messages=MESSAGES,
-                                       params={"max_tokens": 20}, out=send)
-        items = [item async for item in receive]
+    items = await stream_via(llm, stream_path)
     reasoning = "".join(i.text for i in items if isinstance(i, ReasoningDelta))
     answer = "".join(i.text for i in items if isinstance(i, TokenDelta))
     assert (reasoning, answer) == ("Let me think.", "Four.")
     first_answer = next(n for n, i in enumerate(items) if isinstance(i, TokenDelta))
     assert all(not isinstance(i, ReasoningDelta) for i in items[first_answer:])
+
+
+CALLS = (("call_abc", "get_weather", ('{"ci', 'ty": "Par', "", 'is"}')),
+         ("call_def", "get_time", ("{}",)))
+
+
+@pytest.mark.parametrize("stream_path", ["openai", "litellm"])
+async def test_both_stream_paths_give_split_tool_calls_byte_for_byte(llm, stream_path):
+    """Arguments split over many deltas (one of them empty), the id and name only in
+    the first: one call each, its arguments exactly what the vendor sent."""
+    llm.default = Reply(tokens=("Let me look.",), tool_calls=CALLS, finish_reason="tool_calls")
+    items = await stream_via(llm, stream_path)
+    pieces: dict[int, list[ToolCallDelta]] = {}
+    for item in items:
+        if isinstance(item, ToolCallDelta):
+            pieces.setdefault(item.index, []).append(item)
+    calls = assemble_tool_calls(pieces, "scripted")
+    assert [(c.index, c.id, c.name, c.arguments) for c in calls] == [
+        (0, "call_abc", "get_weather", '{"city": "Paris"}'), (1, "call_def", "get_time", "{}")]
+    assert items[-1].finish_reason == "tool_calls"
+    assert "".join(i.text for i in items if isinstance(i, TokenDelta)) == "Let me look."

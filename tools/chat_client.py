@@ -147,6 +147,8 @@ def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) ->
             first = first or time.monotonic()
             out.write(data["text"])
             out.flush()
+        elif event == "tool_call":
+            out.write(f"\n[tool call {data['id']}: {data['name']}({data['arguments']})]")
         elif event == "error":
             out.write(f"\n[error {data['code']}: {data['message']}]")
         elif event == "final":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -116,14 +117,44 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _v2_fields(tools_file: str | None, results: list[str]) -> dict[str, Any]:
+    """`--tools FILE` (a JSON array of {name, description, parameters}) and each
+    `--tool-result CALL_ID=CONTENT` as contract v2 request fields."""
+    extra: dict[str, Any] = {}
+    if tools_file:
+        try:
+            tools = json.loads(Path(tools_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"--tools {tools_file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"--tools {tools_file}: not JSON ({exc})") from None
+        if not isinstance(tools, list):
+            raise ValueError(f"--tools {tools_file}: a JSON array of tools is expected")
+        extra["tools"] = tools
+    answered = []
+    for item in results:
+        call_id, sep, content = item.partition("=")
+        if not sep or not call_id:
+            raise ValueError(f"--tool-result {item!r}: expected CALL_ID=CONTENT")
+        answered.append({"toolCallId": call_id, "content": content})
+    if answered:
+        extra["toolResults"] = answered
+    return {"v": 2, **extra} if extra else {}
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from tools.chat_client import ChatClient, Unreachable, print_answer
 
     config = _config(args.config)
+    try:
+        extra = _v2_fields(args.tools, args.tool_result)
+    except ValueError as exc:
+        print(f"chat-actors send: {exc}", file=sys.stderr)
+        return 2
     client = ChatClient(config, timeout_s=args.timeout)
     try:
         job_id, after = client.send(args.text, user_id=args.user, session_id=args.session,
-                                    model=args.model)
+                                    model=args.model, **extra)
         print(f"[job {job_id}]", file=sys.stderr)
         status = print_answer(client, job_id, after)
     except Unreachable as exc:
@@ -265,6 +296,12 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--user", default="cli-user", help="userId (default: %(default)s)")
     send.add_argument("--session", default="cli-session", help="sessionId (default: %(default)s)")
     send.add_argument("--model", help="model alias from config (default: llm.default_model)")
+    send.add_argument("--tools", metavar="FILE",
+                      help="a JSON array of tools the model may call ({name, description, "
+                           "parameters}); needs an alias that takes tools")
+    send.add_argument("--tool-result", action="append", default=[], metavar="CALL_ID=CONTENT",
+                      help="answer a tool call of the session's last turn (repeat for each; "
+                           "TEXT may then be empty)")
     send.add_argument("--timeout", type=float, default=5.0, metavar="S",
                       help="give up on a dependency that does not answer in S seconds "
                            "(default: %(default)s)")

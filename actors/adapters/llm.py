@@ -18,7 +18,14 @@ import trio
 from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
 from config import secret
-from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
+from messages.mailboxes import (
+    ProviderChunk,
+    ReasoningDelta,
+    StreamFinished,
+    TokenDelta,
+    ToolCallDelta,
+)
+from messages.ports import Capabilities
 
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # a vendor that lacks a param must not fail the job
@@ -158,6 +165,13 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
                     await put(ReasoningDelta(text=thought))
                 if delta is not None and delta.content:
                     await put(TokenDelta(text=delta.content))
+                for part in (getattr(delta, "tool_calls", None) if delta else None) or ():
+                    function = getattr(part, "function", None)
+                    await put(ToolCallDelta(
+                        index=int(getattr(part, "index", 0) or 0),
+                        id=getattr(part, "id", None) or None,
+                        name=getattr(function, "name", None) or None,
+                        arguments=getattr(function, "arguments", None) or ""))
                 if choice.finish_reason:
                     finish_reason = choice.finish_reason
     finally:
@@ -229,3 +243,21 @@ class LiteLLMPricing:
 
     def provider_of(self, model: str) -> str:
         return provider_of(model)
+
+    def capabilities(self, model: str) -> Capabilities:
+        return capabilities(model)
+
+
+@functools.lru_cache(maxsize=256)
+def capabilities(model: str) -> Capabilities:
+    """What LiteLLM's bundled model map says the model takes (False when unknown)."""
+
+    def says(check: Callable[..., bool]) -> bool:
+        try:
+            return bool(check(model=model))
+        except Exception:  # an unknown model or provider: it says nothing
+            return False
+
+    return Capabilities(vision=says(litellm.supports_vision),
+                        tools=says(litellm.supports_function_calling),
+                        reasoning=says(litellm.supports_reasoning))

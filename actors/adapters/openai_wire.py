@@ -21,7 +21,7 @@ import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Annotated, Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,12 +31,19 @@ import openai
 import trio
 from litellm.litellm_core_utils.exception_mapping_utils import exception_type
 from litellm.utils import get_optional_params
+from msgspec import Meta
 
 from actors.adapters import http1
 from actors.adapters.llm import LiteLLMChat, translate
 from actors.errors import PermanentError, TransientError
 from config import secret
-from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta
+from messages.mailboxes import (
+    ProviderChunk,
+    ReasoningDelta,
+    StreamFinished,
+    TokenDelta,
+    ToolCallDelta,
+)
 
 # LiteLLM providers whose chat endpoint is the plain OpenAI wire format, with no
 # request or response rewriting beyond the parameter mapping done here.
@@ -44,12 +51,25 @@ NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile",
 OPENAI_API_BASE = "https://api.openai.com/v1"
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_SSE_LINE = 4 * 1024 * 1024  # one `data:` line (a chunk with a large tool call fits)
+MAX_TOOL_CALL_INDEX = 127
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallPart(msgspec.Struct):
+    index: Annotated[int, Meta(ge=0, le=MAX_TOOL_CALL_INDEX)] = 0
+    id: str | None = None
+    function: _Function | None = None
 
 
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None  # DeepSeek, vLLM
     reasoning: str | None = None  # OpenRouter, Ollama
+    tool_calls: list[_ToolCallPart] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -113,18 +133,21 @@ def _proxied(url: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _mapped_params(model: str, provider: str, params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+def _mapped_params(model: str, provider: str, params: bytes) -> bytes:
+    """LiteLLM's mapping of the parameters (JSON in, JSON out: tools and schemas are
+    not hashable, and the result is only ever encoded again)."""
     mapped = get_optional_params(model=model, custom_llm_provider=provider, stream=True,
-                                 stream_options={"include_usage": True}, **dict(params))
+                                 stream_options={"include_usage": True},
+                                 **msgspec.json.decode(params))
     mapped.update(mapped.pop("extra_body", None) or {})
-    return mapped
+    return _encode(mapped)
 
 
-def request_body(route: Route, messages: list[dict[str, str]], params: Mapping[str, Any]) -> bytes:
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    mapped = {k: list(v) if isinstance(v, tuple) else v
-              for k, v in _mapped_params(route.model, route.provider, frozen).items()}
-    return _encode({**mapped, "model": route.model, "messages": messages})
+def request_body(route: Route, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> bytes:
+    mapped = _mapped_params(route.model, route.provider, _encode(dict(sorted(params.items()))))
+    rest = _encode({"model": route.model, "messages": messages})
+    # Two JSON objects spliced into one (the mapping never holds model or messages).
+    return mapped[:-1] + b"," + rest[1:] if len(mapped) > 2 else rest
 
 
 def _status_error(route: Route, status: int, headers: dict[str, str],
@@ -268,10 +291,12 @@ class _StreamState:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
-    def parse(self, lines: list[bytes], route: Route) -> list[TokenDelta | ReasoningDelta]:
+    def parse(self, lines: list[bytes],
+              route: Route) -> list[TokenDelta | ReasoningDelta | ToolCallDelta]:
         """The text of these SSE lines, reasoning and answer apart and in order, each run
-        of one kind as one delta; usage, model and finish reason are kept."""
-        runs: list[TokenDelta | ReasoningDelta] = []
+        of one kind as one delta, and each tool call piece; usage, model and finish
+        reason are kept."""
+        runs: list[TokenDelta | ReasoningDelta | ToolCallDelta] = []
         kind: type[TokenDelta] | type[ReasoningDelta] = TokenDelta
         texts: list[str] = []
 
@@ -310,6 +335,14 @@ class _StreamState:
                         add(ReasoningDelta, thought)
                     if delta.content:
                         add(TokenDelta, delta.content)
+                    for part in delta.tool_calls or ():
+                        if texts:  # the text before it comes first
+                            runs.append(kind(text="".join(texts)))
+                            texts.clear()
+                        function = part.function or _Function()
+                        runs.append(ToolCallDelta(index=part.index, id=part.id or None,
+                                                  name=function.name or None,
+                                                  arguments=function.arguments or ""))
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
         if texts:

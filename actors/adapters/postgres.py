@@ -12,13 +12,14 @@ from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, LiteralString, TypeVar, cast
 
+import msgspec
 import psycopg
 import psycopg.types.json
 import trio
 from psycopg import sql
 
 from actors.errors import PermanentError, TransientError
-from messages.mailboxes import JobFinished, JobRejected, Turn
+from messages.mailboxes import CallMade, JobFinished, JobRejected, Turn
 from messages.ports import (
     AlreadyTerminal,
     Claimed,
@@ -77,10 +78,12 @@ def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, befor
     if limit == 0:
         return []
     rows = conn.execute(
-        "SELECT role, content FROM llm_messages "
+        "SELECT role, content, tool_calls, tool_call_id FROM llm_messages "
         "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
         "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
-    return [Turn(role=role, content=content) for role, content in reversed(rows)]
+    return [Turn(role=role, content=content, tool_call_id=call_id,
+                 tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]))
+            for role, content, calls, call_id in reversed(rows)]
 
 
 def _take(cur: psycopg.Cursor[Any], hold: Hold, period: str) -> list[Any]:
@@ -365,19 +368,30 @@ class Postgres:
                         landed.update(row[0] for row in cur.fetchall())
                         if not cur.nextset():
                             break
-                    messages = []
+                    # In history order: the tool results this job answered, the user's
+                    # message (none when it only answered calls), then the answer with
+                    # any calls it made.
+                    messages: list[tuple[Any, ...]] = []
                     for r in finished:
                         if not r.messages or r.job_id not in landed:
                             continue
-                        messages.append((r.job_id, r.session_id, r.user_id, "user",
-                                         r.user_message, r.user_tokens, False))
-                        if r.answer:
-                            messages.append((r.job_id, r.session_id, r.user_id, "assistant",
-                                             r.answer, r.completion_tokens, r.partial))
+                        ids = (r.job_id, r.session_id, r.user_id)
+                        messages += [(*ids, "tool", content, None, False, None, call_id)
+                                     for call_id, content in r.tool_results]
+                        if r.user_message:  # none when the job only answered tool calls
+                            messages.append((*ids, "user", r.user_message, r.user_tokens, False,
+                                             None, None))
+                        if r.answer or r.tool_calls:
+                            calls = psycopg.types.json.Jsonb(msgspec.to_builtins(r.tool_calls)) \
+                                if r.tool_calls else None
+                            messages.append((*ids, "assistant", r.answer, r.completion_tokens,
+                                             r.partial, calls, None))
                     cur.executemany(
                         "INSERT INTO llm_messages (job_id, session_id, user_id, role, content, "
-                        "tokens, partial) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (job_id, role) DO NOTHING", messages)
+                        "tokens, partial, tool_calls, tool_call_id) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING",
+                        messages)
                 if rejected:
                     # A job id is never taken from its owner: a rejection lands only as a
                     # new row (attempt 1, which a valid request may later claim over),

@@ -1,0 +1,104 @@
+"""Contract v2 (DESIGN 1.1, 1.4): tools go to the vendor in OpenAI's form, a tool call
+streams as one `tool_call` event per complete call, and `final` carries them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.capabilities import alias_capabilities, check_capabilities
+from config import load_config
+from messages.wire import BadInput, decode_request
+from tests.fakes import FlatPricing
+from tests.helpers import events_of, message_rows, produce, request, worker_running
+from tests.scripted_llm import Reply
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city now.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+CALLS = (("call_abc", "get_weather", ('{"ci', 'ty": "Par', "", 'is"}')),)
+TOOLS_ON = {"CHAT_ACTORS__LLM__MODELS__SCRIPTED__TOOLS": "true"}
+
+
+async def test_a_tool_call_streams_as_its_own_event_and_ends_the_answer(
+        make_config, llm, rds, db):
+    config, _ = make_config(environ=TOOLS_ON)
+    llm.default = Reply(tokens=(), tool_calls=CALLS, finish_reason="tool_calls")
+    req = request("Weather in Paris?", v=2, tools=[WEATHER], toolChoice={"name": "get_weather"},
+                  params={"seed": 7})
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert [e["event"] for e in events] == ["started", "tool_call", "final", "done"]
+    call = {"index": 0, "id": "call_abc", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert events[1]["data"] == call
+    final = events[2]["data"]
+    assert (final["finishReason"], final["toolCalls"], final["text"]) == ("tool_calls", [call], "")
+    assert events[-1]["data"]["status"] == "completed"
+    body = llm.calls[0].body
+    assert body["tools"] == [{"type": "function", "function": WEATHER}]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["seed"] == 7
+    assert [m["role"] for m in message_rows(db, req["jobId"])][0] == "user"
+
+
+def _decode(body: dict) -> object:
+    config = load_config()
+    return decode_request(json.dumps(body).encode(), max_message_chars=100,
+                          model_aliases=frozenset(config.llm.models))
+
+
+@pytest.mark.parametrize(("alias_tools", "refused"), [(None, True), (True, False)])
+def test_tools_need_an_alias_that_takes_them(alias_tools, refused):
+    """The model map does not know a self-hosted model: tools are refused unless its
+    alias says `tools = true`."""
+    environ = {} if alias_tools is None else {"CHAT_ACTORS__LLM__MODELS__LOCAL__TOOLS": "true"}
+    config = load_config(environ=environ)
+    capabilities = alias_capabilities(config, FlatPricing())
+    req = _decode(request("hi", v=2, tools=[WEATHER]))
+    if refused:
+        with pytest.raises(BadInput) as info:
+            check_capabilities(req, config, capabilities)
+        assert info.value.field == "$.tools" and "takes no tools" in info.value.rule
+        assert "llm.models.local.tools = true" in info.value.rule
+    else:
+        check_capabilities(req, config, capabilities)
+    effort = _decode(request("hi", v=2, params={"reasoningEffort": "low"}))
+    with pytest.raises(BadInput, match="is not a reasoning model"):
+        check_capabilities(effort, config, capabilities)
+
+
+async def test_tool_results_answer_the_pending_call_on_the_next_turn(make_config, llm, rds, db):
+    """Turn 1 calls a tool; turn 2 brings its result, and the vendor sees a valid
+    conversation (the assistant's call, then the `tool` message); a result naming no
+    pending call is refused with no model call."""
+    config, _ = make_config(environ=TOOLS_ON)
+    llm.queue(Reply(tokens=(), tool_calls=CALLS, finish_reason="tool_calls"),
+              Reply(tokens=("It is 21 C", " in Paris.")))
+    ask = request("Weather in Paris?", v=2, tools=[WEATHER], sessionId="s-tools")
+    result = request("", v=2, tools=[WEATHER], sessionId="s-tools",
+                     toolResults=[{"toolCallId": "call_abc", "content": "21 C, sunny"}])
+    stray = request("", v=2, tools=[WEATHER], sessionId="s-tools",
+                    toolResults=[{"toolCallId": "call_zzz", "content": "?"}])
+    async with worker_running(config):
+        produce(config, ask, result, stray)
+        await events_of(rds, config, ask["jobId"])
+        answered = await events_of(rds, config, result["jobId"])
+        refused = await events_of(rds, config, stray["jobId"])
+    assert answered[-2]["data"]["text"] == "It is 21 C in Paris."
+    sent = llm.calls[1].body["messages"]
+    assert sent[1:] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abc", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "21 C, sunny"}]
+    assert [(e["event"], e["data"].get("code")) for e in refused[-2:]] == [
+        ("error", "bad_request"), ("done", None)]
+    assert refused[-1]["data"]["status"] == "rejected" and len(llm.calls) == 2
+    rows = [(m["role"], m["content"], m["tool_call_id"])
+            for job in (ask, result, stray) for m in message_rows(db, job["jobId"])]
+    assert rows == [("user", "Weather in Paris?", None), ("assistant", "", None),
+                    ("tool", "21 C, sunny", "call_abc"),
+                    ("assistant", "It is 21 C in Paris.", None)]
