@@ -206,10 +206,11 @@ class RequestConsumer(_Consumer):
                 low, high = self._consumer.get_watermark_offsets(tp, cached=True)
                 if high < 0:
                     continue  # nothing fetched from it yet: unknown, not zero
-                # No position: nothing consumed since assignment or a seek; then where
-                # the application stands, or the low watermark if it has read nothing.
-                start = tp.offset if tp.offset >= 0 else self._next.get(
-                    (tp.topic, tp.partition), low)
+                # Where the application stands (after a seek librdkafka's position is
+                # unknown, or still the old one); else its position, else the low
+                # watermark (nothing consumed yet).
+                start = self._next.get((tp.topic, tp.partition),
+                                       tp.offset if tp.offset >= 0 else low)
                 lags[(tp.topic, tp.partition)] = max(high - max(start, 0), 0)
             return lags
 
