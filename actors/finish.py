@@ -48,6 +48,8 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
             (r.tool_call_id, r.content) for r in request.tool_results or ()],
         tool_calls=[CallMade(c.id, c.name, c.arguments) for c in answer.tool_calls]
         if outcome.status == "completed" else [],
+        thinking_blocks=answer.thinking_blocks
+        if outcome.status == "completed" and answer.tool_calls else [],
         receipt=receipt)
 
 

@@ -46,10 +46,14 @@ def _message(turn: Turn) -> dict[str, Any]:
     if turn.role == "tool":
         return {"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.content}
     if turn.tool_calls:
-        return {"role": "assistant", "content": turn.content or None, "tool_calls": [
+        message: dict[str, Any] = {"role": "assistant", "content": turn.content or None,
+                                   "tool_calls": [
             {"id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}}
             for c in turn.tool_calls]}
+        if turn.thinking_blocks:  # Anthropic needs its signed thinking back with the calls
+            message["thinking_blocks"] = turn.thinking_blocks
+        return message
     return {"role": turn.role, "content": turn.content}
 
 

@@ -29,7 +29,14 @@ from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientE
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from config import Config, ModelAlias
-from messages.mailboxes import ProviderChunk, ReasoningDelta, StreamFinished, TokenDelta, ToolCallDelta
+from messages.mailboxes import (
+    ProviderChunk,
+    ReasoningDelta,
+    ReasoningSigned,
+    StreamFinished,
+    TokenDelta,
+    ToolCallDelta,
+)
 from messages.wire import ToolCall
 
 log = logging.getLogger("chat_actors.provider")
@@ -57,6 +64,8 @@ class Answer:
     reserved: bool = False  # a budget reservation waits to be settled
     nul_removed: int = 0  # U+0000 characters the vendor sent (Postgres cannot store them)
     tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])  # of the finished try
+    # The finished try's reasoning, when the vendor signed it: {type, thinking, signature}.
+    thinking_blocks: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
 
     @property
     def text(self) -> str:
@@ -141,6 +150,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     got_output = False  # answer, reasoning or a tool call: each shows the model is alive
     calls: dict[int, list[ToolCallDelta]] = {}
     arguments: dict[int, int] = {}
+    thought: list[str] = []
+    signature = ""
 
     async def pump() -> None:
         nonlocal failure
@@ -177,6 +188,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                                         f"{MAX_TOOL_ARGUMENTS} characters of arguments",
                                         kind="protocol")
                                 called = True
+                            case ReasoningSigned():
+                                signature = chunk.signature
                             case StreamFinished():
                                 finished = chunk
                             case _:
@@ -187,13 +200,14 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                     if deltas or called:
                         got_output = True
                         stall.deadline = trio.current_time() + jobs.idle_timeout_s
-                    for thought, text in _runs(deltas):
+                    for is_reasoning, text in _runs(deltas):
                         if "\x00" in text:  # dropped here, so tokens, final and row agree
                             answer.nul_removed += text.count("\x00")
                             text = text.replace("\x00", "")
                             if not text:
                                 continue
-                        if thought:
+                        if is_reasoning:
+                            thought.append(text)
                             if listeners.on_reasoning is not None:
                                 await listeners.on_reasoning(text)
                             continue
@@ -210,6 +224,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     if finished is None:
         raise TransientError("the model stream ended without finishing", kind="protocol")
     answer.tool_calls = assemble_tool_calls(calls, spec.model)
+    answer.thinking_blocks = [{"type": "thinking", "thinking": "".join(thought),
+                               "signature": signature}] if signature else []
     if listeners.on_tool_call is not None:
         for call in answer.tool_calls:
             await listeners.on_tool_call(call)

@@ -79,6 +79,8 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     content: str
     tool_calls: list[CallMade] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a `tool` turn: the call it answers
+    # Signed reasoning before the calls ({type, thinking, signature}), sent back with them.
+    thinking_blocks: list[dict[str, str]] | None = None
 
 
 class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +111,7 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     reserved: bool = False  # holds a budget reservation to settle
     tool_results: list[tuple[str, str]] = []  # v2: (tool call id, content) this job answered
     tool_calls: list[CallMade] = []  # v2: the calls the answer made
+    thinking_blocks: list[dict[str, str]] = []  # v2: the signed reasoning before those calls
     receipt: Receipt | None = None
 
 
@@ -140,6 +143,13 @@ class ReasoningDelta(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+class ReasoningSigned(msgspec.Struct, frozen=True, kw_only=True):
+    """The vendor's signature of the reasoning so far (Anthropic's thinking block): the
+    block must go back to it, signed, with the results of tools called after it."""
+
+    signature: str
+
+
 class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
     """A piece of the model's call of tool number `index`: the vendor splits a call over
     many chunks, `id` and `name` usually only in the first, `arguments` anywhere."""
@@ -157,7 +167,7 @@ class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # what the vendor says answered
 
 
-ProviderChunk = TokenDelta | ReasoningDelta | ToolCallDelta | StreamFinished
+ProviderChunk = TokenDelta | ReasoningDelta | ReasoningSigned | ToolCallDelta | StreamFinished
 
 
 # --- intake: one record as it came off Kafka -----------------------------------------

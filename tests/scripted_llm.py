@@ -166,7 +166,9 @@ class ScriptedLLM:
                     owner._changed()
                     return
                 try:
-                    if payload.get("stream"):
+                    if payload.get("stream") and self.path.rstrip("/").endswith("/messages"):
+                        self._stream_anthropic(call, payload, reply)
+                    elif payload.get("stream"):
                         self._stream(call, payload, reply)
                     else:
                         self._complete(call, payload, reply)
@@ -212,6 +214,51 @@ class ScriptedLLM:
                 data = f"data: {json.dumps(chunk)}\n\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
+
+            def _event(self, kind: str, data: dict[str, Any]) -> None:
+                body = f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+                self.wfile.flush()
+
+            def _stream_anthropic(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
+                """The Anthropic Messages SSE: a signed thinking block, the text, then one
+                tool_use block per call with its input as input_json_delta pieces."""
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                self._event("message_start", {"message": {
+                    "id": "msg_scripted", "type": "message", "role": "assistant", "content": [],
+                    "model": payload.get("model", "scripted"), "stop_reason": None,
+                    "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
+                blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+                if reply.reasoning:
+                    blocks.append(({"type": "thinking", "thinking": "", "signature": ""},
+                                   [{"type": "thinking_delta", "thinking": t}
+                                    for t in reply.reasoning]
+                                   + [{"type": "signature_delta", "signature": "sig-scripted"}]))
+                if reply.tokens:
+                    blocks.append(({"type": "text", "text": ""},
+                                   [{"type": "text_delta", "text": t} for t in reply.tokens]))
+                for call_id, name, pieces in reply.tool_calls:
+                    blocks.append(({"type": "tool_use", "id": call_id, "name": name, "input": {}},
+                                   [{"type": "input_json_delta", "partial_json": piece}
+                                    for piece in ("", *pieces)]))
+                for index, (start, deltas) in enumerate(blocks):
+                    self._event("content_block_start", {"index": index, "content_block": start})
+                    for delta in deltas:
+                        self._event("content_block_delta", {"index": index, "delta": delta})
+                        call.tokens_sent += 1
+                        owner._changed()
+                    self._event("content_block_stop", {"index": index})
+                stop = "tool_use" if reply.tool_calls else "end_turn"
+                self._event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
+                                              "usage": {"output_tokens": call.tokens_sent}})
+                self._event("message_stop", {})
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                call.finished = True
+                owner._changed()
 
             def _stream(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
                 self.send_response(200)

@@ -102,3 +102,45 @@ async def test_tool_results_answer_the_pending_call_on_the_next_turn(make_config
     assert rows == [("user", "Weather in Paris?", None), ("assistant", "", None),
                     ("tool", "21 C, sunny", "call_abc"),
                     ("assistant", "It is 21 C in Paris.", None)]
+
+
+async def test_anthropics_thinking_and_tool_use_stream_and_go_back_signed(
+        make_config, llm, rds, db, monkeypatch):
+    """The Anthropic Messages wire through LiteLLM: a signed thinking block, then a
+    tool_use whose input arrives as input_json_delta pieces. The next turn sends the
+    thinking block back, signature and all, before the tool_use and its result."""
+    monkeypatch.setenv("SCRIPTED_ANTHROPIC_KEY", "sk-ant-scripted")
+    alias = "CHAT_ACTORS__LLM__MODELS__CLAUDE__"
+    config, _ = make_config(environ={
+        f"{alias}MODEL": "anthropic/claude-3-7-sonnet-20250219", f"{alias}API_BASE": llm.url,
+        f"{alias}API_KEY_ENV": "SCRIPTED_ANTHROPIC_KEY", f"{alias}TOOLS": "true",
+        f"{alias}REASONING": "true", f"{alias}MAX_TOKENS": "256"})
+    llm.queue(Reply(reasoning=("The user wants", " the weather."), tokens=(),
+                    tool_calls=(("toolu_1", "get_weather", ('{"ci', 'ty": "Par', "", 'is"}')),)),
+              Reply(tokens=("21 C", " in Paris.")))
+    ask = request("Weather in Paris?", v=2, model="claude", tools=[WEATHER], sessionId="s-claude")
+    result = request("", v=2, model="claude", tools=[WEATHER], sessionId="s-claude",
+                     toolResults=[{"toolCallId": "toolu_1", "content": "21 C"}])
+    async with worker_running(config):
+        produce(config, ask, result)
+        first = await events_of(rds, config, ask["jobId"])
+        second = await events_of(rds, config, result["jobId"])
+    assert "".join(e["data"]["text"] for e in first if e["event"] == "reasoning") == \
+        "The user wants the weather."
+    call = next(e["data"] for e in first if e["event"] == "tool_call")
+    assert (call["id"], call["name"], call["arguments"]) == (
+        "toolu_1", "get_weather", '{"city": "Paris"}')
+    assert first[-2]["data"]["finishReason"] == "tool_calls"
+    assert second[-2]["data"]["text"] == "21 C in Paris."
+    assert llm.calls[1].path.endswith("/messages")
+    sent = llm.calls[1].body["messages"]
+    assistant = next(m for m in sent if m["role"] == "assistant")
+    kinds = [block["type"] for block in assistant["content"]]
+    assert kinds == ["thinking", "tool_use"]
+    assert assistant["content"][0]["signature"] == "sig-scripted"
+    assert assistant["content"][0]["thinking"] == "The user wants the weather."
+    assert assistant["content"][1]["input"] == {"city": "Paris"}
+    results = [b for m in sent if m["role"] == "user" and isinstance(m["content"], list)
+               for b in m["content"] if b.get("type") == "tool_result"]
+    assert [(r["tool_use_id"], r["content"]) for r in results] in (
+        [("toolu_1", "21 C")], [("toolu_1", [{"type": "text", "text": "21 C"}])])

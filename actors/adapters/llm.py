@@ -18,13 +18,8 @@ import trio
 from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
 from config import secret
-from messages.mailboxes import (
-    ProviderChunk,
-    ReasoningDelta,
-    StreamFinished,
-    TokenDelta,
-    ToolCallDelta,
-)
+from messages import mailboxes as chunks
+from messages.mailboxes import ProviderChunk
 from messages.ports import Capabilities
 
 litellm.suppress_debug_info = True
@@ -162,12 +157,16 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
                 # LiteLLM's name for every vendor's reasoning (Anthropic's thinking too).
                 thought = getattr(delta, "reasoning_content", None) if delta else None
                 if thought:
-                    await put(ReasoningDelta(text=thought))
+                    await put(chunks.ReasoningDelta(text=thought))
+                for block in (getattr(delta, "thinking_blocks", None) if delta else None) or ():
+                    signature = block.get("signature") if isinstance(block, dict) else None
+                    if signature:
+                        await put(chunks.ReasoningSigned(signature=str(signature)))
                 if delta is not None and delta.content:
-                    await put(TokenDelta(text=delta.content))
+                    await put(chunks.TokenDelta(text=delta.content))
                 for part in (getattr(delta, "tool_calls", None) if delta else None) or ():
                     function = getattr(part, "function", None)
-                    await put(ToolCallDelta(
+                    await put(chunks.ToolCallDelta(
                         index=int(getattr(part, "index", 0) or 0),
                         id=getattr(part, "id", None) or None,
                         name=getattr(function, "name", None) or None,
@@ -178,8 +177,8 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
         close = getattr(response, "aclose", None)
         if close is not None:
             await close()
-    await put(StreamFinished(finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                             completion_tokens=completion_tokens, model=str(model)))
+    await put(chunks.StreamFinished(finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                                    completion_tokens=completion_tokens, model=str(model)))
 
 
 class LiteLLMChat:

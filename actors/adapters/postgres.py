@@ -78,12 +78,13 @@ def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, befor
     if limit == 0:
         return []
     rows = conn.execute(
-        "SELECT role, content, tool_calls, tool_call_id FROM llm_messages "
+        "SELECT role, content, tool_calls, tool_call_id, thinking_blocks FROM llm_messages "
         "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
         "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
     return [Turn(role=role, content=content, tool_call_id=call_id,
-                 tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]))
-            for role, content, calls, call_id in reversed(rows)]
+                 tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]),
+                 thinking_blocks=thinking)
+            for role, content, calls, call_id, thinking in reversed(rows)]
 
 
 def _take(cur: psycopg.Cursor[Any], hold: Hold, period: str) -> list[Any]:
@@ -376,20 +377,22 @@ class Postgres:
                         if not r.messages or r.job_id not in landed:
                             continue
                         ids = (r.job_id, r.session_id, r.user_id)
-                        messages += [(*ids, "tool", content, None, False, None, call_id)
+                        messages += [(*ids, "tool", content, None, False, None, call_id, None)
                                      for call_id, content in r.tool_results]
                         if r.user_message:  # none when the job only answered tool calls
                             messages.append((*ids, "user", r.user_message, r.user_tokens, False,
-                                             None, None))
+                                             None, None, None))
                         if r.answer or r.tool_calls:
                             calls = psycopg.types.json.Jsonb(msgspec.to_builtins(r.tool_calls)) \
                                 if r.tool_calls else None
+                            thinking = psycopg.types.json.Jsonb(r.thinking_blocks) \
+                                if r.thinking_blocks else None
                             messages.append((*ids, "assistant", r.answer, r.completion_tokens,
-                                             r.partial, calls, None))
+                                             r.partial, calls, None, thinking))
                     cur.executemany(
                         "INSERT INTO llm_messages (job_id, session_id, user_id, role, content, "
-                        "tokens, partial, tool_calls, tool_call_id) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                        "tokens, partial, tool_calls, tool_call_id, thinking_blocks) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING",
                         messages)
                 if rejected:
