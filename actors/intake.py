@@ -171,7 +171,7 @@ class Intake:
                 await self.drain()
                 jobs.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
-                await self.commit_settled()
+                await self.commit_settled(wait=False)  # leaving: see RequestConsumer.commit
                 await self.source.close()
         log.info("intake stopped; unsettled deliveries: %d", self.tracker.unsettled())
 
@@ -308,11 +308,11 @@ class Intake:
             self.tracker.settle(partition, delivery.offset)
             return
 
-    async def commit_settled(self) -> None:
+    async def commit_settled(self, *, wait: bool = True) -> None:
         commits = self.tracker.take_commits()
         if commits:
             try:
-                await self.source.commit(commits)
+                await self.source.commit(commits, wait=wait)
             except TransientError as exc:
                 # Offered again after the next poll: a partition that gets no more
                 # messages must still commit to its end.

@@ -148,6 +148,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
     got_output = False  # answer, reasoning or a tool call: each shows the model is alive
+    runaway: TransientError | None = None  # the vendor sent more calls than any answer has
     calls: dict[int, list[ToolCallDelta]] = {}
     arguments: dict[int, int] = {}
     thought: list[str] = []
@@ -183,7 +184,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                                 size = arguments[chunk.index] = (arguments.get(chunk.index, 0)
                                                                  + len(chunk.arguments))
                                 if len(calls) > MAX_TOOL_CALLS or size > MAX_TOOL_ARGUMENTS:
-                                    failure = TransientError(
+                                    runaway = TransientError(
                                         f"{spec.model}: more than {MAX_TOOL_CALLS} tool calls or "
                                         f"{MAX_TOOL_ARGUMENTS} characters of arguments",
                                         kind="protocol")
@@ -194,7 +195,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                                 finished = chunk
                             case _:
                                 assert_never(chunk)
-                    if failure is not None:
+                    if runaway is not None:
                         nursery.cancel_scope.cancel()  # hang up on the runaway vendor
                         break
                     if deltas or called:
@@ -219,6 +220,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor
             failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_output
                        else Stalled("first_token_timeout", jobs.first_token_timeout_s))
+    if runaway is not None:
+        raise runaway
     if failure is not None:
         raise failure
     if finished is None:

@@ -33,7 +33,7 @@ class OneBatch:
         batch, self.batch = self.batch[:max_records], self.batch[max_records:]
         return batch
 
-    async def commit(self, offsets) -> None:
+    async def commit(self, offsets, *, wait: bool = True) -> None:
         self.commits.append(dict(offsets))
 
     async def pause(self) -> None: ...
@@ -256,11 +256,11 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
 
 
 class FailingFirstCommit(OneBatch):
-    async def commit(self, offsets) -> None:
+    async def commit(self, offsets, *, wait: bool = True) -> None:
         if not getattr(self, "failed", False):
             self.failed = True
             raise TransientError("kafka: Commit failed: Broker: Unknown member")
-        await super().commit(offsets)
+        await super().commit(offsets, wait=wait)
 
 
 async def test_a_failed_commit_is_made_again_though_no_more_messages_come(autojump_clock):

@@ -8,9 +8,9 @@ import pytest
 import trio
 
 from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
-from actors.provider import Answer, continuation, stream_answer
+from actors.provider import MAX_TOOL_CALLS, Answer, continuation, stream_answer
 from config import load_config
-from messages.mailboxes import StreamFinished, TokenDelta
+from messages.mailboxes import StreamFinished, TokenDelta, ToolCallDelta
 from tests.fakes import FlatPricing
 
 CONFIG = load_config(environ={
@@ -30,6 +30,7 @@ class Try:
     error: Exception | None = None  # raised after the tokens
     hang: bool = False  # send the tokens, then go silent
     late: bool = False  # go silent past the stall, then deliver a token (not cancellable)
+    calls: int = 0  # tool calls to make, one delta each, after the tokens
 
 
 @dataclass
@@ -43,6 +44,9 @@ class FakeChat:
         with out:
             for text in step.tokens:
                 await out.send(TokenDelta(text=text))
+            for index in range(step.calls):
+                await out.send(ToolCallDelta(index=index, id=f"c{index}", name="f",
+                                             arguments="{}"))
             if step.hang:
                 await trio.sleep_forever()
             if step.late:  # like a read in a thread: the hang-up reaches it only afterwards
@@ -209,3 +213,12 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
                             count=lambda text: len(text.split()), prompt_estimate=0,
                             on_token=ignore, on_switch=ignore, answer=answer)
     assert chat.answers == [False] and answer.retries == 0
+
+
+async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
+    """More tool calls than any answer has is a protocol error of that try: retried,
+    then the fallback, never an unbounded list in memory."""
+    chat = FakeChat([Try(calls=MAX_TOOL_CALLS + 1)] * 3 + [Try(calls=2)])
+    answer, _, switches = await run(chat)
+    assert [c.id for c in answer.tool_calls] == ["c0", "c1"] and answer.alias == "backup"
+    assert f"more than {MAX_TOOL_CALLS} tool calls" in switches[0][2]

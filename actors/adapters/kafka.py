@@ -186,12 +186,15 @@ class RequestConsumer(_Consumer):
         with self._assigned_lock:
             return set(self._assigned)
 
-    async def commit(self, offsets: Mapping[Partition, int]) -> None:
-        """Commit `offsets` (each the next offset to read) synchronously."""
+    async def commit(self, offsets: Mapping[Partition, int], *, wait: bool = True) -> None:
+        """Commit `offsets` (each the next offset to read); with `wait`, until the broker
+        answers. A worker that is leaving does not wait: a sync commit during a rebalance
+        waits for this member to rejoin, which it never does while blocked (seen: a
+        worker stopped right after another hung past 30 s). close() leaves the group."""
         if not offsets:
             return
         parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        await self._run(lambda: self._consumer.commit(offsets=parts, asynchronous=False))
+        await self._run(lambda: self._consumer.commit(offsets=parts, asynchronous=not wait))
 
     async def lag(self) -> dict[Partition, int]:
         """Messages not yet consumed per assigned partition (high watermark - position),
