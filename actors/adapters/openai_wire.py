@@ -300,11 +300,15 @@ class _StreamState:
         kind: type[TokenDelta] | type[ReasoningDelta] = TokenDelta
         texts: list[str] = []
 
-        def add(of: type[TokenDelta] | type[ReasoningDelta], text: str) -> None:
-            nonlocal kind
-            if of is not kind and texts:
+        def flush() -> None:  # the run of text so far, as one delta
+            if texts:
                 runs.append(kind(text="".join(texts)))
                 texts.clear()
+
+        def add(of: type[TokenDelta] | type[ReasoningDelta], text: str) -> None:
+            nonlocal kind
+            if of is not kind:
+                flush()
             kind = of
             texts.append(text)
 
@@ -336,17 +340,14 @@ class _StreamState:
                     if delta.content:
                         add(TokenDelta, delta.content)
                     for part in delta.tool_calls or ():
-                        if texts:  # the text before it comes first
-                            runs.append(kind(text="".join(texts)))
-                            texts.clear()
+                        flush()  # the text before it comes first
                         function = part.function or _Function()
                         runs.append(ToolCallDelta(index=part.index, id=part.id or None,
                                                   name=function.name or None,
                                                   arguments=function.arguments or ""))
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
-        if texts:
-            runs.append(kind(text="".join(texts)))
+        flush()
         return runs
 
 

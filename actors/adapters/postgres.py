@@ -87,6 +87,16 @@ def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, befor
             for role, content, calls, call_id, thinking in reversed(rows)]
 
 
+def _returned_ids(cur: psycopg.Cursor[Any]) -> set[str]:
+    """The ids an executemany(..., returning=True) returned: one result per record, its
+    id when the row landed."""
+    ids: set[str] = set()
+    while True:
+        ids.update(row[0] for row in cur.fetchall())
+        if not cur.nextset():
+            return ids
+
+
 def _take(cur: psycopg.Cursor[Any], hold: Hold, period: str) -> list[Any]:
     """Reserve one hold in its current window, or raise _OverLimit."""
     window = _WINDOWS["minute" if hold.kind != "usd" else period]
@@ -365,10 +375,7 @@ class Postgres:
                           r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
                           r.job_id, lease_holder, r.attempt)
                          for r in finished], returning=True)
-                    while True:  # one result per record: its id when it landed
-                        landed.update(row[0] for row in cur.fetchall())
-                        if not cur.nextset():
-                            break
+                    landed |= _returned_ids(cur)
                     # In history order: the tool results this job answered, the user's
                     # message (none when it only answered calls), then the answer with
                     # any calls it made.
@@ -421,10 +428,7 @@ class Postgres:
                         "RETURNING job_id",
                         [(r.job_id, r.user_id, r.session_id, r.status, r.error)
                          for r in rejected], returning=True)
-                    while True:
-                        landed.update(row[0] for row in cur.fetchall())
-                        if not cur.nextset():
-                            break
+                    landed |= _returned_ids(cur)
             return {r.job_id for r in records} - landed
 
         return await self.run(write)
