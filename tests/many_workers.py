@@ -104,15 +104,7 @@ class WorkerProcess:
         """SIGTERM (the graceful stop); SIGKILL after `timeout_s`. Returns the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a frozen worker must hear it
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return local_stack.terminate(self.process, signal.SIGTERM, timeout_s)
 
 
 def produce_jobs(bootstrap: str, topic: str, jobs: list[str], *, sessions: int,

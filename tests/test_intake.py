@@ -3,7 +3,9 @@ counted and run again, never dropped, and the next job runs (DESIGN 4.10)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from functools import partial
 
 import trio
@@ -162,6 +164,21 @@ async def test_a_stuck_head_bounds_the_offsets_the_intake_tracks(autojump_clock)
     assert tracker.unsettled() == 0 and source.commits[-1] == {("t", 0): 40}
 
 
+@contextlib.asynccontextmanager
+async def intake_with_sinks(worker: Worker, source: OneBatch, tracker: OffsetTracker,
+                            job) -> AsyncIterator[Sinks]:
+    """The intake running `job` for what `source` delivers, with both sinks faked; on
+    exit it is stopped, and given 30 s (of the mock clock) to drain."""
+    sinks, stop = Sinks(worker), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sinks.run)
+        await nursery.start(partial(run_intake, source, None, worker, tracker,
+                                    stop=stop, run_job=job))
+        yield sinks
+        stop.set()
+        nursery.cancel_scope.deadline = trio.current_time() + 30
+
+
 class Timed(PausingBatch):
     """PausingBatch whose values arrive at given times (Trio's clock)."""
 
@@ -199,18 +216,11 @@ async def test_requests_waiting_behind_their_session_hold_no_in_flight_slot(auto
             await release.wait()
 
     values = [_request(f"a{i}", "A") for i in range(6)] + [_request("b0", "B")]
-    source, tracker, stop = PausingBatch(values), OffsetTracker(), trio.Event()
-    sinks = Sinks(worker)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sinks.run)
-        await nursery.start(partial(run_intake, source, None, worker, tracker,
-                                    stop=stop, run_job=job))
+    async with intake_with_sinks(worker, PausingBatch(values), OffsetTracker(), job):
         await trio.sleep(10)
         assert sorted(started) == ["a0", "b0"]  # a1..a5 wait; b0 ran beside a0
         release.set()
         await trio.sleep(10)
-        stop.set()
-        nursery.cancel_scope.deadline = trio.current_time() + 30
     assert sorted(started) == ["a0", "a1", "a2", "a3", "a4", "a5", "b0"]
     assert [started[f"a{i}"] <= started[f"a{i + 1}"] for i in range(5)] == [True] * 5
 
@@ -231,15 +241,9 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
 
     source = Timed([(0, _request("a0", "A")), (0, _request("a1", "A")),
                     (20, _request("a2", "A")), (20, _request("a3", "A"))])
-    tracker, stop = OffsetTracker(), trio.Event()
-    sinks = Sinks(worker)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sinks.run)
-        await nursery.start(partial(run_intake, source, None, worker, tracker,
-                                    stop=stop, run_job=job))
+    tracker = OffsetTracker()
+    async with intake_with_sinks(worker, source, tracker, job) as sinks:
         await trio.sleep(100)
-        stop.set()
-        nursery.cancel_scope.deadline = trio.current_time() + 30
 
     def refused(job_id: str) -> float:
         (t_error, error), (_, done) = sinks.events[job_id]

@@ -77,16 +77,23 @@ class Service:
                     os.kill(pid, signal.SIGCONT)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
+        terminate(self.process, self.stop_signal, timeout_s)
+
+
+def terminate(process: subprocess.Popen[bytes], stop_signal: int,
+              timeout_s: float) -> int:
+    """Send `stop_signal` (after SIGCONT: a paused or frozen process must hear it), then
+    SIGKILL after `timeout_s`; return the exit code."""
+    if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGCONT)  # a paused service must hear the signal
-            self.process.send_signal(self.stop_signal)
+            os.kill(process.pid, signal.SIGCONT)
+            process.send_signal(stop_signal)
         try:
-            self.process.wait(timeout_s)
+            process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def _wait(service: Service, ready: Callable[[], bool], timeout_s: float) -> Service:
