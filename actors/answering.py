@@ -8,6 +8,7 @@ timeout at any point leaves the partial answer for the outcome.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -15,13 +16,15 @@ from typing import Any
 
 from actors.backoff import retry_transient
 from actors.budget import reserve
+from actors.capabilities import capabilities_of
 from actors.errors import PermanentError, RequestRefused, TransientError
-from actors.prompt import build_messages, sources_message
+from actors.prompt import build_messages, fill_images, sources_message, stored_images
 from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
 from actors.worker import Worker
-from messages.mailboxes import JobRef, Turn
+from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
 from messages.wire import (
+    BadInput,
     ChatRequest,
     ProviderSwitched,
     Reasoning,
@@ -30,6 +33,7 @@ from messages.wire import (
     Token,
     ToolCall,
     ToolChoiceName,
+    request_images,
 )
 
 log = logging.getLogger("chat_actors.answering")
@@ -45,6 +49,7 @@ class JobRun:
     prompt_estimate: int = 0
     retrieved: Retrieved | None = None
     sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
+    images: list[StoredImage] = field(default_factory=list[StoredImage])  # the request's
     failure: TransientError | PermanentError | None = None
     done_sent: bool = False  # its `done` is in Redis: nothing more may be said
 
@@ -92,7 +97,7 @@ async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retriev
         return await retriever.search(
             query=request.message, user_id=job.user_id,
             collection=options.collection if options else None,
-            top_k=options.top_k if options else worker.config.rag.top_k,
+            top_k=(options and options.top_k) or worker.config.rag.top_k,
             where=options.where if options else None)
 
     # A document store that is away (a Chroma server) is waited for, within the job's
@@ -124,6 +129,21 @@ def pending_results(request: ChatRequest, history: list[Turn]) -> list[Turn]:
             for r in request.tool_results]
 
 
+def attached_images(request: ChatRequest, worker: Worker) -> tuple[list[StoredImage], dict[str, str]]:
+    """The request's images as the history keeps them, and each data URL by its hash.
+    Checked at intake; checked again here, since only the request crossed over."""
+    limits = worker.config.limits
+    try:
+        checked = request_images(request, max_bytes=limits.max_attachment_bytes,
+                                 url_hosts=limits.image_url_hosts)
+    except BadInput as exc:  # the limits changed since intake (a rolling config change)
+        raise RequestRefused(str(exc), code="bad_request") from None
+    stored = [StoredImage(ImageRef(tokens=i.tokens, url=i.url), b"") if not i.data else
+              StoredImage(ImageRef(tokens=i.tokens, sha256=i.sha256, media_type=i.media_type),
+                          i.data) for i in checked]
+    return stored, {i.sha256: i.url for i in checked if i.data}
+
+
 async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
                  run: JobRun) -> None:
     """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
@@ -131,6 +151,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     alias_name = run.answer.alias
     alias = config.llm.models[alias_name]
     count = worker.tokens.counter(alias.model)
+    run.images, urls = attached_images(request, worker)
     results = pending_results(request, history)
     context = ""
     if request.mode == "rag":
@@ -142,7 +163,17 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     messages, run.prompt_estimate = build_messages(
         system_prompt=config.llm.system_prompt, history=history,
         user_message=request.message, context_window=alias.context_window,
-        answer_tokens=alias.max_tokens, count=count, context=context, tool_results=results)
+        answer_tokens=alias.max_tokens, count=count, context=context, tool_results=results,
+        user_images=[i.ref for i in run.images],
+        vision=capabilities_of(config, worker.pricing, alias_name).vision)
+    if wanted := stored_images(messages) - urls.keys():
+        # History images, read only for the turns the prompt kept.
+        found = await retry_transient(
+            lambda: worker.store.images(user_id=job.user_id, hashes=wanted),
+            what="history images", log=log, health=worker.health, dependency="postgres")
+        urls |= {sha: f"data:{kind};base64,{base64.b64encode(data).decode()}"
+                 for sha, (kind, data) in found.items()}
+    fill_images(messages, urls)
     if config.log.content:
         log.debug("prompt: %s", messages)
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,

@@ -15,14 +15,16 @@ from messages.wire import BadInput, ChatRequest
 
 
 def alias_capabilities(config: Config, pricing: Pricing) -> dict[str, Capabilities]:
-    found: dict[str, Capabilities] = {}
-    for name, spec in config.llm.models.items():
-        mapped = pricing.capabilities(spec.model)
-        found[name] = Capabilities(
-            vision=mapped.vision if spec.vision is None else spec.vision,
-            tools=mapped.tools if spec.tools is None else spec.tools,
-            reasoning=mapped.reasoning if spec.reasoning is None else spec.reasoning)
-    return found
+    return {name: capabilities_of(config, pricing, name) for name in config.llm.models}
+
+
+def capabilities_of(config: Config, pricing: Pricing, alias: str) -> Capabilities:
+    spec = config.llm.models[alias]
+    mapped = pricing.capabilities(spec.model)
+    return Capabilities(
+        vision=mapped.vision if spec.vision is None else spec.vision,
+        tools=mapped.tools if spec.tools is None else spec.tools,
+        reasoning=mapped.reasoning if spec.reasoning is None else spec.reasoning)
 
 
 def check_capabilities(request: ChatRequest, config: Config,
@@ -35,6 +37,8 @@ def check_capabilities(request: ChatRequest, config: Config,
         field = "$.tools" if request.tools else (
             "$.toolResults" if request.tool_results else "$.toolChoice")
         needs.append(("tools", field, "takes no tools"))
+    if request.attachments:
+        needs.append(("vision", "$.attachments", "takes no images"))
     if request.params.reasoning_effort is not None:
         needs.append(("reasoning", "$.params.reasoningEffort", "is not a reasoning model"))
     for capability, field, what in needs:

@@ -18,6 +18,7 @@ from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
 from actors.worker import Worker
 from messages.mailboxes import CallMade, JobFinished, JobRef, PgSinkMessage, Receipt
+from messages.ports import TokenCounts
 from messages.wire import ChatRequest, Done, Error, Final, Usage
 
 log = logging.getLogger("chat_actors.finish")
@@ -42,6 +43,8 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
         retrieval_hits=len(run.sources_used) if run.retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
+        cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
+        reasoning_tokens=answer.reasoning_tokens, images=run.images,
         # A refused job answered nothing; only a completed answer's calls are kept, so a
         # cancelled or cut answer never leaves a call without its results.
         tool_results=[] if outcome.status == "rejected" else [
@@ -63,7 +66,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                          failure=run.failure, text=answer.text,
                          billed_tokens=answer.completion_tokens, count=count)
     if cut is not None:
-        answer.bill(worker.pricing, spec, run.prompt_estimate, cut)
+        answer.bill(worker.pricing, spec, TokenCounts(prompt=run.prompt_estimate, completion=cut))
     ended = trio.current_time()
     record = terminal_record(request, job, run, outcome, provider=provider,
                              user_tokens=count(request.message), started=started, ended=ended,
@@ -74,7 +77,10 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                 text=record.answer, finish_reason=answer.finished.finish_reason,
                 usage=Usage(prompt_tokens=record.prompt_tokens,
                             completion_tokens=record.completion_tokens,
-                            total_tokens=record.prompt_tokens + record.completion_tokens),
+                            total_tokens=record.prompt_tokens + record.completion_tokens,
+                            cached_tokens=record.cached_tokens,
+                            cache_write_tokens=record.cache_write_tokens,
+                            reasoning_tokens=record.reasoning_tokens),
                 cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
                 provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
                 nul_removed=answer.nul_removed, tool_calls=answer.tool_calls))
@@ -117,6 +123,8 @@ def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> Job
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status="failed",
         attempt=job.attempt, model=answer.alias, provider="", prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens, cost_usd=answer.cost_usd, ttft_ms=None,
+        cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
+        reasoning_tokens=answer.reasoning_tokens,
         latency_ms=latency_ms, error=f"internal: {why}", partial=False, user_message="",
         user_tokens=0, answer="", messages=False, retries=answer.retries,
         fallbacks=answer.fallbacks, reserved=answer.reserved, receipt=Receipt())

@@ -215,7 +215,9 @@ class Intake:
             limits = self.worker.config.limits
             request = decode_request(delivery.value, model_aliases=self.aliases,
                                      max_message_chars=limits.max_message_chars,
-                                     max_request_bytes=limits.max_request_bytes)
+                                     max_request_bytes=limits.max_request_bytes,
+                                     max_attachment_bytes=limits.max_attachment_bytes,
+                                     image_url_hosts=limits.image_url_hosts)
             check_capabilities(request, self.worker.config, self.capabilities)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.

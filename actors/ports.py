@@ -14,7 +14,16 @@ import numpy as np
 import trio
 
 from messages.mailboxes import Delivery, JobFinished, JobRejected, Partition, ProviderChunk
-from messages.ports import Capabilities, ClaimResult, Hit, Hold, Refused, StreamEntry
+from messages.ports import (
+    Capabilities,
+    ClaimResult,
+    Hit,
+    Hold,
+    Rates,
+    Refused,
+    StreamEntry,
+    TokenCounts,
+)
 
 
 class EventWriter(Protocol):
@@ -48,6 +57,10 @@ class JobStore(Protocol):
     async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
                       period: str) -> Refused | None: ...
     async def prune_ledger(self, *, period: str) -> int: ...  # windows deleted
+    async def images(self, *, user_id: str, hashes: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """The user's stored images by content hash: (media type, bytes); those not
+        stored are left out."""
+        ...
 
 
 class ChatModel(Protocol):
@@ -65,8 +78,10 @@ class ChatModel(Protocol):
 class Pricing(Protocol):
     """What a model costs and who serves it (LiteLLM's price map and routing)."""
 
-    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
-                 input_price: float | None, output_price: float | None) -> float | None: ...
+    def cost_usd(self, model: str, used: TokenCounts, own: Rates) -> float | None:
+        """What `used` costs on `model` (DESIGN 1.4), each rate `own` sets overriding the
+        price map's; None when neither prices the model."""
+        ...
     def provider_of(self, model: str) -> str: ...
     def capabilities(self, model: str) -> Capabilities: ...  # what the model map says
 

@@ -8,20 +8,29 @@ start with an assistant turn loses that turn too (a reply to nothing).
 Tool calls (contract v2): an assistant turn that called tools and the `tool`
 turns answering it are one group, kept or dropped whole; so is the pending call
 that the request's tool results answer, which is always kept with them.
+
+Images (contract v2): a user turn's images go as content parts after its text,
+each counted at its estimate. A history image is kept by content hash; its part
+names the hash (IMAGE_REF) until `fill_images` puts in the bytes, read only for
+the turns the prompt kept. For a model without vision they are left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import msgspec
 
 from actors.errors import PermanentError
-from messages.mailboxes import Turn
+from messages.mailboxes import ImageRef, Turn
 
 # Chat formats wrap every message in a few tokens of markup (OpenAI: ~4), and
 # prime the reply with ~3. Counted so the budget holds on real servers.
 PER_MESSAGE_TOKENS = 4
 REPLY_PRIMING_TOKENS = 3
+IMAGE_REF = "chat-actors:sha256:"  # a history image's part before fill_images
+MISSING_IMAGE = "[an image that is no longer stored]"
 
 
 def sources_message(sources: Sequence[tuple[str, str]], *, budget_tokens: int,
@@ -41,8 +50,16 @@ def sources_message(sources: Sequence[tuple[str, str]], *, budget_tokens: int,
     return (text if kept else ""), kept
 
 
+def image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _message(turn: Turn) -> dict[str, Any]:
     """A history turn in OpenAI's chat format (LiteLLM maps it to other vendors')."""
+    if turn.images:
+        return {"role": turn.role, "content": [
+            {"type": "text", "text": turn.content},
+            *(image_part(ref.url or IMAGE_REF + ref.sha256) for ref in turn.images)]}
     if turn.role == "tool":
         return {"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.content}
     if turn.tool_calls:
@@ -59,7 +76,34 @@ def _message(turn: Turn) -> dict[str, Any]:
 
 def _cost(turn: Turn, count: Callable[[str], int]) -> int:
     calls = sum(count(c.name) + count(c.arguments) for c in turn.tool_calls or ())
-    return count(turn.content) + calls + PER_MESSAGE_TOKENS
+    images = sum(ref.tokens for ref in turn.images or ())
+    return count(turn.content) + calls + images + PER_MESSAGE_TOKENS
+
+
+def _history_images(messages: list[dict[str, Any]]) -> Iterator[tuple[list[Any], int, str]]:
+    """(content, index, hash) of each image part that still names a history image."""
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = cast(list[dict[str, Any]], content)
+            for n, part in enumerate(parts):
+                url: str = part["image_url"]["url"] if part["type"] == "image_url" else ""
+                if url.startswith(IMAGE_REF):
+                    yield parts, n, url[len(IMAGE_REF):]
+
+
+def stored_images(messages: list[dict[str, Any]]) -> set[str]:
+    """The content hashes of the history images these messages still need."""
+    return {sha for _, _, sha in _history_images(messages)}
+
+
+def fill_images(messages: list[dict[str, Any]], urls: Mapping[str, str]) -> None:
+    """Put each history image's data URL (by hash) into its part; an image no longer
+    stored becomes a line of text saying so."""
+    for content, n, sha in list(_history_images(messages)):
+        found = urls.get(sha)
+        content[n] = (image_part(found) if found is not None
+                      else {"type": "text", "text": MISSING_IMAGE})
 
 
 def _groups(history: Sequence[Turn]) -> list[list[Turn]]:
@@ -84,11 +128,13 @@ def _complete(group: list[Turn]) -> bool:
 
 def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message: str,
                    context_window: int, answer_tokens: int, count: Callable[[str], int],
-                   context: str = "", tool_results: Sequence[Turn] = ()
+                   context: str = "", tool_results: Sequence[Turn] = (),
+                   user_images: Sequence[ImageRef] = (), vision: bool = True,
                    ) -> tuple[list[dict[str, Any]], int]:
     """Return (messages, prompt token estimate); raise PermanentError if what must be
     sent alone overflows. With `tool_results`, history's last group is the pending call
-    they answer (checked by the caller) and is sent with them whatever its size."""
+    they answer (checked by the caller) and is sent with them whatever its size.
+    History images are left out when the model has no `vision`."""
     budget = context_window - answer_tokens - REPLY_PRIMING_TOKENS
     head: list[dict[str, Any]] = []
     used = 0
@@ -96,12 +142,14 @@ def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message:
         if text:
             head.append({"role": "system", "content": text})
             used += count(text) + PER_MESSAGE_TOKENS
+    if not vision:
+        history = [msgspec.structs.replace(t, images=None) if t.images else t for t in history]
     groups = _groups(history)
     tail: list[Turn] = []
     if tool_results:
         tail = [*groups.pop(), *tool_results]
     if user_message:
-        tail.append(Turn(role="user", content=user_message))
+        tail.append(Turn(role="user", content=user_message, images=list(user_images) or None))
     used += sum(_cost(t, count) for t in tail)
     if used > budget:
         raise PermanentError(

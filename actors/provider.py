@@ -37,6 +37,7 @@ from messages.mailboxes import (
     TokenDelta,
     ToolCallDelta,
 )
+from messages.ports import Rates, TokenCounts
 from messages.wire import ToolCall
 
 log = logging.getLogger("chat_actors.provider")
@@ -44,6 +45,7 @@ log = logging.getLogger("chat_actors.provider")
 PROVIDER_MAILBOX = 64
 MAX_TOOL_CALLS = 128  # in one answer
 MAX_TOOL_ARGUMENTS = 1_000_000  # characters of one call's arguments
+MAX_COUNTED_TOKENS = 100_000_000  # one try's tokens, as a vendor may report them
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Answer:
     alias: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # parts of prompt_tokens and completion_tokens (DESIGN 1.4)
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_usd: float | None = 0.0
     first_token_at: float | None = None
     tries: int = 0
@@ -75,24 +80,44 @@ class Answer:
                         before: int, count: Callable[[str], int]) -> None:
         """A try that failed is billed only if it streamed: a refused request costs nothing."""
         if len(self.parts) > before:
-            self.bill(pricing, spec, prompt_estimate, count("".join(self.parts[before:])))
+            self.bill(pricing, spec, TokenCounts(
+                prompt=prompt_estimate, completion=count("".join(self.parts[before:]))))
 
-    def bill(self, pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
-             completion_tokens: int) -> None:
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        cost = pricing.cost_usd(spec.model, prompt_tokens, completion_tokens,
-                                spec.input_cost_per_token, spec.output_cost_per_token)
+    def bill(self, pricing: Pricing, spec: ModelAlias, used: TokenCounts) -> None:
+        """Add one try's usage, and its cost with each part at its own rate."""
+        self.prompt_tokens += used.prompt
+        self.completion_tokens += used.completion
+        self.cached_tokens += used.cached
+        self.cache_write_tokens += used.cache_write
+        self.reasoning_tokens += used.reasoning
+        cost = pricing.cost_usd(spec.model, used, rates(spec))
         if cost is None and spec.api_base:
             cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
 
 
+def _within(tokens: int) -> int:
+    """A vendor's count as a row can hold it (a negative or absurd count is the vendor's
+    bug; it must not stop the terminal write)."""
+    return min(max(tokens, 0), MAX_COUNTED_TOKENS)
+
+
+def rates(spec: ModelAlias) -> Rates:
+    """The alias's own prices (config), each None where LiteLLM's map decides."""
+    return Rates(input=spec.input_cost_per_token, output=spec.output_cost_per_token,
+                 cache_read=spec.cache_read_cost_per_token,
+                 cache_write=spec.cache_write_cost_per_token)
+
+
 def worst_try_usd(pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
                   answer_tokens: int) -> float:
-    """The most one try on `spec` can cost (0 for a model without a price)."""
-    return pricing.cost_usd(spec.model, prompt_tokens, answer_tokens, spec.input_cost_per_token,
-                            spec.output_cost_per_token) or 0.0
+    """The most one try on `spec` can cost (0 for a model without a price): the prompt
+    at the dearer of the input and cache-write prices (a vendor may cache all of it)."""
+    prices = rates(spec)
+    return max(pricing.cost_usd(spec.model, TokenCounts(prompt=prompt_tokens,
+                                                        completion=answer_tokens,
+                                                        cache_write=written), prices) or 0.0
+               for written in (0, prompt_tokens))
 
 
 def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str, str]]:
@@ -278,13 +303,20 @@ class _Chain:
             if self.metrics is not None:
                 self.metrics.provider_failed(self.pricing.provider_of(spec.model), exc)
             raise
-        new_text = "".join(answer.parts[before:])
-        answer.bill(self.pricing, spec,
-                    finished.prompt_tokens if finished.prompt_tokens else
-                    self.prompt_estimate + self.count(answer.text) - self.count(new_text),
-                    finished.completion_tokens if finished.completion_tokens is not None
-                    else self.count(new_text))
+        answer.bill(self.pricing, spec, self.used(finished, "".join(answer.parts[before:])))
         return finished
+
+    def used(self, finished: StreamFinished, new_text: str) -> TokenCounts:
+        """What the finished try used: the vendor's counts, or our estimate of those it
+        did not report. Its parts are kept within their wholes, whatever it sent."""
+        prompt = _within(finished.prompt_tokens or (
+            self.prompt_estimate + self.count(self.answer.text) - self.count(new_text)))
+        completion = _within(finished.completion_tokens if finished.completion_tokens is not None
+                             else self.count(new_text))
+        cached = min(max(finished.cached_tokens, 0), prompt)
+        return TokenCounts(prompt=prompt, completion=completion, cached=cached,
+                           cache_write=min(max(finished.cache_write_tokens, 0), prompt - cached),
+                           reasoning=min(max(finished.reasoning_tokens, 0), completion))
 
     async def resend(self, name: str, spec: ModelAlias, why: str) -> bool:
         """The transport asks to send the request again (it may have reached the vendor):

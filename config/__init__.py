@@ -32,7 +32,10 @@ _OPTIONAL_HTTP_URL = r"^(https?://[^\s/?#]+[^\s]*)?$"
 HttpUrl = Annotated[str, Meta(pattern=_HTTP_URL, max_length=2048)]
 OptionalHttpUrl = Annotated[str, Meta(pattern=_OPTIONAL_HTTP_URL, max_length=2048)]
 # What a pattern means, for the error line (msgspec would print the regex).
+# A host name as an allow-list holds it: lower case, no scheme, port or path.
+_HOST_NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
 _PATTERN_RULES = {_HTTP_URL: "must be an http:// or https:// URL with a host",
+                  _HOST_NAME: "must be a lower-case host name (no scheme, port or path)",
                   _OPTIONAL_HTTP_URL: "must be empty or an http:// or https:// URL with a host"}
 
 
@@ -111,6 +114,8 @@ class ModelAlias(_Section, frozen=True):
     max_tokens: Positive = 512
     input_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
     output_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+    cache_read_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+    cache_write_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
     # auto: OpenAI-wire vendors stream natively, others through LiteLLM (see openai_wire).
     stream_path: Literal["auto", "openai", "litellm"] = "auto"
     # What the model takes (DESIGN 1.1 v2); unset: what LiteLLM's model map says.
@@ -187,9 +192,14 @@ class Control(_Section, frozen=True):
     tombstone_ttl_s: Annotated[float, Meta(ge=0)]
 
 
+HostName = Annotated[str, Meta(pattern=_HOST_NAME, max_length=253)]
+
+
 class Limits(_Section, frozen=True):
     max_message_chars: Positive
     max_request_bytes: Annotated[int, Meta(ge=1024)]
+    max_attachment_bytes: Positive = 512 * 1024
+    image_url_hosts: list[HostName] = []
 
 
 class Shutdown(_Section, frozen=True):
@@ -310,7 +320,7 @@ def _env_overlay(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, 
 
 def _origin(path: str, origins: dict[str, str], file: Path | None) -> str:
     for key, origin in origins.items():
-        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+        if path == key or path.startswith((key + ".", key + "[")) or key.startswith(path + "."):
             return origin
     return f"config file {file}" if file else f"config file {DEFAULT_FILE}"
 

@@ -74,9 +74,27 @@ class CallMade(msgspec.Struct, frozen=True):
     arguments: str  # the vendor's JSON text, byte for byte
 
 
+class ImageRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """An image of a user turn as the history keeps it: by content hash (the bytes are
+    stored once per user, apart from the turn) or by its https URL."""
+
+    tokens: int  # the prompt estimate
+    sha256: str = ""
+    media_type: str = ""
+    url: str = ""
+
+
+class StoredImage(msgspec.Struct, frozen=True):
+    """A new turn's image: its reference, and the bytes of a data URL to store once."""
+
+    ref: ImageRef
+    data: bytes = b""
+
+
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    images: list[ImageRef] | None = None  # a user turn's attachments
     tool_calls: list[CallMade] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a `tool` turn: the call it answers
     # Signed reasoning before the calls ({type, thinking, signature}), sent back with them.
@@ -112,6 +130,11 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     tool_results: list[tuple[str, str]] = []  # v2: (tool call id, content) this job answered
     tool_calls: list[CallMade] = []  # v2: the calls the answer made
     thinking_blocks: list[dict[str, str]] = []  # v2: the signed reasoning before those calls
+    images: list[StoredImage] = []  # v2: the user message's attachments
+    # v2: the parts of the usage priced at their own rates (DESIGN 1.4)
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     receipt: Receipt | None = None
 
 
@@ -161,10 +184,17 @@ class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of one try. The counts follow DESIGN 1.4's one rule whatever the vendor:
+    `prompt_tokens` counts every prompt token (cached ones are parts of it),
+    `completion_tokens` every generated one (reasoning ones are part of it)."""
+
     finish_reason: str
     prompt_tokens: int | None  # None: the vendor did not report usage
     completion_tokens: int | None
     model: str  # what the vendor says answered
+    cached_tokens: int = 0  # prompt tokens read from the vendor's cache
+    cache_write_tokens: int = 0  # prompt tokens written to it
+    reasoning_tokens: int = 0  # completion tokens spent reasoning
 
 
 ProviderChunk = TokenDelta | ReasoningDelta | ReasoningSigned | ToolCallDelta | StreamFinished

@@ -74,6 +74,9 @@ class UsageRow(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    cached_tokens: int = 0  # parts of prompt_tokens (DESIGN 1.4)
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0  # part of completion_tokens
 
 
 # --- the event log -------------------------------------------------------------------
@@ -98,6 +101,26 @@ class Hit(msgspec.Struct, frozen=True, kw_only=True):
     score: float
     metadata: dict[str, Any]
     collection: str = ""
+
+
+class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """One try's usage under DESIGN 1.4's rule: `cached` and `cache_write` are parts of
+    `prompt`, `reasoning` part of `completion`."""
+
+    prompt: int
+    completion: int
+    cached: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+
+
+class Rates(msgspec.Struct, frozen=True, kw_only=True):
+    """An alias's own prices in USD per token; None: LiteLLM's price map says."""
+
+    input: float | None = None
+    output: float | None = None
+    cache_read: float | None = None
+    cache_write: float | None = None
 
 
 class Capabilities(msgspec.Struct, frozen=True):

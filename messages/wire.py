@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Collection
 from itertools import accumulate
 from typing import Annotated, Any, ClassVar, Literal, cast
 
 import msgspec
 from msgspec import Meta
 
+from messages.images import Image, ImageProblem, check_image
+
 SCHEMA_VERSION = 1  # what a request means when it says no `v`
 SCHEMA_VERSIONS = (1, 2)  # DESIGN 1.1: v2 is additive
 MAX_TOOLS = 64
 MAX_TOOL_RESULTS = 64
 MAX_DESCRIPTION_CHARS = 4096
+MAX_ATTACHMENTS = 8
 
 # DESIGN 1.1: ids are 1-128 chars of [A-Za-z0-9._:-].
 IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
@@ -83,9 +87,16 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     strict: bool | None = None
 
 
+class Attachment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An image: a data URL, or an https URL of an allowed host (messages.images)."""
+
+    type: Literal["image"]
+    url: Annotated[str, Meta(min_length=1)]
+
+
 class RagOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     collection: Ident | None = None
-    top_k: Annotated[int, Meta(ge=1, le=50)] = 5
+    top_k: Annotated[int, Meta(ge=1, le=50)] | None = None  # None: rag.top_k of the config
     where: dict[str, Any] | None = None
 
 
@@ -108,7 +119,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     tool_choice: ToolChoice | None = None
     tool_results: Annotated[list[ToolResult], Meta(max_length=MAX_TOOL_RESULTS)] | None = None
     response_format: ResponseFormat | None = None
-    attachments: Any = None  # images: not read by this worker yet (always refused)
+    attachments: Annotated[list[Attachment], Meta(max_length=MAX_ATTACHMENTS)] | None = None
 
 
 class _Ids(msgspec.Struct, rename="camel"):
@@ -265,8 +276,6 @@ def _check_version(request: ChatRequest, ids: dict[str, str]) -> None:
         raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads "
                        f"{', '.join(map(str, SCHEMA_VERSIONS))})", **ids)
     if request.v >= 2:
-        if request.attachments is not None:
-            raise BadInput("$.attachments", "images are not supported by this worker yet", **ids)
         return
     used = [f"$.{name}" for field, name in _V2_FIELDS if getattr(request, field) is not None]
     used += [f"$.params.{name}" for field, name in (("seed", "seed"),
@@ -303,9 +312,23 @@ def _check_tools(request: ChatRequest, ids: dict[str, str]) -> None:
         seen.add(result.tool_call_id)
 
 
+def request_images(request: ChatRequest, *, max_bytes: int,
+                   url_hosts: Collection[str]) -> list[Image]:
+    """The request's attachments, checked (DESIGN 1.1 v2), or BadInput naming the rule."""
+    images: list[Image] = []
+    for n, attachment in enumerate(request.attachments or ()):
+        try:
+            images.append(check_image(attachment.url, max_bytes=max_bytes, url_hosts=url_hosts))
+        except ImageProblem as exc:
+            raise BadInput(f"$.attachments[{n}].url", str(exc), job_id=request.job_id,
+                           user_id=request.user_id, session_id=request.session_id) from None
+    return images
+
+
 def decode_request(
     raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str],
-    max_request_bytes: int = 1024 * 1024,
+    max_request_bytes: int = 1024 * 1024, max_attachment_bytes: int = 512 * 1024,
+    image_url_hosts: Collection[str] = (),
 ) -> ChatRequest:
     """Decode and validate one `chat.request` value, or raise BadInput naming the problem.
     Nothing else escapes: whatever the bytes, the answer is a request or a BadInput."""
@@ -343,6 +366,7 @@ def decode_request(
             raise BadInput(f"$.toolResults[{n}].content",
                            f"longer than limits.max_message_chars ({max_message_chars})", **ids)
     _check_tools(request, ids)
+    request_images(request, max_bytes=max_attachment_bytes, url_hosts=image_url_hosts)
     if request.model is not None and request.model not in model_aliases:
         known = ", ".join(sorted(model_aliases))
         raise BadInput("$.model", f"unknown model alias {request.model!r} (known: {known})", **ids)
@@ -435,10 +459,17 @@ class ProviderSwitched(_Event, frozen=True):
     reason: str
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """DESIGN 1.4's one accounting rule: `prompt_tokens` counts every prompt token, the
+    cached ones (read or written) parts of it; `completion_tokens` every generated token,
+    the reasoning ones part of it. The v2 parts are omitted when 0."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # v2: prompt tokens read from the vendor's cache
+    cache_write_tokens: int = 0  # v2: prompt tokens written to it
+    reasoning_tokens: int = 0  # v2: completion tokens spent reasoning
 
 
 class Final(_Event, frozen=True, omit_defaults=True):

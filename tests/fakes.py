@@ -6,13 +6,13 @@ the integration tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from actors.errors import TransientError
-from messages.ports import Capabilities, Claimed, ClaimResult, Hold, Refused
+from messages.ports import Capabilities, Claimed, ClaimResult, Hold, Rates, Refused, TokenCounts
 
 
 @dataclass
@@ -45,6 +45,9 @@ class FakeStore:
     async def prune_ledger(self, *, period: str) -> int:
         return 0
 
+    async def images(self, *, user_id: str, hashes: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        return {}
+
 
 class NoEvents:
     """The read side of the EventWriter port for a job that never ran before."""
@@ -66,11 +69,10 @@ class FlatPricing:
     input_price: float = 0.0
     output_price: float = 0.0
 
-    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
-                 input_price: float | None, output_price: float | None) -> float | None:
-        if input_price is not None or output_price is not None:
-            return prompt_tokens * (input_price or 0.0) + completion_tokens * (output_price or 0.0)
-        return prompt_tokens * self.input_price + completion_tokens * self.output_price
+    def cost_usd(self, model: str, used: TokenCounts, own: Rates) -> float | None:
+        input_price = self.input_price if own.input is None else own.input
+        output_price = self.output_price if own.output is None else own.output
+        return used.prompt * input_price + used.completion * output_price
 
     def provider_of(self, model: str) -> str:
         return model.split("/", 1)[0] if "/" in model else "unknown"

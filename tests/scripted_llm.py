@@ -41,6 +41,10 @@ class Reply:
     # After the tokens: (id, name, argument pieces) per call, split as OpenAI does: the
     # id, name and an empty argument string first, then the pieces, one chunk each.
     tool_calls: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # A usage block recorded from the real vendor, sent in its own form instead of the
+    # counted one: OpenAI's `usage`, Anthropic's message_start `usage` (its
+    # output_tokens go in message_delta), Gemini's `usageMetadata`.
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -166,7 +170,9 @@ class ScriptedLLM:
                     owner._changed()
                     return
                 try:
-                    if payload.get("stream") and self.path.rstrip("/").endswith("/messages"):
+                    if ":streamGenerateContent" in self.path:
+                        self._stream_gemini(call, payload, reply)
+                    elif payload.get("stream") and self.path.rstrip("/").endswith("/messages"):
                         self._stream_anthropic(call, payload, reply)
                     elif payload.get("stream"):
                         self._stream(call, payload, reply)
@@ -230,7 +236,8 @@ class ScriptedLLM:
                 self._event("message_start", {"message": {
                     "id": "msg_scripted", "type": "message", "role": "assistant", "content": [],
                     "model": payload.get("model", "scripted"), "stop_reason": None,
-                    "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
+                    "stop_sequence": None,
+                    "usage": {**(reply.usage or {"input_tokens": 10}), "output_tokens": 1}}})
                 blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
                 if reply.reasoning:
                     blocks.append(({"type": "thinking", "thinking": "", "signature": ""},
@@ -252,9 +259,38 @@ class ScriptedLLM:
                         owner._changed()
                     self._event("content_block_stop", {"index": index})
                 stop = "tool_use" if reply.tool_calls else "end_turn"
+                output = (reply.usage or {}).get("output_tokens", call.tokens_sent)
                 self._event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
-                                              "usage": {"output_tokens": call.tokens_sent}})
+                                              "usage": {"output_tokens": output}})
                 self._event("message_stop", {})
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                call.finished = True
+                owner._changed()
+
+            def _stream_gemini(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
+                """Gemini's streamGenerateContent?alt=sse: one GenerateContentResponse per
+                token, the usage metadata on the last."""
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for i, token in enumerate(reply.tokens):
+                    last = i == len(reply.tokens) - 1
+                    candidate: dict[str, Any] = {"content": {"parts": [{"text": token}],
+                                                             "role": "model"}, "index": 0}
+                    body: dict[str, Any] = {"candidates": [candidate], "responseId": "scripted",
+                                            "modelVersion": "scripted"}
+                    if last:
+                        candidate["finishReason"] = "STOP"
+                        body["usageMetadata"] = reply.usage or {
+                            "promptTokenCount": 10, "candidatesTokenCount": len(reply.tokens),
+                            "totalTokenCount": 10 + len(reply.tokens)}
+                    data = f"data: {json.dumps(body)}\n\n".encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                    call.tokens_sent += 1
+                    owner._changed()
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
                 call.finished = True
@@ -300,8 +336,8 @@ class ScriptedLLM:
                                                "finish_reason": reply.finish_reason}])
                 wants_usage = (payload.get("stream_options") or {}).get("include_usage")
                 if wants_usage and reply.report_usage:
-                    self._chunk(payload, choices=[],
-                                usage=self._usage(payload, reply, call.tokens_sent))
+                    self._chunk(payload, choices=[], usage=reply.usage
+                                or self._usage(payload, reply, call.tokens_sent))
                 end = b"data: [DONE]\n\n"
                 self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
                 self.wfile.flush()

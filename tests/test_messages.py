@@ -64,7 +64,21 @@ def test_a_minimal_request_gets_the_documented_defaults():
      "$.toolResults[0].content", "max_message_chars (100)"),
     ({"v": 2, "message": ""}, "$.message", "length >= 1"),
     ({"v": 2, "attachments": [{"type": "image", "url": "data:image/png;base64,AA=="}]},
-     "$.attachments", "not supported by this worker yet"),
+     "$.attachments[0].url", "not a PNG image"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "data:image/bmp;base64,Qk0="}]},
+     "$.attachments[0].url", "data:image/(png|jpeg|webp|gif);base64"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "data:image/png;base64,!!"}]},
+     "$.attachments[0].url", "not valid base64"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "http://example.com/a.png"}]},
+     "$.attachments[0].url", "or an https:// URL"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "https://169.254.169.254/x.png"}]},
+     "$.attachments[0].url", "not in limits.image_url_hosts"),
+    ({"v": 2, "attachments": [{"type": "video", "url": "https://a.b/x.mp4"}]},
+     "$.attachments[0].type", "Invalid enum value 'video'"),
+    ({"v": 2, "attachments": [{"type": "image", "url": "https://a.b/x"}] * 9},
+     "$.attachments", "length <= 8"),
+    ({"attachments": [{"type": "image", "url": "https://a.b/x"}]},
+     "$.attachments", '"v": 2'),
 ])
 def test_bad_fields_are_named_with_their_rule(change, field, rule):
     with pytest.raises(BadInput) as info:

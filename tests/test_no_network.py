@@ -30,9 +30,10 @@ socket.getaddrinfo = getaddrinfo
 import tools.cli, actors.supervisor, actors.adapters.openai_wire, actors.adapters.tokens
 from actors.adapters.tokens import TokenCounter
 from actors.adapters.llm import cost_usd
+from messages.ports import Rates, TokenCounts
 TokenCounter("gpt-4o-mini").count("hello world")
 TokenCounter("openai/smollm2").count("hello world")
-cost_usd("gpt-4o-mini", 10, 10, None, None)
+cost_usd("gpt-4o-mini", TokenCounts(prompt=10, completion=10), Rates())
 print("ATTEMPTS", attempts)
 """
 

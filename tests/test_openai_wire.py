@@ -183,7 +183,8 @@ def test_cached_flat_prices_equal_litellms_own_sum():
 
     import litellm
 
-    from actors.adapters.llm import _pricing, cost_usd
+    from actors.adapters.llm import _MapRates, _pricing, cost_usd
+    from messages.ports import Rates, TokenCounts
 
     # (github_copilot's price lookup logs in over the network: not a model for us)
     chat_models = sorted(m for m, info in litellm.model_cost.items()
@@ -193,18 +194,19 @@ def test_cached_flat_prices_equal_litellms_own_sum():
     for model in random.Random(5).sample(chat_models, 400) + ["gpt-4o-mini", "gemini/gemini-2.5-pro",
                                                               "deepseek/deepseek-v4-pro"]:
         for prompt, completion in ((1200, 300), (250_000, 10)):
+            used = TokenCounts(prompt=prompt, completion=completion)
             try:
                 expected = sum(litellm.cost_per_token(model=model, prompt_tokens=prompt,
                                                       completion_tokens=completion))
             except Exception:
-                assert cost_usd(model, prompt, completion, None, None) is None
+                assert cost_usd(model, used, Rates()) is None
                 continue
-            assert cost_usd(model, prompt, completion, None, None) == pytest.approx(expected), model
+            assert cost_usd(model, used, Rates()) == pytest.approx(expected), model
             checked += 1
     assert checked > 200
     assert _pricing("gemini/gemini-2.5-pro") == "litellm"  # tiered above 200k tokens
     assert _pricing("deepseek/deepseek-v4-pro") == "litellm"  # its own calculator
-    assert isinstance(_pricing("gpt-4o-mini"), tuple)
+    assert isinstance(_pricing("gpt-4o-mini"), _MapRates)
     assert _pricing("openai/no-such-model-anywhere") == "unpriced"
 
 

@@ -13,6 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.adapters.llm import cost_usd
+from messages.ports import Rates, TokenCounts
 from tests.helpers import (
     ROOT,
     events_of,
@@ -74,7 +75,7 @@ async def test_metrics_count_known_jobs(config, llm, rds, db):
     assert sample(metrics, "chat_actors_jobs_total", status="failed", mode="gen") == 1
     assert sample(metrics, "chat_actors_tokens_total", direction="prompt", model="priced") == 14
     assert sample(metrics, "chat_actors_tokens_total", direction="completion", model="priced") == 6
-    expected = 2 * cost_usd("openai/gpt-4o-mini", 7, 3, None, None)
+    expected = 2 * cost_usd("openai/gpt-4o-mini", TokenCounts(prompt=7, completion=3), Rates())
     assert sample(metrics, "chat_actors_cost_usd_total", model="priced") == pytest.approx(expected)
     assert sample(metrics, "chat_actors_ttft_seconds_count", model="priced") == 2
     assert sample(metrics, "chat_actors_job_latency_seconds_count", model="priced") == 3

@@ -11,7 +11,12 @@ import textwrap
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from messages.ports import UsageRow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,13 +91,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 1
     finally:
         pg.close()
-    head = ("user", "model", "jobs", "prompt tokens", "completion tokens", "cost USD")
-    table = [(r.user_id, r.model, f"{r.jobs:,}", f"{r.prompt_tokens:,}",
-              f"{r.completion_tokens:,}", f"{r.cost_usd:.6f}") for r in rows]
-    table.append(("total", "", f"{sum(r.jobs for r in rows):,}",
-                  f"{sum(r.prompt_tokens for r in rows):,}",
-                  f"{sum(r.completion_tokens for r in rows):,}",
-                  f"{sum(r.cost_usd for r in rows):.6f}"))
+    # Cached, cache-write and reasoning tokens are parts of the prompt / completion counts.
+    head = ("user", "model", "jobs", "prompt tokens", "cached", "cache writes",
+            "completion tokens", "reasoning", "cost USD")
+
+    def cells(user: str, model: str, of: Sequence[UsageRow]) -> tuple[str, ...]:
+        return (user, model, f"{sum(r.jobs for r in of):,}",
+                *(f"{sum(getattr(r, name) for r in of):,}" for name in (
+                    "prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens",
+                    "reasoning_tokens")),
+                f"{sum(r.cost_usd for r in of):.6f}")
+
+    table = [cells(r.user_id, r.model, [r]) for r in rows]
+    table.append(cells("total", "", rows))
     widths = [max(len(row[i]) for row in (head, *table)) for i in range(len(head))]
     for row in (head, *table):
         print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import litellm
@@ -20,7 +21,7 @@ from actors.errors import PermanentError, TransientError
 from config import secret
 from messages import mailboxes as chunks
 from messages.mailboxes import ProviderChunk
-from messages.ports import Capabilities
+from messages.ports import Capabilities, Rates, TokenCounts
 
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # a vendor that lacks a param must not fail the job
@@ -75,28 +76,100 @@ def _kind(exc: BaseException, status: object) -> str:
     return "server_error"
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int,
-             input_price: float | None, output_price: float | None) -> float | None:
-    """Price from config when set, else LiteLLM's bundled price map; None if unknown."""
-    if input_price is not None or output_price is not None:
-        return prompt_tokens * (input_price or 0.0) + completion_tokens * (output_price or 0.0)
-    match _pricing(model):
-        case (prompt_price, completion_price):
-            return prompt_tokens * prompt_price + completion_tokens * completion_price
-        case "unpriced":
-            return None
-    prompt_cost, completion_cost = litellm.cost_per_token(
-        model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    return float(prompt_cost) + float(completion_cost)
+@dataclass(frozen=True)
+class _MapRates:
+    """LiteLLM's flat prices for a model, USD per token (None: the map has none)."""
+
+    input: float
+    output: float
+    cache_read: float | None = None
+    cache_write: float | None = None
+    reasoning: float | None = None
 
 
+def cost_usd(model: str, used: TokenCounts, own: Rates) -> float | None:
+    """DESIGN 1.4: uncached prompt x input + cached x cache read + cache writes x cache
+    write + completion x output (reasoning at its own price where the map has one).
+    Each rate is the alias's own when set, else LiteLLM's bundled map; a cache rate
+    neither gives is the input rate. None: nobody prices the model."""
+    pricing = _pricing(model)
+    overridden = any(rate is not None for rate in (own.input, own.output, own.cache_read,
+                                                   own.cache_write))
+    if pricing == "litellm" and not overridden:
+        return _litellm_cost(model, used)
+    base = (pricing if isinstance(pricing, _MapRates)
+            else _base_rates(model) if pricing == "litellm" else None)
+    if base is None and not overridden:
+        return None
+    return _flat_cost(base, own, used)
+
+
+def _flat_cost(base: _MapRates | None, own: Rates, used: TokenCounts) -> float:
+    input_rate = _first(own.input, base and base.input, 0.0)
+    output_rate = _first(own.output, base and base.output, 0.0)
+    read_rate = _first(own.cache_read, base and base.cache_read, input_rate)
+    write_rate = _first(own.cache_write, base and base.cache_write, input_rate)
+    reasoning_rate = _first(base and base.reasoning if own.output is None else None,
+                            output_rate)
+    uncached = used.prompt - used.cached - used.cache_write
+    return (uncached * input_rate + used.cached * read_rate + used.cache_write * write_rate
+            + (used.completion - used.reasoning) * output_rate
+            + used.reasoning * reasoning_rate)
+
+
+def _first(*rates: float | None) -> float:
+    return next(rate for rate in rates if rate is not None)
+
+
+def _litellm_cost(model: str, used: TokenCounts) -> float:
+    """LiteLLM's own pricing (tiers, hours, units), given the parts of the usage."""
+    usage = litellm.Usage(
+        prompt_tokens=used.prompt, completion_tokens=used.completion,
+        total_tokens=used.prompt + used.completion,
+        cache_read_input_tokens=used.cached, cache_creation_input_tokens=used.cache_write,
+        completion_tokens_details={"reasoning_tokens": used.reasoning} if used.reasoning
+        else None)
+    return float(sum(litellm.cost_per_token(model=model, usage_object=usage)))
+
+
+# Prices that change with the hour (off-peak), the size (tiers) or the unit; the
+# 1-hour cache-write price is a kind of write we never ask for, not a tier.
 _VARIABLE = ("peak", "tier", "_above_", "per_character", "per_second")
+_NOT_VARIABLE = ("_above_1hr",)
+
+
+def _variable(key: str) -> bool:
+    return any(mark in key for mark in _VARIABLE) and not key.endswith(_NOT_VARIABLE)
+
+
+def _map_rates(info: Mapping[str, Any]) -> _MapRates | None:
+    unit_in, unit_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+    if not isinstance(unit_in, int | float) or not isinstance(unit_out, int | float):
+        return None
+
+    def rate(key: str) -> float | None:
+        value = info.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    return _MapRates(input=float(unit_in), output=float(unit_out),
+                     cache_read=rate("cache_read_input_token_cost"),
+                     cache_write=rate("cache_creation_input_token_cost"),
+                     reasoning=rate("output_cost_per_reasoning_token"))
 
 
 @functools.lru_cache(maxsize=256)
-def _pricing(model: str) -> tuple[float, float] | str:
-    """How LiteLLM prices `model`: (input, output) USD per token when its price is
-    flat, "unpriced", or "litellm" (tiered, cache-aware, per character...: asked per job).
+def _base_rates(model: str) -> _MapRates | None:
+    """The map's base prices (below any tier), for an alias that sets some of its own."""
+    try:
+        return _map_rates(litellm.get_model_info(model))
+    except Exception:  # unknown to the map
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _pricing(model: str) -> _MapRates | str:
+    """How LiteLLM prices `model`: its rates when they are flat, "unpriced", or
+    "litellm" (tiered, by the hour, per character...: asked per job).
 
     litellm.cost_per_token costs ~1 ms a call (as much again to raise for an unpriced
     model). Flat means LiteLLM's own answers at small and large counts are exactly
@@ -113,16 +186,25 @@ def _pricing(model: str) -> tuple[float, float] | str:
         info = litellm.get_model_info(model)
     except Exception:
         return "litellm"
-    # Prices that change with the hour (off-peak), the size (tiers) or the unit.
-    if any(value and any(mark in key for mark in _VARIABLE) for key, value in info.items()):
+    if any(value and _variable(key) for key, value in info.items()):
         return "litellm"
-    if (unit_in, unit_out) != (info.get("input_cost_per_token"), info.get("output_cost_per_token")):
+    rates = _map_rates(info)
+    if rates is None or (unit_in, unit_out) != (rates.input, rates.output):
         return "litellm"
     for prompt, completion in ((1, 1), (1000, 50), (300_000, 2000), (2_000_000, 100_000)):
         expected = prompt * unit_in + completion * unit_out
         if abs(litellm_cost(prompt, completion) - expected) > 1e-9 * max(expected, 1e-9):
             return "litellm"
-    return unit_in, unit_out
+    # Cached, cache-write and reasoning parts at the map's rates, as LiteLLM itself
+    # charges them (some vendors' calculators discount cache reads the map omits).
+    parts = TokenCounts(prompt=1000, completion=50, cached=400, cache_write=100, reasoning=20)
+    expected = _flat_cost(rates, Rates(), parts)
+    try:
+        if abs(_litellm_cost(model, parts) - expected) > 1e-9 * max(expected, 1e-9):
+            return "litellm"
+    except Exception:
+        return "litellm"
+    return rates
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,14 +225,13 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
 
     response: Any = await litellm.acompletion(**request)  # a stream: CustomStreamWrapper
     finish_reason = "stop"
-    prompt_tokens = completion_tokens = None
+    usage: Any = None
     model = request["model"]
     try:
         async for chunk in response:
-            usage = getattr(chunk, "usage", None)
-            if usage is not None and getattr(usage, "prompt_tokens", None) is not None:
-                prompt_tokens = usage.prompt_tokens
-                completion_tokens = usage.completion_tokens
+            counted = getattr(chunk, "usage", None)
+            if counted is not None and getattr(counted, "prompt_tokens", None) is not None:
+                usage = counted
             model = getattr(chunk, "model", None) or model
             for choice in chunk.choices:
                 delta = choice.delta
@@ -177,8 +258,31 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
         close = getattr(response, "aclose", None)
         if close is not None:
             await close()
-    await put(chunks.StreamFinished(finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                                    completion_tokens=completion_tokens, model=str(model)))
+    await put(_finished(finish_reason, usage, str(model)))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _finished(finish_reason: str, usage: Any, model: str) -> chunks.StreamFinished:
+    """The end of the stream, its usage under DESIGN 1.4's rule. LiteLLM already counts
+    every vendor's prompt with its cached parts in `prompt_tokens` (Anthropic's
+    input_tokens leave them out; LiteLLM adds them) and the reasoning in
+    `completion_tokens`; the parts are in its details."""
+    if usage is None:
+        return chunks.StreamFinished(finish_reason=finish_reason, prompt_tokens=None,
+                                     completion_tokens=None, model=model)
+    prompt = getattr(usage, "prompt_tokens_details", None)
+    completion = getattr(usage, "completion_tokens_details", None)
+    return chunks.StreamFinished(
+        finish_reason=finish_reason, prompt_tokens=_count(usage.prompt_tokens),
+        completion_tokens=_count(getattr(usage, "completion_tokens", 0)), model=model,
+        cached_tokens=_count(getattr(prompt, "cached_tokens", None))
+        or _count(getattr(usage, "cache_read_input_tokens", None)),
+        cache_write_tokens=_count(getattr(usage, "cache_creation_input_tokens", None))
+        or _count(getattr(prompt, "cache_write_tokens", None)),
+        reasoning_tokens=_count(getattr(completion, "reasoning_tokens", None)))
 
 
 class LiteLLMChat:
@@ -236,9 +340,8 @@ class LiteLLMChat:
 class LiteLLMPricing:
     """The Pricing port: LiteLLM's bundled price map and its vendor routing."""
 
-    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int,
-                 input_price: float | None, output_price: float | None) -> float | None:
-        return cost_usd(model, prompt_tokens, completion_tokens, input_price, output_price)
+    def cost_usd(self, model: str, used: TokenCounts, own: Rates) -> float | None:
+        return cost_usd(model, used, own)
 
     def provider_of(self, model: str) -> str:
         return provider_of(model)

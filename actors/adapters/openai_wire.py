@@ -77,9 +77,36 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None  # LiteLLM's proxy
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
+    """OpenAI's usage block: prompt_tokens holds the cached ones, completion_tokens the
+    reasoning ones (DESIGN 1.4's rule already). Where compatible servers name the
+    cached parts otherwise, those names are read too."""
+
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+    prompt_cache_hit_tokens: int | None = None  # DeepSeek
+    cache_read_input_tokens: int | None = None  # LiteLLM's proxy, Anthropic-style
+    cache_creation_input_tokens: int | None = None
+
+    def parts(self) -> tuple[int, int, int]:
+        """(cached, cache write, reasoning) tokens."""
+        prompt = self.prompt_tokens_details or _PromptDetails()
+        completion = self.completion_tokens_details or _CompletionDetails()
+        return (prompt.cached_tokens or self.prompt_cache_hit_tokens
+                or self.cache_read_input_tokens or 0,
+                prompt.cache_write_tokens or self.cache_creation_input_tokens or 0,
+                completion.reasoning_tokens or 0)
 
 
 class _Chunk(msgspec.Struct):
@@ -248,9 +275,13 @@ async def _read_events(body: AsyncGenerator[bytes], out: trio.MemorySendChannel[
     if stream.finish_reason is None:
         raise TransientError(f"{route.provider}: the stream ended before the answer finished",
                              kind="protocol")
+    usage = stream.usage or _Usage()
+    cached, written, reasoning = usage.parts()
     await _put(out, StreamFinished(finish_reason=stream.finish_reason,
-                                   prompt_tokens=stream.prompt_tokens,
-                                   completion_tokens=stream.completion_tokens, model=stream.model))
+                                   prompt_tokens=usage.prompt_tokens,
+                                   completion_tokens=usage.completion_tokens, model=stream.model,
+                                   cached_tokens=cached, cache_write_tokens=written,
+                                   reasoning_tokens=reasoning))
 
 
 class _PartialLine:
@@ -288,8 +319,7 @@ class _PartialLine:
 class _StreamState:
     model: str
     finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    usage: _Usage | None = None  # the last block that counted the prompt
 
     def parse(self, lines: list[bytes],
               route: Route) -> list[TokenDelta | ReasoningDelta | ToolCallDelta]:
@@ -328,8 +358,7 @@ class _StreamState:
                 raise TransientError(f"{route.provider}: error mid-stream: {message}",
                                      kind="server_error")
             if chunk.usage is not None and chunk.usage.prompt_tokens is not None:
-                self.prompt_tokens = chunk.usage.prompt_tokens
-                self.completion_tokens = chunk.usage.completion_tokens
+                self.usage = chunk.usage
             self.model = chunk.model or self.model
             for choice in chunk.choices:
                 delta = choice.delta

@@ -7,7 +7,7 @@ the pg sink writes its batches in one transaction each (group commit).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, LiteralString, TypeVar, cast
@@ -19,7 +19,7 @@ import trio
 from psycopg import sql
 
 from actors.errors import PermanentError, TransientError
-from messages.mailboxes import CallMade, JobFinished, JobRejected, Turn
+from messages.mailboxes import CallMade, ImageRef, JobFinished, JobRejected, Turn
 from messages.ports import (
     AlreadyTerminal,
     Claimed,
@@ -78,13 +78,14 @@ def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, befor
     if limit == 0:
         return []
     rows = conn.execute(
-        "SELECT role, content, tool_calls, tool_call_id, thinking_blocks FROM llm_messages "
-        "WHERE user_id = %s AND session_id = %s AND job_id <> %s "
+        "SELECT role, content, tool_calls, tool_call_id, thinking_blocks, attachments "
+        "FROM llm_messages WHERE user_id = %s AND session_id = %s AND job_id <> %s "
         "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
     return [Turn(role=role, content=content, tool_call_id=call_id,
                  tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]),
-                 thinking_blocks=thinking)
-            for role, content, calls, call_id, thinking in reversed(rows)]
+                 thinking_blocks=thinking,
+                 images=None if images is None else msgspec.convert(images, list[ImageRef]))
+            for role, content, calls, call_id, thinking, images in reversed(rows)]
 
 
 def _returned_ids(cur: psycopg.Cursor[Any]) -> set[str]:
@@ -315,17 +316,31 @@ class Postgres:
             "THEN date_trunc(%(period)s, now(), 'UTC') - ('1 ' || %(period)s)::interval "
             "ELSE now() - interval '1 hour' END", {"period": period}).rowcount)
 
+    async def images(self, *, user_id: str, hashes: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """The user's stored images by content hash: (media type, bytes)."""
+        wanted = sorted(set(hashes))
+        if not wanted:
+            return {}
+        rows = await self.run(lambda conn: conn.execute(
+            "SELECT sha256, media_type, data FROM llm_attachments "
+            "WHERE user_id = %s AND sha256 = ANY(%s)", (user_id, wanted)).fetchall())
+        return {sha: (media_type, bytes(data)) for sha, media_type, data in rows}
+
     async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
         """Jobs, tokens and cost by user and model alias, newest rows included."""
         rows = await self.run(lambda conn: conn.execute(
             "SELECT user_id, coalesce(model, '-'), count(*), coalesce(sum(prompt_tokens), 0), "
-            "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0) FROM llm_jobs "
+            "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), "
+            "coalesce(sum(cached_tokens), 0), coalesce(sum(cache_write_tokens), 0), "
+            "coalesce(sum(reasoning_tokens), 0) FROM llm_jobs "
             "WHERE (%(user)s::text IS NULL OR user_id = %(user)s) "
             "AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s) "
             "AND status <> 'rejected' GROUP BY 1, 2 ORDER BY 1, 2",
             {"user": user_id, "since": since}).fetchall())
         return [UsageRow(user_id=r[0], model=r[1], jobs=r[2], prompt_tokens=int(r[3]),
-                         completion_tokens=int(r[4]), cost_usd=float(r[5])) for r in rows]
+                         completion_tokens=int(r[4]), cost_usd=float(r[5]),
+                         cached_tokens=int(r[6]), cache_write_tokens=int(r[7]),
+                         reasoning_tokens=int(r[8])) for r in rows]
 
     async def release_lease(self, *, job_id: str, lease_holder: str) -> None:
         """Give a job back unfinished: the next delivery runs it again at once."""
@@ -366,6 +381,7 @@ class Postgres:
                             prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
                             ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
                             retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
+                            cached_tokens = %s, cache_write_tokens = %s, reasoning_tokens = %s,
                             budget_holds = NULL, finished_at = now(), lease_until = NULL
                         WHERE job_id = %s AND lease_owner = %s AND attempt = %s
                         RETURNING job_id
@@ -373,6 +389,7 @@ class Postgres:
                         [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
                           r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
                           r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
+                          r.cached_tokens, r.cache_write_tokens, r.reasoning_tokens,
                           r.job_id, lease_holder, r.attempt)
                          for r in finished], returning=True)
                     landed |= _returned_ids(cur)
@@ -380,26 +397,39 @@ class Postgres:
                     # message (none when it only answered calls), then the answer with
                     # any calls it made.
                     messages: list[tuple[Any, ...]] = []
+                    images: dict[tuple[str, str], tuple[str, str, str, bytes]] = {}
                     for r in finished:
                         if not r.messages or r.job_id not in landed:
                             continue
                         ids = (r.job_id, r.session_id, r.user_id)
-                        messages += [(*ids, "tool", content, None, False, None, call_id, None)
-                                     for call_id, content in r.tool_results]
+                        messages += [(*ids, "tool", content, None, False, None, call_id, None,
+                                      None) for call_id, content in r.tool_results]
                         if r.user_message:  # none when the job only answered tool calls
+                            refs = psycopg.types.json.Jsonb(
+                                [msgspec.to_builtins(i.ref) for i in r.images]) \
+                                if r.images else None
                             messages.append((*ids, "user", r.user_message, r.user_tokens, False,
-                                             None, None, None))
+                                             None, None, None, refs))
+                            images |= {(r.user_id, i.ref.sha256): (
+                                r.user_id, i.ref.sha256, i.ref.media_type, i.data)
+                                for i in r.images if i.data}
                         if r.answer or r.tool_calls:
                             calls = psycopg.types.json.Jsonb(msgspec.to_builtins(r.tool_calls)) \
                                 if r.tool_calls else None
                             thinking = psycopg.types.json.Jsonb(r.thinking_blocks) \
                                 if r.thinking_blocks else None
                             messages.append((*ids, "assistant", r.answer, r.completion_tokens,
-                                             r.partial, calls, None, thinking))
+                                             r.partial, calls, None, thinking, None))
+                    # The bytes once per user and content hash, in hash order (no deadlock
+                    # between two batches storing the same images).
+                    cur.executemany(
+                        "INSERT INTO llm_attachments (user_id, sha256, media_type, data) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, sha256) DO NOTHING",
+                        [images[key] for key in sorted(images)])
                     cur.executemany(
                         "INSERT INTO llm_messages (job_id, session_id, user_id, role, content, "
-                        "tokens, partial, tool_calls, tool_call_id, thinking_blocks) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                        "tokens, partial, tool_calls, tool_call_id, thinking_blocks, attachments) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING",
                         messages)
                 if rejected:
