@@ -18,6 +18,13 @@ MUTATIONS = {
     "temperature out of range": lambda d, v: {**d, "params": {"temperature": 9.5}},
     "negative timeout": lambda d, v: {**d, "timeoutS": -1},
     "unknown mode": lambda d, v: {**d, "mode": "chat"},
+    # Images (v2): bytes that are not what the data URL says, a host not allowed.
+    "image bytes that are not a PNG": lambda d, v: {**d, "v": 2, "attachments": [
+        {"type": "image", "url": "data:image/png;base64,PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+"}]},
+    "image URL of a host not allowed": lambda d, v: {**d, "v": 2, "attachments": [
+        {"type": "image", "url": "https://169.254.169.254/latest/meta-data/"}]},
+    "image without v2": lambda d, v: {**d, "attachments": [
+        {"type": "image", "url": "https://images.example.com/a.png"}]},
 }
 REQUIRED = ["jobId", "userId", "sessionId", "message"]
 MAX_REQUEST_BYTES = 65536

@@ -173,3 +173,26 @@ def test_send_takes_tools_from_a_file_and_says_what_is_wrong_with_one(tmp_path):
                        "arguments": '{"city": "Paris"}'}),
         ("done", {"status": "completed", "partial": False})]), "job", "0-0", out=out)
     assert out.getvalue().startswith('\n[tool call call_1: get_weather({"city": "Paris"})]')
+
+
+def test_send_attaches_an_image_file_by_its_own_format(tmp_path):
+    """`send --image`: the format is read from the bytes (not the file name), a URL
+    passes as given, and a file that is no image, or too big, is refused by name."""
+    from tests.images import data_url, gif_header, png
+    from tools.cli import _v2_fields
+
+    picture, named_wrong, text = tmp_path / "p.png", tmp_path / "really-a-gif.png", tmp_path / "t.png"
+    picture.write_bytes(png(5, 4))
+    named_wrong.write_bytes(gif_header(3, 3))
+    text.write_text("not an image")
+    link = "https://images.example.com/a.webp"
+    assert _v2_fields(None, [], [str(picture), str(named_wrong), link]) == {"v": 2, "attachments": [
+        {"type": "image", "url": data_url("png", png(5, 4))},
+        {"type": "image", "url": data_url("gif", gif_header(3, 3))},
+        {"type": "image", "url": link}]}
+    with pytest.raises(ValueError, match="t.png: not a PNG, JPEG, WebP or GIF image"):
+        _v2_fields(None, [], [str(text)])
+    with pytest.raises(ValueError, match="limits.max_attachment_bytes is 10"):
+        _v2_fields(None, [], [str(picture)], max_image_bytes=10)
+    with pytest.raises(ValueError, match="No such file"):
+        _v2_fields(None, [], [str(tmp_path / "missing.png")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -128,10 +129,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _v2_fields(tools_file: str | None, results: list[str]) -> dict[str, Any]:
-    """`--tools FILE` (a JSON array of {name, description, parameters}) and each
-    `--tool-result CALL_ID=CONTENT` as contract v2 request fields."""
+def _attachment(path_or_url: str, max_bytes: int) -> dict[str, str]:
+    """`--image PATH` as a data URL (its format read from its bytes), or an https URL
+    as given (the worker checks its host)."""
+    from messages.images import MEDIA_TYPES, ImageProblem, image_size
+
+    if path_or_url.startswith("https://"):
+        return {"type": "image", "url": path_or_url}
+    try:
+        data = Path(path_or_url).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--image {path_or_url}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"--image {path_or_url}: {len(data)} bytes; "
+                         f"limits.max_attachment_bytes is {max_bytes}")
+    for kind in MEDIA_TYPES:
+        try:
+            image_size(kind, data)
+        except ImageProblem:
+            continue
+        encoded = base64.b64encode(data).decode()
+        return {"type": "image", "url": f"data:image/{kind};base64,{encoded}"}
+    raise ValueError(f"--image {path_or_url}: not a PNG, JPEG, WebP or GIF image")
+
+
+def _v2_fields(tools_file: str | None, results: Sequence[str], images: Sequence[str] = (),
+               max_image_bytes: int = 512 * 1024) -> dict[str, Any]:
+    """`--tools FILE` (a JSON array of {name, description, parameters}), each
+    `--tool-result CALL_ID=CONTENT` and each `--image PATH` as contract v2 fields."""
     extra: dict[str, Any] = {}
+    if images:
+        extra["attachments"] = [_attachment(image, max_image_bytes) for image in images]
     if tools_file:
         try:
             tools = json.loads(Path(tools_file).read_text(encoding="utf-8"))
@@ -158,7 +186,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     config = _config(args.config)
     try:
-        extra = _v2_fields(args.tools, args.tool_result)
+        extra = _v2_fields(args.tools, args.tool_result, args.image,
+                           config.limits.max_attachment_bytes)
     except ValueError as exc:
         print(f"chat-actors send: {exc}", file=sys.stderr)
         return 2
@@ -313,6 +342,10 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--tool-result", action="append", default=[], metavar="CALL_ID=CONTENT",
                       help="answer a tool call of the session's last turn (repeat for each; "
                            "TEXT may then be empty)")
+    send.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="attach a PNG, JPEG, WebP or GIF file, or an https:// URL of a host "
+                           "in limits.image_url_hosts (repeat for each); needs an alias "
+                           "with vision")
     send.add_argument("--timeout", type=float, default=5.0, metavar="S",
                       help="give up on a dependency that does not answer in S seconds "
                            "(default: %(default)s)")
