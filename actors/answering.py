@@ -113,7 +113,7 @@ async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retriev
 
 def pending_results(request: ChatRequest, history: list[Turn]) -> list[Turn]:
     """The request's tool results as `tool` turns, once they are known to answer every
-    call of the session's last assistant turn and nothing else (DESIGN 1.1 v2). Checked
+    call of the session's last assistant turn and nothing else (contract 2.1 v2). Checked
     here, not at intake: that turn may still have been running when this one arrived."""
     if not request.tool_results:
         return []

@@ -1,4 +1,4 @@
-"""capabilities: what each model alias takes besides text (DESIGN 1.1, version 2),
+"""capabilities: what each model alias takes besides text (contract 2.1, version 2),
 and the intake's check that a request asks only for that.
 
 An alias's flags come from LiteLLM's model map unless its config sets them (a model

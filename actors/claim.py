@@ -1,6 +1,6 @@
 """claim: take a job's lease in llm_jobs, or learn why this worker must not run it.
 
-DESIGN 4.1: a new job runs as attempt 1, a job whose lease expired as the next
+contract 6.1: a new job runs as attempt 1, a job whose lease expired as the next
 attempt; a job under a live lease elsewhere is waited for (skipping it would
 commit its offset, and if that worker has died the job would be lost); a job
 that is already terminal is never run again, but its `done` is re-sent in case

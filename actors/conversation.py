@@ -3,7 +3,7 @@
 claim (actors/claim.py) -> answer (answering.py) -> outcome (outcome.py) ->
 terminal writes (finish.py). When this returns, the job's row and messages are
 in Postgres and its `done` is in Redis, so the intake may commit its offset
-(DESIGN 4.1/4.2). Two scopes, one question each: the registry's cancel scope
+(contract 6.1/6.2). Two scopes, one question each: the registry's cancel scope
 outside (did the job's user cancel it?), the job's deadline inside.
 """
 

@@ -1,9 +1,9 @@
-"""finish: a job's terminal writes, in the order DESIGN 4.1/4.2 needs.
+"""finish: a job's terminal writes, in the order contract 6.1/6.2 needs.
 
 `final` (or `error`) -> the job's row and messages committed in Postgres ->
 `done` in Redis; only then may the intake commit the offset. Shielded: while the
 worker runs, a job whose Postgres is away keeps its answer and waits for its
-fenced terminal write (DESIGN 4.11); once the worker stops, each job gets
+fenced terminal write (contract 6.11); once the worker stops, each job gets
 FINISH_GRACE_S to settle, or raises TransientError with its offset uncommitted.
 """
 
@@ -109,7 +109,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
 
 def superseded(worker: Worker, job: JobRef) -> None:
     """This attempt lost the job to a later one (its lease ran out meanwhile): it says
-    nothing more, no `done`; the later attempt ends the job (DESIGN 4.11)."""
+    nothing more, no `done`; the later attempt ends the job (contract 6.11)."""
     log.warning("job %s: attempt %d was superseded by a later attempt; it ends silently",
                 job.job_id, job.attempt)
     worker.metrics.superseded.inc()

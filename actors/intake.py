@@ -7,7 +7,7 @@ offset per partition is committed after every poll. Never auto-commit.
 Admission: at most `jobs.max_in_flight` jobs run, and at most the tracker's
 limit of offsets wait to be committed. At either limit the intake pauses its
 partitions but keeps polling, so the consumer group never sees it as gone
-however long the jobs take (DESIGN 4.8). Requests of one session run
+however long the jobs take (contract 6.8). Requests of one session run
 in arrival order, each seeing the previous one in its history.
 """
 
@@ -122,7 +122,7 @@ async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: Dea
 
 async def refuse(worker: Worker, job: JobRef, error: Error) -> None:
     """End a job that never ran as `rejected`: its row first, then `error` and `done`,
-    all only if the row landed (DESIGN 1.2: nothing is written to another's job)."""
+    all only if the row landed (contract 2.2: nothing is written to another's job)."""
     persisted = Receipt()
     await worker.records.send(JobRejected(job_id=job.job_id, user_id=job.user_id,
                                           session_id=job.session_id,
@@ -287,7 +287,7 @@ class Intake:
         """Run the job until it settles. A job that could not settle (a bug, or its
         terminal write cut short) is run again after a capped backoff, never dropped:
         that partition's committed offset must go on. The run again is safe, since
-        every write is fenced by attempt (DESIGN 4.11). Only a stopping worker leaves
+        every write is fenced by attempt (contract 6.11). Only a stopping worker leaves
         it unsettled, for the redelivery."""
         partition = (delivery.topic, delivery.partition)
         backoff = Backoff(base_s=1.0, cap_s=30.0)

@@ -7,7 +7,7 @@ task per job. The keeper renews all the leases this worker holds with one
 UPDATE per period instead. A job the UPDATE does not return was taken over by
 another attempt after an outage (or a frozen worker) outlived its lease: it is
 stopped at once (`on_lost`), and its terminal record, fenced by attempt, writes
-nothing (DESIGN 4.11).
+nothing (contract 6.11).
 """
 
 from __future__ import annotations

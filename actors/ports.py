@@ -29,7 +29,7 @@ from messages.ports import (
 class EventWriter(Protocol):
     async def write(self, entries: Sequence[StreamEntry]) -> set[tuple[str, int]]:
         """Append the entries; return the (job id, attempt) of those not written because
-        a later attempt holds the job (DESIGN 4.11)."""
+        a later attempt holds the job (contract 6.11)."""
         ...
     async def done_recorded(self, job_id: str) -> bool: ...
     async def last_seq(self, job_id: str, attempt: int) -> int: ...
@@ -42,7 +42,7 @@ class RecordWriter(Protocol):
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
                             lease_holder: str) -> set[str]:
         """Write a batch in one transaction; return the ids of jobs whose terminal
-        record did not land: a later attempt holds the job (DESIGN 4.11), or, for a
+        record did not land: a later attempt holds the job (contract 6.11), or, for a
         rejection, the job id belongs to a job it must not touch."""
         ...
 
@@ -79,7 +79,7 @@ class Pricing(Protocol):
     """What a model costs and who serves it (LiteLLM's price map and routing)."""
 
     def cost_usd(self, model: str, used: TokenCounts, own: Rates) -> float | None:
-        """What `used` costs on `model` (DESIGN 1.4), each rate `own` sets overriding the
+        """What `used` costs on `model` (contract 3), each rate `own` sets overriding the
         price map's; None when neither prices the model."""
         ...
     def provider_of(self, model: str) -> str: ...

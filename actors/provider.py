@@ -57,7 +57,7 @@ class Answer:
     alias: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0  # parts of prompt_tokens and completion_tokens (DESIGN 1.4)
+    cached_tokens: int = 0  # parts of prompt_tokens and completion_tokens (contract 3)
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float | None = 0.0

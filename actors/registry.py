@@ -1,6 +1,6 @@
 """The job registry: which jobs run here, whose they are, and cancels waiting for a job.
 
-A cancel is honoured only from the job's user (DESIGN 1.2). A cancel for a job
+A cancel is honoured only from the job's user (contract 2.2). A cancel for a job
 not running here becomes a tombstone: the gateway may send it before the request
 reaches us, the job may wait behind its session, or it may run on another worker
 and come back here on redelivery. Tombstones are kept per (job, user), so a cancel
@@ -122,7 +122,7 @@ class JobRegistry:
     def stop(self, job_id: str, reason: str, attempt: int | None = None) -> None:
         """Stop a running job whoever its user: a later attempt holds it (its lease was
         lost, or Redis refused its events), so it must not go on calling the model or
-        writing (DESIGN 4.11). With `attempt`, only if that attempt is the one running."""
+        writing (contract 6.11). With `attempt`, only if that attempt is the one running."""
         job = self._running.get(job_id)
         if job is not None and (attempt is None or job.attempt == attempt):
             self._cancel(job, reason)

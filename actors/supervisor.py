@@ -215,7 +215,7 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
             config=config, worker_id=this_worker, store=adapters.pg,
             chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=tokens,
             events=events_in, records=records_in, event_log=adapters.events,
-            # A tombstone outlives the longest wait behind a session (DESIGN 1.2).
+            # A tombstone outlives the longest wait behind a session (contract 2.2).
             registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s
                                  + config.jobs.session_wait_s,
                                  on_evict=metrics.tombstones_evicted.inc),

@@ -25,7 +25,7 @@ from messages.wire import EventBody
 
 class Finishing:
     """The shielded terminal writes of running jobs. While the worker runs, a job waits
-    for its fenced terminal write however long Postgres is away (DESIGN 4.11: it
+    for its fenced terminal write however long Postgres is away (contract 6.11: it
     keeps its answer); once the worker stops, each gets `bound(seconds)` more."""
 
     def __init__(self) -> None:

@@ -17,7 +17,7 @@ Many workers (--workers 3): three workers in one consumer group. One starts; two
 join while the jobs stream; one is SIGKILLed; one is frozen (SIGSTOP) past its
 leases and the session timeout until another worker has taken over a job of its,
 then woken; Postgres is frozen past every lease and thawed (tests/many_workers.py).
-The vendor is as chaotic as above. The printout checks DESIGN 4.1, 4.2 and 4.11
+The vendor is as chaotic as above. The printout checks contract 6.1, 4.2 and 4.11
 (tests/invariants.py) and counts the jobs the vendor answered twice: legitimate
 after a lost lease, never visible to a client.
 
@@ -224,7 +224,7 @@ chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
 
 
 def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
-    """Three workers in one group (DESIGN 4.13): tests.many_workers' choreography."""
+    """Three workers in one group (contract 6.13): tests.many_workers' choreography."""
     kafka, rds_service, pg = local_stack.start_core(workdir)
     # Answers stream for about two seconds: the jobs outlast every step.
     llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1).start()

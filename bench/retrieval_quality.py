@@ -4,8 +4,9 @@ The labelled set is built here, deterministically:
 - 240 short documents about fictional towns. The names are made up, so no
   model has seen them. They come with 80 questions: 40 use the document's own
   words and 40 are paraphrased.
-- This repository's README and ../shared/DESIGN.md, with 20 hand-written
-  questions, each labelled by a phrase the right chunk contains.
+- This repository's README.md and docs/contract.md (the outside contract),
+  with 20 hand-written questions in bench/data/repo_queries.json, each
+  labelled by a phrase that the right chunks of those two files contain.
 
 It prints recall@5 and MRR@10 for each method. It then times the full hybrid
 search with rerank, as a job runs it, over 10,000 chunks (p50 and p99).
@@ -101,7 +102,7 @@ def quality(workdir: Path) -> dict[str, tuple[float, float]]:
     towns = synthetic_towns(rng, 240)
     for town in towns:
         (docs / f"{town['name']}.md").write_text(town_text(town))
-    repo_docs = [ROOT / "README.md", ROOT.parent / "shared" / "DESIGN.md"]
+    repo_docs = [ROOT / "README.md", ROOT / "docs" / "contract.md"]
     for path in repo_docs:
         if path.exists():
             (docs / path.name).write_text(path.read_text())

@@ -69,11 +69,11 @@ class Redis(_Section, frozen=True):
 
 
 class JobKeys(msgspec.Struct, frozen=True):
-    """Every Redis key of one job (DESIGN 3). In cluster mode the job id is a hash tag,
+    """Every Redis key of one job (contract 5). In cluster mode the job id is a hash tag,
     `{<jobId>}`, so all of a job's keys share a slot and one script may touch them."""
 
     stream: str  # the events a client reads
-    attempt: str  # the attempt that holds the job (DESIGN 4.11)
+    attempt: str  # the attempt that holds the job (contract 6.11)
     done: str  # set with the job's appended `done`
     seq_prefix: str  # + attempt: the highest seq written for that attempt
     own_stream: bool = True  # False: the template names one stream shared by many jobs
@@ -118,7 +118,7 @@ class ModelAlias(_Section, frozen=True):
     cache_write_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
     # auto: OpenAI-wire vendors stream natively, others through LiteLLM (see openai_wire).
     stream_path: Literal["auto", "openai", "litellm"] = "auto"
-    # What the model takes (DESIGN 1.1 v2); unset: what LiteLLM's model map says.
+    # What the model takes (contract 2.1 v2); unset: what LiteLLM's model map says.
     vision: bool | None = None
     tools: bool | None = None
     reasoning: bool | None = None

@@ -131,7 +131,7 @@ class JobFinished(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: list[CallMade] = []  # v2: the calls the answer made
     thinking_blocks: list[dict[str, str]] = []  # v2: the signed reasoning before those calls
     images: list[StoredImage] = []  # v2: the user message's attachments
-    # v2: the parts of the usage priced at their own rates (DESIGN 1.4)
+    # v2: the parts of the usage priced at their own rates (contract 3)
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
@@ -184,7 +184,7 @@ class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
-    """The end of one try. The counts follow DESIGN 1.4's one rule whatever the vendor:
+    """The end of one try. The counts follow contract 3's one rule whatever the vendor:
     `prompt_tokens` counts every prompt token (cached ones are parts of it),
     `completion_tokens` every generated one (reasoning ones are part of it)."""
 

@@ -74,7 +74,7 @@ class UsageRow(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
-    cached_tokens: int = 0  # parts of prompt_tokens (DESIGN 1.4)
+    cached_tokens: int = 0  # parts of prompt_tokens (contract 3)
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0  # part of completion_tokens
 
@@ -104,7 +104,7 @@ class Hit(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
-    """One try's usage under DESIGN 1.4's rule: `cached` and `cache_write` are parts of
+    """One try's usage under contract 3's rule: `cached` and `cache_write` are parts of
     `prompt`, `reasoning` part of `completion`."""
 
     prompt: int
@@ -124,7 +124,7 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Capabilities(msgspec.Struct, frozen=True):
-    """What a model alias takes besides text (DESIGN 1.1, version 2)."""
+    """What a model alias takes besides text (contract 2.1, version 2)."""
 
     vision: bool = False
     tools: bool = False

@@ -1,4 +1,4 @@
-"""The outside contract (DESIGN.md section 1): what other teams code against.
+"""The outside contract (docs/contract.md): what other teams code against.
 
 Kafka in (`ChatRequest`, `ControlMessage`), Redis out (`StreamEvent` and the
 event bodies). Each type is versioned by the `v` field; new fields must get
@@ -19,13 +19,13 @@ from msgspec import Meta
 from messages.images import Image, ImageProblem, check_image
 
 SCHEMA_VERSION = 1  # what a request means when it says no `v`
-SCHEMA_VERSIONS = (1, 2)  # DESIGN 1.1: v2 is additive
+SCHEMA_VERSIONS = (1, 2)  # contract 2.1: v2 is additive
 MAX_TOOLS = 64
 MAX_TOOL_RESULTS = 64
 MAX_DESCRIPTION_CHARS = 4096
 MAX_ATTACHMENTS = 8
 
-# DESIGN 1.1: ids are 1-128 chars of [A-Za-z0-9._:-].
+# contract 2.1: ids are 1-128 chars of [A-Za-z0-9._:-].
 IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
 Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=IDENT_PATTERN)]
 UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -57,7 +57,7 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
 
 
-# DESIGN 1.1, version 2.
+# contract 2.1, version 2.
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -114,7 +114,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     rag: RagOptions | None = None
     trace_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
     v: int = SCHEMA_VERSION
-    # v2 (DESIGN 1.1): each needs "v": 2.
+    # v2 (contract 2.1): each needs "v": 2.
     tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     tool_results: Annotated[list[ToolResult], Meta(max_length=MAX_TOOL_RESULTS)] | None = None
@@ -134,7 +134,7 @@ _request_decoder = msgspec.json.Decoder(ChatRequest)
 _ids_decoder = msgspec.json.Decoder(_Ids)
 
 
-# DESIGN 1.1: no value may nest deeper than this (the request object itself is level 1).
+# contract 2.1: no value may nest deeper than this (the request object itself is level 1).
 MAX_DEPTH = 32
 MAX_CONTROL_BYTES = 64 * 1024
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -270,7 +270,7 @@ _V2_FIELDS = (("tools", "tools"), ("tool_choice", "toolChoice"), ("tool_results"
 
 
 def _check_version(request: ChatRequest, ids: dict[str, str]) -> None:
-    """`v` is 1 or 2, and a v2 field comes only with "v": 2 (DESIGN 1.1): a worker
+    """`v` is 1 or 2, and a v2 field comes only with "v": 2 (contract 2.1): a worker
     that predates v2 refuses such a request instead of silently dropping the field."""
     if request.v not in SCHEMA_VERSIONS:
         raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads "
@@ -314,7 +314,7 @@ def _check_tools(request: ChatRequest, ids: dict[str, str]) -> None:
 
 def request_images(request: ChatRequest, *, max_bytes: int,
                    url_hosts: Collection[str]) -> list[Image]:
-    """The request's attachments, checked (DESIGN 1.1 v2), or BadInput naming the rule."""
+    """The request's attachments, checked (contract 2.1 v2), or BadInput naming the rule."""
     images: list[Image] = []
     for n, attachment in enumerate(request.attachments or ()):
         try:
@@ -401,7 +401,7 @@ def decode_control(raw: bytes | None) -> ControlMessage:
         raise BadInput("$", f"the value is not a JSON object: {exc}") from exc
 
 
-# --- Redis stream events (DESIGN 1.4) ----------------------------------------------
+# --- Redis stream events (contract 3) ----------------------------------------------
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """An event body; `EVENT` is the entry's `event` field."""
@@ -410,6 +410,8 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 
 class Started(_Event, frozen=True):
+    """The job was admitted; attempt > 1: discard what an earlier attempt streamed."""
+
     EVENT: ClassVar[str] = "started"
     model: str
     mode: str
@@ -424,6 +426,8 @@ class RetrievalHit(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Retrieval(_Event, frozen=True):
+    """One RAG step (vector, keyword, fused...) and the chunks it found."""
+
     EVENT: ClassVar[str] = "retrieval"
     step: str
     query: str
@@ -431,12 +435,14 @@ class Retrieval(_Event, frozen=True):
 
 
 class Token(_Event, frozen=True):
+    """Answer text (one or more tokens, coalesced): append it to the answer."""
+
     EVENT: ClassVar[str] = "token"
     text: str
 
 
 class Reasoning(_Event, frozen=True):
-    """v2: the model's reasoning (thinking) text, apart from `token` (DESIGN 1.4)."""
+    """v2: the model's reasoning (thinking) text, apart from `token` and never in it."""
 
     EVENT: ClassVar[str] = "reasoning"
     text: str
@@ -453,6 +459,8 @@ class ToolCall(_Event, frozen=True):
 
 
 class ProviderSwitched(_Event, frozen=True):
+    """A retry or a fallback switched provider mid-job; the answer goes on."""
+
     EVENT: ClassVar[str] = "provider"
     from_: str = msgspec.field(name="from")
     to: str
@@ -460,7 +468,7 @@ class ProviderSwitched(_Event, frozen=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """DESIGN 1.4's one accounting rule: `prompt_tokens` counts every prompt token, the
+    """contract 3's one accounting rule: `prompt_tokens` counts every prompt token, the
     cached ones (read or written) parts of it; `completion_tokens` every generated token,
     the reasoning ones part of it. The v2 parts are omitted when 0."""
 
@@ -473,6 +481,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defa
 
 
 class Final(_Event, frozen=True, omit_defaults=True):
+    """The answer is complete: its whole text, usage and cost."""
+
     EVENT: ClassVar[str] = "final"
     text: str
     finish_reason: str
@@ -490,6 +500,8 @@ class Final(_Event, frozen=True, omit_defaults=True):
 
 
 class Error(_Event, frozen=True):
+    """Something failed; always followed by `done`."""
+
     EVENT: ClassVar[str] = "error"
     code: str
     message: str
@@ -500,6 +512,8 @@ DoneStatus = Literal["completed", "cancelled", "timeout", "failed", "rejected"]
 
 
 class Done(_Event, frozen=True):
+    """The job ended: exactly once per job, always the last entry."""
+
     EVENT: ClassVar[str] = "done"
     status: DoneStatus
     partial: bool

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-# Each mutation breaks one rule of DESIGN 1.1.
+# Each mutation breaks one rule of contract 2.1.
 MUTATIONS = {
     "drop a required field": lambda d, v: {k: x for k, x in d.items() if k != v},
     "wrong type": lambda d, v: {**d, v: 12345},

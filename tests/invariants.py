@@ -1,5 +1,5 @@
 """What every run must leave behind, however many workers ran it and whatever failed:
-read from the real Redis, Postgres and broker after the run (DESIGN 4.1, 4.2, 4.11).
+read from the real Redis, Postgres and broker after the run (contract 6.1, 4.2, 4.11).
 
 Shared by the many-workers test and `bench chaos`. The vendor's answers must name
 their call (`NumberedLLM`) so an answer in the history can be traced to the attempt

@@ -1,5 +1,5 @@
 """Many workers in one consumer group, as real processes, and the choreography that
-tries them (DESIGN 4.13): start with one, add two while the jobs stream (the
+tries them (contract 6.13): start with one, add two while the jobs stream (the
 rest of the jobs trickle in as they join, so they get work of their own), SIGKILL one,
 freeze another past `lease_s` and the session timeout and wake it, freeze Postgres
 past `lease_s` and thaw it. Every wait is on something the run shows (a done marker,

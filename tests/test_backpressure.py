@@ -1,4 +1,4 @@
-"""Backpressure (DESIGN 4.7): a burst of 10 x max_in_flight stays bounded and completes."""
+"""Backpressure (contract 6.7): a burst of 10 x max_in_flight stays bounded and completes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LiteLLM's real client under trio-asyncio (the run_in_executor trap of DESIGN 2)."""
+"""LiteLLM's real client under trio-asyncio (its run_in_executor trap, see actors/adapters/aio.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The budget ledger in Postgres (DESIGN 1.5): holds never leak across attempts,
+"""The budget ledger in Postgres (contract 4): holds never leak across attempts,
 windows are UTC whatever a session's TimeZone, old windows are pruned."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cancel from chat.control (DESIGN 1.2, 4.3): owner, foreign, early and late cancels."""
+"""Cancel from chat.control (contract 2.2, 4.3): owner, foreign, early and late cancels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact cost (DESIGN 1.4, contract v2): cached, cache-write and reasoning tokens are
+"""Exact cost (contract 3, contract v2): cached, cache-write and reasoning tokens are
 parts of the prompt and completion counts, each priced at its own rate, whatever
 the vendor's usage block looks like; the budget settles on that figure."""
 
@@ -71,7 +71,7 @@ GEMINI_USAGE = {"promptTokenCount": 3000, "cachedContentTokenCount": 2000,
 
 
 def _hand_computed() -> dict[str, tuple[dict[str, int], float]]:
-    """(final.usage, costUsd) of each block, from DESIGN 1.4 and the price map by hand."""
+    """(final.usage, costUsd) of each block, from contract 3 and the price map by hand."""
     o4 = litellm.model_cost["o4-mini"]
     claude = litellm.model_cost["claude-sonnet-4-5"]
     gemini = litellm.model_cost["gemini/gemini-2.5-flash"]

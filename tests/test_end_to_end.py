@@ -1,4 +1,4 @@
-"""`chat-actors run` as a subprocess, driven only through the contract (DESIGN 1 and 3)."""
+"""`chat-actors run` as a subprocess, driven only through the contract (docs/contract.md and 3)."""
 
 from __future__ import annotations
 

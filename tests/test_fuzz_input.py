@@ -1,5 +1,5 @@
 """Property-based: mutated, hostile and random requests never crash the decoder or a
-running intake; every bad one lands in the DLQ, every good one completes (DESIGN 4.5,
+running intake; every bad one lands in the DLQ, every good one completes (contract 6.5,
 4.10). Hostile means what an attacker or a broken neighbour sends, not only a good
 message with one field wrong: nesting 50,000 deep, U+0000, oversize values, invalid
 UTF-8."""
@@ -22,7 +22,7 @@ from tests.hostile import HOSTILE, HOSTILE_CONTROL, MAX_REQUEST_BYTES, MUTATIONS
 ALIASES = frozenset({"scripted", "priced"})
 # Bounded in the test command; `bin/chat-actors bench fuzz` runs many more.
 EXAMPLES = int(os.environ.get("CHAT_ACTORS_FUZZ_EXAMPLES", "2000"))
-# Text a user may send: anything but U+0000 (DESIGN 1.1) and lone surrogates (not UTF-8).
+# Text a user may send: anything but U+0000 (contract 2.1) and lone surrogates (not UTF-8).
 TEXT = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 IDENT = st.text(alphabet="abcXYZ019._:-", min_size=1, max_size=20)
 GOOD = st.fixed_dictionaries({

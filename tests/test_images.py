@@ -1,4 +1,4 @@
-"""Images in requests (contract v2, DESIGN 1.1): checked before any vendor sees them,
+"""Images in requests (contract v2, contract 2.1): checked before any vendor sees them,
 estimated in the prompt budget, sent as content parts, kept in history by reference."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The intake outlives any one job: a job that raises what nobody expected is logged,
-counted and run again, never dropped, and the next job runs (DESIGN 4.10)."""
+counted and run again, never dropped, and the next job runs (contract 6.10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Jobs across workers and time (DESIGN 4.1, 4.4, 4.6, 4.8): session order, leases and
+"""Jobs across workers and time (contract 6.1, 4.4, 4.6, 4.8): session order, leases and
 attempts, redelivery, timeouts against a real slow server, SIGKILL and SIGTERM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Three workers in one consumer group keep every guarantee (DESIGN 4.1, 4.2, 4.11,
+"""Three workers in one consumer group keep every guarantee (contract 6.1, 4.2, 4.11,
 4.13) while one joins late, one is SIGKILLed, one is frozen past its leases and the
 session timeout and then wakes, and Postgres is frozen past every lease."""
 

@@ -1,4 +1,4 @@
-"""DESIGN 4.1: an offset is committed only once its job is persisted."""
+"""contract 6.1: an offset is committed only once its job is persisted."""
 
 from __future__ import annotations
 

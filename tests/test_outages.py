@@ -1,4 +1,4 @@
-"""Dependency outages (DESIGN 4.7): retry with backoff, not ready meanwhile, and every
+"""Dependency outages (contract 6.7): retry with backoff, not ready meanwhile, and every
 job finishes with a contiguous event sequence and exactly one `done`."""
 
 from __future__ import annotations

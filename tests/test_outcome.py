@@ -1,4 +1,4 @@
-"""How a job ended, decided from facts alone: every terminal path of DESIGN 4.2-4.4."""
+"""How a job ended, decided from facts alone: every terminal path of contract 6.2-4.4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ownership (DESIGN 1.2): nothing is written to a job's stream, row or history unless
+"""Ownership (contract 2.2): nothing is written to a job's stream, row or history unless
 the job belongs to the sender, and a rejected request never takes a job id away."""
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ async def test_a_lone_refused_record_does_not_stop_the_sink():
 async def test_a_terminal_record_of_a_superseded_attempt_writes_nothing(stack, db):
     # Attempt 1's lease ran out (its worker froze) and attempt 2 took the job, here on
     # the same worker. Attempt 1's late record must not become the job's row, history
-    # or budget settlement (DESIGN 4.11); the sink's receipt says it was superseded.
+    # or budget settlement (contract 6.11); the sink's receipt says it was superseded.
     store = Postgres(dsn=stack.postgres.url, pool_size=2)
     await store.migrate()
     job_id = f"fence-{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""Vendor failures through the real clients and the scripted server (DESIGN 4.7).
+"""Vendor failures through the real clients and the scripted server (contract 6.7).
 
 Every test runs twice: on the native OpenAI-wire path and forced through LiteLLM.
 """

@@ -120,7 +120,7 @@ async def test_an_entry_redis_refuses_for_good_is_dropped_and_the_sink_goes_on(a
 
 def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     # Attempt 1 of a job froze; attempt 2 took it over and said `started`. Attempt 1's
-    # late events (tokens, its `done`) must not reach the client's stream (DESIGN 4.11),
+    # late events (tokens, its `done`) must not reach the client's stream (contract 6.11),
     # and only an appended `done` arms the done marker.
     from actors.adapters.redis_events import RedisEvents
     from config import job_keys

@@ -1,4 +1,4 @@
-"""Contract v2 (DESIGN 1.1, 1.4): tools go to the vendor in OpenAI's form, a tool call
+"""Contract v2 (contract 2.1, 1.4): tools go to the vendor in OpenAI's form, a tool call
 streams as one `tool_call` event per complete call, and `final` carries them."""
 
 from __future__ import annotations

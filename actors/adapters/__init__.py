@@ -12,6 +12,6 @@ import os
 import trio_asyncio  # noqa: F401
 
 # Before any adapter imports LiteLLM: otherwise LiteLLM fetches its price list from
-# the network at import (DESIGN 6). Set in the package itself, so no import order
+# the network at import (no network at run time). Set in the package itself, so no import order
 # inside an adapter can get ahead of it.
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"

@@ -4,7 +4,7 @@ LiteLLM embedding model by config (`rag.embedding_model`).
 The local model pads each batch only to its longest text (dynamic padding),
 then mean-pools over the attention mask and L2-normalises, as
 sentence-transformers does. Chroma's built-in function pads every text to 256
-tokens, about 14x slower on short chunks (DESIGN 5).
+tokens, about 14x slower on short chunks (measured on the local stack).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def _consumer_settings(bootstrap: str, group_id: str, session_timeout_ms: int,
         "bootstrap.servers": bootstrap,
         "logger": LIBRDKAFKA_LOG,
         "group.id": group_id,
-        # Offsets are ours to commit, only once a job is persisted (DESIGN 4.1).
+        # Offsets are ours to commit, only once a job is persisted (contract 6.1).
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",

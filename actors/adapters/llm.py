@@ -88,7 +88,7 @@ class _MapRates:
 
 
 def cost_usd(model: str, used: TokenCounts, own: Rates) -> float | None:
-    """DESIGN 1.4: uncached prompt x input + cached x cache read + cache writes x cache
+    """contract 3: uncached prompt x input + cached x cache read + cache writes x cache
     write + completion x output (reasoning at its own price where the map has one).
     Each rate is the alias's own when set, else LiteLLM's bundled map; a cache rate
     neither gives is the input rate. None: nobody prices the model."""
@@ -266,7 +266,7 @@ def _count(value: object) -> int:
 
 
 def _finished(finish_reason: str, usage: Any, model: str) -> chunks.StreamFinished:
-    """The end of the stream, its usage under DESIGN 1.4's rule. LiteLLM already counts
+    """The end of the stream, its usage under contract 3's rule. LiteLLM already counts
     every vendor's prompt with its cached parts in `prompt_tokens` (Anthropic's
     input_tokens leave them out; LiteLLM adds them) and the reasoning in
     `completion_tokens`; the parts are in its details."""

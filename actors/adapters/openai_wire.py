@@ -1,7 +1,7 @@
 """The OpenAI wire format, streamed natively under Trio; LiteLLM for everything else.
 
 LiteLLM builds a pydantic object for every streamed chunk and runs behind the
-trio-asyncio bridge: 256-400 us of CPU per chunk (DESIGN 7). For vendors that
+trio-asyncio bridge: 256-400 us of CPU per chunk, measured. For vendors that
 speak the OpenAI chat-completions wire format, this adapter posts the request
 directly from Trio (actors.adapters.http1) and decodes each SSE `data:` line
 with msgspec into the three fields we use: a few microseconds per chunk. LiteLLM still does the parts that
@@ -88,7 +88,7 @@ class _CompletionDetails(msgspec.Struct):
 
 class _Usage(msgspec.Struct):
     """OpenAI's usage block: prompt_tokens holds the cached ones, completion_tokens the
-    reasoning ones (DESIGN 1.4's rule already). Where compatible servers name the
+    reasoning ones (contract 3's rule already). Where compatible servers name the
     cached parts otherwise, those names are read too."""
 
     prompt_tokens: int | None = None

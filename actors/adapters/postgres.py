@@ -353,7 +353,7 @@ class Postgres:
                             lease_holder: str) -> set[str]:
         """Write a batch in one transaction: terminal job rows and their messages.
         Each terminal row lands only under this holder's lease of the same attempt
-        (DESIGN 4.11); the ids of those that did not are returned, and their messages
+        (contract 6.11); the ids of those that did not are returned, and their messages
         and budget settlement are not written either."""
         finished = [r for r in records if isinstance(r, JobFinished)]
         rejected = [r for r in records if isinstance(r, JobRejected)]

@@ -1,6 +1,6 @@
 """Redis Streams behind our ports: sync redis-py, pipelined, in one worker thread.
 
-Measured (DESIGN 7): a sync pipeline of 64 XADDs in a thread costs ~20 us per
+Measured: a sync pipeline of 64 XADDs in a thread costs ~20 us per
 event, against ~130 us for one awaited XADD through redis.asyncio on the bridge.
 """
 
@@ -40,7 +40,7 @@ def translate(exc: redis.RedisError) -> TransientError | PermanentError:
     return PermanentError(text, code="redis")
 
 # Appends one entry, in one script so nothing can come between the checks and the
-# write (DESIGN 4.11):
+# write (contract 6.11):
 # - a later attempt holds the job (its attempt key is higher): nothing, -1;
 # - its seq was already written for this (job, attempt), as when a pipeline is
 #   retried after a lost reply: nothing, 0;

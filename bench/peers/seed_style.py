@@ -1,6 +1,6 @@
 """The seed-style peer: the older worker design chat-actors replaces, kept working for the benchmark.
 
-It does the same job on the same wire contract (DESIGN 1.1, 1.2, 1.4, 1.5): `chat.request` in,
+It does the same job on the same wire contract (contract 2.1, 1.2, 1.4, 1.5): `chat.request` in,
 one Redis stream `sse:chat:{job_id}` of started / token* / final|error / done out, `llm_jobs` and
 `llm_messages` rows in Postgres. What makes it "seed style" is how, and each choice is the one
 the old design made, written competently rather than slowed down:

@@ -1,4 +1,4 @@
--- llm_jobs: one row per job (DESIGN 1.5).
+-- llm_jobs: one row per job (contract 4).
 CREATE TABLE IF NOT EXISTS llm_jobs (
     job_id            text PRIMARY KEY,
     user_id           text NOT NULL,

@@ -1,4 +1,4 @@
--- Contract v2 (DESIGN 1.5): the history holds assistant tool calls and `tool` turns,
+-- Contract v2 (contract 4): the history holds assistant tool calls and `tool` turns,
 -- so the next turn's prompt is valid for the vendor.
 ALTER TABLE llm_messages DROP CONSTRAINT IF EXISTS llm_messages_role_check;
 ALTER TABLE llm_messages ADD CONSTRAINT llm_messages_role_check

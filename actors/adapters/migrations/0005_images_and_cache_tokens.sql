@@ -1,4 +1,4 @@
--- Contract v2 (DESIGN 1.4, 1.5): the parts of a job's usage priced at their own rates,
+-- Contract v2 (contract 3, 1.5): the parts of a job's usage priced at their own rates,
 -- under the one accounting rule (cached and cache-write tokens are parts of
 -- prompt_tokens, reasoning tokens part of completion_tokens).
 ALTER TABLE llm_jobs ADD COLUMN IF NOT EXISTS cached_tokens integer NOT NULL DEFAULT 0;
