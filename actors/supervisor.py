@@ -29,7 +29,7 @@ from actors.adapters import aio
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
-from actors.adapters.llm import LiteLLMPricing
+from actors.adapters.llm import LiteLLMPricing, close_clients
 from actors.adapters.openai_wire import OpenAIWireChat, warm_error_mapping
 from actors.adapters.postgres import Postgres, redact
 from actors.adapters.redis_events import RedisEvents
@@ -199,7 +199,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
 async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics: Metrics, *,
                chat: ChatModel | None, stop: trio.Event, handle_signals: bool,
                task_status: trio.TaskStatus[WorkerHandle]) -> None:
-    async with aio.open_bridge():
+    async with aio.open_bridge(closing=[close_clients]):
         tokens = TiktokenCounting()
         async with trio.open_nursery() as starting:
             # The tokenizers load in a thread while the dependencies connect.

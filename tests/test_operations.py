@@ -195,7 +195,7 @@ async def test_concurrent_jobs_at_the_edge_of_a_budget_never_overspend(make_conf
     assert rows[0][:2] == ["user", "model"]
     carol = [r for r in rows if r[0] == "carol"]
     assert len(carol) == 1 and carol[0][1:3] == ["metered", "5"]
-    assert carol[0][4:] == ["50", "0.050000"]  # completion tokens, cost
+    assert carol[0][6:] == ["50", "0", "0.050000"]  # completion, reasoning tokens, cost
     assert rows[-1][0] == "total"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,12 +25,26 @@ class BoxingExecutor(trio_asyncio.TrioExecutor):
         return box[0]
 
 
+CLOSE_TIMEOUT_S = 5.0
+
+
 @asynccontextmanager
-async def open_bridge(max_executor_threads: int = 8) -> AsyncIterator[None]:
-    """Open the asyncio loop that asyncio-only libraries (LiteLLM) run on."""
+async def open_bridge(max_executor_threads: int = 8,
+                      closing: Sequence[Callable[[], Awaitable[None]]] = ()
+                      ) -> AsyncIterator[None]:
+    """Open the asyncio loop that asyncio-only libraries (LiteLLM) run on. Each of
+    `closing` (asyncio coroutine functions) runs on it before it closes, even when
+    the run was cancelled, within CLOSE_TIMEOUT_S: what a library keeps open belongs
+    to this loop and must not outlive it."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_default_executor(BoxingExecutor(max_workers=max_executor_threads))
-        yield
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+                for close in closing:
+                    await run_asyncio(close)
 
 
 def run_asyncio(coro_fn: Callable[..., Any], *args: Any) -> Any:

@@ -9,12 +9,14 @@ Only when that channel is full does it cross the bridge to wait.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import litellm
 import trio
+from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 
 from actors.adapters import aio
 from actors.errors import PermanentError, TransientError
@@ -22,6 +24,8 @@ from config import secret
 from messages import mailboxes as chunks
 from messages.mailboxes import ProviderChunk
 from messages.ports import Capabilities, Rates, TokenCounts
+
+log = logging.getLogger("chat_actors.llm")
 
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # a vendor that lacks a param must not fail the job
@@ -283,6 +287,20 @@ def _finished(finish_reason: str, usage: Any, model: str) -> chunks.StreamFinish
         cache_write_tokens=_count(getattr(usage, "cache_creation_input_tokens", None))
         or _count(getattr(prompt, "cache_write_tokens", None)),
         reasoning_tokens=_count(getattr(completion, "reasoning_tokens", None)))
+
+
+async def close_clients() -> None:
+    """Close LiteLLM's cached HTTP clients (asyncio side): their keep-alive sockets
+    belong to this loop, and a later loop (a worker started again in one process)
+    must get fresh ones. Closing is best effort: nothing it raises stops a shutdown."""
+    try:
+        await close_litellm_async_clients()
+    except Exception as exc:
+        log.warning("closing LiteLLM's HTTP clients failed: %s", exc)
+    litellm.in_memory_llm_clients_cache.flush_cache()
+    # The module-level client (Anthropic's path) is one of those, also kept as a module
+    # attribute that LiteLLM makes on first use: forget it so the next use makes anew.
+    vars(litellm).pop("module_level_aclient", None)
 
 
 class LiteLLMChat:
