@@ -300,7 +300,8 @@ async def close_clients() -> None:
     litellm.in_memory_llm_clients_cache.flush_cache()
     # The module-level client (Anthropic's path) is one of those, also kept as a module
     # attribute that LiteLLM makes on first use: forget it so the next use makes anew.
-    vars(litellm).pop("module_level_aclient", None)
+    if "module_level_aclient" in vars(litellm):
+        delattr(litellm, "module_level_aclient")
 
 
 class LiteLLMChat:
