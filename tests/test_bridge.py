@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from actors.adapters import aio
-from actors.adapters.llm import LiteLLMChat, litellm
+from actors.adapters.llm import LiteLLMChat, close_clients, litellm
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import StreamFinished, TokenDelta
 from tests.scripted_llm import Reply
@@ -22,7 +22,7 @@ async def collect(chat, llm, **kwargs):
 
 async def test_streaming_and_non_streaming_calls_work_inside_the_bridge(llm):
     llm.default = Reply(tokens=("a", "b", "c"))
-    async with aio.open_bridge():
+    async with aio.open_bridge(closing=[close_clients]):
         items = await collect(LiteLLMChat(), llm)
         assert [i.text for i in items if isinstance(i, TokenDelta)] == ["a", "b", "c"]
         assert items[-1] == StreamFinished(finish_reason="stop", prompt_tokens=1,
@@ -38,7 +38,7 @@ async def test_streaming_and_non_streaming_calls_work_inside_the_bridge(llm):
 
 
 async def test_vendor_failures_are_classified(llm):
-    async with aio.open_bridge():
+    async with aio.open_bridge(closing=[close_clients]):
         llm.queue(Reply(status=429, headers=(("retry-after", "7"),)))
         try:
             await collect(LiteLLMChat(), llm)
@@ -57,7 +57,7 @@ async def test_vendor_failures_are_classified(llm):
 
 async def test_cancelling_the_stream_closes_the_vendor_connection(llm):
     llm.default = Reply(tokens=tuple("abcdefghij"), token_delay_s=0.2)
-    async with aio.open_bridge():
+    async with aio.open_bridge(closing=[close_clients]):
         with trio.move_on_after(0.5):
             await collect(LiteLLMChat(), llm)
         await trio.to_thread.run_sync(

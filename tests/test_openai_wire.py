@@ -277,10 +277,10 @@ async def stream_via(llm, stream_path: str) -> list:
     if stream_path == "openai":
         return await collect(llm, stream_path="openai")
     from actors.adapters import aio
-    from actors.adapters.llm import LiteLLMChat
+    from actors.adapters.llm import LiteLLMChat, close_clients
 
     send, receive = trio.open_memory_channel(1000)
-    async with aio.open_bridge():
+    async with aio.open_bridge(closing=[close_clients]):
         await LiteLLMChat().stream(model="openai/scripted", api_base=llm.url, api_key_env=None,
                                    messages=MESSAGES, params={"max_tokens": 20}, out=send)
     return [item async for item in receive]
