@@ -244,6 +244,25 @@ class Budgets(_Section, frozen=True):
         return scopes
 
 
+class Gateway(_Section, frozen=True):
+    """The reference SSE relay (bin/chat-actors gateway; contract 7)."""
+
+    host: Name
+    port: Port
+    jwt_algorithm: Literal["HS256", "RS256"]
+    jwt_secret_env: str
+    jwt_public_key_file: str
+    jwt_audience: str
+    jwt_issuer: str
+    user_claim: Name
+    heartbeat_s: PositiveFloat
+    page: bool
+    idempotency_s: Positive
+    readers: Annotated[int, Meta(ge=1, le=64)]
+    stream_wait_s: PositiveFloat
+    dev_signin: bool
+
+
 class Config(_Section, frozen=True):
     kafka: Kafka
     redis: Redis
@@ -258,6 +277,7 @@ class Config(_Section, frozen=True):
     health: Health
     log: Log
     budgets: Budgets
+    gateway: Gateway
 
     def alias(self, name: str | None) -> tuple[str, ModelAlias]:
         name = name or self.llm.default_model
@@ -410,6 +430,8 @@ def secret_variables(config: Config) -> dict[str, str]:
              for alias, spec in config.llm.models.items() if spec.api_key_env}
     if config.redis.password_env:
         names["redis.password_env"] = config.redis.password_env
+    if config.gateway.jwt_secret_env:
+        names["gateway.jwt_secret_env"] = config.gateway.jwt_secret_env
     return names
 
 

@@ -54,6 +54,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import trio
+
+    from actors.gateway.server import run_gateway, verifier_of
+    from config import ConfigError
+
+    config = _config(args.config)
+    _logging(config)
+    try:
+        verifier_of(config)
+    except ConfigError as exc:
+        print(f"chat-actors gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    failed = False
+    try:
+        trio.run(run_gateway, config)
+    except* OSError as group:
+        for exc in leaves(group):
+            print(f"chat-actors gateway: cannot start: {exc}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
 def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     """The exceptions inside nested exception groups (Trio nurseries nest them), so
     an operator reads the cause, not "Exceptions from Trio nursery (1 sub-exception)"."""
@@ -391,6 +414,10 @@ def parser() -> argparse.ArgumentParser:
                                                "AsyncAPI document under docs/ against messages/")
     contract.add_argument("--write", action="store_true", help="rewrite the files that drifted")
     contract.set_defaults(func=cmd_contract)
+
+    gateway = with_config(sub.add_parser(
+        "gateway", help="the HTTP side: chat page, SSE relay of the events, history, cancel"))
+    gateway.set_defaults(func=cmd_gateway)
 
     migrate = with_config(sub.add_parser("migrate", help="apply the Postgres migrations"))
     migrate.set_defaults(func=cmd_migrate)

@@ -326,6 +326,52 @@ class Postgres:
             "WHERE user_id = %s AND sha256 = ANY(%s)", (user_id, wanted)).fetchall())
         return {sha: (media_type, bytes(data)) for sha, media_type, data in rows}
 
+    # -- the gateway's history (read-only but for delete) -----------------------------
+    async def sessions(self, *, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The user's sessions, newest first: id, turns, first message, last activity."""
+        rows = await self.run(lambda conn: conn.execute(
+            "SELECT session_id, count(*) FILTER (WHERE role = 'user'), max(created_at), "
+            "(array_agg(content ORDER BY id) FILTER (WHERE role = 'user'))[1] "
+            "FROM llm_messages WHERE user_id = %s GROUP BY session_id "
+            "ORDER BY max(created_at) DESC LIMIT %s", (user_id, limit)).fetchall())
+        return [{"sessionId": r[0], "turns": r[1], "lastAt": r[2].isoformat(),
+                 "title": (r[3] or "")[:80]} for r in rows]
+
+    async def session_messages(self, *, user_id: str, session_id: str,
+                               limit: int = 500) -> list[dict[str, Any]]:
+        """One session's turns in order (only the user's own: another's look empty)."""
+        rows = await self.run(lambda conn: conn.execute(
+            "SELECT job_id, role, content, partial, tool_calls, tool_call_id, attachments, "
+            "created_at FROM llm_messages WHERE user_id = %s AND session_id = %s "
+            "ORDER BY id LIMIT %s", (user_id, session_id, limit)).fetchall())
+        turns: list[dict[str, Any]] = []
+        for job_id, role, content, partial, calls, call_id, images, at in rows:
+            turn: dict[str, Any] = {"jobId": job_id, "role": role, "content": content,
+                                    "partial": partial, "createdAt": at.isoformat()}
+            if calls:
+                turn["toolCalls"] = calls
+            if call_id:
+                turn["toolCallId"] = call_id
+            if images:
+                turn["attachments"] = len(images)
+            turns.append(turn)
+        return turns
+
+    async def delete_session(self, *, user_id: str, session_id: str) -> int:
+        """Delete one session's history (the worker never reads it again), and the
+        user's stored images no turn refers to any more; return the turns deleted."""
+        def delete(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                gone = conn.execute("DELETE FROM llm_messages WHERE user_id = %s AND "
+                                    "session_id = %s", (user_id, session_id)).rowcount
+                conn.execute(
+                    "DELETE FROM llm_attachments a WHERE a.user_id = %s AND NOT EXISTS ("
+                    "SELECT 1 FROM llm_messages m, jsonb_array_elements(m.attachments) ref "
+                    "WHERE m.user_id = a.user_id AND m.attachments IS NOT NULL "
+                    "AND ref->>'sha256' = a.sha256)", (user_id,))
+                return gone
+        return await self.run(delete)
+
     async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
         """Jobs, tokens and cost by user and model alias, newest rows included."""
         rows = await self.run(lambda conn: conn.execute(

@@ -1,0 +1,358 @@
+"""The gateway's HTTP contract (docs/contract.md 7), as a Starlette app.
+
+POST /v1/chat turns a body into a `chat.request`; GET /v1/jobs/<id>/events relays
+the job's Redis stream as Server-Sent Events, resumable by `Last-Event-ID`; POST
+/v1/jobs/<id>/cancel produces a cancel; /v1/sessions reads and deletes history.
+Every /v1 call needs a Bearer JWT. Another user's job answers exactly as an unknown
+one does (404).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from actors.errors import PermanentError, TransientError
+from actors.gateway.auth import Unauthorized, Verifier
+from actors.gateway.relay import Entry, Relay, Subscription, entry_key
+from config import Config
+from messages.wire import IDENT_PATTERN, BadInput, decode_request
+
+log = logging.getLogger("chat_actors.gateway")
+
+PAGE = Path(__file__).with_name("page.html")
+ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+MAX_BODY = 2 * 1024 * 1024
+RETRY_MS = 3000  # what a client waits before it reconnects
+OWNER_PREFIX = "chat-actors:gateway:owner:"
+IDEMPOTENCY_PREFIX = "chat-actors:gateway:idem:"
+
+
+def uuid7() -> str:
+    """A UUIDv7: 48 bits of Unix milliseconds, then random bits (RFC 9562)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10
+    return str(uuid.UUID(int=value))
+
+
+class Reads(Protocol):
+    async def remember_owner(self, key: str, user_id: str, ttl_s: int) -> None: ...
+    async def owner_key(self, key: str) -> str | None: ...
+    async def first_user(self, stream: str, job_id: str) -> str | None: ...
+    async def claim_once(self, key: str, value: str, ttl_s: int) -> str: ...
+    async def after(self, stream: str, after_id: str, count: int) -> list[Entry]: ...
+    async def last(self, stream: str) -> Entry | None: ...
+    async def ping(self) -> None: ...
+
+
+class History(Protocol):
+    async def sessions(self, *, user_id: str, limit: int = 100) -> list[dict[str, Any]]: ...
+    async def session_messages(self, *, user_id: str, session_id: str,
+                               limit: int = 500) -> list[dict[str, Any]]: ...
+    async def delete_session(self, *, user_id: str, session_id: str) -> int: ...
+
+
+Produce = Callable[[str, bytes, bytes | None], Awaitable[None]]  # (topic, value, key)
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter("chat_gateway_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.events = Counter("chat_gateway_events_relayed", "Stream entries sent to clients.",
+                              registry=self.registry)
+        self.open_streams = Gauge("chat_gateway_open_streams", "Event streams open now.",
+                                  registry=self.registry)
+
+
+@dataclass
+class Gateway:
+    config: Config
+    verifier: Verifier
+    reads: Reads
+    relay: Relay
+    history: History
+    produce: Produce
+    closing: trio.Event = field(default_factory=trio.Event)  # shutting down: streams end
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    ready: dict[str, bool] = field(default_factory=dict[str, bool])
+
+    def aliases(self) -> frozenset[str]:
+        return frozenset(self.config.llm.models)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, **extra}}, status_code=status)
+
+
+NOT_FOUND = "no such job"  # the same words for another user's job and an unknown one
+
+
+def _user(gateway: Gateway, request: Request) -> str:
+    return gateway.verifier.user(request.headers.get("authorization"))
+
+
+async def _owner(gateway: Gateway, job_id: str) -> str | None:
+    owner = await gateway.reads.owner_key(OWNER_PREFIX + job_id)
+    if owner is None:
+        owner = await gateway.reads.first_user(gateway.config.job_keys(job_id).stream, job_id)
+    return owner
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    config = gateway.config
+
+    def guarded(route: str, handler: Callable[[Request, str], Awaitable[Response]]
+                ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                user = _user(gateway, request)
+                response = await handler(request, user)
+            except Unauthorized as exc:
+                response = _error(401, str(exc))
+                response.headers["www-authenticate"] = 'Bearer error="invalid_token"'
+            except TransientError as exc:
+                log.warning("%s: a dependency failed: %s", route, exc)
+                response = _error(503, "a dependency is unavailable; try again")
+                response.headers["retry-after"] = "2"
+            except PermanentError as exc:
+                log.error("%s: %s", route, exc)
+                response = _error(500, "internal error")
+            gateway.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+            return response
+        return endpoint
+
+    async def chat(request: Request, user: str) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return _error(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY}")
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the body is not JSON: {exc}", field="$")
+        if not isinstance(value, dict):
+            return _error(400, "the body must be a JSON object", field="$")
+        for assigned in ("jobId", "userId"):
+            if assigned in value:
+                return _error(400, "assigned by the gateway; leave it out",
+                              field=f"$.{assigned}")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= 128 and re.match(IDENT_PATTERN, key)):
+            return _error(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
+                          field="Idempotency-Key")
+        job_id = uuid7()
+        raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
+        limits = config.limits
+        try:
+            checked = decode_request(raw, max_message_chars=limits.max_message_chars,
+                                     model_aliases=gateway.aliases(),
+                                     max_request_bytes=limits.max_request_bytes,
+                                     max_attachment_bytes=limits.max_attachment_bytes,
+                                     image_url_hosts=limits.image_url_hosts)
+        except BadInput as exc:
+            return _error(400, exc.rule, field=exc.field)
+        if key is not None:
+            held = await gateway.reads.claim_once(f"{IDEMPOTENCY_PREFIX}{user}:{key}", job_id,
+                                                  config.gateway.idempotency_s)
+            if held != job_id:  # a repeat: the first request's job, produced then
+                return _accepted(held)
+        ttl = config.gateway.idempotency_s + config.stream.ttl_s
+        await gateway.reads.remember_owner(OWNER_PREFIX + job_id, user, ttl)
+        await gateway.produce(config.kafka.request_topic, raw, checked.session_id.encode())
+        return _accepted(job_id)
+
+    def _accepted(job_id: str) -> JSONResponse:
+        return JSONResponse({"jobId": job_id, "events": f"/v1/jobs/{job_id}/events"},
+                            status_code=202)
+
+    async def events(request: Request, user: str) -> Response:
+        job_id = request.path_params["job_id"]
+        if not re.match(IDENT_PATTERN, job_id) or len(job_id) > 128:
+            return _error(404, NOT_FOUND)
+        resume = request.headers.get("last-event-id")
+        if resume is not None and not ENTRY_ID.match(resume):
+            return _error(400, "Last-Event-ID must be a stream entry id (<ms>-<n>)",
+                          field="Last-Event-ID")
+        stream = config.job_keys(job_id).stream
+        owner = await _owner(gateway, job_id)
+        with trio.move_on_after(config.gateway.stream_wait_s):
+            while owner is None:  # produced elsewhere, not started yet: wait briefly
+                await trio.sleep(0.2)
+                owner = await _owner(gateway, job_id)
+        if owner != user:
+            return _error(404, NOT_FOUND)
+        if resume is not None:
+            last = await gateway.reads.last(stream)
+            if (last is not None and last[1].get("event") == "done"
+                    and last[1].get("jobId") == job_id
+                    and entry_key(last[0]) <= entry_key(resume)):
+                return Response(status_code=204)
+        return StreamingResponse(
+            _relay(gateway, job_id, stream, resume or "0-0"), media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def cancel(request: Request, user: str) -> Response:
+        job_id = request.path_params["job_id"]
+        if not re.match(IDENT_PATTERN, job_id) or len(job_id) > 128:
+            return _error(404, NOT_FOUND)
+        if await _owner(gateway, job_id) != user:
+            return _error(404, NOT_FOUND)
+        message = json.dumps({"type": "cancel", "jobId": job_id, "userId": user,
+                              "reason": "cancelled through the gateway"}).encode()
+        await gateway.produce(config.kafka.control_topic, message, job_id.encode())
+        return JSONResponse({"jobId": job_id, "cancel": "sent"}, status_code=202)
+
+    async def sessions(request: Request, user: str) -> Response:
+        return JSONResponse({"sessions": await gateway.history.sessions(user_id=user)})
+
+    async def session(request: Request, user: str) -> Response:
+        session_id = request.path_params["session_id"]
+        if not re.match(IDENT_PATTERN, session_id) or len(session_id) > 128:
+            return _error(404, "no such session")
+        if request.method == "DELETE":
+            gone = await gateway.history.delete_session(user_id=user, session_id=session_id)
+            return JSONResponse({"sessionId": session_id, "deleted": gone})
+        turns = await gateway.history.session_messages(user_id=user, session_id=session_id)
+        return JSONResponse({"sessionId": session_id, "messages": turns})
+
+    async def dev_token(request: Request) -> Response:
+        try:
+            value = json.loads(await request.body() or b"{}")
+            name = value.get("user") if isinstance(value, dict) else None
+        except ValueError:
+            name = None
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            return _error(400, 'the body must be {"user": "<name>"}', field="$.user")
+        return JSONResponse({"token": gateway.verifier.dev_token(name), "user": name})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"),
+                            headers={"cache-control": "no-store",
+                                     "content-security-policy": "default-src 'self'; "
+                                     "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ok = all(gateway.ready.values()) and not gateway.closing.is_set()
+        return JSONResponse({"ready": ok, "dependencies": gateway.ready},
+                            status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        gateway.metrics.open_streams.set(gateway.relay.open_streams())
+        return Response(generate_latest(gateway.metrics.registry),
+                        headers={"content-type": CONTENT_TYPE_LATEST})
+
+    routes = [
+        Route("/v1/chat", guarded("chat", chat), methods=["POST"]),
+        Route("/v1/jobs/{job_id}/events", guarded("events", events), methods=["GET"]),
+        Route("/v1/jobs/{job_id}/cancel", guarded("cancel", cancel), methods=["POST"]),
+        Route("/v1/sessions", guarded("sessions", sessions), methods=["GET"]),
+        Route("/v1/sessions/{session_id}/messages", guarded("messages", session),
+              methods=["GET"]),
+        Route("/v1/sessions/{session_id}", guarded("delete", session), methods=["DELETE"]),
+        Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+    ]
+    if config.gateway.dev_signin:
+        routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
+    if config.gateway.page:
+        routes.append(Route("/", page))
+    return Starlette(routes=routes)
+
+
+def sse(entry: Entry) -> bytes:
+    """One stream entry as an SSE event: the entry id, the event, and its data with
+    attempt and seq."""
+    entry_id, fields = entry
+    try:
+        data = json.loads(fields.get("data", "{}"))
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {"value": data}
+    data["attempt"] = int(fields.get("attempt", 0) or 0)
+    data["seq"] = int(fields.get("seq", 0) or 0)
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: {body}\n\n".encode()
+
+
+async def _relay(gateway: Gateway, job_id: str, stream: str, after: str) -> AsyncIterator[bytes]:
+    """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
+    idle, until `done` (or the gateway closing: a last `retry:` sends the client on)."""
+    relay, config = gateway.relay, gateway.config
+    heartbeat = config.gateway.heartbeat_s
+    subscription = relay.subscribe(stream, after)
+    gateway.metrics.open_streams.inc()
+    try:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+        while True:
+            batch = await _next(gateway, subscription, heartbeat)
+            if batch is None:
+                if gateway.closing.is_set():
+                    yield b"retry: 1000\n\n"
+                    return
+                yield b": ping\n\n"
+                continue
+            for entry in batch:
+                fields = entry[1]
+                if fields.get("jobId") != job_id:
+                    continue  # a shared stream (sse:chat:events) holds every job
+                gateway.metrics.events.inc()
+                yield sse(entry)
+                if fields.get("event") == "done":
+                    return
+    finally:
+        gateway.metrics.open_streams.dec()
+        relay.unsubscribe(subscription)
+
+
+async def _next(gateway: Gateway, subscription: Subscription,
+                heartbeat_s: float) -> list[Entry] | None:
+    """The next entries for this client, or None after `heartbeat_s` of nothing (or
+    when the gateway closes)."""
+    if subscription.behind:
+        caught = await gateway.relay.catch_up(subscription, gateway.reads.after)
+        if caught:
+            return caught
+    with trio.move_on_after(heartbeat_s):
+        async with trio.open_nursery() as nursery:
+            got: list[Entry] = []
+
+            async def closing() -> None:
+                await gateway.closing.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(closing)
+            try:
+                got.append(await subscription.receive.receive())
+            except trio.EndOfChannel:
+                pass
+            while True:
+                try:
+                    got.append(subscription.receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            nursery.cancel_scope.cancel()
+        return got or None
+    return None
+

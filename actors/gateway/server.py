@@ -1,0 +1,142 @@
+"""bin/chat-actors gateway: the composition root of the HTTP side.
+
+Builds the adapters (a Kafka producer, Redis reads and readers, a small Postgres
+pool), starts the relay's reader tasks and Hypercorn's Trio server, and on
+SIGTERM / SIGINT (or `stop`) drains: /readyz turns 503, every open event stream
+gets a last `retry:` and closes (its client resumes on another gateway with its
+Last-Event-ID), then the server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from actors.adapters.kafka import Producer, ensure_topics
+from actors.adapters.postgres import Postgres
+from actors.adapters.redis_streams import StreamReads
+from actors.errors import PermanentError, TransientError
+from actors.gateway.app import Gateway, build_app
+from actors.gateway.auth import Verifier
+from actors.gateway.relay import Relay
+from config import Config, ConfigError, secret
+
+log = logging.getLogger("chat_actors.gateway")
+
+READY_EVERY_S = 5.0
+DRAIN_S = 2.0  # streams get their last `retry:` within this
+
+
+@dataclass(frozen=True)
+class GatewayHandle:
+    port: int
+    gateway: Gateway
+
+
+def verifier_of(config: Config) -> Verifier:
+    """The token check the config pins; ConfigError when its key is missing."""
+    gw = config.gateway
+    if gw.jwt_algorithm == "RS256":
+        if not gw.jwt_public_key_file:
+            raise ConfigError("gateway.jwt_public_key_file: RS256 needs the PEM public key")
+        try:
+            key: str | bytes = Path(gw.jwt_public_key_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"gateway.jwt_public_key_file: {exc.strerror or exc}") from None
+    else:
+        value = secret(gw.jwt_secret_env)
+        if value is None or len(value) < 32:
+            raise ConfigError(f"gateway.jwt_secret_env: ${gw.jwt_secret_env} must hold an HS256 "
+                              "secret of at least 32 characters")
+        key = value
+    return Verifier(key=key, algorithm=gw.jwt_algorithm, audience=gw.jwt_audience or None,
+                    issuer=gw.jwt_issuer or None, user_claim=gw.user_claim)
+
+
+async def _watch_readiness(gateway: Gateway, reads: StreamReads, pg: Postgres) -> None:
+    async def check(name: str, probe: object) -> None:
+        try:
+            await probe  # type: ignore[misc]
+            gateway.ready[name] = True
+        except (TransientError, PermanentError) as exc:
+            if gateway.ready.get(name, True):
+                log.warning("%s is unreachable: %s", name, exc)
+            gateway.ready[name] = False
+
+    while True:
+        await check("redis", reads.ping())
+        await check("postgres", pg.run(lambda conn: conn.execute("SELECT 1")))
+        await trio.sleep(READY_EVERY_S)
+
+
+async def run_gateway(config: Config, *, stop: trio.Event | None = None,
+                      handle_signals: bool = True,
+                      task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+    """Serve until `stop` is set or a signal arrives, then drain and return."""
+    verifier = verifier_of(config)
+    stop = trio.Event() if stop is None else stop
+    await trio.to_thread.run_sync(partial(
+        ensure_topics, config.kafka.bootstrap_servers, config.kafka.producer,
+        [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
+    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.producer)
+    reads = StreamReads(url=config.redis.url, password_env=config.redis.password_env,
+                        socket_timeout_s=config.redis.socket_timeout_s)
+    pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
+    relay = Relay(reads.reader, config.gateway.readers)
+    await pg.migrate()  # the history tables, when the gateway starts before any worker
+
+    async def produce(topic: str, value: bytes, key: bytes | None) -> None:
+        await producer.send(topic, value, key=key)
+
+    gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
+                      produce=produce)
+    server = HypercornConfig()
+    server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
+    server.accesslog = None
+    server.graceful_timeout = DRAIN_S + 1
+    try:
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(_watch_signals, stop)
+            await nursery.start(relay.run)
+            nursery.start_soon(_watch_readiness, gateway, reads, pg)
+
+            async def shutdown_trigger() -> None:
+                await stop.wait()
+                log.info("gateway draining: %d open streams get a last retry:",
+                         relay.open_streams())
+                gateway.closing.set()
+                with trio.move_on_after(DRAIN_S):
+                    await relay.drained()
+
+            async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve(cast(Any, build_app(gateway)), server, shutdown_trigger=shutdown_trigger,
+                            task_status=task_status)
+                nursery.cancel_scope.cancel()  # served and drained: the readers stop too
+
+            binds: list[str] = await nursery.start(serving)
+            port = int(binds[0].rsplit(":", 1)[1])
+            log.info("gateway ready: http://127.0.0.1:%d/", port)
+            task_status.started(GatewayHandle(port=port, gateway=gateway))
+    finally:
+        with trio.CancelScope(shield=True):
+            await producer.close()
+        reads.close()
+        pg.close()
+    log.info("gateway stopped")
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: draining the gateway", signal.Signals(signum).name)
+            stop.set()

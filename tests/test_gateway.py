@@ -1,0 +1,326 @@
+"""The gateway's HTTP contract (docs/contract.md 7) on the real local stack: auth,
+validation, ownership, idempotency, the SSE relay with resume and heartbeats, 204
+after `done`, cancel, history and delete, and a client that never reads."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import trio
+
+from actors.gateway.app import OWNER_PREFIX, uuid7
+from actors.gateway.auth import user_id_of
+from actors.gateway.relay import CLIENT_BUFFER
+from actors.gateway.server import GatewayHandle, run_gateway
+from config import Config
+from tests.helpers import events_of, worker_running
+from tests.scripted_llm import Reply
+
+SECRET = "s" * 64
+ENV = {"CHAT_ACTORS_JWT_SECRET": SECRET}
+
+
+def token(user: str = "alice", *, exp_in: float = 600, secret: str = SECRET,
+          algorithm: str = "HS256", **claims: Any) -> str:
+    body = {"sub": user, "exp": int(time.time() + exp_in), **claims}
+    return jwt.encode(body, secret, algorithm=algorithm)
+
+
+def bearer(user: str = "alice", **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user, **kwargs)}"}
+
+
+@asynccontextmanager
+async def gateway_running(config: Config) -> AsyncIterator[tuple[GatewayHandle, httpx.AsyncClient]]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle: GatewayHandle = await nursery.start(partial(
+            run_gateway, config, stop=stop, handle_signals=False))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.port}",
+                                     timeout=30) as client:
+            yield handle, client
+        stop.set()
+
+
+@pytest.fixture
+def gw_config(make_config, monkeypatch):
+    monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", SECRET)
+
+    def make(**environ: str) -> Config:
+        return make_config(environ={"CHAT_ACTORS__GATEWAY__PORT": "0",
+                                    "CHAT_ACTORS__GATEWAY__HOST": "127.0.0.1", **environ})[0]
+    return make
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    events = []
+    for block in text.split("\n\n"):
+        fields: dict[str, Any] = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if "id" in fields:
+            events.append({"id": fields["id"], "event": fields["event"],
+                           "data": json.loads(fields["data"])})
+    return events
+
+
+async def read_events(client: httpx.AsyncClient, job_id: str, user: str = "alice",
+                      last: str | None = None) -> tuple[int, str]:
+    headers = bearer(user) | ({"Last-Event-ID": last} if last else {})
+    response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+    return response.status_code, response.text
+
+
+def test_a_user_id_outside_the_charset_is_hashed_stably():
+    assert user_id_of("alice") == "alice"
+    hashed = user_id_of("auth0|5f7c8ec7c33c6c004bbafe82")
+    assert hashed.startswith("h-") and len(hashed) == 34 and hashed == user_id_of(
+        "auth0|5f7c8ec7c33c6c004bbafe82")
+    assert user_id_of("bob@example.com") != user_id_of("bob@example.org")
+
+
+def test_uuid7_is_version_7_and_time_ordered():
+    first, second = uuid7(), uuid7()
+    assert uuid.UUID(first).version == 7 and uuid.UUID(first).variant == uuid.RFC_4122
+    assert first[:13] <= second[:13]
+
+
+async def test_every_v1_call_needs_a_valid_bearer_token(gw_config):
+    config = gw_config(CHAT_ACTORS__GATEWAY__JWT_AUDIENCE="chat")
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": f"Basic {token(aud='chat')}"},
+        "expired": bearer(exp_in=-10, aud="chat"),
+        "no exp": {"Authorization": "Bearer " + jwt.encode({"sub": "a", "aud": "chat"}, SECRET)},
+        "wrong secret": bearer(secret="t" * 64, aud="chat"),
+        "wrong audience": bearer(aud="other"),
+        "another algorithm": {"Authorization": "Bearer " + jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60, "aud": "chat"}, SECRET, algorithm="HS512")},
+        "alg none": {"Authorization": "Bearer " + jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60, "aud": "chat"}, None, algorithm="none")},
+        "cookie only": {"Cookie": f"token={token(aud='chat')}"},
+    }
+    async with gateway_running(config) as (_, client):
+        for name, headers in cases.items():
+            response = await client.get("/v1/sessions", headers=headers)
+            assert response.status_code == 401, name
+            assert response.json()["error"]["message"], name
+        expired = await client.get("/v1/sessions", headers=cases["expired"])
+        assert "expired" in expired.json()["error"]["message"]
+        ok = await client.get("/v1/sessions", headers=bearer(aud="chat"))
+        assert ok.status_code == 200 and ok.json() == {"sessions": []}
+
+
+async def test_a_request_is_validated_with_the_workers_rules(gw_config):
+    config = gw_config()
+    async with gateway_running(config) as (_, client):
+        bad = {"/v1/chat": [
+            ({"sessionId": "s", "message": "hi", "params": {"temperature": 9}},
+             "$.params.temperature"),
+            ({"sessionId": "s", "message": "hi", "jobId": "mine"}, "$.jobId"),
+            ({"sessionId": "s", "message": ""}, "$.message"),
+            ({"sessionId": "s", "message": "hi", "model": "nope"}, "$.model"),
+            ({"sessionId": "s", "message": "hi", "tools": []}, "$.tools"),
+            ([1, 2], "$")]}
+        for body, field in bad["/v1/chat"]:
+            response = await client.post("/v1/chat", json=body, headers=bearer())
+            assert response.status_code == 400, body
+            assert response.json()["error"]["field"] == field, body
+        broken = await client.post("/v1/chat", content=b"{not json", headers=bearer())
+        assert broken.status_code == 400
+
+
+async def test_an_answer_streams_as_sse_resumes_and_ends_with_204(gw_config, llm, rds):
+    config = gw_config()
+    llm.default = Reply(tokens=("Hel", "lo", " there"))
+    async with worker_running(config), gateway_running(config) as (_, client):
+        accepted = await client.post("/v1/chat", json={"sessionId": "s-gw", "message": "Hi"},
+                                     headers=bearer())
+        assert accepted.status_code == 202
+        job_id = accepted.json()["jobId"]
+        assert accepted.json()["events"] == f"/v1/jobs/{job_id}/events"
+        status, text = await read_events(client, job_id)
+        assert status == 200 and text.startswith("retry: ")
+        events = parse_sse(text)
+        entries = await events_of(rds, config, job_id)
+        assert [e["id"] for e in events] == [e["id"] for e in entries]  # Redis entry ids
+        assert [e["event"] for e in events] == ["started", "token", "final", "done"] or \
+            [e["event"] for e in events][-2:] == ["final", "done"]
+        assert all({"attempt", "seq"} <= e["data"].keys() for e in events)
+        assert [e["data"]["seq"] for e in events] == list(range(len(events)))
+        text_of = "".join(e["data"]["text"] for e in events if e["event"] == "token")
+        assert text_of == events[-2]["data"]["text"] == "Hello there"
+        # Resume after the second event: the rest, nothing twice.
+        status, rest = await read_events(client, job_id, last=events[1]["id"])
+        assert status == 200 and [e["id"] for e in parse_sse(rest)] == [
+            e["id"] for e in events[2:]]
+        # At or after `done`: 204, so the client stops reconnecting.
+        assert (await read_events(client, job_id, last=events[-1]["id"]))[0] == 204
+        assert (await read_events(client, job_id, last="99999999999999-0"))[0] == 204
+        bad = await client.get(f"/v1/jobs/{job_id}/events",
+                               headers=bearer() | {"Last-Event-ID": "x; DROP"})
+        assert bad.status_code == 400
+
+
+async def test_another_users_job_is_exactly_an_unknown_job(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="0.3")
+    async with worker_running(config), gateway_running(config) as (_, client):
+        accepted = await client.post("/v1/chat", json={"sessionId": "s", "message": "Hi"},
+                                     headers=bearer("alice"))
+        job_id = accepted.json()["jobId"]
+        theirs = await client.get(f"/v1/jobs/{job_id}/events", headers=bearer("mallory"))
+        unknown = await client.get(f"/v1/jobs/{uuid7()}/events", headers=bearer("mallory"))
+        assert theirs.status_code == unknown.status_code == 404
+        assert theirs.json() == unknown.json()
+        cancel = await client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer("mallory"))
+        assert cancel.status_code == 404 and cancel.json() == unknown.json()
+
+
+async def test_an_idempotency_key_returns_the_same_job_for_the_same_user(gw_config, llm):
+    config = gw_config()
+    body = {"sessionId": "s-idem", "message": "Once"}
+    async with gateway_running(config) as (_, client):
+        key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+        first = await client.post("/v1/chat", json=body, headers=bearer("alice") | key)
+        again = await client.post("/v1/chat", json=body, headers=bearer("alice") | key)
+        other = await client.post("/v1/chat", json=body, headers=bearer("bob") | key)
+        assert first.json()["jobId"] == again.json()["jobId"] != other.json()["jobId"]
+        bad = await client.post("/v1/chat", json=body,
+                                headers=bearer() | {"Idempotency-Key": "a b"})
+        assert bad.status_code == 400
+
+
+async def test_stop_cancels_the_job_and_heartbeats_keep_an_idle_stream_alive(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__GATEWAY__HEARTBEAT_S="0.2")
+    llm.default = Reply(tokens=tuple("abcdefghijklmnopqrstuvwxyz"), first_token_delay_s=1.0,
+                        token_delay_s=0.3)
+    async with worker_running(config), gateway_running(config) as (_, client):
+        accepted = await client.post("/v1/chat", json={"sessionId": "s-stop", "message": "Go"},
+                                     headers=bearer())
+        job_id = accepted.json()["jobId"]
+        seen: list[str] = []
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer()) as stream:
+            cancelled = False
+            async for line in stream.aiter_lines():
+                seen.append(line)
+                if line.startswith("event: token") and not cancelled:
+                    response = await client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer())
+                    assert response.status_code == 202
+                    cancelled = True
+        assert ": ping" in seen  # the first token took a second: pings meanwhile
+        done = parse_sse("\n".join(seen))[-1]
+        assert done["event"] == "done" and done["data"]["status"] == "cancelled"
+
+
+async def test_attempts_pass_through_so_a_client_can_discard_the_earlier_one(gw_config, rds):
+    """Entries written straight to Redis: attempt 1 streams, attempt 2 starts over."""
+    config = gw_config()
+    job_id = uuid7()
+    stream = config.job_keys(job_id).stream
+    rows = [("started", 1, 0, {"model": "m", "mode": "gen", "attempt": 1}),
+            ("token", 1, 1, {"text": "old"}),
+            ("started", 2, 0, {"model": "m", "mode": "gen", "attempt": 2}),
+            ("token", 2, 1, {"text": "new"}),
+            ("final", 2, 2, {"text": "new"}), ("done", 2, 3, {"status": "completed",
+                                                             "partial": False})]
+    for event, attempt, seq, data in rows:
+        rds.xadd(stream, {"event": event, "jobId": job_id, "userId": "alice", "sessionId": "s",
+                          "attempt": attempt, "seq": seq, "ts": 0, "data": json.dumps(data)})
+    async with gateway_running(config) as (_, client):
+        status, text = await read_events(client, job_id)
+    assert status == 200
+    events = parse_sse(text)
+    assert [(e["event"], e["data"]["attempt"], e["data"]["seq"]) for e in events] == [
+        (event, attempt, seq) for event, attempt, seq, _ in rows]
+
+
+async def test_a_client_that_never_reads_costs_a_bounded_buffer_and_misses_nothing(
+        gw_config, rds):
+    config = gw_config()
+    job_id = uuid7()
+    stream = config.job_keys(job_id).stream
+    rds.set(OWNER_PREFIX + job_id, "alice")
+    many = 3000
+    async with gateway_running(config) as (handle, client):
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer()) as resp:
+            lines = resp.aiter_lines()
+            assert (await lines.__anext__()).startswith("retry:")
+            pipe = rds.pipeline()
+            for n in range(many):
+                pipe.xadd(stream, {"event": "token", "jobId": job_id, "userId": "alice",
+                                   "sessionId": "s", "attempt": 1, "seq": n, "ts": 0,
+                                   "data": json.dumps({"text": "x"})})
+            pipe.execute()
+            relay = handle.gateway.relay
+            (subscription,) = [s for state in relay._states for subs in
+                               state.subscriptions.values() for s in subs]
+            with trio.fail_after(20):
+                while not subscription.behind:  # noqa: ASYNC110 (in-process state)
+                    await trio.sleep(0.01)
+            assert subscription.send.statistics().current_buffer_used <= CLIENT_BUFFER
+            rds.xadd(stream, {"event": "done", "jobId": job_id, "userId": "alice",
+                              "sessionId": "s", "attempt": 1, "seq": many, "ts": 0,
+                              "data": json.dumps({"status": "completed", "partial": False})})
+            rest = [line async for line in lines]
+    seqs = [e["data"]["seq"] for e in parse_sse("\n".join(rest))]
+    assert seqs == list(range(many + 1))
+
+
+async def test_history_lists_sessions_and_delete_forgets_one(gw_config, llm, rds):
+    config = gw_config()
+    llm.default = Reply(tokens=("Fine", "."))
+    async with worker_running(config), gateway_running(config) as (_, client):
+        for session, message in (("s-a", "First?"), ("s-a", "Second?"), ("s-b", "Other")):
+            accepted = await client.post("/v1/chat", json={"sessionId": session,
+                                                           "message": message},
+                                         headers=bearer("hist-user"))
+            await read_events(client, accepted.json()["jobId"], user="hist-user")
+        sessions = (await client.get("/v1/sessions", headers=bearer("hist-user"))).json()
+        assert sorted(s["sessionId"] for s in sessions["sessions"]) == ["s-a", "s-b"]
+        turns = (await client.get("/v1/sessions/s-a/messages",
+                                  headers=bearer("hist-user"))).json()["messages"]
+        assert [(t["role"], t["content"]) for t in turns] == [
+            ("user", "First?"), ("assistant", "Fine."), ("user", "Second?"),
+            ("assistant", "Fine.")]
+        foreign = await client.get("/v1/sessions/s-a/messages", headers=bearer("someone"))
+        assert foreign.json()["messages"] == []
+        deleted = await client.delete("/v1/sessions/s-a", headers=bearer("hist-user"))
+        assert deleted.json()["deleted"] == 4
+        after = (await client.get("/v1/sessions", headers=bearer("hist-user"))).json()
+        assert [s["sessionId"] for s in after["sessions"]] == ["s-b"]
+        # The worker reads no history of the deleted session for its next turn.
+        accepted = await client.post("/v1/chat", json={"sessionId": "s-a", "message": "Again"},
+                                     headers=bearer("hist-user"))
+        await read_events(client, accepted.json()["jobId"], user="hist-user")
+    assert [m["content"] for m in llm.calls[-1].messages if m["role"] == "user"] == ["Again"]
+
+
+async def test_closing_sends_open_streams_a_last_retry(gw_config):
+    config = gw_config()
+    job_id = uuid7()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(partial(run_gateway, config, stop=stop,
+                                             handle_signals=False))
+        await handle.gateway.reads.remember_owner(OWNER_PREFIX + job_id, "alice", 60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.port}",
+                                     timeout=30) as client:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events",
+                                     headers=bearer()) as response:
+                lines = response.aiter_lines()
+                assert (await lines.__anext__()).startswith("retry: 3000")
+                ready = await client.get("/readyz")
+                assert ready.status_code == 200
+                stop.set()
+                rest = [line async for line in lines]
+    assert "retry: 1000" in rest
