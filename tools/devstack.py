@@ -9,6 +9,8 @@ request of one session, printing the answer as it streams from Redis.
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,7 +25,8 @@ from tools import local_stack
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dev_config(*, kafka: str, redis: str, postgres: str, llm: str, rag_path: Path) -> str:
+def dev_config(*, kafka: str, redis: str, postgres: str, llm: str, rag_path: Path,
+               gateway_port: int = 8080) -> str:
     return f"""\
 # Written by `chat-actors dev` for its local stack.
 [kafka]
@@ -56,22 +59,45 @@ port = 0                    # any free port: several dev stacks may run at once
 
 [rag]
 path = "{rag_path}"         # where `bin/chat-actors ingest` puts documents by default
+
+[gateway]
+host = "127.0.0.1"
+port = {gateway_port}
+dev_signin = true           # the page's "Sign in (dev)": never in production
 """
 
 
-def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120) -> None:
+def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120, *,
+                what: str = "worker", mark: str = " ready: ") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if " ready: " in text:
+        if mark in text:
             return
         if worker.poll() is not None:
             raise local_stack.StackError(
-                f"the worker exited with {worker.returncode}: "
+                f"the {what} exited with {worker.returncode}: "
                 f"{local_stack.last_words(log_path, lines=1)} (log: {log_path})")
         time.sleep(0.1)
-    raise local_stack.StackError(f"the worker did not become ready in {timeout_s:.0f} s: "
+    raise local_stack.StackError(f"the {what} did not become ready in {timeout_s:.0f} s: "
                                  f"{local_stack.last_words(log_path)} (log: {log_path})")
+
+
+def _start(argv: list[str], log_path: Path, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "tools.cli", *argv], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
@@ -82,6 +108,7 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
     services: list[local_stack.Service] = []
     worker: subprocess.Popen[bytes] | None = None
+    gateway: subprocess.Popen[bytes] | None = None
     failed = False
     # Ctrl-C is ours to handle: stop everything in order, then exit.
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -97,19 +124,25 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
         llm = local_stack.start_llama(workdir)
         services.append(llm)
         config_path = workdir / "config.toml"
+        gateway_port = local_stack.free_port()
         config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,
                                           postgres=postgres.url, llm=llm.url,
-                                          rag_path=(ROOT / ".data" / "rag").resolve()))
+                                          rag_path=(ROOT / ".data" / "rag").resolve(),
+                                          gateway_port=gateway_port))
         log_path = workdir / "worker.log"
-        with log_path.open("ab") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "run", "--config", str(config_path)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+        worker = _start(["run", "--config", str(config_path)], log_path)
+        if once is None:
+            # The chat page: its sign-in tokens are signed with a secret of this run.
+            env = {**os.environ, "CHAT_ACTORS_JWT_SECRET": secrets.token_urlsafe(48)}
+            gateway_log = workdir / "gateway.log"
+            gateway = _start(["gateway", "--config", str(config_path)], gateway_log, env)
+            _wait_ready(gateway, gateway_log, what="gateway", mark="gateway ready:")
         _wait_ready(worker, log_path)
         say(f"  kafka     {kafka.url}\n  redis     {redis.url}\n  postgres  {postgres.url}\n"
             f"  llm       {llm.url} (SmolLM2-135M)\n  worker    pid {worker.pid}, log {log_path}\n"
             f"  config    {config_path}")
+        if gateway is not None:
+            say(f"\n  chat page http://127.0.0.1:{gateway_port}/  (sign in with any name)\n")
         client = ChatClient(load_config(config_path))
         session = f"dev-{uuid.uuid4().hex[:8]}"
         mode = {"mode": "rag"} if rag else {}
@@ -138,12 +171,8 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
         return 1
     finally:
         with contextlib.suppress(KeyboardInterrupt):
-            if worker is not None and worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(15)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+            _stop(gateway)
+            _stop(worker)
             for service in reversed(services):
                 service.stop()
             if keep:
