@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from config import Config, load_config
+from tests.helpers import JWT_SECRET
 from tests.scripted_llm import ScriptedLLM
 from tools import local_stack
 
@@ -113,6 +114,18 @@ def make_config(stack: Stack, llm: ScriptedLLM,
         path.write_text(config_text(stack, llm.url, tag, extra))
         return load_config(path, environ=environ or {}), path
 
+    return make
+
+
+@pytest.fixture
+def gw_config(make_config: Callable[..., tuple[Config, Path]],
+              monkeypatch: pytest.MonkeyPatch) -> Callable[..., Config]:
+    """A config for a gateway of this test: any free port on loopback, the test secret."""
+    monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", JWT_SECRET)
+
+    def make(**environ: str) -> Config:
+        return make_config(environ={"CHAT_ACTORS__GATEWAY__PORT": "0",
+                                    "CHAT_ACTORS__GATEWAY__HOST": "127.0.0.1", **environ})[0]
     return make
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import confluent_kafka
+import httpx
 import redis
 import trio
 
@@ -32,6 +33,24 @@ async def worker_running(config: Config, **kwargs: Any) -> AsyncIterator[WorkerH
         handle = await nursery.start(partial(run_worker, config, stop=stop,
                                              handle_signals=False, **kwargs))
         yield handle
+        stop.set()
+
+
+JWT_SECRET = "s" * 64  # the gateway's HS256 secret in the tests
+
+
+@asynccontextmanager
+async def gateway_running(config: Config) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """Run a gateway until the block ends, with an HTTP client pointed at it."""
+    from actors.gateway.server import run_gateway
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(partial(run_gateway, config, stop=stop,
+                                             handle_signals=False))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.port}",
+                                     timeout=30) as client:
+            yield handle, client
         stop.set()
 
 

@@ -5,28 +5,24 @@ after `done`, cancel, history and delete, and a client that never reads."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import httpx
 import jwt
-import pytest
 import trio
 
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from actors.gateway.auth import user_id_of
 from actors.gateway.relay import CLIENT_BUFFER
-from actors.gateway.server import GatewayHandle, run_gateway
-from config import Config
-from tests.helpers import events_of, worker_running
+from actors.gateway.server import run_gateway
+from tests.helpers import JWT_SECRET as SECRET
+from tests.helpers import events_of, gateway_running, worker_running
 from tests.scripted_llm import Reply
-
-SECRET = "s" * 64
-ENV = {"CHAT_ACTORS_JWT_SECRET": SECRET}
 
 
 def token(user: str = "alice", *, exp_in: float = 600, secret: str = SECRET,
@@ -37,28 +33,6 @@ def token(user: str = "alice", *, exp_in: float = 600, secret: str = SECRET,
 
 def bearer(user: str = "alice", **kwargs: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(user, **kwargs)}"}
-
-
-@asynccontextmanager
-async def gateway_running(config: Config) -> AsyncIterator[tuple[GatewayHandle, httpx.AsyncClient]]:
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        handle: GatewayHandle = await nursery.start(partial(
-            run_gateway, config, stop=stop, handle_signals=False))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.port}",
-                                     timeout=30) as client:
-            yield handle, client
-        stop.set()
-
-
-@pytest.fixture
-def gw_config(make_config, monkeypatch):
-    monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", SECRET)
-
-    def make(**environ: str) -> Config:
-        return make_config(environ={"CHAT_ACTORS__GATEWAY__PORT": "0",
-                                    "CHAT_ACTORS__GATEWAY__HOST": "127.0.0.1", **environ})[0]
-    return make
 
 
 def parse_sse(text: str) -> list[dict[str, Any]]:
@@ -324,3 +298,91 @@ async def test_closing_sends_open_streams_a_last_retry(gw_config):
                 stop.set()
                 rest = [line async for line in lines]
     assert "retry: 1000" in rest
+
+
+async def _get_events(port: int, job_id: str, last: str | None, drop_after: int
+                      ) -> tuple[int, list[dict], bool]:
+    """GET the events over a bare HTTP/1.0 socket (httpx's nested stream generators
+    cannot be dropped mid-body under Trio without leaking), hanging up after
+    `drop_after` events: (status, events, whether it reached `done`)."""
+    headers = bearer() | ({"Last-Event-ID": last} if last else {})
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET /v1/jobs/{job_id}/events HTTP/1.0\r\nHost: t\r\n"
+                              f"{head}\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = await stream.receive_some()
+            assert piece, f"the gateway closed the connection before answering: {data!r}"
+            data += piece
+        top, _, body = data.partition(b"\r\n\r\n")
+        status = int(top.split()[1])
+        events: list[dict] = []
+        while True:
+            while b"\n\n" in body:
+                block, body = body.split(b"\n\n", 1)
+                events += parse_sse(block.decode() + "\n\n")
+                if events and events[-1]["event"] == "done":
+                    return status, events, True  # the stream's end (a client stops here)
+                if len(events) >= drop_after:
+                    return status, events, False  # hang up mid-stream
+            piece = await stream.receive_some()
+            if not piece:
+                return status, events, True
+            body += piece
+
+
+async def _follow(port: int, job_id: str, rng: random.Random) -> list[dict]:
+    """Read a job's events as a flaky client: drop the connection after a random number
+    of events (sometimes at once, twice in a row, or after `done`), resume each time
+    with the last id seen; stop at 204, or at `done` half the time."""
+    seen: list[dict] = []
+    while True:
+        last = seen[-1]["id"] if seen else None
+        status, events, ended = await _get_events(
+            port, job_id, last, rng.choice([0, 0, 1, 2, 3, 5, 1000]))
+        if status == 204:
+            return seen
+        assert status == 200
+        seen += events
+        if ended and seen and seen[-1]["event"] == "done" and rng.random() < 0.5:
+            return seen
+
+
+async def test_resume_fuzz_flaky_clients_assemble_every_answer_exactly(gw_config, llm, rds):
+    """Many jobs, each followed by a client that drops and resumes at random points:
+    the text assembled by the contract's rules equals `final.text`, no entry is seen
+    twice and none is missed."""
+    config = gw_config(CHAT_ACTORS__JOBS__MAX_IN_FLIGHT="64")
+    llm.default = Reply(tokens=tuple(f"t{n} " for n in range(12)), token_delay_s=0.01)
+    jobs = int(os.environ.get("FUZZ_JOBS", "500"))
+    results: dict[str, list[dict]] = {}
+    async with worker_running(config), gateway_running(config) as (handle, client):
+        limiter = trio.CapacityLimiter(40)
+
+        async def one(n: int) -> None:
+            async with limiter:
+                accepted = await client.post("/v1/chat", json={
+                    "sessionId": f"fz-{n}", "message": f"question {n}"}, headers=bearer())
+                job_id = accepted.json()["jobId"]
+                results[job_id] = await _follow(handle.port, job_id, random.Random(n))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(jobs):
+                nursery.start_soon(one, n)
+    assert len(results) == jobs
+    for job_id, seen in results.items():
+        ids = [e["id"] for e in seen]
+        assert len(ids) == len(set(ids)), job_id  # nothing twice
+        stored = [entry_id for entry_id, _ in rds.xrange(config.job_keys(job_id).stream)]
+        assert ids == stored, job_id  # nothing missed, in order
+        attempt, text = 0, ""
+        for event in seen:
+            if event["event"] == "started" and event["data"]["attempt"] > attempt:
+                attempt, text = event["data"]["attempt"], ""
+            elif event["event"] == "token":
+                text += event["data"]["text"]
+        final = next(e for e in seen if e["event"] == "final")
+        assert text == final["data"]["text"] == "".join(f"t{n} " for n in range(12))
+        assert seen[-1]["event"] == "done"

@@ -9,14 +9,16 @@ one does (404).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +26,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from actors.errors import PermanentError, TransientError
@@ -206,9 +208,7 @@ def build_app(gateway: Gateway) -> Starlette:
                     and last[1].get("jobId") == job_id
                     and entry_key(last[0]) <= entry_key(resume)):
                 return Response(status_code=204)
-        return StreamingResponse(
-            _relay(gateway, job_id, stream, resume or "0-0"), media_type="text/event-stream",
-            headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        return EventStream(partial(_relay, gateway, job_id, stream, resume or "0-0"))
 
     async def cancel(request: Request, user: str) -> Response:
         job_id = request.path_params["job_id"]
@@ -296,7 +296,42 @@ def sse(entry: Entry) -> bytes:
     return f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: {body}\n\n".encode()
 
 
-async def _relay(gateway: Gateway, job_id: str, stream: str, after: str) -> AsyncIterator[bytes]:
+class EventStream(Response):
+    """`text/event-stream`, written by `run(write)` until it returns or the client goes
+    (then `run` is cancelled, so what it holds is let go at once, not when a garbage
+    collector finds an abandoned generator)."""
+
+    def __init__(self, run: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+                 ) -> None:
+        # No Content-Length (Response.__init__ would declare 0): the body streams.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+        self.run = run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": self.raw_headers})
+
+        async def write(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async with trio.open_nursery() as nursery:
+            async def hang_up() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hang_up)
+            await self.run(write)
+            nursery.cancel_scope.cancel()
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
+                 write: Callable[[bytes], Awaitable[None]]) -> None:
     """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
     idle, until `done` (or the gateway closing: a last `retry:` sends the client on)."""
     relay, config = gateway.relay, gateway.config
@@ -304,21 +339,21 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str) -> Asyn
     subscription = relay.subscribe(stream, after)
     gateway.metrics.open_streams.inc()
     try:
-        yield f"retry: {RETRY_MS}\n\n".encode()
+        await write(f"retry: {RETRY_MS}\n\n".encode())
         while True:
             batch = await _next(gateway, subscription, heartbeat)
             if batch is None:
                 if gateway.closing.is_set():
-                    yield b"retry: 1000\n\n"
+                    await write(b"retry: 1000\n\n")
                     return
-                yield b": ping\n\n"
+                await write(b": ping\n\n")
                 continue
             for entry in batch:
                 fields = entry[1]
                 if fields.get("jobId") != job_id:
                     continue  # a shared stream (sse:chat:events) holds every job
                 gateway.metrics.events.inc()
-                yield sse(entry)
+                await write(sse(entry))
                 if fields.get("event") == "done":
                     return
     finally:
