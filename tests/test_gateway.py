@@ -91,7 +91,7 @@ async def test_every_v1_call_needs_a_valid_bearer_token(gw_config):
             assert response.json()["error"]["message"], name
         expired = await client.get("/v1/sessions", headers=cases["expired"])
         assert "expired" in expired.json()["error"]["message"]
-        ok = await client.get("/v1/sessions", headers=bearer(aud="chat"))
+        ok = await client.get("/v1/sessions", headers=bearer(f"new-{uuid.uuid4().hex}", aud="chat"))
         assert ok.status_code == 200 and ok.json() == {"sessions": []}
 
 
