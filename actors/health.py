@@ -32,6 +32,9 @@ class Health:
         self.failures[dependency] += 1
         self._down[dependency] = str(problem)
 
+    def is_down(self, dependency: str) -> bool:
+        return dependency in self._down
+
     def recovered(self, dependency: str) -> None:
         self._down.pop(dependency, None)
 

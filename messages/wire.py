@@ -31,6 +31,12 @@ Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=IDENT_PATTERN)
 UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
+def is_ident(value: object) -> bool:
+    """Is `value` an id of the contract (1-128 chars of [A-Za-z0-9._:-])?"""
+    return isinstance(value, str) and 0 < len(value) <= 128 \
+        and re.match(IDENT_PATTERN, value) is not None
+
+
 class BadInput(ValueError):
     """A message broke the contract. `field` is a JSON path, `rule` what it broke."""
 
@@ -239,9 +245,7 @@ def _readable_ids(raw: bytes) -> dict[str, str | None]:
         return {"job_id": None, "user_id": None, "session_id": None}
 
     def ok(value: Any) -> str | None:
-        if isinstance(value, str) and 0 < len(value) <= 128 and re.match(IDENT_PATTERN, value):
-            return value
-        return None
+        return value if is_ident(value) else None
 
     return {"job_id": ok(ids.job_id), "user_id": ok(ids.user_id),
             "session_id": ok(ids.session_id)}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from messages.ports import UsageRow
 
@@ -38,25 +38,14 @@ def _logging(config: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import trio
-
     from actors.supervisor import StartupError, run_worker
 
     config = _config(args.config)
     _logging(config)
-    failed = False
-    try:
-        trio.run(run_worker, config)
-    except* StartupError as group:
-        for exc in leaves(group):
-            print(f"chat-actors: cannot start: {exc}", file=sys.stderr)
-        failed = True
-    return 1 if failed else 0
+    return _serve(run_worker, config, StartupError, "chat-actors")
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import trio
-
     from actors.gateway.server import run_gateway, verifier_of
     from config import ConfigError
 
@@ -67,12 +56,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"chat-actors gateway: config error: {exc}", file=sys.stderr)
         return 2
+    return _serve(run_gateway, config, OSError, "chat-actors gateway")
+
+
+def _serve(main: Callable[[Any], Awaitable[None]], config: Any,
+           cannot_start: type[Exception], prog: str) -> int:
+    """Run a server's Trio main; a start-up failure (however deep in its nurseries)
+    is one line per cause and exit code 1."""
+    import trio
+
     failed = False
     try:
-        trio.run(run_gateway, config)
-    except* OSError as group:
+        trio.run(main, config)
+    except* cannot_start as group:
         for exc in leaves(group):
-            print(f"chat-actors gateway: cannot start: {exc}", file=sys.stderr)
+            print(f"{prog}: cannot start: {exc}", file=sys.stderr)
         failed = True
     return 1 if failed else 0
 

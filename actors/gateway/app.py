@@ -29,11 +29,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from actors.channels import ready
 from actors.errors import PermanentError, TransientError
 from actors.gateway.auth import Unauthorized, Verifier
-from actors.gateway.relay import Entry, Relay, Subscription, entry_key
+from actors.gateway.relay import CLIENT_BUFFER, Entry, Relay, Subscription, entry_key
+from actors.health import Health
 from config import Config
-from messages.wire import IDENT_PATTERN, BadInput, decode_request
+from messages.wire import BadInput, decode_request, is_ident
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -94,12 +96,14 @@ class Gateway:
     relay: Relay
     history: History
     produce: Produce
-    closing: trio.Event = field(default_factory=trio.Event)  # shutting down: streams end
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
-    ready: dict[str, bool] = field(default_factory=dict[str, bool])
+    health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
 
-    def aliases(self) -> frozenset[str]:
-        return frozenset(self.config.llm.models)
+    def close(self) -> None:
+        """Start draining: /readyz turns 503, and every open stream ends at once with a
+        last `retry:` (the relay ends their subscriptions)."""
+        self.health.draining = True
+        self.relay.close()
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -122,6 +126,7 @@ async def _owner(gateway: Gateway, job_id: str) -> str | None:
 
 def build_app(gateway: Gateway) -> Starlette:
     config = gateway.config
+    aliases = frozenset(config.llm.models)
 
     def guarded(route: str, handler: Callable[[Request, str], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
@@ -158,7 +163,7 @@ def build_app(gateway: Gateway) -> Starlette:
                 return _error(400, "assigned by the gateway; leave it out",
                               field=f"$.{assigned}")
         key = request.headers.get("idempotency-key")
-        if key is not None and not (0 < len(key) <= 128 and re.match(IDENT_PATTERN, key)):
+        if key is not None and not is_ident(key):
             return _error(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
                           field="Idempotency-Key")
         job_id = uuid7()
@@ -166,7 +171,7 @@ def build_app(gateway: Gateway) -> Starlette:
         limits = config.limits
         try:
             checked = decode_request(raw, max_message_chars=limits.max_message_chars,
-                                     model_aliases=gateway.aliases(),
+                                     model_aliases=aliases,
                                      max_request_bytes=limits.max_request_bytes,
                                      max_attachment_bytes=limits.max_attachment_bytes,
                                      image_url_hosts=limits.image_url_hosts)
@@ -188,7 +193,7 @@ def build_app(gateway: Gateway) -> Starlette:
 
     async def events(request: Request, user: str) -> Response:
         job_id = request.path_params["job_id"]
-        if not re.match(IDENT_PATTERN, job_id) or len(job_id) > 128:
+        if not is_ident(job_id):
             return _error(404, NOT_FOUND)
         resume = request.headers.get("last-event-id")
         if resume is not None and not ENTRY_ID.match(resume):
@@ -212,7 +217,7 @@ def build_app(gateway: Gateway) -> Starlette:
 
     async def cancel(request: Request, user: str) -> Response:
         job_id = request.path_params["job_id"]
-        if not re.match(IDENT_PATTERN, job_id) or len(job_id) > 128:
+        if not is_ident(job_id):
             return _error(404, NOT_FOUND)
         if await _owner(gateway, job_id) != user:
             return _error(404, NOT_FOUND)
@@ -226,7 +231,7 @@ def build_app(gateway: Gateway) -> Starlette:
 
     async def session(request: Request, user: str) -> Response:
         session_id = request.path_params["session_id"]
-        if not re.match(IDENT_PATTERN, session_id) or len(session_id) > 128:
+        if not is_ident(session_id):
             return _error(404, "no such session")
         if request.method == "DELETE":
             gone = await gateway.history.delete_session(user_id=user, session_id=session_id)
@@ -254,9 +259,8 @@ def build_app(gateway: Gateway) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ok = all(gateway.ready.values()) and not gateway.closing.is_set()
-        return JSONResponse({"ready": ok, "dependencies": gateway.ready},
-                            status_code=200 if ok else 503)
+        health = gateway.health
+        return JSONResponse(health.report(), status_code=200 if health.ready() else 503)
 
     async def metrics(request: Request) -> Response:
         gateway.metrics.open_streams.set(gateway.relay.open_streams())
@@ -333,17 +337,16 @@ class EventStream(Response):
 async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
                  write: Callable[[bytes], Awaitable[None]]) -> None:
     """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
-    idle, until `done` (or the gateway closing: a last `retry:` sends the client on)."""
+    idle, until `done` (or the relay closing: a last `retry:` sends the client on)."""
     relay, config = gateway.relay, gateway.config
     heartbeat = config.gateway.heartbeat_s
     subscription = relay.subscribe(stream, after)
-    gateway.metrics.open_streams.inc()
     try:
         await write(f"retry: {RETRY_MS}\n\n".encode())
         while True:
             batch = await _next(gateway, subscription, heartbeat)
             if batch is None:
-                if gateway.closing.is_set():
+                if relay.closed:
                     await write(b"retry: 1000\n\n")
                     return
                 await write(b": ping\n\n")
@@ -357,37 +360,23 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
                 if fields.get("event") == "done":
                     return
     finally:
-        gateway.metrics.open_streams.dec()
         relay.unsubscribe(subscription)
 
 
 async def _next(gateway: Gateway, subscription: Subscription,
                 heartbeat_s: float) -> list[Entry] | None:
     """The next entries for this client, or None after `heartbeat_s` of nothing (or
-    when the gateway closes)."""
+    once the relay closed its subscription)."""
     if subscription.behind:
         caught = await gateway.relay.catch_up(subscription, gateway.reads.after)
         if caught:
             return caught
     with trio.move_on_after(heartbeat_s):
-        async with trio.open_nursery() as nursery:
-            got: list[Entry] = []
-
-            async def closing() -> None:
-                await gateway.closing.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(closing)
-            try:
-                got.append(await subscription.receive.receive())
-            except trio.EndOfChannel:
-                pass
-            while True:
-                try:
-                    got.append(subscription.receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            nursery.cancel_scope.cancel()
-        return got or None
+        try:
+            first = await subscription.receive.receive()
+        except trio.EndOfChannel:
+            return None
+        # All it holds (the buffer and the one handed over): a client that fell behind
+        # catches up from Redis only once nothing older waits in its channel.
+        return ready(subscription.receive, first, CLIENT_BUFFER + 1)
     return None
-

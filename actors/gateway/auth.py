@@ -10,13 +10,12 @@ userId is the configured claim when it fits the contract's id charset, otherwise
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 
 import jwt
 
-from messages.wire import IDENT_PATTERN
+from messages.wire import is_ident
 
 DEV_TOKEN_S = 12 * 3600
 
@@ -26,7 +25,7 @@ class Unauthorized(Exception):
 
 
 def user_id_of(claim: str) -> str:
-    if 0 < len(claim) <= 128 and re.match(IDENT_PATTERN, claim):
+    if is_ident(claim):
         return claim
     return "h-" + hashlib.sha256(claim.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 

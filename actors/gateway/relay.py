@@ -59,6 +59,8 @@ class Subscription:
             self.send.send_nowait(entry)
         except trio.WouldBlock:
             self.behind = True  # the client reads from Redis itself once it drains
+        except trio.ClosedResourceError:
+            pass  # the relay is closing: its client is being sent elsewhere
         else:
             self.last = entry[0]
 
@@ -76,6 +78,7 @@ class Relay:
     def __init__(self, make_reader: Callable[[], Reader], readers: int) -> None:
         self._states = [_ReaderState(make_reader()) for _ in range(readers)]
         self._emptied = trio.Event()
+        self.closed = False  # closing: no new subscription gets entries
         self.reads = 0  # XREAD calls, for /metrics
 
     def _state(self, key: str) -> _ReaderState:
@@ -84,6 +87,8 @@ class Relay:
     def subscribe(self, key: str, after: str) -> Subscription:
         send, receive = trio.open_memory_channel[Entry](CLIENT_BUFFER)
         subscription = Subscription(key=key, last=after, send=send, receive=receive)
+        if self.closed:
+            send.close()  # its client is told to go elsewhere at once
         state = self._state(key)
         state.subscriptions.setdefault(key, set()).add(subscription)
         self._wake(state)
@@ -99,6 +104,14 @@ class Relay:
         subscription.send.close()
         if not self.open_streams():
             self._emptied.set()
+
+    def close(self) -> None:
+        """End every subscription: each client's next read ends, and it is sent on."""
+        self.closed = True
+        for state in self._states:
+            for following in state.subscriptions.values():
+                for subscription in following:
+                    subscription.send.close()
 
     async def drained(self) -> None:
         """Return once no client follows a stream."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from actors.errors import PermanentError, TransientError
 from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier
 from actors.gateway.relay import Relay
+from actors.health import Health
 from config import Config, ConfigError, secret
 
 log = logging.getLogger("chat_actors.gateway")
@@ -61,19 +63,19 @@ def verifier_of(config: Config) -> Verifier:
                     issuer=gw.jwt_issuer or None, user_claim=gw.user_claim)
 
 
-async def _watch_readiness(gateway: Gateway, reads: StreamReads, pg: Postgres) -> None:
-    async def check(name: str, probe: object) -> None:
-        try:
-            await probe  # type: ignore[misc]
-            gateway.ready[name] = True
-        except (TransientError, PermanentError) as exc:
-            if gateway.ready.get(name, True):
-                log.warning("%s is unreachable: %s", name, exc)
-            gateway.ready[name] = False
-
+async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> None:
+    probes: dict[str, Callable[[], Awaitable[object]]] = {
+        "redis": reads.ping, "postgres": lambda: pg.run(lambda conn: conn.execute("SELECT 1"))}
     while True:
-        await check("redis", reads.ping())
-        await check("postgres", pg.run(lambda conn: conn.execute("SELECT 1")))
+        for name, probe in probes.items():
+            try:
+                await probe()
+            except (TransientError, PermanentError) as exc:
+                if not health.is_down(name):
+                    log.warning("%s is unreachable: %s", name, exc)
+                health.failed(name, exc)
+            else:
+                health.recovered(name)
         await trio.sleep(READY_EVERY_S)
 
 
@@ -108,13 +110,13 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
             if handle_signals:
                 nursery.start_soon(_watch_signals, stop)
             await nursery.start(relay.run)
-            nursery.start_soon(_watch_readiness, gateway, reads, pg)
+            nursery.start_soon(_watch_readiness, gateway.health, reads, pg)
 
             async def shutdown_trigger() -> None:
                 await stop.wait()
                 log.info("gateway draining: %d open streams get a last retry:",
                          relay.open_streams())
-                gateway.closing.set()
+                gateway.close()
                 with trio.move_on_after(DRAIN_S):
                     await relay.drained()
 
@@ -125,6 +127,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
 
             binds: list[str] = await nursery.start(serving)
             port = int(binds[0].rsplit(":", 1)[1])
+            gateway.health.started = True
             log.info("gateway ready: http://127.0.0.1:%d/", port)
             task_status.started(GatewayHandle(port=port, gateway=gateway))
     finally:
