@@ -161,7 +161,7 @@ def _nesting(raw: bytes) -> int:
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)))
 
 
-def _check_shape(raw: bytes, max_bytes: int) -> None:
+def check_shape(raw: bytes, max_bytes: int) -> None:
     """Size and nesting, checked before any decoder sees the value."""
     if len(raw) > max_bytes:
         raise BadInput("$", f"the value is {len(raw)} bytes; the limit is {max_bytes}")
@@ -338,7 +338,7 @@ def decode_request(
     Nothing else escapes: whatever the bytes, the answer is a request or a BadInput."""
     if raw is None:
         raise BadInput("$", "the message has no value")
-    _check_shape(raw, max_request_bytes)
+    check_shape(raw, max_request_bytes)
     text = _utf8(raw)
     try:
         request = _request_decoder.decode(text)
@@ -394,7 +394,7 @@ def decode_control(raw: bytes | None) -> ControlMessage:
     """Decode one `chat.control` value, or raise BadInput; nothing else escapes."""
     if raw is None:
         raise BadInput("$", "the message has no value")
-    _check_shape(raw, MAX_CONTROL_BYTES)
+    check_shape(raw, MAX_CONTROL_BYTES)
     text = _utf8(raw)  # msgspec raises UnicodeDecodeError on bytes: it stopped the worker
     try:
         return _control_decoder.decode(text)

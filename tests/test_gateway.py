@@ -386,3 +386,35 @@ async def test_resume_fuzz_flaky_clients_assemble_every_answer_exactly(gw_config
         final = next(e for e in seen if e["event"] == "final")
         assert text == final["data"]["text"] == "".join(f"t{n} " for n in range(12))
         assert seen[-1]["event"] == "done"
+
+
+async def test_hostile_http_input_gets_a_clear_answer_and_the_gateway_goes_on(gw_config):
+    """Oversize and malformed bodies, hostile path ids and headers: each a 4xx naming
+    the problem (never a 500), and the gateway still serves afterwards."""
+    config = gw_config(CHAT_ACTORS__GATEWAY__DEV_SIGNIN="true",
+                       CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="0.2")
+    async with gateway_running(config) as (_, client):
+        huge = await client.post("/v1/chat", content=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+                                 headers=bearer())
+        assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
+        for body in (b"\xff\xfe", b"null", b'"text"', b"[" * 5000 + b"]" * 5000,
+                     b'{"sessionId": "s", "message": "a\\u0000b"}'):
+            response = await client.post("/v1/chat", content=body, headers=bearer())
+            assert response.status_code == 400, body[:20]
+            assert response.json()["error"]["message"], body[:20]
+        for job_id in ("a" * 129, "..%2F..%2Fetc", "j%00x", "%E2%80%AE"):
+            for method, path in (("GET", "events"), ("POST", "cancel")):
+                response = await client.request(method, f"/v1/jobs/{job_id}/{path}",
+                                                headers=bearer())
+                assert response.status_code == 404, (job_id, path)
+        long_id = await client.get(f"/v1/sessions/{'s' * 200}/messages", headers=bearer())
+        assert long_id.status_code == 404
+        for header in ("Bearer", "Basic abc", "Bearer a.b.c", "Bearer " + "x" * 10000):
+            response = await client.get("/v1/sessions", headers={"Authorization": header})
+            assert response.status_code == 401, header[:20]
+        for body in (b"", b"[]", b'{"user": 5}', b'{"user": ""}', b"\xff"):
+            response = await client.post("/v1/dev/token", content=body)
+            assert response.status_code == 400, body
+        assert (await client.get("/healthz")).status_code == 200
+        ok = await client.get("/v1/sessions", headers=bearer(f"h-{uuid.uuid4().hex}"))
+        assert ok.status_code == 200

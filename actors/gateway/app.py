@@ -35,7 +35,7 @@ from actors.gateway.auth import Unauthorized, Verifier
 from actors.gateway.relay import CLIENT_BUFFER, Entry, Relay, Subscription, entry_key
 from actors.health import Health
 from config import Config
-from messages.wire import BadInput, decode_request, is_ident
+from messages.wire import BadInput, check_shape, decode_request, is_ident
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -153,8 +153,11 @@ def build_app(gateway: Gateway) -> Starlette:
         if len(body) > MAX_BODY:
             return _error(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY}")
         try:
+            check_shape(body, MAX_BODY)  # the nesting, before a recursive decoder sees it
             value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except BadInput as exc:
+            return _error(400, exc.rule, field=exc.field)
+        except ValueError as exc:  # UnicodeDecodeError included
             return _error(400, f"the body is not JSON: {exc}", field="$")
         if not isinstance(value, dict):
             return _error(400, "the body must be a JSON object", field="$")
