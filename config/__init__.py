@@ -258,7 +258,7 @@ class Gateway(_Section, frozen=True):
     heartbeat_s: PositiveFloat
     page: bool
     idempotency_s: Positive
-    readers: Annotated[int, Meta(ge=1, le=64)]
+    readers: Annotated[int, Meta(ge=1, le=1024)]
     stream_wait_s: PositiveFloat
     dev_signin: bool
 

@@ -5,6 +5,7 @@ name them and a fake of a port needs nothing but this module.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -80,6 +81,11 @@ class UsageRow(msgspec.Struct, frozen=True):
 
 
 # --- the event log -------------------------------------------------------------------
+
+
+# A Redis stream entry as read back (the gateway): its id ("<ms>-<n>") and its fields.
+Entry = tuple[str, dict[str, str]]
+ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 
 
 class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,12 +14,14 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 import trio
 
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from actors.gateway.auth import user_id_of
 from actors.gateway.relay import CLIENT_BUFFER
 from actors.gateway.server import run_gateway
+from config import ConfigError
 from tests.helpers import JWT_SECRET as SECRET
 from tests.helpers import events_of, gateway_running, worker_running
 from tests.scripted_llm import Reply
@@ -277,6 +279,27 @@ async def test_history_lists_sessions_and_delete_forgets_one(gw_config, llm, rds
                                      headers=bearer("hist-user"))
         await read_events(client, accepted.json()["jobId"], user="hist-user")
     assert [m["content"] for m in llm.calls[-1].messages if m["role"] == "user"] == ["Again"]
+
+
+async def test_a_config_the_gateway_cannot_serve_is_refused_by_name(gw_config, monkeypatch,
+                                                                     tmp_path):
+    cases = [
+        ({"CHAT_ACTORS__REDIS__CLUSTER": "true"}, None, "redis.cluster"),
+        ({}, "too-short", r"gateway.jwt_secret_env: \$CHAT_ACTORS_JWT_SECRET must hold"),
+        ({}, "", r"gateway.jwt_secret_env"),
+        ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256"}, None,
+         "gateway.jwt_public_key_file: RS256 needs"),
+        ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256",
+          "CHAT_ACTORS__GATEWAY__JWT_PUBLIC_KEY_FILE": str(tmp_path / "absent.pem")}, None,
+         "gateway.jwt_public_key_file: No such file"),
+    ]
+    for environ, secret_value, message in cases:
+        config = gw_config(**environ)
+        if secret_value is not None:
+            monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", secret_value)
+        with pytest.raises(ConfigError, match=message):
+            await run_gateway(config, handle_signals=False)
+        monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", SECRET)
 
 
 async def test_closing_sends_open_streams_a_last_retry(gw_config):

@@ -1,27 +1,36 @@
 """The gateway's side of Redis: reading job streams, owner and idempotency keys.
 
 A `BlockingReader` holds one connection and waits in XREAD BLOCK on many streams at
-once (one round trip for every client it serves); `unblock` wakes it from another
-connection (CLIENT UNBLOCK) when the set of streams changes. Everything else is
-request/reply on a small pool, each call in a worker thread.
+once (one round trip for every client it serves), on the event loop itself; `unblock`
+wakes it from another connection (CLIENT UNBLOCK) when the set of streams changes.
+Everything else is request/reply on a small redis-py pool, each call in a worker
+thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import contextlib
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
+import hiredis
 import redis
 import trio
+from redis.connection import parse_url
 
 from actors.adapters.redis_events import translate
+from actors.errors import PermanentError, TransientError
 from config import secret
+from messages.ports import ENTRY_ID, Entry
 
 T = TypeVar("T")
-Entry = tuple[str, dict[str, str]]  # (entry id, fields)
+READ_BYTES = 65536
+MAX_REPLY_BYTES = 64 * 2**20  # an XREAD of 256 entries per stream stays far below
+MAX_PACKED = 200_000  # encoded arguments kept (stream keys, entry ids) before starting over
 
 
-def _client(url: str, password_env: str, socket_timeout_s: float | None) -> Any:
+def _client(url: str, password_env: str, socket_timeout_s: float) -> Any:
     return redis.Redis.from_url(url, password=secret(password_env) or None,
                                 socket_timeout=socket_timeout_s, socket_connect_timeout=5.0,
                                 decode_responses=True)
@@ -42,7 +51,7 @@ class StreamReads:
             raise translate(exc) from exc
 
     def reader(self) -> BlockingReader:
-        return BlockingReader(_client(self._url, self._password_env, None), self._client)
+        return BlockingReader(self._url, self._password_env, self._client)
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
@@ -84,30 +93,161 @@ class StreamReads:
 
 
 class BlockingReader:
-    """One connection blocked in XREAD on many streams; `unblock` wakes it."""
+    """One connection, on Trio's own sockets, waiting in XREAD BLOCK on many streams;
+    `unblock` (from a thread) wakes it through the control connection.
 
-    def __init__(self, client: Any, control: Any) -> None:
-        self._client = client
+    Why not redis-py here: its client is synchronous, so each read ran in a thread,
+    and at a thousand open streams the hand-over between that thread and the event
+    loop (the GIL's 5 ms switch interval included) cost more than the read and put
+    milliseconds on every event. The reply is parsed by hiredis (C) and its shape is
+    checked before it is used: a broken or hostile reply is an error, not a crash.
+    """
+
+    def __init__(self, url: str, password_env: str, control: Any,
+                 connect_timeout_s: float = 5.0, reply_timeout_s: float = 10.0) -> None:
+        self._target = parse_url(url)
+        password = secret(password_env)
+        if password:
+            self._target["password"] = password
         self._control = control
+        self._connect_timeout_s = connect_timeout_s
+        self._reply_timeout_s = reply_timeout_s  # beyond the XREAD's own BLOCK time
+        self._stream: trio.abc.Stream | None = None
+        self._parser: Any = None
         self._id: int | None = None
+        self._packed: dict[str, bytes] = {}
 
-    def read(self, streams: Mapping[str, str], count: int, block_ms: int) -> list[tuple[str, list[Entry]]]:
-        """Blocking (run it in a thread): entries after each stream's id, or [] on timeout."""
+    async def _connect(self) -> trio.abc.Stream:
+        target = self._target
+        with trio.fail_after(self._connect_timeout_s):
+            if "path" in target:
+                stream: trio.abc.Stream = await trio.open_unix_socket(target["path"])
+            else:
+                stream = await trio.open_tcp_stream(target.get("host", "localhost"),
+                                                    int(target.get("port", 6379)))
+                if target.get("connection_class") is redis.SSLConnection:
+                    tls = trio.SSLStream(stream, ssl.create_default_context(),
+                                         server_hostname=target.get("host"))
+                    await tls.do_handshake()
+                    stream = tls
+            self._stream = stream
+            self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
+            if target.get("password"):
+                user = [target["username"]] if target.get("username") else []
+                await self._call("AUTH", *user, target["password"])
+            if int(target.get("db") or 0):
+                await self._call("SELECT", str(target["db"]))
+            client_id = await self._call("CLIENT", "ID")
+        if not isinstance(client_id, int):
+            raise PermanentError(f"redis: CLIENT ID replied {type(client_id).__name__}, "
+                                 "not an integer", code="redis")
+        self._id = client_id
+        return stream
+
+    def _pack(self, args: Sequence[str]) -> bytes:
+        """A RESP command; each argument's encoding is kept, since the same stream keys
+        and most of the same ids go into every XREAD."""
+        packed = self._packed
+        if len(packed) > MAX_PACKED:
+            packed.clear()
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            part = packed.get(arg)
+            if part is None:
+                data = arg.encode()
+                packed[arg] = part = b"$%d\r\n%s\r\n" % (len(data), data)
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _call(self, *args: str) -> Any:
+        """One command, its reply (RESP2, parsed by hiredis); an error reply raises."""
+        assert self._stream is not None
+        await self._stream.send_all(self._pack(args))
+        received = 0
+        while (reply := self._parser.gets()) is False:
+            data = await self._stream.receive_some(READ_BYTES)
+            if not data:
+                raise TransientError("redis: the server closed the connection",
+                                     kind="connection")
+            received += len(data)
+            if received > MAX_REPLY_BYTES:
+                raise PermanentError(f"redis: a reply over {MAX_REPLY_BYTES} bytes",
+                                     code="redis")
+            self._parser.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            raise translate(redis.ResponseError(str(reply)))
+        return reply
+
+    async def read(self, streams: Mapping[str, str], count: int,
+                   block_ms: int) -> list[tuple[str, list[Entry]]]:
+        """Entries after each stream's id, or [] once `block_ms` passed (or `unblock`)."""
+        args = ["XREAD", "COUNT", str(count), "BLOCK", str(block_ms), "STREAMS",
+                *streams.keys(), *streams.values()]
         try:
-            if self._id is None:
-                self._id = int(self._client.client_id())
-            return self._client.xread(dict(streams), count=count, block=block_ms) or []
-        except redis.RedisError as exc:
-            self._id = None
-            raise translate(exc) from exc
+            if self._stream is None:
+                await self._connect()
+            with trio.fail_after(block_ms / 1000 + self._reply_timeout_s):
+                return _xread_reply(await self._call(*args))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                hiredis.ProtocolError, trio.TooSlowError) as exc:
+            self._drop()
+            raise TransientError(f"redis: reading streams: {type(exc).__name__}: {exc}",
+                                 kind="connection") from exc
+        except BaseException:
+            self._drop()  # an error reply, a bad shape, or cancelled mid-reply
+            raise
 
     def unblock(self) -> None:
-        """Wake a blocked `read` (it returns [] at once); nothing if none is blocked."""
+        """Wake a blocked `read` (it returns [] at once); nothing if none is blocked.
+        Blocking: run it in a thread."""
         if self._id is not None:
             try:
                 self._control.client_unblock(self._id)
             except redis.RedisError:
                 pass  # the read times out on its own instead
 
+    def _drop(self) -> None:
+        if self._stream is not None:
+            stream, self._stream, self._id = self._stream, None, None
+            _close_now(stream)
+
     def close(self) -> None:
-        self._client.close()
+        self._drop()
+
+
+def _close_now(stream: trio.abc.Stream) -> None:
+    """Close at once, without awaiting (a TLS close_notify is not sent)."""
+    transport: Any = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    with contextlib.suppress(Exception):
+        transport.socket.close()
+
+
+def _xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
+    """XREAD's RESP2 reply ([[key, [[id, [field, value, ...]], ...]], ...] or nil) as
+    (key, entries); any other shape is a PermanentError naming what was wrong."""
+    if reply is None:
+        return []
+    if not isinstance(reply, list):
+        raise _shape(f"the reply is {type(reply).__name__}, not an array")
+    found: list[tuple[str, list[Entry]]] = []
+    for item in cast(list[Any], reply):
+        if not (isinstance(item, list) and len(cast(list[Any], item)) == 2
+                and isinstance(item[0], str) and isinstance(item[1], list)):
+            raise _shape("a stream is not [key, entries]")
+        entries: list[Entry] = []
+        for entry in cast(list[Any], item[1]):
+            if not (isinstance(entry, list) and len(cast(list[Any], entry)) == 2
+                    and isinstance(entry[0], str) and ENTRY_ID.match(entry[0])):
+                raise _shape(f"an entry of {item[0]!r} is not [id, fields]")
+            fields = entry[1] if entry[1] is not None else []  # a deleted entry: no fields
+            if not (isinstance(fields, list) and len(cast(list[Any], fields)) % 2 == 0
+                    and all(isinstance(f, str) for f in cast(list[Any], fields))):
+                raise _shape(f"entry {entry[0]} of {item[0]!r} has no field/value pairs")
+            pairs = cast(list[str], fields)
+            entries.append((entry[0], dict(zip(pairs[::2], pairs[1::2], strict=True))))
+        found.append((item[0], entries))
+    return found
+
+
+def _shape(what: str) -> PermanentError:
+    return PermanentError(f"redis: XREAD replied in an unknown shape: {what}", code="redis")

@@ -11,7 +11,6 @@ a slow or stuck client never grows the gateway's memory.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,13 +19,15 @@ import trio
 
 from actors.backoff import Backoff
 from actors.errors import PermanentError, TransientError
+from messages.ports import Entry
 
 log = logging.getLogger("chat_actors.gateway.relay")
 
-Entry = tuple[str, dict[str, str]]
 CLIENT_BUFFER = 64  # entries a client may have unread before it must catch up itself
 READ_COUNT = 256  # entries per stream per XREAD
 BLOCK_MS = 5000
+STREAMS_PER_READER = 16  # open streams per reader before another reader starts
+UNBLOCK_AGAIN_S = 0.002  # an UNBLOCK that found no XREAD blocked yet is sent again after this
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:
@@ -36,8 +37,8 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 
 class Reader(Protocol):
-    def read(self, streams: Mapping[str, str], count: int,
-             block_ms: int) -> Sequence[tuple[str, Sequence[Entry]]]: ...
+    async def read(self, streams: Mapping[str, str], count: int,
+                   block_ms: int) -> Sequence[tuple[str, Sequence[Entry]]]: ...
     def unblock(self) -> None: ...
     def close(self) -> None: ...
 
@@ -69,20 +70,50 @@ class Subscription:
 class _ReaderState:
     reader: Reader
     subscriptions: dict[str, set[Subscription]] = field(default_factory=dict[str, set[Subscription]])
+    # Where each stream is read from next: the oldest entry id a current client has
+    # (kept as clients come, go and are served, so a read never walks every client).
+    positions: dict[str, str] = field(default_factory=dict[str, str])
     changed: trio.Event = field(default_factory=trio.Event)
+    unblock: trio.Event = field(default_factory=trio.Event)  # its XREAD must start over
+    version: int = 0  # counts position changes that need a new XREAD
+    reading: int | None = None  # the version the XREAD in flight was started at
 
 
 class Relay:
-    """`subscribe` a client to a stream; `run` the readers (one per connection)."""
+    """`subscribe` a client to a stream; `run` the readers (one per connection).
+
+    A reader is added for every STREAMS_PER_READER open streams, up to `readers`: a
+    blocking XREAD costs Redis a few microseconds for each stream it names, paid
+    again on every read, so a reader naming a thousand streams costs about a
+    millisecond per relayed event where sixteen cost next to nothing. A stream stays
+    with its reader while any client follows it; a new one goes to the least busy.
+    """
 
     def __init__(self, make_reader: Callable[[], Reader], readers: int) -> None:
-        self._states = [_ReaderState(make_reader()) for _ in range(readers)]
+        self._make_reader = make_reader
+        self._most = readers
+        self._states: list[_ReaderState] = []
+        self._assigned: dict[str, _ReaderState] = {}
+        self._nursery: trio.Nursery | None = None
         self._emptied = trio.Event()
         self.closed = False  # closing: no new subscription gets entries
         self.reads = 0  # XREAD calls, for /metrics
 
     def _state(self, key: str) -> _ReaderState:
-        return self._states[zlib.crc32(key.encode()) % len(self._states)]
+        state = self._assigned.get(key)
+        if state is None:
+            state = min(self._states, key=lambda s: len(s.subscriptions), default=None)
+            if state is None or (len(state.subscriptions) >= STREAMS_PER_READER
+                                 and len(self._states) < self._most):
+                state = _ReaderState(self._make_reader())
+                self._states.append(state)
+                if self._nursery is not None:
+                    self._start(self._nursery, state)
+            self._assigned[key] = state
+        return state
+
+    def readers(self) -> int:
+        return len(self._states)
 
     def subscribe(self, key: str, after: str) -> Subscription:
         send, receive = trio.open_memory_channel[Entry](CLIENT_BUFFER)
@@ -91,7 +122,7 @@ class Relay:
             send.close()  # its client is told to go elsewhere at once
         state = self._state(key)
         state.subscriptions.setdefault(key, set()).add(subscription)
-        self._wake(state)
+        self._read_from(state, key, after)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -101,6 +132,8 @@ class Relay:
             following.discard(subscription)
             if not following:
                 del state.subscriptions[subscription.key]
+                state.positions.pop(subscription.key, None)
+                self._assigned.pop(subscription.key, None)
         subscription.send.close()
         if not self.open_streams():
             self._emptied.set()
@@ -119,9 +152,17 @@ class Relay:
             self._emptied = trio.Event()
             await self._emptied.wait()
 
-    def _wake(self, state: _ReaderState) -> None:
+    def _read_from(self, state: _ReaderState, key: str, after: str) -> None:
+        """A client needs `key` after `after`: read it from there unless already earlier.
+        A new or earlier position restarts the reader's blocked XREAD (once, however
+        many clients arrive meanwhile)."""
+        held = state.positions.get(key)
+        if held is not None and entry_key(held) <= entry_key(after):
+            return
+        state.positions[key] = after
+        state.version += 1
         state.changed.set()
-        state.reader.unblock()
+        state.unblock.set()
 
     async def catch_up(self, subscription: Subscription,
                        after: Callable[[str, str, int], Awaitable[list[Entry]]]) -> list[Entry]:
@@ -132,7 +173,7 @@ class Relay:
             subscription.last = entries[-1][0]
         if len(entries) < READ_COUNT:
             subscription.behind = False
-            self._wake(self._state(subscription.key))
+            self._read_from(self._state(subscription.key), subscription.key, subscription.last)
         return entries
 
     def open_streams(self) -> int:
@@ -141,38 +182,75 @@ class Relay:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)  # open for readers started later
                 for state in self._states:
-                    nursery.start_soon(self._read, state)
+                    self._start(nursery, state)
+                self._nursery = nursery
                 task_status.started()
         finally:
+            self._nursery = None
             for state in self._states:
                 state.reader.close()
+
+    def _start(self, nursery: trio.Nursery, state: _ReaderState) -> None:
+        nursery.start_soon(self._read, state)
+        nursery.start_soon(self._unblock, state)
+
+    async def _unblock(self, state: _ReaderState) -> None:
+        """CLIENT UNBLOCK from a thread (a network call never runs on the event loop),
+        once for every burst of new positions. An XREAD not yet at the server when the
+        UNBLOCK arrives is not woken by it: it is sent again until the read in flight
+        is one started after the change."""
+        while True:
+            await state.unblock.wait()
+            state.unblock = trio.Event()
+            while state.reading is not None and state.reading < state.version:
+                await trio.to_thread.run_sync(state.reader.unblock, abandon_on_cancel=True)
+                await trio.sleep(UNBLOCK_AGAIN_S)
 
     async def _read(self, state: _ReaderState) -> None:
         backoff = Backoff()
         failures = 0
         while True:
-            if not state.subscriptions:
+            if not state.positions:
                 await state.changed.wait()
             state.changed = trio.Event()
-            # Each stream from the oldest position one of its clients still needs.
-            streams = {key: min((s.last for s in subs if not s.behind), key=entry_key,
-                                default=None) for key, subs in state.subscriptions.items()}
-            wanted = {key: last for key, last in streams.items() if last is not None}
+            wanted = dict(state.positions)
             if not wanted:
-                await state.changed.wait()
                 continue
+            state.reading = state.version
             try:
-                found = await trio.to_thread.run_sync(
-                    state.reader.read, wanted, READ_COUNT, BLOCK_MS, abandon_on_cancel=True)
+                found = await state.reader.read(wanted, READ_COUNT, BLOCK_MS)
             except (TransientError, PermanentError) as exc:
+                state.reading = None
                 failures += 1
                 log.warning("reading streams failed (%s); again in a moment", exc)
                 await trio.sleep(backoff.delay(failures))
                 continue
+            state.reading = None
             failures = 0
             self.reads += 1
             for key, entries in found:
-                for subscription in list(state.subscriptions.get(key, ())):
-                    for entry in entries:
-                        subscription.offer(entry)
+                self._deliver(state, key, wanted[key], entries)
+
+    def _deliver(self, state: _ReaderState, key: str, read_from: str,
+                 entries: Sequence[Entry]) -> None:
+        """Entries read after `read_from` go to each client that had everything up to
+        there; one that came meanwhile needing older entries is served by the next read,
+        from its own position."""
+        following = state.subscriptions.get(key)
+        if not following or not entries:
+            return
+        start = entry_key(read_from)
+        oldest: str | None = None
+        for subscription in list(following):
+            if not subscription.behind and entry_key(subscription.last) >= start:
+                for entry in entries:
+                    subscription.offer(entry)
+            if not subscription.behind and (oldest is None or
+                                            entry_key(subscription.last) < entry_key(oldest)):
+                oldest = subscription.last
+        if oldest is not None:
+            state.positions[key] = oldest
+        else:
+            state.positions.pop(key, None)  # every client catches up by itself first

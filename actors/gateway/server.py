@@ -84,6 +84,11 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                       task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
                       ) -> None:
     """Serve until `stop` is set or a signal arrives, then drain and return."""
+    if config.redis.cluster:
+        # A blocking XREAD may only name streams of one hash slot, and each job's
+        # stream has a slot of its own: reading a cluster needs another reader.
+        raise ConfigError("redis.cluster: the gateway does not read a Redis Cluster yet; "
+                          "point it at a single Redis or a primary with replicas")
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
     await trio.to_thread.run_sync(partial(
@@ -104,6 +109,9 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     server = HypercornConfig()
     server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
     server.accesslog = None
+    # Hypercorn's own lines go through our JSON logging (its default adds a plain-text
+    # stderr handler, so each line came out twice).
+    server.errorlog = logging.getLogger("hypercorn.error")
     server.graceful_timeout = DRAIN_S + 1
     try:
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,557 @@
+"""Our gateway against a plain SSE relay: many open event streams, one run, one stack.
+
+Starts the local stack (Tansu, Redis, Postgres), then for each side in turn (our
+gateway, `bin/chat-actors gateway`; the plain peer, bench/peers/sse_plain.py) opens
+`--clients` concurrent SSE responses from a separate client process, one job each,
+and appends token entries to the jobs' Redis streams at each `--rates` (events per
+second over all streams) for `--seconds`. Each entry carries the monotonic time just
+before its XADD; the client notes the time its bytes arrive, so the latency is XADD
+to the client's socket, both relays included. CPU is the server process's own
+user+system time over the window (psutil), divided by the events the clients got;
+Redis's CPU is counted the same way. RSS per connection is the server's growth from
+idle to every client connected, over the clients.
+
+    bin/chat-actors bench gateway                       # 1,000 clients, about 4 minutes
+    bin/chat-actors bench gateway --quick               # 200 clients, a smoke run
+    bin/chat-actors bench gateway --only gateway --rates 2000
+
+Prints one table (gateway, peer, ratio) and writes it as JSON (`--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import resource
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+import jwt
+import psutil
+import redis
+
+from bench.perf import machine, percentile, ratio
+from tools import local_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+USER = "bench-user"
+OWNER_PREFIX = "chat-actors:gateway:owner:"  # actors/gateway/app.py (this process need not import it)
+CONNECT_BATCH = 100  # clients connecting at once (a listen backlog is about this size)
+SECRET_ENV = "CHAT_ACTORS_JWT_SECRET"
+
+
+# ---------------------------------------------------------------- the servers
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def cpu_s(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n"
+                               f"{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _spawn(name: str, argv: list[str], port: int, ready_path: str, workdir: Path,
+           env: dict[str, str]) -> Server:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    server = Server(name, process, port, log)
+    deadline = time.perf_counter() + 60
+    while True:
+        server.alive()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as r:
+                if r.status == 200:
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.perf_counter() > deadline:
+            server.stop()
+            raise RuntimeError(f"{name} was not ready within 60 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    kafka: local_stack.Service
+    redis: local_stack.Service
+    postgres: local_stack.Service
+    workdir: Path
+    readers: int | None = None  # gateway.readers (None: the default config's)
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+    def gateway(self) -> Server:
+        port = local_stack.free_port()
+        config = self.workdir / "gateway.toml"
+        config.write_text(local_stack.stack_config(
+            kafka=self.kafka.url, redis=self.redis.url, postgres=self.postgres.url,
+            llm_url="http://127.0.0.1:9/v1", sections={
+                "gateway": {"host": "127.0.0.1", "port": port, "dev_signin": False,
+                            **({} if self.readers is None else {"readers": self.readers})}}))
+        return _spawn("gateway", [sys.executable, "-m", "tools.cli", "gateway", "--config",
+                                  str(config)], port, "/readyz", self.workdir,
+                      {SECRET_ENV: self.secret})
+
+    def peer(self) -> Server:
+        port = local_stack.free_port()
+        return _spawn("peer", [sys.executable, "-m", "bench.peers.sse_plain", "--redis",
+                               self.redis.url, "--port", str(port)], port, "/healthz",
+                      self.workdir, {SECRET_ENV: self.secret})
+
+    def token(self) -> str:
+        return jwt.encode({"sub": USER, "exp": int(time.time()) + 3600}, self.secret,
+                          algorithm="HS256")
+
+
+@contextlib.contextmanager
+def open_stack() -> Iterator[Stack]:
+    with local_stack.workdir("chat-actors-bench-gateway-") as workdir:
+        kafka, rds, pg = local_stack.start_core(workdir)
+        try:
+            yield Stack(kafka, rds, pg, workdir)
+        finally:
+            for service in (pg, rds, kafka):
+                service.stop()
+
+
+# ---------------------------------------------------------------- the jobs' streams
+
+
+def stream_of(job_id: str) -> str:
+    return f"sse:chat:{job_id}"
+
+
+def entry(job_id: str, event: str, seq: int, data: dict[str, Any]) -> dict[str, str | int]:
+    """An entry as the worker writes it (contract 1.4's fields)."""
+    return {"event": event, "jobId": job_id, "userId": USER, "sessionId": f"s-{job_id}",
+            "attempt": 1, "seq": seq, "ts": int(time.time() * 1000),
+            "data": json.dumps(data, separators=(",", ":"))}
+
+
+class Jobs:
+    """One job per client: its owner key, its stream, and what was appended to it."""
+
+    def __init__(self, client: redis.Redis, count: int) -> None:
+        self.client = client
+        self.ids = [f"bench-{uuid.uuid4().hex[:20]}" for _ in range(count)]
+        self.seq = dict.fromkeys(self.ids, 0)
+        pipe = client.pipeline(transaction=False)
+        for job_id in self.ids:
+            pipe.set(OWNER_PREFIX + job_id, USER, ex=3600)
+            pipe.xadd(stream_of(job_id), entry(job_id, "started", 0, {"model": "bench"}))
+        pipe.execute()
+        self.appended = 0
+
+    def produce(self, rate: float, seconds: float) -> int:
+        """Token entries at `rate` per second over all streams, round robin; each holds
+        the monotonic time just before its pipeline is sent."""
+        began, sent, turn = time.perf_counter(), 0, 0
+        while (elapsed := time.perf_counter() - began) < seconds:
+            due = int(elapsed * rate) - sent
+            if due > 0:
+                pipe = self.client.pipeline(transaction=False)
+                stamp = time.monotonic_ns()
+                for _ in range(due):
+                    job_id = self.ids[turn % len(self.ids)]
+                    turn += 1
+                    self.seq[job_id] += 1
+                    pipe.xadd(stream_of(job_id), entry(job_id, "token", self.seq[job_id],
+                                                       {"text": "x ", "sentNs": stamp}))
+                pipe.execute()
+                sent += due
+            time.sleep(0.002)
+        self.appended += sent
+        return sent
+
+    def finish(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in self.ids:
+            self.seq[job_id] += 1
+            pipe.xadd(stream_of(job_id), entry(job_id, "done", self.seq[job_id],
+                                               {"status": "succeeded"}))
+        pipe.execute()
+
+    def delete(self) -> None:
+        for start in range(0, len(self.ids), 500):
+            chunk = self.ids[start:start + 500]
+            self.client.delete(*[stream_of(j) for j in chunk], *[OWNER_PREFIX + j for j in chunk])
+
+
+# ---------------------------------------------------------------- the client process
+
+# An SSE event as either side writes it (LF or CRLF lines).
+EVENT = re.compile(rb"id: (\d+)-(\d+)\r?\nevent: (\w+)\r?\ndata: ([^\r\n]*)")
+SENT = re.compile(rb'"sentNs":(\d+)')
+
+
+@dataclass
+class Tally:
+    latencies_ns: list[int] = field(default_factory=list[int])
+    tokens: int = 0
+    repeats: int = 0  # an entry id at or before one already seen on that response
+    refused: list[str] = field(default_factory=list[str])  # status lines other than 200
+    ended: int = 0  # responses that reached `done`
+
+
+class SseClient(asyncio.Protocol):
+    """One SSE response read off a raw socket: events are counted, token latencies noted."""
+
+    def __init__(self, request: bytes, tally: Tally, started: asyncio.Future[None],
+                 ended: asyncio.Future[None]) -> None:
+        self.request, self.tally = request, tally
+        self.started, self.ended = started, ended
+        self.buffer = b""
+        self.last = (0, 0)
+        self.headers = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        if not self.headers:
+            self.headers = True
+            if not data.startswith(b"HTTP/1.1 200"):
+                self.tally.refused.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+                self._close()
+                return
+        self.buffer += data
+        end = max(self.buffer.rfind(b"\n\n"), self.buffer.rfind(b"\n\r\n"))
+        if end < 0:
+            return
+        block, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+        for match in EVENT.finditer(block):
+            key = (int(match[1]), int(match[2]))
+            if key <= self.last:
+                self.tally.repeats += 1
+                continue
+            self.last = key
+            event = match[3]
+            if event == b"token":
+                sent = SENT.search(match[4])
+                if sent:
+                    self.tally.tokens += 1
+                    self.tally.latencies_ns.append(now - int(sent[1]))
+            elif event == b"started" and not self.started.done():
+                self.started.set_result(None)
+            elif event == b"done":
+                self.tally.ended += 1
+                self._close()
+
+    def _close(self) -> None:
+        for future in (self.started, self.ended):
+            if not future.done():
+                future.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close()
+
+
+async def run_clients(port: int, token: str, jobs: list[str], commands: IO[str]) -> None:
+    """Open every response, say `{"connected": n}`, then answer `count` with what arrived
+    and `finish` (after the `done` entries) with the whole tally."""
+    loop = asyncio.get_running_loop()
+    tally = Tally()
+    ends: list[asyncio.Future[None]] = []
+    for start in range(0, len(jobs), CONNECT_BATCH):
+        starts = []
+        for job_id in jobs[start:start + CONNECT_BATCH]:
+            request = (f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                       f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+                       ).encode()
+            started, ended = loop.create_future(), loop.create_future()
+            ends.append(ended)
+            starts.append(started)
+            await loop.create_connection(
+                lambda r=request, s=started, e=ended: SseClient(r, tally, s, e),
+                "127.0.0.1", port)
+        await asyncio.wait_for(asyncio.gather(*starts), 60)
+    say({"connected": len(jobs) - len(tally.refused), "refused": tally.refused[:3]})
+    while line := await loop.run_in_executor(None, commands.readline):  # not on the loop
+        if line.strip() == "count":
+            say({"tokens": tally.tokens})
+        elif line.strip() == "finish":
+            await asyncio.wait(ends, timeout=60)
+            lat = [v / 1e6 for v in tally.latencies_ns]
+            say({"tokens": tally.tokens, "repeats": tally.repeats, "ended": tally.ended,
+                 "refused": len(tally.refused),
+                 "p50_ms": percentile(lat, 50) if lat else None,
+                 "p99_ms": percentile(lat, 99) if lat else None,
+                 "max_ms": max(lat) if lat else None})
+            return
+
+
+def say(message: dict[str, Any]) -> None:
+    print(json.dumps(message), flush=True)
+
+
+class Clients:
+    """The client process (this module with --serve-clients), driven over its stdin."""
+
+    def __init__(self, server: Server, token: str, jobs: Jobs) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.gateway", "--serve-clients", str(server.port)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "BENCH_TOKEN": token,
+                 "BENCH_JOBS": ",".join(jobs.ids), "BENCH_NOFILE": str(max(soft, hard))})
+
+    def ask(self, command: str | None = None) -> dict[str, Any]:
+        """Send a command (or none: the connect report comes unasked) and read the answer."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the client process stopped ({self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+# ---------------------------------------------------------------- one side
+
+
+Result = dict[str, Any]
+
+
+def measure(stack: Stack, server: Server, clients: int, rates: list[float],
+            seconds: float) -> Result:
+    rds = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    redis_ps = psutil.Process(stack.redis.process.pid)
+
+    def redis_cpu() -> float:
+        times = redis_ps.cpu_times()
+        return times.user + times.system
+
+    result: Result = {}
+    try:
+        warm = Jobs(rds, 20)  # first requests pay one-time costs (imports, pools)
+        with _clients(server, stack.token(), warm) as warm_up:
+            warm_up.ask()
+            warm.produce(200, 0.5)
+            warm.finish()
+            warm_up.ask("finish")
+        warm.delete()
+        idle = server.rss()
+        jobs = Jobs(rds, clients)
+        with _clients(server, stack.token(), jobs) as client:
+            began = time.perf_counter()
+            connected = client.ask()
+            result["connect_s"] = time.perf_counter() - began
+            result["connected"] = connected["connected"]
+            if connected["refused"]:
+                raise RuntimeError(f"{server.name} refused clients: {connected['refused']}")
+            time.sleep(1.0)  # settle: every handler has reached its wait
+            loaded = server.rss()
+            result["rss_idle_mb"] = idle / 2**20
+            result["kb_per_connection"] = (loaded - idle) / 1024 / clients
+            result["redis_connections"] = int(rds.info("clients")["connected_clients"])
+            received = 0
+            for rate in rates:
+                cpu0, rcpu0 = server.cpu_s(), redis_cpu()
+                sent = jobs.produce(rate, seconds)
+                deadline = time.perf_counter() + 30
+                while (got := client.ask("count")["tokens"]) < received + sent and \
+                        time.perf_counter() < deadline:
+                    server.alive()
+                    time.sleep(0.05)
+                cpu, rcpu = server.cpu_s() - cpu0, redis_cpu() - rcpu0
+                relayed = got - received
+                received = got
+                result[f"rate_{rate:g}"] = {
+                    "sent": sent, "relayed": relayed,
+                    "cpu_us_per_event": 1e6 * cpu / max(relayed, 1),
+                    "redis_cpu_us_per_event": 1e6 * rcpu / max(relayed, 1)}
+            jobs.finish()
+            tally = client.ask("finish")
+        result.update(missed=jobs.appended - tally["tokens"], repeats=tally["repeats"],
+                      ended=tally["ended"], p50_ms=tally["p50_ms"], p99_ms=tally["p99_ms"],
+                      max_ms=tally["max_ms"])
+        jobs.delete()
+    finally:
+        rds.close()
+    return result
+
+
+@contextlib.contextmanager
+def _clients(server: Server, token: str, jobs: Jobs) -> Iterator[Clients]:
+    client = Clients(server, token, jobs)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def latency_by_rate(stack: Stack, server: Server, clients: int, rates: list[float],
+                    seconds: float) -> Result:
+    """Each rate on its own connections, so its latencies are its own."""
+    result: Result = {}
+    for index, rate in enumerate(rates):
+        part = measure(stack, server, clients, [rate], seconds)
+        rate_key = f"rate_{rate:g}"
+        result[rate_key] = {**part.pop(rate_key), "p50_ms": part.pop("p50_ms"),
+                            "p99_ms": part.pop("p99_ms"), "max_ms": part.pop("max_ms")}
+        for key in ("missed", "repeats"):
+            result[key] = result.get(key, 0) + part.pop(key)
+        if index == 0:
+            result.update(part)
+    return result
+
+
+# ---------------------------------------------------------------- the report
+
+
+def rows(rates: list[float]) -> list[tuple[str, str, str, str]]:
+    """(key path, label, better, format)"""
+    table = [("connect_s", "connect every client s", "lower", ",.1f"),
+             ("kb_per_connection", "RSS KB per open connection", "lower", ",.1f"),
+             ("redis_connections", "Redis connections held", "lower", ",.0f")]
+    for rate in rates:
+        key = f"rate_{rate:g}"
+        table += [(f"{key}.p50_ms", f"XADD -> client p50 ms, {rate:,.0f} ev/s", "lower", ",.2f"),
+                  (f"{key}.p99_ms", f"XADD -> client p99 ms, {rate:,.0f} ev/s", "lower", ",.2f"),
+                  (f"{key}.cpu_us_per_event", f"server CPU us/event, {rate:,.0f} ev/s", "lower",
+                   ",.1f"),
+                  (f"{key}.redis_cpu_us_per_event", f"Redis CPU us/event, {rate:,.0f} ev/s",
+                   "lower", ",.1f")]
+    return table + [("missed", "events missed (must be 0)", "lower", ",.0f"),
+                    ("repeats", "events repeated (must be 0)", "lower", ",.0f")]
+
+
+def report(results: dict[str, Result], rates: list[float]) -> str:
+    def value(name: str, path: str) -> float | None:
+        node: Any = results.get(name, {})
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    lines = [f"{'':40} {'gateway':>11} {'peer':>11} {'ratio':>8}"]
+    for path, label, better, fmt in rows(rates):
+        ours, peer = value("gateway", path), value("peer", path)
+        if ours is None and peer is None:
+            continue
+        r = ratio(ours, peer, better)
+        cells = [f"{v:{fmt}}" if v is not None else "-" for v in (ours, peer)]
+        lines.append(f"{label:40} {cells[0]:>11} {cells[1]:>11} "
+                     f"{(f'{r:,.1f}x' if r is not None else '-'):>8}")
+    lines.append("ratio: how many times better the gateway is (peer / gateway for lower-is-better)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-actors bench gateway",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000, help="open SSE responses (1000)")
+    parser.add_argument("--rates", default="500,1000,2000",
+                        help="token entries per second over all streams, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long each rate runs")
+    parser.add_argument("--readers", type=int, help="the gateway's gateway.readers (default: its config's)")
+    parser.add_argument("--quick", action="store_true", help="200 clients, 5 s per rate")
+    parser.add_argument("--only", choices=("gateway", "peer"), help="run one side")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gateway.json",
+                        help="where to write the results (default bench/results/gateway.json)")
+    parser.add_argument("--serve-clients", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_clients is not None:
+        return serve_clients(args.serve_clients)
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--rates: comma-separated numbers, not {args.rates!r}")
+    if not rates or min(rates) <= 0:
+        parser.error("--rates: at least one positive rate")
+    if args.clients < 1 or args.seconds <= 0:
+        parser.error("--clients and --seconds must be positive")
+    if args.quick:
+        args.clients, args.seconds = min(args.clients, 200), min(args.seconds, 5.0)
+    starts: dict[str, Callable[[Stack], Server]] = {"gateway": Stack.gateway, "peer": Stack.peer}
+    results: dict[str, Result] = {}
+    began = time.perf_counter()
+    with open_stack() as stack:
+        stack.readers = args.readers
+        for name, start in starts.items():
+            if args.only not in (None, name):
+                continue
+            print(f"  {name}: {args.clients} clients ...", end="", flush=True)
+            t = time.perf_counter()
+            server = start(stack)
+            try:
+                results[name] = latency_by_rate(stack, server, args.clients, rates, args.seconds)
+            finally:
+                server.stop()
+            print(f" {time.perf_counter() - t:.0f} s", flush=True)
+    total = time.perf_counter() - began
+    print(f"\nthe gateway vs a plain SSE relay, {args.clients:,} concurrent clients "
+          f"({total / 60:.1f} min; {machine()['cpu']}, {os.cpu_count()} cores)\n")
+    print(report(results, rates))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "clients": args.clients,
+        "rates": rates, "seconds": args.seconds, "wall_s": round(total, 1),
+        "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+def serve_clients(port: int) -> int:
+    nofile = int(os.environ.get("BENCH_NOFILE", "0"))
+    if nofile:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+    import uvloop  # the lightest client loop: the clients share the cores with the servers
+
+    uvloop.run(run_clients(port, os.environ["BENCH_TOKEN"], os.environ["BENCH_JOBS"].split(","),
+                           sys.stdin))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
