@@ -17,6 +17,7 @@ import jwt
 import pytest
 import trio
 
+from actors.errors import PermanentError
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from actors.gateway.auth import user_id_of
 from actors.gateway.relay import CLIENT_BUFFER
@@ -284,20 +285,21 @@ async def test_history_lists_sessions_and_delete_forgets_one(gw_config, llm, rds
 async def test_a_config_the_gateway_cannot_serve_is_refused_by_name(gw_config, monkeypatch,
                                                                      tmp_path):
     cases = [
-        ({"CHAT_ACTORS__REDIS__CLUSTER": "true"}, None, "redis.cluster"),
-        ({}, "too-short", r"gateway.jwt_secret_env: \$CHAT_ACTORS_JWT_SECRET must hold"),
-        ({}, "", r"gateway.jwt_secret_env"),
-        ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256"}, None,
+        ({"CHAT_ACTORS__REDIS__CLUSTER": "true"}, None, PermanentError,
+         "redis.cluster = true needs a Redis Cluster"),
+        ({}, "too-short", ConfigError, r"gateway.jwt_secret_env: \$CHAT_ACTORS_JWT_SECRET must"),
+        ({}, "", ConfigError, r"gateway.jwt_secret_env"),
+        ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256"}, None, ConfigError,
          "gateway.jwt_public_key_file: RS256 needs"),
         ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256",
           "CHAT_ACTORS__GATEWAY__JWT_PUBLIC_KEY_FILE": str(tmp_path / "absent.pem")}, None,
-         "gateway.jwt_public_key_file: No such file"),
+         ConfigError, "gateway.jwt_public_key_file: No such file"),
     ]
-    for environ, secret_value, message in cases:
+    for environ, secret_value, error, message in cases:
         config = gw_config(**environ)
         if secret_value is not None:
             monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", secret_value)
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(error, match=message):
             await run_gateway(config, handle_signals=False)
         monkeypatch.setenv("CHAT_ACTORS_JWT_SECRET", SECRET)
 

