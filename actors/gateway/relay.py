@@ -1,11 +1,12 @@
-"""relay: a few reader tasks serve every open event stream of the gateway.
+"""relay: reader tasks serve every open event stream of the gateway.
 
 Each reader owns one Redis connection and blocks in one XREAD over all the streams
-its clients follow (a stream goes to a reader by its key's hash). A stream is read
-from the oldest position any of its clients needs; each client gets only entries
-after its own. A client's buffer is bounded: a client that does not read is not
-given more (it is marked behind and later catches up from Redis by itself), so
-a slow or stuck client never grows the gateway's memory.
+its clients follow (one reader per STREAMS_PER_READER open streams; a new stream goes
+to the least busy). A stream is read from the oldest position any of its clients
+needs; each client gets only entries after its own. A client's buffer is bounded:
+a client that does not read is not given more (it is marked behind and later
+catches up from Redis by itself), so a slow or stuck client never grows the
+gateway's memory.
 """
 
 from __future__ import annotations
