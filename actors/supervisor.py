@@ -134,6 +134,7 @@ class _Adapters:
             await self.vendors.aclose()
         self.events.close()
         self.pg.close()
+        self.documents.close()
 
 
 async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> _Adapters:

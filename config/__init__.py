@@ -147,6 +147,7 @@ class Jobs(_Section, frozen=True):
 class Rag(_Section, frozen=True):
     path: Name
     chroma_url: OptionalHttpUrl
+    chroma_token_env: str
     chroma_timeout_s: PositiveFloat
     embedding_model: Name
     embedding_api_base: OptionalHttpUrl
@@ -432,6 +433,8 @@ def secret_variables(config: Config) -> dict[str, str]:
         names["redis.password_env"] = config.redis.password_env
     if config.gateway.jwt_secret_env:
         names["gateway.jwt_secret_env"] = config.gateway.jwt_secret_env
+    if config.rag.chroma_token_env:
+        names["rag.chroma_token_env"] = config.rag.chroma_token_env
     return names
 
 

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.retriever import coverage, fuse
-from config import load_config, stored_collection_name
+from config import Rag, load_config, stored_collection_name
 from messages.wire import decode_request
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
+from tools import local_stack
 from tools.ingest import freshness, ingest, refresh
 
 CORPUS = {
@@ -36,15 +42,45 @@ def write_corpus(folder: Path, files: dict[str, str]) -> None:
         (folder / name).write_text(text)
 
 
+@pytest.fixture(params=["embedded", "server"])
+def chroma(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The Chroma a RAG test runs against, as config overrides: embedded, then a
+    `chroma run` server of the test's own (the package ships it)."""
+    if request.param == "embedded":
+        yield {}
+        return
+    workdir = tmp_path / "chroma-server"
+    workdir.mkdir()
+    server = local_stack.start_chroma(workdir)
+    try:
+        yield {"CHAT_ACTORS__RAG__CHROMA_URL": server.url}
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def rag_config(tmp_path):
-    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag")})
+def store_of() -> Iterator[Callable[[Rag], DocumentStore]]:
+    """DocumentStores for a config, closed when the test ends."""
+    opened: list[DocumentStore] = []
+
+    def open_store(rag: Rag) -> DocumentStore:
+        opened.append(DocumentStore.from_config(rag))
+        return opened[-1]
+
+    yield open_store
+    for store in opened:
+        store.close()
 
 
-def test_ingest_reingest_change_and_delete(tmp_path, rag_config):
+@pytest.fixture
+def rag_config(tmp_path, chroma):
+    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"), **chroma})
+
+
+def test_ingest_reingest_change_and_delete(tmp_path, rag_config, store_of):
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = DocumentStore(path=Path(rag_config.rag.path))
+    store = store_of(rag_config.rag)
     first = ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
     assert (len(first.added), first.changed, first.unchanged) == (4, [], 0)
     assert sorted(store.chunks_of("user-alice")) == [
@@ -68,10 +104,11 @@ def test_ingest_reingest_change_and_delete(tmp_path, rag_config):
     assert [h.id for h in hits] == ["docs/redis.md#0"]
 
 
-def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monkeypatch):
+def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monkeypatch,
+                                                      store_of):
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = DocumentStore(path=Path(rag_config.rag.path))
+    store = store_of(rag_config.rag)
     ingest(store, rag_config, "shared", [docs], root=tmp_path)
     assert freshness(store, rag_config, "shared").too_old == []
     # 100 days later, every chunk is older than max_age_days (90).
@@ -99,12 +136,11 @@ def test_fusion_and_lexical_coverage():
 
 
 async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, stack, llm, rds,
-                                                                db, tmp_path):
-    config, _ = make_config()
+                                                                db, tmp_path, chroma, store_of):
+    config, _ = make_config(environ=chroma)
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    ingest(DocumentStore(path=Path(config.rag.path)), config, "user-alice", [docs],
-           root=tmp_path)
+    ingest(store_of(config.rag), config, "user-alice", [docs], root=tmp_path)
     llm.default = Reply(tokens=("It", " shares", " one", " fsync", " [1]."))
     req = request("How does group commit make Postgres writes cheap?", mode="rag",
                   rag={"topK": 2})
@@ -127,12 +163,12 @@ async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, sta
     assert row["retrieval_hits"] == 2 and row["retrieval_ms"] >= 0
 
 
-async def test_a_user_cannot_search_another_users_collection(make_config, llm, rds, tmp_path):
-    config, _ = make_config()
+async def test_a_user_cannot_search_another_users_collection(make_config, llm, rds, tmp_path,
+                                                            chroma, store_of):
+    config, _ = make_config(environ=chroma)
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    ingest(DocumentStore(path=Path(config.rag.path)), config, "user-alice", [docs],
-           root=tmp_path)
+    ingest(store_of(config.rag), config, "user-alice", [docs], root=tmp_path)
     nosy = request("What does alice know about Tansu?", userId="bob", mode="rag",
                    rag={"collection": "user-alice"})
     plain = request("Tansu broker", userId="bob", mode="rag")
@@ -148,12 +184,12 @@ async def test_a_user_cannot_search_another_users_collection(make_config, llm, r
     assert own[-1]["data"]["status"] == "completed"
 
 
-async def test_where_filters_both_searches(rag_config, tmp_path):
+async def test_where_filters_both_searches(rag_config, tmp_path, store_of):
     from actors.retriever import Retriever
 
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = DocumentStore(path=Path(rag_config.rag.path))
+    store = store_of(rag_config.rag)
     ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
     found = await Retriever(store, rag_config,
                             embedder=partial(configured_embedder, rag_config.rag)).search(
@@ -164,14 +200,15 @@ async def test_where_filters_both_searches(rag_config, tmp_path):
     assert [h.id for h in found.hits] == ["docs/redis.md#0"]
 
 
-async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config, tmp_path):
+async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config, tmp_path,
+                                                                       store_of):
     # The other side of the typed rag.where (tests/test_messages.py): what passes the
     # decoder must not make the real Chroma refuse the search.
     from actors.retriever import Retriever
 
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = DocumentStore(path=Path(rag_config.rag.path))
+    store = store_of(rag_config.rag)
     ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
     retriever = Retriever(store, rag_config, embedder=partial(configured_embedder, rag_config.rag))
     for where in ({"source": "docs/redis.md"}, {"chunk_index": {"$gte": 0}},
@@ -234,11 +271,11 @@ def test_collection_names_are_one_to_one_and_valid():
 
 
 async def test_user_ids_differing_only_in_punctuation_or_case_never_share_documents(
-        rag_config, tmp_path):
+        rag_config, tmp_path, store_of):
     from actors.errors import PermanentError
     from actors.retriever import Retriever
 
-    store = DocumentStore(path=Path(rag_config.rag.path))
+    store = store_of(rag_config.rag)
     for n, user in enumerate(LOOKALIKES):
         docs = tmp_path / f"docs{n}"
         write_corpus(docs, {f"secret{n}.md": f"# Secret {n}\nThe vault code of {user} is "
@@ -257,3 +294,81 @@ async def test_user_ids_differing_only_in_punctuation_or_case_never_share_docume
             await retriever.search(query="vault code", user_id=asker,
                                    collection=f"user-{owner}", top_k=5, where=None)
         assert refused.value.code == "forbidden"
+
+
+def token_proxy(upstream: str, token: str) -> tuple[ThreadingHTTPServer, list[str | None]]:
+    """An authenticating proxy in front of a Chroma server (Chroma 1.x's server checks
+    no token itself): X-Chroma-Token must be `token`, or 401."""
+    target = urlsplit(upstream)
+    seen: list[str | None] = []
+
+    class Relay(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def relay(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(self.headers.get("X-Chroma-Token"))
+            if seen[-1] != token:
+                status, headers, reply = 401, {"Content-Type": "application/json"}, \
+                    b'{"error": "Unauthorized"}'
+            else:
+                conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
+                forward = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "content-length")}
+                conn.request(self.command, self.path, body=body or None, headers=forward)
+                answer = conn.getresponse()
+                status, reply = answer.status, answer.read()
+                headers = {"Content-Type": answer.getheader("Content-Type") or "application/json"}
+                conn.close()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = relay
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+async def test_the_chroma_token_goes_with_every_request_and_a_refused_one_is_named(
+        tmp_path, monkeypatch, store_of):
+    from actors.errors import PermanentError
+    from actors.retriever import Retriever
+
+    workdir = tmp_path / "chroma-server"
+    workdir.mkdir()
+    chroma_server = local_stack.start_chroma(workdir)
+    proxy, seen = token_proxy(chroma_server.url, "tok-3f9a1c7e5b")
+    try:
+        config = load_config(environ={
+            "CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"),
+            "CHAT_ACTORS__RAG__CHROMA_URL": f"http://127.0.0.1:{proxy.server_address[1]}"})
+        docs = tmp_path / "docs"
+        write_corpus(docs, CORPUS)
+        monkeypatch.setenv("CHAT_ACTORS_CHROMA_TOKEN", "tok-3f9a1c7e5b")
+        store = store_of(config.rag)
+        ingest(store, config, "user-alice", [docs], root=tmp_path)
+        found = await Retriever(store, config,
+                                embedder=partial(configured_embedder, config.rag)).search(
+            query="group commit fsync", user_id="alice", collection="user-alice", top_k=2,
+            where=None)
+        assert found.hits and found.hits[0].source == "docs/postgres.md"
+        assert len(seen) > 3 and set(seen) == {"tok-3f9a1c7e5b"}
+        for value in ("wrong-token", None):  # a wrong token, and none at all
+            if value is None:
+                monkeypatch.delenv("CHAT_ACTORS_CHROMA_TOKEN")
+            else:
+                monkeypatch.setenv("CHAT_ACTORS_CHROMA_TOKEN", value)
+            with pytest.raises(PermanentError, match="refused the token.*rag.chroma_token_env"):
+                store_of(config.rag).chunks_of("user-alice")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        chroma_server.stop()

@@ -322,15 +322,33 @@ def start_llama(workdir: Path, port: int | None = None, *, alias: str = "smollm2
         "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", str(n_ctx), "--verbose", "False"], workdir)
     service = Service("llama", f"http://127.0.0.1:{port}/v1", process, log_path, port)
+    return _wait(service, _answers(f"{service.url}/models"), STARTUP_TIMEOUT_S)
+
+
+def _answers(url: str) -> Callable[[], bool]:
+    """A readiness check: GET `url` answers 200."""
 
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"{service.url}/models", timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1) as response:
                 return response.status == 200
         except OSError:
             return False
 
-    return _wait(service, ready, STARTUP_TIMEOUT_S)
+    return ready
+
+
+def start_chroma(workdir: Path, port: int | None = None) -> Service:
+    """`chroma run`, the Chroma server the chromadb package ships (its Rust frontend),
+    persisting under `workdir`."""
+    port = port or free_port()
+    binary = Path(sys.executable).with_name("chroma")
+    if not binary.exists():
+        raise StackError(f"no chroma command beside {sys.executable}: is chromadb installed?")
+    process, log_path = _spawn("chroma", [str(binary), "run", "--path", str(workdir / "chroma"),
+                                          "--host", "127.0.0.1", "--port", str(port)], workdir)
+    service = Service("chroma", f"http://127.0.0.1:{port}", process, log_path, port)
+    return _wait(service, _answers(f"{service.url}/api/v2/heartbeat"), STARTUP_TIMEOUT_S)
 
 
 def start_core(workdir: Path) -> tuple[Service, Service, Service]:

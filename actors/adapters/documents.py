@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import bm25s
 
 from actors.errors import PermanentError, TransientError
-from config import Rag, stored_collection_name
+from config import Rag, secret, stored_collection_name
 from messages.ports import Hit
 
 P = ParamSpec("P")
@@ -72,11 +72,16 @@ def _talks_to_chroma(method: Callable[P, R]) -> Callable[P, R]:
         except (TransientError, PermanentError):
             raise
         except Exception as exc:
+            store = args[0]
+            assert isinstance(store, DocumentStore)
+            errors = _chroma_errors()
+            if isinstance(exc, errors.AuthorizationError | errors.ChromaAuthError):
+                raise PermanentError(f"chroma at {store.where}: the token was refused "
+                                     f"({exc}): check rag.chroma_token_env",
+                                     code="chroma_auth") from exc
             away = _away(exc)
             if away is None:
                 raise
-            store = args[0]
-            assert isinstance(store, DocumentStore)
             raise TransientError(f"chroma at {store.where}: {away}") from exc
 
     return call
@@ -89,12 +94,13 @@ class DocumentStore:
     @classmethod
     def from_config(cls, rag: Rag) -> DocumentStore:
         return cls(path=Path(rag.path), chroma_url=rag.chroma_url or None,
-                   timeout_s=rag.chroma_timeout_s)
+                   timeout_s=rag.chroma_timeout_s, token_env=rag.chroma_token_env)
 
     def __init__(self, *, path: Path, chroma_url: str | None = None,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, token_env: str = "") -> None:
         self._path = path
         self.chroma_url = chroma_url
+        self._token_env = token_env  # read when the server is first talked to
         self._timeout_s = timeout_s  # each request to a Chroma server
         self._bm25_dir = path / "bm25"
         if not chroma_url:
@@ -103,6 +109,15 @@ class DocumentStore:
         self._bm25: dict[str, tuple[bm25s.BM25, list[str]]] = {}
         self._lock = threading.Lock()
         self._opening = threading.Lock()
+
+    def close(self) -> None:
+        """Close a Chroma server client's connections (the embedded store holds none)."""
+        with self._opening:
+            if self._chroma is not None and self.chroma_url:
+                from actors.adapters.chroma_http import close
+
+                close(self._chroma)
+                self._chroma = None
 
     @property
     def where(self) -> str:
@@ -116,7 +131,8 @@ class DocumentStore:
                 if self.chroma_url:
                     from actors.adapters.chroma_http import connect
 
-                    self._chroma = connect(self.chroma_url, self._timeout_s)
+                    self._chroma = connect(self.chroma_url, self._timeout_s,
+                                           secret(self._token_env))
                 else:
                     import chromadb
                     from chromadb.config import Settings
@@ -142,7 +158,9 @@ class DocumentStore:
     def exists(self, name: str) -> bool:
         try:
             self._collection(name)
-        except PermanentError:
+        except PermanentError as exc:
+            if exc.code not in ("no_collection", "bad_collection"):
+                raise  # a refused token is not "no documents"
             return False
         return True
 
