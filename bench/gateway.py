@@ -43,7 +43,7 @@ import jwt
 import psutil
 import redis
 
-from bench.perf import machine, percentile, ratio
+from bench.perf import Measured, machine, percentile, ratio
 from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,36 +57,8 @@ SECRET_ENV = "CHAT_ACTORS_JWT_SECRET"
 
 
 @dataclass
-class Server:
-    name: str
-    process: subprocess.Popen[bytes]
+class Server(Measured):
     port: int
-    log: Path
-
-    @property
-    def ps(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
-
-    def cpu_s(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def rss(self) -> int:
-        return self.ps.memory_info().rss
-
-    def alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n"
-                               f"{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def _spawn(name: str, argv: list[str], port: int, ready_path: str, workdir: Path,
@@ -95,7 +67,7 @@ def _spawn(name: str, argv: list[str], port: int, ready_path: str, workdir: Path
     with log.open("wb") as out:
         process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env})
-    server = Server(name, process, port, log)
+    server = Server(name=name, process=process, log=log, port=port)
     deadline = time.perf_counter() + 60
     while True:
         server.alive()

@@ -131,12 +131,11 @@ class Topics:
 
 
 @dataclass
-class Running:
+class Measured:
+    """A process under measurement: its own CPU time and RSS, and its log when it dies."""
+
     name: str
     process: subprocess.Popen[bytes]
-    topics: Topics
-    health_port: int
-    ready_s: float
     log: Path
 
     @property
@@ -155,7 +154,7 @@ class Running:
             raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n"
                                f"{self.log.read_text()[-3000:]}")
 
-    def stop(self, *, drain: bool) -> None:
+    def stop(self, *, drain: bool = True) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM if drain else signal.SIGKILL)
             try:
@@ -163,6 +162,13 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass
+class Running(Measured):
+    topics: Topics
+    health_port: int
+    ready_s: float
 
 
 class Subject:
@@ -181,7 +187,8 @@ class Subject:
         with log.open("wb") as out:
             process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-        running = Running(self.name, process, topics, port, 0.0, log)
+        running = Running(name=self.name, process=process, log=log, topics=topics,
+                          health_port=port, ready_s=0.0)
         while True:
             running.alive()
             try:
