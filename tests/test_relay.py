@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.adapters import redis_streams
+from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
 from actors.adapters.redis_streams import BlockingReader
 from actors.errors import PermanentError, TransientError
 from actors.gateway import relay as relay_module
@@ -163,6 +164,37 @@ async def test_a_failed_read_is_retried_and_nothing_is_lost(autojump_clock):
         assert await drain(subscription, 2) == ["100-1", "100-2"]
         assert log[0] == log[1] == log[2] == {"s": "0-0"}
         nursery.cancel_scope.cancel()
+
+
+class FakeClusterPipeline:
+    """A RedisCluster pipeline whose every XREAD finds nothing."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def xread(self, streams: Mapping[str, str], count: int) -> None:
+        self.reads += 1
+
+    def execute(self) -> list[list[object]]:
+        return [[] for _ in range(self.reads)]
+
+
+class FakeCluster:
+    def pipeline(self, transaction: bool = False) -> FakeClusterPipeline:
+        return FakeClusterPipeline()
+
+
+async def test_a_cluster_reader_follows_only_the_streams_its_clients_still_want():
+    watch = ClusterWatch(FakeCluster(), {}, "sse:chat:")
+    reader = ClusterReader(watch, FakeCluster())
+    assert await reader.read({"a": "0-0", "b": "0-0"}, 10, 20) == []
+    assert set(watch._followers) == {"a", "b"}
+    assert await reader.read({"a": "0-0"}, 10, 20) == []  # b's last client left
+    assert set(watch._followers) == {"a"}
+    watch._touch("b")  # a notification for a stream nobody follows now
+    assert "b" not in reader._dirty
+    reader.close()
+    assert watch._followers == {}
 
 
 # ---------------------------------------------------------------- the real reader

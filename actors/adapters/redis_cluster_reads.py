@@ -74,9 +74,10 @@ class ClusterWatch:
         for key in keys:
             self._followers[key] = reader
 
-    def forget(self, reader: ClusterReader) -> None:
-        for key in [k for k, r in self._followers.items() if r is reader]:
-            del self._followers[key]
+    def unfollow(self, reader: ClusterReader, keys: Iterable[str]) -> None:
+        for key in keys:
+            if self._followers.get(key) is reader:
+                del self._followers[key]
 
     def _touch(self, key: str) -> None:
         reader = self._followers.get(key)
@@ -170,6 +171,7 @@ class ClusterReader:
     def __init__(self, watch: ClusterWatch, cluster: Any) -> None:
         self._watch = watch
         self._cluster = cluster
+        self._following: set[str] = set()  # the streams of the last read
         self._dirty: set[str] = set()
         self._given: dict[str, str] = {}  # where each stream was last read after
         self._changed = trio.Event()
@@ -181,8 +183,13 @@ class ClusterReader:
 
     async def read(self, streams: Mapping[str, str], count: int,
                    block_ms: int) -> list[tuple[str, list[Entry]]]:
-        self._watch.follow(self, streams)
-        for key in [k for k in self._given if k not in streams]:
+        # Only the streams asked for now: one no client follows any more is forgotten.
+        keys = set(streams)
+        self._watch.follow(self, keys - self._following)
+        self._watch.unfollow(self, self._following - keys)
+        self._following = keys
+        self._dirty &= keys
+        for key in [k for k in self._given if k not in keys]:
             del self._given[key]
         with trio.move_on_after(block_ms / 1000):
             while not self._unblocked:
@@ -231,7 +238,7 @@ class ClusterReader:
         self._changed.set()
 
     def close(self) -> None:
-        self._watch.forget(self)
+        self._watch.unfollow(self, self._following)
 
 
 def _entries(key: str, reply: Any) -> list[Entry]:

@@ -98,7 +98,6 @@ class Relay:
         self._nursery: trio.Nursery | None = None
         self._emptied = trio.Event()
         self.closed = False  # closing: no new subscription gets entries
-        self.reads = 0  # XREAD calls, for /metrics
 
     def _state(self, key: str) -> _ReaderState:
         state = self._assigned.get(key)
@@ -127,9 +126,9 @@ class Relay:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        state = self._state(subscription.key)
-        following = state.subscriptions.get(subscription.key)
-        if following is not None:
+        state = self._assigned.get(subscription.key)
+        following = state.subscriptions.get(subscription.key) if state is not None else None
+        if state is not None and following is not None:
             following.discard(subscription)
             if not following:
                 del state.subscriptions[subscription.key]
@@ -230,7 +229,6 @@ class Relay:
                 continue
             state.reading = None
             failures = 0
-            self.reads += 1
             for key, entries in found:
                 self._deliver(state, key, wanted[key], entries)
 
