@@ -1,20 +1,30 @@
-"""retriever: hybrid search over the user's collections, for one job.
+"""retriever: the actor that searches the users' collections for every job of a worker.
 
-vector search (Chroma) + keyword search (BM25) -> reciprocal rank fusion ->
-rerank. The reranker is semantic and lexical, with no model to download: the
-exact cosine between the query and each fused candidate (from the vectors
-stored at ingest, so no second embedding pass) plus a bonus for the share of
-query terms the chunk contains.
-Runs inside the job's nursery: it is cancelled with the job, and its blocking
-calls run in worker threads that a cancel abandons.
+vector search (Chroma) + keyword search (BM25, shared in Postgres) -> reciprocal
+rank fusion -> rerank. The reranker is semantic and lexical, with no model to
+download: the exact cosine between the query and each fused candidate (from the
+vectors stored at ingest, so no second embedding pass) plus a bonus for the share
+of query terms the chunk contains.
+
+One actor per worker owns the document store. Jobs put search orders in its
+bounded mailbox (`Retriever.search`) and wait for the answer; the actor takes every
+order waiting and serves them together in one worker thread: one embedding batch
+for all their queries, one Chroma query per collection, one fetch of stored vectors
+per collection. Each batch's blocking work runs while the next batch gathers, so
+a burst costs a few batches, not one embedding and search per job on the event loop's
+threads. A job that is cancelled stops waiting; an order nobody waits for any more is
+dropped before its batch runs.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,16 +81,32 @@ def coverage(query: str, text: str) -> float:
     return len(terms & set(_WORD.findall(text.lower()))) / len(terms) if terms else 0.0
 
 
-class Retriever:
-    """`embedder` loads the embedding model; it is called on the first search, in a
-    thread, so a worker that never sees a RAG request never loads it."""
+@dataclass(eq=False)
+class SearchOrder:
+    """One job's search, in the retriever's mailbox; answered through `done`."""
 
-    def __init__(self, store: DocumentIndex, config: Config, *,
-                 embedder: Callable[[], Embedder], threads: int = 2) -> None:
-        self._store = store
+    query: str
+    names: list[str]
+    top_k: int
+    where: dict[str, Any] | None
+    enqueued: float = field(default_factory=time.perf_counter)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Retrieved | None = None
+    error: BaseException | None = None
+    abandoned: bool = False  # the job stopped waiting: skip it
+
+    @property
+    def wanted(self) -> int:
+        return self.top_k * CANDIDATES_PER_TOP_K
+
+
+class Retriever:
+    """The jobs' side of the retriever actor: checks what a user may search and puts
+    the order in the actor's mailbox (waiting while it is full)."""
+
+    def __init__(self, config: Config, mailbox: trio.MemorySendChannel[SearchOrder]) -> None:
         self._config = config
-        self._embedder = embedder
-        self._limiter = trio.CapacityLimiter(threads)
+        self._mailbox = mailbox
 
     def collections_for(self, user_id: str, requested: str | None) -> list[str]:
         allowed = self._config.rag.allowed(user_id)
@@ -94,42 +120,130 @@ class Retriever:
 
     async def search(self, *, query: str, user_id: str, collection: str | None, top_k: int,
                      where: dict[str, Any] | None) -> Retrieved:
-        names = self.collections_for(user_id, collection)
-        wanted = top_k * CANDIDATES_PER_TOP_K
-        started = time.perf_counter()
+        order = SearchOrder(query=query, names=self.collections_for(user_id, collection),
+                            top_k=top_k, where=where)
+        try:
+            await self._mailbox.send(order)
+            await order.done.wait()
+        except BaseException:
+            order.abandoned = True  # cancelled (the job's cancel or deadline): give up
+            raise
+        if order.error is not None:
+            raise order.error.with_traceback(None)
+        assert order.result is not None
+        return order.result
 
-        def candidates() -> tuple[np.ndarray[Any, Any], list[Hit], list[Hit]]:
-            present = [n for n in names if self._store.exists(n)]
-            vector = self._embedder().embed([query])[0]
-            by_vector = [h for n in present for h in self._store.vector_search(n, vector,
-                                                                               wanted, where)]
-            by_keyword = [h for n in present
-                          for h in self._store.keyword_search(n, query, wanted, where)]
-            by_vector.sort(key=lambda h: -h.score)
-            by_keyword.sort(key=lambda h: -h.score)
-            return vector, by_vector[:wanted], by_keyword[:wanted]
 
-        query_vector, by_vector, by_keyword = await trio.to_thread.run_sync(
-            candidates, limiter=self._limiter, abandon_on_cancel=True)
-        fused = fuse([by_vector, by_keyword], wanted)
+async def run_retriever(inbox: trio.MemoryReceiveChannel[SearchOrder], store: DocumentIndex, *,
+                        embedder: Callable[[], Embedder], batch_max: int = 64,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve search orders in batches until the mailbox closes or the actor is cancelled.
+    `embedder` loads the embedding model on the first batch, so a worker that never
+    sees a RAG request never loads it."""
+    task_status.started()
+    async for first in inbox:
+        orders = [first]
+        while len(orders) < batch_max:
+            try:
+                orders.append(inbox.receive_nowait())
+            except trio.WouldBlock:
+                break
+        live = [o for o in orders if not o.abandoned]
+        if live:
+            # Abandoned on cancel (shutdown): the thread ends on its own.
+            await trio.to_thread.run_sync(partial(serve, store, embedder, live),
+                                          abandon_on_cancel=True)
+        for order in live:
+            order.done.set()
 
-        def rerank() -> list[Hit]:
-            if not fused:
-                return []
-            stored: dict[str, np.ndarray[Any, Any]] = {}
-            for name in {h.collection for h in fused}:
-                stored |= self._store.embeddings(name, [h.id for h in fused
-                                                        if h.collection == name])
-            scored = [Hit(id=h.id, text=h.text, source=h.source, metadata=h.metadata,
-                          collection=h.collection,
-                          score=float(SEMANTIC_WEIGHT * float(stored[h.id] @ query_vector)
-                                      + (1 - SEMANTIC_WEIGHT) * coverage(query, h.text)))
-                      for h in fused if h.id in stored]
-            return sorted(scored, key=lambda h: -h.score)[:top_k]
 
-        reranked = await trio.to_thread.run_sync(rerank, limiter=self._limiter,
-                                                 abandon_on_cancel=True)
-        return Retrieved(steps=[RetrievalStep("vector", query, by_vector[:top_k]),
-                                RetrievalStep("keyword", query, by_keyword[:top_k]),
-                                RetrievalStep("rerank", query, reranked)],
-                         elapsed_ms=round((time.perf_counter() - started) * 1000))
+@asynccontextmanager
+async def retriever_running(store: DocumentIndex, config: Config, *,
+                            embedder: Callable[[], Embedder],
+                            mailbox: int = 128) -> AsyncGenerator[Retriever]:
+    """A retriever actor for the duration of the block (the CLI, benchmarks, tests;
+    the supervisor starts its own)."""
+    send, receive = trio.open_memory_channel[SearchOrder](mailbox)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_retriever, receive, store, embedder=embedder))
+        yield Retriever(config, send)
+        nursery.cancel_scope.cancel()
+
+
+def serve(store: DocumentIndex, embedder: Callable[[], Embedder],
+          orders: list[SearchOrder]) -> None:
+    """Answer `orders` together (blocking): each gets its result or its own error."""
+    failed: dict[int, BaseException] = {}
+
+    def guard(indexes: list[int], step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            for i in indexes:
+                failed.setdefault(i, exc)
+
+    everyone = list(range(len(orders)))
+    present: dict[str, bool] = {}
+
+    def check(name: str) -> None:
+        present[name] = store.exists(name)
+
+    for name in dict.fromkeys(n for o in orders for n in o.names):
+        guard([i for i, o in enumerate(orders) if name in o.names], partial(check, name))
+    vectors: list[np.ndarray[Any, Any]] = []
+    guard(everyone, lambda: vectors.extend(embedder().embed([o.query for o in orders])))
+    by_vector: list[list[Hit]] = [[] for _ in orders]
+    by_keyword: list[list[Hit]] = [[] for _ in orders]
+    # One Chroma query per collection and filter, for all the queries that search it.
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, order in enumerate(orders):
+        for name in order.names:
+            if present.get(name) and i not in failed:
+                groups.setdefault((name, json.dumps(order.where, sort_keys=True)), []).append(i)
+    for (name, _), members in groups.items():
+        def vector_step(name: str = name, members: list[int] = members) -> None:
+            where = orders[members[0]].where
+            found = store.vector_search_many(name, [vectors[i] for i in members],
+                                             max(orders[i].wanted for i in members), where)
+            for i, hits in zip(members, found, strict=True):
+                by_vector[i] += hits
+        guard(members, vector_step)
+        for i in members:
+            def keyword_step(i: int = i, name: str = name) -> None:
+                by_keyword[i] += store.keyword_search(name, orders[i].query, orders[i].wanted,
+                                                      orders[i].where)
+            guard([i], keyword_step)
+    fused: list[list[Hit]] = []
+    for i, order in enumerate(orders):
+        by_vector[i] = sorted(by_vector[i], key=lambda h: -h.score)[:order.wanted]
+        by_keyword[i] = sorted(by_keyword[i], key=lambda h: -h.score)[:order.wanted]
+        fused.append(fuse([by_vector[i], by_keyword[i]], order.wanted))
+    # The stored vectors of every candidate, one fetch per collection.
+    stored: dict[tuple[str, str], np.ndarray[Any, Any]] = {}
+    wanted_ids: dict[str, set[str]] = {}
+    for i, hits in enumerate(fused):
+        if i not in failed:
+            for h in hits:
+                wanted_ids.setdefault(h.collection, set()).add(h.metadata["vector_id"])
+    for name, ids in wanted_ids.items():
+        def fetch(name: str = name, ids: set[str] = ids) -> None:
+            stored.update({(name, v): e for v, e in store.embeddings(name, sorted(ids)).items()})
+        guard([i for i, hits in enumerate(fused) if any(h.collection == name for h in hits)],
+              fetch)
+    now = time.perf_counter()
+    for i, order in enumerate(orders):
+        if i in failed:
+            order.error = failed[i]
+            continue
+        scored = [Hit(id=h.id, text=h.text, source=h.source, metadata=h.metadata,
+                      collection=h.collection,
+                      score=float(SEMANTIC_WEIGHT * float(stored[key] @ vectors[i])
+                                  + (1 - SEMANTIC_WEIGHT) * coverage(order.query, h.text)))
+                  for h in fused[i]
+                  if (key := (h.collection, h.metadata["vector_id"])) in stored]
+        reranked = sorted(scored, key=lambda h: -h.score)[:order.top_k]
+        order.result = Retrieved(
+            steps=[RetrievalStep("vector", order.query, by_vector[i][:order.top_k]),
+                   RetrievalStep("keyword", order.query, by_keyword[i][:order.top_k]),
+                   RetrievalStep("rerank", order.query, reranked)],
+            elapsed_ms=round((now - order.enqueued) * 1000))

@@ -46,7 +46,7 @@ from actors.pg_sink import run_pg_sink
 from actors.ports import ChatModel
 from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
-from actors.retriever import Retriever
+from actors.retriever import Retriever, SearchOrder, run_retriever
 from actors.watchdog import StepWatch
 from actors.worker import Finishing, Worker
 from config import Config, secret_problems
@@ -57,6 +57,8 @@ log = logging.getLogger("chat_actors.supervisor")
 EVENT_MAILBOX = 1024
 LAG_EVERY_S = 5.0
 RECORD_MAILBOX = 256
+# Search orders waiting for the retriever; a job past it waits to hand its order in.
+SEARCH_MAILBOX = 128
 
 
 class StartupError(ChatActorsError):
@@ -172,7 +174,7 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
                      dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer),
                      vendors=OpenAIWireChat(),
                      documents=await trio.to_thread.run_sync(DocumentStore.from_config,
-                                                             config.rag))
+                                                             config, pg))
 
 
 async def run_worker(config: Config, *, stop: trio.Event | None = None,
@@ -212,6 +214,7 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
             adapters = await _connect(config, this_worker, tracker)
         events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel[PgSinkMessage](RECORD_MAILBOX)
+        searches_in, searches_out = trio.open_memory_channel[SearchOrder](SEARCH_MAILBOX)
         worker = Worker(
             config=config, worker_id=this_worker, store=adapters.pg,
             chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=tokens,
@@ -221,10 +224,10 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
                                  + config.jobs.session_wait_s,
                                  on_evict=metrics.tombstones_evicted.inc),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
-            retriever=Retriever(adapters.documents, config,
-                                embedder=partial(configured_embedder, config.rag)))
+            retriever=Retriever(config, searches_in))
         try:
-            await _run_actors(worker, adapters, tracker, events_out, records_out, stop=stop,
+            await _run_actors(worker, adapters, tracker, events_out, records_out, searches_out,
+                              stop=stop,
                               handle_signals=handle_signals, task_status=task_status)
         finally:
             await adapters.close()
@@ -232,7 +235,8 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
 
 async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracker,
                       events_out: trio.MemoryReceiveChannel[EventEmitted],
-                      records_out: trio.MemoryReceiveChannel[PgSinkMessage], *,
+                      records_out: trio.MemoryReceiveChannel[PgSinkMessage],
+                      searches_out: trio.MemoryReceiveChannel[SearchOrder], *,
                       stop: trio.Event, handle_signals: bool,
                       task_status: trio.TaskStatus[WorkerHandle]) -> None:
     config, health, registry = worker.config, worker.health, worker.registry
@@ -262,6 +266,8 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             lease_s=config.jobs.lease_s, health=health,
             on_lost=partial(registry.stop, reason=superseded)))
         _watch(worker.metrics, worker)
+        await background.start(partial(run_retriever, searches_out, adapters.documents,
+                                       embedder=partial(configured_embedder, config.rag)))
         background.start_soon(_measure_lag, adapters.consumer, worker.metrics)
         background.start_soon(prune_ledger, worker)
         if handle_signals:  # the process is ours

@@ -1,15 +1,19 @@
-"""Retrieval quality and latency: vector-only, BM25-only, hybrid, hybrid + rerank.
+"""Retrieval quality and latency on two labelled sets, per method: vector only, BM25 in
+Postgres (the shared index), BM25 with bm25s (the per-worker index it replaced),
+hybrid (RRF), and hybrid + rerank (what a job gets, through the retriever actor).
 
-The labelled set is built here, deterministically:
-- 240 short documents about fictional towns. The names are made up, so no
-  model has seen them. They come with 80 questions: 40 use the document's own
-  words and 40 are paraphrased.
-- This repository's README.md and docs/contract.md (the outside contract),
-  with 20 hand-written questions in bench/data/repo_queries.json, each
-  labelled by a phrase that the right chunks of those two files contain.
+The sets, each read only from inside this repository or a package:
+- "repo": 240 short documents about fictional towns (made-up names no model has
+  seen; 80 questions, 40 in the document's words and 40 paraphrased), plus this
+  repository's README.md and docs/contract.md with 20 hand-written questions in
+  bench/data/repo_queries.json, each labelled by a phrase the right chunks contain.
+- "pydoc": the Python reference topics CPython ships (pydoc_data.topics, one
+  document per topic) with 60 questions in bench/data/pydoc_queries.json, written
+  from the topics' text before any retrieval was run on them; gold = the topic.
 
-It prints recall@5 and MRR@10 for each method. It then times the full hybrid
-search with rerank, as a job runs it, over 10,000 chunks (p50 and p99).
+Scores count distinct documents: a document's second chunk in the ranking is not
+a second answer. It prints recall@5, MRR@10 and each method's p50/p99 per query, then
+times hybrid + rerank, one query at a time, over 10,000 chunks.
 
     bin/chat-actors bench retrieval_quality [--latency-chunks 10000] [--skip-latency]
 """
@@ -19,21 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import configured_embedder, embedder
-from actors.retriever import Retriever, fuse
-from config import load_config
+from actors.adapters.embeddings import configured_embedder
+from actors.retriever import fuse, retriever_running
+from bench.peers.bm25s_index import Bm25sIndex
+from config import Config, load_config
 from messages.ports import Hit
-from tools.ingest import ingest
+from tools import local_stack
+from tools.ingest import apply, ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 RIVERS = ["Amber", "Silt", "Corran", "Vell", "Mistwater", "Oxley", "Tarn", "Brisk"]
@@ -85,95 +90,143 @@ def town_queries(rng: random.Random, towns: list[dict]) -> list[tuple[str, str]]
             + [(rng.choice(paraphrased)(t), t["name"]) for t in picked[40:]])
 
 
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
 def evaluate(ranked: list[list[Hit]], relevant: list[set[str]]) -> tuple[float, float]:
+    """recall@5 and MRR@10 over distinct documents."""
     recall = mrr = 0.0
     for hits, wanted in zip(ranked, relevant, strict=True):
-        ids = [h.id for h in hits]
-        recall += any(i in wanted for i in ids[:5])
-        mrr += next((1 / rank for rank, i in enumerate(ids[:10], 1) if i in wanted), 0.0)
+        sources = list(dict.fromkeys(h.source for h in hits))
+        recall += any(s in wanted for s in sources[:5])
+        mrr += next((1 / rank for rank, s in enumerate(sources[:10], 1) if s in wanted), 0.0)
     return recall / len(ranked), mrr / len(ranked)
 
 
-def quality(workdir: Path) -> dict[str, tuple[float, float]]:
+Labelled = list[tuple[str, set[str]]]  # question, the sources that answer it
+
+
+def repo_set(store: DocumentStore, config: Config, workdir: Path) -> Labelled:
     rng = random.Random(11)
-    config = load_config(environ={"CHAT_ACTORS__RAG__PATH": str(workdir / "quality")})
     docs = workdir / "corpus"
     docs.mkdir()
     towns = synthetic_towns(rng, 240)
     for town in towns:
         (docs / f"{town['name']}.md").write_text(town_text(town))
-    repo_docs = [ROOT / "README.md", ROOT / "docs" / "contract.md"]
-    for path in repo_docs:
-        if path.exists():
-            (docs / path.name).write_text(path.read_text())
-    store = DocumentStore(path=Path(config.rag.path))
-    ingest(store, config, "bench", [docs], root=workdir)
-    chunks = store.chunks_of("bench")
-    texts = store.documents("bench", list(chunks))
-    queries: list[tuple[str, set[str]]] = []
-    for question, name in town_queries(rng, towns):
-        queries.append((question, {f"corpus/{name}.md#0"}))
+    for path in (ROOT / "README.md", ROOT / "docs" / "contract.md"):
+        (docs / path.name).write_text(path.read_text())
+    ingest(store, config, "repo", [docs], root=workdir)
+    labelled: Labelled = [(q, {f"corpus/{name}.md"}) for q, name in town_queries(rng, towns)]
+    chunks = store.chunks("repo")
     for question, phrase in json.loads((ROOT / "bench/data/repo_queries.json").read_text()):
-        wanted = {i for i, (text, _) in texts.items() if phrase in text}
-        if wanted:
-            queries.append((question, wanted))
-    print(f"corpus: {len(chunks)} chunks; {len(queries)} labelled queries")
-    model = embedder(config.rag.embedding_model)
-    results: dict[str, list[list[Hit]]] = {"vector only": [], "BM25 only": [], "hybrid (RRF)": [],
-                                           "hybrid + rerank": []}
-    for question, _ in queries:
-        vector = store.vector_search("bench", model.embed([question])[0], 10, None)
-        keyword = store.keyword_search("bench", question, 10, None)
-        results["vector only"].append(vector)
-        results["BM25 only"].append(keyword)
-        results["hybrid (RRF)"].append(fuse([vector, keyword], 10))
+        sources = {c.source for c in chunks.values() if phrase in c.text}
+        if not sources:
+            raise SystemExit(f"bench/data/repo_queries.json: no chunk contains {phrase!r}")
+        labelled.append((question, sources))
+    return labelled
+
+
+def pydoc_set(store: DocumentStore, config: Config) -> Labelled:
+    from pydoc_data.topics import topics
+
+    apply(store, config, "pydoc", {f"{name}.txt": text for name, text in topics.items()})
+    pairs = json.loads((ROOT / "bench/data/pydoc_queries.json").read_text())
+    missing = [topic for _, topic in pairs if topic not in topics]
+    if missing:
+        raise SystemExit(f"bench/data/pydoc_queries.json: no topic {missing} in this Python")
+    return [(question, {f"{topic}.txt"}) for question, topic in pairs]
+
+
+Method = Callable[[str], list[Hit]]
+
+
+def quality(store: DocumentStore, config: Config, collection: str, labelled: Labelled,
+            ) -> dict[str, tuple[float, float, float, float]]:
+    """Each method's recall@5, MRR@10, p50 and p99 ms per query."""
+    model = configured_embedder(config.rag)
+    bm25s = Bm25sIndex(store.chunks(collection))
+
+    def vector(q: str) -> list[Hit]:
+        return store.vector_search_many(collection, [model.embed([q])[0]], 20, None)[0]
+
+    def keyword(q: str) -> list[Hit]:
+        return store.keyword_search(collection, q, 20, None)
+
+    methods: dict[str, Method] = {
+        "vector only": vector,
+        "BM25, Postgres (shared)": keyword,
+        "BM25, bm25s (per worker)": lambda q: bm25s.search(collection, q, 20),
+        "hybrid (RRF)": lambda q: fuse([vector(q), keyword(q)], 20)}
+    results: dict[str, tuple[float, float, float, float]] = {}
+    relevant = [wanted for _, wanted in labelled]
+    for name, method in methods.items():
+        method(labelled[0][0])  # warm
+        ranked, times = [], []
+        for question, _ in labelled:
+            t0 = time.perf_counter()
+            ranked.append(method(question))
+            times.append(1000 * (time.perf_counter() - t0))
+        results[name] = (*evaluate(ranked, relevant), percentile(times, 0.5),
+                         percentile(times, 0.99))
+    grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
+                                  "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
+                                  "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": f'["{collection}"]'})
+    ranked, times = [], []
 
     async def reranked() -> None:
-        for question, _ in queries:
-            found = await retriever.search(query=question, user_id="bench", collection=None,
-                                           top_k=10, where=None)
-            results["hybrid + rerank"].append(found.hits)
+        async with retriever_running(store, grants,
+                                     embedder=partial(configured_embedder, grants.rag)) as r:
+            await r.search(query=labelled[0][0], user_id="bench", collection=None, top_k=10,
+                           where=None)
+            for question, _ in labelled:
+                t0 = time.perf_counter()
+                found = await r.search(query=question, user_id="bench", collection=None,
+                                       top_k=10, where=None)
+                times.append(1000 * (time.perf_counter() - t0))
+                ranked.append(found.hits)
 
-    config_grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
-                                         "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["bench"]'})
-    retriever = Retriever(store, config_grants,
-                          embedder=partial(configured_embedder, config_grants.rag))
     trio.run(reranked)
-    relevant = [wanted for _, wanted in queries]
-    return {name: evaluate(ranked, relevant) for name, ranked in results.items()}
+    results["hybrid + rerank"] = (*evaluate(ranked, relevant), percentile(times, 0.5),
+                                  percentile(times, 0.99))
+    return results
 
 
-def latency(workdir: Path, chunks: int) -> tuple[float, float, float]:
-    rng = random.Random(5)
-    config = load_config(environ={"CHAT_ACTORS__RAG__PATH": str(workdir / "latency"),
-                                  "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["big"]'})
-    store = DocumentStore(path=Path(config.rag.path))
+def big_collection(store: DocumentStore, config: Config, chunks: int,
+                   rng: random.Random) -> list[str]:
+    """A collection `big` of `chunks` town chunks; returns questions about them."""
     towns = synthetic_towns(rng, chunks)
-    model = embedder(config.rag.embedding_model)
+    apply(store, config, "big", {f"{t['name']}.md": town_text(t) for t in towns})
+    return [q for q, _ in town_queries(rng, towns)]
+
+
+def latency(store: DocumentStore, config: Config, chunks: int) -> tuple[float, float, float]:
     started = time.perf_counter()
-    for start in range(0, chunks, 512):
-        batch = towns[start:start + 512]
-        texts = [town_text(t) for t in batch]
-        store.upsert("big", [t["name"] for t in batch], texts, model.embed(texts),
-                     [{"source": t["name"]} for t in batch])
-    store.rebuild_keyword_index("big")
+    questions = big_collection(store, config, chunks, random.Random(5))[:60]
     build_s = time.perf_counter() - started
-    retriever = Retriever(store, config, embedder=partial(configured_embedder, config.rag))
-    questions = [town_queries(rng, towns)[i][0] for i in range(60)]
+    grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
+                                  "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
+                                  "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["big"]'})
     timings: list[float] = []
 
     async def run() -> None:
-        for question in questions:
-            t0 = time.perf_counter()
-            await retriever.search(query=question, user_id="bench", collection=None, top_k=5,
-                                   where=None)
-            timings.append(1000 * (time.perf_counter() - t0))
+        async with retriever_running(store, grants,
+                                     embedder=partial(configured_embedder, grants.rag)) as r:
+            for question in questions:
+                t0 = time.perf_counter()
+                await r.search(query=question, user_id="bench", collection=None, top_k=5,
+                               where=None)
+                timings.append(1000 * (time.perf_counter() - t0))
 
     trio.run(run)
-    timings = timings[5:]  # the first queries load the BM25 index and warm the model
-    ordered = sorted(timings)
-    return (statistics.median(ordered), ordered[min(len(ordered) - 1,
-                                                    round(0.99 * (len(ordered) - 1)))], build_s)
+    timings = timings[5:]  # the first queries warm the model and the caches
+    return percentile(timings, 0.5), percentile(timings, 0.99), build_s
+
+
+def bench_config(workdir: Path, pg_url: str) -> Config:
+    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(workdir / "rag"),
+                                "CHAT_ACTORS__POSTGRES__DSN": pg_url})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,16 +238,27 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("chromadb").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="chat-actors-retrieval-") as folder:
-        workdir = Path(folder)
-        scores = quality(workdir)
-        print(f"{'method':<18} {'recall@5':>9} {'MRR@10':>7}")
-        for name, (recall, mrr) in scores.items():
-            print(f"{name:<18} {recall:9.3f} {mrr:7.3f}")
-        if not args.skip_latency:
-            p50, p99, build_s = latency(workdir, args.latency_chunks)
-            print(f"hybrid + rerank latency over {args.latency_chunks} chunks: "
-                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (index built in {build_s:.0f} s)")
+    with local_stack.workdir("chat-actors-retrieval-") as workdir:
+        pg = local_stack.start_postgres(workdir)
+        try:
+            config = bench_config(workdir, pg.url)
+            store = DocumentStore.from_config(config)
+            sets = {"repo": repo_set(store, config, workdir), "pydoc": pydoc_set(store, config)}
+            for name, labelled in sets.items():
+                print(f"\n{name} set: {len(store.chunks(name))} chunks, "
+                      f"{len({s for _, w in labelled for s in w})} answering documents, "
+                      f"{len(labelled)} questions")
+                print(f"{'method':<26} {'recall@5':>9} {'MRR@10':>7} {'p50 ms':>7} {'p99 ms':>7}")
+                for method, (recall, mrr, p50, p99) in quality(store, config, name,
+                                                               labelled).items():
+                    print(f"{method:<26} {recall:9.3f} {mrr:7.3f} {p50:7.1f} {p99:7.1f}")
+            if not args.skip_latency:
+                p50, p99, build_s = latency(store, config, args.latency_chunks)
+                print(f"\nhybrid + rerank, one query at a time over {args.latency_chunks} "
+                      f"chunks: p50 {p50:.1f} ms, p99 {p99:.1f} ms (ingested in {build_s:.0f} s)")
+            store.close()
+        finally:
+            pg.stop()
     return 0
 
 

@@ -142,6 +142,18 @@ def db(stack: Stack) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture
+def fresh_dsn(stack: Stack) -> Iterator[str]:
+    """A database of the test's own on the stack's Postgres (a RAG collection's keyword
+    index lives in Postgres, beside the Chroma store the test made)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    yield stack.postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
+@pytest.fixture
 def rds(stack: Stack) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     yield client

@@ -6,13 +6,16 @@ the integration tests.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import trio
 
 from actors.errors import TransientError
-from messages.ports import Capabilities, Claimed, ClaimResult, Hold, Rates, Refused, TokenCounts
+from messages.ports import Capabilities, Claimed, ClaimResult, Hit, Hold, Rates, Refused, TokenCounts
 
 
 @dataclass
@@ -86,3 +89,72 @@ class WordCounting:
 
     def counter(self, model: str) -> Callable[[str], int]:
         return lambda text: len(text.split())
+
+
+class FakeEmbedder:
+    """The Embedder port: one axis per known word, so a query is nearest the texts that
+    share its words. Records each batch; `gate`, when given, holds the first batch until
+    it is set (`entered` tells the batch has begun)."""
+
+    WORDS = ("tansu", "redis", "postgres", "kafka", "chroma", "stream", "fsync", "broker")
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def embed(self, texts: list[str]) -> np.ndarray[Any, Any]:
+        self.batches.append(list(texts))
+        self.entered.set()
+        if self.gate is not None and len(self.batches) == 1:
+            self.gate.wait(timeout=30)
+        rows = np.array([[float(w in t.lower()) for w in self.WORDS] + [0.01] for t in texts],
+                        dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@dataclass
+class FakeDocuments:
+    """The DocumentIndex port over texts in memory: `collections` maps a name to its
+    chunk texts (chunk id = vector id = f"{name}/{n}"); `broken` names fail with a
+    TransientError; every Chroma-like query is recorded."""
+
+    collections: dict[str, list[str]]
+    broken: set[str] = field(default_factory=set[str])
+    vector_queries: list[tuple[str, int]] = field(default_factory=list[tuple[str, int]])
+    embedder: FakeEmbedder = field(default_factory=FakeEmbedder)
+
+    def _hit(self, name: str, n: int, score: float) -> Hit:
+        text = self.collections[name][n]
+        return Hit(id=f"{name}/{n}", text=text, source=f"{name}/{n}", score=score,
+                   metadata={"vector_id": f"{name}/{n}"}, collection=name)
+
+    def exists(self, collection: str, /) -> bool:
+        return collection in self.collections
+
+    def vector_search_many(self, collection: str, vectors: list[np.ndarray[Any, Any]], k: int,
+                           where: dict[str, Any] | None, /) -> list[list[Hit]]:
+        self.vector_queries.append((collection, len(vectors)))
+        if collection in self.broken:
+            raise TransientError(f"{collection} is away")
+        stored = self.embeddings(collection, [f"{collection}/{n}" for n in
+                                              range(len(self.collections[collection]))])
+        out = []
+        for vector in vectors:
+            scores = sorted(((float(v @ vector), int(i.rsplit("/", 1)[1]))
+                             for i, v in stored.items()), reverse=True)
+            out.append([self._hit(collection, n, s) for s, n in scores[:k]])
+        return out
+
+    def keyword_search(self, collection: str, query: str, k: int,
+                       where: dict[str, Any] | None, /) -> list[Hit]:
+        words = set(query.lower().split())
+        found = [(len(words & set(t.lower().split())), n)
+                 for n, t in enumerate(self.collections[collection])]
+        return [self._hit(collection, n, s) for s, n in sorted(found, reverse=True) if s][:k]
+
+    def embeddings(self, collection: str, vector_ids: list[str], /
+                   ) -> dict[str, np.ndarray[Any, Any]]:
+        texts = {i: self.collections[collection][int(i.rsplit("/", 1)[1])] for i in vector_ids}
+        vectors = FakeEmbedder().embed(list(texts.values()))
+        return dict(zip(texts, vectors, strict=True))

@@ -14,12 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
-from actors.retriever import coverage, fuse
-from config import Rag, load_config, stored_collection_name
+from actors.retriever import Retriever, coverage, fuse, retriever_running
+from config import Config, load_config, stored_collection_name
 from messages.wire import decode_request
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
@@ -34,6 +35,11 @@ CORPUS = {
     "postgres.md": "# Group commit\nBatching many rows into one transaction shares one fsync, "
                    "so each row costs microseconds instead of milliseconds.\n",
 }
+
+
+def running(store: DocumentStore, config: Config):
+    """A retriever actor over `store`, for the block."""
+    return retriever_running(store, config, embedder=partial(configured_embedder, config.rag))
 
 
 def write_corpus(folder: Path, files: dict[str, str]) -> None:
@@ -59,12 +65,12 @@ def chroma(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str,
 
 
 @pytest.fixture
-def store_of() -> Iterator[Callable[[Rag], DocumentStore]]:
+def store_of() -> Iterator[Callable[[Config], DocumentStore]]:
     """DocumentStores for a config, closed when the test ends."""
     opened: list[DocumentStore] = []
 
-    def open_store(rag: Rag) -> DocumentStore:
-        opened.append(DocumentStore.from_config(rag))
+    def open_store(config: Config) -> DocumentStore:
+        opened.append(DocumentStore.from_config(config))
         return opened[-1]
 
     yield open_store
@@ -73,14 +79,20 @@ def store_of() -> Iterator[Callable[[Rag], DocumentStore]]:
 
 
 @pytest.fixture
-def rag_config(tmp_path, chroma):
-    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"), **chroma})
+def rag_env(chroma, fresh_dsn):
+    """Config overrides of a RAG test: its Chroma and a database of its own."""
+    return {**chroma, "CHAT_ACTORS__POSTGRES__DSN": fresh_dsn}
+
+
+@pytest.fixture
+def rag_config(tmp_path, rag_env):
+    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"), **rag_env})
 
 
 def test_ingest_reingest_change_and_delete(tmp_path, rag_config, store_of):
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = store_of(rag_config.rag)
+    store = store_of(rag_config)
     first = ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
     assert (len(first.added), first.changed, first.unchanged) == (4, [], 0)
     assert sorted(store.chunks_of("user-alice")) == [
@@ -108,7 +120,7 @@ def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monk
                                                       store_of):
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = store_of(rag_config.rag)
+    store = store_of(rag_config)
     ingest(store, rag_config, "shared", [docs], root=tmp_path)
     assert freshness(store, rag_config, "shared").too_old == []
     # 100 days later, every chunk is older than max_age_days (90).
@@ -120,6 +132,7 @@ def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monk
     assert freshness(store, rag_config, "shared").too_old == []
     other = load_config(environ={"CHAT_ACTORS__RAG__PATH": rag_config.rag.path,
                                  "CHAT_ACTORS__RAG__EMBEDDING_MODEL": "openai/other"})
+    assert rag_config.rag.embedding_model != "openai/other"
     assert len(freshness(store, other, "shared").other_model) == 4
 
 
@@ -136,11 +149,11 @@ def test_fusion_and_lexical_coverage():
 
 
 async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, stack, llm, rds,
-                                                                db, tmp_path, chroma, store_of):
-    config, _ = make_config(environ=chroma)
+                                                                tmp_path, rag_env, store_of):
+    config, _ = make_config(environ=rag_env)
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    ingest(store_of(config.rag), config, "user-alice", [docs], root=tmp_path)
+    ingest(store_of(config), config, "user-alice", [docs], root=tmp_path)
     llm.default = Reply(tokens=("It", " shares", " one", " fsync", " [1]."))
     req = request("How does group commit make Postgres writes cheap?", mode="rag",
                   rag={"topK": 2})
@@ -159,16 +172,17 @@ async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, sta
     assert "[1] (docs/postgres.md)" in system[1] and "shares one fsync" in system[1]
     final = events[-2]["data"]
     assert final["sources"][0] == "docs/postgres.md#0"
-    row = job_row(db, req["jobId"])
+    with psycopg.connect(config.postgres.dsn, autocommit=True) as db:
+        row = job_row(db, req["jobId"])
     assert row["retrieval_hits"] == 2 and row["retrieval_ms"] >= 0
 
 
 async def test_a_user_cannot_search_another_users_collection(make_config, llm, rds, tmp_path,
-                                                            chroma, store_of):
-    config, _ = make_config(environ=chroma)
+                                                            rag_env, store_of):
+    config, _ = make_config(environ=rag_env)
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    ingest(store_of(config.rag), config, "user-alice", [docs], root=tmp_path)
+    ingest(store_of(config), config, "user-alice", [docs], root=tmp_path)
     nosy = request("What does alice know about Tansu?", userId="bob", mode="rag",
                    rag={"collection": "user-alice"})
     plain = request("Tansu broker", userId="bob", mode="rag")
@@ -185,16 +199,14 @@ async def test_a_user_cannot_search_another_users_collection(make_config, llm, r
 
 
 async def test_where_filters_both_searches(rag_config, tmp_path, store_of):
-    from actors.retriever import Retriever
-
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = store_of(rag_config.rag)
+    store = store_of(rag_config)
     ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
-    found = await Retriever(store, rag_config,
-                            embedder=partial(configured_embedder, rag_config.rag)).search(
-        query="stream entries and group commit", user_id="alice", collection="user-alice",
-        top_k=5, where={"source": "docs/redis.md"})
+    async with running(store, rag_config) as retriever:
+        found = await retriever.search(
+            query="stream entries and group commit", user_id="alice", collection="user-alice",
+            top_k=5, where={"source": "docs/redis.md"})
     for step in found.steps:
         assert {h.source for h in step.hits} <= {"docs/redis.md"}
     assert [h.id for h in found.hits] == ["docs/redis.md#0"]
@@ -204,13 +216,15 @@ async def test_the_filters_the_decoder_passes_are_ones_chroma_accepts(rag_config
                                                                        store_of):
     # The other side of the typed rag.where (tests/test_messages.py): what passes the
     # decoder must not make the real Chroma refuse the search.
-    from actors.retriever import Retriever
-
     docs = tmp_path / "docs"
     write_corpus(docs, CORPUS)
-    store = store_of(rag_config.rag)
+    store = store_of(rag_config)
     ingest(store, rag_config, "user-alice", [docs], root=tmp_path)
-    retriever = Retriever(store, rag_config, embedder=partial(configured_embedder, rag_config.rag))
+    async with running(store, rag_config) as retriever:
+        await filters_pass(retriever)
+
+
+async def filters_pass(retriever: Retriever) -> None:
     for where in ({"source": "docs/redis.md"}, {"chunk_index": {"$gte": 0}},
                   {"source": {"$in": ["docs/redis.md", "x"]}},
                   {"$and": [{"source": {"$ne": "x"}},
@@ -272,17 +286,19 @@ def test_collection_names_are_one_to_one_and_valid():
 
 async def test_user_ids_differing_only_in_punctuation_or_case_never_share_documents(
         rag_config, tmp_path, store_of):
-    from actors.errors import PermanentError
-    from actors.retriever import Retriever
-
-    store = store_of(rag_config.rag)
+    store = store_of(rag_config)
     for n, user in enumerate(LOOKALIKES):
         docs = tmp_path / f"docs{n}"
         write_corpus(docs, {f"secret{n}.md": f"# Secret {n}\nThe vault code of {user} is "
                                               f"{1000 + n}. Tansu brokers keep it.\n"})
         ingest(store, rag_config, f"user-{user}", [docs], root=tmp_path)
-    retriever = Retriever(store, rag_config,
-                          embedder=partial(configured_embedder, rag_config.rag))
+    async with running(store, rag_config) as retriever:
+        await only_their_own(retriever)
+
+
+async def only_their_own(retriever: Retriever) -> None:
+    from actors.errors import PermanentError
+
     for n, user in enumerate(LOOKALIKES):
         found = await retriever.search(query="vault code Tansu", user_id=user, collection=None,
                                        top_k=5, where=None)
@@ -338,9 +354,8 @@ def token_proxy(upstream: str, token: str) -> tuple[ThreadingHTTPServer, list[st
 
 
 async def test_the_chroma_token_goes_with_every_request_and_a_refused_one_is_named(
-        tmp_path, monkeypatch, store_of):
+        tmp_path, monkeypatch, store_of, fresh_dsn):
     from actors.errors import PermanentError
-    from actors.retriever import Retriever
 
     workdir = tmp_path / "chroma-server"
     workdir.mkdir()
@@ -348,17 +363,16 @@ async def test_the_chroma_token_goes_with_every_request_and_a_refused_one_is_nam
     proxy, seen = token_proxy(chroma_server.url, "tok-3f9a1c7e5b")
     try:
         config = load_config(environ={
-            "CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"),
+            "CHAT_ACTORS__RAG__PATH": str(tmp_path / "rag"), "CHAT_ACTORS__POSTGRES__DSN": fresh_dsn,
             "CHAT_ACTORS__RAG__CHROMA_URL": f"http://127.0.0.1:{proxy.server_address[1]}"})
         docs = tmp_path / "docs"
         write_corpus(docs, CORPUS)
         monkeypatch.setenv("CHAT_ACTORS_CHROMA_TOKEN", "tok-3f9a1c7e5b")
-        store = store_of(config.rag)
+        store = store_of(config)
         ingest(store, config, "user-alice", [docs], root=tmp_path)
-        found = await Retriever(store, config,
-                                embedder=partial(configured_embedder, config.rag)).search(
-            query="group commit fsync", user_id="alice", collection="user-alice", top_k=2,
-            where=None)
+        async with running(store, config) as retriever:
+            found = await retriever.search(query="group commit fsync", user_id="alice",
+                                           collection="user-alice", top_k=2, where=None)
         assert found.hits and found.hits[0].source == "docs/postgres.md"
         assert len(seen) > 3 and set(seen) == {"tok-3f9a1c7e5b"}
         for value in ("wrong-token", None):  # a wrong token, and none at all
@@ -367,8 +381,130 @@ async def test_the_chroma_token_goes_with_every_request_and_a_refused_one_is_nam
             else:
                 monkeypatch.setenv("CHAT_ACTORS_CHROMA_TOKEN", value)
             with pytest.raises(PermanentError, match="refused the token.*rag.chroma_token_env"):
-                store_of(config.rag).chunks_of("user-alice")
+                store_of(config).vectors_present("user-alice", ["docs/postgres.md#0@0"])
     finally:
         proxy.shutdown()
         proxy.server_close()
         chroma_server.stop()
+
+
+def test_a_reingest_appears_to_every_worker_at_once_and_never_by_halves(tmp_path, rag_config,
+                                                                         store_of):
+    # Two workers' stores over one Chroma and one Postgres. The re-ingest of worker A is
+    # held after its new vectors are written and before it publishes: worker B still
+    # sees the old collection whole (no new vector, no new keyword); once published,
+    # the new one whole (no old vector left).
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    writer, reader = store_of(rag_config), store_of(rag_config)
+    ingest(writer, rag_config, "shared", [docs], root=tmp_path)
+    assert [h.id for h in reader.keyword_search("shared", "XADD entries", 3, None)] == [
+        "docs/redis.md#0"]
+    (docs / "redis.md").write_text("# Redis streams\nXTRIM caps a stream's length.\n")
+    held, go = threading.Event(), threading.Event()
+    publish = writer.keywords.publish
+
+    def held_publish(*args, **kwargs):
+        held.set()
+        assert go.wait(30)
+        return publish(*args, **kwargs)
+
+    writer.keywords.publish = held_publish  # type: ignore[method-assign]
+    ingesting = threading.Thread(target=ingest, args=(writer, rag_config, "shared", [docs]),
+                                 kwargs={"root": tmp_path})
+    ingesting.start()
+    try:
+        assert held.wait(60)
+        query = configured_embedder(rag_config.rag).embed(["XTRIM caps a stream's length"])[0]
+        during = reader.vector_search_many("shared", [query], 10, None)[0]
+        assert during and all("XTRIM" not in h.text for h in during)
+        assert "XADD" in next(h.text for h in during if h.id == "docs/redis.md#0")
+        assert reader.keyword_search("shared", "XTRIM", 3, None) == []
+    finally:
+        go.set()
+        ingesting.join()
+    after = reader.vector_search_many("shared", [query], 10, None)[0]
+    assert after[0].id == "docs/redis.md#0" and "XTRIM" in after[0].text
+    assert all("XADD" not in h.text for h in after)  # the old vector is gone
+    assert [h.id for h in reader.keyword_search("shared", "XTRIM", 3, None)] == [
+        "docs/redis.md#0"]
+    assert reader.keyword_search("shared", "XADD", 3, None) == []
+    assert writer.keywords.generation("shared") == 2
+
+
+def test_keyword_search_ranks_by_bm25_over_the_current_generation(tmp_path, rag_config,
+                                                                  store_of):
+    # A word every chunk has counts for little; a rare one decides (inverse document
+    # frequency, which Postgres's own ts_rank does not have).
+    docs = tmp_path / "docs"
+    write_corpus(docs, {f"town{n}.md": f"# Town {n}\nThe town of {name} lies on a river. "
+                                          "The river is wide and the river is slow.\n"
+                        for n, name in enumerate(["Quelvath", "Ostrin", "Mardel", "Fenwick"])})
+    store = store_of(rag_config)
+    ingest(store, rag_config, "towns", [docs], root=tmp_path)
+    hits = store.keyword_search("towns", "Which river is Mardel on?", 4, None)
+    assert hits[0].source == "docs/town2.md"
+    assert hits[0].score > 2 * hits[1].score
+    assert store.keyword_search("towns", "the of and is", 4, None) == []  # stopwords only
+
+
+@pytest.mark.parametrize("query", [
+    "", "\x00", "a & b | !c", "'quoted' :* (x <-> y", "\ud800 lone surrogate",
+    "日本語のテスト", "🦀" * 50, "x" * 100_000, "%s %(k)s {0}", "DROP TABLE rag_chunks; --"])
+def test_any_query_text_is_searched_as_text(tmp_path, rag_config, store_of, query):
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = store_of(rag_config)
+    ingest(store, rag_config, "shared", [docs], root=tmp_path)
+    assert store.keyword_search("shared", query, 5, None) == []
+    vector = configured_embedder(rag_config.rag).embed([query])[0]
+    assert len(store.vector_search_many("shared", [vector], 5, None)[0]) == 4
+    assert len(store.chunks("shared")) == 4
+
+
+def test_a_collection_ingested_before_the_shared_index_is_named_not_read_as_empty(
+        rag_config, store_of):
+    from actors.errors import PermanentError
+
+    store = store_of(rag_config)
+    # What an earlier version left: vectors in Chroma, its keyword index on a disk.
+    store.upsert("old-docs", ["docs/a.md#0"], ["text"],
+                 configured_embedder(rag_config.rag).embed(["text"]), [{"source": "docs/a.md"}])
+    with pytest.raises(PermanentError, match="run `chat-actors ingest` for it again") as old:
+        store.exists("old-docs")
+    assert old.value.code == "reingest"
+    assert store.exists("never-made") is False
+
+
+def test_concurrent_ingests_into_one_collection_keep_both(tmp_path, rag_config, store_of):
+    # Two uploads at once (two gateways, or two CLI runs): the one that publishes second
+    # finds it was superseded, reads the collection again and keeps the other's document.
+    from tools.ingest import apply
+
+    store = store_of(rag_config)
+    apply(store, rag_config, "user-carol", {"base.md": "# Base\nThe first document.\n"})
+    read = store.snapshot
+    both_read = threading.Barrier(2)
+    calls = {"n": 0}
+
+    def snapshot(name):
+        got = read(name)
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            both_read.wait(30)  # each has read generation 1 before either publishes
+        return got
+
+    store.snapshot = snapshot  # type: ignore[method-assign]
+    threads = [threading.Thread(target=apply, args=(store, rag_config, "user-carol",
+                                                    {f"{n}.md": f"# Doc {n}\nText {n}.\n"}))
+               for n in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls["n"] == 3  # the second publisher read again, once
+    assert {c.source for c in store.chunks("user-carol").values()} == {
+        "base.md", "one.md", "two.md"}
+    vectors = store.vectors_present("user-carol", [c.vector_id for c in
+                                                   store.chunks("user-carol").values()])
+    assert len(vectors) == 3  # and every chunk's vector is there

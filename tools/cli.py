@@ -271,7 +271,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     logging.getLogger("chromadb").setLevel(logging.ERROR)
     config = _config(args.config)
-    store = DocumentStore.from_config(config.rag)
+    store = DocumentStore.from_config(config)
     try:
         if args.status or args.refresh:
             if args.refresh:
@@ -289,6 +289,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except (PermanentError, TransientError) as exc:  # one line: which part, where, why
         print(f"chat-actors ingest: {exc}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     print(("would change: " if args.dry_run else "") + report.summary())
     if args.dry_run:
         for label, ids in (("add", report.added), ("replace", report.changed),

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
+from actors.adapters.keywords import Chunk, Superseded
 from actors.adapters.tokens import TokenCounter
 from actors.errors import PermanentError
 from config import Config
@@ -88,48 +89,97 @@ class Progress:
 
 def ingest(store: DocumentStore, config: Config, collection: str, paths: list[Path], *,
            dry_run: bool = False, root: Path | None = None) -> IngestReport:
-    rag = config.rag
-    count = TokenCounter("embedding").count
-    report = IngestReport()
-    existing = store.chunks_of(collection)
-    wanted: dict[str, tuple[str, dict]] = {}
-    for path in discover(paths):
-        report.files += 1
+    """Ingest files and folders; chunks of files that vanished since are deleted."""
+    documents: dict[str, str] = {}
+    skipped: list[str] = []
+    files = discover(paths)
+    for path in files:
         source = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
         try:
-            text = read_document(path)
+            documents[source] = read_document(path)
         except (OSError, ValueError) as exc:
-            report.skipped_files.append(f"{source} ({exc})")
+            skipped.append(f"{source} ({exc})")
+    report = apply(store, config, collection, documents, dry_run=dry_run,
+                   remove=lambda source: not _still_present(source, root))
+    report.files, report.skipped_files = len(files), skipped
+    return report
+
+
+PUBLISH_TRIES = 5  # each a fresh read of the collection, when another ingest came first
+
+
+def apply(store: DocumentStore, config: Config, collection: str, documents: dict[str, str], *,
+          remove: Callable[[str], bool] = lambda source: False,
+          dry_run: bool = False) -> IngestReport:
+    """Make the collection hold `documents` (source -> text) in place of those sources'
+    earlier text, without the other sources `remove` names, and every other source as
+    it was: the one path of the CLI and the gateway's uploads. Embeds only the text it
+    has no vector for, then publishes the whole collection in one step; when another
+    ingest published first, it reads the collection again and retries (its vectors are
+    kept, so nothing is embedded twice)."""
+    wanted = _chunked(config, documents)
+    for attempt in range(PUBLISH_TRIES):
+        generation, current = store.snapshot(collection)
+        report, chunks = _plan(current, dict(wanted), documents, remove)
+        if dry_run:
+            return report
+        fresh = [c for c in chunks if "embedding_model" not in c.metadata]
+        present = store.vectors_present(collection, [c.vector_id for c in fresh])
+        done = _embed_and_store(store, config, collection,
+                                [c for c in fresh if c.vector_id not in present])
+        for c in fresh:
+            if c.vector_id in present:
+                stamp = {k: present[c.vector_id][k] for k in ("embedded_at", "embedding_model")
+                         if k in present[c.vector_id]}
+                done[c.chunk_id] = replace(c, metadata={**c.metadata, **stamp})
+        try:
+            store.publish(collection, [done.get(c.chunk_id, c) for c in chunks],
+                          based_on=generation, replaced=current.values())
+        except Superseded:
+            if attempt == PUBLISH_TRIES - 1:
+                raise
             continue
-        for index, chunk in enumerate(chunk_text(text, max_tokens=rag.chunk_tokens,
+        return report
+    raise AssertionError("unreachable")
+
+
+def _chunked(config: Config, documents: dict[str, str]) -> dict[str, Chunk]:
+    rag = config.rag
+    count = TokenCounter("embedding").count
+    wanted: dict[str, Chunk] = {}
+    for source, text in documents.items():
+        text = text.replace("\x00", "")
+        for index, piece in enumerate(chunk_text(text, max_tokens=rag.chunk_tokens,
                                                  overlap_tokens=rag.chunk_overlap_tokens,
                                                  count=count)):
             chunk_id = f"{source}#{index}"
-            wanted[chunk_id] = (chunk, {"source": source, "chunk_index": index,
-                                        "content_hash": content_hash(chunk)})
-    sources = {meta["source"] for _, meta in wanted.values()}
-    to_embed: list[str] = []
-    for chunk_id, (_, meta) in wanted.items():
-        old = existing.get(chunk_id)
+            digest = content_hash(piece)
+            wanted[chunk_id] = Chunk(chunk_id=chunk_id, vector_id=f"{chunk_id}@{digest[:16]}",
+                                     source=source, text=piece, metadata={
+                                         "source": source, "chunk_index": index,
+                                         "content_hash": digest})
+    return wanted
+
+
+def _plan(current: dict[str, Chunk], wanted: dict[str, Chunk], documents: dict[str, str],
+          remove: Callable[[str], bool]) -> tuple[IngestReport, list[Chunk]]:
+    """What changes, and the collection's chunks after it."""
+    report = IngestReport(files=len(documents))
+    for chunk_id, chunk in wanted.items():
+        old = current.get(chunk_id)
         if old is None:
             report.added.append(chunk_id)
-            to_embed.append(chunk_id)
-        elif old.get("content_hash") != meta["content_hash"]:
+        elif old.metadata.get("content_hash") != chunk.metadata["content_hash"]:
             report.changed.append(chunk_id)
-            to_embed.append(chunk_id)
         else:
             report.unchanged += 1
-    # Chunks of the files given that no longer exist (the file shrank or vanished).
-    report.deleted = [i for i, m in existing.items()
-                      if i not in wanted and (m.get("source") in sources
-                                              or not _still_present(m.get("source", ""), root))]
-    if dry_run:
-        return report
-    _embed_and_store(store, config, collection, to_embed,
-                     {i: wanted[i] for i in to_embed})
-    store.delete(collection, report.deleted)
-    store.rebuild_keyword_index(collection)
-    return report
+            wanted[chunk_id] = old  # its vector and embedding metadata stay
+    # Chunks of the sources given that are gone (the text shrank), or of removed sources.
+    report.deleted = [i for i, c in current.items() if i not in wanted and (
+        c.source in documents or remove(c.source))]
+    gone = set(report.deleted)
+    kept = [c for i, c in current.items() if i not in wanted and i not in gone]
+    return report, [*kept, *wanted.values()]
 
 
 def _still_present(source: str, root: Path | None) -> bool:
@@ -137,19 +187,24 @@ def _still_present(source: str, root: Path | None) -> bool:
     return path.exists()
 
 
-def _embed_and_store(store: DocumentStore, config: Config, collection: str, ids: list[str],
-                     chunks: dict[str, tuple[str, dict]]) -> None:
+def _embed_and_store(store: DocumentStore, config: Config, collection: str,
+                     chunks: list[Chunk]) -> dict[str, Chunk]:
+    """Embed `chunks` and write their vectors; the chunks with their embedding
+    metadata, by chunk id."""
     model = configured_embedder(config.rag)
-    progress = Progress(len(ids), f"embedding into {collection}")
-    for start in range(0, len(ids), 64):
-        batch = ids[start:start + 64]
-        texts = [chunks[i][0] for i in batch]
-        vectors = model.embed(texts)
+    progress = Progress(len(chunks), f"embedding into {collection}")
+    done: dict[str, Chunk] = {}
+    for start in range(0, len(chunks), 64):
+        batch = chunks[start:start + 64]
+        vectors = model.embed([c.text for c in batch])
         now = time.time()
-        metas = [{**chunks[i][1], "embedded_at": now, "embedding_model": model.name}
-                 for i in batch]
-        store.upsert(collection, batch, texts, vectors, metas)
+        stamped = [replace(c, metadata={**c.metadata, "embedded_at": now,
+                                        "embedding_model": model.name}) for c in batch]
+        store.upsert(collection, [c.vector_id for c in stamped], [c.text for c in stamped],
+                     vectors, [{**c.metadata, "chunk_id": c.chunk_id} for c in stamped])
+        done |= {c.chunk_id: c for c in stamped}
         progress.advance(len(batch))
+    return done
 
 
 @dataclass
@@ -172,12 +227,14 @@ def freshness(store: DocumentStore, config: Config, collection: str) -> Freshnes
 def refresh(store: DocumentStore, config: Config, collection: str) -> int:
     """Embed the stale chunks again with the configured model; return how many."""
     stale = freshness(store, config, collection)
-    ids = stale.other_model + stale.too_old
+    ids = set(stale.other_model + stale.too_old)
     if not ids:
         return 0
-    got = store.documents(collection, ids)
-    _embed_and_store(store, config, collection, ids,
-                     {i: (text, {k: v for k, v in meta.items()
-                                 if k not in ("embedded_at", "embedding_model")})
-                      for i, (text, meta) in got.items()})
+    generation, current = store.snapshot(collection)
+    embedded = _embed_and_store(store, config, collection, [
+        replace(c, metadata={k: v for k, v in c.metadata.items()
+                             if k not in ("embedded_at", "embedding_model")})
+        for i, c in current.items() if i in ids])
+    store.publish(collection, [embedded.get(i, c) for i, c in current.items()],
+                  based_on=generation)
     return len(ids)

@@ -1,5 +1,12 @@
 """The document store: Chroma for vectors (embedded PersistentClient, or HttpClient when
-`rag.chroma_url` is set) and a BM25 index per collection, persisted beside it.
+`rag.chroma_url` is set) and the keyword index and chunk texts in Postgres, which every
+worker shares (actors/adapters/keywords.py).
+
+A collection is what its current generation in Postgres says it is. Vectors are
+addressed by their text (`vector_id`: chunk id and content hash), so an ingest writes
+the vectors it lacks beside the ones in use, publishes the new generation in one
+transaction, and only then drops the vectors no chunk uses: a search never sees half
+an ingest, and every hit it returns comes from one generation.
 
 Blocking: every method here runs in a worker thread. Embeddings are computed by
 us (actors/adapters/embeddings.py) and handed to Chroma, which embeds nothing.
@@ -8,20 +15,17 @@ us (actors/adapters/embeddings.py) and handed to Chroma, which embeds nothing.
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import bm25s
-
+from actors.adapters.keywords import Chunk, KeywordIndex
+from actors.adapters.postgres import Postgres
 from actors.errors import PermanentError, TransientError
-from config import Rag, secret, stored_collection_name
+from config import Config, secret, stored_collection_name
 from messages.ports import Hit
 
 P = ParamSpec("P")
@@ -40,12 +44,6 @@ def _chroma_errors() -> Any:
     from chromadb import errors
 
     return errors
-
-
-def _bm25s() -> Any:
-    import bm25s
-
-    return bm25s
 
 
 def _away(exc: BaseException) -> str | None:
@@ -88,30 +86,39 @@ def _talks_to_chroma(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class DocumentStore:
-    """Chroma for vectors, bm25s for keywords. Both load on first use: a worker that
-    never sees a RAG request never imports them (about a second of start-up)."""
+    """Chroma for vectors, Postgres for keywords and texts. Chroma loads on first use:
+    a worker that never sees a RAG request never imports it (about a second)."""
 
     @classmethod
-    def from_config(cls, rag: Rag) -> DocumentStore:
-        return cls(path=Path(rag.path), chroma_url=rag.chroma_url or None,
-                   timeout_s=rag.chroma_timeout_s, token_env=rag.chroma_token_env)
+    def from_config(cls, config: Config, pg: Postgres | None = None) -> DocumentStore:
+        """The store `config.rag` describes, on `pg` (a pool of its own when None)."""
+        rag = config.rag
+        own = None if pg else Postgres(dsn=config.postgres.dsn, pool_size=2,
+                                       statement_timeout_s=config.postgres.statement_timeout_s)
+        store = cls(path=Path(rag.path), keywords=KeywordIndex(pg or cast(Postgres, own)),
+                    chroma_url=rag.chroma_url or None, timeout_s=rag.chroma_timeout_s,
+                    token_env=rag.chroma_token_env)
+        store._own_pg = own  # closed with the store
+        return store
 
-    def __init__(self, *, path: Path, chroma_url: str | None = None,
+    def __init__(self, *, path: Path, keywords: KeywordIndex, chroma_url: str | None = None,
                  timeout_s: float = 10.0, token_env: str = "") -> None:
         self._path = path
+        self.keywords = keywords
         self.chroma_url = chroma_url
         self._token_env = token_env  # read when the server is first talked to
         self._timeout_s = timeout_s  # each request to a Chroma server
-        self._bm25_dir = path / "bm25"
         if not chroma_url:
             path.mkdir(parents=True, exist_ok=True)  # an unwritable path fails at start
         self._chroma: Any = None
-        self._bm25: dict[str, tuple[bm25s.BM25, list[str]]] = {}
-        self._lock = threading.Lock()
         self._opening = threading.Lock()
+        self._own_pg: Postgres | None = None
 
     def close(self) -> None:
-        """Close a Chroma server client's connections (the embedded store holds none)."""
+        """Close a Chroma server client's connections (the embedded store holds none),
+        and the store's own Postgres connections."""
+        if self._own_pg is not None:
+            self._own_pg.close()
         with self._opening:
             if self._chroma is not None and self.chroma_url:
                 from actors.adapters.chroma_http import close
@@ -154,116 +161,118 @@ class DocumentStore:
                 raise
             raise PermanentError(f"no collection {name!r}", code="no_collection") from exc
 
-    @_talks_to_chroma
-    def exists(self, name: str) -> bool:
+    def _has_vectors(self, name: str) -> bool:
         try:
-            self._collection(name)
+            return bool(self._collection(name).count())
         except PermanentError as exc:
             if exc.code not in ("no_collection", "bad_collection"):
                 raise  # a refused token is not "no documents"
             return False
-        return True
+
+    @_talks_to_chroma
+    def exists(self, name: str) -> bool:
+        """Whether the collection has been published. Vectors with no keyword index were
+        ingested by a version that kept it on the worker's disk: a clear error, not an
+        empty result."""
+        if self.keywords.generation(collection_name(name)) is not None:
+            return True
+        if self._has_vectors(name):
+            raise PermanentError(
+                f"collection {name!r} was ingested by an earlier version of chat-actors "
+                "(its keyword index is not in Postgres): run `chat-actors ingest` for it again",
+                code="reingest")
+        return False
 
     # -- ingestion -------------------------------------------------------------------
-    @_talks_to_chroma
+    def chunks(self, name: str) -> dict[str, Chunk]:
+        """The current generation's chunks, by chunk id."""
+        return self.keywords.current(collection_name(name))[1]
+
+    def snapshot(self, name: str) -> tuple[int | None, dict[str, Chunk]]:
+        """The current generation (None: never published) and its chunks."""
+        return self.keywords.current(collection_name(name))
+
     def chunks_of(self, name: str) -> dict[str, dict[str, Any]]:
-        """Every chunk's metadata, by id."""
-        if not self.exists(name):
+        """Every current chunk's metadata, by chunk id."""
+        return {i: c.metadata for i, c in self.chunks(name).items()}
+
+    @_talks_to_chroma
+    def vectors_present(self, name: str, vector_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The metadata of those of `vector_ids` Chroma holds, by vector id (an
+        interrupted ingest's vectors are used, not embedded again)."""
+        if not vector_ids or not self._has_vectors(name):
             return {}
-        got = self._collection(name).get(include=["metadatas"])
+        got = self._collection(name).get(ids=vector_ids, include=["metadatas"])
         return dict(zip(got["ids"], got["metadatas"], strict=True))
 
     @_talks_to_chroma
-    def documents(self, name: str, ids: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-        got = self._collection(name).get(ids=ids, include=["documents", "metadatas"])
-        return {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
-                                             strict=True)}
-
-    @_talks_to_chroma
-    def upsert(self, name: str, ids: list[str], texts: list[str], vectors: np.ndarray,
+    def upsert(self, name: str, vector_ids: list[str], texts: list[str], vectors: np.ndarray,
                metadatas: list[dict[str, Any]]) -> None:
         collection = self._collection(name, create=True)
-        for start in range(0, len(ids), 1000):
+        for start in range(0, len(vector_ids), 1000):
             end = start + 1000
-            collection.upsert(ids=ids[start:end], documents=texts[start:end],
+            collection.upsert(ids=vector_ids[start:end], documents=texts[start:end],
                               embeddings=vectors[start:end].tolist(),
                               metadatas=metadatas[start:end])
 
     @_talks_to_chroma
-    def delete(self, name: str, ids: list[str]) -> None:
-        if ids:
-            self._collection(name).delete(ids=ids)
-
-    @_talks_to_chroma
-    def rebuild_keyword_index(self, name: str) -> int:
-        """Re-index the whole collection for BM25 (bm25s indexes are not incremental)."""
-        got = self._collection(name, create=True).get(include=["documents"])
-        folder = self._bm25_dir / collection_name(name)
-        shutil.rmtree(folder, ignore_errors=True)
-        with self._lock:
-            self._bm25.pop(name, None)
-        if not got["ids"]:
-            return 0
-        bm25s = _bm25s()
-        index = bm25s.BM25()
-        index.index(bm25s.tokenize(got["documents"], stopwords="en", show_progress=False),
-                    show_progress=False)
-        folder.mkdir(parents=True, exist_ok=True)
-        index.save(str(folder))
-        (folder / "ids.json").write_text(json.dumps(got["ids"]))
-        return len(got["ids"])
+    def publish(self, name: str, chunks: Iterable[Chunk], *, based_on: int | None,
+                replaced: Iterable[Chunk] = ()) -> int:
+        """Make `chunks` the collection, for every worker at once, if it is still at
+        generation `based_on` (else Superseded), then drop the vectors of `replaced`
+        (that generation's chunks) that no chunk uses any more. Vectors of another
+        ingest still in progress are never in `replaced`, so they stay."""
+        chunks = list(chunks)
+        generation = self.keywords.publish(collection_name(name), chunks, based_on=based_on)
+        used = {c.vector_id for c in chunks}
+        unused = sorted({c.vector_id for c in replaced} - used)
+        if unused and self._has_vectors(name):
+            collection = self._collection(name)
+            for start in range(0, len(unused), 1000):
+                collection.delete(ids=unused[start:start + 1000])
+        return generation
 
     # -- retrieval ---------------------------------------------------------------------
+    @staticmethod
+    def _hit(name: str, chunk: Chunk, score: float) -> Hit:
+        return Hit(id=chunk.chunk_id, text=chunk.text, source=chunk.source, score=score,
+                   metadata={**chunk.metadata, "vector_id": chunk.vector_id}, collection=name)
+
     @_talks_to_chroma
     def vector_search(self, name: str, vector: np.ndarray, k: int,
                       where: dict[str, Any] | None) -> list[Hit]:
-        collection = self._collection(name)
-        found = collection.query(query_embeddings=[vector.tolist()], n_results=k, where=where,
-                                 include=["documents", "metadatas", "distances"])
-        return [Hit(id=i, text=d, source=str(m.get("source", "")), score=1.0 - dist, metadata=m,
-                    collection=name)
-                for i, d, m, dist in zip(found["ids"][0], found["documents"][0],
-                                         found["metadatas"][0], found["distances"][0],
-                                         strict=True)]
+        return self.vector_search_many(name, [vector], k, where)[0]
 
-    def _keyword_index(self, name: str) -> tuple[bm25s.BM25, list[str]] | None:
-        with self._lock:
-            if name not in self._bm25:
-                folder = self._bm25_dir / collection_name(name)
-                if not (folder / "ids.json").exists():
-                    return None
-                self._bm25[name] = (_bm25s().BM25.load(str(folder)),
-                                    json.loads((folder / "ids.json").read_text()))
-            return self._bm25[name]
+    @_talks_to_chroma
+    def vector_search_many(self, name: str, vectors: list[np.ndarray], k: int,
+                           where: dict[str, Any] | None) -> list[list[Hit]]:
+        """One Chroma query for several query vectors; hits from the current generation."""
+        if not vectors:
+            return []
+        # A few more than k: vectors an ingest in progress wrote are not searchable yet.
+        found = self._collection(name).query(
+            query_embeddings=[v.tolist() for v in vectors], n_results=k + k // 2 + 2,
+            where=where, include=["distances"])
+        chunks = self.keywords.resolve(collection_name(name),
+                                       sorted({i for ids in found["ids"] for i in ids}))
+        return [[self._hit(name, chunks[i], 1.0 - dist)
+                 for i, dist in zip(ids, distances, strict=True) if i in chunks][:k]
+                for ids, distances in zip(found["ids"], found["distances"], strict=True)]
 
     @_talks_to_chroma
     def keyword_search(self, name: str, query: str, k: int,
                        where: dict[str, Any] | None) -> list[Hit]:
-        loaded = self._keyword_index(name)
-        if loaded is None:
-            return []
-        index, ids = loaded
-        tokens = _bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)
-        if not tokens or not tokens[0]:
-            return []
         # Ask for more when filtering: the filter runs after scoring.
-        wanted = min(len(ids), k * 4 if where else k)
-        positions, scores = index.retrieve(tokens, k=wanted, show_progress=False)
-        picked = [(ids[p], float(s)) for p, s in zip(positions[0], scores[0], strict=True)
-                  if s > 0]
-        if not picked:
-            return []
-        got = self._collection(name).get(ids=[i for i, _ in picked], where=where,
-                                         include=["documents", "metadatas"])
-        by_id = {i: (d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"],
-                                              strict=True)}
-        return [Hit(id=i, text=by_id[i][0], source=str(by_id[i][1].get("source", "")),
-                    score=s, metadata=by_id[i][1], collection=name)
-                for i, s in picked if i in by_id][:k]
+        found = self.keywords.search(collection_name(name), query, k * 4 if where else k)
+        if where and found:
+            allowed = set(self._collection(name).get(ids=[c.vector_id for c, _ in found],
+                                                     where=where, include=[])["ids"])
+            found = [(c, s) for c, s in found if c.vector_id in allowed]
+        return [self._hit(name, c, s) for c, s in found[:k]]
 
     @_talks_to_chroma
-    def embeddings(self, name: str, ids: list[str]) -> dict[str, np.ndarray]:
-        """The stored vectors of `ids` (reranking needs no second embedding call)."""
-        got = self._collection(name).get(ids=ids, include=["embeddings"])
+    def embeddings(self, name: str, vector_ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of `vector_ids` (reranking needs no second embedding call)."""
+        got = self._collection(name).get(ids=vector_ids, include=["embeddings"])
         return {i: np.asarray(v, dtype=np.float32)
                 for i, v in zip(got["ids"], got["embeddings"], strict=True)}

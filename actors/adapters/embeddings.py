@@ -43,6 +43,9 @@ class LocalEmbedder:
         self._tokenizer.enable_padding()  # to the longest in the batch, not to 256
 
     def embed(self, texts: list[str], batch: int = 32) -> np.ndarray:
+        # The tokenizer takes UTF-8 only: a lone surrogate becomes "?".
+        texts = [t if t.isascii() else t.encode("utf-8", "replace").decode("utf-8")
+                 for t in texts]
         out = []
         for start in range(0, len(texts), batch):
             encodings = self._tokenizer.encode_batch(texts[start:start + batch])

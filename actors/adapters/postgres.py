@@ -6,6 +6,7 @@ the pg sink writes its batches in one transaction each (group commit).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
@@ -126,6 +127,26 @@ def _release(cur: psycopg.Cursor[Any], holds: list[list[Any]], record: JobFinish
                     (amount, used, scope, kind, window))
 
 
+def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
+    """Apply our numbered SQL migrations not yet applied; return the names applied."""
+    folder = resources.files("actors.adapters") / "migrations"
+    scripts = sorted((p.name, p.read_text()) for p in folder.iterdir() if p.name.endswith(".sql"))
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS chat_actors_migrations ("
+                     "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {r[0] for r in conn.execute("SELECT name FROM chat_actors_migrations")}
+        for name, script in scripts:
+            if name in done:
+                continue
+            # Our own migration files: psycopg types queries as literal strings.
+            conn.execute(cast(LiteralString, script))
+            conn.execute("INSERT INTO chat_actors_migrations (name) VALUES (%s)", (name,))
+            applied.append(name)
+    return applied
+
+
 class Postgres:
     """Request/reply queries on a small pool, each call in a worker thread.
 
@@ -153,32 +174,37 @@ class Postgres:
                                keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
                                tcp_user_timeout=self._tcp_user_timeout_ms)
 
-    async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run `fn(conn)` in a worker thread with a pooled connection, as one transaction
-        whose statements end within the statement timeout."""
-
-        def call() -> T:
-            conn = self._idle.pop() if self._idle else self._connect()
-            try:
-                conn.execute(self._begin)
-                result = fn(conn)  # its own `conn.transaction()` blocks become savepoints
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.close()  # a broken connection is never returned to the pool
-                raise
-            if self._closed:  # an abandoned call that outlived the pool
-                conn.close()
-            else:
-                self._idle.append(conn)
-            return result
-
+    def call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run `fn(conn)` here, blocking, with a pooled connection, as one transaction
+        whose statements end within the statement timeout. For worker threads and
+        the CLI; psycopg's errors come out as TransientError or PermanentError."""
         try:
-            # Abandon on cancel: a job must be able to end (deadline, cancel) even while
-            # Postgres hangs; the thread finishes or fails on its own later.
-            return await trio.to_thread.run_sync(call, limiter=self._limiter,
-                                                 abandon_on_cancel=True)
-        except psycopg.Error as exc:
-            raise _translate(exc) from exc
+            conn = self._idle.pop()
+        except IndexError:
+            conn = None
+        try:
+            conn = conn or self._connect()
+            conn.execute(self._begin)
+            result = fn(conn)  # its own `conn.transaction()` blocks become savepoints
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()  # a broken connection is never returned to the pool
+            if isinstance(exc, psycopg.Error):
+                raise _translate(exc) from exc
+            raise
+        if self._closed:  # an abandoned call that outlived the pool
+            conn.close()
+        else:
+            self._idle.append(conn)
+        return result
+
+    async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """`call(fn)` in a worker thread, at most `pool_size` at once."""
+        # Abandon on cancel: a job must be able to end (deadline, cancel) even while
+        # Postgres hangs; the thread finishes or fails on its own later.
+        return await trio.to_thread.run_sync(functools.partial(self.call, fn), limiter=self._limiter,
+                                             abandon_on_cancel=True)
 
     def close(self) -> None:
         self._closed = True
@@ -188,29 +214,8 @@ class Postgres:
     # -- schema -----------------------------------------------------------------------
     async def migrate(self) -> list[str]:
         """Apply numbered SQL migrations not yet applied; return the names applied."""
-        folder = resources.files("actors.adapters") / "migrations"
-        scripts = sorted((p.name, p.read_text()) for p in folder.iterdir()
-                         if p.name.endswith(".sql"))
+        return await self.run(apply_migrations)
 
-        def apply(conn: psycopg.Connection[Any]) -> list[str]:
-            applied: list[str] = []
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                conn.execute("CREATE TABLE IF NOT EXISTS chat_actors_migrations ("
-                             "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-                done = {r[0] for r in conn.execute("SELECT name FROM chat_actors_migrations")}
-                for name, sql in scripts:
-                    if name in done:
-                        continue
-                    # Our own migration files: psycopg types queries as literal strings.
-                    conn.execute(cast(LiteralString, sql))
-                    conn.execute("INSERT INTO chat_actors_migrations (name) VALUES (%s)", (name,))
-                    applied.append(name)
-            return applied
-
-        return await self.run(apply)
-
-    # -- the job store (request/reply) ---------------------------------------------------
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, lease_holder: str,
                     lease_s: float, history_limit: int = 0) -> ClaimResult:
