@@ -51,3 +51,11 @@ class ProviderExhausted(TransientError):
         super().__init__(f"{tries} tries failed; last: {last}", retry_after=last.retry_after,
                          kind=last.kind)
         self.last = last
+
+
+class DocumentRefused(PermanentError):
+    """An uploaded document that cannot be taken as it is; `status` is the HTTP answer."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message, code="bad_document")
+        self.status = status

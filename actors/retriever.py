@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -150,9 +150,7 @@ async def run_retriever(inbox: trio.MemoryReceiveChannel[SearchOrder], store: Do
                 break
         live = [o for o in orders if not o.abandoned]
         if live:
-            # Abandoned on cancel (shutdown): the thread ends on its own.
-            await trio.to_thread.run_sync(partial(serve, store, embedder, live),
-                                          abandon_on_cancel=True)
+            await Batch(store, embedder, live).serve()
         for order in live:
             order.done.set()
 
@@ -170,80 +168,125 @@ async def retriever_running(store: DocumentIndex, config: Config, *,
         nursery.cancel_scope.cancel()
 
 
-def serve(store: DocumentIndex, embedder: Callable[[], Embedder],
-          orders: list[SearchOrder]) -> None:
-    """Answer `orders` together (blocking): each gets its result or its own error."""
-    failed: dict[int, BaseException] = {}
+class Batch:
+    """The orders one turn of the actor serves together. Each step is blocking and runs
+    in a worker thread (abandoned on cancel, at shutdown); the keyword searches (Postgres)
+    run while the queries are embedded and searched in Chroma. A step that fails fails
+    only the orders it was for."""
 
-    def guard(indexes: list[int], step: Callable[[], None]) -> None:
+    def __init__(self, store: DocumentIndex, embedder: Callable[[], Embedder],
+                 orders: list[SearchOrder]) -> None:
+        self.store, self.embedder, self.orders = store, embedder, orders
+        self.failed: dict[int, BaseException] = {}
+        self.present: dict[str, bool] = {}
+        self.vectors: list[np.ndarray[Any, Any]] = []
+        self.by_vector: list[list[Hit]] = [[] for _ in orders]
+        self.by_keyword: list[list[Hit]] = [[] for _ in orders]
+        # (collection, vector id) -> cosine with order i's query, known from Chroma's own
+        # distances for vector hits; fetched for keyword-only ones.
+        self.cosines: list[dict[tuple[str, str], float]] = [{} for _ in orders]
+
+    async def serve(self) -> None:
+        await self._step(self.check)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._step, self.vector_searches)
+            nursery.start_soon(self._step, self.keyword_searches)
+        await self._step(self.rerank)
+
+    async def _step(self, step: Callable[[], None]) -> None:
+        await trio.to_thread.run_sync(step, abandon_on_cancel=True)
+
+    def _guard(self, indexes: Iterable[int], step: Callable[[], None]) -> None:
         try:
             step()
         except Exception as exc:
             for i in indexes:
-                failed.setdefault(i, exc)
+                self.failed.setdefault(i, exc)
 
-    everyone = list(range(len(orders)))
-    present: dict[str, bool] = {}
+    def _searching(self, name: str) -> list[int]:
+        return [i for i, o in enumerate(self.orders) if name in o.names and i not in self.failed
+                and self.present.get(name)]
 
-    def check(name: str) -> None:
-        present[name] = store.exists(name)
+    def check(self) -> None:
+        """Which collections exist, once per batch."""
+        for name in dict.fromkeys(n for o in self.orders for n in o.names):
+            def exists(name: str = name) -> None:
+                self.present[name] = self.store.exists(name)
+            self._guard([i for i, o in enumerate(self.orders) if name in o.names], exists)
 
-    for name in dict.fromkeys(n for o in orders for n in o.names):
-        guard([i for i, o in enumerate(orders) if name in o.names], partial(check, name))
-    vectors: list[np.ndarray[Any, Any]] = []
-    guard(everyone, lambda: vectors.extend(embedder().embed([o.query for o in orders])))
-    by_vector: list[list[Hit]] = [[] for _ in orders]
-    by_keyword: list[list[Hit]] = [[] for _ in orders]
-    # One Chroma query per collection and filter, for all the queries that search it.
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, order in enumerate(orders):
-        for name in order.names:
-            if present.get(name) and i not in failed:
-                groups.setdefault((name, json.dumps(order.where, sort_keys=True)), []).append(i)
-    for (name, _), members in groups.items():
-        def vector_step(name: str = name, members: list[int] = members) -> None:
-            where = orders[members[0]].where
-            found = store.vector_search_many(name, [vectors[i] for i in members],
-                                             max(orders[i].wanted for i in members), where)
-            for i, hits in zip(members, found, strict=True):
-                by_vector[i] += hits
-        guard(members, vector_step)
-        for i in members:
-            def keyword_step(i: int = i, name: str = name) -> None:
-                by_keyword[i] += store.keyword_search(name, orders[i].query, orders[i].wanted,
-                                                      orders[i].where)
-            guard([i], keyword_step)
-    fused: list[list[Hit]] = []
-    for i, order in enumerate(orders):
-        by_vector[i] = sorted(by_vector[i], key=lambda h: -h.score)[:order.wanted]
-        by_keyword[i] = sorted(by_keyword[i], key=lambda h: -h.score)[:order.wanted]
-        fused.append(fuse([by_vector[i], by_keyword[i]], order.wanted))
-    # The stored vectors of every candidate, one fetch per collection.
-    stored: dict[tuple[str, str], np.ndarray[Any, Any]] = {}
-    wanted_ids: dict[str, set[str]] = {}
-    for i, hits in enumerate(fused):
-        if i not in failed:
-            for h in hits:
-                wanted_ids.setdefault(h.collection, set()).add(h.metadata["vector_id"])
-    for name, ids in wanted_ids.items():
-        def fetch(name: str = name, ids: set[str] = ids) -> None:
-            stored.update({(name, v): e for v, e in store.embeddings(name, sorted(ids)).items()})
-        guard([i for i, hits in enumerate(fused) if any(h.collection == name for h in hits)],
-              fetch)
-    now = time.perf_counter()
-    for i, order in enumerate(orders):
-        if i in failed:
-            order.error = failed[i]
-            continue
-        scored = [Hit(id=h.id, text=h.text, source=h.source, metadata=h.metadata,
-                      collection=h.collection,
-                      score=float(SEMANTIC_WEIGHT * float(stored[key] @ vectors[i])
-                                  + (1 - SEMANTIC_WEIGHT) * coverage(order.query, h.text)))
-                  for h in fused[i]
-                  if (key := (h.collection, h.metadata["vector_id"])) in stored]
-        reranked = sorted(scored, key=lambda h: -h.score)[:order.top_k]
-        order.result = Retrieved(
-            steps=[RetrievalStep("vector", order.query, by_vector[i][:order.top_k]),
-                   RetrievalStep("keyword", order.query, by_keyword[i][:order.top_k]),
-                   RetrievalStep("rerank", order.query, reranked)],
-            elapsed_ms=round((now - order.enqueued) * 1000))
+    def vector_searches(self) -> None:
+        """One embedding call for every query; one Chroma query per collection and filter."""
+        orders = self.orders
+
+        def embed() -> None:
+            self.vectors[:] = list(self.embedder().embed([o.query for o in orders]))
+        self._guard(range(len(orders)), embed)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for name in self.present:
+            for i in self._searching(name):
+                groups.setdefault((name, json.dumps(orders[i].where, sort_keys=True)),
+                                  []).append(i)
+        for (name, _), members in groups.items():
+            def search(name: str = name, members: list[int] = members) -> None:
+                found = self.store.vector_search_many(
+                    name, [self.vectors[i] for i in members],
+                    max(orders[i].wanted for i in members), orders[members[0]].where)
+                for i, hits in zip(members, found, strict=True):
+                    self.by_vector[i] += hits[:orders[i].wanted]
+                    self.cosines[i].update({(name, h.metadata["vector_id"]): h.score
+                                            for h in hits})
+            self._guard(members, search)
+
+    def keyword_searches(self) -> None:
+        for name in self.present:
+            for i in self._searching(name):
+                order = self.orders[i]
+
+                def search(i: int = i, name: str = name, order: SearchOrder = order) -> None:
+                    self.by_keyword[i] += self.store.keyword_search(name, order.query,
+                                                                    order.wanted, order.where)
+                self._guard([i], search)
+
+    def rerank(self) -> None:
+        """Fuse each order's two lists, score the candidates (cosine with the query plus
+        word coverage), and answer every order, with its result or its error."""
+        orders = self.orders
+        fused: list[list[Hit]] = []
+        missing: dict[str, set[str]] = {}  # collection -> vector ids to fetch
+        for i, order in enumerate(orders):
+            self.by_vector[i].sort(key=lambda h: -h.score)
+            self.by_keyword[i].sort(key=lambda h: -h.score)
+            fused.append(fuse([self.by_vector[i][:order.wanted],
+                               self.by_keyword[i][:order.wanted]], order.wanted))
+            if i not in self.failed:
+                for h in fused[i]:
+                    if (h.collection, h.metadata["vector_id"]) not in self.cosines[i]:
+                        missing.setdefault(h.collection, set()).add(h.metadata["vector_id"])
+        stored: dict[tuple[str, str], np.ndarray[Any, Any]] = {}
+        for name, ids in missing.items():
+            def fetch(name: str = name, ids: set[str] = ids) -> None:
+                stored.update({(name, v): e
+                               for v, e in self.store.embeddings(name, sorted(ids)).items()})
+            self._guard([i for i, hits in enumerate(fused)
+                         if any(h.collection == name for h in hits)], fetch)
+        now = time.perf_counter()
+        for i, order in enumerate(orders):
+            if i in self.failed:
+                order.error = self.failed[i]
+                continue
+            for h in fused[i]:
+                key = (h.collection, h.metadata["vector_id"])
+                if key not in self.cosines[i] and key in stored:
+                    self.cosines[i][key] = float(stored[key] @ self.vectors[i])
+            scored = [Hit(id=h.id, text=h.text, source=h.source, metadata=h.metadata,
+                          collection=h.collection,
+                          score=SEMANTIC_WEIGHT * self.cosines[i][key]
+                          + (1 - SEMANTIC_WEIGHT) * coverage(order.query, h.text))
+                      for h in fused[i]
+                      if (key := (h.collection, h.metadata["vector_id"])) in self.cosines[i]]
+            reranked = sorted(scored, key=lambda h: -h.score)[:order.top_k]
+            order.result = Retrieved(
+                steps=[RetrievalStep("vector", order.query, self.by_vector[i][:order.top_k]),
+                       RetrievalStep("keyword", order.query, self.by_keyword[i][:order.top_k]),
+                       RetrievalStep("rerank", order.query, reranked)],
+                elapsed_ms=round((now - order.enqueued) * 1000))

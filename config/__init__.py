@@ -158,6 +158,9 @@ class Rag(_Section, frozen=True):
     context_share: Annotated[float, Meta(gt=0, le=1)]
     shared_collections: list[str]
     grants: dict[str, list[str]]
+    max_document_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+    max_documents: Positive = 100
+    embedding_threads: Annotated[int, Meta(ge=1, le=64)] = 2
 
     def allowed(self, user_id: str) -> list[str]:
         """The collections `user_id` may search, their own first."""

@@ -5,7 +5,8 @@ collection to it in the same transaction (migration 0006), so every worker's nex
 search sees the new documents and none sees half of them. A search reads only the
 current generation. Postgres's own ranking (ts_rank) has no inverse document
 frequency, so a word every chunk has would count as much as a rare name: the score
-here is BM25 (the Lucene form, with bm25s's k1 and b), from a postings table.
+here is BM25 (the Lucene form, with bm25s's k1 and b), from a postings table, over the
+query's words that are not in most chunks (COMMON).
 
 Blocking (psycopg): call it from a worker thread.
 """
@@ -23,6 +24,10 @@ from actors.adapters.postgres import Postgres, apply_migrations
 from actors.errors import TransientError
 
 K1, B = 1.5, 0.75
+# A query word in more than this share of the chunks is left out of the sum when the
+# query has a rarer one: its IDF is under ln 2 (a rare name's is ~9 in 10,000 chunks),
+# and summing its thousands of postings was most of a search's time.
+COMMON = 0.5
 
 
 class Superseded(TransientError):
@@ -49,22 +54,24 @@ def _clean(text: str) -> str:
 
 _SEARCH = cast(LiteralString, f"""
 WITH cur AS (
-    SELECT collection, generation, chunks, greatest(avg_length, 1) AS avg_length
+    SELECT collection, generation, chunks::float8 AS n, greatest(avg_length, 1) AS avg_length
     FROM rag_collections WHERE collection = %(collection)s),
-q AS (
-    SELECT t.lexeme, ln(1 + (cur.chunks - t.df + 0.5) / (t.df + 0.5)) AS idf
+terms AS (
+    SELECT t.lexeme, t.df, ln(1.0 + (cur.n - t.df + 0.5) / (t.df + 0.5)) AS idf
     FROM cur JOIN rag_terms t USING (collection, generation)
     WHERE t.lexeme = ANY(tsvector_to_array(to_tsvector('english', %(query)s)))),
+q AS (
+    SELECT lexeme, idf FROM terms, cur
+    WHERE df <= cur.n * {COMMON} OR NOT EXISTS (SELECT FROM terms WHERE df <= cur.n * {COMMON})),
 scored AS (
-    SELECT p.chunk_id, sum(q.idf * p.tf * {K1 + 1}
-                           / (p.tf + {K1} * (1 - {B} + {B} * p.length / cur.avg_length))) AS score
+    SELECT p.n, sum(q.idf * p.tf * {K1 + 1}
+                    / (p.tf + {K1} * (1 - {B} + {B} * p.length / cur.avg_length))) AS score
     FROM cur JOIN rag_postings p USING (collection, generation) JOIN q USING (lexeme)
-    GROUP BY p.chunk_id ORDER BY score DESC, p.chunk_id LIMIT %(k)s)
+    GROUP BY p.n ORDER BY score DESC, p.n LIMIT %(k)s)
 SELECT c.chunk_id, c.vector_id, c.source, c.body, c.metadata, s.score
 FROM scored s JOIN cur ON true
-JOIN rag_chunks c ON c.collection = cur.collection AND c.generation = cur.generation
-                 AND c.chunk_id = s.chunk_id
-ORDER BY s.score DESC, c.chunk_id
+JOIN rag_chunks c ON c.collection = cur.collection AND c.generation = cur.generation AND c.n = s.n
+ORDER BY s.score DESC, s.n
 """)
 
 
@@ -141,25 +148,25 @@ class KeywordIndex:
                                  f"not {based_on}: another ingest published first")
             generation = 1 if now is None else now + 1
             key = {"c": collection, "g": generation}
-            conn.execute("CREATE TEMP TABLE rag_incoming (chunk_id text, vector_id text, "
-                         "source text, body text, metadata jsonb) ON COMMIT DROP")
+            conn.execute("CREATE TEMP TABLE rag_incoming (n integer, chunk_id text, "
+                         "vector_id text, source text, body text, metadata jsonb) ON COMMIT DROP")
             with conn.cursor().copy("COPY rag_incoming FROM STDIN") as copy:
-                for r in rows:
-                    copy.write_row(r)
+                for n, r in enumerate(rows):
+                    copy.write_row((n, *r))
             conn.execute("CREATE TEMP TABLE rag_lexemes ON COMMIT DROP AS "
-                         "SELECT i.chunk_id, u.lexeme, cardinality(u.positions) AS tf "
+                         "SELECT i.n, u.lexeme, cardinality(u.positions) AS tf "
                          "FROM rag_incoming i, unnest(to_tsvector('english', i.body)) u")
             conn.execute(
-                "INSERT INTO rag_chunks (collection, generation, chunk_id, vector_id, source, "
-                "body, metadata, length) SELECT %(c)s, %(g)s, i.chunk_id, i.vector_id, i.source, "
-                "i.body, i.metadata, coalesce(l.length, 0) FROM rag_incoming i LEFT JOIN "
-                "(SELECT chunk_id, sum(tf) AS length FROM rag_lexemes GROUP BY chunk_id) l "
-                "USING (chunk_id)", key)
+                "INSERT INTO rag_chunks (collection, generation, n, chunk_id, vector_id, source, "
+                "body, metadata, length) SELECT %(c)s, %(g)s, i.n, i.chunk_id, i.vector_id, "
+                "i.source, i.body, i.metadata, coalesce(l.length, 0) FROM rag_incoming i "
+                "LEFT JOIN (SELECT n, sum(tf) AS length FROM rag_lexemes GROUP BY n) l USING (n)",
+                key)
             conn.execute(
-                "INSERT INTO rag_postings (collection, generation, lexeme, chunk_id, tf, length) "
-                "SELECT %(c)s, %(g)s, x.lexeme, x.chunk_id, x.tf, c.length FROM rag_lexemes x "
+                "INSERT INTO rag_postings (collection, generation, lexeme, n, tf, length) "
+                "SELECT %(c)s, %(g)s, x.lexeme, x.n, x.tf, c.length FROM rag_lexemes x "
                 "JOIN rag_chunks c ON c.collection = %(c)s AND c.generation = %(g)s "
-                "AND c.chunk_id = x.chunk_id", key)
+                "AND c.n = x.n", key)
             conn.execute("INSERT INTO rag_terms (collection, generation, lexeme, df) "
                          "SELECT %(c)s, %(g)s, lexeme, count(*) FROM rag_lexemes GROUP BY lexeme",
                          key)
@@ -174,6 +181,8 @@ class KeywordIndex:
             conn.execute("DELETE FROM rag_chunks " + older, key)
             conn.execute("DELETE FROM rag_postings " + older, key)
             conn.execute("DELETE FROM rag_terms " + older, key)
+            # Fresh statistics, so searches are planned for what the tables now hold.
+            conn.execute("ANALYZE rag_chunks, rag_postings, rag_terms")
             return generation
 
         return self._call(write)

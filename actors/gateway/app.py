@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from actors.channels import ready
-from actors.errors import PermanentError, TransientError
+from actors.errors import DocumentRefused, PermanentError, TransientError
 from actors.gateway.auth import Unauthorized, Verifier
 from actors.gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from actors.health import Health
@@ -71,6 +71,14 @@ class History(Protocol):
     async def delete_session(self, *, user_id: str, session_id: str) -> int: ...
 
 
+class Documents(Protocol):
+    """A user's own documents (actors/adapters/ingestion.py UserDocuments)."""
+
+    async def list(self, user_id: str) -> list[dict[str, Any]]: ...
+    async def put(self, user_id: str, name: str, data: bytes) -> tuple[bool, dict[str, Any]]: ...
+    async def delete(self, user_id: str, name: str) -> int: ...
+
+
 Produce = Callable[[str, bytes, bytes | None], Awaitable[None]]  # (topic, value, key)
 
 
@@ -95,6 +103,7 @@ class Gateway:
     relay: Relay
     history: History
     produce: Produce
+    documents: Documents | None = None  # uploads; None: the routes answer 404
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
 
@@ -121,6 +130,21 @@ async def _owner(gateway: Gateway, job_id: str) -> str | None:
     if owner is None:
         owner = await gateway.reads.first_user(gateway.config.job_keys(job_id).stream, job_id)
     return owner
+
+
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it is longer than `limit` (never read further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
 
 
 RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for EventStream
@@ -244,6 +268,28 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         turns = await gateway.history.session_messages(user_id=user, session_id=session_id)
         return JSONResponse({"sessionId": session_id, "messages": turns})
 
+    async def documents(request: Request, user: str) -> Response:
+        if gateway.documents is None:
+            return _error(404, "document uploads are not served here")
+        rag = config.rag
+        if request.method == "GET":
+            return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
+                "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
+        name = request.path_params["name"]
+        try:
+            if request.method == "DELETE":
+                gone = await gateway.documents.delete(user, name)
+                if not gone:
+                    return _error(404, f"no document {name!r}")
+                return JSONResponse({"name": name, "deleted": gone})
+            data = await _body_within(request, rag.max_document_bytes)
+            if data is None:
+                return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit")
+            created, summary = await gateway.documents.put(user, name, data)
+        except DocumentRefused as exc:
+            return _error(exc.status, str(exc))
+        return JSONResponse(summary, status_code=201 if created else 200)
+
     async def dev_token(request: Request) -> Response:
         try:
             value = json.loads(await request.body() or b"{}")
@@ -280,6 +326,9 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         Route("/v1/sessions/{session_id}/messages", guarded("messages", session),
               methods=["GET"]),
         Route("/v1/sessions/{session_id}", guarded("delete", session), methods=["DELETE"]),
+        Route("/v1/documents", guarded("documents", documents), methods=["GET"]),
+        Route("/v1/documents/{name}", guarded("documents", documents),
+              methods=["PUT", "DELETE"]),
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
     ]
     if config.gateway.dev_signin:

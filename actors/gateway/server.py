@@ -21,6 +21,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from actors.adapters.documents import DocumentStore
+from actors.adapters.ingestion import UserDocuments
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
 from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
@@ -115,8 +117,9 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     async def produce(topic: str, value: bytes, key: bytes | None) -> None:
         await producer.send(topic, value, key=key)
 
+    documents = UserDocuments(DocumentStore.from_config(config, pg), config)
     gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
-                      produce=produce)
+                      produce=produce, documents=documents)
     server = HypercornConfig()
     server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
     server.accesslog = None
@@ -156,6 +159,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
         with trio.CancelScope(shield=True):
             await producer.close()
         reads.close()
+        documents.close()
         pg.close()
     log.info("gateway stopped")
 

@@ -15,22 +15,25 @@ CREATE TABLE IF NOT EXISTS rag_collections (
 CREATE TABLE IF NOT EXISTS rag_chunks (
     collection text NOT NULL,
     generation bigint NOT NULL,
+    n          integer NOT NULL,        -- the chunk's number in its generation
     chunk_id   text NOT NULL,
     vector_id  text NOT NULL,           -- the chunk's vector in Chroma (text-addressed)
     source     text NOT NULL,
     body       text NOT NULL,
     metadata   jsonb NOT NULL,
     length     integer NOT NULL,        -- lexemes, counted with repeats
-    PRIMARY KEY (collection, generation, chunk_id)
+    PRIMARY KEY (collection, generation, n),
+    UNIQUE (collection, generation, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS rag_chunks_by_vector ON rag_chunks (collection, generation, vector_id);
 
--- The inverted index: each lexeme's count in each chunk.
+-- The inverted index: each lexeme's count in each chunk (by number: a search sums
+-- thousands of postings, and grouping integers is far cheaper than grouping text).
 CREATE TABLE IF NOT EXISTS rag_postings (
     collection text NOT NULL,
     generation bigint NOT NULL,
     lexeme     text NOT NULL,
-    chunk_id   text NOT NULL,
+    n          integer NOT NULL,
     tf         integer NOT NULL,
     length     integer NOT NULL         -- the chunk's, beside each posting for the score
 );
