@@ -75,7 +75,7 @@ def test_an_unexpected_error_is_one_line_unless_debug_is_asked(tmp_path):
 
 
 @pytest.mark.parametrize("away", ["refusing", "silent"])
-def test_ingest_with_the_chroma_server_away_says_so_in_one_line(tmp_path, away):
+def test_ingest_with_the_chroma_server_away_says_so_in_one_line(tmp_path, away, fresh_dsn):
     # A server that accepted and never answered held `ingest` forever (chromadb waits
     # without a limit); a refusing one ended in a traceback.
     (tmp_path / "doc.txt").write_text("A document about lighthouses.")
@@ -86,12 +86,22 @@ def test_ingest_with_the_chroma_server_away_says_so_in_one_line(tmp_path, away):
         port = silent.getsockname()[1] if away == "silent" else free_port()
         done = run_cli(tmp_path, "ingest", "--collection", "docs", str(tmp_path / "doc.txt"),
                        config_text=f'[rag]\nchroma_url = "http://127.0.0.1:{port}"\n'
-                                   "chroma_timeout_s = 1\n")
+                                   f'chroma_timeout_s = 1\n[postgres]\ndsn = "{fresh_dsn}"\n')
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"chat-actors ingest: chroma at http://127.0.0.1:{port}: ")
     assert ("Connection refused" if away == "refusing" else "no answer in time") in lines[0]
+
+
+def test_ingest_with_postgres_away_says_so_in_one_line(tmp_path):
+    # The keyword index lives in Postgres: without it nothing is ingested by halves.
+    (tmp_path / "doc.txt").write_text("A document about lighthouses.")
+    done = run_cli(tmp_path, "ingest", "--collection", "docs", str(tmp_path / "doc.txt"),
+                   config_text=f'[rag]\npath = "{tmp_path / "rag"}"\n[postgres]\n'
+                               'dsn = "postgresql://postgres:pw-secret@127.0.0.1:{port}/x"\n')
+    assert_one_redacted_line(done, "chat-actors ingest: postgres: OperationalError: ")
+    assert not (tmp_path / "rag" / "chroma").exists()  # nothing was written to Chroma
 
 
 def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, capsys):
