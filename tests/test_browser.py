@@ -108,3 +108,44 @@ async def test_a_person_chats_reloads_stops_and_sees_the_history(gw_config, llm)
     async with worker_running(config), gateway_running(config) as (handle, _):
         await trio.to_thread.run_sync(_session, f"http://127.0.0.1:{handle.port}/")
     assert (ARTIFACTS / "gateway-page.png").stat().st_size > 1000
+
+
+def _documents(url: str, document: Path) -> None:
+    """Sign in, upload a document, ask from it and see its source, delete it."""
+    from selenium.webdriver.common.by import By
+
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    driver = _browser(profile)
+    try:
+        driver.get(url)
+        driver.find_element(By.ID, "signin-button").click()
+        _wait(lambda: "signed in" in driver.find_element(By.ID, "who").text, what="sign-in")
+        driver.find_element(By.ID, "upload").send_keys(str(document))
+        _wait(lambda: "chunks" in driver.find_element(By.ID, "upload-status").text,
+              what="the upload")
+        names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".document span")]
+        assert names == [document.name]
+        assert driver.find_element(By.ID, "rag").is_selected()  # asks use the documents now
+        driver.find_element(By.ID, "message").send_keys("Where is the boat moored?")
+        driver.find_element(By.ID, "send").click()
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".assistant[data-status]"),
+              what="the answer")
+        assert document.name in driver.find_elements(By.CSS_SELECTOR, ".sources")[-1].text
+        driver.find_element(By.CSS_SELECTOR, ".document button").click()
+        _wait(lambda: not driver.find_elements(By.CSS_SELECTOR, ".document"),
+              what="the document to go")
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def test_a_person_uploads_a_document_asks_from_it_and_deletes_it(gw_config, llm,
+                                                                       fresh_dsn, tmp_path):
+    config = gw_config(CHAT_ACTORS__GATEWAY__DEV_SIGNIN="true",
+                       CHAT_ACTORS__POSTGRES__DSN=fresh_dsn,
+                       CHAT_ACTORS__RAG__PATH=str(tmp_path / "rag"))
+    llm.default = Reply(tokens=("At", " pier", " nine", "."))
+    document = tmp_path / "boats.md"
+    document.write_text("# Boats\nThe boat Quelvath is moored at pier nine.\n")
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        await trio.to_thread.run_sync(_documents, f"http://127.0.0.1:{handle.port}/", document)
