@@ -46,36 +46,16 @@ def _pieces(body: str, max_tokens: int, count: Callable[[str], int]) -> list[str
     return out
 
 
-def _with(prefix: str, lines: list[str]) -> str:
-    """The chunk of `lines` under `prefix`, unless its text starts with it already."""
-    joined = "\n".join(lines)
-    return joined if prefix and joined.startswith(prefix.rstrip("\n")) else prefix + joined
-
-
-def title_of(text: str, fallback: str) -> str:
-    """A document's title: its first Markdown heading, else its first line when that is
-    short enough to be one, else `fallback` (the file's name)."""
-    heading = _HEADING.search(text[:4000])
-    if heading and heading.group(2).strip():
-        return heading.group(2).strip()[:200]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first if 0 < len(first) <= 80 else fallback
-
-
 def chunk_text(text: str, *, max_tokens: int, overlap_tokens: int,
-               count: Callable[[str], int], title: str = "") -> list[str]:
-    """Chunks of `text`, each starting with the document's `title` and its section's
-    heading (once, when they are the same), so that a chunk from the middle of a
-    long document still says what it is about, to the search and to the model."""
+               count: Callable[[str], int]) -> list[str]:
     chunks: list[str] = []
     for heading, body in _sections(text):
-        prefix = "".join(f"{line}\n" for line in dict.fromkeys((title, heading)) if line)
+        prefix = f"{heading}\n" if heading else ""
         budget = max(16, max_tokens - count(prefix))
-
         current: list[str] = []
         for piece in _pieces(body, budget, count):
             if current and count("\n".join([*current, piece])) > budget:
-                chunks.append(_with(prefix, current))
+                chunks.append(prefix + "\n".join(current))
                 # Carry the tail of this chunk into the next one.
                 carried: list[str] = []
                 for previous in reversed(current):
@@ -85,5 +65,5 @@ def chunk_text(text: str, *, max_tokens: int, overlap_tokens: int,
                 current = carried if count("\n".join([*carried, piece])) <= budget else []
             current.append(piece)
         if current:
-            chunks.append(_with(prefix, current))
+            chunks.append(prefix + "\n".join(current))
     return chunks

@@ -25,7 +25,7 @@ from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.adapters.keywords import Chunk, Superseded
 from actors.adapters.tokens import TokenCounter
-from actors.chunking import chunk_text, title_of
+from actors.chunking import chunk_text
 from actors.errors import DocumentRefused
 from config import Config
 
@@ -115,10 +115,9 @@ def _chunked(config: Config, documents: dict[str, str]) -> dict[str, Chunk]:
     wanted: dict[str, Chunk] = {}
     for source, text in documents.items():
         text = text.replace("\x00", "")
-        title = title_of(text, Path(source).stem)
         for index, piece in enumerate(chunk_text(text, max_tokens=rag.chunk_tokens,
                                                  overlap_tokens=rag.chunk_overlap_tokens,
-                                                 count=count, title=title)):
+                                                 count=count)):
             chunk_id = f"{source}#{index}"
             digest = content_hash(piece)
             wanted[chunk_id] = Chunk(chunk_id=chunk_id, vector_id=f"{chunk_id}@{digest[:16]}",
