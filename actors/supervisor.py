@@ -141,8 +141,7 @@ class _Adapters:
 
 async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> _Adapters:
     """Build the adapters; a dependency that is missing fails start-up with StartupError."""
-    pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size,
-                  statement_timeout_s=config.postgres.statement_timeout_s)
+    pg = Postgres.of(config.postgres)
     await _check("postgres", redact(config.postgres.dsn), pg.migrate)
     events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
                          maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,

@@ -103,6 +103,14 @@ class Postgres(_Section, frozen=True):
     pool_size: Positive
     batch: Positive
     statement_timeout_s: PositiveFloat
+    # psycopg prepares a query run this many times on a connection; "" never prepares
+    # (PgBouncer in transaction mode hands each transaction another server connection).
+    prepare_threshold: Annotated[int, Meta(ge=0)] | Literal[""] = 5
+
+    @property
+    def prepare_after(self) -> int | None:
+        """psycopg's Connection.prepare_threshold: None never prepares."""
+        return None if self.prepare_threshold == "" else self.prepare_threshold
 
 
 class ModelAlias(_Section, frozen=True):

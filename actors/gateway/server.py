@@ -111,7 +111,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
         reads.close()
         raise
     producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.producer)
-    pg = Postgres(dsn=config.postgres.dsn, pool_size=config.postgres.pool_size)
+    pg = Postgres.of(config.postgres)
     relay = Relay(make_reader, config.gateway.readers)
 
     async def produce(topic: str, value: bytes, key: bytes | None) -> None:
