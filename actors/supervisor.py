@@ -153,7 +153,7 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
 
     async def topics_ready() -> None:
         created = await trio.to_thread.run_sync(
-            ensure_topics, kafka.bootstrap_servers, kafka.producer, topics, kafka.partitions)
+            ensure_topics, kafka.bootstrap_servers, kafka.client("producer"), topics, kafka.partitions)
         if created:
             log.info("created topics %s with %d partitions", created, kafka.partitions)
 
@@ -162,15 +162,15 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
         topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
         group_id=f"{kafka.group_id}.control.{this_worker}",
         session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-        extra=kafka.consumer)
+        extra=kafka.client("consumer"))
     await _check("kafka", kafka.bootstrap_servers,
                  lambda: control.assign_since(config.control.tombstone_ttl_s))
     consumer = RequestConsumer(
         topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
         session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-        extra=kafka.consumer, on_revoke=tracker.revoke)
+        extra=kafka.client("consumer"), on_revoke=tracker.revoke)
     return _Adapters(pg=pg, events=events, control=control, consumer=consumer,
-                     dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.producer),
+                     dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.client("producer")),
                      vendors=OpenAIWireChat(),
                      documents=await trio.to_thread.run_sync(DocumentStore.from_config,
                                                              config, pg))

@@ -22,7 +22,9 @@ DEFAULT_FILE = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "CHAT_ACTORS__"
 
 Positive = Annotated[int, Meta(gt=0)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
+# Float bounds written as floats: typing caches Annotated types by equality (0 == 0.0),
+# so the first module to spell one decides how every equal one renders in a schema.
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Name = Annotated[str, Meta(min_length=1)]
 # An endpoint a client connects to: http(s) with a host. "localhost:8000/v1" would only
@@ -59,6 +61,16 @@ class Kafka(_Section, frozen=True):
     partitions: Positive
     consumer: dict[str, str | int | float | bool]
     producer: dict[str, str | int | float | bool]
+    sasl_password_env: str = "CHAT_ACTORS_KAFKA_PASSWORD"
+
+    def client(self, role: Literal["producer", "consumer"]) -> dict[str, str | int | float | bool]:
+        """librdkafka settings of a producer (and admin client) or a consumer: [kafka.<role>],
+        plus `sasl.password` from $<sasl_password_env> when that is set."""
+        settings = dict(self.producer if role == "producer" else self.consumer)
+        password = secret(self.sasl_password_env) if self.sasl_password_env else None
+        if password is not None:
+            settings["sasl.password"] = password
+        return settings
 
 
 class Redis(_Section, frozen=True):
@@ -120,10 +132,10 @@ class ModelAlias(_Section, frozen=True):
     fallbacks: list[str] = []
     context_window: Annotated[int, Meta(ge=64)] = 8192
     max_tokens: Positive = 512
-    input_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
-    output_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
-    cache_read_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
-    cache_write_cost_per_token: Annotated[float, Meta(ge=0)] | None = None
+    input_cost_per_token: Annotated[float, Meta(ge=0.0)] | None = None
+    output_cost_per_token: Annotated[float, Meta(ge=0.0)] | None = None
+    cache_read_cost_per_token: Annotated[float, Meta(ge=0.0)] | None = None
+    cache_write_cost_per_token: Annotated[float, Meta(ge=0.0)] | None = None
     # auto: OpenAI-wire vendors stream natively, others through LiteLLM (see openai_wire).
     stream_path: Literal["auto", "openai", "litellm"] = "auto"
     # What the model takes (contract 2.1 v2); unset: what LiteLLM's model map says.
@@ -163,7 +175,7 @@ class Rag(_Section, frozen=True):
     chunk_overlap_tokens: Annotated[int, Meta(ge=0)]
     max_age_days: PositiveFloat
     top_k: Annotated[int, Meta(ge=1, le=50)]
-    context_share: Annotated[float, Meta(gt=0, le=1)]
+    context_share: Annotated[float, Meta(gt=0.0, le=1.0)]
     shared_collections: list[str]
     grants: dict[str, list[str]]
     max_document_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
@@ -201,7 +213,7 @@ def stored_collection_name(name: str) -> str:
 
 
 class Control(_Section, frozen=True):
-    tombstone_ttl_s: Annotated[float, Meta(ge=0)]
+    tombstone_ttl_s: Annotated[float, Meta(ge=0.0)]
 
 
 HostName = Annotated[str, Meta(pattern=_HOST_NAME, max_length=253)]
@@ -215,7 +227,7 @@ class Limits(_Section, frozen=True):
 
 
 class Shutdown(_Section, frozen=True):
-    grace_s: Annotated[float, Meta(ge=0)]
+    grace_s: Annotated[float, Meta(ge=0.0)]
 
 
 class Health(_Section, frozen=True):
@@ -233,7 +245,7 @@ class Limit(_Section, frozen=True):
 
     # Finite: the ledger's numeric column holds no infinity (and an infinite budget is
     # written 0, no limit). msgspec says which key is out of range.
-    usd: Annotated[float, Meta(ge=0, le=1e12)] = 0.0
+    usd: Annotated[float, Meta(ge=0.0, le=1e12)] = 0.0
     rpm: Annotated[int, Meta(ge=0, le=10**12)] = 0
     tpm: Annotated[int, Meta(ge=0, le=10**12)] = 0
 
@@ -415,6 +427,13 @@ def _check_models(config: Config) -> None:
                 f"llm.models.{alias}.max_tokens ({spec.max_tokens}) must be smaller than "
                 f"context_window ({spec.context_window})"
             )
+    for role in ("producer", "consumer"):
+        for key in getattr(config.kafka, role):
+            if key.lower() in _KAFKA_SECRETS:
+                raise ConfigError(
+                    f"kafka.{role}.{key}: a secret does not go in the config; set "
+                    + (f"${config.kafka.sasl_password_env} (kafka.sasl_password_env)"
+                       if key.lower() == "sasl.password" else "it through a file librdkafka reads"))
     if config.rag.chunk_overlap_tokens >= config.rag.chunk_tokens:
         raise ConfigError("rag.chunk_overlap_tokens must be smaller than rag.chunk_tokens")
     if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
@@ -426,6 +445,11 @@ def _check_models(config: Config) -> None:
             "stream.key_template: with redis.cluster = true it must hold {job_id}: a shared "
             f"stream ({config.stream.key_template!r}) would put every job in one slot"
         )
+
+
+# librdkafka settings that hold a secret: refused in the config files.
+_KAFKA_SECRETS = {"sasl.password", "ssl.key.password", "ssl.keystore.password",
+                  "sasl.oauthbearer.client.secret", "ssl.key.pem"}
 
 
 def secret(env_name: str | None) -> str | None:
@@ -446,6 +470,8 @@ def secret_variables(config: Config) -> dict[str, str]:
         names["gateway.jwt_secret_env"] = config.gateway.jwt_secret_env
     if config.rag.chroma_token_env:
         names["rag.chroma_token_env"] = config.rag.chroma_token_env
+    if config.kafka.sasl_password_env:
+        names["kafka.sasl_password_env"] = config.kafka.sasl_password_env
     return names
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,38 @@ def test_secrets_lose_surrounding_whitespace_and_whitespace_inside_is_refused(mo
     assert secret_problems(config) == [
         "llm.models.other.api_key_env: the value of $KEY_BROKEN holds whitespace or control "
         "characters inside it (only surrounding whitespace is removed)"]
+
+
+@pytest.mark.parametrize("key", ["sasl.password", "SASL.PASSWORD", "ssl.key.password"])
+def test_a_kafka_secret_in_the_config_is_refused(tmp_path, key):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[kafka.consumer]\n"{key}" = "hunter2-literal"\n')
+    with pytest.raises(ConfigError, match=f"kafka.consumer.{re.escape(key)}: a secret") as refused:
+        load_config(path, environ={})
+    assert "hunter2" not in str(refused.value)
+    if key.lower() == "sasl.password":
+        assert "$CHAT_ACTORS_KAFKA_PASSWORD (kafka.sasl_password_env)" in str(refused.value)
+
+
+def test_the_sasl_password_reaches_every_kafka_client_from_the_environment_only(monkeypatch):
+    from actors.logs import scrubber, secrets_from
+
+    managed = {"CHAT_ACTORS__KAFKA__PRODUCER": '{"security.protocol" = "SASL_SSL", '
+                                                '"sasl.mechanisms" = "SCRAM-SHA-512", '
+                                                '"sasl.username" = "chat"}',
+               "CHAT_ACTORS__KAFKA__CONSUMER": '{"security.protocol" = "SASL_SSL", '
+                                                '"sasl.mechanisms" = "SCRAM-SHA-512", '
+                                                '"sasl.username" = "chat"}'}
+    config = load_config(environ=managed)
+    assert "sasl.password" not in config.kafka.client("producer")  # unset: nothing added
+    monkeypatch.setenv("CHAT_ACTORS_KAFKA_PASSWORD", "  kafka-pw-7f3e  ")
+    for role in ("producer", "consumer"):
+        settings = config.kafka.client(role)
+        assert settings["sasl.password"] == "kafka-pw-7f3e"
+        assert settings["sasl.username"] == "chat"
+    # ...and never leaves in a log line.
+    scrub = scrubber(secrets_from(config))
+    assert "kafka-pw-7f3e" not in scrub("auth failed for chat/kafka-pw-7f3e")
 
 
 async def test_a_key_with_whitespace_inside_stops_the_start_with_one_clear_line(monkeypatch):

@@ -40,7 +40,7 @@ class ChatClient:
             "bootstrap.servers": config.kafka.bootstrap_servers, "log.connection.close": False,
             # librdkafka's own lines go through logging, never raw to the terminal.
             "logger": LIBRDKAFKA_LOG, "message.timeout.ms": int(timeout_s * 1000),
-            **config.kafka.producer})
+            **config.kafka.client("producer")})
         # Reads block for 1 s at a time (events), so a reply may take that much longer.
         self._redis = redis.Redis.from_url(
             config.redis.url, decode_responses=True, password=secret(config.redis.password_env),

@@ -105,12 +105,12 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                                  config.stream.key_template.split("{job_id}", 1)[0])
             make_reader = partial(ClusterReader, watch, reads.client)
         await trio.to_thread.run_sync(partial(
-            ensure_topics, config.kafka.bootstrap_servers, config.kafka.producer,
+            ensure_topics, config.kafka.bootstrap_servers, config.kafka.client("producer"),
             [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
     except BaseException:
         reads.close()
         raise
-    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.producer)
+    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.client("producer"))
     pg = Postgres.of(config.postgres)
     relay = Relay(make_reader, config.gateway.readers)
 
