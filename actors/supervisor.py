@@ -146,7 +146,8 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
     events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
                          maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
                          keys=config.job_keys, cluster=config.redis.cluster,
-                         socket_timeout_s=config.redis.socket_timeout_s)
+                         socket_timeout_s=config.redis.socket_timeout_s,
+                         replica_wait_ms=config.redis.replica_wait_ms)
     await _check("redis", redact(config.redis.url), events.ping)
     kafka = config.kafka
     topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)

@@ -78,6 +78,7 @@ class Redis(_Section, frozen=True):
     password_env: str
     socket_timeout_s: PositiveFloat
     cluster: bool = False
+    replica_wait_ms: Annotated[int, Meta(ge=0, le=60000)] = 1000
 
 
 class JobKeys(msgspec.Struct, frozen=True):

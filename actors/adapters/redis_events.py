@@ -6,7 +6,10 @@ event, against ~130 us for one awaited XADD through redis.asyncio on the bridge.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -19,6 +22,9 @@ from config import JobKeys, secret
 from messages.ports import StreamEntry
 
 T = TypeVar("T")
+log = logging.getLogger("chat_actors.redis")
+TERMINAL = ("final", "done")  # the events written with WAIT when the primary has replicas
+REPLICAS_EVERY_S = 10.0  # how long a look at a single Redis's replicas is trusted
 
 # States a server passes through: out of memory, a failed snapshot, loading, a replica
 # mid-failover, a busy script, a cluster reconfiguring. Retried, and named in /readyz.
@@ -29,7 +35,7 @@ _PASSING = (redis.ConnectionError, redis.TimeoutError, redis_errors.BusyLoadingE
 # The same states as error replies redis-py does not type (from inside a script, a
 # pipeline, or a server newer than the client).
 _PASSING_REPLY = re.compile(r"(^|[\s:-])(OOM|MISCONF|LOADING|READONLY|BUSY|MASTERDOWN|TRYAGAIN"
-                            r"|CLUSTERDOWN|NOREPLICAS)\b")
+                            r"|CLUSTERDOWN|NOREPLICAS|MOVED|ASK)\b")
 
 
 def translate(exc: redis.RedisError) -> TransientError | PermanentError:
@@ -82,11 +88,17 @@ class RedisEvents:
     """`keys` names a job's keys (config.job_keys: the done marker is separate from the
     stream, so a shared stream still answers "is this job done?"). With `cluster`, each
     pipeline is plain (no MULTI/EXEC across slots): every script touches the keys of
-    one job, which share a slot."""
+    one job, which share a slot.
+
+    Replication is asynchronous: a primary that fails over may lose what it took last.
+    A batch holding a `final` or a `done` is therefore followed by WAIT for one replica
+    (at most `replica_wait_ms`) on each primary it wrote to, when that primary has
+    replicas, so a job's end survives a failover; token entries do not wait (a lost one
+    shows as a gap in `seq`, and `final.text` holds the whole answer)."""
 
     def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int,
                  keys: Callable[[str], JobKeys], cluster: bool = False,
-                 socket_timeout_s: float = 10.0) -> None:
+                 socket_timeout_s: float = 10.0, replica_wait_ms: int = 1000) -> None:
         password = secret(password_env)
         options: dict[str, Any] = {
             "password": password or None, "socket_timeout": socket_timeout_s,
@@ -100,8 +112,17 @@ class RedisEvents:
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
+        self._replica_wait_ms = replica_wait_ms
+        self._replicas_seen: tuple[float, bool] = (-REPLICAS_EVERY_S, False)
+        self.waits_unacknowledged = 0  # WAITs that no replica answered in time
+        self._node_clients: dict[int, Any] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._cluster:
+            # redis-py re-reads a cluster's topology after a failure and drops the node
+            # clients it had without closing them: keep each, to close at the end.
+            self._node_clients.update((id(n.redis_connection), n.redis_connection)
+                                      for n in self._client.get_nodes() if n.redis_connection)
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except redis.RedisError as exc:
@@ -112,22 +133,82 @@ class RedisEvents:
         entries not written because a later attempt holds the job."""
 
         def pipeline() -> set[tuple[str, int]]:
-            pipe = self._client.pipeline(transaction=not self._cluster)
+            calls = []
             for entry in entries:
                 event = entry.event
                 fields = [item for pair in event.fields().items() for item in pair]
                 done = event.data if event.event == "done" else ""
                 keys = self._keys(event.job_id)
-                self._append_once(keys=[entry.key, keys.seq(event.attempt), keys.attempt,
-                                        keys.done],
-                                  args=[event.seq, self._maxlen, self._ttl_s, event.attempt,
-                                        done, *fields],
-                                  client=pipe)
-            results = pipe.execute()
+                calls.append(([entry.key, keys.seq(event.attempt), keys.attempt, keys.done],
+                              [event.seq, self._maxlen, self._ttl_s, event.attempt, done,
+                               *fields]))
+            results = self._cluster_appends(calls) if self._cluster else self._appends(calls)
+            ends = [entry.key for entry, result in zip(entries, results, strict=True)
+                    if result == 1 and entry.event.event in TERMINAL]
+            if ends:
+                self._replicated(ends)
             return {(entry.event.job_id, entry.event.attempt)
                     for entry, result in zip(entries, results, strict=True) if result == -1}
 
         return await self._run(pipeline)
+
+    def _appends(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=True)
+        for keys, args in calls:
+            self._append_once(keys=keys, args=args, client=pipe)
+        return list(pipe.execute())
+
+    def _cluster_appends(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """One plain pipeline per primary (redis-py's cluster pipeline runs no scripts):
+        a job's keys share a slot, so its entries keep their order on their node. A
+        node that moved the slot or went away: the topology is read again, and the
+        writer retries the batch (each append is idempotent)."""
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for n, (keys, _) in enumerate(calls):
+            node = self._client.get_node_from_key(keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(n)
+        results: list[Any] = [None] * len(calls)
+        try:
+            for node, indexes in by_node.values():
+                pipe = node.redis_connection.pipeline(transaction=False)
+                for n in indexes:
+                    self._append_once(keys=calls[n][0], args=calls[n][1], client=pipe)
+                for n, result in zip(indexes, pipe.execute(), strict=True):
+                    results[n] = result
+        except redis.RedisError:
+            self._relearn_nodes()
+            raise
+        return results
+
+    def _relearn_nodes(self) -> None:
+        """Read the cluster's topology again (the node clients it replaces are closed
+        with this object: `close`)."""
+        with contextlib.suppress(redis.RedisError):
+            self._client.nodes_manager.initialize()
+
+    def _replicated(self, keys: list[str]) -> None:
+        """WAIT for one replica on the primaries holding `keys`, where replicas exist."""
+        if self._replica_wait_ms <= 0:
+            return
+        if self._cluster:
+            if not self._client.get_replicas():
+                return
+            nodes = {node.name: node for node in map(self._client.get_node_from_key, keys)}
+            acked = [self._client.execute_command("WAIT", 1, self._replica_wait_ms,
+                                                  target_nodes=node) for node in nodes.values()]
+        else:
+            checked, has = self._replicas_seen
+            if time.monotonic() - checked > REPLICAS_EVERY_S:
+                has = int(self._client.info("replication").get("connected_slaves", 0)) > 0
+                self._replicas_seen = (time.monotonic(), has)
+            if not has:
+                return
+            acked = [self._client.execute_command("WAIT", 1, self._replica_wait_ms)]
+        missed = sum(1 for n in acked if int(n) < 1)
+        if missed:
+            self.waits_unacknowledged += missed
+            log.warning("no replica acknowledged a job's end within %d ms: a failover now "
+                        "could lose it", self._replica_wait_ms)
 
     async def hand_over(self, job_id: str, attempt: int) -> None:
         """A valid request claimed `job_id` over a rejected one, as `attempt`: clear what
@@ -150,3 +231,5 @@ class RedisEvents:
 
     def close(self) -> None:
         self._client.close()
+        for client in self._node_clients.values():
+            client.close()
