@@ -1,13 +1,16 @@
 """Postgres through PgBouncer in transaction mode (Debian's pgbouncer, a small server
 pool in front of the stack's Postgres), with `postgres.prepare_threshold = ""`: the job
-lifecycle, budgets and outage tests of the other modules run again here, their configs
-pointed at PgBouncer (the `make_config` below), their assertions read Postgres directly."""
+lifecycle, budgets and outage tests of the other modules run again here, each in a
+database of its own (`stack` below: they ran once already, and budgets and histories
+would carry over), their configs pointed at PgBouncer (`make_config`), their
+assertions reading Postgres directly."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,15 +40,55 @@ pytestmark = pytest.mark.skipif(
     reason="not run: needs Debian's pgbouncer (bin/chat-actors test installs it as root)")
 
 
-@pytest.fixture(scope="module")
-def pgbouncer(stack: Stack) -> Iterator[local_stack.Service]:
+class _Database:
+    """The stack's Postgres service, its URL naming this test's database."""
+
+    def __init__(self, service: local_stack.Service, name: str) -> None:
+        self._service, self.name = service, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._service, attribute)
+
+    @property
+    def url(self) -> str:
+        return self._service.url.rsplit("/", 1)[0] + f"/{self.name}"
+
+
+class _OwnDatabase:
+    """The session's stack, with a database of this test's own."""
+
+    def __init__(self, stack: Stack, name: str) -> None:
+        self._stack, self._name = stack, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._stack, attribute)
+
+    @property
+    def postgres(self) -> _Database:
+        return _Database(self._stack.postgres, self._name)
+
+
+@pytest.fixture
+def stack(stack: Stack) -> Iterator[Any]:
+    import psycopg
+
+    name = f"pgb_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    yield _OwnDatabase(stack, name)
+    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pgbouncer(stack: Any) -> Iterator[local_stack.Service]:
     service = local_stack.start_pgbouncer(stack.workdir, stack.postgres.port)
     yield service
     service.stop()
 
 
 @pytest.fixture
-def make_config(stack: Stack, llm: ScriptedLLM, tmp_path: Path,
+def make_config(stack: Any, llm: ScriptedLLM, tmp_path: Path,
                 pgbouncer: local_stack.Service) -> Callable[..., tuple[Config, Path]]:
     """conftest's configs, with Postgres reached through PgBouncer, never preparing."""
 
@@ -56,8 +99,8 @@ def make_config(stack: Stack, llm: ScriptedLLM, tmp_path: Path,
         direct = f'dsn = "{stack.postgres.url}"\n'
         text = config_text(stack, llm.url, tag, extra)
         assert direct in text
-        path.write_text(text.replace(direct, f'dsn = "{pgbouncer.url}"\n'
-                                             'prepare_threshold = ""\n'))
+        pooled = pgbouncer.url.rsplit("/", 1)[0] + f"/{stack.postgres.name}"
+        path.write_text(text.replace(direct, f'dsn = "{pooled}"\nprepare_threshold = ""\n'))
         return load_config(path, environ=environ or {}), path
 
     return make
