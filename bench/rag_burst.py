@@ -21,13 +21,15 @@ from functools import partial
 
 import trio
 
-from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
-from actors.retriever import retriever_running
 from bench.peers.rag_per_query import PerQueryRetriever
-from bench.retrieval_quality import bench_config, big_collection, percentile
-from config import load_config
-from tools import local_stack
+from bench.retrieval_quality import (
+    bench_store,
+    big_collection,
+    open_to_all,
+    percentile,
+    retriever_of,
+)
 
 GOAL_P99_MS = 150
 
@@ -51,63 +53,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--bursts", type=int, default=5)
     args = parser.parse_args(argv)
-    import logging
+    with bench_store("chat-actors-rag-burst-") as (_, config, store):
+        started = time.perf_counter()
+        questions = big_collection(store, config, args.chunks, random.Random(7))
+        print(f"{args.chunks} chunks ingested in {time.perf_counter() - started:.0f} s; "
+              f"{args.bursts} bursts of {args.concurrency} concurrent searches (top 5)")
+        shared = open_to_all(config, "big")
+        rounds = [questions[i * args.concurrency:(i + 1) * args.concurrency]
+                  for i in range(args.bursts + 1)]
+        results: dict[str, list[float]] = {}
 
-    logging.getLogger("chromadb").setLevel(logging.ERROR)
-    with local_stack.workdir("chat-actors-rag-burst-") as workdir:
-        pg = local_stack.start_postgres(workdir)
-        try:
-            config = bench_config(workdir, pg.url)
-            store = DocumentStore.from_config(config)
-            started = time.perf_counter()
-            questions = big_collection(store, config, args.chunks, random.Random(7))
-            print(f"{args.chunks} chunks ingested in {time.perf_counter() - started:.0f} s; "
-                  f"{args.bursts} bursts of {args.concurrency} concurrent searches (top 5)")
-            grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
-                                          "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
-                                          "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["big"]'})
-            embedder = partial(configured_embedder, grants.rag)
-            names = grants.rag.allowed("bench")
-            rounds = [questions[i * args.concurrency:(i + 1) * args.concurrency]
-                      for i in range(args.bursts + 1)]
-            results: dict[str, list[float]] = {}
-
-            async def actor_side() -> None:
-                async with retriever_running(store, grants, embedder=embedder) as retriever:
-                    async def search(question: str) -> object:
-                        return await retriever.search(query=question, user_id="bench",
-                                                      collection=None, top_k=5, where=None)
-
-                    await burst(search, rounds[0], [])  # warm: model, caches
-                    results["retriever actor"] = []
-                    for questions_ in rounds[1:]:
-                        await burst(search, questions_, results["retriever actor"])
-
-            async def per_query_side() -> None:
-                retriever = PerQueryRetriever(store, embedder)
-
+        async def actor_side() -> None:
+            async with retriever_of(store, shared) as retriever:
                 async def search(question: str) -> object:
-                    return await retriever.search(question, names, 5)
+                    return await retriever.search(query=question, user_id="bench",
+                                                  collection=None, top_k=5, where=None)
 
-                await burst(search, rounds[0], [])
-                results["one search per job"] = []
+                await burst(search, rounds[0], [])  # warm: model, caches
+                results["retriever actor"] = []
                 for questions_ in rounds[1:]:
-                    await burst(search, questions_, results["one search per job"])
+                    await burst(search, questions_, results["retriever actor"])
 
-            trio.run(per_query_side)
-            trio.run(actor_side)
-            print(f"{'path':<20} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-            for name, timings in results.items():
-                print(f"{name:<20} {percentile(timings, 0.5):8.0f} "
-                      f"{percentile(timings, 0.99):8.0f} {max(timings):8.0f}")
-            actor, peer = results["retriever actor"], results["one search per job"]
-            p99 = percentile(actor, 0.99)
-            print(f"p99: actor {p99:.0f} ms, {percentile(peer, 0.99) / p99:.1f}x better than "
-                  f"one search per job; goal <= {GOAL_P99_MS} ms "
-                  f"{'met' if p99 <= GOAL_P99_MS else 'NOT met'}")
-            store.close()
-        finally:
-            pg.stop()
+        async def per_query_side() -> None:
+            retriever = PerQueryRetriever(store, partial(configured_embedder, shared.rag))
+
+            async def search(question: str) -> object:
+                return await retriever.search(question, shared.rag.allowed("bench"), 5)
+
+            await burst(search, rounds[0], [])
+            results["one search per job"] = []
+            for questions_ in rounds[1:]:
+                await burst(search, questions_, results["one search per job"])
+
+        trio.run(per_query_side)
+        trio.run(actor_side)
+        print(f"{'path':<20} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        for name, timings in results.items():
+            print(f"{name:<20} {percentile(timings, 0.5):8.0f} "
+                  f"{percentile(timings, 0.99):8.0f} {max(timings):8.0f}")
+        actor, peer = results["retriever actor"], results["one search per job"]
+        p99 = percentile(actor, 0.99)
+        print(f"p99: actor {p99:.0f} ms, {percentile(peer, 0.99) / p99:.1f}x better than "
+              f"one search per job; goal <= {GOAL_P99_MS} ms "
+              f"{'met' if p99 <= GOAL_P99_MS else 'NOT met'}")
     return 0
 
 

@@ -25,7 +25,8 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import trio
 
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
-from actors.retriever import fuse, retriever_running
+from actors.retriever import Retriever, fuse, retriever_running
 from bench.peers.bm25s_index import Bm25sIndex
 from config import Config, load_config
 from messages.ports import Hit
@@ -139,6 +140,39 @@ def pydoc_set(store: DocumentStore, config: Config) -> Labelled:
     return [(question, {f"{topic}.txt"}) for question, topic in pairs]
 
 
+@contextmanager
+def bench_store(prefix: str) -> Iterator[tuple[Path, Config, DocumentStore]]:
+    """A work folder, a Postgres of its own and a document store over both (embedded
+    Chroma), for the length of the block."""
+    import logging
+
+    logging.getLogger("chromadb").setLevel(logging.ERROR)
+    with local_stack.workdir(prefix) as workdir:
+        pg = local_stack.start_postgres(workdir)
+        try:
+            config = load_config(environ={"CHAT_ACTORS__RAG__PATH": str(workdir / "rag"),
+                                          "CHAT_ACTORS__POSTGRES__DSN": pg.url})
+            store = DocumentStore.from_config(config)
+            try:
+                yield workdir, config, store
+            finally:
+                store.close()
+        finally:
+            pg.stop()
+
+
+def open_to_all(config: Config, collection: str) -> Config:
+    """`config` with `collection` shared with every user (the benches search as one)."""
+    return load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
+                                "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
+                                "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": f'["{collection}"]'})
+
+
+def retriever_of(store: DocumentStore, config: Config) -> AbstractAsyncContextManager[Retriever]:
+    """A retriever actor over `store` with `config`'s embedding model, for the block."""
+    return retriever_running(store, config, embedder=partial(configured_embedder, config.rag))
+
+
 Method = Callable[[str], list[Hit]]
 
 
@@ -170,14 +204,10 @@ def quality(store: DocumentStore, config: Config, collection: str, labelled: Lab
             times.append(1000 * (time.perf_counter() - t0))
         results[name] = (*evaluate(ranked, relevant), percentile(times, 0.5),
                          percentile(times, 0.99))
-    grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
-                                  "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
-                                  "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": f'["{collection}"]'})
     ranked, times = [], []
 
     async def reranked() -> None:
-        async with retriever_running(store, grants,
-                                     embedder=partial(configured_embedder, grants.rag)) as r:
+        async with retriever_of(store, open_to_all(config, collection)) as r:
             await r.search(query=labelled[0][0], user_id="bench", collection=None, top_k=10,
                            where=None)
             for question, _ in labelled:
@@ -205,14 +235,10 @@ def latency(store: DocumentStore, config: Config, chunks: int) -> tuple[float, f
     started = time.perf_counter()
     questions = big_collection(store, config, chunks, random.Random(5))[:60]
     build_s = time.perf_counter() - started
-    grants = load_config(environ={"CHAT_ACTORS__RAG__PATH": config.rag.path,
-                                  "CHAT_ACTORS__POSTGRES__DSN": config.postgres.dsn,
-                                  "CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["big"]'})
     timings: list[float] = []
 
     async def run() -> None:
-        async with retriever_running(store, grants,
-                                     embedder=partial(configured_embedder, grants.rag)) as r:
+        async with retriever_of(store, open_to_all(config, "big")) as r:
             for question in questions:
                 t0 = time.perf_counter()
                 await r.search(query=question, user_id="bench", collection=None, top_k=5,
@@ -224,41 +250,26 @@ def latency(store: DocumentStore, config: Config, chunks: int) -> tuple[float, f
     return percentile(timings, 0.5), percentile(timings, 0.99), build_s
 
 
-def bench_config(workdir: Path, pg_url: str) -> Config:
-    return load_config(environ={"CHAT_ACTORS__RAG__PATH": str(workdir / "rag"),
-                                "CHAT_ACTORS__POSTGRES__DSN": pg_url})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-actors bench retrieval_quality",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-chunks", type=int, default=10_000)
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args(argv)
-    import logging
-
-    logging.getLogger("chromadb").setLevel(logging.ERROR)
-    with local_stack.workdir("chat-actors-retrieval-") as workdir:
-        pg = local_stack.start_postgres(workdir)
-        try:
-            config = bench_config(workdir, pg.url)
-            store = DocumentStore.from_config(config)
-            sets = {"repo": repo_set(store, config, workdir), "pydoc": pydoc_set(store, config)}
-            for name, labelled in sets.items():
-                print(f"\n{name} set: {len(store.chunks(name))} chunks, "
-                      f"{len({s for _, w in labelled for s in w})} answering documents, "
-                      f"{len(labelled)} questions")
-                print(f"{'method':<26} {'recall@5':>9} {'MRR@10':>7} {'p50 ms':>7} {'p99 ms':>7}")
-                for method, (recall, mrr, p50, p99) in quality(store, config, name,
-                                                               labelled).items():
-                    print(f"{method:<26} {recall:9.3f} {mrr:7.3f} {p50:7.1f} {p99:7.1f}")
-            if not args.skip_latency:
-                p50, p99, build_s = latency(store, config, args.latency_chunks)
-                print(f"\nhybrid + rerank, one query at a time over {args.latency_chunks} "
-                      f"chunks: p50 {p50:.1f} ms, p99 {p99:.1f} ms (ingested in {build_s:.0f} s)")
-            store.close()
-        finally:
-            pg.stop()
+    with bench_store("chat-actors-retrieval-") as (workdir, config, store):
+        sets = {"repo": repo_set(store, config, workdir), "pydoc": pydoc_set(store, config)}
+        for name, labelled in sets.items():
+            print(f"\n{name} set: {len(store.chunks(name))} chunks, "
+                  f"{len({s for _, w in labelled for s in w})} answering documents, "
+                  f"{len(labelled)} questions")
+            print(f"{'method':<26} {'recall@5':>9} {'MRR@10':>7} {'p50 ms':>7} {'p99 ms':>7}")
+            for method, (recall, mrr, p50, p99) in quality(store, config, name,
+                                                           labelled).items():
+                print(f"{method:<26} {recall:9.3f} {mrr:7.3f} {p50:7.1f} {p99:7.1f}")
+        if not args.skip_latency:
+            p50, p99, build_s = latency(store, config, args.latency_chunks)
+            print(f"\nhybrid + rerank, one query at a time over {args.latency_chunks} "
+                  f"chunks: p50 {p50:.1f} ms, p99 {p99:.1f} ms (ingested in {build_s:.0f} s)")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -141,16 +142,25 @@ def db(stack: Stack) -> Iterator[psycopg.Connection]:
     conn.close()
 
 
+@contextmanager
+def own_database(url: str) -> Iterator[str]:
+    """A new database on the Postgres at `url` for the block, then dropped; its name."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    try:
+        yield name
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def fresh_dsn(stack: Stack) -> Iterator[str]:
     """A database of the test's own on the stack's Postgres (a RAG collection's keyword
     index lives in Postgres, beside the Chroma store the test made)."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    yield stack.postgres.url.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+    with own_database(stack.postgres.url) as name:
+        yield stack.postgres.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture

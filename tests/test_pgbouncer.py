@@ -18,7 +18,7 @@ from actors.adapters.postgres import Postgres
 from actors.errors import PermanentError, TransientError
 from config import Config, load_config
 from messages.ports import Hold
-from tests.conftest import Stack, config_text
+from tests.conftest import Stack, config_text, own_database
 from tests.scripted_llm import ScriptedLLM
 from tests.test_job_lifecycle import (  # noqa: F401  (collected again, through PgBouncer)
     test_one_session_runs_in_order_and_sessions_run_concurrently,
@@ -70,14 +70,8 @@ class _OwnDatabase:
 
 @pytest.fixture
 def stack(stack: Stack) -> Iterator[Any]:
-    import psycopg
-
-    name = f"pgb_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
-    yield _OwnDatabase(stack, name)
-    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+    with own_database(stack.postgres.url) as name:
+        yield _OwnDatabase(stack, name)
 
 
 @pytest.fixture
@@ -149,7 +143,7 @@ def test_prepared_statements_break_behind_pgbouncer_and_the_empty_threshold_fixe
         errors = reserve_many(broken)
     finally:
         broken.close()
-    assert errors and all("prepared statement" in e for e in errors)
+    assert errors and all("prepared statement" in e for e in errors), errors
     fixed = load_config(environ={"CHAT_ACTORS__POSTGRES__DSN": pgbouncer.url,
                                  "CHAT_ACTORS__POSTGRES__PREPARE_THRESHOLD": ""})
     assert fixed.postgres.prepare_after is None

@@ -238,11 +238,6 @@ class DocumentStore:
                    metadata={**chunk.metadata, "vector_id": chunk.vector_id}, collection=name)
 
     @_talks_to_chroma
-    def vector_search(self, name: str, vector: np.ndarray, k: int,
-                      where: dict[str, Any] | None) -> list[Hit]:
-        return self.vector_search_many(name, [vector], k, where)[0]
-
-    @_talks_to_chroma
     def vector_search_many(self, name: str, vectors: list[np.ndarray], k: int,
                            where: dict[str, Any] | None) -> list[list[Hit]]:
         """One Chroma query for several query vectors; hits from the current generation."""
