@@ -143,11 +143,8 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
     """Build the adapters; a dependency that is missing fails start-up with StartupError."""
     pg = Postgres.of(config.postgres)
     await _check("postgres", redact(config.postgres.dsn), pg.migrate)
-    events = RedisEvents(url=config.redis.url, password_env=config.redis.password_env,
-                         maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
-                         keys=config.job_keys, cluster=config.redis.cluster,
-                         socket_timeout_s=config.redis.socket_timeout_s,
-                         replica_wait_ms=config.redis.replica_wait_ms)
+    events = RedisEvents(config.redis, maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
+                         keys=config.job_keys)
     await _check("redis", redact(config.redis.url), events.ping)
     kafka = config.kafka
     topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)

@@ -7,10 +7,12 @@ came from, before anything starts.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
@@ -36,7 +38,9 @@ OptionalHttpUrl = Annotated[str, Meta(pattern=_OPTIONAL_HTTP_URL, max_length=204
 # What a pattern means, for the error line (msgspec would print the regex).
 # A host name as an allow-list holds it: lower case, no scheme, port or path.
 _HOST_NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
+_REDIS_URL = r"^(redis|rediss|unix|redis\+sentinel)://"
 _PATTERN_RULES = {_HTTP_URL: "must be an http:// or https:// URL with a host",
+                  _REDIS_URL: "must be a redis://, rediss://, unix:// or redis+sentinel:// URL",
                   _HOST_NAME: "must be a lower-case host name (no scheme, port or path)",
                   _OPTIONAL_HTTP_URL: "must be empty or an http:// or https:// URL with a host"}
 
@@ -74,11 +78,89 @@ class Kafka(_Section, frozen=True):
 
 
 class Redis(_Section, frozen=True):
-    url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")]
+    url: Annotated[str, Meta(pattern=_REDIS_URL)]
     password_env: str
     socket_timeout_s: PositiveFloat
     cluster: bool = False
     replica_wait_ms: Annotated[int, Meta(ge=0, le=60000)] = 1000
+    sentinel_password_env: str = ""
+
+    def sentinel(self) -> SentinelUrl | None:
+        """The sentinels and service a redis+sentinel:// url names; None for any other."""
+        return sentinel_url(self.url)
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+
+
+class SentinelUrl(msgspec.Struct, frozen=True):
+    """`redis+sentinel://[user@]host[:port][,host[:port]...]/service[/db]`: the sentinels
+    to ask (port 26379 unless given), the service they name the primary of, its database,
+    and the ACL user of the primary (its password comes from redis.password_env)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+
+
+def sentinel_url(url: str) -> SentinelUrl | None:
+    """The parts of a redis+sentinel:// URL (None for any other scheme); a malformed one
+    is a ConfigError saying what is wrong."""
+    if not url.startswith(SENTINEL_SCHEME):
+        return None
+
+    def wrong(why: str) -> ConfigError:
+        return ConfigError(f"redis.url: {why} (expected redis+sentinel://[user@]host[:port]"
+                           "[,host[:port]...]/service[/db])")
+
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    if "?" in rest or "#" in rest:
+        raise wrong("a Sentinel URL takes no query or fragment")
+    if any(c.isspace() for c in rest):
+        raise wrong("white space in the URL")
+    netloc, _, path = rest.partition("/")
+    username = None
+    if "@" in netloc:
+        user, _, netloc = netloc.rpartition("@")
+        if ":" in user:
+            raise wrong("a password does not go in the URL: set it in the environment "
+                        "variable redis.password_env names (redis.sentinel_password_env "
+                        "for the sentinels)")
+        username = urllib.parse.unquote(user) or None
+    sentinels = tuple(_sentinel_node(node, wrong) for node in netloc.split(","))
+    service, _, db = path.partition("/")
+    service = urllib.parse.unquote(service)
+    if not service:
+        raise wrong("no service name after the sentinels")
+    db = db.removesuffix("/")
+    if db and not (db.isascii() and db.isdigit() and len(db) <= 5):
+        raise wrong(f"database {db!r} is not a number")
+    return SentinelUrl(sentinels=sentinels, service=service, db=int(db or 0), username=username)
+
+
+def _sentinel_node(node: str, wrong: Callable[[str], ConfigError]) -> tuple[str, int]:
+    if node.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, port = node[1:].partition("]")
+        if port and not port.startswith(":"):
+            raise wrong(f"sentinel {node!r}: text after the bracketed address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise wrong(f"sentinel {node!r}: {host!r} in brackets is not an IPv6 address") from None
+        port = port[1:]
+    else:
+        host, _, port = node.rpartition(":") if ":" in node else (node, "", "")
+        if ":" in host:
+            raise wrong(f"sentinel {node!r}: an IPv6 address goes in brackets")
+        if host and not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+            raise wrong(f"sentinel {node!r}: {host!r} is not a host name or address")
+    if not host:
+        raise wrong(f"a sentinel without a host ({node!r})")
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise wrong(f"sentinel {node!r}: port {port!r} is not 1-65535")
+    return host, int(port) if port else SENTINEL_PORT
 
 
 class JobKeys(msgspec.Struct, frozen=True):
@@ -441,6 +523,9 @@ def _check_models(config: Config) -> None:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"
         )
+    if config.redis.sentinel() and config.redis.cluster:
+        raise ConfigError("redis.cluster: a Redis Cluster fails over by itself: it is not "
+                          "reached through Sentinel (redis.url is a redis+sentinel:// URL)")
     if config.redis.cluster and "{job_id}" not in config.stream.key_template:
         raise ConfigError(
             "stream.key_template: with redis.cluster = true it must hold {job_id}: a shared "
@@ -467,6 +552,8 @@ def secret_variables(config: Config) -> dict[str, str]:
              for alias, spec in config.llm.models.items() if spec.api_key_env}
     if config.redis.password_env:
         names["redis.password_env"] = config.redis.password_env
+    if config.redis.sentinel_password_env:
+        names["redis.sentinel_password_env"] = config.redis.sentinel_password_env
     if config.gateway.jwt_secret_env:
         names["gateway.jwt_secret_env"] = config.gateway.jwt_secret_env
     if config.rag.chroma_token_env:

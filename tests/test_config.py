@@ -43,7 +43,8 @@ def test_env_can_define_a_new_model_alias():
      "llm.default_model: 'nope' is not a table under llm.models"),
     ({"CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["ghost"]'},
      "llm.models.local.fallbacks: unknown alias 'ghost'"),
-    ({"CHAT_ACTORS__REDIS__URL": "http://x"}, "redis.url: Expected `str` matching regex"),
+    ({"CHAT_ACTORS__REDIS__URL": "http://x"},
+     "redis.url: must be a redis://, rediss://, unix:// or redis+sentinel:// URL"),
     # Limits are finite: the ledger cannot hold an infinity (no limit is written 0).
     ({"CHAT_ACTORS__BUDGETS__USER__USD": "inf"}, "budgets.user.usd: Expected `float` <="),
     ({"CHAT_ACTORS__JOBS__SESSION_QUEUE_MAX": "0"}, "jobs.session_queue_max: Expected `int` >= 1"),
@@ -116,6 +117,49 @@ def test_secrets_lose_surrounding_whitespace_and_whitespace_inside_is_refused(mo
     assert secret_problems(config) == [
         "llm.models.other.api_key_env: the value of $KEY_BROKEN holds whitespace or control "
         "characters inside it (only surrounding whitespace is removed)"]
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database():
+    config = load_config(environ={"CHAT_ACTORS__REDIS__URL":
+                                  "redis+sentinel://ops@s1:26380,s2,[::1]:7/chat%2Dmain/3"})
+    found = config.redis.sentinel()
+    assert found is not None
+    assert found.sentinels == (("s1", 26380), ("s2", 26379), ("::1", 7))
+    assert (found.service, found.db, found.username) == ("chat-main", 3, "ops")
+    assert load_config(environ={}).redis.sentinel() is None
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis+sentinel://", "a sentinel without a host"),
+    ("redis+sentinel://s1,,s2/chat", "a sentinel without a host"),
+    ("redis+sentinel://s1:26379", "no service name"),
+    ("redis+sentinel://s1:26379/", "no service name"),
+    ("redis+sentinel://s1:0/chat", "port '0' is not 1-65535"),
+    ("redis+sentinel://s1:65536/chat", "port '65536' is not 1-65535"),
+    ("redis+sentinel://s1:2637x/chat", "port '2637x' is not 1-65535"),
+    ("redis+sentinel://::1/chat", "an IPv6 address goes in brackets"),
+    ("redis+sentinel://[not-v6]:1/chat", "in brackets is not an IPv6 address"),
+    ("redis+sentinel://[::1]x/chat", "text after the bracketed address"),
+    ("redis+sentinel://s\u00e9/chat", "is not a host name or address"),
+    ("redis+sentinel://s1/chat/one", "database 'one' is not a number"),
+    ("redis+sentinel://s1/chat/0/extra", "is not a number"),
+    ("redis+sentinel://s1/chat/\u0663", "is not a number"),  # an Arabic-Indic digit
+    ("redis+sentinel://s1/chat?ssl=true", "takes no query or fragment"),
+    ("redis+sentinel://s1 /chat", "white space"),
+    ("redis+sentinel://:hunter2@s1/chat", "a password does not go in the URL"),
+    ("rediss+sentinel://s1/chat", "must be a redis://, rediss://, unix:// or redis+sentinel://"),
+])
+def test_a_malformed_sentinel_url_is_refused_saying_what_is_wrong(url, says):
+    with pytest.raises(ConfigError, match="^redis.url: ") as refused:
+        load_config(environ={"CHAT_ACTORS__REDIS__URL": url})
+    assert says in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_sentinel_and_cluster_together_are_refused():
+    with pytest.raises(ConfigError, match="redis.cluster: a Redis Cluster fails over by itself"):
+        load_config(environ={"CHAT_ACTORS__REDIS__URL": "redis+sentinel://s1/chat",
+                             "CHAT_ACTORS__REDIS__CLUSTER": "true"})
 
 
 @pytest.mark.parametrize("key", ["sasl.password", "SASL.PASSWORD", "ssl.key.password"])

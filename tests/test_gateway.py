@@ -201,24 +201,47 @@ async def test_stop_cancels_the_job_and_heartbeats_keep_an_idle_stream_alive(gw_
 
 async def test_attempts_pass_through_so_a_client_can_discard_the_earlier_one(gw_config, rds):
     """Entries written straight to Redis: attempt 1 streams, attempt 2 starts over."""
-    config = gw_config()
-    job_id = uuid7()
-    stream = config.job_keys(job_id).stream
     rows = [("started", 1, 0, {"model": "m", "mode": "gen", "attempt": 1}),
             ("token", 1, 1, {"text": "old"}),
             ("started", 2, 0, {"model": "m", "mode": "gen", "attempt": 2}),
             ("token", 2, 1, {"text": "new"}),
             ("final", 2, 2, {"text": "new"}), ("done", 2, 3, {"status": "completed",
                                                              "partial": False})]
+    events = await relayed(gw_config(), rds, rows)
+    assert [(e["event"], e["data"]["attempt"], e["data"]["seq"]) for e in events] == [
+        (event, attempt, seq) for event, attempt, seq, _ in rows]
+
+
+async def relayed(config: Any, rds: Any, rows: list[tuple[str, Any, Any, dict[str, Any]]]
+                  ) -> list[dict[str, Any]]:
+    """Write (event, attempt, seq, data) rows straight to a new job's stream; return the
+    events a client of the gateway reads."""
+    job_id = uuid7()
+    stream = config.job_keys(job_id).stream
     for event, attempt, seq, data in rows:
         rds.xadd(stream, {"event": event, "jobId": job_id, "userId": "alice", "sessionId": "s",
                           "attempt": attempt, "seq": seq, "ts": 0, "data": json.dumps(data)})
     async with gateway_running(config) as (_, client):
         status, text = await read_events(client, job_id)
     assert status == 200
-    events = parse_sse(text)
-    assert [(e["event"], e["data"]["attempt"], e["data"]["seq"]) for e in events] == [
-        (event, attempt, seq) for event, attempt, seq, _ in rows]
+    return parse_sse(text)
+
+
+async def test_entries_written_again_after_a_failover_reach_a_client_once(gw_config, rds):
+    """A writer that lost a reply in a Redis failover writes its batch again on the new
+    primary; a client that read the first copy already gets each (attempt, seq) once.
+    An entry with a damaged seq or attempt is relayed (as 0), never a broken response."""
+    rows = [("started", "1", "0", {"model": "m", "mode": "gen", "attempt": 1}),
+            ("token", "1", "1", {"text": "a"}), ("token", "1", "2", {"text": "b"}),
+            ("token", "1", "1", {"text": "a"}), ("token", "1", "2", {"text": "b"}),
+            ("token", "-1", "banana", {"text": "?"}),
+            ("token", "1", "3", {"text": "c"}), ("final", "1", "4", {"text": "abc"}),
+            ("done", "1", "5", {"status": "completed", "partial": False})]
+    assert [(e["event"], e["data"]["attempt"], e["data"]["seq"], e["data"].get("text"))
+            for e in await relayed(gw_config(), rds, rows)] == [
+        ("started", 1, 0, None), ("token", 1, 1, "a"), ("token", 1, 2, "b"),
+        ("token", 0, 0, "?"), ("token", 1, 3, "c"), ("final", 1, 4, "abc"),
+        ("done", 1, 5, None)]
 
 
 async def test_a_client_that_never_reads_costs_a_bounded_buffer_and_misses_nothing(

@@ -123,13 +123,14 @@ def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     # late events (tokens, its `done`) must not reach the client's stream (contract 6.11),
     # and only an appended `done` arms the done marker.
     from actors.adapters.redis_events import RedisEvents
-    from config import job_keys
+    from config import Redis, job_keys
     from messages.ports import StreamEntry
     from messages.wire import StreamEvent, event_data, now_ms
 
     job_id = "fenced-job"
     keys = job_keys("sse:chat:{job_id}", job_id, cluster=False)
-    events = RedisEvents(url=stack.redis.url, password_env="", maxlen=1000, ttl_s=60,
+    events = RedisEvents(Redis(url=stack.redis.url, password_env="", socket_timeout_s=10.0),
+                         maxlen=1000, ttl_s=60,
                          keys=lambda job: job_keys("sse:chat:{job_id}", job, cluster=False))
     key = keys.stream
 

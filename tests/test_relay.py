@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 
 from actors.adapters import redis_streams
 from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
+from actors.adapters.redis_connect import RedisConnect
 from actors.adapters.redis_streams import BlockingReader
 from actors.errors import PermanentError, TransientError
 from actors.gateway import relay as relay_module
 from actors.gateway.relay import Relay, Subscription
+from config import Redis
 from messages.ports import Entry
 from tools import local_stack
 
@@ -203,7 +205,8 @@ async def test_a_cluster_reader_follows_only_the_streams_its_clients_still_want(
 def reader_of(url: str, password_env: str = "", control: redis.Redis | None = None,
               **kw: float) -> BlockingReader:
     """A reader; `control` (for UNBLOCK) only where a test unblocks it."""
-    return BlockingReader(url, password_env, control, **kw)
+    where = RedisConnect(Redis(url=url, password_env=password_env, socket_timeout_s=10.0))
+    return BlockingReader(where.primary, control, **kw)
 
 
 async def test_the_reader_reads_a_real_redis_after_each_position(stack, rds):

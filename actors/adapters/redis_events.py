@@ -17,8 +17,10 @@ import redis
 import redis.exceptions as redis_errors
 import trio
 
+from actors.adapters.redis_connect import RedisConnect
 from actors.errors import PermanentError, TransientError
-from config import JobKeys, secret
+from config import JobKeys
+from config import Redis as RedisConfig
 from messages.ports import StreamEntry
 
 T = TypeVar("T")
@@ -38,8 +40,12 @@ _PASSING_REPLY = re.compile(r"(^|[\s:-])(OOM|MISCONF|LOADING|READONLY|BUSY|MASTE
                             r"|CLUSTERDOWN|NOREPLICAS|MOVED|ASK)\b")
 
 
+# How redis-py names a sentinel it asked in vain: its client's whole repr (a screenful).
+_SENTINEL_REPR = re.compile(r"<redis\.client\.Redis\(.*?host=([^,]+),port=(\d+).*?\)>\)>\)>")
+
+
 def translate(exc: redis.RedisError) -> TransientError | PermanentError:
-    text = f"redis: {type(exc).__name__}: {exc}"
+    text = _SENTINEL_REPR.sub(r"sentinel \1:\2", f"redis: {type(exc).__name__}: {exc}")
     if isinstance(exc, _PASSING) or (isinstance(exc, redis.ResponseError)
                                      and _PASSING_REPLY.search(str(exc))):
         return TransientError(text, kind="server_state")
@@ -96,15 +102,16 @@ class RedisEvents:
     replicas, so a job's end survives a failover; token entries do not wait (a lost one
     shows as a gap in `seq`, and `final.text` holds the whole answer)."""
 
-    def __init__(self, *, url: str, password_env: str, maxlen: int, ttl_s: int,
-                 keys: Callable[[str], JobKeys], cluster: bool = False,
-                 socket_timeout_s: float = 10.0, replica_wait_ms: int = 1000) -> None:
-        password = secret(password_env)
-        options: dict[str, Any] = {
-            "password": password or None, "socket_timeout": socket_timeout_s,
-            "socket_connect_timeout": min(5.0, socket_timeout_s)}
-        self._client: Any = (redis.RedisCluster.from_url(url, **options) if cluster else
-                             redis.Redis.from_url(url, health_check_interval=30, **options))
+    def __init__(self, redis_config: RedisConfig, *, maxlen: int, ttl_s: int,
+                 keys: Callable[[str], JobKeys]) -> None:
+        cluster = redis_config.cluster
+        timeout_s = redis_config.socket_timeout_s
+        options: dict[str, Any] = {"socket_timeout": timeout_s,
+                                   "socket_connect_timeout": min(5.0, timeout_s)}
+        if not cluster:
+            options["health_check_interval"] = 30
+        self._connect = RedisConnect(redis_config, **options)
+        self._client: Any = self._connect.client
         self._cluster = cluster
         self._keys = keys
         self._append_once = self._client.register_script(_APPEND_ONCE)
@@ -112,7 +119,7 @@ class RedisEvents:
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
-        self._replica_wait_ms = replica_wait_ms
+        self._replica_wait_ms = redis_config.replica_wait_ms
         self._replicas_seen: tuple[float, bool] = (-REPLICAS_EVERY_S, False)
         self.waits_unacknowledged = 0  # WAITs that no replica answered in time
         self._node_clients: dict[int, Any] = {}
@@ -207,6 +214,7 @@ class RedisEvents:
         missed = sum(1 for n in acked if int(n) < 1)
         if missed:
             self.waits_unacknowledged += missed
+            self._replicas_seen = (-REPLICAS_EVERY_S, False)  # look again next time
             log.warning("no replica acknowledged a job's end within %d ms: a failover now "
                         "could lose it", self._replica_wait_ms)
 
@@ -230,6 +238,6 @@ class RedisEvents:
         await self._run(self._client.ping)
 
     def close(self) -> None:
-        self._client.close()
+        self._connect.close()
         for client in self._node_clients.values():
             client.close()

@@ -17,12 +17,12 @@ from typing import Any, TypeVar, cast
 import hiredis
 import redis
 import trio
-from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
+from actors.adapters.redis_connect import RedisConnect
 from actors.adapters.redis_events import translate
 from actors.errors import PermanentError, TransientError
-from config import secret
+from config import Redis as RedisConfig
 from messages.ports import ENTRY_ID, Entry
 
 T = TypeVar("T")
@@ -31,31 +31,19 @@ MAX_REPLY_BYTES = 64 * 2**20  # an XREAD of 256 entries per stream stays far bel
 MAX_PACKED = 200_000  # encoded arguments kept (stream keys, entry ids) before starting over
 
 
-def _client(url: str, password_env: str, socket_timeout_s: float) -> Any:
-    return redis.Redis.from_url(url, password=secret(password_env) or None,
-                                socket_timeout=socket_timeout_s, socket_connect_timeout=5.0,
-                                decode_responses=True)
-
-
-def _cluster_client(url: str, password_env: str, socket_timeout_s: float) -> Any:
-    try:
-        return redis.RedisCluster.from_url(
-            url, password=secret(password_env) or None, socket_timeout=socket_timeout_s,
-            socket_connect_timeout=5.0, decode_responses=True)
-    except (redis.RedisError, RedisClusterException) as exc:
-        raise PermanentError(f"redis: {exc} (redis.cluster = true needs a Redis Cluster at "
-                             "redis.url)", code="redis") from exc
-
-
 class StreamReads:
     """Request/reply reads and the gateway's own keys (owner of a job, idempotency)."""
 
-    def __init__(self, *, url: str, password_env: str, socket_timeout_s: float = 10.0,
-                 cluster: bool = False) -> None:
-        self._url, self._password_env = url, password_env
+    def __init__(self, redis_config: RedisConfig) -> None:
         self._limiter = trio.CapacityLimiter(8)
-        self._client: Any = _cluster_client(url, password_env, socket_timeout_s) if cluster \
-            else _client(url, password_env, socket_timeout_s)
+        try:
+            self._connect = RedisConnect(
+                redis_config, socket_timeout=redis_config.socket_timeout_s,
+                socket_connect_timeout=5.0, decode_responses=True)
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise PermanentError(f"redis: {exc} (redis.cluster = true needs a Redis Cluster "
+                                 "at redis.url)", code="redis") from exc
+        self._client: Any = self._connect.client
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -69,8 +57,13 @@ class StreamReads:
         readers."""
         return self._client
 
+    def primary(self) -> dict[str, Any]:
+        """Where to open a connection of our own to the primary (blocking)."""
+        return self._connect.primary()
+
     def reader(self) -> BlockingReader:
-        return BlockingReader(self._url, self._password_env, self._client)
+        return BlockingReader(self._connect.primary, self._client,
+                              primary_only=self._connect.sentinel is not None)
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
@@ -108,17 +101,7 @@ class StreamReads:
         return entries[0] if entries else None
 
     def close(self) -> None:
-        self._client.close()
-
-
-def target_of(url: str, password_env: str = "") -> dict[str, Any]:
-    """Where a redis:// rediss:// or unix:// URL points, with the password from the
-    environment when one is named."""
-    target: dict[str, Any] = parse_url(url)
-    password = secret(password_env)
-    if password:
-        target["password"] = password
-    return target
+        self._connect.close()
 
 
 class RespConnection:
@@ -220,15 +203,31 @@ class BlockingReader:
     broken or hostile reply is an error, not a crash.
     """
 
-    def __init__(self, url: str, password_env: str, control: Any,
-                 connect_timeout_s: float = 5.0, reply_timeout_s: float = 10.0) -> None:
-        self._conn = RespConnection(target_of(url, password_env), connect_timeout_s)
+    def __init__(self, locate: Callable[[], Mapping[str, Any]], control: Any, *,
+                 primary_only: bool = False, connect_timeout_s: float = 5.0,
+                 reply_timeout_s: float = 10.0) -> None:
+        """`locate` (blocking) says where to connect, asked again before each connection;
+        with `primary_only` (Sentinel), a server that is not the primary is refused: the
+        sentinels may not have caught up with a failover yet."""
+        self._locate = locate
+        self._primary_only = primary_only
+        self._conn = RespConnection({}, connect_timeout_s)
         self._control = control
         self._reply_timeout_s = reply_timeout_s  # beyond the XREAD's own BLOCK time
         self._id: int | None = None
 
     async def _connect(self) -> None:
+        try:
+            self._conn.target = dict(await trio.to_thread.run_sync(self._locate))
+        except redis.RedisError as exc:
+            raise translate(exc) from exc
         await self._conn.connect()
+        if self._primary_only:
+            role = await self._conn.call("ROLE")
+            if not (isinstance(role, list) and role and role[0] == "master"):
+                where = f"{self._conn.target.get('host')}:{self._conn.target.get('port')}"
+                raise TransientError(f"redis: {where} is not the primary (ROLE {str(role)[:80]})",
+                                     kind="server_state")
         client_id = await self._conn.call("CLIENT", "ID")
         if not isinstance(client_id, int):
             raise PermanentError(f"redis: CLIENT ID replied {type(client_id).__name__}, "

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -354,10 +354,17 @@ def sse(entry: Entry) -> bytes:
         data = {}
     if not isinstance(data, dict):
         data = {"value": data}
-    data["attempt"] = int(fields.get("attempt", 0) or 0)
-    data["seq"] = int(fields.get("seq", 0) or 0)
+    data["attempt"] = _int_field(fields, "attempt") or 0
+    data["seq"] = _int_field(fields, "seq") or 0
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: {body}\n\n".encode()
+
+
+def _int_field(fields: Mapping[str, str], name: str) -> int | None:
+    """An entry's integer field; None when missing or not an integer (a hand-written or
+    damaged entry is still relayed, never a crash of the response)."""
+    value = fields.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
 class EventStream(Response):
@@ -405,6 +412,7 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
     relay, config = gateway.relay, gateway.config
     heartbeat = config.gateway.heartbeat_s
     subscription = relay.subscribe(stream, after)
+    sent = (-1, -1)  # the (attempt, seq) of the last event sent
     try:
         await write(f"retry: {RETRY_MS}\n\n".encode())
         while True:
@@ -421,6 +429,13 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
                 fields = entry[1]
                 if fields.get("jobId") != job_id:
                     continue  # a shared stream (sse:chat:events) holds every job
+                attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
+                if attempt is not None and seq is not None:
+                    if (attempt, seq) <= sent:
+                        # Written again after a Redis failover lost its reply (the writer
+                        # retried the batch on the new primary): the client has it.
+                        continue
+                    sent = (attempt, seq)
                 events.append(sse(entry))
                 if done := fields.get("event") == "done":
                     break

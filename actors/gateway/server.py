@@ -26,7 +26,7 @@ from actors.adapters.ingestion import UserDocuments
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
 from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
-from actors.adapters.redis_streams import StreamReads, target_of
+from actors.adapters.redis_streams import StreamReads
 from actors.errors import PermanentError, TransientError
 from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier
@@ -89,9 +89,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     """Serve until `stop` is set or a signal arrives, then drain and return."""
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
-    reads = StreamReads(url=config.redis.url, password_env=config.redis.password_env,
-                        socket_timeout_s=config.redis.socket_timeout_s,
-                        cluster=config.redis.cluster)
+    reads = StreamReads(config.redis)
     watch: ClusterWatch | None = None
     make_reader: Callable[[], Reader] = reads.reader
     try:
@@ -100,8 +98,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                 await trio.to_thread.run_sync(ensure_notifications, reads.client)
             except PermanentError as exc:
                 raise ConfigError(f"redis.cluster: {exc}") from None
-            watch = ClusterWatch(reads.client,
-                                 target_of(config.redis.url, config.redis.password_env),
+            watch = ClusterWatch(reads.client, reads.primary(),
                                  config.stream.key_template.split("{job_id}", 1)[0])
             make_reader = partial(ClusterReader, watch, reads.client)
         await trio.to_thread.run_sync(partial(
