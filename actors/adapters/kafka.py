@@ -198,7 +198,9 @@ class RequestConsumer(_Consumer):
 
     async def lag(self) -> dict[Partition, int]:
         """Messages not yet consumed per assigned partition (high watermark - position),
-        from the client's cached watermarks: no broker round trip."""
+        from the client's cached watermarks; a partition nothing was fetched from yet (the
+        intake paused first) is asked of the broker, else its waiting requests would be
+        invisible to an autoscaler."""
 
         def measure() -> dict[Partition, int]:
             parts = [TopicPartition(t, p) for t, p in self.assigned()]
@@ -208,7 +210,13 @@ class RequestConsumer(_Consumer):
             for tp in self._consumer.position(parts):
                 low, high = self._consumer.get_watermark_offsets(tp, cached=True)
                 if high < 0:
-                    continue  # nothing fetched from it yet: unknown, not zero
+                    try:
+                        asked = self._consumer.get_watermark_offsets(tp, timeout=2.0)
+                    except KafkaException:
+                        asked = None
+                    if not asked:
+                        continue  # unknown, not zero
+                    low, high = asked
                 # Where the application stands (after a seek librdkafka's position is
                 # unknown, or still the old one); else its position, else the low
                 # watermark (nothing consumed yet).
