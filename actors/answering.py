@@ -14,6 +14,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from actors.backoff import retry_transient
 from actors.budget import reserve
 from actors.capabilities import capabilities_of
@@ -21,6 +23,7 @@ from actors.errors import PermanentError, RequestRefused, TransientError
 from actors.prompt import build_messages, fill_images, sources_message, stored_images
 from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
+from actors.telemetry import Timeline
 from actors.worker import Worker
 from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
 from messages.wire import (
@@ -52,6 +55,12 @@ class JobRun:
     images: list[StoredImage] = field(default_factory=list[StoredImage])  # the request's
     failure: TransientError | PermanentError | None = None
     done_sent: bool = False  # its `done` is in Redis: nothing more may be said
+    timeline: Timeline = field(default_factory=Timeline)  # its steps, for its trace
+    messages: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])  # the prompt
+    params: dict[str, Any] = field(default_factory=dict[str, Any])  # sent with it
+    model_started: float | None = None  # the model call's Trio times
+    model_ended: float | None = None
+    status: str | None = None  # its done status, once decided
 
 
 def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
@@ -155,7 +164,8 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     results = pending_results(request, history)
     context = ""
     if request.mode == "rag":
-        run.retrieved = retrieved = await retrieve(request, worker, job)
+        with run.timeline.step("retrieval"):
+            run.retrieved = retrieved = await retrieve(request, worker, job)
         budget = int(config.rag.context_share * (alias.context_window - alias.max_tokens))
         context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
                                         budget_tokens=budget, count=count)
@@ -192,9 +202,14 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     async def on_switch(old: str, new: str, why: str) -> None:
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
-    await stream_answer(
-        chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
-        messages=messages, params=model_params(request, alias.max_tokens), count=count,
-        prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
-        on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
-        on_tool_call=on_tool_call)
+    run.messages, run.params = messages, model_params(request, alias.max_tokens)
+    run.model_started = trio.current_time()
+    try:
+        await stream_answer(
+            chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
+            messages=messages, params=run.params, count=count,
+            prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
+            on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
+            on_tool_call=on_tool_call)
+    finally:
+        run.model_ended = trio.current_time()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from dataclasses import dataclass, field
 from typing import assert_never
 
 import msgspec
@@ -26,27 +27,47 @@ from actors.logs import job_context
 from actors.outcome import decide
 from actors.provider import Answer
 from actors.registry import RunningJob
+from actors.telemetry import Timeline, error_type
 from actors.worker import Worker
 from messages.mailboxes import JobRef, JobRejected, Receipt, Turn
 from messages.ports import AlreadyTerminal, Claimed, OwnedByAnotherUser
+from messages.telemetry import JobTelemetry, ModelCall, ModelTry
 from messages.wire import ChatRequest, Error, Started
 
 log = logging.getLogger("chat_actors.conversation")
 
 
-async def run_conversation(request: ChatRequest, worker: Worker) -> None:
-    """Run one job to a settled state; returns when its offset may be committed."""
+@dataclass
+class _Traced:
+    """What the job's trace is made of, filled in as it runs."""
+
+    timeline: Timeline = field(default_factory=Timeline)
+    attempt: int = 1
+    run: JobRun | None = None  # once claimed
+
+
+async def run_conversation(request: ChatRequest, worker: Worker,
+                           parent: str | None = None) -> None:
+    """Run one job to a settled state; returns when its offset may be committed.
+    `parent`: the request's W3C traceparent, which the job's trace continues."""
     trace_id = request.trace_id or uuid.uuid4().hex
+    traced = _Traced()
     with job_context(trace_id=trace_id, job_id=request.job_id, user_id=request.user_id,
                      session_id=request.session_id):
-        await _run_job(request, worker, trace_id)
+        try:
+            await _run_job(request, worker, trace_id, traced)
+        finally:
+            if worker.telemetry.enabled:
+                _report(request, worker, parent, trace_id, traced)
 
 
-async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
+async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
+                   traced: _Traced) -> None:
     alias_name, _ = worker.config.alias(request.model)
     job = worker.job_ref(request.job_id, request.user_id, request.session_id)
     try:
-        claim = await claim_job(request, worker, trace_id=trace_id, alias_name=alias_name)
+        with traced.timeline.step("claim"):
+            claim = await claim_job(request, worker, trace_id=trace_id, alias_name=alias_name)
     except TransientError:
         raise  # a dependency is away: the offset stays uncommitted, the job comes back
     except Exception as exc:  # a record refused, or a bug: redelivery would fail the same way
@@ -76,7 +97,8 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str) -> None:
     job = msgspec.structs.replace(job, attempt=attempt)
     running = worker.registry.admit(job.job_id, job.user_id, job.attempt)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
-    run = JobRun(answer=Answer(alias=alias_name))
+    run = JobRun(answer=Answer(alias=alias_name), timeline=traced.timeline)
+    traced.attempt, traced.run = attempt, run
     started = trio.current_time()
     settled = False
     try:
@@ -132,4 +154,63 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
                      timed_out=deadline.cancelled_caught, timeout_s=timeout_s,
                      finished=run.answer.finished is not None, failure=run.failure,
                      text=run.answer.text, scrub=worker.scrub)
-    await finish(request, worker, job, run, outcome, started=started)
+    run.status = outcome.status
+    with run.timeline.step("sinks"):
+        await finish(request, worker, job, run, outcome, started=started)
+
+
+def _report(request: ChatRequest, worker: Worker, parent: str | None, trace_id: str,
+            traced: _Traced) -> None:
+    """Hand the job's record to the telemetry port; its trouble never reaches the job."""
+    timeline, run = traced.timeline, traced.run
+    status = run.status if run is not None and run.status else "settled"
+    failed = _error_type(status, run)
+    model = (_model_call(worker, run, status, failed)
+             if run is not None and run.model_started is not None else None)
+    try:
+        worker.telemetry.job_ended(JobTelemetry(
+            job_id=request.job_id, session_id=request.session_id, attempt=traced.attempt,
+            topic=worker.config.kafka.request_topic, parent=parent, trace_id=trace_id,
+            start_ns=timeline.start_ns, end_ns=timeline.ns(trio.current_time()),
+            status=status, steps=list(timeline.steps), model_call=model, error_type=failed))
+    except Exception:
+        log.warning("job %s: its telemetry could not be recorded", request.job_id,
+                    exc_info=True)
+
+
+def _error_type(status: str, run: JobRun | None) -> str | None:
+    """The job's `error.type`: none when it completed (or was settled already), else its
+    status, or for a failure what failed."""
+    if status == "failed":
+        return error_type(run.failure) if run is not None and run.failure else "failed"
+    return None if status in ("completed", "settled") else status
+
+
+# The request parameters a model-call span names (gen_ai.request.*).
+_SPAN_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
+
+
+def _model_call(worker: Worker, run: JobRun, status: str, failed: str | None) -> ModelCall:
+    answer, timeline = run.answer, run.timeline
+    asked = answer.timed[0].alias if answer.timed else answer.alias
+    spec = worker.config.llm.models[asked]
+    ended = run.model_ended if run.model_ended is not None else trio.current_time()
+    finished = answer.finished
+    content = worker.telemetry.capture_content
+    return ModelCall(
+        alias=asked, model=spec.model, provider=worker.pricing.provider_of(spec.model),
+        params={k: run.params[k] for k in _SPAN_PARAMS if k in run.params},
+        start_ns=timeline.ns(run.model_started or ended), end_ns=timeline.ns(ended),
+        tries=[ModelTry(name=t.alias, model=t.model, start_ns=timeline.ns(t.started),
+                        end_ns=timeline.ns(t.ended),
+                        error_type="timeout" if t.error_type == "cancelled" and
+                        status == "timeout" else t.error_type) for t in answer.timed],
+        first_chunk_ns=None if answer.first_token_at is None else
+        timeline.ns(answer.first_token_at),
+        response_model=finished.model if finished else None,
+        finish_reasons=[finished.finish_reason] if finished else [],
+        input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens,
+        cache_read_tokens=answer.cached_tokens, cache_creation_tokens=answer.cache_write_tokens,
+        reasoning_tokens=answer.reasoning_tokens, error_type=failed,
+        input_messages=run.messages if content else None,
+        output_text=answer.text if content else None)

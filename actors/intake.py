@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -31,13 +30,15 @@ from actors.logs import job_context
 from actors.offsets import OffsetTracker
 from actors.polling import Poller
 from actors.ports import DeadLetters, RequestSource
+from actors.telemetry import traceparent_of
 from actors.worker import Worker
 from messages.mailboxes import Delivery, JobRef, JobRejected, Receipt
 from messages.wire import BadInput, ChatRequest, Done, Error, decode_request
 
 log = logging.getLogger("chat_actors.intake")
 
-RunJob = Callable[[ChatRequest, Worker], Awaitable[None]]
+# A job's run: the request, the worker, and the request's W3C traceparent (None: none).
+RunJob = Callable[[ChatRequest, Worker, str | None], Awaitable[None]]
 
 ADMIT_STEP = 64  # deliveries decoded between two checkpoints
 
@@ -77,19 +78,6 @@ class SessionOrder:
 
     def waiting(self) -> int:
         return sum(self._waiting.values())
-
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-
-
-def trace_id_from(headers: tuple[tuple[str, bytes], ...]) -> str | None:
-    """The trace id of a W3C `traceparent` header, when the request carries one."""
-    for name, value in headers:
-        if name.lower() == "traceparent":
-            match = _TRACEPARENT.match(value.decode("ascii", "replace").strip())
-            if match and match.group(1) != "0" * 32:
-                return match.group(1)
-    return None
 
 
 async def reject(delivery: Delivery, problem: BadInput, worker: Worker, dlq: DeadLetters) -> None:
@@ -226,9 +214,9 @@ class Intake:
                             partial(reject, delivery, problem, self.worker, self.dlq))
             return
         if request.trace_id is None:
-            trace_id = trace_id_from(delivery.headers)
-            if trace_id is not None:
-                request = msgspec.structs.replace(request, trace_id=trace_id)
+            parent = traceparent_of(delivery.headers)
+            if parent is not None:  # the job's logs carry the trace's id
+                request = msgspec.structs.replace(request, trace_id=parent.split("-")[1])
         turn = self.sessions.enter((request.user_id, request.session_id))
         if turn is None:
             self.in_flight += 1
@@ -270,7 +258,8 @@ class Intake:
                         "request of its session"))
                     await previous.wait()  # the session's next request still waits for it
                     return
-            await self.settle_counted(delivery, partial(self.run_job, request, self.worker))
+            await self.settle_counted(delivery, partial(self.run_job, request, self.worker,
+                                                        traceparent_of(delivery.headers)))
         finally:
             self.sessions.leave(key, mine)
 

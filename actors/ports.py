@@ -8,6 +8,7 @@ a port live in messages/, so nothing here, and no actor, imports an adapter.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ from messages.ports import (
     StreamEntry,
     TokenCounts,
 )
+from messages.telemetry import JobTelemetry
 
 
 class EventWriter(Protocol):
@@ -130,3 +132,23 @@ class DocumentIndex(Protocol):
     def embeddings(self, collection: str, vector_ids: list[str], /
                    ) -> dict[str, np.ndarray[Any, Any]]:
         ...
+
+
+class Telemetry(Protocol):
+    """Traces and GenAI metrics (OpenTelemetry). `enabled` False: nothing is recorded."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def capture_content(self) -> bool:
+        """May the model-call span hold the prompt and the answer?"""
+        ...
+    def job_ended(self, record: JobTelemetry) -> None:
+        """Make the job's spans and metrics from its record (never blocks, never raises
+        for the job: an exporter's trouble is its own)."""
+        ...
+    def sending(self, topic: str, incoming: str | None) -> AbstractContextManager[str | None]:
+        """Around putting one request on `topic` (the gateway): yields the traceparent the
+        message carries, continuing the client's `incoming` one."""
+        ...
+    def close(self) -> None: ...

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, assert_never
+from typing import Any, NamedTuple, assert_never
 
 import trio
 
@@ -28,6 +28,7 @@ from actors.channels import ready
 from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
+from actors.telemetry import error_type
 from config import Config, ModelAlias
 from messages.mailboxes import (
     ProviderChunk,
@@ -46,6 +47,14 @@ PROVIDER_MAILBOX = 64
 MAX_TOOL_CALLS = 128  # in one answer
 MAX_TOOL_ARGUMENTS = 1_000_000  # characters of one call's arguments
 MAX_COUNTED_TOKENS = 100_000_000  # one try's tokens, as a vendor may report them
+
+
+class TimedTry(NamedTuple):
+    alias: str
+    model: str
+    started: float
+    ended: float
+    error_type: str | None
 
 
 @dataclass
@@ -69,6 +78,8 @@ class Answer:
     reserved: bool = False  # a budget reservation waits to be settled
     nul_removed: int = 0  # U+0000 characters the vendor sent (Postgres cannot store them)
     tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])  # of the finished try
+    # Each try's alias, model, Trio start and end, and error type (None: it finished).
+    timed: list[TimedTry] = field(default_factory=list[TimedTry])
     # The finished try's reasoning, when the vendor signed it: {type, thinking, signature}.
     thinking_blocks: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
 
@@ -295,14 +306,19 @@ class _Chain:
         answer.alias = name
         before = len(answer.parts)
         request = continuation(self.messages, answer.text)
+        started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,
                                       answer, self.listeners, partial(self.resend, name, spec))
+            failed = None
         except (PermanentError, TransientError) as exc:
+            failed = error_type(exc)
             answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
             if self.metrics is not None:
                 self.metrics.provider_failed(self.pricing.provider_of(spec.model), exc)
             raise
+        finally:
+            answer.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
         answer.bill(self.pricing, spec, self.used(finished, "".join(answer.parts[before:])))
         return finished
 

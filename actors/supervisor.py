@@ -26,7 +26,7 @@ from functools import partial
 import trio
 
 from actors import logs
-from actors.adapters import aio
+from actors.adapters import aio, telemetry_of
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
@@ -44,7 +44,7 @@ from actors.intake import run_intake
 from actors.metrics import Metrics
 from actors.offsets import OffsetTracker
 from actors.pg_sink import run_pg_sink
-from actors.ports import ChatModel
+from actors.ports import ChatModel, Telemetry
 from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever, SearchOrder, run_retriever
@@ -188,9 +188,11 @@ async def _connect(config: Config, this_worker: str, tracker: OffsetTracker) -> 
 
 async def run_worker(config: Config, *, stop: trio.Event | None = None,
                      handle_signals: bool = True, chat: ChatModel | None = None,
+                     telemetry: Telemetry | None = None,
                      task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED,
                      ) -> None:
-    """Run the worker until `stop` is set (or a signal arrives) and it has drained."""
+    """Run the worker until `stop` is set (or a signal arrives) and it has drained.
+    `telemetry`: instead of what otel.* says (tests pass in-memory exporters)."""
     problems = secret_problems(config)
     if problems:
         raise StartupError("; ".join(problems))
@@ -200,16 +202,21 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
     metrics = Metrics()
     watch = StepWatch(metrics)
     trio.lowlevel.add_instrument(watch)
+    telemetry = telemetry or telemetry_of(config, "chat-actors")
     try:
         await _run(config, this_worker, tracker, metrics, chat=chat, stop=stop,
-                   handle_signals=handle_signals, task_status=task_status)
+                   telemetry=telemetry, handle_signals=handle_signals, task_status=task_status)
     finally:
         trio.lowlevel.remove_instrument(watch)
+        # What is still buffered is sent (in a thread: an away collector takes its timeout).
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(telemetry.close)
     log.info("worker %s stopped", this_worker)
 
 
 async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics: Metrics, *,
-               chat: ChatModel | None, stop: trio.Event, handle_signals: bool,
+               chat: ChatModel | None, telemetry: Telemetry, stop: trio.Event,
+               handle_signals: bool,
                task_status: trio.TaskStatus[WorkerHandle]) -> None:
     async with aio.open_bridge(closing=[close_clients]):
         tokens = TiktokenCounting()
@@ -233,7 +240,7 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
                                  + config.jobs.session_wait_s,
                                  on_evict=metrics.tombstones_evicted.inc),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
-            retriever=Retriever(config, searches_in))
+            retriever=Retriever(config, searches_in), telemetry=telemetry)
         try:
             await _run_actors(worker, adapters, tracker, events_out, records_out, searches_out,
                               stop=stop,

@@ -15,9 +15,10 @@ import trio
 from actors.health import Health
 from actors.leases import LeaseKeeper
 from actors.metrics import Metrics
-from actors.ports import ChatModel, EventWriter, JobStore, Pricing, TokenCounting
+from actors.ports import ChatModel, EventWriter, JobStore, Pricing, Telemetry, TokenCounting
 from actors.registry import JobRegistry
 from actors.retriever import Retrieval
+from actors.telemetry import NoTelemetry
 from config import Config
 from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage, Receipt
 from messages.wire import EventBody
@@ -70,6 +71,7 @@ class Worker:
     metrics: Metrics = field(default_factory=Metrics)
     # Takes secrets (API keys a vendor echoed back) out of text bound for events and rows.
     scrub: Callable[[str], str] = field(default=str)
+    telemetry: Telemetry = field(default_factory=NoTelemetry)
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
         return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,

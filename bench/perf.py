@@ -44,6 +44,7 @@ import redis
 
 from actors.adapters.kafka import ensure_topics
 from tools import local_stack
+from tools.otlp_collector import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -220,6 +221,22 @@ class ChatActors(Subject):
                 "health": {"port": health_port},
             }))
         return [sys.executable, "-m", "tools.cli", "run", "--config", str(config)]
+
+
+class ChatActorsTraced(ChatActors):
+    """chat-actors with OpenTelemetry on (otel.endpoint: a collector on loopback)."""
+
+    name = "chat-actors+otel"
+
+    def __init__(self) -> None:
+        self.collector = Collector()
+
+    def argv(self, stack: Stack, topics: Topics, health_port: int, max_in_flight: int) -> list[str]:
+        argv = super().argv(stack, topics, health_port, max_in_flight)
+        config = Path(argv[-1])
+        config.write_text(config.read_text() + f'\n[otel]\nendpoint = "{self.collector.url}"\n'
+                          "export_interval_s = 5\n")
+        return argv
 
 
 class SeedStyle(Subject):
@@ -505,6 +522,16 @@ def report(results: dict[str, dict[str, Result]]) -> tuple[str, list[dict[str, A
         lines.append(f"{label:44} {cells[0]:>13} {cells[1]:>13} "
                      f"{(f'{r:,.1f}x' if r is not None else '-'):>9}")
     lines.append("* capped: not every job finished within --cap-s; measured over that window")
+    if "chat-actors+otel" in results:
+        lines += ["", f"{'OpenTelemetry on vs off':44} {'off':>13} {'on':>13} {'cost':>9}"]
+        for scenario, metric, label, better, fmt in ROWS:
+            off, on = value("chat-actors", scenario, metric), value("chat-actors+otel", scenario,
+                                                                     metric)
+            if off is None or on is None:
+                continue
+            r = ratio(off, on, better)  # how much better off is than on: the cost of tracing
+            lines.append(f"{label:44} {off:>13{fmt}} {on:>13{fmt}} "
+                         f"{(f'{r:,.2f}x' if r is not None else '-'):>9}")
     goals = []
     lines.append("")
     for label, scenario, metric, on_value, on_ratio in GOALS:
@@ -538,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer jobs and streams: a smoke run, not numbers to quote")
     parser.add_argument("--only", choices=("chat-actors", "peer"), help="run one side")
+    parser.add_argument("--otel", action="store_true",
+                        help="also run chat-actors with OpenTelemetry on (a loopback collector)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     parser.add_argument("--cap-s", type=float, default=30.0,
@@ -555,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = 300 if args.quick else 2000
     samples = 20 if args.quick else 100
     streams = (200, 1000) if args.quick else (1000, 5000)
-    subjects = [s for s in (ChatActors(), SeedStyle()) if args.only in (None, s.name)]
+    subjects: list[Subject] = [s for s in (ChatActors(), SeedStyle())
+                               if args.only in (None, s.name)]
+    if args.otel:
+        subjects.append(ChatActorsTraced())
     results: dict[str, dict[str, Result]] = {s.name: {} for s in subjects}
     began = time.perf_counter()
 

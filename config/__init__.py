@@ -323,6 +323,14 @@ class Log(_Section, frozen=True):
     content: bool  # may debug lines show prompts and answers? never in production
 
 
+class Otel(_Section, frozen=True):
+    """OpenTelemetry: traces and metrics in the GenAI conventions, over OTLP/HTTP."""
+
+    endpoint: OptionalHttpUrl = ""  # the collector's base URL (…:4318); empty: off
+    capture_content: bool = False  # prompts and answers on the model-call span
+    export_interval_s: PositiveFloat = 30.0  # how often metrics are sent
+
+
 class Limit(_Section, frozen=True):
     """One user's or tenant's limits; 0 means no limit."""
 
@@ -385,6 +393,7 @@ class Config(_Section, frozen=True):
     log: Log
     budgets: Budgets
     gateway: Gateway
+    otel: Otel = Otel()
 
     def alias(self, name: str | None) -> tuple[str, ModelAlias]:
         name = name or self.llm.default_model

@@ -40,14 +40,15 @@ JWT_SECRET = "s" * 64  # the gateway's HS256 secret in the tests
 
 
 @asynccontextmanager
-async def gateway_running(config: Config) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+async def gateway_running(config: Config, **kwargs: Any
+                          ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """Run a gateway until the block ends, with an HTTP client pointed at it."""
     from actors.gateway.server import run_gateway
 
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         handle = await nursery.start(partial(run_gateway, config, stop=stop,
-                                             handle_signals=False))
+                                             handle_signals=False, **kwargs))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.port}",
                                      timeout=30) as client:
             yield handle, client

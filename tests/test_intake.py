@@ -86,7 +86,7 @@ async def test_a_job_that_raises_an_unexpected_error_does_not_stop_the_intake(au
     worker = _worker()
     ran: list[str] = []
 
-    async def job(request: ChatRequest, _: Worker) -> None:
+    async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         ran.append(request.job_id)
         if request.job_id == "buggy" and ran.count("buggy") == 1:
             raise KeyError("a bug in our own code")  # the first run only
@@ -139,7 +139,7 @@ async def test_a_stuck_head_bounds_the_offsets_the_intake_tracks(autojump_clock)
     head_may_settle = trio.Event()
     ran: list[str] = []
 
-    async def job(request: ChatRequest, _: Worker) -> None:
+    async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         if request.job_id == "j0":
             await head_may_settle.wait()
         ran.append(request.job_id)
@@ -210,7 +210,7 @@ async def test_requests_waiting_behind_their_session_hold_no_in_flight_slot(auto
     release = trio.Event()
     started: dict[str, float] = {}
 
-    async def job(request: ChatRequest, _: Worker) -> None:
+    async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         started[request.job_id] = trio.current_time()
         if request.job_id == "a0":
             await release.wait()
@@ -233,7 +233,7 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
     ended: dict[str, float] = {}
     started: dict[str, float] = {}
 
-    async def job(request: ChatRequest, _: Worker) -> None:
+    async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         started[request.job_id] = trio.current_time()
         if request.job_id == "a0":
             await trio.sleep(40)
@@ -270,7 +270,7 @@ class FailingFirstCommit(OneBatch):
 async def test_a_failed_commit_is_made_again_though_no_more_messages_come(autojump_clock):
     worker = _worker()
 
-    async def job(request: ChatRequest, _: Worker) -> None:
+    async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         pass
 
     source, tracker, stop = FailingFirstCommit([_request("only", "s")]), OffsetTracker(), \

@@ -24,6 +24,7 @@ from config import Config, load_config, stored_collection_name
 from messages.wire import decode_request
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
+from tests.test_telemetry import Recorded, job_trace
 from tools import local_stack
 from tools.ingest import freshness, ingest, refresh
 
@@ -157,9 +158,20 @@ async def test_rag_job_streams_retrieval_then_a_grounded_answer(make_config, sta
     llm.default = Reply(tokens=("It", " shares", " one", " fsync", " [1]."))
     req = request("How does group commit make Postgres writes cheap?", mode="rag",
                   rag={"topK": 2})
-    async with worker_running(config):
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
+    traced = Recorded()
+    try:
+        async with worker_running(config, telemetry=traced.telemetry):
+            produce(config, req)
+            events = await events_of(rds, config, req["jobId"])
+        spans = {s.name: s for s in job_trace(traced, req["jobId"])}
+    finally:
+        traced.telemetry.close()
+    # Its trace has a retrieval span, under the job's, ended before the model call began.
+    (root,) = [s for s in spans.values() if s.name.startswith("process ")]
+    retrieval, chat = spans["retrieval"], spans["chat scripted-model"]
+    assert retrieval.parent is not None and retrieval.parent.span_id == root.context.span_id
+    assert (retrieval.end_time or 0) <= (chat.start_time or 0)
+    assert not [k for k in (retrieval.attributes or {}) if k.startswith("gen_ai.")]
     kinds = [e["event"] for e in events]
     assert kinds[:4] == ["started", "retrieval", "retrieval", "retrieval"]
     steps = [e["data"] for e in events if e["event"] == "retrieval"]

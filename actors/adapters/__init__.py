@@ -15,3 +15,17 @@ import trio_asyncio  # noqa: F401
 # the network at import (no network at run time). Set in the package itself, so no import order
 # inside an adapter can get ahead of it.
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+from actors.ports import Telemetry
+from actors.telemetry import NoTelemetry
+from config import Config
+
+
+def telemetry_of(config: Config, service: str) -> Telemetry:
+    """OpenTelemetry when otel.endpoint is set; else nothing at all (its SDK is not even
+    imported)."""
+    if not config.otel.endpoint:
+        return NoTelemetry()
+    from actors.adapters.telemetry import OtelTelemetry
+
+    return OtelTelemetry(config.otel, service=service)

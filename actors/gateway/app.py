@@ -33,6 +33,8 @@ from actors.errors import DocumentRefused, PermanentError, TransientError
 from actors.gateway.auth import Unauthorized, Verifier
 from actors.gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from actors.health import Health
+from actors.ports import Telemetry
+from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
 from messages.ports import ENTRY_ID, Entry
 from messages.wire import BadInput, check_shape, decode_request, is_ident
@@ -79,7 +81,8 @@ class Documents(Protocol):
     async def delete(self, user_id: str, name: str) -> int: ...
 
 
-Produce = Callable[[str, bytes, bytes | None], Awaitable[None]]  # (topic, value, key)
+# (topic, value, key, headers)
+Produce = Callable[[str, bytes, bytes | None, list[tuple[str, bytes]]], Awaitable[None]]
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Gateway:
     documents: Documents | None = None  # uploads; None: the routes answer 404
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
+    telemetry: Telemetry = field(default_factory=NoTelemetry)
 
     def close(self) -> None:
         """Start draining: /readyz turns 503, and every open stream ends at once with a
@@ -213,7 +217,14 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
                 return _accepted(held)
         ttl = config.gateway.idempotency_s + config.stream.ttl_s
         await gateway.reads.remember_owner(OWNER_PREFIX + job_id, user, ttl)
-        await gateway.produce(config.kafka.request_topic, raw, checked.session_id.encode())
+        # The client's trace (a valid W3C traceparent; anything else is ignored) goes on
+        # through Kafka to the worker; with telemetry on, under the gateway's own span.
+        incoming = traceparent_of([("traceparent", request.headers.get("traceparent", "")
+                                    .encode("latin-1"))])
+        topic = config.kafka.request_topic
+        with gateway.telemetry.sending(topic, incoming) as traceparent:
+            await gateway.produce(topic, raw, checked.session_id.encode(),
+                                  [("traceparent", traceparent.encode())] if traceparent else [])
         return _accepted(job_id)
 
     def _accepted(job_id: str) -> JSONResponse:
@@ -252,7 +263,7 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
             return _error(404, NOT_FOUND)
         message = json.dumps({"type": "cancel", "jobId": job_id, "userId": user,
                               "reason": "cancelled through the gateway"}).encode()
-        await gateway.produce(config.kafka.control_topic, message, job_id.encode())
+        await gateway.produce(config.kafka.control_topic, message, job_id.encode(), [])
         return JSONResponse({"jobId": job_id, "cancel": "sent"}, status_code=202)
 
     async def sessions(request: Request, user: str) -> Response:

@@ -21,6 +21,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from actors.adapters import telemetry_of
 from actors.adapters.documents import DocumentStore
 from actors.adapters.ingestion import UserDocuments
 from actors.adapters.kafka import Producer, ensure_topics
@@ -32,6 +33,7 @@ from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier
 from actors.gateway.relay import Reader, Relay
 from actors.health import Health
+from actors.ports import Telemetry
 from config import Config, ConfigError, secret
 
 log = logging.getLogger("chat_actors.gateway")
@@ -83,7 +85,7 @@ async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> 
 
 
 async def run_gateway(config: Config, *, stop: trio.Event | None = None,
-                      handle_signals: bool = True,
+                      handle_signals: bool = True, telemetry: Telemetry | None = None,
                       task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
                       ) -> None:
     """Serve until `stop` is set or a signal arrives, then drain and return."""
@@ -111,12 +113,14 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     pg = Postgres.of(config.postgres)
     relay = Relay(make_reader, config.gateway.readers)
 
-    async def produce(topic: str, value: bytes, key: bytes | None) -> None:
-        await producer.send(topic, value, key=key)
+    async def produce(topic: str, value: bytes, key: bytes | None,
+                      headers: list[tuple[str, bytes]]) -> None:
+        await producer.send(topic, value, key=key, headers=headers)
 
     documents = UserDocuments(DocumentStore.from_config(config, pg), config)
+    telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
     gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
-                      produce=produce, documents=documents)
+                      produce=produce, documents=documents, telemetry=telemetry)
     server = HypercornConfig()
     server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
     server.accesslog = None
@@ -155,6 +159,7 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     finally:
         with trio.CancelScope(shield=True):
             await producer.close()
+            await trio.to_thread.run_sync(telemetry.close)
         reads.close()
         documents.close()
         pg.close()
