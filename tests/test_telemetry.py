@@ -136,6 +136,24 @@ async def test_a_job_continues_the_producers_trace_with_one_model_call_span_acro
     assert recorded.points("gen_ai.client.operation.time_to_first_chunk")[0][1].count == 1
 
 
+async def test_a_fallback_is_a_try_of_the_same_model_call_span(make_config, llm, rds, recorded):
+    config, _ = make_config(environ={"CHAT_ACTORS__LLM__RETRIES": "0",
+                                     "CHAT_ACTORS__LLM__MODELS__SCRIPTED__FALLBACKS": '["priced"]'})
+    llm.queue(Reply(status=503), Reply(tokens=("Fell", " back")))
+    req = request("Fall back")
+    async with worker_running(config, telemetry=recorded.telemetry):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-1]["data"]["status"] == "completed"
+    (chat,) = [s for s in job_trace(recorded, req["jobId"]) if s.name.startswith("chat ")]
+    assert chat.name == "chat scripted-model"  # the model the job asked for
+    tries = [dict(e.attributes or {}) for e in chat.events if e.name == "try"]
+    assert [(t["chat_actors.alias"], t["chat_actors.model"], t.get("error.type"))
+            for t in tries] == [("scripted", "openai/scripted-model", "server_error"),
+                                ("priced", "openai/gpt-4o-mini", None)]
+    assert "error.type" not in (chat.attributes or {})
+
+
 async def test_prompts_and_answers_are_on_the_span_only_when_capture_content_is_on(
         config, llm, rds):
     kept = Recorded(capture_content=True)

@@ -52,6 +52,7 @@ DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
                     40.96, 81.92]
 FIRST_CHUNK_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                        2.5, 5.0, 7.5, 10.0]
+SPAN_QUEUE = 16384  # spans waiting to be sent; more are dropped (and counted by the SDK's log)
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -86,8 +87,12 @@ class OtelTelemetry:
         self._traces = TracerProvider(resource=resource, id_generator=self._ids)
         base = otel.endpoint.rstrip("/")
         if span_exporter is None:
+            # A worker ends hundreds of jobs a second, four spans each: the SDK's default
+            # queue (2,048 spans, sent every 5 s) would drop spans in a burst.
             self._traces.add_span_processor(BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=f"{base}/v1/traces", timeout=10)))
+                OTLPSpanExporter(endpoint=f"{base}/v1/traces", timeout=10),
+                max_queue_size=SPAN_QUEUE, schedule_delay_millis=1000,
+                max_export_batch_size=1024))
         else:
             self._traces.add_span_processor(SimpleSpanProcessor(span_exporter))
         reader = metric_reader or PeriodicExportingMetricReader(
