@@ -202,20 +202,27 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
     metrics = Metrics()
     watch = StepWatch(metrics)
     trio.lowlevel.add_instrument(watch)
-    telemetry = telemetry or telemetry_of(config, "chat-actors")
+    made: list[Telemetry] = [telemetry] if telemetry is not None else []
     try:
         await _run(config, this_worker, tracker, metrics, chat=chat, stop=stop,
-                   telemetry=telemetry, handle_signals=handle_signals, task_status=task_status)
+                   made=made, handle_signals=handle_signals, task_status=task_status)
     finally:
         trio.lowlevel.remove_instrument(watch)
         # What is still buffered is sent (in a thread: an away collector takes its timeout).
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(telemetry.close)
+            for each in made:
+                await trio.to_thread.run_sync(each.close)
     log.info("worker %s stopped", this_worker)
 
 
+async def _make_telemetry(config: Config, made: list[Telemetry]) -> None:
+    """The telemetry otel.* asks for, built in a thread (importing the OpenTelemetry SDK
+    and its exporter takes seconds) while the dependencies connect."""
+    made.append(await trio.to_thread.run_sync(telemetry_of, config, "chat-actors"))
+
+
 async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics: Metrics, *,
-               chat: ChatModel | None, telemetry: Telemetry, stop: trio.Event,
+               chat: ChatModel | None, made: list[Telemetry], stop: trio.Event,
                handle_signals: bool,
                task_status: trio.TaskStatus[WorkerHandle]) -> None:
     async with aio.open_bridge(closing=[close_clients]):
@@ -227,6 +234,8 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
             models = [spec.model for spec in config.llm.models.values()]
             starting.start_soon(trio.to_thread.run_sync, partial(tokens.warm, models))
             starting.start_soon(trio.to_thread.run_sync, warm_error_mapping)
+            if not made:  # none given: what otel.* says, built meanwhile
+                starting.start_soon(_make_telemetry, config, made)
             adapters = await _connect(config, this_worker, tracker)
         events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel[PgSinkMessage](RECORD_MAILBOX)
@@ -240,7 +249,7 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
                                  + config.jobs.session_wait_s,
                                  on_evict=metrics.tombstones_evicted.inc),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
-            retriever=Retriever(config, searches_in), telemetry=telemetry)
+            retriever=Retriever(config, searches_in), telemetry=made[0])
         try:
             await _run_actors(worker, adapters, tracker, events_out, records_out, searches_out,
                               stop=stop,
