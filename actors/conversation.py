@@ -165,7 +165,7 @@ def _report(request: ChatRequest, worker: Worker, parent: str | None, trace_id: 
     timeline, run = traced.timeline, traced.run
     status = run.status if run is not None and run.status else "settled"
     failed = _error_type(status, run)
-    model = (_model_call(worker, run, status, failed)
+    model = (_model_call(worker, run, run.model_started, status, failed)
              if run is not None and run.model_started is not None else None)
     try:
         worker.telemetry.job_ended(JobTelemetry(
@@ -190,7 +190,8 @@ def _error_type(status: str, run: JobRun | None) -> str | None:
 _SPAN_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 
 
-def _model_call(worker: Worker, run: JobRun, status: str, failed: str | None) -> ModelCall:
+def _model_call(worker: Worker, run: JobRun, started: float, status: str,
+                failed: str | None) -> ModelCall:
     answer, timeline = run.answer, run.timeline
     asked = answer.timed[0].alias if answer.timed else answer.alias
     spec = worker.config.llm.models[asked]
@@ -200,7 +201,7 @@ def _model_call(worker: Worker, run: JobRun, status: str, failed: str | None) ->
     return ModelCall(
         alias=asked, model=spec.model, provider=worker.pricing.provider_of(spec.model),
         params={k: run.params[k] for k in _SPAN_PARAMS if k in run.params},
-        start_ns=timeline.ns(run.model_started or ended), end_ns=timeline.ns(ended),
+        start_ns=timeline.ns(started), end_ns=timeline.ns(ended),
         tries=[ModelTry(name=t.alias, model=t.model, start_ns=timeline.ns(t.started),
                         end_ns=timeline.ns(t.ended),
                         error_type="timeout" if t.error_type == "cancelled" and

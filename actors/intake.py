@@ -213,10 +213,9 @@ class Intake:
             jobs.start_soon(self.settle_counted, delivery,
                             partial(reject, delivery, problem, self.worker, self.dlq))
             return
-        if request.trace_id is None:
-            parent = traceparent_of(delivery.headers)
-            if parent is not None:  # the job's logs carry the trace's id
-                request = msgspec.structs.replace(request, trace_id=parent.split("-")[1])
+        parent = traceparent_of(delivery.headers)
+        if request.trace_id is None and parent is not None:  # the logs carry the trace's id
+            request = msgspec.structs.replace(request, trace_id=parent.split("-")[1])
         turn = self.sessions.enter((request.user_id, request.session_id))
         if turn is None:
             self.in_flight += 1
@@ -227,7 +226,7 @@ class Intake:
         previous, mine = turn
         if previous is None:
             self.in_flight += 1  # it runs now: counted before the next poll's room
-        jobs.start_soon(self.in_order, delivery, request, previous, mine)
+        jobs.start_soon(self.in_order, delivery, request, parent, previous, mine)
 
     async def settle_counted(self, delivery: Delivery,
                              job: Callable[[], Awaitable[None]]) -> None:
@@ -237,7 +236,7 @@ class Intake:
         finally:
             self.in_flight -= 1
 
-    async def in_order(self, delivery: Delivery, request: ChatRequest,
+    async def in_order(self, delivery: Delivery, request: ChatRequest, parent: str | None,
                        previous: trio.Event | None, mine: trio.Event) -> None:
         """Run the job once the session's previous job has settled. The wait holds no
         in-flight slot and is bounded by jobs.session_wait_s; the job's own timeout
@@ -259,7 +258,7 @@ class Intake:
                     await previous.wait()  # the session's next request still waits for it
                     return
             await self.settle_counted(delivery, partial(self.run_job, request, self.worker,
-                                                        traceparent_of(delivery.headers)))
+                                                        parent))
         finally:
             self.sessions.leave(key, mine)
 

@@ -217,7 +217,7 @@ async def run_worker(config: Config, *, stop: trio.Event | None = None,
 
 async def _make_telemetry(config: Config, made: list[Telemetry]) -> None:
     """The telemetry otel.* asks for, built in a thread (importing the OpenTelemetry SDK
-    and its exporter takes seconds) while the dependencies connect."""
+    and its exporter took 0.3 s) while the dependencies connect."""
     made.append(await trio.to_thread.run_sync(telemetry_of, config, "chat-actors"))
 
 

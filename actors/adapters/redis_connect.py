@@ -25,16 +25,14 @@ class RedisConnect:
     """The redis-py client for one `redis` config section (`client`), and where to open
     a connection of our own to the primary (`primary`)."""
 
-    def __init__(self, config: RedisConfig, *, cluster: bool | None = None,
-                 **options: Any) -> None:
+    def __init__(self, config: RedisConfig, **options: Any) -> None:
         """`options` go to every data connection (socket timeouts, decode_responses)."""
         self.url = config.url
         self._password = secret(config.password_env)
         self.sentinel = config.sentinel()
         self._sentinels: Sentinel | None = None
-        cluster = config.cluster if cluster is None else cluster
         options["password"] = self._password
-        if not cluster:
+        if not config.cluster:
             # One immediate retry (a pooled connection the server closed), not redis-py's
             # three with backoff up to 10 s: our callers retry with their own backoff,
             # and a call stuck in a thread cannot be cancelled.
@@ -47,7 +45,7 @@ class RedisConnect:
                 **options)
             self.client: Any = self._sentinels.master_for(
                 self.sentinel.service, db=self.sentinel.db, username=self.sentinel.username)
-        elif cluster:
+        elif config.cluster:
             self.client = redis.RedisCluster.from_url(config.url, **options)
         else:
             self.client = redis.Redis.from_url(config.url, **options)

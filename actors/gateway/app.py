@@ -355,7 +355,7 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
     return app
 
 
-def sse(entry: Entry) -> bytes:
+def sse(entry: Entry, attempt: int, seq: int) -> bytes:
     """One stream entry as an SSE event: the entry id, the event, and its data with
     attempt and seq."""
     entry_id, fields = entry
@@ -365,8 +365,7 @@ def sse(entry: Entry) -> bytes:
         data = {}
     if not isinstance(data, dict):
         data = {"value": data}
-    data["attempt"] = _int_field(fields, "attempt") or 0
-    data["seq"] = _int_field(fields, "seq") or 0
+    data["attempt"], data["seq"] = attempt, seq
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: {body}\n\n".encode()
 
@@ -447,7 +446,7 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
                         # retried the batch on the new primary): the client has it.
                         continue
                     sent = (attempt, seq)
-                events.append(sse(entry))
+                events.append(sse(entry, attempt or 0, seq or 0))
                 if done := fields.get("event") == "done":
                     break
             if events:  # one write for all that was ready: each write costs ~100 us
