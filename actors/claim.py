@@ -18,7 +18,14 @@ from actors.backoff import retry_transient
 from actors.errors import TransientError
 from actors.worker import Worker
 from messages.mailboxes import EventEmitted, JobRef, Receipt
-from messages.ports import AlreadyTerminal, Claimed, LeasedElsewhere, OwnedByAnotherUser
+from messages.ports import (
+    AlreadyTerminal,
+    Claimed,
+    ClaimOrder,
+    ClaimResult,
+    LeasedElsewhere,
+    OwnedByAnotherUser,
+)
 from messages.wire import ChatRequest, Done, DoneStatus
 
 log = logging.getLogger("chat_actors.claim")
@@ -32,16 +39,23 @@ async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
                     alias_name: str) -> Claimed | AlreadyTerminal | OwnedByAnotherUser:
     """Claim the job, waiting while another worker holds a live lease on it."""
     config = worker.config
-    provider = worker.pricing.provider_of(config.llm.models[alias_name].model)
+    order = ClaimOrder(job_id=request.job_id, user_id=request.user_id,
+                       session_id=request.session_id, trace_id=trace_id, mode=request.mode,
+                       model=alias_name,
+                       provider=worker.pricing.provider_of(config.llm.models[alias_name].model))
+
+    async def claim_once() -> ClaimResult:
+        if worker.claims is not None:  # with every job claiming at the same time
+            return await worker.claims.claim(order)
+        return await worker.store.claim(
+            job_id=order.job_id, user_id=order.user_id, session_id=order.session_id,
+            trace_id=trace_id, mode=order.mode, model=alias_name, provider=order.provider,
+            lease_holder=worker.worker_id, lease_s=config.jobs.lease_s,
+            history_limit=config.llm.max_history_turns)
+
     while True:
-        claim = await retry_transient(
-            lambda: worker.store.claim(
-                job_id=request.job_id, user_id=request.user_id, session_id=request.session_id,
-                trace_id=trace_id, mode=request.mode, model=alias_name, provider=provider,
-                lease_holder=worker.worker_id, lease_s=config.jobs.lease_s,
-                history_limit=config.llm.max_history_turns),
-            what=f"claim of job {request.job_id}", log=log, health=worker.health,
-            dependency="postgres")
+        claim = await retry_transient(claim_once, what=f"claim of job {request.job_id}",
+                                      log=log, health=worker.health, dependency="postgres")
         match claim:
             case LeasedElsewhere(lease_holder=holder):
                 # Wait until that worker finishes the job (terminal) or its lease runs

@@ -17,6 +17,7 @@ import trio
 from messages.mailboxes import Delivery, JobFinished, JobRejected, Partition, ProviderChunk
 from messages.ports import (
     Capabilities,
+    ClaimOrder,
     ClaimResult,
     Hit,
     Hold,
@@ -53,6 +54,10 @@ class JobStore(Protocol):
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, lease_holder: str,
                     lease_s: float, history_limit: int = 0) -> ClaimResult: ...
+    async def claim_many(self, orders: Sequence[ClaimOrder], *, lease_holder: str,
+                         lease_s: float, history_limit: int = 0) -> list[ClaimResult]:
+        """Each order's claim, in order, in one round trip (job ids all different)."""
+        ...
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]: ...  # the ids still its own
     async def release_lease(self, *, job_id: str, lease_holder: str) -> None: ...

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,13 +31,19 @@ from actors.adapters import aio, telemetry_of
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
-from actors.adapters.llm import LiteLLMPricing, close_clients
-from actors.adapters.openai_wire import OpenAIWireChat, warm_error_mapping
+from actors.adapters.openai_wire import (
+    OpenAIWireChat,
+    close_litellm_clients,
+    load_litellm,
+    needs_litellm,
+)
 from actors.adapters.postgres import Postgres, redact
+from actors.adapters.pricing import ModelPricing
 from actors.adapters.redis_events import RedisEvents
 from actors.adapters.tokens import TiktokenCounting
 from actors.budget import prune_ledger
 from actors.claim import FINISH_GRACE_S
+from actors.claims import CLAIM_MAILBOX, Claims, PendingClaim, run_claims
 from actors.control import ControlStats, run_control
 from actors.errors import ChatActorsError, TransientError
 from actors.health import Health, run_health
@@ -57,6 +64,7 @@ log = logging.getLogger("chat_actors.supervisor")
 
 EVENT_MAILBOX = 1024
 LAG_EVERY_S = 5.0
+LITELLM_IDLE_S = 2.0
 RECORD_MAILBOX = 256
 # Search orders waiting for the retriever; a job past it waits to hand its order in.
 SEARCH_MAILBOX = 128
@@ -225,34 +233,43 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
                chat: ChatModel | None, made: list[Telemetry], stop: trio.Event,
                handle_signals: bool,
                task_status: trio.TaskStatus[WorkerHandle]) -> None:
-    async with aio.open_bridge(closing=[close_clients]):
+    async with aio.open_bridge(closing=[close_litellm_clients]):
         tokens = TiktokenCounting()
+        specs = config.llm.models.values()
+        # LiteLLM costs seconds of CPU to import. An alias LiteLLM must serve has it
+        # loaded before the worker is ready; a worker whose models model_map answers
+        # (served over the OpenAI wire, unknown to LiteLLM's map) loads it once idle,
+        # for the error answers it classifies (or at the first one, if that comes first).
+        litellm_first = needs_litellm((s.model, s.api_base, s.api_key_env, s.stream_path)
+                                      for s in specs)
         async with trio.open_nursery() as starting:
-            # The tokenizers load in a thread while the dependencies connect.
-            # So does LiteLLM's error mapping: either, first used by a job, stalls the
-            # event loop for a quarter of a second or more.
-            models = [spec.model for spec in config.llm.models.values()]
+            # The tokenizers load in a thread while the dependencies connect: first
+            # used by a job, they would stall the event loop.
+            models = [spec.model for spec in specs]
             starting.start_soon(trio.to_thread.run_sync, partial(tokens.warm, models))
-            starting.start_soon(trio.to_thread.run_sync, warm_error_mapping)
+            if litellm_first:
+                starting.start_soon(trio.to_thread.run_sync, load_litellm)
             if not made:  # none given: what otel.* says, built meanwhile
                 starting.start_soon(_make_telemetry, config, made)
             adapters = await _connect(config, this_worker, tracker)
         events_in, events_out = trio.open_memory_channel[EventEmitted](EVENT_MAILBOX)
         records_in, records_out = trio.open_memory_channel[PgSinkMessage](RECORD_MAILBOX)
         searches_in, searches_out = trio.open_memory_channel[SearchOrder](SEARCH_MAILBOX)
+        claims_in, claims_out = trio.open_memory_channel[PendingClaim](CLAIM_MAILBOX)
         worker = Worker(
             config=config, worker_id=this_worker, store=adapters.pg,
-            chat=chat or adapters.vendors, pricing=LiteLLMPricing(), tokens=tokens,
+            chat=chat or adapters.vendors, pricing=ModelPricing(), tokens=tokens,
             events=events_in, records=records_in, event_log=adapters.events,
             # A tombstone outlives the longest wait behind a session (contract 2.2).
             registry=JobRegistry(tombstone_ttl_s=config.control.tombstone_ttl_s
                                  + config.jobs.session_wait_s,
                                  on_evict=metrics.tombstones_evicted.inc),
             scrub=logs.scrubber(logs.secrets_from(config)), metrics=metrics,
-            retriever=Retriever(config, searches_in), telemetry=made[0])
+            retriever=Retriever(config, searches_in), telemetry=made[0],
+            claims=Claims(claims_in))
         try:
             await _run_actors(worker, adapters, tracker, events_out, records_out, searches_out,
-                              stop=stop,
+                              claims_out, stop=stop,
                               handle_signals=handle_signals, task_status=task_status)
         finally:
             await adapters.close()
@@ -261,7 +278,8 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
 async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracker,
                       events_out: trio.MemoryReceiveChannel[EventEmitted],
                       records_out: trio.MemoryReceiveChannel[PgSinkMessage],
-                      searches_out: trio.MemoryReceiveChannel[SearchOrder], *,
+                      searches_out: trio.MemoryReceiveChannel[SearchOrder],
+                      claims_out: trio.MemoryReceiveChannel[PendingClaim], *,
                       stop: trio.Event, handle_signals: bool,
                       task_status: trio.TaskStatus[WorkerHandle]) -> None:
     config, health, registry = worker.config, worker.health, worker.registry
@@ -290,6 +308,11 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             worker.leases.run, adapters.pg, lease_holder=lease_holder,
             lease_s=config.jobs.lease_s, health=health,
             on_lost=partial(registry.stop, reason=superseded)))
+        # Running while intake drains (a job behind its session may still start).
+        await background.start(partial(
+            run_claims, claims_out, adapters.pg, lease_holder=lease_holder,
+            lease_s=config.jobs.lease_s, history_limit=config.llm.max_history_turns,
+            batch_max=config.kafka.poll_batch))
         _watch(worker.metrics, worker)
         await background.start(partial(run_retriever, searches_out, adapters.documents,
                                        embedder=partial(configured_embedder, config.rag)))
@@ -301,6 +324,8 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             # the process: out of the collector's sight, a full collection takes
             # milliseconds instead of stalling the event loop for ~0.4 s.
             gc.freeze()
+        if "actors.adapters.litellm_wire" not in sys.modules:
+            background.start_soon(_load_litellm_when_idle, registry, handle_signals)
         async with trio.open_nursery() as front:
             await front.start(partial(run_intake, adapters.consumer, adapters.dlq, worker,
                                       tracker, stop=stop))
@@ -313,6 +338,19 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
                 health_port=health_port))
         # Intake is done and closed the sinks' mailboxes: they flush and end.
         background.cancel_scope.cancel()
+
+
+async def _load_litellm_when_idle(registry: JobRegistry, freeze: bool) -> None:
+    """Load LiteLLM once no job has run for LITELLM_IDLE_S: importing it holds the GIL
+    for seconds, which a running job's stream would feel."""
+    idle_since = trio.current_time()
+    while trio.current_time() - idle_since < LITELLM_IDLE_S:
+        await trio.sleep(LITELLM_IDLE_S / 4)
+        if registry.running():
+            idle_since = trio.current_time()
+    await trio.to_thread.run_sync(load_litellm, abandon_on_cancel=True)
+    if freeze:  # what LiteLLM loaded joins what start-up loaded (see gc.freeze above)
+        gc.freeze()
 
 
 def _watch(metrics: Metrics, worker: Worker) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from actors.claims import Claims
 from actors.health import Health
 from actors.leases import LeaseKeeper
 from actors.metrics import Metrics
@@ -72,6 +73,7 @@ class Worker:
     # Takes secrets (API keys a vendor echoed back) out of text bound for events and rows.
     scrub: Callable[[str], str] = field(default=str)
     telemetry: Telemetry = field(default_factory=NoTelemetry)
+    claims: Claims | None = None  # the claims actor; None: each job claims on its own
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
         return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,

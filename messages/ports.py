@@ -44,6 +44,18 @@ class OwnedByAnotherUser(msgspec.Struct, frozen=True):
 
 ClaimResult = Claimed | AlreadyTerminal | LeasedElsewhere | OwnedByAnotherUser
 
+
+class ClaimOrder(msgspec.Struct, frozen=True):
+    """One job to claim: what its llm_jobs row starts with."""
+
+    job_id: str
+    user_id: str
+    session_id: str
+    trace_id: str
+    mode: str
+    model: str
+    provider: str
+
 # --- the job store: budgets ----------------------------------------------------------
 
 HoldKind = Literal["usd", "requests", "tokens"]

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.helpers import ROOT, events_of, job_row, produce, request, worker_running
+from tests.many_workers import wait_for
 from tests.scripted_llm import Reply
 from tools import local_stack
 
@@ -136,3 +137,47 @@ async def test_send_prints_the_streamed_answer_and_its_status(make_config, llm):
     assert lines[1].startswith("[scripted: 10+3 tokens, cost $0.000000")
     assert lines[2].startswith("[done: completed in ")
     assert llm.calls[0].messages[-1] == {"role": "user", "content": "hello there"}
+
+
+async def test_a_worker_whose_models_need_no_litellm_is_ready_and_answers_before_it_loads(
+        make_config, llm, rds, db, tmp_path):
+    """Cold start: a worker whose aliases are unmapped OpenAI-wire models does not wait
+    for LiteLLM (seconds to import): it answers first, and loads LiteLLM once idle (held
+    here until then)."""
+    config, path = make_config()
+    # The test config's "priced" alias is a model LiteLLM knows: this worker has only
+    # the served one.
+    text = path.read_text()
+    start = text.index("[llm.models.priced]")
+    end = text.find("\n[", start + 1)
+    path.write_text(text[:start] + (text[end + 1:] if end >= 0 else ""))
+    llm.default = Reply(tokens=("before", " LiteLLM"))
+    release, log_path = tmp_path / "release", tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "litellm_held.py"), str(release), "run",
+             "--config", str(path)], cwd=ROOT, stdout=log, stderr=log)
+    try:
+        job = request("hello")
+        produce(config, job)
+        events = await events_of(rds, config, job["jobId"])
+        # Idle now: the worker loads LiteLLM (for the error answers it classifies).
+        await trio.to_thread.run_sync(lambda: wait_for(
+            "the loader", lambda: "litellm import held" in log_path.read_text(), 60))
+        held_log = log_path.read_text()
+        release.touch()
+        await trio.to_thread.run_sync(lambda: wait_for(
+            "LiteLLM loaded", lambda: "LiteLLM loaded in" in log_path.read_text(), 120))
+        worker.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert held_log.index(" ready: ") < held_log.index("litellm import held")
+    assert "LiteLLM loaded" not in held_log
+    assert events[-2]["data"]["text"] == "before LiteLLM"
+    assert events[-1]["data"] == {"status": "completed", "partial": False}
+    row = job_row(db, job["jobId"])
+    assert row is not None and row["provider"] == "openai" and row["status"] == "completed"
+    assert code == 0

@@ -45,7 +45,7 @@ async def collect(llm, model: str = "openai/scripted", params=None, **kwargs):
 def test_routes_openai_wire_vendors_natively_and_the_rest_through_litellm():
     local = resolve("openai/smollm2", "http://127.0.0.1:8088/v1/", None, "auto")
     assert local == Route(url="http://127.0.0.1:8088/v1/chat/completions", model="smollm2",
-                          provider="openai", api_key_env=None)
+                          provider="openai", api_key_env=None, mapped_here=True)
     hosted = resolve("gpt-4o-mini", None, None, "auto")
     assert hosted is not None and hosted.url == "https://api.openai.com/v1/chat/completions"
     assert hosted.api_key_env == "OPENAI_API_KEY"
@@ -183,7 +183,8 @@ def test_cached_flat_prices_equal_litellms_own_sum():
 
     import litellm
 
-    from actors.adapters.llm import _MapRates, _pricing, cost_usd
+    from actors.adapters.llm import _pricing, cost_usd
+    from actors.adapters.model_map import MapRates as _MapRates
     from messages.ports import Rates, TokenCounts
 
     # (github_copilot's price lookup logs in over the network: not a model for us)

@@ -115,14 +115,11 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     try:
         say = (lambda *a: None) if once else (lambda *a: print(*a, file=sys.stderr))
         say("starting the local stack ...")
-        kafka = local_stack.start_kafka(workdir)
-        services.append(kafka)
-        redis = local_stack.start_redis(workdir)
-        services.append(redis)
-        postgres = local_stack.start_postgres(workdir)
-        services.append(postgres)
-        llm = local_stack.start_llama(workdir)
-        services.append(llm)
+        # All at once: the model's load and Postgres's initdb overlap.
+        services = local_stack.start_all(workdir, local_stack.start_kafka,
+                                         local_stack.start_redis, local_stack.start_postgres,
+                                         local_stack.start_llama)
+        kafka, redis, postgres, llm = services
         config_path = workdir / "config.toml"
         gateway_port = local_stack.free_port()
         config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,

@@ -470,15 +470,26 @@ def start_chroma(workdir: Path, port: int | None = None) -> Service:
     return _wait(service, _answers(f"{service.url}/api/v2/heartbeat"), STARTUP_TIMEOUT_S)
 
 
+def start_all(workdir: Path, *starters: Callable[[Path], Service]) -> list[Service]:
+    """Start services at once, each in a thread (Postgres's initdb and the model's load
+    take a second or two each: one after the other, they add up); if one fails to start,
+    the ones started are stopped and its error is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(starters)) as pool:
+        futures = [pool.submit(start, workdir) for start in starters]
+    failed = [error for f in futures if (error := f.exception()) is not None]
+    if failed:
+        for future in futures:
+            if future.exception() is None:
+                future.result().stop()
+        raise failed[0]
+    return [future.result() for future in futures]
+
+
 def start_core(workdir: Path) -> tuple[Service, Service, Service]:
-    """Kafka, Redis and Postgres; if one fails to start, the ones started are stopped."""
-    with contextlib.ExitStack() as started:
-        kafka = start_kafka(workdir)
-        started.callback(kafka.stop)
-        redis = start_redis(workdir)
-        started.callback(redis.stop)
-        postgres = start_postgres(workdir)
-        started.pop_all()
+    """Kafka, Redis and Postgres, started at once; if one fails, none is left running."""
+    kafka, redis, postgres = start_all(workdir, start_kafka, start_redis, start_postgres)
     return kafka, redis, postgres
 
 

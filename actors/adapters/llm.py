@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import litellm
@@ -19,6 +18,7 @@ import trio
 from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 
 from actors.adapters import aio
+from actors.adapters.model_map import MapRates, flat_cost, overridden
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages import mailboxes as chunks
@@ -80,49 +80,20 @@ def _kind(exc: BaseException, status: object) -> str:
     return "server_error"
 
 
-@dataclass(frozen=True)
-class _MapRates:
-    """LiteLLM's flat prices for a model, USD per token (None: the map has none)."""
-
-    input: float
-    output: float
-    cache_read: float | None = None
-    cache_write: float | None = None
-    reasoning: float | None = None
-
-
 def cost_usd(model: str, used: TokenCounts, own: Rates) -> float | None:
     """contract 3: uncached prompt x input + cached x cache read + cache writes x cache
     write + completion x output (reasoning at its own price where the map has one).
     Each rate is the alias's own when set, else LiteLLM's bundled map; a cache rate
     neither gives is the input rate. None: nobody prices the model."""
     pricing = _pricing(model)
-    overridden = any(rate is not None for rate in (own.input, own.output, own.cache_read,
-                                                   own.cache_write))
-    if pricing == "litellm" and not overridden:
+    own_rates = overridden(own)
+    if pricing == "litellm" and not own_rates:
         return _litellm_cost(model, used)
-    base = (pricing if isinstance(pricing, _MapRates)
+    base = (pricing if isinstance(pricing, MapRates)
             else _base_rates(model) if pricing == "litellm" else None)
-    if base is None and not overridden:
+    if base is None and not own_rates:
         return None
-    return _flat_cost(base, own, used)
-
-
-def _flat_cost(base: _MapRates | None, own: Rates, used: TokenCounts) -> float:
-    input_rate = _first(own.input, base and base.input, 0.0)
-    output_rate = _first(own.output, base and base.output, 0.0)
-    read_rate = _first(own.cache_read, base and base.cache_read, input_rate)
-    write_rate = _first(own.cache_write, base and base.cache_write, input_rate)
-    reasoning_rate = _first(base and base.reasoning if own.output is None else None,
-                            output_rate)
-    uncached = used.prompt - used.cached - used.cache_write
-    return (uncached * input_rate + used.cached * read_rate + used.cache_write * write_rate
-            + (used.completion - used.reasoning) * output_rate
-            + used.reasoning * reasoning_rate)
-
-
-def _first(*rates: float | None) -> float:
-    return next(rate for rate in rates if rate is not None)
+    return flat_cost(base, own, used)
 
 
 def _litellm_cost(model: str, used: TokenCounts) -> float:
@@ -146,7 +117,7 @@ def _variable(key: str) -> bool:
     return any(mark in key for mark in _VARIABLE) and not key.endswith(_NOT_VARIABLE)
 
 
-def _map_rates(info: Mapping[str, Any]) -> _MapRates | None:
+def _map_rates(info: Mapping[str, Any]) -> MapRates | None:
     unit_in, unit_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
     if not isinstance(unit_in, int | float) or not isinstance(unit_out, int | float):
         return None
@@ -155,14 +126,14 @@ def _map_rates(info: Mapping[str, Any]) -> _MapRates | None:
         value = info.get(key)
         return float(value) if isinstance(value, int | float) else None
 
-    return _MapRates(input=float(unit_in), output=float(unit_out),
+    return MapRates(input=float(unit_in), output=float(unit_out),
                      cache_read=rate("cache_read_input_token_cost"),
                      cache_write=rate("cache_creation_input_token_cost"),
                      reasoning=rate("output_cost_per_reasoning_token"))
 
 
 @functools.lru_cache(maxsize=256)
-def _base_rates(model: str) -> _MapRates | None:
+def _base_rates(model: str) -> MapRates | None:
     """The map's base prices (below any tier), for an alias that sets some of its own."""
     try:
         return _map_rates(litellm.get_model_info(model))
@@ -171,7 +142,7 @@ def _base_rates(model: str) -> _MapRates | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _pricing(model: str) -> _MapRates | str:
+def _pricing(model: str) -> MapRates | str:
     """How LiteLLM prices `model`: its rates when they are flat, "unpriced", or
     "litellm" (tiered, by the hour, per character...: asked per job).
 
@@ -202,7 +173,7 @@ def _pricing(model: str) -> _MapRates | str:
     # Cached, cache-write and reasoning parts at the map's rates, as LiteLLM itself
     # charges them (some vendors' calculators discount cache reads the map omits).
     parts = TokenCounts(prompt=1000, completion=50, cached=400, cache_write=100, reasoning=20)
-    expected = _flat_cost(rates, Rates(), parts)
+    expected = flat_cost(rates, Rates(), parts)
     try:
         if abs(_litellm_cost(model, parts) - expected) > 1e-9 * max(expected, 1e-9):
             return "litellm"
@@ -354,19 +325,6 @@ class LiteLLMChat:
             except Exception as exc:
                 # LiteLLM wraps vendor failures in many types; classify, never swallow.
                 raise translate(exc) from exc
-
-
-class LiteLLMPricing:
-    """The Pricing port: LiteLLM's bundled price map and its vendor routing."""
-
-    def cost_usd(self, model: str, used: TokenCounts, own: Rates) -> float | None:
-        return cost_usd(model, used, own)
-
-    def provider_of(self, model: str) -> str:
-        return provider_of(model)
-
-    def capabilities(self, model: str) -> Capabilities:
-        return capabilities(model)
 
 
 @functools.lru_cache(maxsize=256)

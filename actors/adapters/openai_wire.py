@@ -8,7 +8,9 @@ with msgspec into the three fields we use: a few microseconds per chunk. LiteLLM
 need its knowledge: it resolves the model to a vendor and its endpoint, maps
 the request parameters for that model (`max_completion_tokens` for reasoning
 models, dropping what a model refuses), classifies vendor errors, and prices
-the usage (llm.cost_usd). Every other vendor (Anthropic, Bedrock, Vertex, ...)
+the usage (llm.cost_usd), except for a model its map does not know (a model a team
+serves itself): model_map answers those without importing LiteLLM, and the parts
+that need it (litellm_wire) load in the background. Every other vendor (Anthropic, Bedrock, Vertex, ...)
 streams through LiteLLM as before. `llm.models.<alias>.stream_path` forces
 either path.
 """
@@ -17,24 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import logging
 import ssl
-import urllib.request
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+import sys
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
-from urllib.parse import urlsplit
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-import litellm
 import msgspec
-import openai
 import trio
-from litellm.litellm_core_utils.exception_mapping_utils import exception_type
-from litellm.utils import get_optional_params
 from msgspec import Meta
 
 from actors.adapters import http1
-from actors.adapters.llm import LiteLLMChat, translate
+from actors.adapters.model_map import NATIVE_PROVIDERS, Route, native_params, proxied, unmapped
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages.mailboxes import (
@@ -45,10 +45,13 @@ from messages.mailboxes import (
     ToolCallDelta,
 )
 
-# LiteLLM providers whose chat endpoint is the plain OpenAI wire format, with no
-# request or response rewriting beyond the parameter mapping done here.
-NATIVE_PROVIDERS = frozenset({"openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy"})
-OPENAI_API_BASE = "https://api.openai.com/v1"
+if TYPE_CHECKING:
+    from actors.adapters.llm import LiteLLMChat
+
+__all__ = ["NATIVE_PROVIDERS", "OpenAIWireChat", "Route", "resolve"]
+
+LITELLM_SIDE = "actors.adapters.litellm_wire"
+log = logging.getLogger("chat_actors.openai_wire")
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_SSE_LINE = 4 * 1024 * 1024  # one `data:` line (a chunk with a large tool call fits)
 MAX_TOOL_CALL_INDEX = 127
@@ -119,94 +122,87 @@ class _Chunk(msgspec.Struct):
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
-_encode = msgspec.json.Encoder().encode
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where and how one configured model is called natively."""
-
-    url: str
-    model: str  # the vendor's name for it, without LiteLLM's provider prefix
-    provider: str
-    api_key_env: str | None
+encode = msgspec.json.Encoder().encode
 
 
 @functools.lru_cache(maxsize=256)
+def native_route(model: str, api_base: str | None, api_key_env: str | None) -> Route | None:
+    """The route of a model LiteLLM's map does not know, served at `api_base`: no LiteLLM
+    needed (model_map)."""
+    known = unmapped(model)
+    if known is None or not api_base or proxied(api_base):
+        return None
+    provider, name = known
+    return Route(url=api_base.rstrip("/") + "/chat/completions", model=name,
+                 provider=provider, api_key_env=api_key_env, mapped_here=True)
+
+
 def resolve(model: str, api_base: str | None, api_key_env: str | None, stream_path: str) -> Route | None:
-    """The native route for a model, or None when it must go through LiteLLM."""
+    """The native route for a model, or None when it must go through LiteLLM. Imports
+    LiteLLM unless model_map answers for the model."""
     if stream_path == "litellm":
         return None
+    return (native_route(model, api_base, api_key_env)
+            or litellm_side().route(model, api_base, api_key_env, stream_path))
+
+
+def needs_litellm(models: Iterable[tuple[str, str | None, str | None, str]]) -> bool:
+    """Whether any of these (model, api_base, api_key_env, stream_path) needs LiteLLM to
+    stream, be priced or be checked."""
+    return any(path == "litellm" or native_route(model, base, key) is None
+               for model, base, key, path in models)
+
+
+def litellm_side() -> ModuleType:
+    """actors.adapters.litellm_wire: imported here, or waited for while another thread
+    imports it (the import lock)."""
+    return importlib.import_module(LITELLM_SIDE)
+
+
+async def litellm_side_async() -> ModuleType:
+    """litellm_side without blocking the event loop while LiteLLM is still importing."""
+    module = sys.modules.get(LITELLM_SIDE)
+    if module is not None and not getattr(module.__spec__, "_initializing", False):
+        return module
+    return await trio.to_thread.run_sync(litellm_side, abandon_on_cancel=True)
+
+
+def load_litellm() -> None:
+    """The worker's loader thread: import LiteLLM and warm its error mapping."""
     try:
-        name, provider, _, base = litellm.get_llm_provider(model, api_base=api_base)
-    except Exception:  # unknown to LiteLLM: let its own call report it
-        return None
-    if provider not in NATIVE_PROVIDERS and stream_path != "openai":
-        return None
-    hosted_openai = provider == "openai" and not api_base
-    base = api_base or base or (OPENAI_API_BASE if hosted_openai else None)
-    if base is None or _proxied(base):
-        return None  # (behind a proxy: LiteLLM's client speaks it, ours does not)
-    # OPENAI_API_KEY only ever goes to OpenAI itself, never to a configured api_base.
-    return Route(url=base.rstrip("/") + "/chat/completions", model=name, provider=provider,
-                 api_key_env=api_key_env or ("OPENAI_API_KEY" if hosted_openai else None))
+        started = time.perf_counter()
+        litellm_side().warm_error_mapping()
+        log.info("LiteLLM loaded in %.1f s", time.perf_counter() - started)
+    except Exception:  # a job that needs it meets the same error, with its own report
+        log.exception("LiteLLM could not be loaded")
 
 
-def _proxied(url: str) -> bool:
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    return bool(proxies.get(parts.scheme) or proxies.get("all")) and \
-        not urllib.request.proxy_bypass(parts.hostname or "")
+async def close_litellm_clients() -> None:
+    """Close LiteLLM's HTTP clients, if it was loaded at all."""
+    module = sys.modules.get("actors.adapters.llm")
+    if module is not None and not getattr(module.__spec__, "_initializing", False):
+        await module.close_clients()
 
 
 @functools.lru_cache(maxsize=1024)
-def _mapped_params(model: str, provider: str, params: bytes) -> bytes:
-    """LiteLLM's mapping of the parameters (JSON in, JSON out: tools and schemas are
-    not hashable, and the result is only ever encoded again)."""
-    mapped = get_optional_params(model=model, custom_llm_provider=provider, stream=True,
-                                 stream_options={"include_usage": True},
-                                 **msgspec.json.decode(params))
-    mapped.update(mapped.pop("extra_body", None) or {})
-    return _encode(mapped)
+def _native_params(provider: str, params: bytes) -> bytes:
+    return encode(native_params(provider, msgspec.json.decode(params)))
 
 
 def request_body(route: Route, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> bytes:
-    mapped = _mapped_params(route.model, route.provider, _encode(dict(sorted(params.items()))))
-    rest = _encode({"model": route.model, "messages": messages})
+    asked = encode(dict(sorted(params.items())))
+    mapped = (_native_params(route.provider, asked) if route.mapped_here
+              else litellm_side().mapped_params(route.model, route.provider, asked))
+    rest = encode({"model": route.model, "messages": messages})
     # Two JSON objects spliced into one (the mapping never holds model or messages).
     return mapped[:-1] + b"," + rest[1:] if len(mapped) > 2 else rest
 
 
-def _status_error(route: Route, status: int, headers: dict[str, str],
-                  body_bytes: bytes) -> TransientError | PermanentError:
-    """Classify a non-200 answer the way LiteLLM does for this vendor."""
-    text = body_bytes.decode("utf-8", "replace")
-    try:
-        body: Any = msgspec.json.decode(body_bytes)
-    except msgspec.DecodeError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    message = (error.get("message") if isinstance(error, dict) else None) or text or str(status)
-    # The openai SDK's error type, as LiteLLM's mapping expects it.
-    response = httpx.Response(status, headers=headers, content=body_bytes,
-                              request=httpx.Request("POST", route.url))
-    # openai 3.x annotates httpx2's Response; it reads only status, headers and body.
-    vendor_error = openai.APIStatusError(str(message), response=cast(Any, response), body=body)
-    try:
-        exception_type(model=route.model, original_exception=vendor_error,
-                       custom_llm_provider=route.provider)
-    except Exception as mapped:
-        return translate(mapped)
-    return translate(vendor_error)
-
-
-def warm_error_mapping() -> None:
-    """LiteLLM's error mapping loads on its first use, about 0.3 s of blocking work.
-    Done at start (in a thread), so a running worker's first vendor error does not
-    stall the event loop, and every stream with it."""
-    route = Route(url="http://127.0.0.1/v1/chat/completions", model="gpt-4o-mini",
-                  provider="openai", api_key_env=None)
-    _status_error(route, 500, {}, b'{"error": {"message": "warming up"}}')
+async def _status_error(route: Route, status: int, headers: dict[str, str],
+                        body_bytes: bytes) -> TransientError | PermanentError:
+    """A non-200 answer, classified the way LiteLLM does for this vendor."""
+    side = await litellm_side_async()
+    return side.status_error(route, status, headers, body_bytes)
 
 
 class OpenAIWireChat:
@@ -216,7 +212,7 @@ class OpenAIWireChat:
                  litellm_chat: LiteLLMChat | None = None) -> None:
         self._request_timeout_s = request_timeout_s
         self._http = http1.Client(connect_timeout_s=connect_timeout_s)
-        self._litellm = litellm_chat or LiteLLMChat(request_timeout_s=request_timeout_s)
+        self._litellm = litellm_chat  # made when a model first needs it
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -226,8 +222,14 @@ class OpenAIWireChat:
                      out: trio.MemorySendChannel[ProviderChunk], stream_path: str = "auto",
                      resend: Callable[[str], Awaitable[bool]] | None = None) -> None:
         """Stream one completion into `out`; raise TransientError / PermanentError."""
-        route = resolve(model, api_base, api_key_env, stream_path)
+        route = None if stream_path == "litellm" else native_route(model, api_base, api_key_env)
+        if route is None and stream_path != "litellm":
+            side = await litellm_side_async()
+            route = side.route(model, api_base, api_key_env, stream_path)
         if route is None:
+            if self._litellm is None:
+                side = await litellm_side_async()
+                self._litellm = side.LiteLLMChat(request_timeout_s=self._request_timeout_s)
             await self._litellm.stream(model=model, api_base=api_base, api_key_env=api_key_env,
                                        messages=messages, params=params, out=out)
             return
@@ -243,7 +245,7 @@ class OpenAIWireChat:
                     async with self._http.stream_post(route.url, headers, body,
                                                       resend=resend) as response:
                         if response.status != 200:
-                            raise _status_error(route, response.status, response.headers,
+                            raise await _status_error(route, response.status, response.headers,
                                                 await response.read(ERROR_BODY_LIMIT))
                         await _read_events(response.pieces(), out, route)
             except trio.TooSlowError as exc:

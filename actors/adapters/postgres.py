@@ -25,6 +25,7 @@ from messages.mailboxes import CallMade, ImageRef, JobFinished, JobRejected, Tur
 from messages.ports import (
     AlreadyTerminal,
     Claimed,
+    ClaimOrder,
     ClaimResult,
     Hold,
     LeasedElsewhere,
@@ -75,19 +76,66 @@ _ACTUAL = {"usd": lambda r: r.cost_usd or 0.0, "requests": lambda r: 1,
            "tokens": lambda r: r.prompt_tokens + r.completion_tokens}
 
 
-def _history(conn: psycopg.Connection[Any], user_id: str, session_id: str, before_job: str,
-             limit: int) -> list[Turn]:
+# The claim of a batch: rows in job id order (the lock order), each row's status before
+# the statement (a rejected request's id is taken over), its attempt after.
+_CLAIM_MANY: LiteralString = """
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(users)s::text[], %(sessions)s::text[],
+                         %(traces)s::text[], %(modes)s::text[], %(models)s::text[],
+                         %(providers)s::text[])
+        AS t(job_id, user_id, session_id, trace_id, mode, model, provider)
+), before AS (
+    SELECT job_id, status FROM llm_jobs WHERE job_id = ANY(%(ids)s::text[])
+)
+INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model, provider,
+                           status, attempt, lease_owner, lease_until, started_at)
+SELECT job_id, user_id, session_id, trace_id, mode, model, provider, 'running', 1,
+       %(holder)s, now() + %(lease)s, now()
+FROM input ORDER BY job_id
+ON CONFLICT (job_id) DO UPDATE SET
+    attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
+    lease_until = excluded.lease_until, started_at = now(),
+    model = excluded.model, provider = excluded.provider,
+    user_id = excluded.user_id, session_id = excluded.session_id,
+    trace_id = excluded.trace_id, mode = excluded.mode,
+    error = NULL, finished_at = NULL
+WHERE (j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
+       AND (j.lease_until IS NULL OR j.lease_until < now()))
+   -- a rejected request never took the id: a valid one claims it over
+   OR j.status = 'rejected'
+RETURNING j.job_id, j.attempt, (SELECT status FROM before b WHERE b.job_id = j.job_id)
+"""
+
+# Each job's session's last turns (its own excluded), oldest first, in one statement.
+_HISTORIES: LiteralString = """
+SELECT r.job_id, m.role, m.content, m.tool_calls, m.tool_call_id, m.thinking_blocks,
+       m.attachments
+FROM unnest(%(users)s::text[], %(sessions)s::text[], %(ids)s::text[])
+    WITH ORDINALITY AS r(user_id, session_id, job_id, n)
+CROSS JOIN LATERAL (
+    SELECT id, role, content, tool_calls, tool_call_id, thinking_blocks, attachments
+    FROM llm_messages
+    WHERE user_id = r.user_id AND session_id = r.session_id AND job_id <> r.job_id
+    ORDER BY id DESC LIMIT %(limit)s) m
+ORDER BY r.n, m.id
+"""
+
+
+def _histories(conn: psycopg.Connection[Any], orders: Sequence[ClaimOrder],
+               limit: int) -> dict[str, list[Turn]]:
     if limit == 0:
-        return []
-    rows = conn.execute(
-        "SELECT role, content, tool_calls, tool_call_id, thinking_blocks, attachments "
-        "FROM llm_messages WHERE user_id = %s AND session_id = %s AND job_id <> %s "
-        "ORDER BY id DESC LIMIT %s", (user_id, session_id, before_job, limit)).fetchall()
-    return [Turn(role=role, content=content, tool_call_id=call_id,
-                 tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]),
-                 thinking_blocks=thinking,
-                 images=None if images is None else msgspec.convert(images, list[ImageRef]))
-            for role, content, calls, call_id, thinking, images in reversed(rows)]
+        return {}
+    found: dict[str, list[Turn]] = {}
+    for job_id, role, content, calls, call_id, thinking, images in conn.execute(
+            _HISTORIES, {"users": [o.user_id for o in orders],
+                         "sessions": [o.session_id for o in orders],
+                         "ids": [o.job_id for o in orders], "limit": limit}):
+        found.setdefault(job_id, []).append(Turn(
+            role=role, content=content, tool_call_id=call_id,
+            tool_calls=None if calls is None else msgspec.convert(calls, list[CallMade]),
+            thinking_blocks=thinking,
+            images=None if images is None else msgspec.convert(images, list[ImageRef])))
+    return found
 
 
 def _returned_ids(cur: psycopg.Cursor[Any]) -> set[str]:
@@ -231,49 +279,58 @@ class Postgres:
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, lease_holder: str,
                     lease_s: float, history_limit: int = 0) -> ClaimResult:
-        """Take the job's lease: a new job runs as attempt 1, an expired lease as attempt + 1.
+        """One job's claim_many."""
+        order = ClaimOrder(job_id=job_id, user_id=user_id, session_id=session_id,
+                           trace_id=trace_id, mode=mode, model=model, provider=provider)
+        (result,) = await self.claim_many([order], lease_holder=lease_holder, lease_s=lease_s,
+                                          history_limit=history_limit)
+        return result
 
-        A claimed job also gets its session's last `history_limit` turns, read on the
-        same connection in the same thread hop (one round trip per job fewer)."""
+    async def claim_many(self, orders: Sequence[ClaimOrder], *, lease_holder: str,
+                         lease_s: float, history_limit: int = 0) -> list[ClaimResult]:
+        """Take each job's lease: a new job runs as attempt 1, an expired lease as attempt + 1.
+        One round trip for them all, in one thread hop: the claim, the rows of the jobs
+        not claimed, and each claimed job's session's last `history_limit` turns. The
+        job ids must differ. Rows are locked in job id order, so two workers claiming
+        overlapping batches never deadlock."""
+        ids = [order.job_id for order in orders]
+        if len(set(ids)) != len(ids):
+            raise ValueError("claim_many: a job id appears twice in one batch")
 
-        def claim(conn: psycopg.Connection[Any]) -> ClaimResult:
-            row = conn.execute(
-                """
-                INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model,
-                    provider, status, attempt, lease_owner, lease_until, started_at)
-                VALUES (%(job_id)s, %(user_id)s, %(session_id)s, %(trace_id)s, %(mode)s,
-                    %(model)s, %(provider)s, 'running', 1, %(holder)s, now() + %(lease)s, now())
-                ON CONFLICT (job_id) DO UPDATE SET
-                    attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
-                    lease_until = excluded.lease_until, started_at = now(),
-                    model = excluded.model, provider = excluded.provider,
-                    user_id = excluded.user_id, session_id = excluded.session_id,
-                    trace_id = excluded.trace_id, mode = excluded.mode,
-                    error = NULL, finished_at = NULL
-                WHERE (j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
-                       AND (j.lease_until IS NULL OR j.lease_until < now()))
-                   -- a rejected request never took the id: a valid one claims it over
-                   OR j.status = 'rejected'
-                RETURNING attempt, (SELECT status FROM llm_jobs WHERE job_id = %(job_id)s)
-                """,
-                {"job_id": job_id, "user_id": user_id, "session_id": session_id,
-                 "trace_id": trace_id, "mode": mode, "model": model, "provider": provider,
-                 "holder": lease_holder, "lease": timedelta(seconds=lease_s)},
-            ).fetchone()
-            if row is not None:
-                return Claimed(row[0], _history(conn, user_id, session_id, job_id, history_limit),
-                               over_rejected=row[1] == "rejected")
-            existing = conn.execute(
-                "SELECT status, user_id, lease_owner, attempt, partial FROM llm_jobs "
-                "WHERE job_id = %s", (job_id,)).fetchone()
-            if existing is None:  # deleted between the two statements
-                raise TransientError(f"job {job_id}: its row vanished while it was claimed")
-            status, row_user, lease_owner, attempt, partial = existing
-            if row_user != user_id:
-                return OwnedByAnotherUser()
-            if status in _TERMINAL:
-                return AlreadyTerminal(status, max(attempt, 1), partial)
-            return LeasedElsewhere(lease_owner or "")
+        def claim(conn: psycopg.Connection[Any]) -> list[ClaimResult]:
+            claimed = {row[0]: (row[1], row[2]) for row in conn.execute(
+                _CLAIM_MANY, {"ids": ids, "users": [o.user_id for o in orders],
+                              "sessions": [o.session_id for o in orders],
+                              "traces": [o.trace_id for o in orders],
+                              "modes": [o.mode for o in orders],
+                              "models": [o.model for o in orders],
+                              "providers": [o.provider for o in orders],
+                              "holder": lease_holder, "lease": timedelta(seconds=lease_s)})}
+            others = [job_id for job_id in ids if job_id not in claimed]
+            rows = {row[0]: row[1:] for row in conn.execute(
+                "SELECT job_id, status, user_id, lease_owner, attempt, partial FROM llm_jobs "
+                "WHERE job_id = ANY(%s)", (others,))} if others else {}
+            mine = [o for o in orders if o.job_id in claimed]
+            history = _histories(conn, mine, history_limit) if mine else {}
+            results: list[ClaimResult] = []
+            for order in orders:
+                if order.job_id in claimed:
+                    attempt, before = claimed[order.job_id]
+                    results.append(Claimed(attempt, history.get(order.job_id, []),
+                                           over_rejected=before == "rejected"))
+                    continue
+                existing = rows.get(order.job_id)
+                if existing is None:  # deleted between the two statements
+                    raise TransientError(f"job {order.job_id}: its row vanished while it was "
+                                         "claimed")
+                status, row_user, lease_owner, attempt, partial = existing
+                if row_user != order.user_id:
+                    results.append(OwnedByAnotherUser())
+                elif status in _TERMINAL:
+                    results.append(AlreadyTerminal(status, max(attempt, 1), partial))
+                else:
+                    results.append(LeasedElsewhere(lease_owner or ""))
+            return results
 
         return await self.run(claim)
 

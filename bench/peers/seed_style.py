@@ -74,7 +74,8 @@ ORDER BY id DESC LIMIT %s
 """
 INSERT_MESSAGE = """
 INSERT INTO llm_messages (job_id, session_id, user_id, role, content, tokens, partial)
-VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (job_id, role) DO NOTHING
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING
 """
 UPDATE_FINISHED = """
 UPDATE llm_jobs SET status = %s, prompt_tokens = %s, completion_tokens = %s, cost_usd = 0,
