@@ -108,26 +108,31 @@ def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, ca
     # It used to print the service's log tail over many lines, then delete that log.
     from tools import devstack, local_stack
 
-    ports: list[int] = []
-    real_free_port = local_stack.free_port
+    started: list[local_stack.Service] = []
+    real_kafka, real_redis = local_stack.start_kafka, local_stack.start_redis
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))  # bound, not listening: redis cannot bind it
+        port = taken.getsockname()[1]
 
-        def free_port() -> int:  # Kafka starts first, Redis second
-            ports.append(taken.getsockname()[1] if len(ports) == 1 else real_free_port())
-            return ports[-1]
+        def start_kafka(workdir: Path) -> local_stack.Service:
+            started.append(real_kafka(workdir))
+            return started[-1]
 
-        monkeypatch.setattr(local_stack, "free_port", free_port)
+        # The services start at once: Redis alone is given the taken port.
+        monkeypatch.setattr(local_stack, "start_kafka", start_kafka)
+        monkeypatch.setattr(local_stack, "start_redis",
+                            lambda workdir: real_redis(workdir, port=port))
         code = devstack.run_dev(once="hello", keep=False)
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1, lines
-    assert lines[0].startswith(f"chat-actors dev: redis at redis://127.0.0.1:{ports[1]}/0 "
+    assert lines[0].startswith(f"chat-actors dev: redis at redis://127.0.0.1:{port}/0 "
                                "exited with 1: ")
     assert "Address already in use" in lines[0]
     log = Path(lines[0].rsplit("(log: ", 1)[1].removesuffix(")"))
     assert log.is_file()  # kept, since the line names it
     shutil.rmtree(log.parent)
-    assert not local_stack._port_open(ports[0])  # Kafka, started before, was stopped
+    # Kafka, started beside it, was stopped.
+    assert started and not local_stack._port_open(started[0].port)
 
 
 class ScriptedEvents:

@@ -472,17 +472,29 @@ def start_chroma(workdir: Path, port: int | None = None) -> Service:
 
 def start_all(workdir: Path, *starters: Callable[[Path], Service]) -> list[Service]:
     """Start services at once, each in a thread (Postgres's initdb and the model's load
-    take a second or two each: one after the other, they add up); if one fails to start,
-    the ones started are stopped and its error is raised."""
-    from concurrent.futures import ThreadPoolExecutor
+    take a second or two each: one after the other, they add up). If one fails to start,
+    or Ctrl-C comes meanwhile, the ones started are stopped and the error is raised."""
+    from concurrent.futures import ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=len(starters)) as pool:
-        futures = [pool.submit(start, workdir) for start in starters]
-    failed = [error for f in futures if (error := f.exception()) is not None]
-    if failed:
+    pool = ThreadPoolExecutor(max_workers=len(starters))
+    futures = [pool.submit(start, workdir) for start in starters]
+
+    def stop_started() -> None:
+        wait(futures)  # (after Ctrl-C: the starts still running end first)
         for future in futures:
             if future.exception() is None:
                 future.result().stop()
+
+    try:
+        wait(futures)
+    except BaseException:
+        stop_started()
+        raise
+    finally:
+        pool.shutdown()
+    failed = [error for f in futures if (error := f.exception()) is not None]
+    if failed:
+        stop_started()
         raise failed[0]
     return [future.result() for future in futures]
 
