@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from functools import partial
 
 import pytest
@@ -163,6 +164,43 @@ def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     assert stream == [("1", "started"), ("1", "token"), ("2", "started"), ("2", "token"),
                       ("2", "done")]
     assert client.exists(keys.done) and client.ttl(key) > 0
+    events.close()
+    client.close()
+
+
+def test_a_redis_that_lost_the_append_script_is_given_it_and_each_entry_lands_once(stack):
+    # The writer sends EVALSHA (no SCRIPT EXISTS before each batch): a server without the
+    # script (restarted, failed over, SCRIPT FLUSH) must still get every entry, once.
+    import redis
+
+    from actors.adapters.redis_events import RedisEvents
+    from config import Redis, job_keys
+    from messages.ports import StreamEntry
+    from messages.wire import StreamEvent, event_data, now_ms
+
+    job_id = f"noscript-{uuid.uuid4().hex[:8]}"
+    keys = job_keys("sse:chat:{job_id}", job_id, cluster=False)
+    events = RedisEvents(Redis(url=stack.redis.url, password_env="", socket_timeout_s=10.0),
+                         maxlen=1000, ttl_s=60,
+                         keys=lambda job: job_keys("sse:chat:{job_id}", job, cluster=False))
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+
+    def entry(seq: int, body) -> StreamEntry:
+        return StreamEntry(key=keys.stream, event=StreamEvent(
+            event=body.EVENT, job_id=job_id, user_id="u", session_id="s", attempt=1,
+            seq=seq, ts=now_ms(), data=event_data(body)))
+
+    async def scenario() -> None:
+        client.script_flush()
+        await events.write([entry(0, Started(model="m", mode="gen", attempt=1)),
+                            entry(1, Token(text="a"))])
+        client.script_flush()
+        await events.write([entry(1, Token(text="a")), entry(2, Token(text="b")),
+                            entry(3, Done(status="completed", partial=False))])
+
+    trio.run(scenario)
+    stream = [(f["event"], f["seq"]) for _, f in client.xrange(keys.stream)]
+    assert stream == [("started", "0"), ("token", "1"), ("token", "2"), ("done", "3")]
     events.close()
     client.close()
 

@@ -160,9 +160,21 @@ class RedisEvents:
         return await self._run(pipeline)
 
     def _appends(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """One MULTI/EXEC of EVALSHAs. (A pipeline of redis-py Script objects asks SCRIPT
+        EXISTS before every batch: a round trip each.) A server that lacks the script
+        (a restart, a failover, SCRIPT FLUSH) is given it, and the batch is sent again:
+        each append is idempotent."""
+        try:
+            return self._evalshas(calls)
+        except redis_errors.NoScriptError:
+            self._client.script_load(_APPEND_ONCE)
+            return self._evalshas(calls)
+
+    def _evalshas(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=True)
+        sha = self._append_once.sha
         for keys, args in calls:
-            self._append_once(keys=keys, args=args, client=pipe)
+            pipe.evalsha(sha, len(keys), *keys, *args)
         return list(pipe.execute())
 
     def _cluster_appends(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
