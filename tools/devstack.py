@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tools import local_stack
@@ -107,6 +108,11 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     (ROOT / ".dev").mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
     services: list[local_stack.Service] = []
+    # The model loads while the rest starts, and while the worker starts: only the
+    # first answer needs it.
+    loading = ThreadPoolExecutor(max_workers=1)
+    llm_port = local_stack.free_port()
+    llm_started = loading.submit(local_stack.start_llama, workdir, llm_port)
     worker: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
     failed = False
@@ -115,15 +121,15 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     try:
         say = (lambda *a: None) if once else (lambda *a: print(*a, file=sys.stderr))
         say("starting the local stack ...")
-        # All at once: the model's load and Postgres's initdb overlap.
+        # All at once: Postgres's initdb and the model's load overlap.
         services = local_stack.start_all(workdir, local_stack.start_kafka,
-                                         local_stack.start_redis, local_stack.start_postgres,
-                                         local_stack.start_llama)
-        kafka, redis, postgres, llm = services
+                                         local_stack.start_redis, local_stack.start_postgres)
+        kafka, redis, postgres = services
         config_path = workdir / "config.toml"
         gateway_port = local_stack.free_port()
         config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,
-                                          postgres=postgres.url, llm=llm.url,
+                                          postgres=postgres.url,
+                                          llm=f"http://127.0.0.1:{llm_port}/v1",
                                           rag_path=(ROOT / ".data" / "rag").resolve(),
                                           gateway_port=gateway_port))
         log_path = workdir / "worker.log"
@@ -135,6 +141,8 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
             gateway = _start(["gateway", "--config", str(config_path)], gateway_log, env)
             _wait_ready(gateway, gateway_log, what="gateway", mark="gateway ready:")
         _wait_ready(worker, log_path)
+        llm = llm_started.result()
+        services.append(llm)
         say(f"  kafka     {kafka.url}\n  redis     {redis.url}\n  postgres  {postgres.url}\n"
             f"  llm       {llm.url} (SmolLM2-135M)\n  worker    pid {worker.pid}, log {log_path}\n"
             f"  config    {config_path}")
@@ -170,6 +178,9 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             _stop(gateway)
             _stop(worker)
+            loading.shutdown()  # (a model still loading: its start ends first)
+            if llm_started.exception() is None and llm_started.result() not in services:
+                services.append(llm_started.result())
             for service in reversed(services):
                 service.stop()
             if keep:
