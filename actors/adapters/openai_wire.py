@@ -4,15 +4,16 @@ LiteLLM builds a pydantic object for every streamed chunk and runs behind the
 trio-asyncio bridge: 256-400 us of CPU per chunk, measured. For vendors that
 speak the OpenAI chat-completions wire format, this adapter posts the request
 directly from Trio (actors.adapters.http1) and decodes each SSE `data:` line
-with msgspec into the three fields we use: a few microseconds per chunk. LiteLLM still does the parts that
-need its knowledge: it resolves the model to a vendor and its endpoint, maps
-the request parameters for that model (`max_completion_tokens` for reasoning
-models, dropping what a model refuses), classifies vendor errors, and prices
-the usage (llm.cost_usd), except for a model its map does not know (a model a team
-serves itself): model_map answers those without importing LiteLLM, and the parts
-that need it (litellm_wire) load in the background. Every other vendor (Anthropic, Bedrock, Vertex, ...)
-streams through LiteLLM as before. `llm.models.<alias>.stream_path` forces
-either path.
+with msgspec into the three fields we use: a few microseconds per chunk.
+LiteLLM still does the parts that need its knowledge (actors.adapters.litellm_wire):
+it resolves the model to a vendor and its endpoint, maps the request parameters
+for that model (`max_completion_tokens` for reasoning models, dropping what a
+model refuses), classifies vendor errors, and prices the usage (llm.cost_usd).
+A model its map does not know (one a team serves itself) needs none of that
+knowledge: actors.adapters.model_map answers for it without importing LiteLLM,
+which then loads in the background, for the error answers it classifies. Every
+other vendor (Anthropic, Bedrock, Vertex, ...) streams through LiteLLM as before.
+`llm.models.<alias>.stream_path` forces either path.
 """
 
 from __future__ import annotations
