@@ -54,14 +54,20 @@ from typing import Annotated, Any, LiteralString
 
 import aiohttp
 import confluent_kafka
-import confluent_kafka.admin
 import httpx
 import msgspec
 import psycopg
 import redis.asyncio as aioredis
 import uvloop
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.cimpl import NewTopic
+from confluent_kafka import TopicPartition
+
+from bench.peers.common import (
+    assign_at_end,
+    ensure_topics,
+    peer_arguments,
+    poll_records,
+    serve_health,
+)
 
 log = logging.getLogger("lean_asyncio")
 
@@ -72,14 +78,12 @@ STREAM_TTL_S = 3600
 LEASE_S = 30.0  # chat-actors' jobs.lease_s
 FLUSH_EVERY_S = 0.002
 WRITE_BATCH = 500
-POLL_TIMEOUT_S = 0.5
-POLL_BATCH = 500
 SHUTDOWN_GRACE_S = 10.0
 HTTP_KEEPALIVE = 100  # httpcore's idle scan is O(idle x all) per request: see seed_style.py
 MAX_SSE_LINE = 1 << 20
-TOPIC_PARTITIONS = 6  # chat-actors' default, used only if the topics do not exist yet
 
-# chat-actors' claim (actors/adapters/postgres.py, Postgres.claim), statement for statement.
+# chat-actors' lease claim (actors/adapters/postgres.py, _CLAIM_MANY) for one job, with the
+# history read on the same connection after it, as chat-actors reads it.
 CLAIM = """
 INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model,
     provider, status, attempt, lease_owner, lease_until, started_at)
@@ -682,63 +686,12 @@ class Worker:
 # --- Kafka (blocking calls, each consumer in its own thread) and /readyz, as seed-style ------
 # Copied, not imported: importing seed_style would load LangChain into this process.
 
-def ensure_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": bootstrap})
-    existing = admin.list_topics(timeout=10).topics
-    missing = [NewTopic(t, num_partitions=TOPIC_PARTITIONS)
-               for t in topics if t not in existing]
-    for future in (admin.create_topics(missing) if missing else {}).values():
-        try:
-            future.result(10)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-
-
-def assign_at_end(consumer: confluent_kafka.Consumer, topic: str) -> None:
-    """Every partition from its current end, resolved now so no cancel slips past readiness."""
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, consumer.get_watermark_offsets(
-        TopicPartition(topic, p), timeout=10)[1]) for p in partitions])
-
-
 def poll_batch(consumer: confluent_kafka.Consumer,
                commits: list[TopicPartition]) -> list[tuple[int, int, bytes | None]]:
     if commits:
         consumer.commit(offsets=commits, asynchronous=True)
-    # consume(n, timeout) waits the whole timeout unless n records arrive: block on poll()
-    # for the first record, then take whatever else is already fetched.
-    first = consumer.poll(POLL_TIMEOUT_S)
-    if first is None:
-        return []
-    records = []
-    for record in [first, *consumer.consume(POLL_BATCH - 1, 0)]:
-        if record.error() is not None:
-            log.warning("kafka: %s", record.error())
-        else:
-            records.append((record.partition() or 0, record.offset() or 0, record.value()))
-    return records
-
-
-async def serve_health(port: int, ready: asyncio.Event) -> asyncio.Server:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
-            if path == b"/readyz":
-                status = "200 OK" if ready.is_set() else "503 Service Unavailable"
-            else:
-                status = "200 OK" if path == b"/healthz" else "404 Not Found"
-            writer.write(f"HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                         .encode())
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            pass  # the prober hung up or sent garbage
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(answer, "127.0.0.1", port)
+    return [(record.partition() or 0, record.offset() or 0, record.value())
+            for record in poll_records(consumer)]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -833,26 +786,10 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.peers.lean_asyncio",
-                                     description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--kafka", required=True, help="bootstrap servers, HOST:PORT")
-    parser.add_argument("--redis", required=True, help="redis://HOST:PORT/DB")
-    parser.add_argument("--postgres", required=True, help="a libpq DSN")
-    parser.add_argument("--llm-url", required=True, help="OpenAI-compatible base URL (…/v1)")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--health-port", type=int, required=True)
-    parser.add_argument("--group", default="chat-lean")
-    parser.add_argument("--request-topic", default="chat.request")
-    parser.add_argument("--control-topic", default="chat.control")
-    parser.add_argument("--max-in-flight", type=int, default=1000)
-    parser.add_argument("--pool-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=2048, help="when a request sets none")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="per job")
+    parser = peer_arguments("python -m bench.peers.lean_asyncio", __doc__, "chat-lean")
     parser.add_argument("--http", choices=("aiohttp", "httpx"), default="aiohttp",
                         help="the model's HTTP client (httpx: ~3x the CPU per token, see README)")
-    parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
-
 
 if __name__ == "__main__":
     arguments = parse_args()
