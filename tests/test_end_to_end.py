@@ -52,12 +52,9 @@ async def test_worker_process_serves_the_contract_and_drains_on_sigterm(make_con
         produce(config, bad, good)
         events = await events_of(rds, config, good["jobId"])
         rejected = await events_of(rds, config, "job-bad-1")
-        worker.send_signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+        code = await trio.to_thread.run_sync(local_stack.terminate, worker, signal.SIGTERM, 60)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        local_stack.terminate(worker, signal.SIGKILL, 10)  # (a test that failed midway)
     assert code == 0
     assert events[-2]["data"]["text"] == "Hi from the worker"
     assert events[-1]["data"] == {"status": "completed", "partial": False}
@@ -168,12 +165,9 @@ async def test_a_worker_whose_models_need_no_litellm_is_ready_and_answers_before
         release.touch()
         await trio.to_thread.run_sync(lambda: wait_for(
             "LiteLLM loaded", lambda: "LiteLLM loaded in" in log_path.read_text(), 120))
-        worker.send_signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+        code = await trio.to_thread.run_sync(local_stack.terminate, worker, signal.SIGTERM, 60)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        local_stack.terminate(worker, signal.SIGKILL, 10)  # (a test that failed midway)
     assert held_log.index(" ready: ") < held_log.index("litellm import held")
     assert "LiteLLM loaded" not in held_log
     assert events[-2]["data"]["text"] == "before LiteLLM"
