@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -269,7 +268,7 @@ async def _run(config: Config, this_worker: str, tracker: OffsetTracker, metrics
             claims=Claims(claims_in))
         try:
             await _run_actors(worker, adapters, tracker, events_out, records_out, searches_out,
-                              claims_out, stop=stop,
+                              claims_out, stop=stop, litellm_loaded=litellm_first,
                               handle_signals=handle_signals, task_status=task_status)
         finally:
             await adapters.close()
@@ -280,7 +279,7 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
                       records_out: trio.MemoryReceiveChannel[PgSinkMessage],
                       searches_out: trio.MemoryReceiveChannel[SearchOrder],
                       claims_out: trio.MemoryReceiveChannel[PendingClaim], *,
-                      stop: trio.Event, handle_signals: bool,
+                      stop: trio.Event, litellm_loaded: bool, handle_signals: bool,
                       task_status: trio.TaskStatus[WorkerHandle]) -> None:
     config, health, registry = worker.config, worker.health, worker.registry
     lease_holder = worker.worker_id
@@ -324,7 +323,7 @@ async def _run_actors(worker: Worker, adapters: _Adapters, tracker: OffsetTracke
             # the process: out of the collector's sight, a full collection takes
             # milliseconds instead of stalling the event loop for ~0.4 s.
             gc.freeze()
-        if "actors.adapters.litellm_wire" not in sys.modules:
+        if not litellm_loaded:
             background.start_soon(_load_litellm_when_idle, registry, handle_signals)
         async with trio.open_nursery() as front:
             await front.start(partial(run_intake, adapters.consumer, adapters.dlq, worker,
