@@ -23,9 +23,11 @@ from actors.errors import PermanentError, RequestRefused, TransientError
 from actors.prompt import build_messages, fill_images, sources_message, stored_images
 from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
+from actors.takeover import Plan
 from actors.telemetry import Timeline
 from actors.worker import Worker
 from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
+from messages.ports import TokenCounts
 from messages.wire import (
     BadInput,
     ChatRequest,
@@ -61,6 +63,11 @@ class JobRun:
     model_started: float | None = None  # the model call's Trio times
     model_ended: float | None = None
     status: str | None = None  # its done status, once decided
+    plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
+    # What the earlier attempts used (takeover's plan), once finish has counted it.
+    earlier: TokenCounts = field(default_factory=lambda: TokenCounts(prompt=0, completion=0))
+    earlier_usd: float | None = 0.0
+    counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 
 def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:

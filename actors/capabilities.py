@@ -24,7 +24,11 @@ def capabilities_of(config: Config, pricing: Pricing, alias: str) -> Capabilitie
     return Capabilities(
         vision=mapped.vision if spec.vision is None else spec.vision,
         tools=mapped.tools if spec.tools is None else spec.tools,
-        reasoning=mapped.reasoning if spec.reasoning is None else spec.reasoning)
+        reasoning=mapped.reasoning if spec.reasoning is None else spec.reasoning,
+        # A model the map does not know, at an api_base, is one a team serves itself
+        # (llama.cpp, vLLM, Ollama): those continue a trailing assistant turn.
+        continues=spec.continues if spec.continues is not None else (
+            mapped.continues if mapped.continues is not None else spec.api_base is not None))
 
 
 def check_capabilities(request: ChatRequest, config: Config,

@@ -23,6 +23,7 @@ from messages.ports import (
     Claimed,
     ClaimOrder,
     ClaimResult,
+    Handed,
     LeasedElsewhere,
     OwnedByAnotherUser,
 )
@@ -97,11 +98,13 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
     await receipt.wait()
 
 
-async def release_lease(worker: Worker, job_id: str) -> None:
+async def release_lease(worker: Worker, job_id: str, handed: Handed | None = None) -> None:
     """Hand an unfinished job back so its redelivery runs it at once instead of waiting
-    out the lease. Shielded: it runs while the job is being cancelled."""
+    out the lease, with what its attempt leaves the next one (`handed`). Shielded: it
+    runs while the job is being cancelled."""
     with trio.move_on_after(FINISH_GRACE_S, shield=True):
         try:
-            await worker.store.release_lease(job_id=job_id, lease_holder=worker.worker_id)
+            await worker.store.release_lease(job_id=job_id, lease_holder=worker.worker_id,
+                                             handed=handed)
         except TransientError as exc:
             log.warning("job %s: lease not released (%s); it expires", job_id, exc)

@@ -20,19 +20,21 @@ import trio
 
 from actors.answering import JobRun, answer
 from actors.backoff import retry_transient
+from actors.capabilities import capabilities_of
 from actors.claim import claim_job, release_lease, resend_done
 from actors.errors import PermanentError, TransientError
-from actors.finish import failed_record, finish, settle_failed
+from actors.finish import count_usage, failed_record, finish, settle_failed, usage_of
 from actors.logs import job_context
 from actors.outcome import decide
 from actors.provider import Answer
 from actors.registry import RunningJob
+from actors.takeover import Plan, plan
 from actors.telemetry import Timeline, error_type
 from actors.worker import Worker
 from messages.mailboxes import JobRef, JobRejected, Receipt, Turn
-from messages.ports import AlreadyTerminal, Claimed, OwnedByAnotherUser
+from messages.ports import AlreadyTerminal, Claimed, Handed, OwnedByAnotherUser
 from messages.telemetry import JobTelemetry, ModelCall, ModelTry
-from messages.wire import ChatRequest, Error, Started
+from messages.wire import ChatRequest, Error, Started, Token
 
 log = logging.getLogger("chat_actors.conversation")
 
@@ -77,7 +79,8 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
             status="failed", error=f"internal: {error.message}", receipt=Receipt()), error)
         return
     match claim:
-        case Claimed(attempt=attempt, history=history, over_rejected=over_rejected):
+        case Claimed(attempt=attempt, history=history, over_rejected=over_rejected,
+                     handed=handed):
             if over_rejected:
                 await retry_transient(lambda: worker.event_log.hand_over(job.job_id, attempt),
                                       what="job id hand-over", log=log, health=worker.health,
@@ -102,6 +105,8 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
     started = trio.current_time()
     settled = False
     try:
+        if attempt > 1 and not over_rejected:
+            run.plan = await _take_over(worker, job, alias_name, handed)
         await _run_claimed(request, worker, job, running, history, run)
         settled = True
     except TransientError:
@@ -117,8 +122,42 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
         worker.leases.drop(job.job_id)
         worker.registry.finish(running)
         if not settled:
-            # Cancelled from outside (shutdown) or not settled in time: hand the job back.
-            await release_lease(worker, job.job_id)
+            # Cancelled from outside (shutdown) or not settled in time: hand the job back,
+            # with its answer so far for the next attempt to continue.
+            await release_lease(worker, job.job_id, _handed(worker, request, job, run))
+
+
+async def _take_over(worker: Worker, job: JobRef, alias_name: str,
+                     handed: Handed | None) -> Plan:
+    """Fence the earlier attempts out and decide what this one carries on from them."""
+    try:
+        entries = await retry_transient(
+            lambda: worker.event_log.take_over(job.job_id, job.attempt),
+            what="read-back of the job's stream", log=log, health=worker.health,
+            dependency="redis")
+    except PermanentError as exc:
+        log.warning("job %s: its stream could not be read back (%s)", job.job_id, exc)
+        entries = None
+    continues = capabilities_of(worker.config, worker.pricing, alias_name).continues
+    found = plan(job.attempt, entries, handed, continues=bool(continues))
+    if found.resumes is not None:
+        log.info("job %s: attempt %d continues attempt %d's answer (%d characters, %d of "
+                 "them on the stream)", job.job_id, job.attempt, found.attempt,
+                 len(found.text), found.resumes.chars)
+        worker.metrics.takeovers.labels(result="resumed").inc()
+    elif found.restarts is not None:
+        log.info("job %s: attempt %d starts the answer over (%s)", job.job_id, job.attempt,
+                 found.restarts.reason)
+        worker.metrics.takeovers.labels(result=found.restarts.reason).inc()
+    return found
+
+
+def _handed(worker: Worker, request: ChatRequest, job: JobRef, run: JobRun) -> Handed:
+    """What this attempt, stopped before its end, leaves the next one."""
+    count_usage(worker, request, run)
+    used, cost_usd = usage_of(run)
+    return Handed(attempt=job.attempt, text=run.answer.text, reason=run.answer.midway,
+                  usage=used, cost_usd=cost_usd)
 
 
 def _internal(worker: Worker, job: JobRef, exc: Exception, *, where: str) -> Error:
@@ -133,8 +172,16 @@ def _internal(worker: Worker, job: JobRef, exc: Exception, *, where: str) -> Err
 
 async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, running: RunningJob,
                        history: list[Turn], run: JobRun) -> None:
+    plan = run.plan
     await worker.emit(job, Started(model=run.answer.alias, mode=request.mode,
-                                   attempt=job.attempt))
+                                   attempt=job.attempt,
+                                   resumes=plan.resumes if plan is not None else None,
+                                   restarts=plan.restarts if plan is not None else None))
+    if plan is not None and plan.text:
+        run.answer.parts.append(plan.text)
+        run.answer.kept = 1
+        if plan.unseen:  # handed back, never on the stream: the clients' copy ends before
+            await worker.emit(job, Token(text=plan.unseen))
     started = trio.current_time()
     timeout_s = min(worker.config.jobs.timeout_s, request.timeout_s or math.inf)
     cancel = running.cancel_scope

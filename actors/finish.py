@@ -16,6 +16,8 @@ import trio
 from actors.answering import JobRun
 from actors.errors import TransientError
 from actors.outcome import Outcome, cut_try_tokens
+from actors.provider import Answer
+from actors.takeover import earlier_usage
 from actors.worker import Worker
 from messages.mailboxes import CallMade, JobFinished, JobRef, PgSinkMessage, Receipt
 from messages.ports import TokenCounts
@@ -24,17 +26,60 @@ from messages.wire import ChatRequest, Done, Error, Final, Usage
 log = logging.getLogger("chat_actors.finish")
 
 
+def count_usage(worker: Worker, request: ChatRequest, run: JobRun) -> None:
+    """Add what nobody billed to the job's totals, once: the try a cancel or timeout cut
+    off mid-stream, and the earlier attempts a takeover carries on from."""
+    if run.counted:
+        return
+    run.counted = True
+    answer = run.answer
+    spec = worker.config.llm.models[answer.alias]  # the alias that answered
+    first = worker.config.alias(request.model)[1]
+    count = worker.tokens.counter(first.model)
+    cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
+                         failure=run.failure, text=answer.new_text,
+                         billed_tokens=answer.completion_tokens, count=count)
+    if cut is not None:
+        answer.bill(worker.pricing, spec, TokenCounts(
+            prompt=run.prompt_estimate + count(answer.text[:len(answer.text)
+                                                             - len(answer.new_text)]),
+            completion=cut))
+    plan = run.plan
+    if plan is None:
+        return
+    earlier = Answer()
+    if plan.handed_usage is not None:
+        earlier.add(plan.handed_usage, plan.handed_cost)
+    for used in earlier_usage(plan, run.prompt_estimate, count):
+        earlier.bill(worker.pricing, first, used)
+    run.earlier, run.earlier_usd = earlier.usage(), earlier.cost_usd
+
+
+def usage_of(run: JobRun) -> tuple[TokenCounts, float | None]:
+    """The job's usage and cost so far: this attempt's tries and the earlier attempts'."""
+    answer = run.answer
+    mine = answer.usage()
+    earlier = run.earlier
+    cost = answer.cost_usd if answer.tries else 0.0
+    return TokenCounts(prompt=mine.prompt + earlier.prompt,
+                       completion=mine.completion + earlier.completion,
+                       cached=mine.cached + earlier.cached,
+                       cache_write=mine.cache_write + earlier.cache_write,
+                       reasoning=mine.reasoning + earlier.reasoning), (
+        None if cost is None or run.earlier_usd is None else cost + run.earlier_usd)
+
+
 def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,
                     provider: str, user_tokens: int, started: float, ended: float,
                     receipt: Receipt) -> JobFinished:
     answer = run.answer
     error = outcome.error
     first_token_at = answer.first_token_at
+    used, cost_usd = usage_of(run)
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
         status=outcome.status, attempt=job.attempt, model=answer.alias, provider=provider,
-        prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-        cost_usd=answer.cost_usd if answer.tries else 0.0,
+        prompt_tokens=used.prompt, completion_tokens=used.completion, cost_usd=cost_usd,
         ttft_ms=None if first_token_at is None else round((first_token_at - started) * 1000),
         latency_ms=round((ended - started) * 1000),
         error=None if error is None else f"{error.code}: {error.message}",
@@ -43,8 +88,8 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
         retrieval_hits=len(run.sources_used) if run.retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
-        cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
-        reasoning_tokens=answer.reasoning_tokens, images=run.images,
+        cached_tokens=used.cached, cache_write_tokens=used.cache_write,
+        reasoning_tokens=used.reasoning, images=run.images,
         # A refused job answered nothing; only a completed answer's calls are kept, so a
         # cancelled or cut answer never leaves a call without its results.
         tool_results=[] if outcome.status == "rejected" else [
@@ -62,11 +107,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
     spec = worker.config.llm.models[answer.alias]  # the alias that answered
     provider = worker.pricing.provider_of(spec.model)
     count = worker.tokens.counter(worker.config.alias(request.model)[1].model)
-    cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
-                         failure=run.failure, text=answer.text,
-                         billed_tokens=answer.completion_tokens, count=count)
-    if cut is not None:
-        answer.bill(worker.pricing, spec, TokenCounts(prompt=run.prompt_estimate, completion=cut))
+    count_usage(worker, request, run)
     ended = trio.current_time()
     record = terminal_record(request, job, run, outcome, provider=provider,
                              user_tokens=count(request.message), started=started, ended=ended,
@@ -119,12 +160,13 @@ def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> Job
     """The minimal row of a job that failed outside its answer: `failed`, no content,
     but what it was billed and its budget reservation to settle."""
     answer = run.answer
+    used, cost_usd = usage_of(run)
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status="failed",
-        attempt=job.attempt, model=answer.alias, provider="", prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens, cost_usd=answer.cost_usd, ttft_ms=None,
-        cached_tokens=answer.cached_tokens, cache_write_tokens=answer.cache_write_tokens,
-        reasoning_tokens=answer.reasoning_tokens,
+        attempt=job.attempt, model=answer.alias, provider="", prompt_tokens=used.prompt,
+        completion_tokens=used.completion, cost_usd=cost_usd, ttft_ms=None,
+        cached_tokens=used.cached, cache_write_tokens=used.cache_write,
+        reasoning_tokens=used.reasoning,
         latency_ms=latency_ms, error=f"internal: {why}", partial=False, user_message="",
         user_tokens=0, answer="", messages=False, retries=answer.retries,
         fallbacks=answer.fallbacks, reserved=answer.reserved, receipt=Receipt())

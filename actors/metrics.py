@@ -61,6 +61,10 @@ class Metrics:
             "chat_actors_superseded_attempts", "Attempts that found, at their terminal write, "
             "that a later attempt holds the job: they wrote nothing and sent no done.",
             registry=registry)
+        self.takeovers = Counter(
+            "chat_actors_takeovers", "Jobs taken over from an earlier attempt (contract 3.3): "
+            "result resumed (the answer continues), else why it starts over.",
+            ["result"], registry=registry)
         self.longest_step = Gauge(
             "chat_actors_longest_step_seconds", "The longest a task ran between two checkpoints "
             "since start (the event loop was stalled that long), and which task.",

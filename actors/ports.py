@@ -19,10 +19,12 @@ from messages.ports import (
     Capabilities,
     ClaimOrder,
     ClaimResult,
+    Handed,
     Hit,
     Hold,
     Rates,
     Refused,
+    Streamed,
     StreamEntry,
     TokenCounts,
 )
@@ -38,6 +40,11 @@ class EventWriter(Protocol):
     async def last_seq(self, job_id: str, attempt: int) -> int: ...
     async def hand_over(self, job_id: str, attempt: int) -> None:
         """Clear what a rejected request wrote for a job id a valid one now claims."""
+        ...
+    async def take_over(self, job_id: str, attempt: int) -> list[Streamed] | None:
+        """Fence the job's earlier attempts out (nothing they append lands after this),
+        then read back what its stream holds; None when the job's events share a stream
+        with other jobs' (it is not read back)."""
         ...
 
 
@@ -60,7 +67,10 @@ class JobStore(Protocol):
         ...
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]: ...  # the ids still its own
-    async def release_lease(self, *, job_id: str, lease_holder: str) -> None: ...
+    async def release_lease(self, *, job_id: str, lease_holder: str,
+                            handed: Handed | None = None) -> None:
+        """Give the job back unfinished, with what its attempt leaves the next one."""
+        ...
     async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
                       period: str) -> Refused | None: ...
     async def prune_ledger(self, *, period: str) -> int: ...  # windows deleted

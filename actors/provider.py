@@ -82,10 +82,19 @@ class Answer:
     timed: list[TimedTry] = field(default_factory=list[TimedTry])
     # The finished try's reasoning, when the vendor signed it: {type, thinking, signature}.
     thinking_blocks: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
+    kept: int = 0  # leading parts an earlier attempt streamed (actors/takeover.py)
+    # What the try streaming now is in the middle of: "tool_call" (a call has begun),
+    # "reasoning" (thinking since its last answer text), or None.
+    midway: str | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def new_text(self) -> str:
+        """The text this attempt's tries produced (not the earlier attempt's)."""
+        return "".join(self.parts[self.kept:])
 
     def bill_failed_try(self, pricing: Pricing, spec: ModelAlias, prompt_estimate: int,
                         before: int, count: Callable[[str], int]) -> None:
@@ -96,15 +105,24 @@ class Answer:
 
     def bill(self, pricing: Pricing, spec: ModelAlias, used: TokenCounts) -> None:
         """Add one try's usage, and its cost with each part at its own rate."""
+        cost = pricing.cost_usd(spec.model, used, rates(spec))
+        if cost is None and spec.api_base:
+            cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
+        self.add(used, cost)
+
+    def add(self, used: TokenCounts, cost: float | None) -> None:
+        """Add usage priced already (None: at an unknown price)."""
         self.prompt_tokens += used.prompt
         self.completion_tokens += used.completion
         self.cached_tokens += used.cached
         self.cache_write_tokens += used.cache_write
         self.reasoning_tokens += used.reasoning
-        cost = pricing.cost_usd(spec.model, used, rates(spec))
-        if cost is None and spec.api_base:
-            cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+    def usage(self) -> TokenCounts:
+        return TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens,
+                           cached=self.cached_tokens, cache_write=self.cache_write_tokens,
+                           reasoning=self.reasoning_tokens)
 
 
 def _within(tokens: int) -> int:
@@ -216,6 +234,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                             case TokenDelta() | ReasoningDelta():
                                 deltas.append(chunk)
                             case ToolCallDelta():
+                                answer.midway = "tool_call"
                                 calls.setdefault(chunk.index, []).append(chunk)
                                 size = arguments[chunk.index] = (arguments.get(chunk.index, 0)
                                                                  + len(chunk.arguments))
@@ -243,6 +262,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                             text = text.replace("\x00", "")
                             if not text:
                                 continue
+                        if answer.midway != "tool_call":
+                            answer.midway = "reasoning" if is_reasoning else None
                         if is_reasoning:
                             thought.append(text)
                             if listeners.on_reasoning is not None:
@@ -262,6 +283,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         raise failure
     if finished is None:
         raise TransientError("the model stream ended without finishing", kind="protocol")
+    answer.midway = None
     answer.tool_calls = assemble_tool_calls(calls, spec.model)
     answer.thinking_blocks = [{"type": "thinking", "thinking": "".join(thought),
                                "signature": signature}] if signature else []
@@ -305,6 +327,7 @@ class _Chain:
         answer.tries += 1
         answer.alias = name
         before = len(answer.parts)
+        answer.midway = None
         request = continuation(self.messages, answer.text)
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:

@@ -225,6 +225,7 @@ class ModelAlias(_Section, frozen=True):
     vision: bool | None = None
     tools: bool | None = None
     reasoning: bool | None = None
+    continues: bool | None = None  # continues a trailing assistant turn; unset: see default.toml
 
 
 class Llm(_Section, frozen=True):

@@ -22,6 +22,7 @@ class Claimed(msgspec.Struct, frozen=True):
     attempt: int
     history: list[Turn] = msgspec.field(default_factory=list[Turn])  # read in the same round trip
     over_rejected: bool = False  # the id was a rejected request's: its events are cleared
+    handed: Handed | None = None  # what an earlier attempt handed back, if one did
 
 
 class AlreadyTerminal(msgspec.Struct, frozen=True):
@@ -107,6 +108,16 @@ class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):
     event: StreamEvent
 
 
+class Streamed(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a job's stream as it was read back: unchecked, since anything able
+    to write to Redis may have written it."""
+
+    event: str
+    attempt: int
+    seq: int
+    data: str
+
+
 # --- the document store --------------------------------------------------------------
 
 
@@ -132,6 +143,17 @@ class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
     reasoning: int = 0
 
 
+class Handed(msgspec.Struct, frozen=True, kw_only=True):
+    """What an attempt stopped before its end left for the next one (llm_jobs.handed):
+    its answer so far, why it may not be continued (None: it may), and what it used."""
+
+    attempt: int
+    text: str
+    reason: str | None = None  # a RestartReason
+    usage: TokenCounts = msgspec.field(default_factory=lambda: TokenCounts(prompt=0, completion=0))
+    cost_usd: float | None = 0.0
+
+
 class Rates(msgspec.Struct, frozen=True, kw_only=True):
     """An alias's own prices in USD per token; None: LiteLLM's price map says."""
 
@@ -147,3 +169,5 @@ class Capabilities(msgspec.Struct, frozen=True):
     vision: bool = False
     tools: bool = False
     reasoning: bool = False
+    # Continues a trailing assistant turn (prefill); None: the map does not know the model.
+    continues: bool | None = None

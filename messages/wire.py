@@ -413,13 +413,37 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     EVENT: ClassVar[str]
 
 
-class Started(_Event, frozen=True):
-    """The job was admitted; attempt > 1: discard what an earlier attempt streamed."""
+class Resumes(msgspec.Struct, frozen=True, kw_only=True):
+    """Keep the first `chars` characters (code points) of `attempt`'s text: this
+    attempt continues it."""
+
+    attempt: int
+    chars: int
+
+
+# Why a later attempt starts the answer over instead of continuing it (contract 3.3).
+RestartReason = Literal["nothing_streamed", "stream_lost", "vendor", "tool_call", "reasoning",
+                        "split_character", "think_block"]
+
+
+class Restarts(msgspec.Struct, frozen=True, kw_only=True):
+    """This attempt starts over from `attempt`'s answer, for `reason`."""
+
+    attempt: int
+    reason: RestartReason
+
+
+class Started(_Event, frozen=True, omit_defaults=True):
+    """The job was admitted. Attempt > 1: discard what an earlier attempt streamed,
+    unless `resumes` says how much of it this attempt continues; `restarts` says why
+    it does not."""
 
     EVENT: ClassVar[str] = "started"
     model: str
     mode: str
     attempt: int
+    resumes: Resumes | None = None
+    restarts: Restarts | None = None
 
 
 class RetrievalHit(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,7 +15,18 @@ import numpy as np
 import trio
 
 from actors.errors import TransientError
-from messages.ports import Capabilities, Claimed, ClaimResult, Hit, Hold, Rates, Refused, TokenCounts
+from messages.ports import (
+    Capabilities,
+    Claimed,
+    ClaimResult,
+    Handed,
+    Hit,
+    Hold,
+    Rates,
+    Refused,
+    Streamed,
+    TokenCounts,
+)
 
 
 @dataclass
@@ -38,7 +49,8 @@ class FakeStore:
             raise TransientError("postgres is down")
         return set(job_ids) - self.taken
 
-    async def release_lease(self, *, job_id: str, lease_holder: str) -> None:
+    async def release_lease(self, *, job_id: str, lease_holder: str,
+                            handed: Handed | None = None) -> None:
         self.released.append(job_id)
 
     async def reserve(self, *, job_id: str, lease_holder: str, holds: Sequence[Hold],
@@ -63,6 +75,9 @@ class NoEvents:
 
     async def hand_over(self, job_id: str, attempt: int) -> None:
         pass
+
+    async def take_over(self, job_id: str, attempt: int) -> list[Streamed] | None:
+        return []
 
 
 @dataclass

@@ -21,6 +21,7 @@ import trio
 
 from actors.supervisor import WorkerHandle, run_worker
 from config import Config
+from tools.chat_client import Assembled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +122,14 @@ def read_events(client: redis.Redis, config: Config, job_id: str,
             entries.append({**fields, "data": json.loads(fields["data"]), "id": entry_id})
             if fields["event"] == "done":
                 return entries
+
+
+def assembled(events: list[dict[str, Any]]) -> Assembled:
+    """The answer a client following contract 3.3 assembles from `read_events`' entries."""
+    answer = Assembled()
+    for entry in events:
+        answer.add(entry["event"], int(entry["attempt"]), entry["data"])
+    return answer
 
 
 async def events_of(client: redis.Redis, config: Config, job_id: str,

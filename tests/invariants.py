@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import confluent_kafka
 import psycopg
@@ -32,13 +34,19 @@ class NumberedLLM(ScriptedLLM):
         self._numbers = itertools.count(1)
 
     def choose(self) -> Reply:
-        return super()._next_reply()
+        return super()._next_reply([])
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, messages: list[dict[str, Any]]) -> Reply:
         reply = self.choose()
         if reply.raw is not None or reply.status != 200:
             return reply
-        return dataclasses.replace(reply, tokens=(f"#{next(self._numbers)} ", *reply.tokens))
+        # A request that continues an answer (it ends with that answer's start) gets the
+        # rest of the same numbered answer, as a vendor continuing it would.
+        last = messages[-1] if messages else {}
+        begun = re.match(r"#(\d+) ", str(last.get("content") or "")) \
+            if last.get("role") == "assistant" else None
+        number = begun.group(1) if begun else next(self._numbers)
+        return dataclasses.replace(reply, tokens=(f"#{number} ", *reply.tokens), continues=True)
 
 
 def job_of(call: Call) -> str:

@@ -45,6 +45,27 @@ class Reply:
     # counted one: OpenAI's `usage`, Anthropic's message_start `usage` (its
     # output_tokens go in message_delta), Gemini's `usageMetadata`.
     usage: dict[str, Any] | None = None
+    # As llama.cpp and Anthropic do: a request ending in an assistant turn whose text is
+    # the start of `tokens` (at a token boundary) gets only the tokens after it.
+    continues: bool = False
+    # Hold the stream this long after its `pause_after`-th chunk (reasoning, answer text
+    # and tool-call pieces count, in the order sent): a worker stopped meanwhile is
+    # stopped exactly there.
+    pause_after: int | None = None
+    pause_s: float = 0.0
+    after_tools: tuple[str, ...] = ()  # answer text sent after the tool-call pieces
+
+    def after(self, messages: list[dict[str, Any]]) -> tuple[str, ...]:
+        """The tokens this reply streams for a request of `messages`."""
+        last = messages[-1] if messages else {}
+        if not self.continues or last.get("role") != "assistant":
+            return self.tokens
+        prefix, text = last.get("content") or "", ""
+        for n, token in enumerate(self.tokens):
+            if text == prefix:
+                return self.tokens[n:]
+            text += token
+        return () if text == prefix else self.tokens
 
 
 @dataclass
@@ -55,6 +76,7 @@ class Call:
     started_at: float
     wall_at: float = field(default_factory=time.time)  # comparable with the events' `ts`
     tokens_sent: int = 0
+    chunks_sent: int = 0  # reasoning, answer text and tool-call pieces
     finished: bool = False
     disconnected: bool = False
 
@@ -77,7 +99,7 @@ class ScriptedLLM:
         with self._cond:
             self._queue.extend(replies)
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, messages: list[dict[str, Any]]) -> Reply:  # (subclasses read it)
         with self._cond:
             return self._queue.popleft() if self._queue else self.default
 
@@ -155,7 +177,7 @@ class ScriptedLLM:
                     owner._ended()
 
             def _answer(self, call: Call, payload: dict[str, Any]) -> None:
-                reply = owner._next_reply()
+                reply = owner._next_reply(call.messages)
                 if reply.raw is not None:
                     with contextlib.suppress(OSError):
                         self.wfile.write(reply.raw)
@@ -192,6 +214,13 @@ class ScriptedLLM:
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _sent(self, call: Call, reply: Reply) -> None:
+                """One more chunk is out; hold the stream after the `pause_after`-th."""
+                call.chunks_sent += 1
+                owner._changed()
+                if call.chunks_sent == reply.pause_after:
+                    time.sleep(reply.pause_s)
 
             def _usage(self, payload: dict[str, Any], reply: Reply, sent: int) -> dict[str, int]:
                 prompt = reply.prompt_tokens
@@ -311,7 +340,8 @@ class ScriptedLLM:
                         delta["role"] = "assistant"
                     self._chunk(payload, choices=[{"index": 0, "delta": delta,
                                                    "finish_reason": None}])
-                for i, token in enumerate(reply.tokens):
+                    self._sent(call, reply)
+                for i, token in enumerate(reply.after(payload.get("messages") or [])):
                     if reply.break_after is not None and i >= reply.break_after:
                         # Abort mid-stream: no terminating chunk, connection closed.
                         self.close_connection = True
@@ -325,6 +355,7 @@ class ScriptedLLM:
                                                    "finish_reason": None}])
                     call.tokens_sent += 1
                     owner._changed()
+                    self._sent(call, reply)
                 for index, (call_id, name, pieces) in enumerate(reply.tool_calls):
                     first = {"index": index, "id": call_id, "type": "function",
                              "function": {"name": name, "arguments": ""}}
@@ -332,6 +363,11 @@ class ScriptedLLM:
                                           for piece in pieces)]:
                         self._chunk(payload, choices=[{"index": 0, "finish_reason": None,
                                                        "delta": {"tool_calls": [part]}}])
+                        self._sent(call, reply)
+                for token in reply.after_tools:
+                    self._chunk(payload, choices=[{"index": 0, "delta": {"content": token},
+                                                   "finish_reason": None}])
+                    self._sent(call, reply)
                 self._chunk(payload, choices=[{"index": 0, "delta": {},
                                                "finish_reason": reply.finish_reason}])
                 wants_usage = (payload.get("stream_options") or {}).get("include_usage")

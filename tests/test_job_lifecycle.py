@@ -105,63 +105,6 @@ async def test_a_request_timeout_ends_a_real_slow_stream_with_its_partial_answer
     assert llm.calls[0].tokens_sent < 100
 
 
-async def test_sigkill_mid_job_is_finished_by_the_next_worker_as_attempt_2(
-        make_config, llm, rds, db, tmp_path):
-    config, path = make_config(extra="[jobs]\nlease_s = 2\n")
-    llm.default = Reply(tokens=tuple(f"{i} " for i in range(50)), token_delay_s=0.2)
-    req = request("interrupted")
-    async with process_streaming(config, path, tmp_path / "worker.log", llm, req, 3) as worker:
-        worker.kill()
-        worker.wait()
-    assert job_row(db, req["jobId"])["status"] == "running"
-
-    llm.default = Reply(tokens=("fresh", " answer"))
-    async with worker_running(config):
-        events = await events_of(rds, config, req["jobId"])
-    assert [e["event"] for e in events].count("done") == 1
-    starts = [e["data"] for e in events if e["event"] == "started"]
-    assert [s["attempt"] for s in starts] == [1, 2]
-    assert events[-2]["data"]["text"] == "fresh answer" and events[-2]["attempt"] == "2"
-    row = job_row(db, req["jobId"])
-    assert (row["status"], row["attempt"]) == ("completed", 2)
-
-
-async def test_sigterm_completes_short_jobs_and_hands_long_ones_back(
-        make_config, llm, rds, db, tmp_path):
-    config, path = make_config()
-    path.write_text(path.read_text().replace("grace_s = 5", "grace_s = 3"))
-    short = request("short", sessionId="s-short")
-    long = request("long", sessionId="s-long")
-    llm.queue(Reply(tokens=tuple(f"{i} " for i in range(5)), token_delay_s=0.2))
-    llm.default = Reply(tokens=tuple(f"{i} " for i in range(200)), token_delay_s=0.2)
-    worker = launch_worker(path, tmp_path / "worker.log")
-    try:
-        produce(config, short)
-        await wait_calls(llm, lambda calls: len(calls) == 1)
-        produce(config, long)
-        await wait_calls(llm, lambda calls: len(calls) == 2 and calls[1].tokens_sent >= 1)
-        worker.send_signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
-    finally:
-        stop_process(worker)
-    assert code == 0
-    short_events = await events_of(rds, config, short["jobId"])
-    assert short_events[-1]["data"]["status"] == "completed"
-    long_row = job_row(db, long["jobId"])
-    assert (long_row["status"], long_row["lease_owner"]) == ("queued", None)  # handed back
-    # The vendor sees the hang-up at its next write (up to one token delay later).
-    await trio.to_thread.run_sync(lambda: llm.wait_until(lambda calls: calls[1].disconnected, 10))
-
-    llm.default = Reply(tokens=("resumed",))
-    async with worker_running(config):
-        long_events = await events_of(rds, config, long["jobId"])
-    assert long_events[-2]["data"]["text"] == "resumed" and long_events[-2]["attempt"] == "2"
-    assert [e["event"] for e in long_events].count("done") == 1
-    # The short job's offset was committed: it was not run again.
-    assert [c.messages[-1]["content"] for c in llm.calls] == ["short", "long", "long"]
-    assert {job_row(db, j["jobId"])["status"] for j in (short, long)} == {"completed"}
-
-
 async def test_a_second_signal_stops_at_once_and_hands_the_job_back(
         make_config, llm, rds, db, tmp_path):
     config, path = make_config()

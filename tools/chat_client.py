@@ -96,7 +96,8 @@ class ChatClient:
 
     def events(self, job_id: str, after: str = "0-0",
                timeout_s: float = 600.0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (event, data) for the job until its `done`."""
+        """Yield (event, data) for the job until its `done`; `data` also names the
+        entry's `attempt`, as the gateway's does."""
         key = self.stream_key(job_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -107,7 +108,10 @@ class ChatClient:
                     after = entry_id
                     if fields.get("jobId") != job_id:
                         continue  # a shared stream carries other jobs too
-                    yield fields["event"], json.loads(fields["data"])
+                    data = json.loads(fields["data"])
+                    if isinstance(data, dict) and "attempt" in fields:
+                        data.setdefault("attempt", int(fields["attempt"]))
+                    yield fields["event"], data
                     if fields["event"] == "done":
                         return
         raise TimeoutError(f"no `done` for job {job_id} within {timeout_s:.0f}s")
@@ -116,6 +120,41 @@ class ChatClient:
         self._producer.purge()  # anything still queued was reported undelivered already
         self._producer.flush(0)
         self._redis_connect.close()
+
+
+class Assembled:
+    """A job's answer as a client assembles it from its events (contract 3.3): each
+    attempt's text, the newest attempt's shown; `started` of a later attempt keeps the
+    `resumes.chars` characters it continues, or starts over."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.texts: dict[int, str] = {}
+        self.final: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.texts.get(self.attempt, "")
+
+    def add(self, event: str, attempt: int, data: dict[str, Any]) -> int | None:
+        """Apply one event. For a later attempt's `started`, return how many characters
+        of the text shown before stay (all of them: nothing to redraw); else None."""
+        if event == "started" and attempt > self.attempt:
+            shown = self.text
+            resumes = data.get("resumes")
+            base = ""
+            if isinstance(resumes, dict):
+                base = self.texts.get(resumes.get("attempt", 0), "")[:resumes.get("chars", 0)]
+            self.attempt = attempt
+            self.texts[attempt] = base
+            return len(base) if shown.startswith(base) else 0
+        if attempt != self.attempt:
+            return None  # an earlier attempt's (never after a later `started`)
+        if event == "token":
+            self.texts[attempt] = self.text + data["text"]
+        elif event == "final":
+            self.final = data["text"]
+        return None
 
 
 DIM, NORMAL = "\x1b[2m", "\x1b[0m"
@@ -129,6 +168,7 @@ def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) ->
     status = "unknown"
     tty = bool(getattr(out, "isatty", lambda: False)())
     thinking = False
+    answer = Assembled()
     for event, data in client.events(job_id, after):
         if event == "reasoning":
             if not thinking:
@@ -143,8 +183,17 @@ def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) ->
         if event == "retrieval" and data["step"] == "rerank":
             for hit in data["hits"]:
                 out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")
-        if event == "started" and data.get("attempt", 1) > 1:
-            out.write(f"\n[attempt {data['attempt']}: restarting the answer]\n")
+        shown = answer.text
+        kept = answer.add(event, data.get("attempt", answer.attempt), data)
+        if event == "started" and kept is not None and answer.attempt > 1:
+            restarts = data.get("restarts") or {}
+            if data.get("resumes") is None:
+                why = f" ({restarts['reason']})" if "reason" in restarts else ""
+                out.write(f"\n[attempt {answer.attempt}: restarting the answer{why}]\n")
+            elif kept < len(shown):  # the text on screen runs past what is continued
+                out.write(f"\n[attempt {answer.attempt}: continuing after {kept} characters]"
+                          f"\n{answer.text}")
+            # else: it continues exactly where the screen stops; nothing to show
         elif event == "token":
             first = first or time.monotonic()
             out.write(data["text"])

@@ -337,6 +337,16 @@ def capabilities(model: str) -> Capabilities:
         except Exception:  # an unknown model or provider: it says nothing
             return False
 
+    def continues() -> bool | None:
+        """The map's word on continuing a trailing assistant turn (prefill); None when
+        the map does not know the model."""
+        try:
+            litellm.get_model_info(model=model)
+        except Exception:
+            return None
+        return says(functools.partial(litellm.utils.supports_factory, custom_llm_provider=None,
+                            key="supports_assistant_prefill"))
+
     return Capabilities(vision=says(litellm.supports_vision),
                         tools=says(litellm.supports_function_calling),
-                        reasoning=says(litellm.supports_reasoning))
+                        reasoning=says(litellm.supports_reasoning), continues=continues())

@@ -7,6 +7,7 @@ the pg sink writes its batches in one transaction each (group commit).
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from messages.ports import (
     Claimed,
     ClaimOrder,
     ClaimResult,
+    Handed,
     Hold,
     LeasedElsewhere,
     OwnedByAnotherUser,
@@ -35,6 +37,7 @@ from messages.ports import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("chat_actors.postgres")
 _TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
 # Any key: serialises concurrent migrators of one database.
 _MIGRATION_LOCK = 0x63686174
@@ -103,7 +106,8 @@ WHERE (j.status IN ('queued', 'running') AND j.user_id = excluded.user_id
        AND (j.lease_until IS NULL OR j.lease_until < now()))
    -- a rejected request never took the id: a valid one claims it over
    OR j.status = 'rejected'
-RETURNING j.job_id, j.attempt, (SELECT status FROM before b WHERE b.job_id = j.job_id)
+RETURNING j.job_id, j.attempt, (SELECT status FROM before b WHERE b.job_id = j.job_id),
+          j.handed
 """
 
 # Each job's session's last turns (its own excluded), oldest first, in one statement.
@@ -119,6 +123,19 @@ CROSS JOIN LATERAL (
     ORDER BY id DESC LIMIT %(limit)s) m
 ORDER BY r.n, m.id
 """
+
+
+def _handed(job_id: str, stored: Any) -> Handed | None:
+    """llm_jobs.handed as the claim read it; a value of another shape (written by
+    something else) is left unused: the job starts its answer over."""
+    if stored is None:
+        return None
+    try:
+        return msgspec.convert(stored, Handed)
+    except msgspec.ValidationError as exc:
+        log.warning("job %s: its handed-back answer is unreadable (%s); it starts over",
+                    job_id, exc)
+        return None
 
 
 def _histories(conn: psycopg.Connection[Any], orders: Sequence[ClaimOrder],
@@ -298,7 +315,7 @@ class Postgres:
             raise ValueError("claim_many: a job id appears twice in one batch")
 
         def claim(conn: psycopg.Connection[Any]) -> list[ClaimResult]:
-            claimed = {row[0]: (row[1], row[2]) for row in conn.execute(
+            claimed = {row[0]: (row[1], row[2], row[3]) for row in conn.execute(
                 _CLAIM_MANY, {"ids": ids, "users": [o.user_id for o in orders],
                               "sessions": [o.session_id for o in orders],
                               "traces": [o.trace_id for o in orders],
@@ -315,9 +332,10 @@ class Postgres:
             results: list[ClaimResult] = []
             for order in orders:
                 if order.job_id in claimed:
-                    attempt, before = claimed[order.job_id]
+                    attempt, before, handed = claimed[order.job_id]
                     results.append(Claimed(attempt, history.get(order.job_id, []),
-                                           over_rejected=before == "rejected"))
+                                           over_rejected=before == "rejected",
+                                           handed=_handed(order.job_id, handed)))
                     continue
                 existing = rows.get(order.job_id)
                 if existing is None:  # deleted between the two statements
@@ -462,11 +480,22 @@ class Postgres:
                          cached_tokens=int(r[6]), cache_write_tokens=int(r[7]),
                          reasoning_tokens=int(r[8])) for r in rows]
 
-    async def release_lease(self, *, job_id: str, lease_holder: str) -> None:
-        """Give a job back unfinished: the next delivery runs it again at once."""
+    async def release_lease(self, *, job_id: str, lease_holder: str,
+                            handed: Handed | None = None) -> None:
+        """Give a job back unfinished: the next delivery runs it again at once. `handed`:
+        the attempt's answer so far, for the next attempt to continue (only while that
+        attempt still holds the job)."""
+        if handed is None:
+            await self.run(lambda conn: conn.execute(
+                "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL "
+                "WHERE job_id = %s AND lease_owner = %s AND status = 'running'",
+                (job_id, lease_holder)))
+            return
+        stored = psycopg.types.json.Jsonb(msgspec.to_builtins(handed))
         await self.run(lambda conn: conn.execute(
-            "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL "
-            "WHERE job_id = %s AND lease_owner = %s AND status = 'running'", (job_id, lease_holder)))
+            "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
+            "handed = %s WHERE job_id = %s AND lease_owner = %s AND status = 'running' "
+            "AND attempt = %s", (stored, job_id, lease_holder, handed.attempt)))
 
     # -- the pg sink's batches ------------------------------------------------------------
     async def write_records(self, records: Sequence[JobFinished | JobRejected],
@@ -502,7 +531,8 @@ class Postgres:
                             ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
                             retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
                             cached_tokens = %s, cache_write_tokens = %s, reasoning_tokens = %s,
-                            budget_holds = NULL, finished_at = now(), lease_until = NULL
+                            budget_holds = NULL, finished_at = now(), lease_until = NULL,
+                            handed = NULL
                         WHERE job_id = %s AND lease_owner = %s AND attempt = %s
                         RETURNING job_id
                         """,

@@ -21,7 +21,7 @@ from actors.adapters.redis_connect import RedisConnect
 from actors.errors import PermanentError, TransientError
 from config import JobKeys
 from config import Redis as RedisConfig
-from messages.ports import StreamEntry
+from messages.ports import Streamed, StreamEntry
 
 T = TypeVar("T")
 log = logging.getLogger("chat_actors.redis")
@@ -42,6 +42,19 @@ _PASSING_REPLY = re.compile(r"(^|[\s:-])(OOM|MISCONF|LOADING|READONLY|BUSY|MASTE
 
 # How redis-py names a sentinel it asked in vain: its client's whole repr (a screenful).
 _SENTINEL_REPR = re.compile(r"<redis\.client\.Redis\(.*?host=([^,]+),port=(\d+).*?\)>\)>\)>")
+
+
+def _streamed(fields: dict[bytes, bytes], job_id: str) -> Streamed | None:
+    def text(name: bytes) -> str:
+        return fields.get(name, b"").decode("utf-8", "replace")
+
+    try:
+        attempt, seq = int(text(b"attempt")), int(text(b"seq"))
+    except ValueError:
+        return None
+    if text(b"jobId") != job_id:
+        return None
+    return Streamed(event=text(b"event"), attempt=attempt, seq=seq, data=text(b"data"))
 
 
 def translate(exc: redis.RedisError) -> TransientError | PermanentError:
@@ -90,6 +103,18 @@ return 1
 """
 
 
+# Fences a job's earlier attempts out as a later one takes it over: its attempt key
+# rises to that attempt (never falls), so no earlier attempt's append lands after this.
+# KEYS: the job's attempt. ARGV: attempt, ttl_s.
+_FENCE = """
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return 1
+"""
+READ_PAGE = 1000  # entries per XRANGE while a job's stream is read back
+
+
 class RedisEvents:
     """`keys` names a job's keys (config.job_keys: the done marker is separate from the
     stream, so a shared stream still answers "is this job done?"). With `cluster`, each
@@ -116,6 +141,7 @@ class RedisEvents:
         self._keys = keys
         self._append_once = self._client.register_script(_APPEND_ONCE)
         self._hand_over = self._client.register_script(_HAND_OVER)
+        self._fence = self._client.register_script(_FENCE)
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._limiter = trio.CapacityLimiter(1)  # one writer thread keeps the order
@@ -237,6 +263,27 @@ class RedisEvents:
         await self._run(lambda: self._hand_over(
             keys=[keys.stream, keys.attempt, keys.done],
             args=[attempt, "1" if keys.own_stream else "0", self._ttl_s]))
+
+    async def take_over(self, job_id: str, attempt: int) -> list[Streamed] | None:
+        """Raise the job's attempt key to `attempt`, then read its stream back (None for
+        a stream shared with other jobs: it is not read). An entry that is not one of
+        ours (a missing field, an attempt or seq that is no number) is left out."""
+        keys = self._keys(job_id)
+
+        def read() -> list[Streamed] | None:
+            self._fence(keys=[keys.attempt], args=[attempt, self._ttl_s])
+            if not keys.own_stream:
+                return None
+            found: list[Streamed] = []
+            start = "-"
+            while True:
+                page = self._client.xrange(keys.stream, min=start, count=READ_PAGE)
+                found += filter(None, (_streamed(fields, job_id) for _, fields in page))
+                if len(page) < READ_PAGE:
+                    return found
+                start = "(" + page[-1][0].decode()
+
+        return await self._run(read)
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
