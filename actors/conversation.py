@@ -31,12 +31,13 @@ from actors.registry import RunningJob
 from actors.takeover import Plan, plan
 from actors.telemetry import Timeline, error_type
 from actors.worker import Worker
-from messages.mailboxes import JobRef, JobRejected, Receipt, Turn
+from messages.mailboxes import JobRef, JobRejected, Receipt, StreamFinished, Turn
 from messages.ports import AlreadyTerminal, Claimed, Handed, OwnedByAnotherUser
 from messages.telemetry import JobTelemetry, ModelCall, ModelTry
-from messages.wire import ChatRequest, Error, Started, Token
+from messages.wire import ChatRequest, Error, Final, Started, Token
 
 log = logging.getLogger("chat_actors.conversation")
+MAX_COUNT = 1_000_000  # retries, fallbacks, characters removed: read back from a stream
 
 
 @dataclass
@@ -152,6 +153,23 @@ async def _take_over(worker: Worker, job: JobRef, alias_name: str,
     return found
 
 
+def _settle_complete(worker: Worker, run: JobRun, final: Final) -> None:
+    """The earlier attempt's answer was complete (its `final` is on the stream): this
+    attempt ends the job with it and never calls the model. Its usage is counted in
+    run.earlier; the budget the earlier attempt held is settled to it."""
+    answer = run.answer
+    if final.model in worker.config.llm.models:
+        answer.alias = final.model
+    answer.finished = StreamFinished(finish_reason=final.finish_reason, prompt_tokens=None,
+                                     completion_tokens=None, model=final.model)
+    answer.tool_calls = list(final.tool_calls)
+    # As a row holds them, whatever the stream said.
+    answer.retries, answer.fallbacks, answer.nul_removed = (
+        min(max(n, 0), MAX_COUNT) for n in (final.retries, final.fallbacks, final.nul_removed))
+    answer.reserved = True  # the earlier attempt's holds: settled to what it used
+    run.sources_used = list(final.sources)
+
+
 def _handed(worker: Worker, request: ChatRequest, job: JobRef, run: JobRun) -> Handed:
     """What this attempt, stopped before its end, leaves the next one."""
     count_usage(worker, request, run)
@@ -187,7 +205,9 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
     cancel = running.cancel_scope
     with cancel, trio.move_on_at(started + timeout_s) as deadline:
         # Cancelled before it started (a tombstone): never call the model.
-        if not cancel.cancel_called:
+        if not cancel.cancel_called and plan is not None and plan.complete is not None:
+            _settle_complete(worker, run, plan.complete)
+        elif not cancel.cancel_called:
             try:
                 await answer(request, worker, job, history, run)
             except (PermanentError, TransientError) as exc:

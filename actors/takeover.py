@@ -18,20 +18,26 @@ they keep, and only the rest is streamed. Otherwise it starts over and
 - `stream_lost`: its stream no longer holds its text, and nothing was handed back;
 - `nothing_streamed`: it had streamed no answer text.
 
+An earlier attempt that streamed its `final` had a complete answer (its worker
+stopped between Redis and Postgres): the new attempt settles that answer without
+calling the model.
+
 Everything here is pure: the stream entries and the handed-back row come in, a Plan
 goes out; reading them is the conversation's work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
+from actors.provider import MAX_COUNTED_TOKENS
 from messages.ports import Handed, Streamed, TokenCounts
-from messages.wire import RestartReason, Restarts, Resumes
+from messages.wire import Final, RestartReason, Restarts, Resumes
 
 # A text ending inside one of these blocks stops in the model's thinking.
 _THINK_OPEN = re.compile(r"<(think|thinking)>", re.IGNORECASE)
@@ -54,6 +60,7 @@ class _Started(msgspec.Struct):
 
 _decode_text = msgspec.json.Decoder(_Text).decode
 _decode_started = msgspec.json.Decoder(_Started).decode
+_decode_final = msgspec.json.Decoder(Final).decode
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Earlier:
     own: str = ""  # the text of its own `token` events, up to the first gap
     reasoning_open: bool = False  # reasoning came after its last answer text
     tool_call: bool = False  # it sent a tool call
+    final: Final | None = None  # its `final`: the answer was complete
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class Plan:
 
     attempt: int  # the earlier attempt this one follows
     text: str = ""
+    complete: Final | None = None  # that attempt's `final`: this one only settles it
     unseen: str = ""
     resumes: Resumes | None = None
     restarts: Restarts | None = None
@@ -98,6 +107,7 @@ def attempts(entries: Sequence[Streamed], below: int) -> dict[int, Earlier]:
         base = _base(first, found, attempt)
         parts: list[str] = []
         reasoning_open = tool_call = False
+        final: Final | None = None
         seq = 1
         while (entry := entries_by_seq.get(seq)) is not None:
             if entry.event == "token":
@@ -110,10 +120,14 @@ def attempts(entries: Sequence[Streamed], below: int) -> dict[int, Earlier]:
                 reasoning_open = True
             elif entry.event == "tool_call":
                 tool_call = True
+            elif entry.event == "final":
+                with contextlib.suppress(msgspec.DecodeError):
+                    final = _decode_final(entry.data)
             seq += 1
         own = "".join(parts)
         found[attempt] = Earlier(text=None if base is None else base + own, own=own,
-                                 reasoning_open=reasoning_open, tool_call=tool_call)
+                                 reasoning_open=reasoning_open, tool_call=tool_call,
+                                 final=final)
     return found
 
 
@@ -152,6 +166,8 @@ def plan(attempt: int, entries: Sequence[Streamed] | None, handed: Handed | None
     unbilled = [(e.text[:len(e.text) - len(e.own)] if e.text is not None else "", e.own)
                 for n, e in streamed.items() if n > accounted and e.own]
     usage = (handed.usage, handed.cost_usd) if handed is not None else (None, 0.0)
+    if seen is not None and seen.final is not None and latest is not None:
+        return _settles(latest, seen, seen.final)
     reason: RestartReason | None = None
     if handed is not None and (latest is None or handed.attempt >= latest):
         follows = handed.attempt
@@ -177,6 +193,27 @@ def plan(attempt: int, entries: Sequence[Streamed] | None, handed: Handed | None
     return Plan(attempt=follows, text=text, unseen=text[kept:],
                 resumes=Resumes(attempt=follows, chars=kept), handed_usage=usage[0],
                 handed_cost=usage[1], unbilled=unbilled)
+
+
+def _settles(attempt: int, seen: Earlier, final: Final) -> Plan:
+    """The earlier attempt streamed its `final` (its worker stopped before the terminal
+    row): the answer is complete, and its `final` counts every attempt before it."""
+    shown = seen.text if seen.text is not None and final.text.startswith(seen.text) else ""
+    usage = final.usage
+    prompt, completion = _count(usage.prompt_tokens), _count(usage.completion_tokens)
+    cached = min(_count(usage.cached_tokens), prompt)
+    return Plan(attempt=attempt, text=final.text, unseen=final.text[len(shown):],
+                resumes=Resumes(attempt=attempt, chars=len(shown)), complete=final,
+                handed_usage=TokenCounts(
+                    prompt=prompt, completion=completion, cached=cached,
+                    cache_write=min(_count(usage.cache_write_tokens), prompt - cached),
+                    reasoning=min(_count(usage.reasoning_tokens), completion)),
+                handed_cost=None if final.cost_usd is None else max(final.cost_usd, 0.0))
+
+
+def _count(tokens: int) -> int:
+    """A count read back from the stream, as a row can hold it."""
+    return min(max(tokens, 0), MAX_COUNTED_TOKENS)
 
 
 def _handed_reason(reason: str | None) -> RestartReason | None:

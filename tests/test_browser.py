@@ -4,16 +4,19 @@ local stack. A screenshot is saved to .dev/artifacts/ for people to look at."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.helpers import ROOT, gateway_running, worker_running
+from tests.helpers import ROOT, gateway_running, until, worker_running
 from tests.scripted_llm import Reply
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -149,3 +152,75 @@ async def test_a_person_uploads_a_document_asks_from_it_and_deletes_it(gw_config
     document.write_text("# Boats\nThe boat Quelvath is moored at pier nine.\n")
     async with worker_running(config), gateway_running(config) as (handle, _):
         await trio.to_thread.run_sync(_documents, f"http://127.0.0.1:{handle.port}/", document)
+
+
+# Every text the last answer box shows, recorded by the page itself on each change.
+_RECORD_TEXTS = """
+window.__texts = [];
+new MutationObserver(() => {
+  const boxes = document.querySelectorAll(".assistant .answer");
+  if (!boxes.length) return;
+  const text = boxes[boxes.length - 1].textContent;
+  if (window.__texts[window.__texts.length - 1] !== text) window.__texts.push(text);
+}).observe(document.getElementById("log"), {childList: true, subtree: true, characterData: true});
+"""
+
+
+def _continued(url: str, shown: threading.Event) -> tuple[list[str], str, str, str]:
+    """Sign in and ask; set `shown` once tokens show; wait for the answer to finish
+    (its worker is swapped meanwhile). Returns every text the answer showed, what
+    streamed, the status and the job id."""
+    from selenium.webdriver.common.by import By
+
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    driver = _browser(profile)
+    try:
+        driver.get(url)
+        driver.find_element(By.ID, "signin-button").click()
+        _wait(lambda: "signed in" in driver.find_element(By.ID, "who").text, what="sign-in")
+        driver.execute_script(_RECORD_TEXTS)
+        driver.find_element(By.ID, "message").send_keys("Count across a deploy")
+        driver.find_element(By.ID, "send").click()
+        _wait(lambda: len(driver.execute_script("return window.__texts.at(-1) || ''")
+                          .split()) >= 5, what="tokens to appear")
+        job_id = driver.execute_script("return sessionStorage.getItem('job')")
+        shown.set()
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".assistant[data-status]"),
+              timeout_s=90, what="the continued answer to finish")
+        box = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+        return (driver.execute_script("return window.__texts"),
+                box.get_attribute("data-streamed") or "", box.get_attribute("data-status"),
+                job_id)
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def test_an_answer_continues_across_a_worker_restart_without_flicker(gw_config, llm, rds):
+    """The worker answering is stopped mid-answer (a deploy, no grace left) and another
+    takes the job over: the page keeps what it showed and the answer carries on."""
+    config = gw_config(CHAT_ACTORS__GATEWAY__DEV_SIGNIN="true",
+                       CHAT_ACTORS__SHUTDOWN__GRACE_S="0")
+    llm.default = Reply(tokens=TOKENS, token_delay_s=0.12, continues=True)
+    shown = threading.Event()
+    result: list[tuple[list[str], str, str, str]] = []
+
+    async def browse(url: str) -> None:
+        result.append(await trio.to_thread.run_sync(_continued, url, shown))
+
+    async with gateway_running(config) as (handle, _), trio.open_nursery() as nursery:
+        nursery.start_soon(browse, f"http://127.0.0.1:{handle.port}/")
+        async with worker_running(config):
+            await until(shown.is_set, 60)
+        async with worker_running(config):
+            await until(lambda: bool(result), 120)
+    texts, streamed, status, job_id = result[0]
+    expected = "".join(TOKENS)
+    assert status == "completed" and streamed.strip() == expected.strip()
+    # Never cleared, never cut, never repeated: each text the page showed starts the next.
+    assert texts[-1].strip() == expected.strip()
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+    assert len(llm.calls) == 2 and llm.calls[1].messages[-1]["role"] == "assistant"
+    started = [json.loads(f["data"]) for _, f in rds.xrange(config.job_keys(job_id).stream)
+               if f["event"] == "started"]
+    assert started[-1]["resumes"]["attempt"] == 1 and started[-1]["resumes"]["chars"] > 0

@@ -166,6 +166,39 @@ def test_send_prints_reasoning_apart_from_the_answer(out):
         assert text.startswith("[reasoning: Six times seven.]\n42\n")
 
 
+def test_send_shows_a_continued_answer_once_and_a_restart_as_such():
+    usage = {"promptTokens": 3, "completionTokens": 2}
+    end = [("final", {"model": "m", "usage": usage, "costUsd": 0.0}),
+           ("done", {"status": "completed", "partial": False})]
+    # ChatClient.events names each entry's attempt in its data, as the gateway does.
+    continued = io.StringIO()
+    print_answer(ScriptedEvents([
+        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
+        ("token", {"text": "The sky ", "attempt": 1}),
+        ("started", {"model": "m", "mode": "gen", "attempt": 2,
+                     "resumes": {"attempt": 1, "chars": 8}}),
+        ("token", {"text": "is blue.", "attempt": 2}), *end]), "job", "0-0", out=continued)
+    assert continued.getvalue().startswith("The sky is blue.\n[m:")  # nothing repeated
+    cut = io.StringIO()  # the screen ran past what attempt 2 continues: it is redrawn
+    print_answer(ScriptedEvents([
+        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
+        ("token", {"text": "The sky is", "attempt": 1}),
+        ("started", {"model": "m", "mode": "gen", "attempt": 2,
+                     "resumes": {"attempt": 1, "chars": 4}}),
+        ("token", {"text": "clouds", "attempt": 2}), *end]), "job", "0-0", out=cut)
+    assert cut.getvalue().startswith(
+        "The sky is\n[attempt 2: continuing after 4 characters]\nThe clouds\n")
+    restarted = io.StringIO()
+    print_answer(ScriptedEvents([
+        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
+        ("token", {"text": "<think>", "attempt": 1}),
+        ("started", {"model": "m", "mode": "gen", "attempt": 2,
+                     "restarts": {"attempt": 1, "reason": "think_block"}}),
+        ("token", {"text": "Blue.", "attempt": 2}), *end]), "job", "0-0", out=restarted)
+    assert restarted.getvalue().startswith(
+        "<think>\n[attempt 2: restarting the answer (think_block)]\nBlue.\n")
+
+
 def test_send_takes_tools_from_a_file_and_says_what_is_wrong_with_one(tmp_path):
     from tools.cli import _v2_fields
 

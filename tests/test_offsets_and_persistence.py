@@ -7,7 +7,7 @@ import time
 import trio
 
 from actors.offsets import OffsetTracker
-from tests.helpers import events_of, job_row, produce, request, worker_running
+from tests.helpers import events_of, job_row, message_rows, produce, request, worker_running
 from tests.many_workers import launch_worker
 from tests.scripted_llm import Reply
 
@@ -82,13 +82,20 @@ async def test_worker_killed_between_redis_and_postgres_is_consumed_again(
         while events[-1]["attempt"] != "2":
             events = await events_of(rds, config, req["jobId"])
     attempt_two = [e for e in events if e["attempt"] == "2"]
-    assert [e["event"] for e in attempt_two][0] == "started"
-    assert attempt_two[0]["data"]["attempt"] == 2
+    assert [e["event"] for e in attempt_two] == ["started", "final", "done"]
+    # Attempt 1's answer was complete (its `final` is on the stream): attempt 2 keeps
+    # all of it, settles it and never calls the model again (contract 3.3).
+    assert attempt_two[0]["data"]["resumes"] == {"attempt": 1, "chars": len("first try")}
     assert [e["event"] for e in events].count("done") == 1
-    assert attempt_two[-2]["data"]["text"] == "second try"
-    assert len(llm.calls) == 2
+    first_final = next(e["data"] for e in events if e["event"] == "final")
+    assert attempt_two[1]["data"] == first_final
+    assert len(llm.calls) == 1
     row = job_row(db, req["jobId"])
-    assert row["status"] == "completed" and row["attempt"] == 2
+    assert (row["status"], row["attempt"]) == ("completed", 2)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        first_final["usage"]["promptTokens"], first_final["usage"]["completionTokens"])
+    assert [m["content"] for m in message_rows(db, req["jobId"])] == ["persist me",
+                                                                      "first try"]
 
 
 async def test_a_claim_postgres_refuses_settles_its_job_once_as_failed(config, llm, rds, db):

@@ -295,3 +295,26 @@ def test_hostile_entries_never_continue_on_a_guess():
     future = [_started(3), *_tokens(3, "later")]
     assert plan(3, future, Handed(attempt=3, text="later"), continues=True).restarts == \
         Restarts(attempt=2, reason="nothing_streamed")
+
+
+def test_an_answer_whose_final_was_streamed_is_settled_not_continued():
+    final = {"text": "Hello, world", "finishReason": "stop", "model": "m", "costUsd": 0.25,
+             "usage": {"promptTokens": 7, "completionTokens": 4, "totalTokens": 11}}
+    entries = [_started(1), *_tokens(1, "Hello", ", world"), _entry("final", 1, 3, **final)]
+    for continues in (True, False):  # nothing is asked of the vendor either way
+        found = plan(2, entries, None, continues=continues)
+        assert found.complete is not None and found.complete.text == "Hello, world"
+        assert (found.resumes, found.unseen, found.unbilled) == (
+            Resumes(attempt=1, chars=12), "", [])
+        assert (found.handed_usage, found.handed_cost) == (
+            TokenCounts(prompt=7, completion=4), 0.25)
+    # Counts read back are kept within what a row holds, whatever the stream says.
+    hostile = {**final, "costUsd": -3.0, "usage": {"promptTokens": -5, "completionTokens": 10**15,
+                                                  "totalTokens": 0, "cachedTokens": 99}}
+    found = plan(2, [_started(1), _entry("final", 1, 1, **hostile)], None, continues=True)
+    assert found.handed_usage is not None and found.handed_usage.prompt == 0
+    assert found.handed_usage.cached == 0 and 0 < found.handed_usage.completion <= 10**8
+    assert (found.handed_cost, found.unseen) == (0.0, "Hello, world")
+    # A `final` that is not one is ignored: the text streamed is continued.
+    broken = [_started(1), *_tokens(1, "Hi"), _entry("final", 1, 2, text=3)]
+    assert plan(2, broken, None, continues=True).complete is None

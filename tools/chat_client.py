@@ -143,17 +143,18 @@ class Assembled:
             shown = self.text
             resumes = data.get("resumes")
             base = ""
-            if isinstance(resumes, dict):
-                base = self.texts.get(resumes.get("attempt", 0), "")[:resumes.get("chars", 0)]
+            if isinstance(resumes, dict) and isinstance(resumes.get("chars"), int):
+                base = self.texts.get(resumes.get("attempt"), "")[:max(resumes["chars"], 0)]
             self.attempt = attempt
             self.texts[attempt] = base
             return len(base) if shown.startswith(base) else 0
         if attempt != self.attempt:
             return None  # an earlier attempt's (never after a later `started`)
-        if event == "token":
-            self.texts[attempt] = self.text + data["text"]
-        elif event == "final":
-            self.final = data["text"]
+        text = data.get("text")
+        if event == "token" and isinstance(text, str):
+            self.texts[attempt] = self.text + text
+        elif event == "final" and isinstance(text, str):
+            self.final = text
         return None
 
 
