@@ -21,6 +21,7 @@ import redis
 
 from config import job_keys
 from tests.scripted_llm import Call, Reply, ScriptedLLM
+from tools.chat_client import Assembled
 
 TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
 
@@ -66,13 +67,18 @@ class Verdict:
     wrong_answer: int = 0  # completed jobs whose history answer is not the one streamed
     after_done: int = 0  # model calls begun after their job's `done` was written
     answered_twice: int = 0  # jobs the vendor answered in full more than once (lost leases)
+    assembled_wrong: int = 0  # completed jobs a client following contract 3.3 gets wrong
+    resumed: int = 0  # takeovers that continued the earlier attempt's answer
+    restarted: dict[str, int] = field(default_factory=dict)  # takeovers started over, by reason
+    tokens_saved: int = 0  # vendor tokens the resumed takeovers did not pay again
     uncommitted: int = 0  # partitions whose committed offset is short of their end
     statuses: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # the first few problems, named
 
     def problems(self) -> int:
         return (self.jobs - self.one_done + self.gaps + self.stale + self.not_terminal
-                + self.done_vs_row + self.wrong_answer + self.after_done + self.uncommitted)
+                + self.done_vs_row + self.wrong_answer + self.after_done + self.uncommitted
+                + self.assembled_wrong)
 
     def note(self, job_id: str, what: str) -> None:
         if len(self.examples) < 5:
@@ -92,6 +98,11 @@ class Verdict:
             f"gaps or duplicates in event sequences:        {self.gaps}",
             f"model calls for already-finished jobs:        {self.after_done}",
             f"jobs answered twice by the vendor (legit):    {self.answered_twice}",
+            f"answers a client assembles wrong (3.3):       {self.assembled_wrong}",
+            f"takeovers resumed / restarted:                {self.resumed} / "
+            f"{sum(self.restarted.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(self.restarted.items())) or '-'})",
+            f"vendor tokens the resumed takeovers saved:    {self.tokens_saved}",
             f"partitions whose committed offset is short:   {self.uncommitted}",
             *(f"  e.g. {example}" for example in self.examples)]
         return "\n".join(lines)
@@ -112,6 +123,7 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
         entries = [f for _, f in rds.xrange(job_keys(template, job_id, cluster=False).stream)
                    if f.get("jobId") == job_id]
         _check_stream(verdict, job_id, entries)
+        _count_takeovers(verdict, entries)
         dones = [f for f in entries if f["event"] == "done"]
         status, attempt = rows.get(job_id, ("missing", 0))
         verdict.statuses[status] = verdict.statuses.get(status, 0) + 1
@@ -127,6 +139,13 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
             verdict.note(job_id, f"done {done['data']} of attempt {done['attempt']}, "
                                  f"row {status} of attempt {attempt}")
         finals = [f for f in entries if f["event"] == "final" and f["attempt"] == done["attempt"]]
+        client = Assembled()
+        for f in entries:
+            client.add(f["event"], int(f["attempt"]), json.loads(f["data"]))
+        if status == "completed" and finals and client.text != json.loads(
+                finals[-1]["data"])["text"]:
+            verdict.assembled_wrong += 1
+            verdict.note(job_id, f"a client assembles {client.text!r}")
         if status == "completed" and (
                 not finals or answers.get(job_id) != json.loads(finals[-1]["data"])["text"]):
             verdict.wrong_answer += 1
@@ -142,6 +161,23 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
             full_answers[job_id] = full_answers.get(job_id, 0) + 1
     verdict.answered_twice = sum(n > 1 for n in full_answers.values())
     return verdict
+
+
+def _count_takeovers(verdict: Verdict, entries: list[dict[str, str]]) -> None:
+    """Each later attempt's `started`: resumed (the kept text's words are vendor tokens
+    not paid again: the scripted vendor's tokens are words) or restarted, and why."""
+    client = Assembled()
+    for f in entries:
+        data = json.loads(f["data"])
+        if f["event"] == "started" and int(f["attempt"]) > 1:
+            if "resumes" in data:
+                verdict.resumed += 1
+                kept = client.texts.get(data["resumes"]["attempt"], "")
+                verdict.tokens_saved += len(kept[:data["resumes"]["chars"]].split())
+            elif "restarts" in data:
+                reason = data["restarts"]["reason"]
+                verdict.restarted[reason] = verdict.restarted.get(reason, 0) + 1
+        client.add(f["event"], int(f["attempt"]), data)
 
 
 def _check_stream(verdict: Verdict, job_id: str, entries: list[dict[str, str]]) -> None:
