@@ -193,8 +193,11 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     fill_images(messages, urls)
     if config.log.content:
         log.debug("prompt: %s", messages)
+    # A continuation (actors/takeover.py) sends the answer so far as the assistant turn's
+    # start: the prompt holds it, and the answer only has the rest of its budget left.
+    carried = count(run.answer.text) if run.answer.kept else 0
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
-                                                              run.prompt_estimate)
+                                                              run.prompt_estimate + carried)
 
     def on_token(text: str) -> Awaitable[None]:
         # Hands back emit's coroutine: no extra frame per token on the hot path.
@@ -210,6 +213,8 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
     run.messages, run.params = messages, model_params(request, alias.max_tokens)
+    if carried:
+        run.params["max_tokens"] = max(1, run.params["max_tokens"] - carried)
     run.model_started = trio.current_time()
     try:
         await stream_answer(

@@ -71,6 +71,8 @@ def _check_continued(events, llm, db, job_id: str, *, kept: str, carried: str) -
     vendor_prompt = sum(len(str(m["content"]).split()) for m in llm.calls[1].messages)
     usage = final["usage"]
     assert usage["completionTokens"] == llm.calls[1].tokens_sent + count(carried)
+    # The answer's budget (the alias's max_tokens, 256) counts the text carried over.
+    assert llm.calls[1].body["max_tokens"] == 256 - count(carried)
     assert usage["promptTokens"] > vendor_prompt >= len(carried.split())
     assert final["costUsd"] == pytest.approx(
         usage["promptTokens"] * 0.0001 + usage["completionTokens"] * 0.001)

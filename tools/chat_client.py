@@ -143,8 +143,10 @@ class Assembled:
             shown = self.text
             resumes = data.get("resumes")
             base = ""
-            if isinstance(resumes, dict) and isinstance(resumes.get("chars"), int):
-                base = self.texts.get(resumes.get("attempt"), "")[:max(resumes["chars"], 0)]
+            if isinstance(resumes, dict):
+                kept, chars = resumes.get("attempt"), resumes.get("chars")
+                if isinstance(kept, int) and isinstance(chars, int):
+                    base = self.texts.get(kept, "")[:max(chars, 0)]
             self.attempt = attempt
             self.texts[attempt] = base
             return len(base) if shown.startswith(base) else 0
