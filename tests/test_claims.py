@@ -17,8 +17,10 @@ from messages.ports import (
     AlreadyTerminal,
     Claimed,
     ClaimOrder,
+    Handed,
     LeasedElsewhere,
     OwnedByAnotherUser,
+    TokenCounts,
 )
 
 
@@ -140,3 +142,29 @@ async def test_a_batch_that_fails_fails_each_of_its_claims(pg):
     results, errors = await claim_all(store, [order(i) for i in ids])
     assert not results and set(errors) == set(ids)
     assert len(store.batches) == 1
+
+
+async def test_a_release_hands_the_answer_to_the_next_claim_and_an_unreadable_one_is_dropped(
+        pg, db):
+    """What a drain hands back (llm_jobs.handed) reaches the next attempt's claim; it
+    lands only for the attempt holding the lease; a value of another shape (written by
+    something else) is not carried on."""
+    job_id = f"h-{uuid.uuid4().hex[:8]}"
+    (first,) = await pg.claim_many([order(job_id)], lease_holder="w1", lease_s=60)
+    assert isinstance(first, Claimed) and first.handed is None
+    stale = Handed(attempt=7, text="not this attempt's")
+    await pg.release_lease(job_id=job_id, lease_holder="w1", handed=stale)
+    assert db.execute("SELECT status, handed FROM llm_jobs WHERE job_id = %s",
+                      (job_id,)).fetchone() == ("running", None)  # refused: wrong attempt
+    handed = Handed(attempt=1, text="So far", reason=None,
+                    usage=TokenCounts(prompt=12, completion=2), cost_usd=0.001)
+    await pg.release_lease(job_id=job_id, lease_holder="w1", handed=handed)
+    (second,) = await pg.claim_many([order(job_id)], lease_holder="w2", lease_s=60)
+    assert isinstance(second, Claimed) and (second.attempt, second.handed) == (2, handed)
+    await pg.release_lease(job_id=job_id, lease_holder="w2")  # nothing new: kept as it was
+    assert db.execute("SELECT handed FROM llm_jobs WHERE job_id = %s",
+                      (job_id,)).fetchone()[0]["text"] == "So far"
+    db.execute("UPDATE llm_jobs SET handed = %s WHERE job_id = %s",
+               ('{"attempt": "two", "text": 5}', job_id))
+    (third,) = await pg.claim_many([order(job_id)], lease_holder="w3", lease_s=60)
+    assert isinstance(third, Claimed) and (third.attempt, third.handed) == (3, None)
