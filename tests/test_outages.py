@@ -172,3 +172,54 @@ async def test_hung_queries_end_at_the_statement_timeout_and_never_starve_the_po
         parameters = conn.info.get_parameters()
     assert (parameters["keepalives"], parameters["keepalives_idle"]) == ("1", "30")
     store.close()
+
+
+async def test_a_worker_frozen_mid_claim_holds_its_locks_no_longer_than_the_timeout(stack):
+    """A worker frozen (SIGSTOP, a paused VM) between two statements of a claim held
+    the rows it locked for as long as it stayed frozen: every other worker's claim of
+    those jobs timed out and was retried, so nobody could take the jobs over. The
+    server now ends a transaction left idle past the statement timeout."""
+    from actors.adapters.postgres import Postgres
+    from actors.errors import TransientError
+    from messages.ports import Claimed, ClaimOrder
+
+    frozen = Postgres(dsn=stack.postgres.url, pool_size=1, statement_timeout_s=1)
+    other = Postgres(dsn=stack.postgres.url, pool_size=1, statement_timeout_s=20)
+    await frozen.migrate()
+    job_id = f"frozen-{os.getpid()}-{trio.current_time():.0f}"
+    order = ClaimOrder(job_id=job_id, user_id="u", session_id="s", trace_id="t", mode="gen",
+                       model="m", provider="p")
+    thawed = trio.Event()
+    outcome: list[Exception] = []
+
+    def claim_then_freeze(conn):
+        conn.execute("INSERT INTO llm_jobs (job_id, user_id, session_id, status, attempt) "
+                     "VALUES (%s, 'u', 's', 'running', 1)", (job_id,))
+        trio.from_thread.run(thawed.wait)  # frozen here, its insert not committed
+
+    async def freeze() -> None:
+        try:
+            await frozen.run(claim_then_freeze)
+        except TransientError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(freeze)
+        await until(lambda: bool(_locks_held(stack, job_id)), 10)
+        (claimed,) = await other.claim_many([order], lease_holder="w2", lease_s=60)
+        thawed.set()
+    assert isinstance(claimed, Claimed) and claimed.attempt == 1  # the frozen one's was undone
+    # The frozen worker learns its transaction is gone, as a failure worth a retry.
+    assert len(outcome) == 1 and "idle-in-transaction timeout" in str(outcome[0])
+    frozen.close()
+    other.close()
+
+
+def _locks_held(stack, job_id: str) -> bool:
+    """Some session sits idle in a transaction that inserted `job_id`."""
+    import psycopg
+
+    with psycopg.connect(stack.postgres.url, autocommit=True) as conn:
+        return bool(conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'idle in transaction' "
+            "AND query LIKE %s", ("%INSERT INTO llm_jobs%",)).fetchone())

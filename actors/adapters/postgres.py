@@ -54,7 +54,9 @@ def redact(dsn: str) -> str:
 # cannot connect now, too many connections).
 _PASSING = (psycopg.OperationalError, psycopg.errors.SerializationFailure,
             psycopg.errors.DeadlockDetected, psycopg.errors.ReadOnlySqlTransaction,
-            psycopg.errors.LockNotAvailable)
+            psycopg.errors.LockNotAvailable,
+            # This process stalled mid-transaction and the server ended it: try again.
+            psycopg.errors.IdleInTransactionSessionTimeout)
 
 
 def _translate(exc: psycopg.Error) -> TransientError | PermanentError:
@@ -218,9 +220,10 @@ class Postgres:
 
     No call can hang for good, so none can starve the pool or its limiter (a thread
     abandoned on cancel keeps its limiter token until it ends): every call is one
-    transaction whose statements end within `statement_timeout_s` (SET LOCAL, so it
-    holds through PgBouncer in transaction mode), connecting ends within 5 s, and TCP
-    keepalive with a user timeout ends a call on a peer that vanished.
+    transaction whose statements end within `statement_timeout_s`, and which the
+    server ends if it sits idle that long (SET LOCAL, so both hold through PgBouncer
+    in transaction mode), connecting ends within 5 s, and TCP keepalive with a user
+    timeout ends a call on a peer that vanished.
     """
 
     @classmethod
@@ -238,8 +241,13 @@ class Postgres:
         self._limiter = trio.CapacityLimiter(pool_size)
         self._closed = False
         ms = max(1, round(statement_timeout_s * 1000))
-        # One round trip opens the transaction and sets its limit (simple protocol).
-        self._begin = sql.SQL("BEGIN; SET LOCAL statement_timeout = {}").format(ms)
+        # One round trip opens the transaction and sets its limits (simple protocol). A
+        # transaction left idle as long (its process frozen mid-call: a SIGSTOP, a VM
+        # pause) is ended by the server, so the row locks it took (a claim's) never keep
+        # other workers from taking the job over.
+        self._begin = sql.SQL("BEGIN; SET LOCAL statement_timeout = {ms}; "
+                              "SET LOCAL idle_in_transaction_session_timeout = {ms}"
+                              ).format(ms=ms)
         self._tcp_user_timeout_ms = ms + 5000
 
     # -- plumbing ---------------------------------------------------------------------
