@@ -271,8 +271,11 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                             continue
                         if answer.first_token_at is None:
                             answer.first_token_at = trio.current_time()
-                        answer.parts.append(text)
+                        # Kept only once sent: a stall that cuts the send short (the
+                        # sink's mailbox full) must not leave the answer holding text
+                        # the client never got (the next try continues from it).
                         await listeners.on_token(text)
+                        answer.parts.append(text)
         if stall.cancelled_caught:
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor
             failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_output

@@ -222,3 +222,30 @@ async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
     answer, _, switches = await run(chat)
     assert [c.id for c in answer.tool_calls] == ["c0", "c1"] and answer.alias == "backup"
     assert f"more than {MAX_TOOL_CALLS} tool calls" in switches[0][2]
+
+
+async def test_text_whose_send_a_stall_cut_short_is_not_kept(autojump_clock):
+    """The job's event mailbox is full (Redis slow, a worker just thawed) when the stall
+    deadline passes: the text being sent never reached the client, so the next try
+    continues from before it, and the answer is exactly what the client got."""
+    chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
+    streamed: list[str] = []
+    sends = 0
+
+    async def on_token(text):
+        nonlocal sends
+        sends += 1
+        if sends == 1:
+            await trio.sleep_forever()  # the mailbox stays full past the idle timeout
+        streamed.append(text)
+
+    async def on_switch(old, new, why):
+        pass
+
+    answer = Answer()
+    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
+                        messages=MESSAGES, params={}, count=lambda text: len(text.split()),
+                        prompt_estimate=3, on_token=on_token, on_switch=on_switch,
+                        answer=answer)
+    assert "".join(streamed) == answer.text == "again "
+    assert chat.calls[1][1] == MESSAGES  # nothing was sent: nothing is continued
