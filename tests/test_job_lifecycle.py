@@ -105,6 +105,46 @@ async def test_a_request_timeout_ends_a_real_slow_stream_with_its_partial_answer
     assert llm.calls[0].tokens_sent < 100
 
 
+async def test_sigterm_completes_short_jobs_and_hands_long_ones_back(
+        make_config, llm, rds, db, tmp_path):
+    config, path = make_config()
+    path.write_text(path.read_text().replace("grace_s = 5", "grace_s = 3"))
+    short = request("short", sessionId="s-short")
+    long = request("long", sessionId="s-long")
+    long_tokens = tuple(f"{i} " for i in range(200))
+    llm.queue(Reply(tokens=tuple(f"{i} " for i in range(5)), token_delay_s=0.2))
+    llm.default = Reply(tokens=long_tokens, token_delay_s=0.2, continues=True)
+    worker = launch_worker(path, tmp_path / "worker.log")
+    try:
+        produce(config, short)
+        await wait_calls(llm, lambda calls: len(calls) == 1)
+        produce(config, long)
+        await wait_calls(llm, lambda calls: len(calls) == 2 and calls[1].tokens_sent >= 1)
+        worker.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: worker.wait(60))
+    finally:
+        stop_process(worker)
+    assert code == 0
+    short_events = await events_of(rds, config, short["jobId"])
+    assert short_events[-1]["data"]["status"] == "completed"
+    long_row = job_row(db, long["jobId"])
+    assert (long_row["status"], long_row["lease_owner"]) == ("queued", None)  # handed back
+    # The vendor sees the hang-up at its next write (up to one token delay later).
+    await trio.to_thread.run_sync(lambda: llm.wait_until(lambda calls: calls[1].disconnected, 10))
+
+    llm.default = Reply(tokens=long_tokens, continues=True)
+    async with worker_running(config):
+        long_events = await events_of(rds, config, long["jobId"])
+    # Attempt 2 continues the answer (tests/test_takeover.py has the details).
+    assert long_events[-2]["data"]["text"] == "".join(long_tokens)
+    assert long_events[-2]["attempt"] == "2"
+    assert [e["event"] for e in long_events].count("done") == 1
+    # The short job's offset was committed: it was not run again.
+    assert [c.messages[-1]["content"] for c in llm.calls][:2] == ["short", "long"]
+    assert [c.messages[-1]["role"] for c in llm.calls][2:] == ["assistant"]
+    assert {job_row(db, j["jobId"])["status"] for j in (short, long)} == {"completed"}
+
+
 async def test_a_second_signal_stops_at_once_and_hands_the_job_back(
         make_config, llm, rds, db, tmp_path):
     config, path = make_config()

@@ -23,6 +23,7 @@ from tests.scripted_llm import ScriptedLLM
 from tests.test_job_lifecycle import (  # noqa: F401  (collected again, through PgBouncer)
     test_one_session_runs_in_order_and_sessions_run_concurrently,
     test_redelivery_of_a_completed_job_calls_no_model,
+    test_sigterm_completes_short_jobs_and_hands_long_ones_back,
 )
 from tests.test_operations import (  # noqa: F401
     test_concurrent_jobs_at_the_edge_of_a_budget_never_overspend,
@@ -31,9 +32,6 @@ from tests.test_operations import (  # noqa: F401
 from tests.test_outages import (  # noqa: F401
     test_postgres_read_only_during_a_failover_is_waited_out,
     test_postgres_restarted_mid_job,
-)
-from tests.test_takeover import (  # noqa: F401
-    test_sigterm_past_the_grace_hands_the_answer_back_and_the_next_worker_continues,
 )
 from tools import local_stack
 
