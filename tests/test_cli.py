@@ -104,6 +104,26 @@ def test_ingest_with_postgres_away_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "rag" / "chroma").exists()  # nothing was written to Chroma
 
 
+def test_the_dev_stack_never_continues_an_answer_its_server_cannot(tmp_path):
+    """llama-cpp-python's server opens a new assistant turn after a trailing one: a job
+    taken over on the dev stack starts over (reason `vendor`), while a self-served
+    model the map does not know is otherwise taken to continue (llama-server, Ollama)."""
+    from actors.adapters.pricing import ModelPricing
+    from actors.capabilities import capabilities_of
+    from config import load_config
+    from tools.devstack import dev_config
+
+    path = tmp_path / "dev.toml"
+    path.write_text(dev_config(kafka="127.0.0.1:1", redis="redis://127.0.0.1:1/0",
+                               postgres="postgresql://x@127.0.0.1:1/x",
+                               llm="http://127.0.0.1:1/v1", rag_path=tmp_path))
+    dev = load_config(path, environ={})
+    assert capabilities_of(dev, ModelPricing(), "local").continues is False
+    plain = load_config(environ={})  # the shipped default: the same model, no setting
+    assert plain.llm.models["local"].continues is None
+    assert capabilities_of(plain, ModelPricing(), "local").continues is True
+
+
 def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, capsys):
     # It used to print the service's log tail over many lines, then delete that log.
     from tools import devstack, local_stack

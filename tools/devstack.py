@@ -51,6 +51,9 @@ context_window = 2048
 max_tokens = 200
 input_cost_per_token = 0.0
 output_cost_per_token = 0.0
+# llama-cpp-python's server opens a new assistant turn after the last message: a job
+# another worker takes over starts its answer over instead of continuing it.
+continues = false
 
 [shutdown]
 grace_s = 5
