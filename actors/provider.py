@@ -149,11 +149,22 @@ def worst_try_usd(pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
                for written in (0, prompt_tokens))
 
 
-def continuation(messages: list[dict[str, str]], partial: str) -> list[dict[str, str]]:
-    """The request that continues `partial`: it is sent as the assistant turn's start."""
+# Vendors that continue a trailing assistant turn only when it says `prefix: true`
+# (LiteLLM's provider names); Mistral refuses such a turn without it. Others may refuse
+# the unknown key: they never get it.
+PREFIX_FLAGGED = frozenset({"mistral", "codestral", "deepseek"})
+
+
+def continuation(messages: list[dict[str, Any]], partial: str, *,
+                 flagged: bool = False) -> list[dict[str, Any]]:
+    """The request that continues `partial`: it is sent as the assistant turn's start,
+    marked `prefix: true` when `flagged` (a vendor of PREFIX_FLAGGED)."""
     if not partial:
         return messages
-    return [*messages, {"role": "assistant", "content": partial}]
+    turn: dict[str, Any] = {"role": "assistant", "content": partial}
+    if flagged:
+        turn["prefix"] = True
+    return [*messages, turn]
 
 
 @dataclass(frozen=True)
@@ -331,7 +342,8 @@ class _Chain:
         answer.alias = name
         before = len(answer.parts)
         answer.midway = None
-        request = continuation(self.messages, answer.text)
+        request = continuation(self.messages, answer.text,
+                               flagged=self.pricing.provider_of(spec.model) in PREFIX_FLAGGED)
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,

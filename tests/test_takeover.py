@@ -320,3 +320,27 @@ def test_an_answer_whose_final_was_streamed_is_settled_not_continued():
     # A `final` that is not one is ignored: the text streamed is continued.
     broken = [_started(1), *_tokens(1, "Hi"), _entry("final", 1, 2, text=3)]
     assert plan(2, broken, None, continues=True).complete is None
+
+
+async def test_a_mistral_alias_marks_the_carried_text_as_a_prefix(make_config, llm, rds, db):
+    """Mistral refuses a trailing assistant turn unless it says `prefix: true` (so do
+    DeepSeek's prefix completions): through LiteLLM's own Mistral route, the continued
+    turn carries the flag; an OpenAI-wire vendor, which may refuse the key, never gets it."""
+    mistral = {"CHAT_ACTORS__LLM__MODELS__MISTRAL__MODEL": "mistral/mistral-small-latest",
+               "CHAT_ACTORS__LLM__MODELS__MISTRAL__API_BASE": llm.url,
+               "CHAT_ACTORS__LLM__MODELS__MISTRAL__API_KEY_ENV": "SCRIPTED_LLM_KEY",
+               "CHAT_ACTORS__SHUTDOWN__GRACE_S": "0"}
+    config, _ = make_config(environ=mistral)
+    llm.queue(Reply(tokens=TOKENS[:6], pause_after=6, pause_s=30))
+    llm.default = Reply(tokens=TOKENS, continues=True)
+    req = request("continue in French", model="mistral")
+    async with worker_running(config):
+        produce(config, req)
+        await until(lambda: _streamed(rds, config, req["jobId"]).endswith("w5 "), 60)
+    async with worker_running(config):
+        events = await events_of(rds, config, req["jobId"])
+    kept = "".join(TOKENS[:6])
+    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": kept, "prefix": True}
+    assert assembled(events).text == FULL
+    assert [e["data"].get("resumes") for e in events if e["event"] == "started"] == [
+        None, {"attempt": 1, "chars": len(kept)}]
