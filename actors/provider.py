@@ -342,8 +342,9 @@ class _Chain:
         answer.alias = name
         before = len(answer.parts)
         answer.midway = None
-        request = continuation(self.messages, answer.text,
-                               flagged=self.pricing.provider_of(spec.model) in PREFIX_FLAGGED)
+        text = answer.text
+        request = continuation(self.messages, text, flagged=bool(text) and (
+            self.pricing.provider_of(spec.model) in PREFIX_FLAGGED))
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,
