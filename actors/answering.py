@@ -27,7 +27,6 @@ from actors.takeover import Plan
 from actors.telemetry import Timeline
 from actors.worker import Worker
 from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
-from messages.ports import TokenCounts
 from messages.wire import (
     BadInput,
     ChatRequest,
@@ -65,8 +64,7 @@ class JobRun:
     status: str | None = None  # its done status, once decided
     plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
     # What the earlier attempts used (takeover's plan), once finish has counted it.
-    earlier: TokenCounts = field(default_factory=lambda: TokenCounts(prompt=0, completion=0))
-    earlier_usd: float | None = 0.0
+    earlier: Answer = field(default_factory=Answer)
     counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 
@@ -195,7 +193,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         log.debug("prompt: %s", messages)
     # A continuation (actors/takeover.py) sends the answer so far as the assistant turn's
     # start: the prompt holds it, and the answer only has the rest of its budget left.
-    carried = count(run.answer.text) if run.answer.kept else 0
+    carried = count(run.answer.carried) if run.answer.kept else 0
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
                                                               run.prompt_estimate + carried)
 

@@ -37,7 +37,6 @@ from messages.telemetry import JobTelemetry, ModelCall, ModelTry
 from messages.wire import ChatRequest, Error, Final, Started, Token
 
 log = logging.getLogger("chat_actors.conversation")
-MAX_COUNT = 1_000_000  # retries, fallbacks, characters removed: read back from a stream
 
 
 @dataclass
@@ -163,9 +162,8 @@ def _settle_complete(worker: Worker, run: JobRun, final: Final) -> None:
     answer.finished = StreamFinished(finish_reason=final.finish_reason, prompt_tokens=None,
                                      completion_tokens=None, model=final.model)
     answer.tool_calls = list(final.tool_calls)
-    # As a row holds them, whatever the stream said.
-    answer.retries, answer.fallbacks, answer.nul_removed = (
-        min(max(n, 0), MAX_COUNT) for n in (final.retries, final.fallbacks, final.nul_removed))
+    answer.retries, answer.fallbacks = final.retries, final.fallbacks
+    answer.nul_removed = final.nul_removed
     answer.reserved = True  # the earlier attempt's holds: settled to what it used
     run.sources_used = list(final.sources)
 
@@ -205,16 +203,11 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
     cancel = running.cancel_scope
     with cancel, trio.move_on_at(started + timeout_s) as deadline:
         # Cancelled before it started (a tombstone): never call the model.
-        if not cancel.cancel_called and plan is not None and plan.complete is not None:
-            _settle_complete(worker, run, plan.complete)
-        elif not cancel.cancel_called:
-            try:
-                await answer(request, worker, job, history, run)
-            except (PermanentError, TransientError) as exc:
-                run.failure = exc
-            except Exception as exc:  # a bug, or a library error no adapter classified
-                error = _internal(worker, job, exc, where="job")
-                run.failure = PermanentError(error.message, code=error.code)
+        if not cancel.cancel_called:
+            if plan is not None and plan.complete is not None:
+                _settle_complete(worker, run, plan.complete)  # no model call
+            else:
+                await _answer(request, worker, job, history, run)
     if cancel.cancel_called:
         log.info("job %s cancelled: %s", job.job_id, running.cancel_reason)
     outcome = decide(cancel_requested=cancel.cancel_called, cancel_caught=cancel.cancelled_caught,
@@ -224,6 +217,18 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
     run.status = outcome.status
     with run.timeline.step("sinks"):
         await finish(request, worker, job, run, outcome, started=started)
+
+
+async def _answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
+                  run: JobRun) -> None:
+    """Call the model; what fails the job is kept in run.failure for the outcome."""
+    try:
+        await answer(request, worker, job, history, run)
+    except (PermanentError, TransientError) as exc:
+        run.failure = exc
+    except Exception as exc:  # a bug, or a library error no adapter classified
+        error = _internal(worker, job, exc, where="job")
+        run.failure = PermanentError(error.message, code=error.code)
 
 
 def _report(request: ChatRequest, worker: Worker, parent: str | None, trace_id: str,

@@ -41,32 +41,23 @@ def count_usage(worker: Worker, request: ChatRequest, run: JobRun) -> None:
                          billed_tokens=answer.completion_tokens, count=count)
     if cut is not None:
         answer.bill(worker.pricing, spec, TokenCounts(
-            prompt=run.prompt_estimate + count(answer.text[:len(answer.text)
-                                                             - len(answer.new_text)]),
-            completion=cut))
+            prompt=run.prompt_estimate + count(answer.carried), completion=cut))
     plan = run.plan
     if plan is None:
         return
-    earlier = Answer()
     if plan.handed_usage is not None:
-        earlier.add(plan.handed_usage, plan.handed_cost)
+        run.earlier.add(plan.handed_usage, plan.handed_cost)
     for used in earlier_usage(plan, run.prompt_estimate, count):
-        earlier.bill(worker.pricing, first, used)
-    run.earlier, run.earlier_usd = earlier.usage(), earlier.cost_usd
+        run.earlier.bill(worker.pricing, first, used)
 
 
 def usage_of(run: JobRun) -> tuple[TokenCounts, float | None]:
     """The job's usage and cost so far: this attempt's tries and the earlier attempts'."""
     answer = run.answer
-    mine = answer.usage()
-    earlier = run.earlier
-    cost = answer.cost_usd if answer.tries else 0.0
-    return TokenCounts(prompt=mine.prompt + earlier.prompt,
-                       completion=mine.completion + earlier.completion,
-                       cached=mine.cached + earlier.cached,
-                       cache_write=mine.cache_write + earlier.cache_write,
-                       reasoning=mine.reasoning + earlier.reasoning), (
-        None if cost is None or run.earlier_usd is None else cost + run.earlier_usd)
+    total = Answer()
+    total.add(answer.usage(), answer.cost_usd if answer.tries else 0.0)
+    total.add(run.earlier.usage(), run.earlier.cost_usd)
+    return total.usage(), total.cost_usd
 
 
 def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,

@@ -92,6 +92,11 @@ class Answer:
         return "".join(self.parts)
 
     @property
+    def carried(self) -> str:
+        """The text an earlier attempt streamed, which this one continues."""
+        return "".join(self.parts[:self.kept])
+
+    @property
     def new_text(self) -> str:
         """The text this attempt's tries produced (not the earlier attempt's)."""
         return "".join(self.parts[self.kept:])

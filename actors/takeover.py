@@ -43,6 +43,7 @@ from messages.wire import Final, RestartReason, Restarts, Resumes
 _THINK_OPEN = re.compile(r"<(think|thinking)>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</(think|thinking)>", re.IGNORECASE)
 _THINK_TAGS = ("<think>", "<thinking>", "</think>", "</thinking>")
+MAX_COUNT = 1_000_000  # a settled `final`'s retries, fallbacks, characters removed
 
 
 class _Text(msgspec.Struct):
@@ -202,6 +203,10 @@ def _settles(attempt: int, seen: Earlier, final: Final) -> Plan:
     usage = final.usage
     prompt, completion = _count(usage.prompt_tokens), _count(usage.completion_tokens)
     cached = min(_count(usage.cached_tokens), prompt)
+    # Counts a row holds, whatever the stream said.
+    final = msgspec.structs.replace(final, **{
+        name: min(max(getattr(final, name), 0), MAX_COUNT)
+        for name in ("retries", "fallbacks", "nul_removed")})
     return Plan(attempt=attempt, text=final.text, unseen=final.text[len(shown):],
                 resumes=Resumes(attempt=attempt, chars=len(shown)), complete=final,
                 handed_usage=TokenCounts(

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from actors.adapters.tokens import TiktokenCounting
-from actors.takeover import attempts, earlier_usage, plan
+from actors.takeover import MAX_COUNT, attempts, earlier_usage, plan
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Restarts, Resumes
 from tests.helpers import (
@@ -312,8 +312,11 @@ def test_an_answer_whose_final_was_streamed_is_settled_not_continued():
             TokenCounts(prompt=7, completion=4), 0.25)
     # Counts read back are kept within what a row holds, whatever the stream says.
     hostile = {**final, "costUsd": -3.0, "usage": {"promptTokens": -5, "completionTokens": 10**15,
-                                                  "totalTokens": 0, "cachedTokens": 99}}
+                                                  "totalTokens": 0, "cachedTokens": 99},
+               "retries": -4, "fallbacks": 10**12}
     found = plan(2, [_started(1), _entry("final", 1, 1, **hostile)], None, continues=True)
+    assert found.complete is not None
+    assert (found.complete.retries, found.complete.fallbacks) == (0, MAX_COUNT)
     assert found.handed_usage is not None and found.handed_usage.prompt == 0
     assert found.handed_usage.cached == 0 and 0 < found.handed_usage.completion <= 10**8
     assert (found.handed_cost, found.unseen) == (0.0, "Hello, world")
