@@ -11,7 +11,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -54,8 +57,10 @@ def _wait(condition, timeout_s: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _session(url: str) -> None:
-    """Sign in, ask, reload mid-answer, ask again and stop, reload: as a person would."""
+@contextmanager
+def _signed_in(url: str) -> Iterator[Any]:
+    """A headless browser on the page at `url`, signed in with the dev sign-in; closed
+    when the block ends."""
     from selenium.webdriver.common.by import By
 
     profile = tempfile.mkdtemp(prefix="chromium-")
@@ -65,6 +70,17 @@ def _session(url: str) -> None:
         driver.find_element(By.ID, "signin-button").click()
         _wait(lambda: driver.find_elements(By.ID, "message"), what="the chat form")
         _wait(lambda: "signed in" in driver.find_element(By.ID, "who").text, what="sign-in")
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _session(url: str) -> None:
+    """Sign in, ask, reload mid-answer, ask again and stop, reload: as a person would."""
+    from selenium.webdriver.common.by import By
+
+    with _signed_in(url) as driver:
         driver.find_element(By.ID, "message").send_keys("Count for me")
         driver.find_element(By.ID, "send").click()
 
@@ -100,9 +116,6 @@ def _session(url: str) -> None:
         assert users[:2] == ["Count for me", "Count again"]
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "gateway-page.png"))
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 async def test_a_person_chats_reloads_stops_and_sees_the_history(gw_config, llm):
@@ -117,12 +130,7 @@ def _documents(url: str, document: Path) -> None:
     """Sign in, upload a document, ask from it and see its source, delete it."""
     from selenium.webdriver.common.by import By
 
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    driver = _browser(profile)
-    try:
-        driver.get(url)
-        driver.find_element(By.ID, "signin-button").click()
-        _wait(lambda: "signed in" in driver.find_element(By.ID, "who").text, what="sign-in")
+    with _signed_in(url) as driver:
         driver.find_element(By.ID, "upload").send_keys(str(document))
         _wait(lambda: "chunks" in driver.find_element(By.ID, "upload-status").text,
               what="the upload")
@@ -137,9 +145,6 @@ def _documents(url: str, document: Path) -> None:
         driver.find_element(By.CSS_SELECTOR, ".document button").click()
         _wait(lambda: not driver.find_elements(By.CSS_SELECTOR, ".document"),
               what="the document to go")
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 async def test_a_person_uploads_a_document_asks_from_it_and_deletes_it(gw_config, llm,
@@ -172,12 +177,7 @@ def _continued(url: str, shown: threading.Event) -> tuple[list[str], str, str, s
     streamed, the status and the job id."""
     from selenium.webdriver.common.by import By
 
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    driver = _browser(profile)
-    try:
-        driver.get(url)
-        driver.find_element(By.ID, "signin-button").click()
-        _wait(lambda: "signed in" in driver.find_element(By.ID, "who").text, what="sign-in")
+    with _signed_in(url) as driver:
         driver.execute_script(_RECORD_TEXTS)
         driver.find_element(By.ID, "message").send_keys("Count across a deploy")
         driver.find_element(By.ID, "send").click()
@@ -191,9 +191,6 @@ def _continued(url: str, shown: threading.Event) -> tuple[list[str], str, str, s
         return (driver.execute_script("return window.__texts"),
                 box.get_attribute("data-streamed") or "", box.get_attribute("data-status"),
                 job_id)
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 async def test_an_answer_continues_across_a_worker_restart_without_flicker(gw_config, llm, rds):

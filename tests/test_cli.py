@@ -186,36 +186,32 @@ def test_send_prints_reasoning_apart_from_the_answer(out):
         assert text.startswith("[reasoning: Six times seven.]\n42\n")
 
 
-def test_send_shows_a_continued_answer_once_and_a_restart_as_such():
+def _printed(second: dict[str, object], *texts: str) -> str:
+    """What `send` prints for attempt 1 streaming texts[0], then attempt 2 starting with
+    `second` (its resumes or restarts) and streaming texts[1]."""
+    out = io.StringIO()
     usage = {"promptTokens": 3, "completionTokens": 2}
-    end = [("final", {"model": "m", "usage": usage, "costUsd": 0.0}),
-           ("done", {"status": "completed", "partial": False})]
     # ChatClient.events names each entry's attempt in its data, as the gateway does.
-    continued = io.StringIO()
     print_answer(ScriptedEvents([
         ("started", {"model": "m", "mode": "gen", "attempt": 1}),
-        ("token", {"text": "The sky ", "attempt": 1}),
-        ("started", {"model": "m", "mode": "gen", "attempt": 2,
-                     "resumes": {"attempt": 1, "chars": 8}}),
-        ("token", {"text": "is blue.", "attempt": 2}), *end]), "job", "0-0", out=continued)
-    assert continued.getvalue().startswith("The sky is blue.\n[m:")  # nothing repeated
-    cut = io.StringIO()  # the screen ran past what attempt 2 continues: it is redrawn
-    print_answer(ScriptedEvents([
-        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
-        ("token", {"text": "The sky is", "attempt": 1}),
-        ("started", {"model": "m", "mode": "gen", "attempt": 2,
-                     "resumes": {"attempt": 1, "chars": 4}}),
-        ("token", {"text": "clouds", "attempt": 2}), *end]), "job", "0-0", out=cut)
-    assert cut.getvalue().startswith(
+        ("token", {"text": texts[0], "attempt": 1}),
+        ("started", {"model": "m", "mode": "gen", "attempt": 2, **second}),
+        ("token", {"text": texts[1], "attempt": 2}),
+        ("final", {"model": "m", "usage": usage, "costUsd": 0.0}),
+        ("done", {"status": "completed", "partial": False})]), "job", "0-0", out=out)
+    return out.getvalue()
+
+
+def test_send_shows_a_continued_answer_once_and_a_restart_as_such():
+    continued = _printed({"resumes": {"attempt": 1, "chars": 8}}, "The sky ", "is blue.")
+    assert continued.startswith("The sky is blue.\n[m:")  # nothing repeated
+    # The screen ran past what attempt 2 continues: it is redrawn.
+    cut = _printed({"resumes": {"attempt": 1, "chars": 4}}, "The sky is", "clouds")
+    assert cut.startswith(
         "The sky is\n[attempt 2: continuing after 4 characters]\nThe clouds\n")
-    restarted = io.StringIO()
-    print_answer(ScriptedEvents([
-        ("started", {"model": "m", "mode": "gen", "attempt": 1}),
-        ("token", {"text": "<think>", "attempt": 1}),
-        ("started", {"model": "m", "mode": "gen", "attempt": 2,
-                     "restarts": {"attempt": 1, "reason": "think_block"}}),
-        ("token", {"text": "Blue.", "attempt": 2}), *end]), "job", "0-0", out=restarted)
-    assert restarted.getvalue().startswith(
+    restarted = _printed({"restarts": {"attempt": 1, "reason": "think_block"}}, "<think>",
+                         "Blue.")
+    assert restarted.startswith(
         "<think>\n[attempt 2: restarting the answer (think_block)]\nBlue.\n")
 
 

@@ -22,9 +22,10 @@ from tests.scripted_llm import Reply
 
 
 @asynccontextmanager
-async def process_streaming(config, config_path, log_path, llm, req, tokens: int):
-    """A worker process that has streamed `tokens` tokens of `req`; killed on exit if alive."""
-    worker = launch_worker(config_path, log_path)
+async def process_streaming(config, config_path, log_path, llm, req, tokens: int, **env: str):
+    """A worker process (`env` added to its environment) that has streamed `tokens` tokens
+    of `req`; killed on exit if alive."""
+    worker = launch_worker(config_path, log_path, **env)
     try:
         produce(config, req)
         await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= tokens)

@@ -27,12 +27,11 @@ from tests.helpers import (
     message_rows,
     produce,
     request,
-    stop_process,
     until,
     worker_running,
 )
-from tests.many_workers import launch_worker
 from tests.scripted_llm import Reply
+from tests.test_job_lifecycle import process_streaming
 
 TOKENS = tuple(f"w{i} " for i in range(40))
 FULL = "".join(TOKENS)
@@ -85,14 +84,11 @@ async def test_sigkill_mid_answer_the_next_worker_continues_it(make_config, llm,
     config, path = make_config(extra="[jobs]\nlease_s = 2\n", environ=PRICES)
     llm.default = Reply(tokens=TOKENS, token_delay_s=0.1, continues=True)
     req = request("interrupted")
-    worker = launch_worker(path, tmp_path / "worker.log", **PRICES)
-    try:
-        produce(config, req)
+    async with process_streaming(config, path, tmp_path / "worker.log", llm, req, 1,
+                                 **PRICES) as worker:
         await until(lambda: len(_streamed(rds, config, req["jobId"]).split()) >= 5, 60)
         worker.kill()
         worker.wait()
-    finally:
-        stop_process(worker)
     kept = _streamed(rds, config, req["jobId"])  # all attempt 1 ever wrote
     assert job_row(db, req["jobId"])["status"] == "running"
 
@@ -107,14 +103,11 @@ async def test_sigterm_past_the_grace_hands_the_answer_back_and_the_next_worker_
     path.write_text(path.read_text().replace("grace_s = 5", "grace_s = 1"))
     llm.default = Reply(tokens=TOKENS, token_delay_s=0.1, continues=True)
     req = request("drained")
-    worker = launch_worker(path, tmp_path / "worker.log", **PRICES)
-    try:
-        produce(config, req)
+    async with process_streaming(config, path, tmp_path / "worker.log", llm, req, 1,
+                                 **PRICES) as worker:
         await until(lambda: len(_streamed(rds, config, req["jobId"]).split()) >= 5, 60)
         worker.send_signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(lambda: worker.wait(60))
-    finally:
-        stop_process(worker)
     assert code == 0
     row = job_row(db, req["jobId"])
     assert (row["status"], row["lease_owner"]) == ("queued", None)
