@@ -20,7 +20,13 @@ from actors.backoff import retry_transient
 from actors.budget import reserve
 from actors.capabilities import capabilities_of
 from actors.errors import PermanentError, RequestRefused, TransientError
-from actors.prompt import build_messages, fill_images, sources_message, stored_images
+from actors.prompt import (
+    build_messages,
+    count_tools,
+    fill_images,
+    sources_message,
+    stored_images,
+)
 from actors.provider import Answer, stream_answer
 from actors.retriever import Retrieved
 from actors.takeover import Plan
@@ -167,11 +173,17 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     count = worker.tokens.counter(alias.model)
     run.images, urls = attached_images(request, worker)
     results = pending_results(request, history)
+    params = model_params(request, alias.max_tokens)
+    # The tools and the response schema go with every prompt and count in it (contract
+    # 2.1). Up to a megabyte of JSON: counted off the event loop.
+    tools_tokens = (await trio.to_thread.run_sync(count_tools, params, count)
+                    if "tools" in params or "response_format" in params else 0)
     context = ""
     if request.mode == "rag":
         with run.timeline.step("retrieval"):
             run.retrieved = retrieved = await retrieve(request, worker, job)
-        budget = int(config.rag.context_share * (alias.context_window - alias.max_tokens))
+        budget = int(config.rag.context_share
+                     * max(alias.context_window - alias.max_tokens - tools_tokens, 0))
         context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
                                         budget_tokens=budget, count=count)
         run.sources_used = [h.id for h in retrieved.hits[:kept]]
@@ -180,7 +192,8 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         user_message=request.message, context_window=alias.context_window,
         answer_tokens=alias.max_tokens, count=count, context=context, tool_results=results,
         user_images=[i.ref for i in run.images],
-        vision=capabilities_of(config, worker.pricing, alias_name).vision)
+        vision=capabilities_of(config, worker.pricing, alias_name).vision,
+        tools_tokens=tools_tokens)
     if wanted := stored_images(messages) - urls.keys():
         # History images, read only for the turns the prompt kept.
         found = await retry_transient(
@@ -210,7 +223,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     async def on_switch(old: str, new: str, why: str) -> None:
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
-    run.messages, run.params = messages, model_params(request, alias.max_tokens)
+    run.messages, run.params = messages, params
     if carried:
         run.params["max_tokens"] = max(1, run.params["max_tokens"] - carried)
     run.model_started = trio.current_time()

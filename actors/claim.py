@@ -70,8 +70,10 @@ async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
                 assert_never(claim)
 
 
-async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: bool) -> None:
-    """Write the `done` a crash lost, continuing that attempt's sequence."""
+async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: bool, *,
+                      wait: bool = True) -> None:
+    """Write the `done` a crash lost, continuing that attempt's sequence. `wait` False:
+    no worker ran the job, so none is about to write its `done`."""
 
     async def done_recorded() -> bool:
         return await worker.event_log.done_recorded(job.job_id)
@@ -82,7 +84,7 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
     # The worker that ended the job writes its `done` right after the terminal row: wait
     # for it a lease long before taking it for lost (else this `done` takes the seq of
     # that worker's `final`, which Redis would then skip as written).
-    deadline = trio.current_time() + worker.config.jobs.lease_s
+    deadline = trio.current_time() + (worker.config.jobs.lease_s if wait else 0.0)
     while await retry_transient(done_recorded, what="done check", log=log,
                                 health=worker.health, dependency="redis") is False:
         if trio.current_time() >= deadline:

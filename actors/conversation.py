@@ -85,11 +85,12 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
                 await retry_transient(lambda: worker.event_log.hand_over(job.job_id, attempt),
                                       what="job id hand-over", log=log, health=worker.health,
                                       dependency="redis")
-        case AlreadyTerminal(status=status, attempt=attempt, partial=partial):
-            # Redelivered after it finished: never call the model again.
+        case AlreadyTerminal(status=status, attempt=attempt, partial=partial, ran=ran):
+            # Redelivered after it finished (or fenced before any worker ran it): never
+            # call the model again.
             log.info("job %s is already %s; not running it again", request.job_id, status)
             await resend_done(worker, msgspec.structs.replace(job, attempt=attempt), status,
-                              partial)
+                              partial, wait=ran)
             return
         case OwnedByAnotherUser():
             log.warning("job %s belongs to another user; request from %s ignored",

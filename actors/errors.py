@@ -54,8 +54,24 @@ class ProviderExhausted(TransientError):
 
 
 class DocumentRefused(PermanentError):
-    """An uploaded document that cannot be taken as it is; `status` is the HTTP answer."""
+    """An uploaded document that cannot be taken as it is; `status` is the HTTP answer,
+    `retry_after_s` its Retry-After when trying again later may succeed (503)."""
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, retry_after_s: int | None = None) -> None:
         super().__init__(message, code="bad_document")
         self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class StreamsRefused(PermanentError):
+    """A read over many streams failed for some of them alone (a key holding another
+    type, an id Redis refuses): `refused` names each and Redis's reason, `found` is what
+    the others read meanwhile. Only the refused streams' clients are ended."""
+
+    def __init__(self, refused: dict[str, str],
+                 found: list[tuple[str, list[tuple[str, dict[str, str]]]]]) -> None:
+        names = ", ".join(sorted(refused)[:3]) + (", ..." if len(refused) > 3 else "")
+        super().__init__(f"redis: {len(refused)} stream(s) cannot be read ({names})",
+                         code="stream_read")
+        self.refused = refused
+        self.found = found

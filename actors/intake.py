@@ -205,7 +205,10 @@ class Intake:
                                      max_message_chars=limits.max_message_chars,
                                      max_request_bytes=limits.max_request_bytes,
                                      max_attachment_bytes=limits.max_attachment_bytes,
-                                     image_url_hosts=limits.image_url_hosts)
+                                     image_url_hosts=limits.image_url_hosts,
+                                     max_schema_bytes=limits.max_schema_bytes,
+                                     max_schema_depth=limits.max_schema_depth,
+                                     max_schema_expanded_bytes=limits.max_schema_expanded_bytes)
             check_capabilities(request, self.worker.config, self.capabilities)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.

@@ -9,6 +9,10 @@ Tool calls (contract v2): an assistant turn that called tools and the `tool`
 turns answering it are one group, kept or dropped whole; so is the pending call
 that the request's tool results answer, which is always kept with them.
 
+Everything else sent with the messages counts too (contract 2.1): the tools (name,
+description, parameters) and the response schema, as their JSON, before any history,
+so a request whose tools alone do not fit is refused like a message that does not.
+
 Images (contract v2): a user turn's images go as content parts after its text,
 each counted at its estimate. A history image is kept by content hash; its part
 names the hash (IMAGE_REF) until `fill_images` puts in the bytes, read only for
@@ -29,6 +33,7 @@ from messages.mailboxes import ImageRef, Turn
 # prime the reply with ~3. Counted so the budget holds on real servers.
 PER_MESSAGE_TOKENS = 4
 REPLY_PRIMING_TOKENS = 3
+_json = msgspec.json.Encoder().encode
 IMAGE_REF = "chat-actors:sha256:"  # a history image's part before fill_images
 MISSING_IMAGE = "[an image that is no longer stored]"
 
@@ -48,6 +53,14 @@ def sources_message(sources: Sequence[tuple[str, str]], *, budget_tokens: int,
         text += block
         kept += 1
     return (text if kept else ""), kept
+
+
+def count_tools(params: Mapping[str, Any], count: Callable[[str], int]) -> int:
+    """The tokens of what goes to the model besides its messages: each tool (name,
+    description, parameters) and the response format, counted as the JSON they are sent
+    as, one tool at a time (each is at most limits.max_schema_bytes and a description)."""
+    parts = [*params.get("tools", ()), *filter(None, [params.get("response_format")])]
+    return sum(count(_json(part).decode()) for part in parts)
 
 
 def image_part(url: str) -> dict[str, Any]:
@@ -130,14 +143,15 @@ def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message:
                    context_window: int, answer_tokens: int, count: Callable[[str], int],
                    context: str = "", tool_results: Sequence[Turn] = (),
                    user_images: Sequence[ImageRef] = (), vision: bool = True,
-                   ) -> tuple[list[dict[str, Any]], int]:
+                   tools_tokens: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Return (messages, prompt token estimate); raise PermanentError if what must be
     sent alone overflows. With `tool_results`, history's last group is the pending call
     they answer (checked by the caller) and is sent with them whatever its size.
-    History images are left out when the model has no `vision`."""
+    History images are left out when the model has no `vision`. `tools_tokens`: what
+    goes with the messages (tools, response schema: count_tools)."""
     budget = context_window - answer_tokens - REPLY_PRIMING_TOKENS
     head: list[dict[str, Any]] = []
-    used = 0
+    used = tools_tokens
     for text in (system_prompt, context):  # context: retrieved sources, in RAG mode
         if text:
             head.append({"role": "system", "content": text})
@@ -153,8 +167,10 @@ def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message:
     used += sum(_cost(t, count) for t in tail)
     if used > budget:
         raise PermanentError(
-            f"the message needs {used} tokens with the system prompt; the model's window leaves "
-            f"{budget} after reserving {answer_tokens} for the answer", code="context_length")
+            f"the message needs {used} tokens with the system prompt"
+            f"{f' and the tools ({tools_tokens})' if tools_tokens else ''}; the model's "
+            f"window leaves {budget} after reserving {answer_tokens} for the answer",
+            code="context_length")
     kept: list[tuple[list[Turn], int]] = []
     for group in reversed(groups):
         if not _complete(group):

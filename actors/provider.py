@@ -29,7 +29,7 @@ from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientE
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from actors.telemetry import error_type
-from config import Config, ModelAlias
+from config import Config, Limits, ModelAlias
 from messages.mailboxes import (
     ProviderChunk,
     ReasoningDelta,
@@ -44,8 +44,6 @@ from messages.wire import ToolCall
 log = logging.getLogger("chat_actors.provider")
 
 PROVIDER_MAILBOX = 64
-MAX_TOOL_CALLS = 128  # in one answer
-MAX_TOOL_ARGUMENTS = 1_000_000  # characters of one call's arguments
 MAX_COUNTED_TOKENS = 100_000_000  # one try's tokens, as a vendor may report them
 
 
@@ -198,6 +196,37 @@ def assemble_tool_calls(pieces: dict[int, list[ToolCallDelta]], provider: str) -
     return calls
 
 
+class _CallPieces:
+    """One try's tool-call pieces, as the vendor streams them, within the limits of
+    what one answer may hold (limits.max_tool_calls, limits.max_tool_call_chars): a
+    vendor that goes past them is cut off, not kept in memory, Redis and Postgres."""
+
+    def __init__(self, limits: Limits, model: str) -> None:
+        self.limits = limits
+        self.model = model
+        self.pieces: dict[int, list[ToolCallDelta]] = {}
+        self.chars = 0
+
+    def add(self, piece: ToolCallDelta) -> PermanentError | None:
+        """Keep `piece`; or the error that ends the job, when it is one too many."""
+        limits = self.limits
+        if piece.index not in self.pieces and len(self.pieces) >= limits.max_tool_calls:
+            return PermanentError(f"{self.model}: the answer makes more than "
+                                  f"limits.max_tool_calls ({limits.max_tool_calls}) tool calls",
+                                  code="tool_calls_too_large")
+        size = len(piece.arguments) + len(piece.id or "") + len(piece.name or "")
+        self.chars += size
+        if self.chars > limits.max_tool_call_chars:
+            return PermanentError(
+                f"{self.model}: the answer's tool calls hold more than "
+                f"limits.max_tool_call_chars ({limits.max_tool_call_chars}) characters",
+                code="tool_calls_too_large")
+        kept = self.pieces.setdefault(piece.index, [])
+        if size:  # an empty piece changes nothing: not kept, so a stream of them costs none
+            kept.append(piece)
+        return None
+
+
 def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
     """(is reasoning, text) for each run of one kind, in order."""
     runs: list[tuple[bool, list[str]]] = []
@@ -218,9 +247,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     failure: TransientError | PermanentError | None = None
     finished: StreamFinished | None = None
     got_output = False  # answer, reasoning or a tool call: each shows the model is alive
-    runaway: TransientError | None = None  # the vendor sent more calls than any answer has
-    calls: dict[int, list[ToolCallDelta]] = {}
-    arguments: dict[int, int] = {}
+    runaway: PermanentError | None = None  # the vendor's tool calls passed the limits
+    calls = _CallPieces(config.limits, spec.model)
     thought: list[str] = []
     signature = ""
 
@@ -251,14 +279,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                                 deltas.append(chunk)
                             case ToolCallDelta():
                                 answer.midway = "tool_call"
-                                calls.setdefault(chunk.index, []).append(chunk)
-                                size = arguments[chunk.index] = (arguments.get(chunk.index, 0)
-                                                                 + len(chunk.arguments))
-                                if len(calls) > MAX_TOOL_CALLS or size > MAX_TOOL_ARGUMENTS:
-                                    runaway = TransientError(
-                                        f"{spec.model}: more than {MAX_TOOL_CALLS} tool calls or "
-                                        f"{MAX_TOOL_ARGUMENTS} characters of arguments",
-                                        kind="protocol")
+                                runaway = runaway or calls.add(chunk)
                                 called = True
                             case ReasoningSigned():
                                 signature = chunk.signature
@@ -303,7 +324,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     if finished is None:
         raise TransientError("the model stream ended without finishing", kind="protocol")
     answer.midway = None
-    answer.tool_calls = assemble_tool_calls(calls, spec.model)
+    answer.tool_calls = assemble_tool_calls(calls.pieces, spec.model)
     answer.thinking_blocks = [{"type": "thinking", "thinking": "".join(thought),
                                "signature": signature}] if signature else []
     if listeners.on_tool_call is not None:

@@ -21,8 +21,15 @@ The vendor is as chaotic as above. The printout checks contract 6.1, 4.2 and 4.1
 (tests/invariants.py) and counts the jobs the vendor answered twice: legitimate
 after a lost lease, never visible to a client.
 
+Hostile clients of the gateway (--gateway): 50 honest users streaming through the
+gateway, alone and then beside users who send forged Last-Event-IDs, 400 MB and
+slowloris bodies, schema and PDF bombs, bursts of waits for unknown jobs, and retries
+across a frozen broker; one table of both phases against issue 35's bars
+(bench/hostile/run.py).
+
     bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600] [--no-hostile]
                                 [--workers 3]
+    bin/chat-actors bench chaos --gateway [--quick] [--seed 7] [--json FILE]
 """
 
 from __future__ import annotations
@@ -275,6 +282,11 @@ def _indent(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gateway" in argv:  # its own options (bench/hostile/run.py)
+        from bench.hostile.run import main as hostile_gateway
+
+        return hostile_gateway([arg for arg in argv if arg != "--gateway"])
     parser = argparse.ArgumentParser(prog="chat-actors bench chaos",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=500)
@@ -285,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, choices=(1, 3), default=1,
                         help="1: one worker among random faults; 3: three workers joining, "
                              "SIGKILLed and frozen, and Postgres frozen (default: 1)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="the hostile-client run of the gateway instead (its options: "
+                             "--quick, --seed, --json; see bench/hostile/run.py)")
     args = parser.parse_args(argv)
     if args.jobs < 4:
         parser.error("--jobs must be at least 4")

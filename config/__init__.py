@@ -265,6 +265,11 @@ class Rag(_Section, frozen=True):
     max_document_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
     max_documents: Positive = 100
     embedding_threads: Annotated[int, Meta(ge=1, le=64)] = 2
+    extract_timeout_s: PositiveFloat = 60.0  # an uploaded PDF's reader child is killed then
+    max_pdf_pages: Positive = 1000  # a PDF with more is refused before a page is read
+    upload_workers: Annotated[int, Meta(ge=1, le=64)] = 2  # uploads at once, all users
+    upload_queue_s: PositiveFloat = 30.0  # an upload waiting longer for its turn: 503
+    max_uploads_per_user: Annotated[int, Meta(ge=1, le=1024)] = 4  # open at once; more: 429
 
     def allowed(self, user_id: str) -> list[str]:
         """The collections `user_id` may search, their own first."""
@@ -308,6 +313,16 @@ class Limits(_Section, frozen=True):
     max_request_bytes: Annotated[int, Meta(ge=1024)]
     max_attachment_bytes: Positive = 512 * 1024
     image_url_hosts: list[HostName] = []
+    # Each tools[].parameters and responseFormat.schema (contract 2.1): its JSON, its depth
+    # and its JSON with every $ref expanded. The depth's cap keeps the measuring walk's
+    # recursion far from Python's limit.
+    max_schema_bytes: Positive = 65_536
+    max_schema_depth: Annotated[int, Meta(ge=1, le=128)] = 32
+    max_schema_expanded_bytes: Positive = 262_144
+    # What one answer's tool calls may hold, as the vendor streams them: calls, and
+    # characters of their ids, names and arguments together.
+    max_tool_calls: Positive = 64
+    max_tool_call_chars: Positive = 1_048_576
 
 
 class Shutdown(_Section, frozen=True):
@@ -377,6 +392,10 @@ class Gateway(_Section, frozen=True):
     readers: Annotated[int, Meta(ge=1, le=1024)]
     stream_wait_s: PositiveFloat
     dev_signin: bool
+    max_streams_per_user: Annotated[int, Meta(ge=1, le=100_000)] = 32
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 2 * 1024 * 1024
+    body_timeout_s: PositiveFloat = 10.0
+    produce_timeout_s: PositiveFloat = 10.0
 
 
 class Config(_Section, frozen=True):
@@ -529,6 +548,16 @@ def _check_models(config: Config) -> None:
                        if key.lower() == "sasl.password" else "it through a file librdkafka reads"))
     if config.rag.chunk_overlap_tokens >= config.rag.chunk_tokens:
         raise ConfigError("rag.chunk_overlap_tokens must be smaller than rag.chunk_tokens")
+    # A user's uploads go to `user-<id>`: shared or granted, it would be one user's to
+    # write and others' to read.
+    for key, names in (("rag.shared_collections", config.rag.shared_collections),
+                       ("rag.grants", list(config.rag.grants))):
+        for name in names:
+            if name.startswith("user-"):
+                raise ConfigError(
+                    f"{key}: {name!r} is the own collection of user {name.removeprefix('user-')!r} "
+                    "(their uploads go there): it cannot be shared or granted; name a "
+                    "collection that does not start with 'user-'")
     if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"

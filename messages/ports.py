@@ -31,6 +31,7 @@ class AlreadyTerminal(msgspec.Struct, frozen=True):
     status: DoneStatus
     attempt: int = 1
     partial: bool = False
+    ran: bool = True  # False: no worker ever ran it (a request the gateway refused and fenced)
 
 
 class LeasedElsewhere(msgspec.Struct, frozen=True):
@@ -98,7 +99,18 @@ class UsageRow(msgspec.Struct, frozen=True):
 
 # A Redis stream entry as read back (the gateway): its id ("<ms>-<n>") and its fields.
 Entry = tuple[str, dict[str, str]]
-ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+U64_MAX = 2**64 - 1
+
+
+def is_entry_id(text: str) -> bool:
+    """A Redis stream entry id: two u64 values (each 0..2^64-1) joined by `-`. Twenty
+    digits alone are not enough: Redis refuses an XREAD naming a part above 2^64-1
+    (the whole multi-stream read fails), so such an id is refused before any read."""
+    if not _ENTRY_ID.fullmatch(text):  # fullmatch: `$` would let a trailing "\n" in
+        return False
+    ms, _, seq = text.partition("-")
+    return int(ms) <= U64_MAX and int(seq) <= U64_MAX
 
 
 class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):

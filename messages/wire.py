@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from messages.images import Image, ImageProblem, check_image
+from messages.schemas import SchemaLimits, SchemaProblem, check_schema
 
 SCHEMA_VERSION = 1  # what a request means when it says no `v`
 SCHEMA_VERSIONS = (1, 2)  # contract 2.1: v2 is additive
@@ -316,6 +317,21 @@ def _check_tools(request: ChatRequest, ids: dict[str, str]) -> None:
         seen.add(result.tool_call_id)
 
 
+def _check_schemas(request: ChatRequest, limits: SchemaLimits, ids: dict[str, str]) -> None:
+    """Each tool's parameters and the response schema within limits.max_schema_* (contract
+    2.1): a vendor library may expand their $refs, so they are measured as expanded."""
+    schemas = [(f"$.tools[{n}].parameters", tool.parameters)
+               for n, tool in enumerate(request.tools or ())]
+    fmt = request.response_format
+    if fmt is not None and fmt.schema is not None:
+        schemas.append(("$.responseFormat.schema", fmt.schema))
+    for field, schema in schemas:
+        try:
+            check_schema(schema, limits)
+        except SchemaProblem as exc:
+            raise BadInput(field + exc.where, exc.rule, **ids) from None
+
+
 def request_images(request: ChatRequest, *, max_bytes: int,
                    url_hosts: Collection[str]) -> list[Image]:
     """The request's attachments, checked (contract 2.1 v2), or BadInput naming the rule."""
@@ -332,7 +348,8 @@ def request_images(request: ChatRequest, *, max_bytes: int,
 def decode_request(
     raw: bytes | None, *, max_message_chars: int, model_aliases: frozenset[str],
     max_request_bytes: int = 1024 * 1024, max_attachment_bytes: int = 512 * 1024,
-    image_url_hosts: Collection[str] = (),
+    image_url_hosts: Collection[str] = (), max_schema_bytes: int = 65_536,
+    max_schema_depth: int = 32, max_schema_expanded_bytes: int = 262_144,
 ) -> ChatRequest:
     """Decode and validate one `chat.request` value, or raise BadInput naming the problem.
     Nothing else escapes: whatever the bytes, the answer is a request or a BadInput."""
@@ -370,6 +387,8 @@ def decode_request(
             raise BadInput(f"$.toolResults[{n}].content",
                            f"longer than limits.max_message_chars ({max_message_chars})", **ids)
     _check_tools(request, ids)
+    _check_schemas(request, SchemaLimits(max_bytes=max_schema_bytes, max_depth=max_schema_depth,
+                                         max_expanded_bytes=max_schema_expanded_bytes), ids)
     request_images(request, max_bytes=max_attachment_bytes, url_hosts=image_url_hosts)
     if request.model is not None and request.model not in model_aliases:
         known = ", ".join(sorted(model_aliases))

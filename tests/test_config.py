@@ -217,3 +217,17 @@ def test_run_with_postgres_unreachable_names_it_in_one_line(tmp_path):
                            "postgresql://postgres:***@127.0.0.1:1/db is unreachable: ")
     assert "Connection refused" in line and "pw-secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("environ", "key"), [
+    ({"CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["docs", "user-bob"]'}, "rag.shared_collections"),
+    ({"CHAT_ACTORS__RAG__GRANTS": '{"user-bob" = ["alice"]}'}, "rag.grants"),
+])
+def test_a_users_own_collection_cannot_be_shared_or_granted(environ, key):
+    # Bob's uploads go to user-bob: shared, it would be his to write and others' to read.
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=environ)
+    assert str(info.value).startswith(f"{key}: 'user-bob' is the own collection of user 'bob' "
+                                      "(their uploads go there): it cannot be shared or granted")
+    # A name merely like it is another collection (contract 5: names are one-to-one).
+    assert load_config(environ={"CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["User-Bob"]'})

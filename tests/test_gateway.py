@@ -315,6 +315,9 @@ async def test_a_config_the_gateway_cannot_serve_is_refused_by_name(gw_config, m
         ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256"}, None, ConfigError,
          "gateway.jwt_public_key_file: RS256 needs"),
         ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256",
+          "CHAT_ACTORS__GATEWAY__JWT_PUBLIC_KEY_FILE": str(tmp_path / "key.pem")}, None,
+         ConfigError, "gateway.jwt_audience: RS256 needs the audience"),
+        ({"CHAT_ACTORS__GATEWAY__JWT_ALGORITHM": "RS256", "CHAT_ACTORS__GATEWAY__JWT_AUDIENCE": "app",
           "CHAT_ACTORS__GATEWAY__JWT_PUBLIC_KEY_FILE": str(tmp_path / "absent.pem")}, None,
          ConfigError, "gateway.jwt_public_key_file: No such file"),
     ]
@@ -402,7 +405,9 @@ async def test_resume_fuzz_flaky_clients_assemble_every_answer_exactly(gw_config
     """Many jobs, each followed by a client that drops and resumes at random points:
     the text assembled by the contract's rules equals `final.text`, no entry is seen
     twice and none is missed."""
-    config = gw_config(CHAT_ACTORS__JOBS__MAX_IN_FLIGHT="64")
+    # Forty clients of one user at once: over gateway.max_streams_per_user's default.
+    config = gw_config(CHAT_ACTORS__JOBS__MAX_IN_FLIGHT="64",
+                       CHAT_ACTORS__GATEWAY__MAX_STREAMS_PER_USER="100")
     llm.default = Reply(tokens=tuple(f"t{n} " for n in range(12)), token_delay_s=0.01)
     jobs = int(os.environ.get("FUZZ_JOBS", "500"))
     results: dict[str, list[dict]] = {}

@@ -22,6 +22,8 @@ import redis
 import trio
 
 from actors.adapters import redis_cluster_reads
+from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
+from actors.errors import StreamsRefused
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from tests.helpers import gateway_running
 from tests.test_gateway import bearer, parse_sse
@@ -169,3 +171,52 @@ async def test_streams_go_on_after_a_primary_fails_over_to_its_replica(gw_config
     for job_id, _ in jobs:
         assert texts(got[job_id]) == "before after", job_id
         assert [e["data"]["seq"] for e in got[job_id]] == [0, 1, 2, 3]
+
+
+async def test_a_stream_the_cluster_refuses_ends_only_its_client(gw_config, cluster):
+    """A stream Redis refuses to read (a key of another type; a position past 2^64-1,
+    set below the HTTP check) fails alone: its client gets `event: error`
+    (stream_read) and its response ends, while the reader's other streams go on."""
+    nodes, client = cluster
+    config = cluster_config(gw_config, nodes)
+    job_id, stream = new_job(client, config)
+    _, other = new_job(client, config)
+    wrong = uuid7()
+    client.set(OWNER_PREFIX + wrong, "mallory", ex=600)
+    client.rpush(config.job_keys(wrong).stream, "not a stream")
+    # The cluster reader itself: one XREAD per stream, pipelined per node.
+    reader = ClusterReader(ClusterWatch(client, {}, "sse:chat:"), client)
+    with pytest.raises(StreamsRefused) as refused:
+        await reader.read({stream: "0-0", other: "99999999999999999999-0",
+                           config.job_keys(wrong).stream: "0-0"}, 10, 100)
+    reader.close()
+    reasons = refused.value.refused
+    assert set(reasons) == {other, config.job_keys(wrong).stream}
+    assert "Invalid stream ID" in reasons[other]
+    assert reasons[config.job_keys(wrong).stream].startswith("WRONGTYPE")
+    assert [(key, len(entries)) for key, entries in refused.value.found] == [(stream, 1)]
+    # Through the gateway: alice's stream and mallory's on the same reader.
+    got: dict[str, list[dict[str, Any]]] = {}
+    async with gateway_running(config) as (handle, http), trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await nursery.start(follow, http, job_id, got)
+            text = ""
+            async with http.stream("GET", f"/v1/jobs/{wrong}/events",
+                                   headers=bearer("mallory")) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_text():
+                    text += chunk
+            error = text.split("\n\n")[-2].splitlines()
+            assert error[0] == "event: error", text
+            data = json.loads(error[1].removeprefix("data: "))
+            assert data["code"] == "stream_read" and data["retryable"] is False
+            assert handle.gateway.relay.readers() == 1
+
+            def write() -> None:
+                for n in range(1, 11):
+                    append(client, stream, job_id, "token", n, {"text": f"{n} "})
+                append(client, stream, job_id, "done", 11, {"status": "succeeded"})
+
+            await trio.to_thread.run_sync(write)
+    assert [e["data"]["seq"] for e in got[job_id]] == list(range(12))
+    assert texts(got[job_id]) == "".join(f"{n} " for n in range(1, 11))

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
-from actors.provider import MAX_TOOL_CALLS, Answer, continuation, stream_answer
+from actors.provider import Answer, continuation, stream_answer
 from config import load_config
 from messages.mailboxes import StreamFinished, TokenDelta, ToolCallDelta
 from tests.fakes import FlatPricing
@@ -216,12 +216,44 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
 
 
 async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
-    """More tool calls than any answer has is a protocol error of that try: retried,
-    then the fallback, never an unbounded list in memory."""
-    chat = FakeChat([Try(calls=MAX_TOOL_CALLS + 1)] * 3 + [Try(calls=2)])
-    answer, _, switches = await run(chat)
-    assert [c.id for c in answer.tool_calls] == ["c0", "c1"] and answer.alias == "backup"
-    assert f"more than {MAX_TOOL_CALLS} tool calls" in switches[0][2]
+    """More tool calls than limits.max_tool_calls fails the job with a named error at
+    the first one too many: the stream is hung up on, nothing of it is kept, and the
+    job is not retried (the same prompt would run away again, billed each time)."""
+    limit = CONFIG.limits.max_tool_calls
+    chat = FakeChat([Try(calls=limit + 1, hang=True), Try(calls=2)])
+    with pytest.raises(PermanentError) as failed:
+        await run(chat)
+    assert failed.value.code == "tool_calls_too_large"
+    assert f"limits.max_tool_calls ({limit})" in str(failed.value)
+    assert len(chat.calls) == 1  # no retry, no fallback
+
+
+async def test_a_vendor_whose_tool_calls_grow_without_end_is_cut_off(autojump_clock):
+    """The characters of one answer's tool calls are bounded, all calls together."""
+    config = load_config(environ={"CHAT_ACTORS__LIMITS__MAX_TOOL_CALL_CHARS": "100"})
+
+    class Growing:
+        sent = 0
+
+        async def stream(self, *, model, out, **kwargs):
+            with out:
+                for index in range(4):  # 4 calls of 30 characters: 120 in all
+                    await out.send(ToolCallDelta(index=index, id=f"c{index}", name="f",
+                                                 arguments="x" * 27))
+                    self.sent += 1
+                await trio.sleep_forever()
+
+    async def ignore(*args):
+        pass
+
+    answer, vendor = Answer(), Growing()
+    with pytest.raises(PermanentError) as failed:
+        await stream_answer(chat=vendor, pricing=FlatPricing(), config=config,
+                            alias_name="local", messages=MESSAGES, params={}, count=len,
+                            prompt_estimate=3, on_token=ignore, on_switch=ignore, answer=answer)
+    assert failed.value.code == "tool_calls_too_large"
+    assert "limits.max_tool_call_chars (100)" in str(failed.value)
+    assert answer.tool_calls == [] and vendor.sent == 4
 
 
 async def test_text_whose_send_a_stall_cut_short_is_not_kept(autojump_clock):

@@ -19,6 +19,7 @@ import pytest
 
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
+from actors.adapters.ingestion import UPLOAD
 from actors.retriever import Retriever, coverage, fuse, retriever_running
 from config import Config, load_config, stored_collection_name
 from messages.wire import decode_request
@@ -26,7 +27,7 @@ from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply
 from tests.test_telemetry import Recorded, job_trace
 from tools import local_stack
-from tools.ingest import freshness, ingest, refresh
+from tools.ingest import apply, freshness, ingest, refresh
 
 CORPUS = {
     "tansu.md": "# Tansu\nTansu is a Kafka-compatible broker written in Rust.\n\n"
@@ -115,6 +116,35 @@ def test_ingest_reingest_change_and_delete(tmp_path, rag_config, store_of):
     assert sorted(store.chunks_of("user-alice")) == ["docs/postgres.md#0", "docs/redis.md#0"]
     hits = store.keyword_search("user-alice", "XTRIM", 3, None)  # BM25 was rebuilt too
     assert [h.id for h in hits] == ["docs/redis.md#0"]
+
+
+def test_documents_stored_before_origins_were_recorded_lose_no_upload(tmp_path, rag_config,
+                                                                    store_of):
+    # A collection as an earlier version left it: no chunk says where its document came
+    # from. In a user's collection, a document whose name is no path may be an upload:
+    # the CLI keeps it. One under a path is a CLI document: deleted once left out.
+    docs = tmp_path / "docs"
+    write_corpus(docs, CORPUS)
+    store = store_of(rag_config)
+    ingest(store, rag_config, "user-erin", [docs], root=tmp_path)
+    ingest(store, rag_config, "towns", [docs], root=tmp_path)
+    apply(store, rag_config, "user-erin", {"upload.md": "# Mine\nErin's own notes.\n"},
+          origin=UPLOAD)
+    apply(store, rag_config, "towns", {"top.md": "# Top\nA file at the top.\n"})
+    with psycopg.connect(rag_config.postgres.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE rag_chunks SET metadata = metadata - 'origin'")
+    assert all("origin" not in m for m in store.chunks_of("user-erin").values())
+
+    report = ingest(store, rag_config, "user-erin", [docs / "redis.md"], root=tmp_path)
+    assert {c.source for c in store.chunks("user-erin").values()} == {
+        "docs/redis.md", "upload.md"}
+    assert report.kept_uploads == ["upload.md"]
+    assert "kept 1 uploaded documents (upload.md)" in report.summary()
+    # Re-ingested, it is marked now; the upload stays unmarked (nothing rewrote it).
+    assert store.chunks_of("user-erin")["docs/redis.md#0"]["origin"] == "ingest"
+    # A collection no user owns holds no uploads: a top-level name there is the CLI's.
+    ingest(store, rag_config, "towns", [docs / "redis.md"], root=tmp_path)
+    assert {c.source for c in store.chunks("towns").values()} == {"docs/redis.md"}
 
 
 def test_freshness_reports_and_refreshes_stale_chunks(tmp_path, rag_config, monkeypatch,
@@ -493,8 +523,6 @@ def test_a_collection_ingested_before_the_shared_index_is_named_not_read_as_empt
 def test_concurrent_ingests_into_one_collection_keep_both(tmp_path, rag_config, store_of):
     # Two uploads at once (two gateways, or two CLI runs): the one that publishes second
     # finds it was superseded, reads the collection again and keeps the other's document.
-    from tools.ingest import apply
-
     store = store_of(rag_config)
     apply(store, rag_config, "user-carol", {"base.md": "# Base\nThe first document.\n"})
     read = store.snapshot

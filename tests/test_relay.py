@@ -7,16 +7,28 @@ early is sent again, a failing read is retried. The reader runs against a real R
 (password, database, reconnect) and against a scripted RESP server that answers XREAD
 with broken and hostile bytes: each is a TransientError or PermanentError saying what
 was wrong, and the next read connects afresh.
+
+One client's stream never stalls another's (issue 35): a `Last-Event-ID` Redis would
+refuse is a 400 before any read; a stream Redis refuses to read (a key of another
+type, a position past 2^64-1 injected below the HTTP check) ends its own clients with
+`event: error` (stream_read) while the reader's other streams go on from where they
+were; and a user over `gateway.max_streams_per_user` gets 429, however many requests
+they send, while other users' streams and requests are served.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import redis
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,11 +36,15 @@ from actors.adapters import redis_streams
 from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
 from actors.adapters.redis_connect import RedisConnect
 from actors.adapters.redis_streams import BlockingReader
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, StreamsRefused, TransientError
+from actors.gateway import app as app_module
 from actors.gateway import relay as relay_module
-from actors.gateway.relay import Relay, Subscription
-from config import Redis
-from messages.ports import Entry
+from actors.gateway.app import OWNER_PREFIX, uuid7
+from actors.gateway.relay import Relay, Subscription, entry_key
+from config import Config, Redis
+from messages.ports import U64_MAX, Entry, is_entry_id
+from tests.helpers import gateway_running, until
+from tests.test_gateway import bearer, parse_sse
 from tools import local_stack
 
 # ---------------------------------------------------------------- a fake reader
@@ -168,6 +184,69 @@ async def test_a_failed_read_is_retried_and_nothing_is_lost(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_refused_stream_ends_only_its_clients_and_the_rest_keep_their_place(
+        autojump_clock):
+    log: list[dict[str, str]] = []
+    reader = FakeReader(log)
+    async with trio.open_nursery() as nursery:
+        relay = await run_relay(nursery, [reader])
+        good = relay.subscribe("a", "0-0")
+        refused = [relay.subscribe("b", "0-0"), relay.subscribe("b", "100-5")]
+        await reader.reading.wait()
+        assert log[-1] == {"a": "0-0", "b": "0-0"}
+        started = trio.current_time()
+        reader.answer(StreamsRefused({"b": "WRONGTYPE Operation against a key"},
+                                     [("a", [entry(1)])]))
+        assert await drain(good, 1) == ["100-1"], "what the others read is delivered"
+        for subscription in refused:
+            with pytest.raises(trio.EndOfChannel):
+                await subscription.receive.receive()
+            assert subscription.failure == "WRONGTYPE Operation against a key"
+        await reader.reading.wait()
+        assert log[-1] == {"a": "100-1"}, "the others go on from their own position"
+        assert trio.current_time() == started, "at once: no backoff for the others"
+        reader.answer([("a", [entry(2)])])
+        assert await drain(good, 1) == ["100-2"]
+        assert relay.open_streams() == 1
+        for subscription in refused:  # their clients leave: nothing else changes
+            relay.unsubscribe(subscription)
+        assert relay.open_streams() == 1
+        again = relay.subscribe("b", "0-0")  # a client that comes back is read afresh
+        with trio.fail_after(30):  # the read in flight is woken (from a thread), then again
+            while "b" not in log[-1]:  # noqa: ASYNC110 (the fake's state)
+                await trio.sleep(0.001)
+        assert log[-1] == {"a": "100-2", "b": "0-0"}
+        reader.answer([("b", [entry(1)])])
+        assert await drain(again, 1) == ["100-1"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_behind_gets_what_it_holds_before_what_it_catches_up(autojump_clock):
+    """More entries than its buffer arrive at once (a resume of a long stream): the
+    client gets the buffered ones first, then catches up from Redis: every entry once,
+    in order (the catch-up once came first, and the older entries were then dropped)."""
+    stored = [(f"100-{n}", {"event": "token", "seq": str(n)}) for n in range(1, 201)]
+
+    async def after(key: str, last: str, count: int) -> list[Entry]:
+        return [e for e in stored if entry_key(e[0]) > entry_key(last)][:count]
+
+    reader = FakeReader([])
+    async with trio.open_nursery() as nursery:
+        relay = await run_relay(nursery, [reader])
+        subscription = relay.subscribe("s", "0-0")
+        await reader.reading.wait()
+        reader.answer([("s", stored[:150])])
+        await trio.testing.wait_all_tasks_blocked()
+        assert subscription.behind
+        gateway = cast(Any, SimpleNamespace(relay=relay, reads=SimpleNamespace(after=after)))
+        got: list[str] = []
+        while len(got) < len(stored):
+            got += [entry_id for entry_id, _ in await app_module._next(gateway, subscription, 1)
+                    or []]
+        assert got == [entry_id for entry_id, _ in stored]
+        nursery.cancel_scope.cancel()
+
+
 class FakeClusterPipeline:
     """A RedisCluster pipeline whose every XREAD finds nothing."""
 
@@ -177,7 +256,7 @@ class FakeClusterPipeline:
     def xread(self, streams: Mapping[str, str], count: int) -> None:
         self.reads += 1
 
-    def execute(self) -> list[list[object]]:
+    def execute(self, raise_on_error: bool = True) -> list[list[object]]:
         return [[] for _ in range(self.reads)]
 
 
@@ -267,12 +346,14 @@ Serve = Callable[[trio.SocketStream], Awaitable[None]]
 
 
 async def scripted_redis(nursery: trio.Nursery, xread_reply: bytes,
-                         client_id: bytes = b":7\r\n") -> str:
+                         client_id: bytes = b":7\r\n", alone_reply: bytes | None = None) -> str:
     """A RESP server on loopback: CLIENT ID gets `client_id`, XREAD gets `xread_reply`,
-    then the connection closes."""
+    then the connection closes; with `alone_reply`, the XREAD of one stream that follows
+    (the reader asking each stream alone after an error reply) gets that first."""
 
     async def serve(stream: trio.SocketStream) -> None:
         buffer = b""
+        replies = [xread_reply] + ([alone_reply] if alone_reply is not None else [])
         async with stream:
             while True:
                 data = await stream.receive_some(65536)
@@ -283,8 +364,10 @@ async def scripted_redis(nursery: trio.Nursery, xread_reply: bytes,
                     buffer = b""
                     await stream.send_all(client_id)
                 elif b"STREAMS" in buffer:
-                    await stream.send_all(xread_reply)
-                    return
+                    buffer = b""
+                    await stream.send_all(replies.pop(0))
+                    if not replies:
+                        return
 
     listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     return f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}/0"
@@ -301,7 +384,6 @@ HOSTILE = [
      "has no field/value pairs"),
     (b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nk\r\n:3\r\n",
      PermanentError, "has no field/value pairs"),
-    (b"-ERR something broke\r\n", PermanentError, "ERR something broke"),
     (b"-LOADING Redis is loading the dataset in memory\r\n", TransientError, "LOADING"),
     (b"%%%garbage\r\n", TransientError, "ProtocolError"),
     (b"*3\r\n$2\r\nab", TransientError, "closed the connection"),  # cut mid-reply
@@ -373,3 +455,322 @@ def test_any_bytes_as_a_reply_are_entries_or_a_clear_error(reply):
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+# ---------------------------------------------------------------- one stream's fault
+
+
+async def test_a_stream_redis_refuses_fails_alone_on_a_real_reader(stack, rds):
+    keys = {name: f"rd:{name}:{uuid.uuid4().hex}" for name in ("ok", "string", "list",
+                                                               "hash", "huge")}
+    rds.set(keys["string"], "not a stream")
+    rds.rpush(keys["list"], "not a stream")
+    rds.hset(keys["hash"], "event", "token")
+    first = rds.xadd(keys["ok"], {"event": "token"})
+    rds.xadd(keys["huge"], {"event": "token"})
+    # Ids Redis refuses, set below the HTTP check: past 2^64-1 in either part.
+    positions = {keys["ok"]: "0-0", keys["string"]: "0-0", keys["list"]: "0-0",
+                 keys["hash"]: "0-0", keys["huge"]: "99999999999999999999-0",
+                 keys["huge"] + ":seq": f"0-{U64_MAX + 1}"}
+    reader = reader_of(stack.redis.url)
+    try:
+        with pytest.raises(StreamsRefused) as refused:
+            await reader.read(positions, 10, 100)
+        reasons = refused.value.refused
+        assert set(reasons) == set(positions) - {keys["ok"]}
+        assert all(reasons[keys[name]].startswith("WRONGTYPE") for name in ("string", "list",
+                                                                             "hash"))
+        assert "Invalid stream ID" in reasons[keys["huge"]]
+        assert refused.value.found == [(keys["ok"], [(first, {"event": "token"})])]
+        assert reader._conn.connected, "every reply was read: the connection goes on"
+        # Alone, a stream of another type is still its own fault (nothing to compare).
+        with pytest.raises(StreamsRefused):
+            await reader.read({keys["string"]: "0-0"}, 10, 100)
+        assert await reader.read({keys["ok"]: first}, 10, 20) == []
+    finally:
+        reader.close()
+
+
+async def test_a_relay_on_a_real_reader_ends_refused_streams_and_serves_the_rest(stack, rds):
+    ok, wrong, huge = (f"rd:{name}:{uuid.uuid4().hex}" for name in ("ok", "wrong", "huge"))
+    rds.set(wrong, "not a stream")
+    rds.xadd(huge, {"event": "token"})
+    first = rds.xadd(ok, {"event": "token"})
+    relay = Relay(lambda: reader_of(stack.redis.url, control=rds), 1)  # one reader for all
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        good = relay.subscribe(ok, "0-0")
+        assert await drain(good, 1) == [first]
+        # While the reader is blocked on `ok`: two clients whose streams Redis refuses.
+        bad = [relay.subscribe(wrong, "0-0"), relay.subscribe(huge, "99999999999999999999-0")]
+        for subscription in bad:
+            with trio.fail_after(30), pytest.raises(trio.EndOfChannel):
+                await subscription.receive.receive()
+        assert (bad[0].failure or "").startswith("WRONGTYPE")
+        assert "Invalid stream ID" in (bad[1].failure or "")
+        later = [rds.xadd(ok, {"event": "token"}) for _ in range(3)]
+        assert await drain(good, 3) == later, "the other stream goes on from its place"
+        assert relay.readers() == 1 and relay.open_streams() == 1
+        nursery.cancel_scope.cancel()
+
+
+ALONE = [
+    # Refused together and alone, for the stream's own reason: that stream's fault.
+    (b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+     b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+     StreamsRefused, "1 stream"),
+    # Every stream refused alike for no reason of its own: the server's, retried for all.
+    (b"-ERR something broke\r\n", b"-ERR something broke\r\n", PermanentError,
+     "ERR something broke"),
+    (b"-ERR something broke\r\n", b"-LOADING Redis is loading the dataset\r\n",
+     TransientError, "LOADING"),
+    # Refused together, read alone without an error and nothing found: raised as it was
+    # (so a reader never spins on it).
+    (b"-ERR Invalid stream ID specified as stream command argument\r\n", b"*-1\r\n",
+     PermanentError, "Invalid stream ID"),
+]
+
+
+@pytest.mark.parametrize(("reply", "alone", "error", "message"), ALONE)
+async def test_an_error_reply_is_put_down_to_a_stream_only_when_it_is_its_own(
+        reply, alone, error, message):
+    async with trio.open_nursery() as nursery:
+        reader = reader_of(await scripted_redis(nursery, reply, alone_reply=alone),
+                           reply_timeout_s=5)
+        with pytest.raises(error, match=message) as raised:
+            await reader.read({"s": "0-0"}, 10, 100)
+        assert type(raised.value) is error
+        assert str(raised.value).startswith("redis: ")
+        reader.close()
+        nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"\A[0-9]{1,22}-[0-9]{1,22}\Z") | st.sampled_from([
+    f"{U64_MAX}-{U64_MAX}", f"{U64_MAX + 1}-0", f"0-{U64_MAX + 1}", "99999999999999999999-0",
+    "00000000000000000001-0", "0000000000000000000001-0", "1-0\n", "\u0661-\u0660", "1_0-0",
+    "+1-0", "-1-0", "1--0", "1-", "-0", "1", "1-0-0", " 1-0", "0x1-0", "1-0\x00"]))
+def test_every_entry_id_the_gateway_takes_redis_takes(stack, text):
+    """Differential, against a real Redis: an id the gateway takes (Last-Event-ID, an
+    entry of a reply) never fails a read; one it refuses Redis refuses too, or it is a
+    form other than two numbers of at most 20 digits joined by `-` (Redis also takes
+    "7", "$" or 30 leading zeros; no id it writes looks like that)."""
+    with redis.Redis.from_url(stack.redis.url) as client:
+        try:
+            client.xrange("rd:differential", text, text)
+            redis_takes = True
+        except redis.ResponseError:
+            redis_takes = False
+    if is_entry_id(text):
+        assert redis_takes, text
+    elif redis_takes:
+        assert not (text.count("-") == 1 and all(
+            part.isascii() and part.isdigit() and len(part) <= 20
+            for part in text.split("-"))), text
+
+
+# ---------------------------------------------------------------- through the gateway
+
+
+def new_job(rds: redis.Redis, config: Config, user: str) -> tuple[str, str]:
+    """A job of `user` whose `started` is in its stream, written as the worker would."""
+    job_id = uuid7()
+    rds.set(OWNER_PREFIX + job_id, user, ex=600)
+    stream = config.job_keys(job_id).stream
+    append(rds, stream, job_id, user, "started", 0, {"model": "m"})
+    return job_id, stream
+
+
+def append(rds: Any, stream: str, job_id: str, user: str, event: str, seq: int,
+           data: dict[str, Any]) -> str:
+    return str(rds.xadd(stream, {"event": event, "jobId": job_id, "userId": user,
+                                 "sessionId": "s", "attempt": 1, "seq": seq, "ts": 0,
+                                 "data": json.dumps(data)}))
+
+
+def finish(rds: Any, stream: str, job_id: str, user: str, tokens: int) -> None:
+    for n in range(1, tokens + 1):
+        append(rds, stream, job_id, user, "token", n, {"text": f"{n} "})
+    append(rds, stream, job_id, user, "done", tokens + 1,
+           {"status": "completed", "partial": False})
+
+
+def blocks(text: str) -> list[dict[str, str]]:
+    """Every SSE event of a response, as its fields (those without an `id` too)."""
+    found = []
+    for block in text.split("\n\n"):
+        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        if "event" in fields:
+            found.append(fields)
+    return found
+
+
+async def follow(http: Any, job_id: str, user: str, into: dict[str, str],
+                 *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Read a job's events to the response's end into `into[job_id]`; started once
+    its `started` has arrived (or its response ended)."""
+    text, reported = "", False
+    async with http.stream("GET", f"/v1/jobs/{job_id}/events",
+                           headers=bearer(user)) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_text():
+            text += chunk
+            if not reported and "event: started" in text:
+                reported = True
+                task_status.started()
+    into[job_id] = text
+    if not reported:
+        task_status.started()
+
+
+async def test_a_forged_last_event_id_is_a_400_before_any_read(gw_config, rds):
+    config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="600")
+    mine, mine_stream = new_job(rds, config, "mallory")  # running: not done
+    theirs, theirs_stream = new_job(rds, config, "bob")
+    finish(rds, theirs_stream, theirs, "bob", 5)
+    forged: list[str | bytes] = [
+        "99999999999999999999-0", f"{U64_MAX + 1}-0", f"0-{U64_MAX + 1}",
+        "1" * 21 + "-0", "-1-0", "1-", "1", "1-0-0", "1_0-0", "+1-0", "1-0x",
+        "\u0661-\u0660".encode(), b"1-0\xff", "$", ">", "0-0; DROP"]
+    async with gateway_running(config) as (handle, http):
+        with trio.fail_after(60):  # an unknown job would be waited for 600 s: not here
+            for job_id in (mine, uuid7()):
+                for value in forged:
+                    response = await http.get(f"/v1/jobs/{job_id}/events",
+                                              headers=bearer("mallory") | {"Last-Event-ID": value})
+                    assert response.status_code == 400, value
+                    assert response.json()["error"]["field"] == "Last-Event-ID", value
+                    assert str(U64_MAX) in response.json()["error"]["message"]
+            # The largest id Redis takes is taken: nothing is after it (204, done) for bob.
+            top = await http.get(f"/v1/jobs/{theirs}/events", headers=bearer("bob") | {
+                "Last-Event-ID": f"{U64_MAX}-{U64_MAX}"})
+            assert top.status_code == 204
+            got: dict[str, str] = {}
+            await follow(http, theirs, "bob", got)
+        slots = handle.gateway.stream_slots
+        await until(lambda: not slots.held)  # a refusal took no slot; bob's came back
+    events = parse_sse(got[theirs])
+    assert [e["data"]["seq"] for e in events] == list(range(7))
+    assert events[-1]["event"] == "done"
+    assert mine_stream  # her own job was never read from a forged position
+
+
+async def test_an_unreadable_stream_ends_its_client_with_stream_read_and_others_go_on(
+        gw_config, rds):
+    config = gw_config()
+    bob_job, bob_stream = new_job(rds, config, "bob")
+    hostile: dict[str, str] = {}  # user -> a job of theirs whose stream key is no stream
+    for user, plant in (("mallory", lambda key: rds.set(key, "x")),
+                        ("eve", lambda key: rds.rpush(key, "x")),
+                        ("trudy", lambda key: rds.hset(key, "event", "done"))):
+        job_id = uuid7()
+        rds.set(OWNER_PREFIX + job_id, user, ex=600)
+        plant(config.job_keys(job_id).stream)
+        hostile[user] = job_id
+    got: dict[str, str] = {}
+    async with gateway_running(config) as (handle, http), trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await nursery.start(follow, http, bob_job, "bob", got)
+            for user, job_id in hostile.items():
+                await follow(http, job_id, user, got)  # returns once the response ends
+                (error,) = blocks(got[job_id])
+                assert error["event"] == "error" and "id" not in error, got[job_id]
+                data = json.loads(error["data"])
+                assert data["code"] == "stream_read" and data["retryable"] is False
+                assert "WRONGTYPE" in data["message"]
+                assert set(data) == {"code", "message", "retryable"}
+            assert handle.gateway.relay.readers() == 1, "bob's reader was theirs too"
+            await trio.to_thread.run_sync(finish, rds, bob_stream, bob_job, "bob", 20)
+        slots = handle.gateway.stream_slots
+        await until(lambda: not slots.held)  # every slot given back, the error's too
+    events = parse_sse(got[bob_job])
+    assert [e["data"]["seq"] for e in events] == list(range(22)), "bob missed nothing"
+    assert "".join(e["data"].get("text", "") for e in events) == "".join(
+        f"{n} " for n in range(1, 21))
+
+
+async def _waiting(port: int, path: str, user: str, statuses: trio.MemorySendChannel[int]
+                   ) -> None:
+    """GET `path` on a bare socket, report the status once one comes (a wait for a job
+    that never starts reports nothing) and hold the connection until cancelled."""
+    headers = "".join(f"{k}: {v}\r\n" for k, v in bearer(user).items())
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: t\r\n{headers}\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            piece = await stream.receive_some()
+            assert piece
+            data += piece
+        await statuses.send(int(data.split()[1]))
+        await trio.sleep_forever()  # an open stream stays open
+
+
+async def test_the_33rd_stream_of_one_user_is_429_and_another_user_still_opens_one(
+        gw_config, rds):
+    config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="600")
+    most = config.gateway.max_streams_per_user
+    assert most == 32, "the default"
+    alice_job, alice_stream = new_job(rds, config, "alice")
+    bob_job, bob_stream = new_job(rds, config, "bob")
+    got: dict[str, str] = {}
+    send, statuses = trio.open_memory_channel[int](100)
+    async with gateway_running(config) as (handle, http), trio.open_nursery() as nursery:
+        slots = handle.gateway.stream_slots
+        with trio.fail_after(60):
+            for _ in range(most // 2):  # open streams...
+                nursery.start_soon(_waiting, handle.port, f"/v1/jobs/{alice_job}/events",
+                                   "alice", send)
+            for _ in range(most - most // 2):  # ...and waits for jobs not started yet
+                nursery.start_soon(_waiting, handle.port, f"/v1/jobs/{uuid7()}/events",
+                                   "alice", send)
+            for _ in range(most // 2):
+                assert await statuses.receive() == 200
+            await until(lambda: slots.held.get("alice") == most)
+            for job_id in (alice_job, uuid7()):  # one more of either kind
+                over = await http.get(f"/v1/jobs/{job_id}/events", headers=bearer("alice"))
+                assert over.status_code == 429
+                assert "gateway.max_streams_per_user" in over.json()["error"]["message"]
+                assert int(over.headers["retry-after"]) == 600
+            assert slots.held["alice"] == most, "a refusal takes no slot"
+            async with trio.open_nursery() as bobs:  # another user is served meanwhile
+                await bobs.start(follow, http, bob_job, "bob", got)
+                await trio.to_thread.run_sync(finish, rds, bob_stream, bob_job, "bob", 3)
+            # Alice's job ends: her open streams end and give their slots back.
+            await trio.to_thread.run_sync(finish, rds, alice_stream, alice_job, "alice", 1)
+            await until(lambda: slots.held.get("alice") == most - most // 2)
+            await follow(http, alice_job, "alice", got)
+        assert [e["event"] for e in parse_sse(got[alice_job])] == ["started", "token", "done"]
+        assert [e["data"]["seq"] for e in parse_sse(got[bob_job])] == [0, 1, 2, 3, 4]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_waits_for_unknown_jobs_is_capped_and_costs_others_nothing(
+        gw_config, rds):
+    """The review's 800 waits for unknown jobs from one user (each polls Redis) slowed
+    every other user's requests: now all but 32 are refused at once, without a read,
+    and another user's POST and stream are served while those 32 still wait."""
+    config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="600")
+    burst, most = 400, config.gateway.max_streams_per_user
+    bob_job, bob_stream = new_job(rds, config, "bob")
+    got: dict[str, str] = {}
+    send, statuses = trio.open_memory_channel[int](burst)
+    async with gateway_running(config) as (handle, http), trio.open_nursery() as nursery:
+        slots = handle.gateway.stream_slots
+        with trio.fail_after(120):
+            for _ in range(burst):
+                nursery.start_soon(_waiting, handle.port, f"/v1/jobs/{uuid7()}/events",
+                                   "mallory", send)
+            refused = [await statuses.receive() for _ in range(burst - most)]
+            assert refused == [429] * (burst - most)
+            assert slots.held == {"mallory": most}, "the rest wait, as many as the limit"
+            posted = await http.post("/v1/chat", json={"sessionId": "s-bob", "message": "hi"},
+                                     headers=bearer("bob"))
+            assert posted.status_code == 202
+            async with trio.open_nursery() as bobs:  # to the end of bob's stream
+                await bobs.start(follow, http, bob_job, "bob", got)
+                await trio.to_thread.run_sync(finish, rds, bob_stream, bob_job, "bob", 3)
+            # All of it while every one of mallory's waits still waits.
+            assert slots.held["mallory"] == most
+            assert statuses.statistics().current_buffer_used == 0
+        nursery.cancel_scope.cancel()
+    assert [e["data"]["seq"] for e in parse_sse(got[bob_job])] == [0, 1, 2, 3, 4]

@@ -176,6 +176,34 @@ async def test_prompts_and_answers_are_on_the_span_only_when_capture_content_is_
         "finish_reason": "stop"}]
 
 
+async def test_captured_prompts_and_answers_are_cut_to_a_bounded_size_with_a_marker(
+        make_config, llm, rds):
+    """A 30,000-character question and answer: each attribute keeps CAPTURED_CHARS of
+    text, says how much it left out, and is still JSON."""
+    from actors.adapters.telemetry import CAPTURED_CHARS
+
+    config, _ = make_config(environ={"CHAT_ACTORS__LLM__MODELS__SCRIPTED__CONTEXT_WINDOW":
+                                     "100000"})
+    kept = Recorded(capture_content=True)
+    llm.default = Reply(tokens=tuple("a" * 999 + " " for _ in range(30)))
+    req = request("word " * 6000)
+    try:
+        async with worker_running(config, telemetry=kept.telemetry):
+            produce(config, req)
+            events = await events_of(rds, config, req["jobId"])
+        (chat,) = [s for s in job_trace(kept, req["jobId"]) if s.name.startswith("chat ")]
+    finally:
+        kept.telemetry.close()
+    assert events[-1]["data"]["status"] == "completed"
+    attributes = dict(chat.attributes or {})
+    cut = f"…[{30_000 - CAPTURED_CHARS} more characters not captured]"
+    (asked,) = json.loads(str(attributes["gen_ai.input.messages"]))
+    assert asked["parts"][0]["content"] == ("word " * 6000)[:CAPTURED_CHARS] + cut
+    (answered,) = json.loads(str(attributes["gen_ai.output.messages"]))
+    assert answered["parts"][0]["content"] == ("a" * 999 + " ") * 16 + "a" * 384 + cut
+    assert all(len(str(value)) < CAPTURED_CHARS + 1000 for value in attributes.values())
+
+
 async def test_a_cancelled_and_a_timed_out_model_call_say_so_in_error_type(
         config, llm, rds, recorded):
     slow = Reply(tokens=tuple(f"t{n} " for n in range(200)), token_delay_s=0.05)

@@ -1,5 +1,10 @@
 """`chat-actors ingest`: files and folders into a collection (actors/adapters/ingestion.py).
 
+The collection ends up holding this run's files, each as it is now, and every document
+uploaded through the gateway as it was: a document an earlier run put there and this
+run's paths no longer hold is deleted; an upload is never changed or deleted, and a
+file named like one is refused (rename it).
+
 `--dry-run` reports what would change; `--status` lists stale chunks and `--refresh`
 embeds them again.
 """
@@ -11,7 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from actors.adapters.documents import DocumentStore
-from actors.adapters.ingestion import IngestReport, apply, freshness, pdf_text, refresh
+from actors.adapters.ingestion import IngestReport, UploadConflict, apply, freshness, refresh
+from actors.adapters.pdf_child import pdf_text
 from actors.errors import PermanentError
 from config import Config
 
@@ -21,9 +27,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 PDF_SUFFIXES = {".pdf"}
 
 
-def read_document(path: Path) -> str:
+def read_document(path: Path, max_pdf_pages: int) -> str:
     if path.suffix.lower() in PDF_SUFFIXES:
-        return pdf_text(path)
+        return pdf_text(path, max_pages=max_pdf_pages)
     return path.read_text(encoding="utf-8", errors="replace")
 
 
@@ -60,25 +66,27 @@ class Progress:
 
 def ingest(store: DocumentStore, config: Config, collection: str, paths: list[Path], *,
            dry_run: bool = False, root: Path | None = None) -> IngestReport:
-    """Ingest files and folders; chunks of files that vanished since are deleted."""
+    """Ingest files and folders; the documents earlier runs put into the collection that
+    these paths no longer hold are deleted (uploads are kept)."""
     documents: dict[str, str] = {}
     skipped: list[str] = []
-    files = discover(paths)
-    for path in files:
-        source = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
+    files = {(str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)):
+             path for path in discover(paths)}
+    for source, path in files.items():
         try:
-            documents[source] = read_document(path)
+            documents[source] = read_document(path, config.rag.max_pdf_pages)
         except (OSError, ValueError) as exc:
-            skipped.append(f"{source} ({exc})")
-    report = apply(store, config, collection, documents, dry_run=dry_run,
-                   remove=lambda source: not _still_present(source, root),
-                   progress=Progress(f"embedding into {collection}"))
+            skipped.append(f"{source} ({exc})")  # kept as it was: it is in this run
+    try:
+        report = apply(store, config, collection, documents, dry_run=dry_run,
+                       remove=lambda source: source not in files,
+                       progress=Progress(f"embedding into {collection}"))
+    except UploadConflict as exc:
+        raise PermanentError("; ".join(
+            f"{files[name]}: {collection} has a document {name!r} uploaded through the gateway, "
+            "and `ingest` never replaces an upload: rename the file or leave it out"
+            for name in exc.names), code="ingest") from None
     report.files, report.skipped_files = len(files), skipped
     return report
-
-
-def _still_present(source: str, root: Path | None) -> bool:
-    path = (root / source) if root else Path(source)
-    return path.exists()
 
 

@@ -6,6 +6,7 @@ CapacityLimiter of 1. Rebalance callbacks run inside `consume`, in that thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -276,39 +277,72 @@ class RequestConsumer(_Consumer):
 
         await self._run(rewind)
 
+class NotDelivered(TransientError):
+    """The broker did not confirm a message in time: it may still land later (a frozen
+    broker reads its socket when it thaws), so whoever needs "never" must fence it."""
+
+
 class Producer:
-    """Produces and waits for the broker's ack (the DLQ must be durable before a commit)."""
+    """Produces and waits for the broker's ack (the DLQ must be durable before a commit).
+
+    Sends do not queue behind each other: each one hands its message to librdkafka at
+    once (a non-blocking call) and waits for its own delivery report, which a poller
+    thread serves as acks come in. A broker stall holds every send for its timeout at
+    the same time, not one after another.
+    """
+
+    POLL_S = 0.05  # how long one poll waits for a delivery report before polling again
 
     def __init__(self, *, bootstrap: str, extra: Mapping[str, Any]) -> None:
         self._producer = confluent_kafka.Producer({
             "bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG, "enable.idempotence": True,
             "linger.ms": 5, **extra})
-        self._limiter = trio.CapacityLimiter(1)
+        self._closing = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        while not self._closing.is_set():
+            self._producer.poll(self.POLL_S)
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
                    headers: Iterable[tuple[str, bytes]] = (), timeout_s: float = 30.0) -> None:
-        failures: list[KafkaError] = []
+        """Return once the broker has the message; NotDelivered after `timeout_s` without
+        its ack, TransientError when librdkafka reports it failed."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll",
+                                            daemon=True)
+            self._poller.start()
+        token = trio.lowlevel.current_trio_token()
+        reported = trio.Event()
+        errors: list[KafkaError] = []
 
-        def produce() -> None:
-            def delivered(err: KafkaError | None, _msg: Any) -> None:
-                if err is not None:
-                    failures.append(err)
-
-            self._producer.produce(topic, value=value, key=key, headers=list(headers),
-                                   on_delivery=delivered)
-            remaining = self._producer.flush(timeout_s)
-            if remaining:
-                raise TransientError(f"kafka: {remaining} message(s) not delivered in {timeout_s}s")
+        def delivered(err: KafkaError | None, _msg: Any) -> None:  # on the poller thread
+            if err is not None:
+                errors.append(err)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(reported.set)
 
         try:
-            await trio.to_thread.run_sync(produce, limiter=self._limiter)
+            self._producer.produce(topic, value=value, key=key, headers=list(headers),
+                                   on_delivery=delivered)
+        except BufferError as exc:
+            raise TransientError("kafka: the producer's queue is full (the broker is not "
+                                 "taking messages)") from exc
         except KafkaException as exc:
             raise _translate(exc) from exc
-        if failures:
-            raise TransientError(f"kafka: delivery failed: {failures[0].str()}")
+        with trio.move_on_after(timeout_s):
+            await reported.wait()
+        if not reported.is_set():
+            raise NotDelivered(f"kafka: the broker did not confirm the message in {timeout_s:g}s")
+        if errors:
+            raise NotDelivered(f"kafka: delivery failed: {errors[0].str()}")
 
     async def close(self) -> None:
-        await trio.to_thread.run_sync(self._producer.flush, 10.0, limiter=self._limiter)
+        """Deliver what is queued (up to 10 s), then stop the poller."""
+        await trio.to_thread.run_sync(self._producer.flush, 10.0)
+        self._closing.set()
+        if self._poller is not None:
+            await trio.to_thread.run_sync(self._poller.join)
 
 
 def ensure_topics(bootstrap: str, extra: Mapping[str, Any], topics: Iterable[str],

@@ -353,7 +353,8 @@ class Postgres:
                 if row_user != order.user_id:
                     results.append(OwnedByAnotherUser())
                 elif status in _TERMINAL:
-                    results.append(AlreadyTerminal(status, max(attempt, 1), partial))
+                    results.append(AlreadyTerminal(status, max(attempt, 1), partial,
+                                                   ran=attempt > 0))
                 else:
                     results.append(LeasedElsewhere(lease_owner or ""))
             return results
@@ -471,6 +472,21 @@ class Postgres:
                     "AND ref->>'sha256' = a.sha256)", (user_id,))
                 return gone
         return await self.run(delete)
+
+    async def fence_refused(self, *, job_id: str, user_id: str, session_id: str,
+                            reason: str) -> bool:
+        """End a job whose request the gateway could not confirm, before any worker
+        claims it: its row is written terminal (`cancelled`, attempt 0, `error` says
+        why), so the request, should it reach a worker later, is never run (a claim
+        takes only a live or rejected row over). True when fenced; False when a worker
+        holds the job already (the request was accepted after all)."""
+        def fence(conn: psycopg.Connection[Any]) -> bool:
+            return conn.execute(
+                "INSERT INTO llm_jobs (job_id, user_id, session_id, status, attempt, error, "
+                "finished_at) VALUES (%s, %s, %s, 'cancelled', 0, %s, now()) "
+                "ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                (job_id, user_id, session_id, f"refused: {reason}")).fetchone() is not None
+        return await self.run(fence)
 
     async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
         """Jobs, tokens and cost by user and model alias, newest rows included."""

@@ -22,10 +22,10 @@ import redis
 import trio
 
 from actors.adapters.redis_events import translate
-from actors.adapters.redis_streams import CONNECTION_FAULTS, RespConnection
+from actors.adapters.redis_streams import CONNECTION_FAULTS, RespConnection, streams_at_fault
 from actors.backoff import Backoff
-from actors.errors import PermanentError, TransientError
-from messages.ports import ENTRY_ID, Entry
+from actors.errors import PermanentError, StreamsRefused, TransientError
+from messages.ports import Entry, is_entry_id
 
 log = logging.getLogger("chat_actors.gateway.cluster")
 
@@ -199,13 +199,13 @@ class ClusterReader:
                     self._dirty.difference_update(due)
                     try:
                         found = await trio.to_thread.run_sync(self._read_each, due, count)
+                    except StreamsRefused as exc:
+                        self._settle(due, exc.found, refused=exc.refused)
+                        raise
                     except BaseException:
                         self._dirty.update(due)  # not read after all: read them next time
                         raise
-                    for key, entries in found:
-                        self._given[key] = entries[-1][0]
-                    for key in due.keys() - {key for key, _ in found}:
-                        self._given[key] = due[key]
+                    self._settle(due, found)
                     if found:
                         return found
                     continue
@@ -214,19 +214,43 @@ class ClusterReader:
         self._unblocked = False
         return []
 
+    def _settle(self, due: Mapping[str, str], found: list[tuple[str, list[Entry]]],
+              refused: Iterable[str] = ()) -> None:
+        """Where each stream of `due` now stands: after its last entry found, or where it
+        was read from. A refused stream has not been read: asked again, it is due."""
+        for key, entries in found:
+            self._given[key] = entries[-1][0]
+        for key in due.keys() - {key for key, _ in found}:
+            self._given[key] = due[key]
+        for key in refused:
+            self._given.pop(key, None)
+
     def _read_each(self, due: Mapping[str, str], count: int) -> list[tuple[str, list[Entry]]]:
+        """One XREAD per stream, pipelined per node. A stream whose own read is refused
+        (its key holds another type, Redis refuses its position) does not fail the
+        others: StreamsRefused names it with what the others found. A connection or
+        server-state error, or one every stream got alike, fails the whole read
+        (retried for all)."""
         try:
             pipe = self._cluster.pipeline(transaction=False)
             for key, after in due.items():
                 pipe.xread({key: after}, count=count)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             raise translate(exc) from exc
         found: list[tuple[str, list[Entry]]] = []
+        refused: dict[str, str] = {}
         for key, reply in zip(due, replies, strict=True):
+            if isinstance(reply, Exception):
+                refused[key] = _refusal(reply)
+                continue
             entries = _entries(key, reply)
             if entries:
                 found.append((key, entries))
+        if streams_at_fault(refused, len(due)):
+            raise StreamsRefused(refused, found)
+        if refused:
+            raise PermanentError(f"redis: XREAD: {next(iter(refused.values()))}", code="redis")
         return found
 
     def unblock(self) -> None:
@@ -241,6 +265,18 @@ class ClusterReader:
         self._watch.unfollow(self, self._following)
 
 
+def _refusal(reply: Exception) -> str:
+    """Why one stream's own XREAD failed, when it is about that stream (a reply error
+    such as WRONGTYPE); any other failure is raised, for the whole read."""
+    if not isinstance(reply, redis.RedisError):
+        raise PermanentError(f"redis: XREAD failed: {type(reply).__name__}: {reply}",
+                             code="redis") from reply
+    error = translate(reply)
+    if isinstance(reply, redis.ResponseError) and isinstance(error, PermanentError):
+        return str(reply)
+    raise error from reply
+
+
 def _entries(key: str, reply: Any) -> list[Entry]:
     """redis-py's XREAD reply for one stream ([[key, [(id, fields), ...]]] or empty),
     checked: another shape is a PermanentError naming what was wrong."""
@@ -253,7 +289,7 @@ def _entries(key: str, reply: Any) -> list[Entry]:
     entries: list[Entry] = []
     for item in cast(list[Any], reply[0][1]):
         if not (isinstance(item, list | tuple) and len(item) == 2
-                and isinstance(item[0], str) and ENTRY_ID.match(item[0])
+                and isinstance(item[0], str) and is_entry_id(item[0])
                 and isinstance(item[1], dict | None)):
             raise PermanentError(f"redis: an entry of {key!r} is not (id, fields)",
                                  code="redis")

@@ -10,6 +10,7 @@ thread.
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -21,14 +22,22 @@ from redis.exceptions import RedisClusterException
 
 from actors.adapters.redis_connect import RedisConnect
 from actors.adapters.redis_events import translate
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, StreamsRefused, TransientError
 from config import Redis as RedisConfig
-from messages.ports import ENTRY_ID, Entry
+from messages.ports import Entry, is_entry_id
 
 T = TypeVar("T")
 READ_BYTES = 65536
 MAX_REPLY_BYTES = 64 * 2**20  # an XREAD of 256 entries per stream stays far below
 MAX_PACKED = 200_000  # encoded arguments kept (stream keys, entry ids) before starting over
+
+
+# KEYS: the key. ARGV: the value it must still hold, its new value ('' deletes it).
+_SETTLE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') end
+return 1
+"""
 
 
 class StreamReads:
@@ -91,6 +100,12 @@ class StreamReads:
             pipe.get(key)
             return pipe.execute()[1]
         return await self._run(claim)
+
+    async def settle(self, key: str, expected: str, value: str) -> None:
+        """While `key` still holds `expected`, make it `value` (its expiry kept), or
+        delete it when `value` is empty: one script, so a key taken over meanwhile
+        is left alone."""
+        await self._run(lambda: self._client.eval(_SETTLE, 1, key, expected, value))
 
     async def after(self, stream: str, after_id: str, count: int) -> list[Entry]:
         return await self._run(lambda: self._client.xrange(stream, f"({after_id}", "+",
@@ -161,9 +176,21 @@ class RespConnection:
 
     async def reply(self) -> Any:
         """The next reply (or pushed message); an error reply raises."""
+        (reply,) = await self._replies(1)
+        if isinstance(reply, hiredis.ReplyError):
+            raise translate(redis.ResponseError(str(reply)))
+        return reply
+
+    async def _replies(self, count: int) -> list[Any]:
+        """The next `count` replies, an error reply kept in its place (a ReplyError);
+        together at most MAX_REPLY_BYTES."""
         assert self._stream is not None
+        replies: list[Any] = []
         received = 0
-        while (reply := self._parser.gets()) is False:
+        while len(replies) < count:
+            if (reply := self._parser.gets()) is not False:
+                replies.append(reply)
+                continue
             data = await self._stream.receive_some(READ_BYTES)
             if not data:
                 raise TransientError("redis: the server closed the connection",
@@ -173,13 +200,18 @@ class RespConnection:
                 raise PermanentError(f"redis: a reply over {MAX_REPLY_BYTES} bytes",
                                      code="redis")
             self._parser.feed(data)
-        if isinstance(reply, hiredis.ReplyError):
-            raise translate(redis.ResponseError(str(reply)))
-        return reply
+        return replies
 
     async def call(self, *args: str) -> Any:
         await self.send(*args)
         return await self.reply()
+
+    async def pipeline(self, commands: Sequence[Sequence[str]]) -> list[Any]:
+        """Each command's reply, sent in one write: an error reply stays in its place (a
+        hiredis.ReplyError), so one command's error does not hide the others' replies."""
+        assert self._stream is not None
+        await self._stream.send_all(b"".join(self._pack(command) for command in commands))
+        return await self._replies(len(commands))
 
     def drop(self) -> None:
         if self._stream is not None:
@@ -243,14 +275,51 @@ class BlockingReader:
             if not self._conn.connected:
                 await self._connect()
             with trio.fail_after(block_ms / 1000 + self._reply_timeout_s):
-                return xread_reply(await self._conn.call(*args))
+                (reply,) = await self._conn.pipeline([args])
+            if isinstance(reply, hiredis.ReplyError):
+                with trio.fail_after(self._reply_timeout_s):
+                    return await self._read_alone(streams, count, reply)
+            return xread_reply(reply)
         except CONNECTION_FAULTS as exc:
             self._drop()
             raise TransientError(f"redis: reading streams: {type(exc).__name__}: {exc}",
                                  kind="connection") from exc
+        except StreamsRefused:
+            raise  # every reply was read: the connection is fine
         except BaseException:
             self._drop()  # an error reply, a bad shape, or cancelled mid-reply
             raise
+
+    async def _read_alone(self, streams: Mapping[str, str], count: int,
+                          failure: hiredis.ReplyError) -> list[tuple[str, list[Entry]]]:
+        """The XREAD over every stream got an error reply, and one stream can fail it for
+        all (its key holds another type, Redis refuses its position). Which: each stream
+        is read alone, without BLOCK, pipelined (one round trip). Those refused alone
+        (see `streams_at_fault`) are raised as StreamsRefused with what the others read.
+        An error about the server's state (LOADING, READONLY...) is raised for all, as is
+        the first error when no stream is at fault and nothing was found (no busy loop
+        on it)."""
+        error = translate(redis.ResponseError(str(failure)))
+        if isinstance(error, TransientError):
+            raise error
+        replies = await self._conn.pipeline(
+            [["XREAD", "COUNT", str(count), "STREAMS", key, after]
+             for key, after in streams.items()])
+        refused: dict[str, str] = {}
+        found: list[tuple[str, list[Entry]]] = []
+        for key, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, hiredis.ReplyError):
+                alone = translate(redis.ResponseError(str(reply)))
+                if isinstance(alone, TransientError):
+                    raise alone
+                refused[key] = str(reply)
+            else:
+                found += xread_reply(reply)
+        if streams_at_fault(refused, len(streams)):
+            raise StreamsRefused(refused, found)
+        if refused or not found:
+            raise error
+        return found
 
     def unblock(self) -> None:
         """Wake a blocked `read` (it returns [] at once); nothing if none is blocked.
@@ -276,6 +345,21 @@ def _close_now(stream: trio.abc.Stream) -> None:
         transport.socket.close()
 
 
+# Error replies about the stream named itself, never about the server: its key holds
+# another type, or its position is not an id Redis takes (redis-py drops the "ERR ").
+_STREAM_FAULT = re.compile(r"(WRONGTYPE|(ERR )?Invalid stream ID)\b")
+
+
+def streams_at_fault(refused: Mapping[str, str], asked: int) -> bool:
+    """Whether the streams whose XREAD alone got an error reply (`refused`, of `asked`
+    read alone) are at fault themselves: each error is about its stream's key or
+    position, or other streams read in the same round got none. When every stream fails
+    alike for another reason (a lost permission, a broken server), no stream is to
+    blame and the read is retried for all."""
+    return bool(refused) and (len(refused) < asked or all(
+        _STREAM_FAULT.match(reason) for reason in refused.values()))
+
+
 def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     """XREAD's RESP2 reply ([[key, [[id, [field, value, ...]], ...]], ...] or nil) as
     (key, entries); any other shape is a PermanentError naming what was wrong."""
@@ -291,7 +375,7 @@ def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
         entries: list[Entry] = []
         for entry in cast(list[Any], item[1]):
             if not (isinstance(entry, list) and len(cast(list[Any], entry)) == 2
-                    and isinstance(entry[0], str) and ENTRY_ID.match(entry[0])):
+                    and isinstance(entry[0], str) and is_entry_id(entry[0])):
                 raise _shape(f"an entry of {item[0]!r} is not [id, fields]")
             fields = entry[1] if entry[1] is not None else []  # a deleted entry: no fields
             if not (isinstance(fields, list) and len(cast(list[Any], fields)) % 2 == 0

@@ -13,8 +13,10 @@ telemetry is off (this module is then not even imported). The trace:
     └── sinks                     the job's terminal writes (Postgres, `final`, `done`)
 
 `gen_ai.*` attributes appear only on the model-call span. Prompts and answers only
-with otel.capture_content. The gateway's `send <topic>` PRODUCER span is the job
-trace's parent: its traceparent travels as a Kafka header.
+with otel.capture_content, and then at most CAPTURED_CHARS characters of text in each
+attribute, a marker saying how many more there were: a prompt may be megabytes, and
+a collector drops a span that large. The gateway's `send <topic>` PRODUCER span is
+the job trace's parent: its traceparent travels as a Kafka header.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 FIRST_CHUNK_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                        2.5, 5.0, 7.5, 10.0]
 SPAN_QUEUE = 16384  # spans waiting to be sent; more are dropped (and counted by the SDK's log)
+CAPTURED_CHARS = 16384  # of text in one captured attribute (prompt, system, answer)
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -172,7 +175,8 @@ class OtelTelemetry:
                 attributes["gen_ai.system_instructions"] = json.dumps(system, ensure_ascii=False)
         if call.output_text is not None:
             attributes["gen_ai.output.messages"] = json.dumps([{
-                "role": "assistant", "parts": [{"type": "text", "content": call.output_text}],
+                "role": "assistant",
+                "parts": [{"type": "text", "content": _Captured().text(call.output_text)}],
                 "finish_reason": call.finish_reasons[0] if call.finish_reasons else "error"}],
                 ensure_ascii=False)
         span = self._tracer.start_span(f"chat {model}", context=parent, kind=SpanKind.CLIENT,
@@ -229,28 +233,44 @@ def _failed(span: Span | Any, error_type: str | None) -> None:
         span.set_status(Status(StatusCode.ERROR))
 
 
+class _Captured:
+    """What is left of one attribute's CAPTURED_CHARS, spent part by part in order."""
+
+    def __init__(self) -> None:
+        self.left = CAPTURED_CHARS
+
+    def text(self, text: str) -> str:
+        kept = text[:max(self.left, 0)]
+        self.left -= len(text)
+        cut = len(text) - len(kept)
+        return f"{kept}…[{cut} more characters not captured]" if cut else text
+
+
 def _input_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
                                                                  list[dict[str, Any]]]:
     """Chat messages in the conventions' form: the system parts apart, every other
-    message as role and parts (an image by its URL; a data URL's bytes are left out)."""
+    message as role and parts (an image by its URL; a data URL's bytes are left out).
+    The text of each of the two is kept within CAPTURED_CHARS, the newest first."""
+    system_budget, budget = _Captured(), _Captured()
     system: list[dict[str, Any]] = []
     found: list[dict[str, Any]] = []
-    for message in messages:
+    for message in reversed(messages):
         content = message.get("content")
         items: list[Any] = content if isinstance(content, list) else [content]
         parts: list[dict[str, Any]] = []
+        spend = system_budget if message.get("role") == "system" else budget
         for item in items:
             if isinstance(item, str):
-                parts.append({"type": "text", "content": item})
+                parts.append({"type": "text", "content": spend.text(item)})
             elif isinstance(item, dict) and item.get("type") == "text":
-                parts.append({"type": "text", "content": item.get("text", "")})
+                parts.append({"type": "text", "content": spend.text(str(item.get("text", "")))})
             elif isinstance(item, dict) and item.get("type") == "image_url":
                 url = str((item.get("image_url") or {}).get("url", ""))
                 parts.append({"type": "uri", "modality": "image",
                               "uri": url if not url.startswith("data:") else
                               url.split(",", 1)[0] + ",(left out)"})
         if message.get("role") == "system":
-            system.extend(parts)
+            system[:0] = parts
         else:
             found.append({"role": message.get("role"), "parts": parts})
-    return system, found
+    return system, found[::-1]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,16 +37,25 @@ from actors.health import Health
 from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
-from messages.ports import ENTRY_ID, Entry
+from messages.ports import U64_MAX, Entry, is_entry_id
 from messages.wire import BadInput, check_shape, decode_request, is_ident
 
 log = logging.getLogger("chat_actors.gateway")
 
 PAGE = Path(__file__).with_name("page.html")
-MAX_BODY = 2 * 1024 * 1024
 RETRY_MS = 3000  # what a client waits before it reconnects
 OWNER_PREFIX = "chat-actors:gateway:owner:"
 IDEMPOTENCY_PREFIX = "chat-actors:gateway:idem:"
+PENDING = "pending:"  # an Idempotency-Key's value while its request is being sent
+SETTLE_POLL_S = 0.1  # how often a repeat looks whether the first request's fate is known
+UPLOADS = "/v1/documents/"  # the one route whose body is not JSON (rag.max_document_bytes)
+
+
+def idempotency_key(user: str, key: str) -> str:
+    """The Redis key of a user's Idempotency-Key. `/` is in neither id's charset, so no
+    two (user, key) pairs share one (user `acme` with key `bob:k1` is not user
+    `acme:bob` with key `k1`)."""
+    return f"{IDEMPOTENCY_PREFIX}{user}/{key}"
 
 
 def uuid7() -> str:
@@ -61,6 +71,7 @@ class Reads(Protocol):
     async def owner_key(self, key: str) -> str | None: ...
     async def first_user(self, stream: str, job_id: str) -> str | None: ...
     async def claim_once(self, key: str, value: str, ttl_s: int) -> str: ...
+    async def settle(self, key: str, expected: str, value: str) -> None: ...
     async def after(self, stream: str, after_id: str, count: int) -> list[Entry]: ...
     async def last(self, stream: str) -> Entry | None: ...
     async def ping(self) -> None: ...
@@ -71,10 +82,12 @@ class History(Protocol):
     async def session_messages(self, *, user_id: str, session_id: str,
                                limit: int = 500) -> list[dict[str, Any]]: ...
     async def delete_session(self, *, user_id: str, session_id: str) -> int: ...
+    async def fence_refused(self, *, job_id: str, user_id: str, session_id: str,
+                            reason: str) -> bool: ...
 
 
 class Documents(Protocol):
-    """A user's own documents (actors/adapters/ingestion.py UserDocuments)."""
+    """A user's own documents (actors/adapters/uploads.py UserDocuments)."""
 
     async def list(self, user_id: str) -> list[dict[str, Any]]: ...
     async def put(self, user_id: str, name: str, data: bytes) -> tuple[bool, dict[str, Any]]: ...
@@ -99,6 +112,28 @@ class GatewayMetrics:
 
 
 @dataclass
+class StreamSlots:
+    """Event streams open or waiting for their job, per user, in this process
+    (gateway.max_streams_per_user). Every stream and every wait costs Redis reads that
+    all users share, so one user's burst is refused (429) instead of slowing the rest."""
+
+    held: dict[str, int] = field(default_factory=dict[str, int])
+
+    def take(self, user: str, most: int) -> bool:
+        if self.held.get(user, 0) >= most:
+            return False
+        self.held[user] = self.held.get(user, 0) + 1
+        return True
+
+    def give_back(self, user: str) -> None:
+        left = self.held[user] - 1
+        if left:
+            self.held[user] = left
+        else:
+            del self.held[user]  # users with no stream take no room
+
+
+@dataclass
 class Gateway:
     config: Config
     verifier: Verifier
@@ -110,6 +145,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
     telemetry: Telemetry = field(default_factory=NoTelemetry)
+    stream_slots: StreamSlots = field(default_factory=StreamSlots)
 
     def close(self) -> None:
         """Start draining: /readyz turns 503, and every open stream ends at once with a
@@ -136,19 +172,105 @@ async def _owner(gateway: Gateway, job_id: str) -> str | None:
     return owner
 
 
-async def _body_within(request: Request, limit: int) -> bytes | None:
-    """The request's body, or None once it is longer than `limit` (never read further)."""
+def _too_many_streams(most: int, wait_s: float) -> JSONResponse:
+    response = _error(429, f"too many event streams: {most} open or waiting per user is "
+                      "the limit (gateway.max_streams_per_user); close one first")
+    # A waiting stream gives its slot back within stream_wait_s; an open one at its end.
+    response.headers["retry-after"] = str(math.ceil(wait_s))
+    return response
+
+
+async def _open_events(gateway: Gateway, user: str, job_id: str,
+                       resume: str | None) -> Response:
+    """The job's event stream for its owner (404 for anyone else, as for an unknown job;
+    204 for a resume at or after its `done`); a job not started yet is waited for."""
+    config = gateway.config
+    stream = config.job_keys(job_id).stream
+    owner = await _owner(gateway, job_id)
+    with trio.move_on_after(config.gateway.stream_wait_s):
+        while owner is None:  # produced elsewhere, not started yet: wait briefly
+            await trio.sleep(0.2)
+            owner = await _owner(gateway, job_id)
+    if owner != user:
+        return _error(404, NOT_FOUND)
+    if resume is not None:
+        last = await gateway.reads.last(stream)
+        if (last is not None and last[1].get("event") == "done"
+                and last[1].get("jobId") == job_id
+                and entry_key(last[0]) <= entry_key(resume)):
+            return Response(status_code=204)
+    return EventStream(partial(_relay, gateway, job_id, stream, resume or "0-0"))
+
+
+class BodyRefused(Exception):
+    """A body over its size or time budget: answered `status` with the message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _body_within(request: Request, limit: int, timeout_s: float) -> bytes | None:
+    """The request's body, or None once it is longer than `limit` (never read further);
+    BodyRefused (408) when it has not all arrived within `timeout_s` (a client sending
+    a few bytes a second holds nothing of the gateway's for longer)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            return None
-        parts.append(part)
+    with trio.move_on_after(timeout_s) as deadline:
+        async with contextlib.aclosing(request.stream()) as stream:
+            async for part in stream:
+                size += len(part)
+                if size > limit:
+                    return None
+                parts.append(part)
+    if deadline.cancelled_caught:
+        raise BodyRefused(408, f"the body did not arrive within {timeout_s:g}s "
+                               "(gateway.body_timeout_s)")
     return b"".join(parts)
+
+
+async def json_body(request: Request, config: Config) -> Any:
+    """A JSON route's body, decoded: read up to `gateway.max_body_bytes` and no further,
+    its nesting checked before a recursive decoder sees it. BadInput or BodyRefused
+    say what is wrong. Every route taking JSON reads it here."""
+    limit = config.gateway.max_body_bytes
+    body = await _body_within(request, limit, config.gateway.body_timeout_s)
+    if body is None:
+        raise BodyRefused(413, f"the body is over {limit} bytes, the limit "
+                               "(gateway.max_body_bytes)")
+    check_shape(body, limit)
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BadInput("$", f"the body is not JSON: {exc}") from None
+
+
+class PerUser:
+    """How many of something each user holds open at once, up to `most`."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, user: str) -> Iterator[bool]:
+        """One more for `user` for the block: True, or False (and nothing held) when
+        the user holds `most` already."""
+        held = self._open.get(user, 0)
+        if held >= self.most:
+            yield False
+            return
+        self._open[user] = held + 1
+        try:
+            yield True
+        finally:
+            if self._open[user] == 1:
+                del self._open[user]
+            else:
+                self._open[user] -= 1
 
 
 RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for EventStream
@@ -157,6 +279,7 @@ RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for 
 def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
     config = gateway.config
     aliases = frozenset(config.llm.models)
+    uploads = PerUser(config.rag.max_uploads_per_user)
 
     def guarded(route: str, handler: Callable[[Request, str], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
@@ -167,6 +290,10 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
             except Unauthorized as exc:
                 response = _error(401, str(exc))
                 response.headers["www-authenticate"] = 'Bearer error="invalid_token"'
+            except BodyRefused as exc:
+                response = _error(exc.status, str(exc))
+            except BadInput as exc:
+                response = _error(400, exc.rule, field=exc.field)
             except TransientError as exc:
                 log.warning("%s: a dependency failed: %s", route, exc)
                 response = _error(503, "a dependency is unavailable; try again")
@@ -179,16 +306,7 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         return endpoint
 
     async def chat(request: Request, user: str) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _error(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY}")
-        try:
-            check_shape(body, MAX_BODY)  # the nesting, before a recursive decoder sees it
-            value = json.loads(body)
-        except BadInput as exc:
-            return _error(400, exc.rule, field=exc.field)
-        except ValueError as exc:  # UnicodeDecodeError included
-            return _error(400, f"the body is not JSON: {exc}", field="$")
+        value = await json_body(request, config)
         if not isinstance(value, dict):
             return _error(400, "the body must be a JSON object", field="$")
         for assigned in ("jobId", "userId"):
@@ -202,19 +320,19 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         job_id = uuid7()
         raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
         limits = config.limits
-        try:
-            checked = decode_request(raw, max_message_chars=limits.max_message_chars,
-                                     model_aliases=aliases,
-                                     max_request_bytes=limits.max_request_bytes,
-                                     max_attachment_bytes=limits.max_attachment_bytes,
-                                     image_url_hosts=limits.image_url_hosts)
-        except BadInput as exc:
-            return _error(400, exc.rule, field=exc.field)
-        if key is not None:
-            held = await gateway.reads.claim_once(f"{IDEMPOTENCY_PREFIX}{user}:{key}", job_id,
-                                                  config.gateway.idempotency_s)
-            if held != job_id:  # a repeat: the first request's job, produced then
-                return _accepted(held)
+        checked = decode_request(raw, max_message_chars=limits.max_message_chars,
+                                 model_aliases=aliases,
+                                 max_request_bytes=limits.max_request_bytes,
+                                 max_attachment_bytes=limits.max_attachment_bytes,
+                                 image_url_hosts=limits.image_url_hosts,
+                                 max_schema_bytes=limits.max_schema_bytes,
+                                 max_schema_depth=limits.max_schema_depth,
+                                 max_schema_expanded_bytes=limits.max_schema_expanded_bytes)
+        idem = idempotency_key(user, key) if key is not None else None
+        if idem is not None:
+            earlier = await _hold(idem, job_id, user, checked.session_id)
+            if earlier is not None:
+                return earlier
         ttl = config.gateway.idempotency_s + config.stream.ttl_s
         await gateway.reads.remember_owner(OWNER_PREFIX + job_id, user, ttl)
         # The client's trace (a valid W3C traceparent; anything else is ignored) goes on
@@ -222,10 +340,70 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         incoming = traceparent_of([("traceparent", request.headers.get("traceparent", "")
                                     .encode("latin-1"))])
         topic = config.kafka.request_topic
-        with gateway.telemetry.sending(topic, incoming) as traceparent:
-            await gateway.produce(topic, raw, checked.session_id.encode(),
-                                  [("traceparent", traceparent.encode())] if traceparent else [])
+        try:
+            with gateway.telemetry.sending(topic, incoming) as traceparent:
+                await gateway.produce(topic, raw, checked.session_id.encode(),
+                                      [("traceparent", traceparent.encode())] if traceparent
+                                      else [])
+        except TransientError as exc:
+            return await _unconfirmed(job_id, user, checked.session_id, idem, exc)
+        if idem is not None:
+            await gateway.reads.settle(idem, PENDING + job_id, job_id)
         return _accepted(job_id)
+
+    async def _hold(idem: str, job_id: str, user: str, session_id: str) -> Response | None:
+        """Take the Idempotency-Key for this request (None), or answer a repeat: the
+        first request's job once it was accepted. While the first is still being sent,
+        wait for its fate (a refused first leaves the key to this one); one pending for
+        longer than a send can take was left by a gateway that died mid-send: fence its
+        job as a refused one would be, and take the key over unless a worker has it."""
+        waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
+        while True:
+            held = await gateway.reads.claim_once(idem, PENDING + job_id,
+                                                  config.gateway.idempotency_s)
+            if held == PENDING + job_id:
+                return None
+            if not held.startswith(PENDING):
+                return _accepted(held)
+            if trio.current_time() > waited:
+                earlier = held.removeprefix(PENDING)
+                if not await gateway.history.fence_refused(
+                        job_id=earlier, user_id=user, session_id=session_id,
+                        reason="its gateway stopped while sending it"):
+                    await gateway.reads.settle(idem, held, earlier)
+                    return _accepted(earlier)
+                await gateway.reads.settle(idem, held, "")
+                waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
+                continue
+            await trio.sleep(SETTLE_POLL_S)
+
+    async def _unconfirmed(job_id: str, user: str, session_id: str, idem: str | None,
+                           exc: TransientError) -> Response:
+        """The broker did not confirm the request: it may still reach a worker later.
+        Fence it (a terminal row no worker runs) and answer 503, so a refusal is a
+        refusal; a worker that claimed it first means it was accepted after all (202)."""
+        try:
+            fenced = await gateway.history.fence_refused(
+                job_id=job_id, user_id=user, session_id=session_id, reason=str(exc)[:500])
+        except TransientError as fence_failed:
+            log.error("chat: job %s: the broker did not confirm it (%s) and it could not be "
+                      "fenced (%s): it may still run", job_id, exc, fence_failed)
+            if idem is not None:  # a retry with the key gets this job, not a second one
+                await gateway.reads.settle(idem, PENDING + job_id, job_id)
+            return _error(504, "the request was sent but not confirmed, and may still run: "
+                               "follow its events; a retry with the same Idempotency-Key "
+                               "returns this job", jobId=job_id,
+                          events=f"/v1/jobs/{job_id}/events")
+        if idem is not None:
+            await gateway.reads.settle(idem, PENDING + job_id, "" if fenced else job_id)
+        if not fenced:
+            return _accepted(job_id)
+        log.warning("chat: job %s refused: the broker did not confirm it (%s); fenced, it "
+                    "never runs", job_id, exc)
+        response = _error(503, "the request was not accepted (the message broker did not "
+                               "confirm it) and will not run: send it again", code="not_accepted")
+        response.headers["retry-after"] = "2"
+        return response
 
     def _accepted(job_id: str) -> JSONResponse:
         return JSONResponse({"jobId": job_id, "events": f"/v1/jobs/{job_id}/events"},
@@ -236,24 +414,23 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
         if not is_ident(job_id):
             return _error(404, NOT_FOUND)
         resume = request.headers.get("last-event-id")
-        if resume is not None and not ENTRY_ID.match(resume):
-            return _error(400, "Last-Event-ID must be a stream entry id (<ms>-<n>)",
-                          field="Last-Event-ID")
-        stream = config.job_keys(job_id).stream
-        owner = await _owner(gateway, job_id)
-        with trio.move_on_after(config.gateway.stream_wait_s):
-            while owner is None:  # produced elsewhere, not started yet: wait briefly
-                await trio.sleep(0.2)
-                owner = await _owner(gateway, job_id)
-        if owner != user:
-            return _error(404, NOT_FOUND)
-        if resume is not None:
-            last = await gateway.reads.last(stream)
-            if (last is not None and last[1].get("event") == "done"
-                    and last[1].get("jobId") == job_id
-                    and entry_key(last[0]) <= entry_key(resume)):
-                return Response(status_code=204)
-        return EventStream(partial(_relay, gateway, job_id, stream, resume or "0-0"))
+        if resume is not None and not is_entry_id(resume):
+            return _error(400, "Last-Event-ID must be a stream entry id: two integers "
+                          f"0..{U64_MAX} joined by '-'", field="Last-Event-ID")
+        most = config.gateway.max_streams_per_user
+        if not gateway.stream_slots.take(user, most):
+            return _too_many_streams(most, config.gateway.stream_wait_s)
+        release = partial(gateway.stream_slots.give_back, user)
+        try:
+            response = await _open_events(gateway, user, job_id, resume)
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, EventStream):
+            response.on_close = release  # the slot is held until the stream ends
+        else:
+            release()
+        return response
 
     async def cancel(request: Request, user: str) -> Response:
         job_id = request.path_params["job_id"]
@@ -287,25 +464,43 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
             return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
                 "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
         name = request.path_params["name"]
+        with uploads.hold(user) as admitted:
+            if not admitted:
+                busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
+                                   "(rag.max_uploads_per_user); wait for one to finish")
+                busy.headers["retry-after"] = "2"
+                return busy
+            return await _document(request, user, name)
+
+    async def _document(request: Request, user: str, name: str) -> Response:
+        assert gateway.documents is not None
+        rag = config.rag
         try:
             if request.method == "DELETE":
                 gone = await gateway.documents.delete(user, name)
                 if not gone:
                     return _error(404, f"no document {name!r}")
                 return JSONResponse({"name": name, "deleted": gone})
-            data = await _body_within(request, rag.max_document_bytes)
+            data = await _body_within(request, rag.max_document_bytes,
+                                      config.gateway.body_timeout_s)
             if data is None:
-                return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit")
+                return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit "
+                                   "(rag.max_document_bytes)")
             created, summary = await gateway.documents.put(user, name, data)
         except DocumentRefused as exc:
-            return _error(exc.status, str(exc))
+            refused = _error(exc.status, str(exc))
+            if exc.retry_after_s is not None:  # busy (503): nothing of it was stored
+                refused.headers["retry-after"] = str(exc.retry_after_s)
+            return refused
         return JSONResponse(summary, status_code=201 if created else 200)
 
     async def dev_token(request: Request) -> Response:
         try:
-            value = json.loads(await request.body() or b"{}")
+            value = await json_body(request, config)
             name = value.get("user") if isinstance(value, dict) else None
-        except ValueError:
+        except BodyRefused as exc:
+            return _error(exc.status, str(exc))
+        except BadInput:
             name = None
         if not isinstance(name, str) or not 0 < len(name) <= 128:
             return _error(400, 'the body must be {"user": "<name>"}', field="$.user")
@@ -350,9 +545,28 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         scope[RAW_SEND] = send
+        if scope["type"] == "http" and (refused := _declared_too_large(scope, config)):
+            # Before routing, authentication or a byte of the body is read.
+            await refused(scope, receive, send)
+            return
         await starlette(scope, receive, send)
 
     return app
+
+
+def _declared_too_large(scope: Any, config: Config) -> Response | None:
+    """413 for a request whose Content-Length is over `gateway.max_body_bytes`, on every
+    route but uploads (their handler holds them to `rag.max_document_bytes`)."""
+    if str(scope.get("path", "")).startswith(UPLOADS):
+        return None
+    limit = config.gateway.max_body_bytes
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                return _error(413, f"the body is {int(value)} bytes; the limit is {limit} "
+                                   "(gateway.max_body_bytes)")
+            return None
+    return None
 
 
 def sse(entry: Entry, attempt: int, seq: int) -> bytes:
@@ -368,6 +582,14 @@ def sse(entry: Entry, attempt: int, seq: int) -> bytes:
     data["attempt"], data["seq"] = attempt, seq
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: {body}\n\n".encode()
+
+
+def stream_read_error(reason: str) -> bytes:
+    """The last event of a response whose stream cannot be read (contract 7): the
+    contract's `error` shape, without an `id` (it is no stream entry)."""
+    data = {"code": "stream_read", "message": f"this job's events cannot be read: {reason}",
+            "retryable": False}
+    return f"event: error\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 def _int_field(fields: Mapping[str, str], name: str) -> int | None:
@@ -390,8 +612,16 @@ class EventStream(Response):
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
         self.run = run
+        self.on_close: Callable[[], None] | None = None  # called once, however it ended
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self._stream(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _stream(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": self.raw_headers})
         # The body goes past Starlette's middleware (each layer wraps every send, a
@@ -428,6 +658,9 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
         while True:
             batch = await _next(gateway, subscription, heartbeat)
             if batch is None:
+                if subscription.failure is not None:
+                    await write(stream_read_error(subscription.failure))
+                    return
                 if relay.closed:
                     await write(b"retry: 1000\n\n")
                     return
@@ -461,9 +694,16 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
 async def _next(gateway: Gateway, subscription: Subscription,
                 heartbeat_s: float) -> list[Entry] | None:
     """The next entries for this client, or None after `heartbeat_s` of nothing (or
-    once the relay closed its subscription)."""
-    if subscription.behind:
-        caught = await gateway.relay.catch_up(subscription, gateway.reads.after)
+    once the relay closed or failed its subscription)."""
+    # What waits in its channel is older than anything a catch-up reads: it goes first
+    # (the other way round, the older entries came after newer ones and were dropped).
+    if (subscription.behind and subscription.failure is None
+            and not subscription.receive.statistics().current_buffer_used):
+        try:
+            caught = await gateway.relay.catch_up(subscription, gateway.reads.after)
+        except PermanentError as exc:  # this stream cannot be read: this client ends
+            subscription.fail(str(exc))
+            return None
         if caught:
             return caught
     with trio.move_on_after(heartbeat_s):

@@ -2,9 +2,11 @@
 
 The algorithm is pinned by config (a token naming another is refused, `none`
 included); `exp` is required; `aud` and `iss` are checked when configured. The
-userId is the configured claim when it fits the contract's id charset, otherwise
-`h-` + the first 32 hex digits of its SHA-256 (identity providers issue ids like
-`auth0|...` and e-mail addresses).
+userId is the configured claim when it fits the contract's id charset and does not
+start with `h-`, otherwise `h-` + the first 32 hex digits of its SHA-256 (identity
+providers issue ids like `auth0|...` and e-mail addresses). The mapping is injective:
+a claim that starts with `h-` is hashed too, so no claim can be taken as verbatim
+another claim's hashed id.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ class Unauthorized(Exception):
     """401, with the reason the client is told."""
 
 
+HASHED = "h-"  # the prefix of a hashed claim; no claim is taken verbatim with it
+
+
 def user_id_of(claim: str) -> str:
-    if is_ident(claim):
+    if is_ident(claim) and not claim.startswith(HASHED):
         return claim
-    return "h-" + hashlib.sha256(claim.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return HASHED + hashlib.sha256(claim.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ to the least busy). A stream is read from the oldest position any of its clients
 needs; each client gets only entries after its own. A client's buffer is bounded:
 a client that does not read is not given more (it is marked behind and later
 catches up from Redis by itself), so a slow or stuck client never grows the
-gateway's memory.
+gateway's memory. A read that fails because of one stream (its key holds another type,
+Redis refuses its position) ends that stream's clients with the reason; the reader's
+other streams keep their positions. A failure of the connection or the server is
+retried with backoff for all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Protocol
 import trio
 
 from actors.backoff import Backoff
-from actors.errors import PermanentError, TransientError
+from actors.errors import PermanentError, StreamsRefused, TransientError
 from messages.ports import Entry
 
 log = logging.getLogger("chat_actors.gateway.relay")
@@ -53,6 +56,12 @@ class Subscription:
     send: trio.MemorySendChannel[Entry]
     receive: trio.MemoryReceiveChannel[Entry]
     behind: bool = False  # entries were dropped: catch up from Redis before going on
+    failure: str | None = None  # why its stream cannot be read: the client is told and ended
+
+    def fail(self, reason: str) -> None:
+        """End this client (its receive ends once it has what came before) with why."""
+        self.failure = reason
+        self.send.close()
 
     def offer(self, entry: Entry) -> None:
         if self.behind or entry_key(entry[0]) <= entry_key(self.last):
@@ -173,7 +182,9 @@ class Relay:
             subscription.last = entries[-1][0]
         if len(entries) < READ_COUNT:
             subscription.behind = False
-            self._read_from(self._state(subscription.key), subscription.key, subscription.last)
+            if subscription.failure is None:  # a refused stream is not named to a reader again
+                self._read_from(self._state(subscription.key), subscription.key,
+                                subscription.last)
         return entries
 
     def open_streams(self) -> int:
@@ -221,6 +232,17 @@ class Relay:
             state.reading = state.version
             try:
                 found = await state.reader.read(wanted, READ_COUNT, BLOCK_MS)
+            except StreamsRefused as exc:
+                # The fault of some streams alone (a key of another type, a position
+                # Redis refuses): their clients are ended, and every other stream keeps
+                # its position and is read again at once, never held back by them.
+                state.reading = None
+                failures = 0
+                for key, entries in exc.found:
+                    if key in wanted:
+                        self._deliver(state, key, wanted[key], entries)
+                self._refuse(state, exc.refused)
+                continue
             except (TransientError, PermanentError) as exc:
                 state.reading = None
                 failures += 1
@@ -231,6 +253,21 @@ class Relay:
             failures = 0
             for key, entries in found:
                 self._deliver(state, key, wanted[key], entries)
+
+    def _refuse(self, state: _ReaderState, refused: Mapping[str, str]) -> None:
+        """Streams the reader cannot read: each of their clients is ended with the reason,
+        and the reader stops naming them. A client that comes back is read afresh."""
+        for key, reason in refused.items():
+            following = state.subscriptions.pop(key, set[Subscription]())
+            state.positions.pop(key, None)
+            if self._assigned.get(key) is state:
+                del self._assigned[key]
+            log.warning("stream %s cannot be read (%s): its %d client(s) are ended",
+                        key, reason, len(following))
+            for subscription in following:
+                subscription.fail(reason)
+        if not self.open_streams():
+            self._emptied.set()
 
     def _deliver(self, state: _ReaderState, key: str, read_from: str,
                  entries: Sequence[Entry]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,11 +23,11 @@ from hypercorn.trio import serve
 
 from actors.adapters import telemetry_of
 from actors.adapters.documents import DocumentStore
-from actors.adapters.ingestion import UserDocuments
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
 from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
 from actors.adapters.redis_streams import StreamReads
+from actors.adapters.uploads import PDF_READER, UserDocuments
 from actors.errors import PermanentError, TransientError
 from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier
@@ -54,6 +54,12 @@ def verifier_of(config: Config) -> Verifier:
     if gw.jwt_algorithm == "RS256":
         if not gw.jwt_public_key_file:
             raise ConfigError("gateway.jwt_public_key_file: RS256 needs the PEM public key")
+        if not gw.jwt_audience:
+            # An RS256 key is an identity provider's, and it signs tokens for every
+            # application it serves: without an audience, any of those would be taken.
+            raise ConfigError("gateway.jwt_audience: RS256 needs the audience this gateway's "
+                              "tokens are issued for (the identity provider signs tokens for "
+                              "other applications with the same key)")
         try:
             key: str | bytes = Path(gw.jwt_public_key_file).read_bytes()
         except OSError as exc:
@@ -86,9 +92,11 @@ async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> 
 
 async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                       handle_signals: bool = True, telemetry: Telemetry | None = None,
+                      pdf_reader: Sequence[str] = PDF_READER,
                       task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
                       ) -> None:
-    """Serve until `stop` is set or a signal arrives, then drain and return."""
+    """Serve until `stop` is set or a signal arrives, then drain and return. `pdf_reader`
+    is the command of the child process that reads an uploaded PDF (tests hold it)."""
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
     reads = StreamReads(config.redis)
@@ -115,9 +123,11 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
 
     async def produce(topic: str, value: bytes, key: bytes | None,
                       headers: list[tuple[str, bytes]]) -> None:
-        await producer.send(topic, value, key=key, headers=headers)
+        await producer.send(topic, value, key=key, headers=headers,
+                            timeout_s=config.gateway.produce_timeout_s)
 
-    documents = UserDocuments(DocumentStore.from_config(config, pg), config)
+    documents = UserDocuments(DocumentStore.from_config(config, pg), config,
+                              pdf_reader=pdf_reader)
     telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
     gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
                       produce=produce, documents=documents, telemetry=telemetry)
