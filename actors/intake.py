@@ -33,7 +33,7 @@ from actors.ports import DeadLetters, RequestSource
 from actors.telemetry import traceparent_of
 from actors.worker import Worker
 from messages.mailboxes import Delivery, JobRef, JobRejected, Receipt
-from messages.wire import BadInput, ChatRequest, Done, Error, decode_request
+from messages.wire import BadInput, ChatRequest, Done, Error
 
 log = logging.getLogger("chat_actors.intake")
 
@@ -135,7 +135,6 @@ class Intake:
         self.worker = worker
         self.tracker = tracker
         self.run_job = run_job
-        self.aliases = frozenset(worker.config.llm.models)
         self.capabilities = alias_capabilities(worker.config, worker.pricing)
         self.max_in_flight = worker.config.jobs.max_in_flight
         self.low_water = self.max_in_flight * 3 // 4
@@ -200,15 +199,7 @@ class Intake:
     def admit(self, delivery: Delivery, jobs: trio.Nursery) -> None:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
         try:
-            limits = self.worker.config.limits
-            request = decode_request(delivery.value, model_aliases=self.aliases,
-                                     max_message_chars=limits.max_message_chars,
-                                     max_request_bytes=limits.max_request_bytes,
-                                     max_attachment_bytes=limits.max_attachment_bytes,
-                                     image_url_hosts=limits.image_url_hosts,
-                                     max_schema_bytes=limits.max_schema_bytes,
-                                     max_schema_depth=limits.max_schema_depth,
-                                     max_schema_expanded_bytes=limits.max_schema_expanded_bytes)
+            request = self.worker.config.decode_request(delivery.value)
             check_capabilities(request, self.worker.config, self.capabilities)
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.

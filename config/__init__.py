@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import msgspec
 from msgspec import Meta
 
+from messages.wire import ChatRequest, decode_request
+
 T = TypeVar("T")
 DEFAULT_FILE = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "CHAT_ACTORS__"
@@ -418,6 +420,19 @@ class Config(_Section, frozen=True):
     def alias(self, name: str | None) -> tuple[str, ModelAlias]:
         name = name or self.llm.default_model
         return name, self.llm.models[name]
+
+    def decode_request(self, raw: bytes | None) -> ChatRequest:
+        """One `chat.request` value checked against this config's aliases and limits, or
+        BadInput: the one rule of the worker's intake and the gateway."""
+        limits = self.limits
+        return decode_request(raw, model_aliases=frozenset(self.llm.models),
+                              max_message_chars=limits.max_message_chars,
+                              max_request_bytes=limits.max_request_bytes,
+                              max_attachment_bytes=limits.max_attachment_bytes,
+                              image_url_hosts=limits.image_url_hosts,
+                              max_schema_bytes=limits.max_schema_bytes,
+                              max_schema_depth=limits.max_schema_depth,
+                              max_schema_expanded_bytes=limits.max_schema_expanded_bytes)
 
     def job_keys(self, job_id: str) -> JobKeys:
         return job_keys(self.stream.key_template, job_id, cluster=self.redis.cluster)

@@ -27,6 +27,7 @@ from actors.errors import StreamsRefused
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from tests.helpers import gateway_running
 from tests.test_gateway import bearer, parse_sse
+from tests.test_relay import follow as follow_text
 from tools import local_stack
 
 
@@ -65,15 +66,9 @@ async def follow(http: httpx.AsyncClient, job_id: str, into: dict[str, list[dict
                  *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Read the job's events to `done` (to the end: no half-read response is left);
     started once its `started` event has arrived."""
-    text, reported = "", False
-    async with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer()) as response:
-        assert response.status_code == 200
-        async for chunk in response.aiter_text():
-            text += chunk
-            if not reported and "event: started" in text:
-                reported = True
-                task_status.started()
-    into[job_id] = parse_sse(text)
+    texts: dict[str, str] = {}
+    await follow_text(http, job_id, "alice", texts, task_status=task_status)
+    into[job_id] = parse_sse(texts[job_id])
 
 
 def texts(events: list[dict[str, Any]]) -> str:

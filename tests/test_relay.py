@@ -597,9 +597,12 @@ def finish(rds: Any, stream: str, job_id: str, user: str, tokens: int) -> None:
 
 def blocks(text: str) -> list[dict[str, str]]:
     """Every SSE event of a response, as its fields (those without an `id` too)."""
-    found = []
+    found: list[dict[str, str]] = []
     for block in text.split("\n\n"):
-        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            fields[name] = value
         if "event" in fields:
             found.append(fields)
     return found
@@ -636,8 +639,10 @@ async def test_a_forged_last_event_id_is_a_400_before_any_read(gw_config, rds):
         with trio.fail_after(60):  # an unknown job would be waited for 600 s: not here
             for job_id in (mine, uuid7()):
                 for value in forged:
-                    response = await http.get(f"/v1/jobs/{job_id}/events",
-                                              headers=bearer("mallory") | {"Last-Event-ID": value})
+                    headers = {name.encode(): text.encode()
+                               for name, text in bearer("mallory").items()}
+                    headers[b"Last-Event-ID"] = value if isinstance(value, bytes) else value.encode()
+                    response = await http.get(f"/v1/jobs/{job_id}/events", headers=headers)
                     assert response.status_code == 400, value
                     assert response.json()["error"]["field"] == "Last-Event-ID", value
                     assert str(U64_MAX) in response.json()["error"]["message"]

@@ -215,7 +215,7 @@ class ClusterReader:
         return []
 
     def _settle(self, due: Mapping[str, str], found: list[tuple[str, list[Entry]]],
-              refused: Iterable[str] = ()) -> None:
+                refused: Iterable[str] = ()) -> None:
         """Where each stream of `due` now stands: after its last entry found, or where it
         was read from. A refused stream has not been read: asked again, it is due."""
         for key, entries in found:

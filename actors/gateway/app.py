@@ -16,7 +16,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +38,7 @@ from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
 from messages.ports import U64_MAX, Entry, is_entry_id
-from messages.wire import BadInput, check_shape, decode_request, is_ident
+from messages.wire import BadInput, check_shape, is_ident
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -112,10 +112,11 @@ class GatewayMetrics:
 
 
 @dataclass
-class StreamSlots:
-    """Event streams open or waiting for their job, per user, in this process
-    (gateway.max_streams_per_user). Every stream and every wait costs Redis reads that
-    all users share, so one user's burst is refused (429) instead of slowing the rest."""
+class UserSlots:
+    """What each user holds open at once in this process: event streams open or waiting
+    for their job (gateway.max_streams_per_user; every stream and every wait costs
+    Redis reads that all users share), uploads (rag.max_uploads_per_user; a waiting one
+    holds its body). One user's burst is refused (429) instead of slowing the rest."""
 
     held: dict[str, int] = field(default_factory=dict[str, int])
 
@@ -145,7 +146,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
     telemetry: Telemetry = field(default_factory=NoTelemetry)
-    stream_slots: StreamSlots = field(default_factory=StreamSlots)
+    stream_slots: UserSlots = field(default_factory=UserSlots)
 
     def close(self) -> None:
         """Start draining: /readyz turns 503, and every open stream ends at once with a
@@ -248,38 +249,12 @@ async def json_body(request: Request, config: Config) -> Any:
         raise BadInput("$", f"the body is not JSON: {exc}") from None
 
 
-class PerUser:
-    """How many of something each user holds open at once, up to `most`."""
-
-    def __init__(self, most: int) -> None:
-        self.most = most
-        self._open: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, user: str) -> Iterator[bool]:
-        """One more for `user` for the block: True, or False (and nothing held) when
-        the user holds `most` already."""
-        held = self._open.get(user, 0)
-        if held >= self.most:
-            yield False
-            return
-        self._open[user] = held + 1
-        try:
-            yield True
-        finally:
-            if self._open[user] == 1:
-                del self._open[user]
-            else:
-                self._open[user] -= 1
-
-
 RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for EventStream
 
 
 def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
     config = gateway.config
-    aliases = frozenset(config.llm.models)
-    uploads = PerUser(config.rag.max_uploads_per_user)
+    uploads = UserSlots()  # uploads and deletes open, per user (rag.max_uploads_per_user)
 
     def guarded(route: str, handler: Callable[[Request, str], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
@@ -319,15 +294,7 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
                           field="Idempotency-Key")
         job_id = uuid7()
         raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
-        limits = config.limits
-        checked = decode_request(raw, max_message_chars=limits.max_message_chars,
-                                 model_aliases=aliases,
-                                 max_request_bytes=limits.max_request_bytes,
-                                 max_attachment_bytes=limits.max_attachment_bytes,
-                                 image_url_hosts=limits.image_url_hosts,
-                                 max_schema_bytes=limits.max_schema_bytes,
-                                 max_schema_depth=limits.max_schema_depth,
-                                 max_schema_expanded_bytes=limits.max_schema_expanded_bytes)
+        checked = config.decode_request(raw)
         idem = idempotency_key(user, key) if key is not None else None
         if idem is not None:
             earlier = await _hold(idem, job_id, user, checked.session_id)
@@ -464,13 +431,15 @@ def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
             return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
                 "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
         name = request.path_params["name"]
-        with uploads.hold(user) as admitted:
-            if not admitted:
-                busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
-                                   "(rag.max_uploads_per_user); wait for one to finish")
-                busy.headers["retry-after"] = "2"
-                return busy
+        if not uploads.take(user, rag.max_uploads_per_user):
+            busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
+                               "(rag.max_uploads_per_user); wait for one to finish")
+            busy.headers["retry-after"] = "2"
+            return busy
+        try:
             return await _document(request, user, name)
+        finally:
+            uploads.give_back(user)
 
     async def _document(request: Request, user: str, name: str) -> Response:
         assert gateway.documents is not None
