@@ -154,3 +154,17 @@ def stop_process(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+async def raw_status(port: int, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send `head` and the parts of a body over one connection, and return the status
+    line the gateway answers with (it must answer without waiting for the rest)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head)
+        for part in body_parts:
+            await stream.send_all(part)
+        received = b""
+        while chunk := await stream.receive_some(4096):  # to the end: the gateway closes
+            received += chunk
+        return received.split(b"\r\n", 1)[0]

@@ -19,7 +19,7 @@ from actors.adapters.kafka import NotDelivered, Producer
 from actors.adapters.postgres import Postgres
 from actors.gateway.auth import user_id_of
 from messages.ports import AlreadyTerminal, Claimed
-from tests.helpers import gateway_running, job_row, wait_calls, worker_running
+from tests.helpers import gateway_running, job_row, raw_status, wait_calls, worker_running
 from tests.scripted_llm import Reply
 from tests.test_gateway import bearer, parse_sse, read_events
 
@@ -63,20 +63,6 @@ async def test_idempotency_keys_of_users_whose_ids_hold_a_colon_never_collide(gw
         assert again.json()["jobId"] == acme.json()["jobId"]
 
 
-async def _raw_request(port: int, head: bytes, body_parts: list[bytes]) -> bytes:
-    """Send `head` and the parts of a body over one connection, and return the status
-    line the gateway answers with (it must answer without waiting for the rest)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(head)
-        for part in body_parts:
-            await stream.send_all(part)
-        received = b""
-        while chunk := await stream.receive_some(4096):  # to the end: the gateway closes
-            received += chunk
-        return received.split(b"\r\n", 1)[0]
-
-
 async def test_a_body_is_bounded_in_size_and_time_before_it_is_read(gw_config):
     config = gw_config(CHAT_ACTORS__GATEWAY__MAX_BODY_BYTES="65536",
                        CHAT_ACTORS__GATEWAY__BODY_TIMEOUT_S="0.5",
@@ -91,19 +77,19 @@ async def test_a_body_is_bounded_in_size_and_time_before_it_is_read(gw_config):
             head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth +
                     b"\r\nContent-Type: application/json\r\nContent-Length: 400000000\r\n\r\n")
             with trio.fail_after(20):
-                status = await _raw_request(port, head, [b"{" * 1024])
+                status = await raw_status(port, head, [b"{" * 1024])
             assert status.startswith(b"HTTP/1.1 413"), (path, status)
         # No length declared (chunked): read up to the limit, then refused.
         head = (b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth +
                 b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         with trio.fail_after(20):
-            status = await _raw_request(port, head, [b"1000\r\n" + b" " * 4096 + b"\r\n"] * 30)
+            status = await raw_status(port, head, [b"1000\r\n" + b" " * 4096 + b"\r\n"] * 30)
         assert status.startswith(b"HTTP/1.1 413"), status
         # A few bytes and then nothing (slowloris): refused once the time budget is out.
         head = (b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth +
                 b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
         with trio.fail_after(20):
-            status = await _raw_request(port, head, [b'{"sessionId"'])
+            status = await raw_status(port, head, [b'{"sessionId"'])
         assert status.startswith(b"HTTP/1.1 408")
         # The gateway goes on: a well-formed request of the same user is served.
         fine = await client.post("/v1/chat", json={"sessionId": "s", "message": "hi"},

@@ -44,7 +44,7 @@ from actors.gateway.relay import Relay, Subscription, entry_key
 from config import Config, Redis
 from messages.ports import U64_MAX, Entry, is_entry_id
 from tests.helpers import gateway_running, until
-from tests.test_gateway import bearer, parse_sse
+from tests.test_gateway import bearer, blocks, parse_sse
 from tools import local_stack
 
 # ---------------------------------------------------------------- a fake reader
@@ -593,19 +593,6 @@ def finish(rds: Any, stream: str, job_id: str, user: str, tokens: int) -> None:
         append(rds, stream, job_id, user, "token", n, {"text": f"{n} "})
     append(rds, stream, job_id, user, "done", tokens + 1,
            {"status": "completed", "partial": False})
-
-
-def blocks(text: str) -> list[dict[str, str]]:
-    """Every SSE event of a response, as its fields (those without an `id` too)."""
-    found: list[dict[str, str]] = []
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        if "event" in fields:
-            found.append(fields)
-    return found
 
 
 async def follow(http: Any, job_id: str, user: str, into: dict[str, str],
