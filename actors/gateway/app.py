@@ -47,6 +47,7 @@ RETRY_MS = 3000  # what a client waits before it reconnects
 OWNER_PREFIX = "chat-actors:gateway:owner:"
 IDEMPOTENCY_PREFIX = "chat-actors:gateway:idem:"
 PENDING = "pending:"  # an Idempotency-Key's value while its request is being sent
+WAIT_FIRST_S, WAIT_MOST_S = 0.2, 1.0  # a job nobody has started is looked up again after
 SETTLE_POLL_S = 0.1  # how often a repeat looks whether the first request's fate is known
 UPLOADS = "/v1/documents/"  # the one route whose body is not JSON (rag.max_document_bytes)
 
@@ -188,9 +189,13 @@ async def _open_events(gateway: Gateway, user: str, job_id: str,
     config = gateway.config
     stream = config.job_keys(job_id).stream
     owner = await _owner(gateway, job_id)
+    pause = WAIT_FIRST_S
     with trio.move_on_after(config.gateway.stream_wait_s):
         while owner is None:  # produced elsewhere, not started yet: wait briefly
-            await trio.sleep(0.2)
+            # Looked up less often the longer it waits: a crowd of waits for jobs that
+            # never come (unknown ids) costs the shared Redis pool little.
+            await trio.sleep(pause)
+            pause = min(pause * 1.5, WAIT_MOST_S)
             owner = await _owner(gateway, job_id)
     if owner != user:
         return _error(404, NOT_FOUND)
