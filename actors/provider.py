@@ -15,6 +15,7 @@ and only the new text is streamed on, so the client's text stays consistent.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -239,6 +240,20 @@ def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
     return [(thought, "".join(texts)) for thought, texts in runs]
 
 
+async def _off_the_clock(stall: trio.CancelScope, sending: Awaitable[None]) -> None:
+    """Await `sending` (an event into the job's mailbox) with the vendor's stall clock
+    stopped: a full mailbox (Redis slow, a sink behind) is our backpressure, not the
+    vendor's silence. Reading pauses meanwhile (the vendor's chunks wait in their own
+    bounded mailbox, then in its socket); only the job's own deadline or a cancel can
+    end the wait. The clock goes on from where it stood."""
+    left = stall.deadline - trio.current_time()
+    stall.deadline = math.inf
+    try:
+        await sending
+    finally:
+        stall.deadline = trio.current_time() + left
+
+
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
                    listeners: Listeners,
@@ -304,14 +319,15 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                         if is_reasoning:
                             thought.append(text)
                             if listeners.on_reasoning is not None:
-                                await listeners.on_reasoning(text)
+                                await _off_the_clock(stall, listeners.on_reasoning(text))
                             continue
                         if answer.first_token_at is None:
                             answer.first_token_at = trio.current_time()
-                        # Kept only once sent: a stall that cuts the send short (the
-                        # sink's mailbox full) must not leave the answer holding text
-                        # the client never got (the next try continues from it).
-                        await listeners.on_token(text)
+                        # Kept only once sent: the job's deadline or a cancel that cuts
+                        # the send short (the sink's mailbox full) must not leave the
+                        # answer holding text the client never got (a takeover
+                        # continues from it).
+                        await _off_the_clock(stall, listeners.on_token(text))
                         answer.parts.append(text)
         if stall.cancelled_caught:
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor

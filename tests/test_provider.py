@@ -256,19 +256,41 @@ async def test_a_vendor_whose_tool_calls_grow_without_end_is_cut_off(autojump_cl
     assert answer.tool_calls == [] and vendor.sent == 4
 
 
-async def test_text_whose_send_a_stall_cut_short_is_not_kept(autojump_clock):
-    """The job's event mailbox is full (Redis slow, a worker just thawed) when the stall
-    deadline passes: the text being sent never reached the client, so the next try
-    continues from before it, and the answer is exactly what the client got."""
-    chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
+async def test_a_full_event_mailbox_is_not_the_vendors_stall(autojump_clock):
+    """The job's event mailbox stays full (Redis slow, a worker just thawed) for three
+    idle timeouts while the vendor is healthy: reading pauses, the vendor is neither
+    hung up on nor paid for another try, and its stall clock goes on from where it
+    stood once the mailbox takes events again."""
+    chat = FakeChat([Try(tokens=("one ", "two ", "three "))])
     streamed: list[str] = []
-    sends = 0
 
     async def on_token(text):
-        nonlocal sends
-        sends += 1
-        if sends == 1:
-            await trio.sleep_forever()  # the mailbox stays full past the idle timeout
+        if not streamed:
+            await trio.sleep(CONFIG.jobs.idle_timeout_s * 3)  # the mailbox is full
+        streamed.append(text)
+
+    async def on_switch(old, new, why):
+        raise AssertionError(f"no retry or fallback was due: {why}")
+
+    answer = Answer()
+    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
+                        messages=MESSAGES, params={}, count=lambda text: len(text.split()),
+                        prompt_estimate=3, on_token=on_token, on_switch=on_switch,
+                        answer=answer)
+    assert "".join(streamed) == answer.text == "one two three "
+    assert len(chat.calls) == 1 and answer.retries == 0
+
+
+async def test_a_vendor_silent_after_a_full_mailbox_is_still_a_stall(autojump_clock):
+    """The clock stopped only while the mailbox was full: a vendor that then goes
+    silent is hung up on after its idle timeout, and the next try continues exactly
+    what the client got."""
+    chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
+    streamed: list[str] = []
+
+    async def on_token(text):
+        if not streamed:
+            await trio.sleep(CONFIG.jobs.idle_timeout_s * 3)
         streamed.append(text)
 
     async def on_switch(old, new, why):
@@ -279,5 +301,5 @@ async def test_text_whose_send_a_stall_cut_short_is_not_kept(autojump_clock):
                         messages=MESSAGES, params={}, count=lambda text: len(text.split()),
                         prompt_estimate=3, on_token=on_token, on_switch=on_switch,
                         answer=answer)
-    assert "".join(streamed) == answer.text == "again "
-    assert chat.calls[1][1] == MESSAGES  # nothing was sent: nothing is continued
+    assert "".join(streamed) == answer.text == "one two again "
+    assert len(chat.calls) == 2 and chat.calls[1][1][-1]["content"] == "one two "
