@@ -240,6 +240,21 @@ def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
     return [(thought, "".join(texts)) for thought, texts in runs]
 
 
+# A request's `params` name (config `drop_params`) -> the name sent to the vendor.
+_PARAM_NAMES = {"temperature": "temperature", "topP": "top_p", "stop": "stop", "seed": "seed",
+                "reasoningEffort": "reasoning_effort"}
+
+
+def params_for(spec: ModelAlias, params: dict[str, Any]) -> dict[str, Any]:
+    """The job's parameters as this alias's vendor takes them: those it refuses
+    (`drop_params`) left out, so a fallback to another alias still gets them."""
+    dropped = {_PARAM_NAMES[name] for name in spec.drop_params} & params.keys()
+    if not dropped:
+        return params
+    log.debug("model %s: %s dropped (drop_params)", spec.model, ", ".join(sorted(dropped)))
+    return {name: value for name, value in params.items() if name not in dropped}
+
+
 async def _off_the_clock(stall: trio.CancelScope, sending: Awaitable[None]) -> None:
     """Await `sending` (an event into the job's mailbox) with the vendor's stall clock
     stopped: a full mailbox (Redis slow, a sink behind) is our backpressure, not the
@@ -272,7 +287,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         try:
             await chat.stream(model=spec.model, api_base=spec.api_base,
                               api_key_env=spec.api_key_env, messages=messages,
-                              params=params, out=send, stream_path=spec.stream_path,
+                              params=params_for(spec, params), out=send,
+                              stream_path=spec.stream_path,
                               resend=resend)
         except (TransientError, PermanentError) as exc:
             failure = exc

@@ -228,6 +228,9 @@ class ModelAlias(_Section, frozen=True):
     tools: bool | None = None
     reasoning: bool | None = None
     continues: bool | None = None  # continues a trailing assistant turn; unset: see default.toml
+    # Request parameters this alias's vendor refuses though the model map says it takes
+    # them (a request's value for one is dropped, never an error).
+    drop_params: list[Literal["temperature", "topP", "stop", "seed", "reasoningEffort"]] = []
 
 
 class Llm(_Section, frozen=True):

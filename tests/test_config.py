@@ -48,6 +48,9 @@ def test_env_can_define_a_new_model_alias():
     # Limits are finite: the ledger cannot hold an infinity (no limit is written 0).
     ({"CHAT_ACTORS__BUDGETS__USER__USD": "inf"}, "budgets.user.usd: Expected `float` <="),
     ({"CHAT_ACTORS__JOBS__SESSION_QUEUE_MAX": "0"}, "jobs.session_queue_max: Expected `int` >= 1"),
+    # drop_params takes a request's parameter names, not the vendor's.
+    ({"CHAT_ACTORS__LLM__MODELS__LOCAL__DROP_PARAMS": '["top_p"]'},
+     "llm.models.local.drop_params[0]: Invalid enum value 'top_p'"),
 ])
 def test_bad_values_name_the_key_and_the_rule(environ, message):
     with pytest.raises(ConfigError) as info:

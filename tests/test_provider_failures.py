@@ -17,6 +17,7 @@ api_base = "{url}"
 api_key_env = "SCRIPTED_LLM_KEY"
 fallbacks = ["backup"]
 stream_path = "{path}"
+{scripted}
 
 [llm.models.backup]
 model = "openai/backup-model"
@@ -43,12 +44,12 @@ def make_config(make_config, stream_path):
     return make
 
 
-def with_backup(make_config, llm, retries: int):
+def with_backup(make_config, llm, retries: int, scripted: str = ""):
     _, path = make_config()
     text = path.read_text()
     # Replace the scripted alias of the base config with one that has a fallback.
     head, _, _ = text.partition("[llm.models.scripted]")
-    extra = BACKUP.format(url=llm.url, path=make_config.stream_path)
+    extra = BACKUP.format(url=llm.url, path=make_config.stream_path, scripted=scripted)
     path.write_text(head + extra + "\n[shutdown]\ngrace_s = 5\n[health]\nport = 0\n")
     from config import load_config
 
@@ -120,3 +121,22 @@ async def test_5xx_on_every_alias_fails_as_retryable(make_config, llm, rds):
     assert events[-2]["data"]["code"] == "provider_unavailable"
     assert events[-2]["data"]["retryable"] is True
     assert events[-1]["data"]["status"] == "failed"
+
+
+async def test_a_parameter_the_alias_drops_never_reaches_its_vendor_but_its_fallback_gets_it(
+        make_config, llm, rds, db):
+    """`drop_params` (issue 36): the vendor behind `scripted` refuses `temperature`; a
+    request that sets it is answered, without it, by that alias, and the fallback the
+    broken stream moves to (which takes it) gets it again."""
+    config = with_backup(make_config, llm, retries=0,
+                         scripted='drop_params = ["temperature", "seed"]')
+    llm.queue(Reply(tokens=("Warm", " and"), break_after=1), Reply(tokens=(" dry.",)))
+    req = request("Weather?", params={"temperature": 0.5, "topP": 0.9})
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert events[-1]["data"]["status"] == "completed"
+    first, fallback = llm.calls[0].body, llm.calls[1].body
+    assert "temperature" not in first and first["top_p"] == 0.9
+    assert fallback["model"] == "backup-model" and fallback["temperature"] == 0.5
+    assert (job_row(db, req["jobId"]) or {}).get("model") == "backup"
