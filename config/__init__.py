@@ -24,6 +24,12 @@ from messages.wire import ChatRequest, decode_request
 T = TypeVar("T")
 DEFAULT_FILE = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "CHAT_ACTORS__"
+OWN_COLLECTION = "user-"  # + a userId: that user's own collection, where their uploads go
+
+
+def own_collection(user_id: str) -> str:
+    """The RAG collection that is `user_id`'s own (searched first, written by uploads)."""
+    return OWN_COLLECTION + user_id
 
 Positive = Annotated[int, Meta(gt=0)]
 # Float bounds written as floats: typing caches Annotated types by equality (0 == 0.0),
@@ -278,7 +284,7 @@ class Rag(_Section, frozen=True):
 
     def allowed(self, user_id: str) -> list[str]:
         """The collections `user_id` may search, their own first."""
-        own = f"user-{user_id}"
+        own = own_collection(user_id)
         granted = [name for name, users in self.grants.items() if user_id in users]
         return list(dict.fromkeys([own, *self.shared_collections, *granted]))
 
@@ -571,11 +577,12 @@ def _check_models(config: Config) -> None:
     for key, names in (("rag.shared_collections", config.rag.shared_collections),
                        ("rag.grants", list(config.rag.grants))):
         for name in names:
-            if name.startswith("user-"):
+            if name.startswith(OWN_COLLECTION):
                 raise ConfigError(
-                    f"{key}: {name!r} is the own collection of user {name.removeprefix('user-')!r} "
-                    "(their uploads go there): it cannot be shared or granted; name a "
-                    "collection that does not start with 'user-'")
+                    f"{key}: {name!r} is the own collection of user "
+                    f"{name.removeprefix(OWN_COLLECTION)!r} (their uploads go there): it cannot "
+                    f"be shared or granted; name a collection that does not start with "
+                    f"{OWN_COLLECTION!r}")
     if "{job_id}" not in config.stream.key_template and "{" in config.stream.key_template:
         raise ConfigError(
             "stream.key_template: the only placeholder allowed is {job_id}"

@@ -59,11 +59,16 @@ class FakeChat:
                                           completion_tokens=None, model=model))
 
 
-async def run(chat: FakeChat) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
+async def run(chat: FakeChat, mailbox_full_s: float = 0.0
+              ) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
+    """Stream an answer from `chat`; the job's event mailbox takes no event for
+    `mailbox_full_s` when the first one comes (Redis slow)."""
     streamed: list[str] = []
     switches: list[tuple[str, str, str]] = []
 
     async def on_token(text):
+        if not streamed:
+            await trio.sleep(mailbox_full_s)
         streamed.append(text)
 
     async def on_switch(old, new, why):
@@ -262,23 +267,9 @@ async def test_a_full_event_mailbox_is_not_the_vendors_stall(autojump_clock):
     hung up on nor paid for another try, and its stall clock goes on from where it
     stood once the mailbox takes events again."""
     chat = FakeChat([Try(tokens=("one ", "two ", "three "))])
-    streamed: list[str] = []
-
-    async def on_token(text):
-        if not streamed:
-            await trio.sleep(CONFIG.jobs.idle_timeout_s * 3)  # the mailbox is full
-        streamed.append(text)
-
-    async def on_switch(old, new, why):
-        raise AssertionError(f"no retry or fallback was due: {why}")
-
-    answer = Answer()
-    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
-                        messages=MESSAGES, params={}, count=lambda text: len(text.split()),
-                        prompt_estimate=3, on_token=on_token, on_switch=on_switch,
-                        answer=answer)
+    answer, streamed, switches = await run(chat, mailbox_full_s=CONFIG.jobs.idle_timeout_s * 3)
     assert "".join(streamed) == answer.text == "one two three "
-    assert len(chat.calls) == 1 and answer.retries == 0
+    assert len(chat.calls) == 1 and answer.retries == 0 and switches == []
 
 
 async def test_a_vendor_silent_after_a_full_mailbox_is_still_a_stall(autojump_clock):
@@ -286,20 +277,6 @@ async def test_a_vendor_silent_after_a_full_mailbox_is_still_a_stall(autojump_cl
     silent is hung up on after its idle timeout, and the next try continues exactly
     what the client got."""
     chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
-    streamed: list[str] = []
-
-    async def on_token(text):
-        if not streamed:
-            await trio.sleep(CONFIG.jobs.idle_timeout_s * 3)
-        streamed.append(text)
-
-    async def on_switch(old, new, why):
-        pass
-
-    answer = Answer()
-    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
-                        messages=MESSAGES, params={}, count=lambda text: len(text.split()),
-                        prompt_estimate=3, on_token=on_token, on_switch=on_switch,
-                        answer=answer)
+    answer, streamed, _ = await run(chat, mailbox_full_s=CONFIG.jobs.idle_timeout_s * 3)
     assert "".join(streamed) == answer.text == "one two again "
     assert len(chat.calls) == 2 and chat.calls[1][1][-1]["content"] == "one two "

@@ -24,7 +24,7 @@ from actors.adapters.keywords import Chunk, Superseded
 from actors.adapters.tokens import TokenCounter
 from actors.chunking import chunk_text
 from actors.errors import PermanentError
-from config import Config
+from config import OWN_COLLECTION, Config
 
 Origin = Literal["ingest", "upload"]
 INGEST: Origin = "ingest"  # put there by `chat-actors ingest`
@@ -148,10 +148,11 @@ def _plan(collection: str, current: dict[str, Chunk], wanted: dict[str, Chunk],
     # Chunks of the sources given that are gone (the text shrank), or of removed sources.
     named = {i for i, c in current.items()
              if i not in wanted and c.source not in documents and remove(c.source)}
-    kept = {i for i in named if origin == INGEST and _maybe_uploaded(collection, current[i])}
-    report.kept_uploads = sorted({current[i].source for i in kept})
+    uploaded = {i for i in named
+                if origin == INGEST and _maybe_uploaded(collection, current[i])}
+    report.kept_uploads = sorted({current[i].source for i in uploaded})
     report.deleted = [i for i, c in current.items() if i not in wanted and (
-        c.source in documents or (i in named and i not in kept))]
+        c.source in documents or (i in named and i not in uploaded))]
     gone = set(report.deleted)
     kept = [c for i, c in current.items() if i not in wanted and i not in gone]
     return report, [*kept, *wanted.values()]
@@ -165,7 +166,7 @@ def _maybe_uploaded(collection: str, chunk: Chunk) -> bool:
     marked = chunk.metadata.get("origin")
     if marked is not None:
         return marked == UPLOAD
-    return collection.startswith("user-") and "/" not in chunk.source
+    return collection.startswith(OWN_COLLECTION) and "/" not in chunk.source
 
 
 def _embed_and_store(store: DocumentStore, config: Config, collection: str,

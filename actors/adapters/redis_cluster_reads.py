@@ -22,7 +22,12 @@ import redis
 import trio
 
 from actors.adapters.redis_events import translate
-from actors.adapters.redis_streams import CONNECTION_FAULTS, RespConnection, streams_at_fault
+from actors.adapters.redis_streams import (
+    CONNECTION_FAULTS,
+    RespConnection,
+    stream_refusal,
+    streams_at_fault,
+)
 from actors.backoff import Backoff
 from actors.errors import PermanentError, StreamsRefused, TransientError
 from messages.ports import Entry, is_entry_id
@@ -266,15 +271,12 @@ class ClusterReader:
 
 
 def _refusal(reply: Exception) -> str:
-    """Why one stream's own XREAD failed, when it is about that stream (a reply error
-    such as WRONGTYPE); any other failure is raised, for the whole read."""
+    """Why one stream's own XREAD failed (redis_streams.stream_refusal); a failure that
+    is no Redis reply is raised, for the whole read."""
     if not isinstance(reply, redis.RedisError):
         raise PermanentError(f"redis: XREAD failed: {type(reply).__name__}: {reply}",
                              code="redis") from reply
-    error = translate(reply)
-    if isinstance(reply, redis.ResponseError) and isinstance(error, PermanentError):
-        return str(reply)
-    raise error from reply
+    return stream_refusal(reply)
 
 
 def _entries(key: str, reply: Any) -> list[Entry]:

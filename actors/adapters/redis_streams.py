@@ -309,10 +309,7 @@ class BlockingReader:
         found: list[tuple[str, list[Entry]]] = []
         for key, reply in zip(streams, replies, strict=True):
             if isinstance(reply, hiredis.ReplyError):
-                alone = translate(redis.ResponseError(str(reply)))
-                if isinstance(alone, TransientError):
-                    raise alone
-                refused[key] = str(reply)
+                refused[key] = stream_refusal(redis.ResponseError(str(reply)))
             else:
                 found += xread_reply(reply)
         if streams_at_fault(refused, len(streams)):
@@ -348,6 +345,16 @@ def _close_now(stream: trio.abc.Stream) -> None:
 # Error replies about the stream named itself, never about the server: its key holds
 # another type, or its position is not an id Redis takes (redis-py drops the "ERR ").
 _STREAM_FAULT = re.compile(r"(WRONGTYPE|(ERR )?Invalid stream ID)\b")
+
+
+def stream_refusal(error: redis.RedisError) -> str:
+    """Why one stream's own XREAD failed, when the error reply may be about that stream;
+    an error about the connection or the server's state (LOADING, READONLY...) is
+    raised instead, for the whole read."""
+    translated = translate(error)
+    if isinstance(error, redis.ResponseError) and isinstance(translated, PermanentError):
+        return str(error)
+    raise translated from error
 
 
 def streams_at_fault(refused: Mapping[str, str], asked: int) -> bool:

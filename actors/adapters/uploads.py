@@ -33,7 +33,7 @@ from actors.adapters.documents import DocumentStore
 from actors.adapters.ingestion import UPLOAD, apply
 from actors.errors import DocumentRefused
 from actors.fair_queue import FairQueue, NoTurn
-from config import Config, Rag
+from config import Config, Rag, own_collection
 
 log = logging.getLogger("chat_actors.uploads")
 
@@ -177,7 +177,7 @@ class UserDocuments:
         self._turns = FairQueue(config.rag.upload_workers)
 
     def collection(self, user_id: str) -> str:
-        return f"user-{user_id}"
+        return own_collection(user_id)
 
     def waiting(self) -> int:
         """Uploads and deletes waiting for their turn now, all users together."""
