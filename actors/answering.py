@@ -19,6 +19,7 @@ import trio
 from actors.backoff import retry_transient
 from actors.budget import reserve
 from actors.capabilities import capabilities_of
+from actors.claim import check_fence, start_over
 from actors.errors import PermanentError, RequestRefused, TransientError
 from actors.prompt import (
     build_messages,
@@ -38,6 +39,7 @@ from messages.wire import (
     ChatRequest,
     ProviderSwitched,
     Reasoning,
+    RestartReason,
     Retrieval,
     RetrievalHit,
     Token,
@@ -71,6 +73,8 @@ class JobRun:
     plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
     # What the earlier attempts used (takeover's plan), once finish has counted it.
     earlier: Answer = field(default_factory=Answer)
+    # The attempt this run ends as, when its answer started over inside the worker.
+    restarted: JobRef | None = None
     counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 
@@ -223,9 +227,19 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     async def on_switch(old: str, new: str, why: str) -> None:
         await worker.emit(job, ProviderSwitched(from_=old, to=new, reason=worker.scrub(why)))
 
+    async def on_restart(alias: str, reason: RestartReason) -> None:
+        nonlocal job  # every listener above writes as the new attempt from here on
+        job = run.restarted = await start_over(worker, job, alias=alias, mode=request.mode,
+                                               reason=reason)
+        run.params["max_tokens"] = answer_tokens  # nothing carried: the whole budget
+
+    def before_try() -> Awaitable[None]:
+        return check_fence(worker, job)
+
     run.messages, run.params = messages, params
+    answer_tokens = params["max_tokens"]
     if carried:
-        run.params["max_tokens"] = max(1, run.params["max_tokens"] - carried)
+        run.params["max_tokens"] = max(1, answer_tokens - carried)
     run.model_started = trio.current_time()
     try:
         await stream_answer(
@@ -233,6 +247,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
             messages=messages, params=run.params, count=count,
             prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
             on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
-            on_tool_call=on_tool_call)
+            on_tool_call=on_tool_call, on_restart=on_restart, before_try=before_try,
+            refused=worker.prefill_refused)
     finally:
         run.model_ended = trio.current_time()

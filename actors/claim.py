@@ -15,7 +15,7 @@ from typing import assert_never
 import trio
 
 from actors.backoff import retry_transient
-from actors.errors import TransientError
+from actors.errors import PermanentError, TransientError
 from actors.worker import Worker
 from messages.mailboxes import EventEmitted, JobRef, Receipt
 from messages.ports import (
@@ -27,7 +27,7 @@ from messages.ports import (
     LeasedElsewhere,
     OwnedByAnotherUser,
 )
-from messages.wire import ChatRequest, Done, DoneStatus
+from messages.wire import ChatRequest, Done, DoneStatus, RestartReason, Restarts, Started
 
 log = logging.getLogger("chat_actors.claim")
 
@@ -98,6 +98,50 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
     await worker.events.send(EventEmitted(job=job, body=Done(status=status, partial=partial),
                                           receipt=receipt, first_seq=last + 1))
     await receipt.wait()
+
+
+async def start_over(worker: Worker, job: JobRef, *, alias: str, mode: str,
+                     reason: RestartReason) -> JobRef:
+    """The job's answer starts over inside this worker as its next attempt (contract
+    3.3): the attempt moves on in Postgres under the same lease (fencing this one's
+    terminal write), then `started{restarts}` opens the new attempt's events (fencing
+    this one's in Redis). A job no longer held is stopped: a later attempt ends it."""
+    moved = await retry_transient(
+        lambda: worker.store.next_attempt(job_id=job.job_id, lease_holder=worker.worker_id,
+                                          attempt=job.attempt),
+        what="start over", log=log, health=worker.health, dependency="postgres")
+    if not moved:
+        worker.registry.stop(job.job_id, "superseded: a later attempt holds the job",
+                             job.attempt)
+        await trio.lowlevel.checkpoint()  # the stop takes effect here
+        raise PermanentError("a later attempt holds the job", code="superseded")
+    following = JobRef(job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
+                       attempt=job.attempt + 1, stream_key=job.stream_key)
+    worker.registry.moved_on(job.job_id, following.attempt)
+    worker.metrics.restarts.labels(reason=reason).inc()
+    log.info("job %s: attempt %d starts the answer over as attempt %d (%s)", job.job_id,
+             job.attempt, following.attempt, reason)
+    await worker.emit(following, Started(model=alias, mode=mode, attempt=following.attempt,
+                                         restarts=Restarts(attempt=job.attempt, reason=reason)))
+    return following
+
+
+async def check_fence(worker: Worker, job: JobRef) -> None:
+    """Stop the job before a model call if a later attempt holds it or it has ended
+    (a worker waking from a freeze): the vendor is never paid for an answer nobody
+    gets. Redis away: the call goes ahead, its fenced writes still keep it out."""
+    try:
+        fenced = await worker.event_log.fenced(job.job_id, job.attempt)
+    except (TransientError, PermanentError) as exc:
+        log.debug("job %s: its fence could not be read (%s)", job.job_id, exc)
+        return
+    if fenced:
+        log.warning("job %s: attempt %d is superseded or the job has ended; no model call",
+                    job.job_id, job.attempt)
+        worker.metrics.fenced_calls.inc()
+        worker.registry.stop(job.job_id, "superseded: a later attempt holds the job, or it "
+                             "has ended", job.attempt)
+        await trio.lowlevel.checkpoint()
 
 
 async def release_lease(worker: Worker, job_id: str, handed: Handed | None = None) -> None:

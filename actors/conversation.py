@@ -113,6 +113,7 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
     except TransientError:
         raise
     except Exception as exc:  # outside the answer (its terminal writes): settle it as failed
+        job = run.restarted or job
         error = _internal(worker, job, exc, where="finish")
         if not run.done_sent:  # else settled already: only counted and logged
             latency_ms = round((trio.current_time() - started) * 1000)
@@ -122,6 +123,8 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
     finally:
         worker.leases.drop(job.job_id)
         worker.registry.finish(running)
+        job = run.restarted or job
+        traced.attempt = job.attempt
         if not settled:
             # Cancelled from outside (shutdown) or not settled in time: hand the job back,
             # with its answer so far for the next attempt to continue.
@@ -139,8 +142,10 @@ async def _take_over(worker: Worker, job: JobRef, alias_name: str,
     except PermanentError as exc:
         log.warning("job %s: its stream could not be read back (%s)", job.job_id, exc)
         entries = None
-    continues = capabilities_of(worker.config, worker.pricing, alias_name).continues
-    found = plan(job.attempt, entries, handed, continues=bool(continues))
+    continues = bool(capabilities_of(worker.config, worker.pricing, alias_name).continues)
+    refused = continues and alias_name in worker.prefill_refused
+    found = plan(job.attempt, entries, handed, continues=continues and not refused,
+                 refused=refused)
     if found.resumes is not None:
         log.info("job %s: attempt %d continues attempt %d's answer (%d characters, %d of "
                  "them on the stream)", job.job_id, job.attempt, found.attempt,
@@ -217,7 +222,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
                      text=run.answer.text, scrub=worker.scrub)
     run.status = outcome.status
     with run.timeline.step("sinks"):
-        await finish(request, worker, job, run, outcome, started=started)
+        await finish(request, worker, run.restarted or job, run, outcome, started=started)
 
 
 async def _answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],

@@ -36,6 +36,14 @@ class RequestRefused(PermanentError):
     results that answer no pending call): the job ends `rejected`, no model call made."""
 
 
+class PrefillRefused(PermanentError):
+    """The vendor refused a request ending in an assistant turn (a prefill): the
+    adapter recognises each vendor's refusal; the provider answers it with a restart."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="prefill_refused")
+
+
 class Stalled(TransientError):
     """The stream sent nothing for too long; `code` says which limit."""
 

@@ -65,6 +65,18 @@ class Metrics:
             "chat_actors_takeovers", "Jobs taken over from an earlier attempt (contract 3.3): "
             "result resumed (the answer continues), else why it starts over.",
             ["result"], registry=registry)
+        self.restarts = Counter(
+            "chat_actors_restarts", "Answers started over as a new attempt inside the worker "
+            "(a retry or fallback that could not continue them), by restarts.reason.",
+            ["reason"], registry=registry)
+        self.prefill_refused = Counter(
+            "chat_actors_prefill_refused", "Aliases whose vendor refused an assistant prefill "
+            "though their config or the model map said it continues (once per alias and "
+            "process; its answers start over from then on).",
+            ["alias", "vendor"], registry=registry)
+        self.fenced_calls = Counter(
+            "chat_actors_fenced_model_calls", "Model calls not made because the job's fence "
+            "said a later attempt holds it or it has ended.", registry=registry)
         self.longest_step = Gauge(
             "chat_actors_longest_step_seconds", "The longest a task ran between two checkpoints "
             "since start (the event loop was stalled that long), and which task.",

@@ -46,6 +46,10 @@ class EventWriter(Protocol):
         then read back what its stream holds; None when the job's events share a stream
         with other jobs' (it is not read back)."""
         ...
+    async def fenced(self, job_id: str, attempt: int) -> bool:
+        """Is the job not `attempt`'s to run any more: a later attempt holds it, or its
+        `done` is written? One round trip, before every model call."""
+        ...
 
 
 class RecordWriter(Protocol):
@@ -67,6 +71,10 @@ class JobStore(Protocol):
         ...
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]: ...  # the ids still its own
+    async def next_attempt(self, *, job_id: str, lease_holder: str, attempt: int) -> bool:
+        """The job, held by `lease_holder` as `attempt`, starts over as attempt + 1 under
+        the same lease (an answer restarted inside the worker); False: not held so."""
+        ...
     async def release_lease(self, *, job_id: str, lease_holder: str,
                             handed: Handed | None = None) -> None:
         """Give the job back unfinished, with what its attempt leaves the next one."""

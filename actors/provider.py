@@ -7,9 +7,16 @@ job). Each try streams through the ChatModel port under its own stall watch
 then the alias's `fallbacks` are tried in order. A permanent failure (bad
 request, auth, context length) ends it at once.
 
-When a try breaks after tokens were sent, the next one continues the same
-answer: the text so far goes to the model as the start of the assistant turn,
-and only the new text is streamed on, so the client's text stays consistent.
+When a try breaks after the client was sent something, the one decision of
+actors/continuing.py says how the next goes on: it continues the same answer (the
+text so far goes to the model as the start of the assistant turn, and only the
+new text is streamed on), or the answer starts over as a new attempt of the job
+(`started.restarts`, contract 3.3), never a prefill the alias cannot take. A vendor
+that refuses a prefill all the same is answered with one restart, and its alias
+is not continued again in this process.
+
+Before every try the job's fence is read (`Listeners.before_try`): a job that a
+later attempt holds, or that has ended, is never sent to the model again.
 """
 
 from __future__ import annotations
@@ -25,8 +32,16 @@ from typing import Any, NamedTuple, assert_never
 import trio
 
 from actors.backoff import Backoff
+from actors.capabilities import capabilities_of
 from actors.channels import ready
-from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
+from actors.continuing import Midway, decide
+from actors.errors import (
+    PermanentError,
+    PrefillRefused,
+    ProviderExhausted,
+    Stalled,
+    TransientError,
+)
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from actors.telemetry import error_type
@@ -34,13 +49,13 @@ from config import Config, Limits, ModelAlias
 from messages.mailboxes import (
     ProviderChunk,
     ReasoningDelta,
-    ReasoningSigned,
     StreamFinished,
+    ThinkingPiece,
     TokenDelta,
     ToolCallDelta,
 )
 from messages.ports import Rates, TokenCounts
-from messages.wire import ToolCall
+from messages.wire import RestartReason, ToolCall
 
 log = logging.getLogger("chat_actors.provider")
 
@@ -84,11 +99,24 @@ class Answer:
     kept: int = 0  # leading parts an earlier attempt streamed (actors/takeover.py)
     # What the try streaming now is in the middle of: "tool_call" (a call has begun),
     # "reasoning" (thinking since its last answer text), or None.
-    midway: str | None = None
+    midway: Midway | None = None
+    reasoned: bool = False  # this attempt sent the client reasoning
+    # Whitespace the client holds at the end of a continued text, which the prefill
+    # leaves out (vendors refuse or strip it): the new text's first characters, when
+    # they are that whitespace, are not sent again.
+    held: str = ""
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def past_held(self, text: str) -> str:
+        """`text` less the held whitespace it starts with (see `held`)."""
+        held = self.held
+        same = next((n for n, (a, b) in enumerate(zip(held, text, strict=False)) if a != b),
+                    min(len(held), len(text)))
+        self.held = self.held[same:] if same == len(text) else ""
+        return text[same:]
 
     @property
     def carried(self) -> str:
@@ -179,6 +207,11 @@ class Listeners:
     on_switch: Callable[[str, str, str], Awaitable[None]]
     on_reasoning: Callable[[str], Awaitable[None]] | None = None
     on_tool_call: Callable[[ToolCall], Awaitable[None]] | None = None
+    # The answer starts over as a new attempt (alias to answer it, why): the job's
+    # attempt moves on and its `started{restarts}` is sent before this returns.
+    on_restart: Callable[[str, RestartReason], Awaitable[None]] | None = None
+    # Before every try: stops the job (a cancel) if its fence says it is not ours to run.
+    before_try: Callable[[], Awaitable[None]] | None = None
 
 
 def assemble_tool_calls(pieces: dict[int, list[ToolCallDelta]], provider: str) -> list[ToolCall]:
@@ -228,6 +261,40 @@ class _CallPieces:
         return None
 
 
+class _ThinkingBlocks:
+    """One try's reasoning blocks as the vendor numbered them, each kept whole: a
+    thinking block with its text and signature, a redacted block with its data."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[int, str] = {}
+        self._texts: dict[int, list[str]] = {}
+        self._signed: dict[int, str] = {}
+
+    def add(self, piece: ThinkingPiece) -> None:
+        kind = self._kinds.setdefault(piece.index, piece.kind)
+        if kind != piece.kind:
+            return  # two kinds under one number: the vendor's muddle, not ours to mend
+        if kind == "redacted_thinking":
+            self._texts.setdefault(piece.index, []).append(piece.data)
+        else:
+            self._texts.setdefault(piece.index, []).append(piece.thinking)
+            if piece.signature:
+                self._signed[piece.index] = piece.signature
+
+    def whole(self) -> list[dict[str, str]]:
+        """The blocks in the vendor's order, only those it can take back: a thinking
+        block without its signature is never sent back in part."""
+        found: list[dict[str, str]] = []
+        for index in sorted(self._kinds):
+            text = "".join(self._texts.get(index, ()))
+            if self._kinds[index] == "redacted_thinking":
+                found.append({"type": "redacted_thinking", "data": text})
+            elif index in self._signed:
+                found.append({"type": "thinking", "thinking": text,
+                              "signature": self._signed[index]})
+        return found
+
+
 def _runs(chunks: list[TokenDelta | ReasoningDelta]) -> list[tuple[bool, str]]:
     """(is reasoning, text) for each run of one kind, in order."""
     runs: list[tuple[bool, list[str]]] = []
@@ -247,12 +314,13 @@ _PARAM_NAMES = {"temperature": "temperature", "topP": "top_p", "stop": "stop", "
 
 def params_for(spec: ModelAlias, params: dict[str, Any]) -> dict[str, Any]:
     """The job's parameters as this alias's vendor takes them: those it refuses
-    (`drop_params`) left out, so a fallback to another alias still gets them."""
+    (`drop_params`) left out, so a fallback to another alias still gets them, and its
+    `extra_params` added as they are (none of them is a key the worker sets)."""
     dropped = {_PARAM_NAMES[name] for name in spec.drop_params} & params.keys()
-    if not dropped:
-        return params
-    log.debug("model %s: %s dropped (drop_params)", spec.model, ", ".join(sorted(dropped)))
-    return {name: value for name, value in params.items() if name not in dropped}
+    if dropped:
+        log.debug("model %s: %s dropped (drop_params)", spec.model, ", ".join(sorted(dropped)))
+        params = {name: value for name, value in params.items() if name not in dropped}
+    return {**params, **spec.extra_params} if spec.extra_params else params
 
 
 async def _off_the_clock(stall: trio.CancelScope, sending: Awaitable[None]) -> None:
@@ -279,8 +347,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
     got_output = False  # answer, reasoning or a tool call: each shows the model is alive
     runaway: PermanentError | None = None  # the vendor's tool calls passed the limits
     calls = _CallPieces(config.limits, spec.model)
-    thought: list[str] = []
-    signature = ""
+    blocks = _ThinkingBlocks()
 
     async def pump() -> None:
         nonlocal failure
@@ -312,8 +379,8 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                                 answer.midway = "tool_call"
                                 runaway = runaway or calls.add(chunk)
                                 called = True
-                            case ReasoningSigned():
-                                signature = chunk.signature
+                            case ThinkingPiece():
+                                blocks.add(chunk)
                             case StreamFinished():
                                 finished = chunk
                             case _:
@@ -333,10 +400,14 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
                         if answer.midway != "tool_call":
                             answer.midway = "reasoning" if is_reasoning else None
                         if is_reasoning:
-                            thought.append(text)
+                            answer.reasoned = True
                             if listeners.on_reasoning is not None:
                                 await _off_the_clock(stall, listeners.on_reasoning(text))
                             continue
+                        if answer.held:
+                            text = answer.past_held(text)
+                            if not text:
+                                continue
                         if answer.first_token_at is None:
                             answer.first_token_at = trio.current_time()
                         # Kept only once sent: the job's deadline or a cancel that cuts
@@ -357,8 +428,7 @@ async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, s
         raise TransientError("the model stream ended without finishing", kind="protocol")
     answer.midway = None
     answer.tool_calls = assemble_tool_calls(calls.pieces, spec.model)
-    answer.thinking_blocks = [{"type": "thinking", "thinking": "".join(thought),
-                               "signature": signature}] if signature else []
+    answer.thinking_blocks = blocks.whole()
     if listeners.on_tool_call is not None:
         for call in answer.tool_calls:
             await listeners.on_tool_call(call)
@@ -380,6 +450,7 @@ class _Chain:
     listeners: Listeners
     backoff: Backoff
     metrics: Metrics | None
+    refused: set[str]  # aliases whose vendor refused a prefill in this process
 
     def covered(self, spec: ModelAlias) -> bool:
         """May another try run within the job's budget reservation?"""
@@ -396,12 +467,15 @@ class _Chain:
     async def attempt(self, name: str, spec: ModelAlias) -> StreamFinished:
         """One try on `spec`, billed whether it finishes or fails."""
         answer = self.answer
+        text = await self.goes_on(name, spec)
+        if self.listeners.before_try is not None:
+            await self.listeners.before_try()
         answer.tries += 1
         answer.alias = name
         before = len(answer.parts)
-        answer.midway = None
-        text = answer.text
-        request = continuation(self.messages, text, flagged=bool(text) and (
+        prefill = text.rstrip()
+        answer.held = text[len(prefill):]
+        request = continuation(self.messages, prefill, flagged=bool(prefill) and (
             self.pricing.provider_of(spec.model) in PREFIX_FLAGGED))
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
@@ -411,6 +485,9 @@ class _Chain:
         except (PermanentError, TransientError) as exc:
             failed = error_type(exc)
             answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
+            if isinstance(exc, PrefillRefused):
+                self.refuse(name, spec)
+                raise
             if self.metrics is not None:
                 self.metrics.provider_failed(self.pricing.provider_of(spec.model), exc)
             raise
@@ -418,6 +495,41 @@ class _Chain:
             answer.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
         answer.bill(self.pricing, spec, self.used(finished, "".join(answer.parts[before:])))
         return finished
+
+    async def goes_on(self, name: str, spec: ModelAlias) -> str:
+        """The text the next try on `name` continues ("" for none), by the one decision
+        (actors/continuing.py). Nothing shown to the client yet: a plain retry. A
+        restart makes the job's next attempt, which starts from nothing."""
+        answer = self.answer
+        midway, answer.midway = answer.midway, None
+        if not (answer.text or answer.reasoned):
+            return ""
+        continues = bool(capabilities_of(self.config, self.pricing, name).continues)
+        decision = decide(answer.text, continues=continues and name not in self.refused,
+                          midway=midway, refused=continues and name in self.refused)
+        if decision.reason is None:
+            return answer.text
+        if self.listeners.on_restart is None:
+            raise PermanentError(f"{name}: the answer cannot go on ({decision.reason}) and "
+                                 "this job cannot start over", code="internal")
+        log.info("%s: the answer starts over as a new attempt (%s)", name, decision.reason)
+        await self.listeners.on_restart(name, decision.reason)
+        answer.parts.clear()
+        answer.kept = 0
+        answer.reasoned = False
+        return ""
+
+    def refuse(self, name: str, spec: ModelAlias) -> None:
+        """The vendor refused the alias's prefill: no job of it continues again here."""
+        if name in self.refused:
+            return
+        self.refused.add(name)
+        log.warning("%s: the vendor refuses an assistant prefill (llm.models.%s.continues "
+                    "should be false); its answers start over instead of continuing, in "
+                    "this process from now on", name, name)
+        if self.metrics is not None:
+            self.metrics.prefill_refused.labels(
+                alias=name, vendor=self.pricing.provider_of(spec.model)).inc()
 
     def used(self, finished: StreamFinished, new_text: str) -> TokenCounts:
         """What the finished try used: the vendor's counts, or our estimate of those it
@@ -472,35 +584,45 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, al
                         metrics: Metrics | None = None,
                         on_reasoning: Callable[[str], Awaitable[None]] | None = None,
                         on_tool_call: Callable[[ToolCall], Awaitable[None]] | None = None,
-                        ) -> Answer:
+                        on_restart: Callable[[str, RestartReason], Awaitable[None]] | None = None,
+                        before_try: Callable[[], Awaitable[None]] | None = None,
+                        refused: set[str] | None = None) -> Answer:
     """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
-    ProviderExhausted. `answer` keeps the partial text if this is cancelled."""
+    ProviderExhausted. `answer` keeps the partial text if this is cancelled. `refused`:
+    the aliases whose vendor refused a prefill in this process (added to here)."""
     llm = config.llm
     walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
                   count=count, prompt_estimate=prompt_estimate, answer=answer,
                   listeners=Listeners(on_token=on_token, on_switch=on_switch,
-                                      on_reasoning=on_reasoning, on_tool_call=on_tool_call),
-                  metrics=metrics,
+                                      on_reasoning=on_reasoning, on_tool_call=on_tool_call,
+                                      on_restart=on_restart, before_try=before_try),
+                  metrics=metrics, refused=set() if refused is None else refused,
                   backoff=backoff or Backoff(base_s=llm.retry_backoff_s,
                                              cap_s=llm.retry_backoff_cap_s))
     chain = [alias_name, *llm.models[alias_name].fallbacks]
     last: TransientError | None = None
     for position, name in enumerate(chain):
         spec = llm.models[name]
-        for retry in range(llm.retries + 1):
-            if not walk.covered(spec):
-                log.warning("%s: no retry, the job's budget reservation would not cover it", name)
-                break
+        retry, refused_here = 0, False
+        while walk.covered(spec):
             try:
                 answer.finished = await walk.attempt(name, spec)
+            except PrefillRefused:
+                if refused_here:
+                    raise
+                refused_here = True
+                continue  # once: the next try on this alias starts over, without a prefill
             except TransientError as exc:
                 last = exc
                 if retry < llm.retries:
-                    await walk.retry(name, spec, retry + 1, exc)
+                    retry += 1
+                    await walk.retry(name, spec, retry, exc)
                     continue
                 if position + 1 < len(chain):
                     await walk.fall_back(name, spec, chain[position + 1], exc)
                 break
             return answer
+        else:
+            log.warning("%s: no retry, the job's budget reservation would not cover it", name)
     assert last is not None  # the first try is never held back
     raise ProviderExhausted(last, answer.tries)

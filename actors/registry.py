@@ -127,6 +127,12 @@ class JobRegistry:
         if job is not None and (attempt is None or job.attempt == attempt):
             self._cancel(job, reason)
 
+    def moved_on(self, job_id: str, attempt: int) -> None:
+        """The running job started over as `attempt` (a restart inside the worker)."""
+        job = self._running.get(job_id)
+        if job is not None:
+            job.attempt = attempt
+
     @staticmethod
     def _cancel(job: RunningJob, reason: str) -> None:
         if not job.cancel_scope.cancel_called:

@@ -29,20 +29,16 @@ goes out; reading them is the conversation's work.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
+from actors.continuing import Midway, decide
 from actors.provider import MAX_COUNTED_TOKENS
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Final, RestartReason, Restarts, Resumes
 
-# A text ending inside one of these blocks stops in the model's thinking.
-_THINK_OPEN = re.compile(r"<(think|thinking)>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</(think|thinking)>", re.IGNORECASE)
-_THINK_TAGS = ("<think>", "<thinking>", "</think>", "</thinking>")
 MAX_COUNT = 1_000_000  # a settled `final`'s retries, fallbacks, characters removed
 
 
@@ -151,10 +147,11 @@ def _base(first: Streamed | None, found: dict[int, Earlier], attempt: int) -> st
 
 
 def plan(attempt: int, entries: Sequence[Streamed] | None, handed: Handed | None, *,
-         continues: bool) -> Plan:
+         continues: bool, refused: bool = False) -> Plan:
     """What attempt `attempt` carries on from the earlier ones. `entries`: the job's
     stream read back (None: not readable, a shared stream); `handed`: what a drain
-    handed back; `continues`: the alias continues a trailing assistant turn."""
+    handed back; `continues`: the alias continues a trailing assistant turn; `refused`:
+    its vendor refused one in this process, though it was said to."""
     streamed = attempts(entries or (), attempt)
     if handed is not None and handed.attempt >= attempt:
         handed = None  # written by no earlier attempt: not ours to carry on
@@ -169,7 +166,7 @@ def plan(attempt: int, entries: Sequence[Streamed] | None, handed: Handed | None
     usage = (handed.usage, handed.cost_usd) if handed is not None else (None, 0.0)
     if seen is not None and seen.final is not None and latest is not None:
         return _settles(latest, seen, seen.final)
-    reason: RestartReason | None = None
+    midway: Midway | None = None
     if handed is not None and (latest is None or handed.attempt >= latest):
         follows = handed.attempt
         if handed.attempt == latest and seen is not None and seen.text is not None:
@@ -177,20 +174,23 @@ def plan(attempt: int, entries: Sequence[Streamed] | None, handed: Handed | None
             kept = len(seen.text)
         else:  # the stream no longer shows this attempt: clients are sent all of it
             text, kept = handed.text, 0
-        reason = _handed_reason(handed.reason)
-        if reason is None and handed.attempt == latest and seen is not None:
-            reason = _stream_reason(seen)
+        if handed.reason is not None and handed.reason not in ("tool_call", "reasoning"):
+            # A reason this version does not know: never continue on a guess.
+            return _restart(follows, "stream_lost", usage, unbilled)
+        midway = _midway(handed.reason)
+        if midway is None and handed.attempt == latest and seen is not None:
+            midway = _stream_midway(seen)
     elif latest is not None and seen is not None:
         follows = latest
-        text, kept = seen.text or "", len(seen.text or "")
-        reason = "stream_lost" if seen.text is None else _stream_reason(seen)
+        if seen.text is None:
+            return _restart(follows, "stream_lost", usage, unbilled)
+        text, kept = seen.text, len(seen.text)
+        midway = _stream_midway(seen)
     else:
         follows, text, kept = attempt - 1, "", 0
-    if reason is None:
-        reason = _text_reason(text, continues=continues)
-    if reason is not None:
-        return Plan(attempt=follows, restarts=Restarts(attempt=follows, reason=reason),
-                    handed_usage=usage[0], handed_cost=usage[1], unbilled=unbilled)
+    decision = decide(text, continues=continues, midway=midway, refused=refused)
+    if decision.reason is not None:
+        return _restart(follows, decision.reason, usage, unbilled)
     return Plan(attempt=follows, text=text, unseen=text[kept:],
                 resumes=Resumes(attempt=follows, chars=kept), handed_usage=usage[0],
                 handed_cost=usage[1], unbilled=unbilled)
@@ -221,40 +221,26 @@ def _count(tokens: int) -> int:
     return min(max(tokens, 0), MAX_COUNTED_TOKENS)
 
 
-def _handed_reason(reason: str | None) -> RestartReason | None:
+def _restart(follows: int, reason: RestartReason,
+             usage: tuple[TokenCounts | None, float | None],
+             unbilled: list[tuple[str, str]]) -> Plan:
+    return Plan(attempt=follows, restarts=Restarts(attempt=follows, reason=reason),
+                handed_usage=usage[0], handed_cost=usage[1], unbilled=unbilled)
+
+
+def _midway(reason: str | None) -> Midway | None:
     match reason:
-        case None:
-            return None
         case "tool_call" | "reasoning":
             return reason
-        case _:  # a reason this version does not know: never continue on a guess
-            return "stream_lost"
+        case _:
+            return None
 
 
-def _stream_reason(seen: Earlier) -> RestartReason | None:
+def _stream_midway(seen: Earlier) -> Midway | None:
     if seen.tool_call:
         return "tool_call"
     if seen.reasoning_open:
         return "reasoning"
-    return None
-
-
-def _text_reason(text: str, *, continues: bool) -> RestartReason | None:
-    """Why `text` may not be continued; None when it may."""
-    if not text:
-        return "nothing_streamed"
-    if not continues:
-        return "vendor"
-    if text.endswith("\ufffd"):  # what decoding leaves of a character cut short
-        return "split_character"
-    opened = [m.end() for m in _THINK_OPEN.finditer(text)]
-    closed = [m.end() for m in _THINK_CLOSE.finditer(text)]
-    if opened and (not closed or opened[-1] > closed[-1]):
-        return "think_block"
-    tail = text[-len(max(_THINK_TAGS, key=len)):].lower()
-    if any(tag.startswith(tail[i:]) and tag != tail[i:] for tag in _THINK_TAGS
-           for i in range(len(tail)) if tail[i] == "<"):
-        return "think_block"  # cut inside the tag itself
     return None
 
 

@@ -74,6 +74,8 @@ class Worker:
     scrub: Callable[[str], str] = field(default=str)
     telemetry: Telemetry = field(default_factory=NoTelemetry)
     claims: Claims | None = None  # the claims actor; None: each job claims on its own
+    # Aliases whose vendor refused an assistant prefill in this process: not continued.
+    prefill_refused: set[str] = field(default_factory=set[str])
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
         return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,

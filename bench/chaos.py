@@ -17,9 +17,16 @@ Many workers (--workers 3): three workers in one consumer group. One starts; two
 join while the jobs stream; one is SIGKILLed; one is frozen (SIGSTOP) past its
 leases and the session timeout until another worker has taken over a job of its,
 then woken; Postgres is frozen past every lease and thawed (tests/many_workers.py).
-The vendor is as chaotic as above. The printout checks contract 6.1, 4.2 and 4.11
-(tests/invariants.py) and counts the jobs the vendor answered twice: legitimate
-after a lost lease, never visible to a client.
+The vendor is as chaotic as above, and speaks as several vendors: the jobs ask in
+turn for a self-served model that continues, one that does not, Claude 4.6 (no
+prefill, through LiteLLM's Anthropic route), Claude 4.5 (prefill), Claude Opus 4.7
+configured as continuing though it refuses, and Mistral (prefix: true), with
+fallbacks across them; Redis is stopped twice for a while (its slow phases). The
+printout checks contract 6.1, 4.2 and 4.11 (tests/invariants.py) and continuation
+on every vendor (3.3): jobs failed because of it (goal 0), model calls for jobs
+already finished (goal 0), restarts and resumes by reason, answer tokens paid
+twice (goal 0 outside restarts) and prompt tokens paid again; it counts the jobs
+the vendor answered twice: legitimate after a lost lease, never visible to a client.
 
 Hostile clients of the gateway (--gateway): 50 honest users streaming through the
 gateway, alone and then beside users who send forged Last-Event-IDs, 400 MB and
@@ -35,6 +42,7 @@ across a frozen broker; one table of both phases against issue 35's bars
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -62,13 +70,14 @@ class ChaoticLLM(NumberedLLM):
     hostile, broken HTTP. Every answer is numbered (tests.invariants)."""
 
     def __init__(self, seed: int, hostile: bool = False, *, tokens: int = 8,
-                 token_delay_s: float = 0.02) -> None:
+                 token_delay_s: float = 0.02, broken_share: float = 0.05) -> None:
         super().__init__()
         self._rng = random.Random(seed)
         self._broken = [*BROKEN_HTTP.values(), CUT_MID_CHUNK] if hostile else []
         self._tokens = tuple(f"w{i} " for i in range(tokens))
         self._delay = token_delay_s
         self.broken_sent = 0
+        self._broken_share = broken_share  # streams cut at a random point
 
     def choose(self) -> Reply:
         roll = self._rng.random()
@@ -82,8 +91,9 @@ class ChaoticLLM(NumberedLLM):
             return Reply(status=500)
         if roll < 0.13:
             return Reply(tokens=tokens, first_token_delay_s=3.0)  # stall past the limit
-        if roll < 0.18:
-            return Reply(tokens=tokens, token_delay_s=delay, break_after=3)
+        if roll < 0.13 + self._broken_share:
+            return Reply(tokens=tokens, token_delay_s=delay,
+                         break_after=self._rng.randint(1, len(tokens)))
         return Reply(tokens=tokens, token_delay_s=delay)
 
 
@@ -230,17 +240,40 @@ chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
     return 0 if verdict.problems() + worker.crashes == 0 else 1
 
 
+# The aliases the many-workers run's jobs ask for in turn: (alias, its keys). Each
+# falls back to another vendor's alias; the scripted vendor refuses a prefill as
+# the real one does (tests/scripted_llm.refusal).
+VENDOR_MIX: dict[str, dict[str, local_stack.Scalar]] = {
+    "local": {"fallbacks": ["claude46"]},  # self-served: continues
+    "plain": {"model": "openai/scripted", "continues": False, "fallbacks": ["claude45"]},
+    "claude46": {"model": "anthropic/claude-sonnet-4-6", "fallbacks": ["local"]},
+    "claude45": {"model": "anthropic/claude-sonnet-4-5", "fallbacks": ["plain"]},
+    "fooled": {"model": "anthropic/claude-opus-4-7", "continues": True,
+               "fallbacks": ["mistral"]},
+    "mistral": {"model": "mistral/mistral-small-latest", "fallbacks": ["claude46"]},
+}
+
+
+def _vendor_mix(llm_url: str) -> dict[str, dict[str, local_stack.Scalar]]:
+    return {f"llm.models.{alias}": {"api_base": llm_url, "api_key_env": "SCRIPTED_LLM_KEY",
+                                    "max_tokens": 256, **keys}
+            for alias, keys in VENDOR_MIX.items()}
+
+
 def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
     """Three workers in one group (contract 6.13): tests.many_workers' choreography."""
     kafka, rds_service, pg = local_stack.start_core(workdir)
     # Answers stream for about two seconds: the jobs outlast every step.
-    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1).start()
+    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1, broken_share=0.15).start()
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
     # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
     # At info level a worker says when it is ready, which the choreography waits for.
     write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
-                 jobs={"max_in_flight": max(64, jobs_total)}, log={"level": "info"})
+                 jobs={"max_in_flight": max(64, jobs_total)}, log={"level": "info"},
+                 **_vendor_mix(llm.url))
+    os.environ.setdefault("SCRIPTED_LLM_KEY", "sk-scripted-not-secret")  # the workers'
+
     topic = f"chaos.request.{tag}"
     ensure_topics(kafka.url, {}, [topic], PARTITIONS)
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
@@ -249,6 +282,7 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
     choreography = Choreography(
         workers=workers, jobs=jobs, bootstrap=kafka.url, topic=topic, rds=rds, pg_url=pg.url,
         postgres=pg, lease_s=LEASE_S, timeout_s=timeout_s, group=f"chaos-{tag}",
+        models=list(VENDOR_MIX), redis=rds_service,
         say=lambda line: print(f"  t={time.monotonic() - started:5.0f}s  {line}", flush=True))
     started = time.monotonic()
     try:

@@ -237,6 +237,18 @@ class ModelAlias(_Section, frozen=True):
     # Request parameters this alias's vendor refuses though the model map says it takes
     # them (a request's value for one is dropped, never an error).
     drop_params: list[Literal["temperature", "topP", "stop", "seed", "reasoningEffort"]] = []
+    # Passed to the vendor call as is (say Anthropic's `thinking` with `display`): what
+    # the model map does not know. Keys the worker sets itself are refused (EXTRA_RESERVED).
+    extra_params: dict[str, Any] = {}
+
+
+# What the worker sets on every vendor call itself, from the request or its own logic:
+# not for an alias's extra_params to replace.
+EXTRA_RESERVED = frozenset({
+    "model", "messages", "stream", "stream_options", "tools", "tool_choice", "functions",
+    "function_call", "max_tokens", "max_completion_tokens", "response_format", "temperature",
+    "top_p", "stop", "seed", "reasoning_effort", "api_key", "api_base", "base_url",
+    "timeout", "num_retries", "n", "user", "metadata"})
 
 
 class Llm(_Section, frozen=True):
@@ -558,6 +570,11 @@ def _check_models(config: Config) -> None:
                 raise ConfigError(f"llm.models.{alias}.fallbacks: unknown alias {fallback!r}")
             if fallback == alias:
                 raise ConfigError(f"llm.models.{alias}.fallbacks: an alias cannot fall back to itself")
+        if reserved := sorted(EXTRA_RESERVED & spec.extra_params.keys()):
+            raise ConfigError(
+                f"llm.models.{alias}.extra_params: {', '.join(reserved)} "
+                f"{'is' if len(reserved) == 1 else 'are'} set by the worker itself (from the "
+                "request and the alias's own keys); extra_params only adds what it does not set")
         if spec.max_tokens >= spec.context_window:
             raise ConfigError(
                 f"llm.models.{alias}.max_tokens ({spec.max_tokens}) must be smaller than "

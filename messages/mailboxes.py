@@ -97,7 +97,8 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     images: list[ImageRef] | None = None  # a user turn's attachments
     tool_calls: list[CallMade] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a `tool` turn: the call it answers
-    # Signed reasoning before the calls ({type, thinking, signature}), sent back with them.
+    # Signed reasoning before the calls ({type, thinking, signature} and
+    # {type: redacted_thinking, data}, in the vendor's order), sent back with them.
     thinking_blocks: list[dict[str, str]] | None = None
 
 
@@ -166,11 +167,17 @@ class ReasoningDelta(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
-class ReasoningSigned(msgspec.Struct, frozen=True, kw_only=True):
-    """The vendor's signature of the reasoning so far (Anthropic's thinking block): the
-    block must go back to it, signed, with the results of tools called after it."""
+class ThinkingPiece(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the vendor's reasoning block number `index` (Anthropic's content
+    blocks): `thinking` text and its `signature`, or a `redacted_thinking` block's
+    opaque `data`. A block goes back to the vendor whole, signed, with the results of
+    tools called after it; never in part."""
 
-    signature: str
+    index: int
+    kind: Literal["thinking", "redacted_thinking"]
+    thinking: str = ""
+    signature: str = ""
+    data: str = ""
 
 
 class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,7 +204,7 @@ class StreamFinished(msgspec.Struct, frozen=True, kw_only=True):
     reasoning_tokens: int = 0  # completion tokens spent reasoning
 
 
-ProviderChunk = TokenDelta | ReasoningDelta | ReasoningSigned | ToolCallDelta | StreamFinished
+ProviderChunk = TokenDelta | ReasoningDelta | ThinkingPiece | ToolCallDelta | StreamFinished
 
 
 # --- intake: one record as it came off Kafka -----------------------------------------

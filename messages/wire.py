@@ -441,8 +441,8 @@ class Resumes(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Why a later attempt starts the answer over instead of continuing it (contract 3.3).
-RestartReason = Literal["nothing_streamed", "stream_lost", "vendor", "tool_call", "reasoning",
-                        "split_character", "think_block"]
+RestartReason = Literal["nothing_streamed", "stream_lost", "vendor", "vendor_refused",
+                        "tool_call", "reasoning", "split_character", "think_block"]
 
 
 class Restarts(msgspec.Struct, frozen=True, kw_only=True):

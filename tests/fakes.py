@@ -49,6 +49,9 @@ class FakeStore:
             raise TransientError("postgres is down")
         return set(job_ids) - self.taken
 
+    async def next_attempt(self, *, job_id: str, lease_holder: str, attempt: int) -> bool:
+        return job_id not in self.taken
+
     async def release_lease(self, *, job_id: str, lease_holder: str,
                             handed: Handed | None = None) -> None:
         self.released.append(job_id)
@@ -78,6 +81,9 @@ class NoEvents:
 
     async def take_over(self, job_id: str, attempt: int) -> list[Streamed] | None:
         return []
+
+    async def fenced(self, job_id: str, attempt: int) -> bool:
+        return False
 
 
 @dataclass

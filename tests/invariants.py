@@ -20,7 +20,7 @@ import psycopg
 import redis
 
 from config import job_keys
-from tests.scripted_llm import Call, Reply, ScriptedLLM
+from tests.scripted_llm import Call, Reply, ScriptedLLM, refusal, text_of
 from tools.chat_client import Assembled
 
 TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
@@ -44,15 +44,18 @@ class NumberedLLM(ScriptedLLM):
         # A request that continues an answer (it ends with that answer's start) gets the
         # rest of the same numbered answer, as a vendor continuing it would.
         last = messages[-1] if messages else {}
-        begun = re.match(r"#(\d+) ", str(last.get("content") or "")) \
+        begun = re.match(r"#(\d+)( |$)", text_of(last.get("content"))) \
             if last.get("role") == "assistant" else None
         number = begun.group(1) if begun else next(self._numbers)
         return dataclasses.replace(reply, tokens=(f"#{number} ", *reply.tokens), continues=True)
 
 
 def job_of(call: Call) -> str:
-    """The job a call answers: requests end their message with the job id."""
-    return str(call.messages[-1]["content"]).split()[-1]
+    """The job a call answers: requests end their message with the job id (the last
+    user message: a continuation ends with the answer's start)."""
+    asked = [m for m in call.messages if m.get("role") == "user"]
+    words = text_of(asked[-1].get("content")).split() if asked else []
+    return words[-1] if words else ""
 
 
 @dataclass
@@ -71,6 +74,19 @@ class Verdict:
     resumed: int = 0  # takeovers that continued the earlier attempt's answer
     restarted: dict[str, int] = field(default_factory=dict)  # takeovers started over, by reason
     tokens_saved: int = 0  # vendor tokens the resumed takeovers did not pay again
+    # Continuation on every vendor (contract 3.3, "One decision"):
+    continuation_failed: int = 0  # jobs failed by a refused prefill or a continuation bug
+    prefills: int = 0  # model calls that continued an answer (ended in an assistant turn)
+    prefills_refused: int = 0  # of those, refused by the vendor (a 400 naming the turn)
+    # Answer tokens the vendor streamed twice: a new answer begun within one attempt
+    # after the client was shown an earlier one (a bug), and those of the attempts a
+    # restart discarded, by reason (the price of starting over).
+    paid_twice: int = 0
+    paid_again: dict[str, int] = field(default_factory=dict)
+    # Prompt tokens (the vendor's count: words) sent again after a job's first call, by
+    # why: a continuation (the prefill's call), or a fresh call (a retry of nothing
+    # shown, a restart, a fallback).
+    prompt_again: dict[str, int] = field(default_factory=dict)
     uncommitted: int = 0  # partitions whose committed offset is short of their end
     statuses: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # the first few problems, named
@@ -78,7 +94,7 @@ class Verdict:
     def problems(self) -> int:
         return (self.jobs - self.one_done + self.gaps + self.stale + self.not_terminal
                 + self.done_vs_row + self.wrong_answer + self.after_done + self.uncommitted
-                + self.assembled_wrong)
+                + self.assembled_wrong + self.continuation_failed + self.paid_twice)
 
     def note(self, job_id: str, what: str) -> None:
         if len(self.examples) < 5:
@@ -103,6 +119,14 @@ class Verdict:
             f"{sum(self.restarted.values())} "
             f"({', '.join(f'{k} {v}' for k, v in sorted(self.restarted.items())) or '-'})",
             f"vendor tokens the resumed takeovers saved:    {self.tokens_saved}",
+            f"jobs failed because of continuation (goal 0): {self.continuation_failed}",
+            f"continuations sent / refused by the vendor:   {self.prefills} / "
+            f"{self.prefills_refused}",
+            f"completion tokens paid twice (goal 0):        {self.paid_twice}",
+            f"completion tokens paid again by restarts:     {sum(self.paid_again.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(self.paid_again.items())) or '-'})",
+            f"prompt tokens paid again:                     {sum(self.prompt_again.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(self.prompt_again.items())) or '-'})",
             f"partitions whose committed offset is short:   {self.uncommitted}",
             *(f"  e.g. {example}" for example in self.examples)]
         return "\n".join(lines)
@@ -115,6 +139,12 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
     with psycopg.connect(pg_url) as conn:
         rows = {r[0]: r[1:] for r in conn.execute(
             "SELECT job_id, status, attempt FROM llm_jobs WHERE job_id = ANY(%s)", (jobs,))}
+        for job_id, error in conn.execute(
+                "SELECT job_id, error FROM llm_jobs WHERE job_id = ANY(%s) AND status = 'failed'",
+                (jobs,)).fetchall():
+            if (error or "").startswith(("prefill_refused", "internal")):
+                verdict.continuation_failed += 1
+                verdict.note(job_id, f"failed: {error}")
         answers = dict(conn.execute(
             "SELECT job_id, content FROM llm_messages WHERE job_id = ANY(%s) AND role = 'assistant'",
             (jobs,)).fetchall())
@@ -124,6 +154,7 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
                    if f.get("jobId") == job_id]
         _check_stream(verdict, job_id, entries)
         _count_takeovers(verdict, entries)
+        _count_paid(verdict, job_id, entries)
         dones = [f for f in entries if f["event"] == "done"]
         status, attempt = rows.get(job_id, ("missing", 0))
         verdict.statuses[status] = verdict.statuses.get(status, 0) + 1
@@ -152,8 +183,18 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
             verdict.note(job_id, f"history {answers.get(job_id)!r}, "
                                  f"streamed {[json.loads(f['data'])['text'] for f in finals]}")
     full_answers: dict[str, int] = {}
+    first_call: set[str] = set()
     for call in llm.calls:
         job_id = job_of(call)
+        prompt = sum(len(text_of(m.get("content")).split()) for m in call.messages
+                     if m.get("role") != "assistant" or m is not call.messages[-1])
+        continued = bool(call.messages) and call.messages[-1].get("role") == "assistant"
+        verdict.prefills += continued
+        verdict.prefills_refused += continued and refusal(call.path, call.body) is not None
+        if job_id in first_call:
+            kind = "continuation" if continued else "fresh call"
+            verdict.prompt_again[kind] = verdict.prompt_again.get(kind, 0) + prompt
+        first_call.add(job_id)
         if job_id in done_at and call.wall_at > done_at[job_id] + 0.05:
             verdict.after_done += 1
             verdict.note(job_id, "a model call after its done")
@@ -178,6 +219,29 @@ def _count_takeovers(verdict: Verdict, entries: list[dict[str, str]]) -> None:
                 reason = data["restarts"]["reason"]
                 verdict.restarted[reason] = verdict.restarted.get(reason, 0) + 1
         client.add(f["event"], int(f["attempt"]), data)
+
+
+def _count_paid(verdict: Verdict, job_id: str, entries: list[dict[str, str]]) -> None:
+    """Answer tokens streamed twice. Every vendor answer begins with its own number
+    (NumberedLLM): within one attempt's own tokens a second number is an answer begun
+    again after the client was shown one; the text of an attempt a later one restarts
+    was paid for and thrown away, for its reason."""
+    own: dict[int, str] = {}
+    for f in entries:
+        if f["event"] == "token":
+            own[int(f["attempt"])] = own.get(int(f["attempt"]), "") + json.loads(f["data"])["text"]
+    for attempt, text in own.items():
+        begun = [m.start() for m in re.finditer(r"#\d+ ", text)]
+        if len(begun) > 1:
+            verdict.paid_twice += len(text[begun[1]:].split())
+            verdict.note(job_id, f"attempt {attempt} began its answer again: {text!r}")
+    for f in entries:
+        if f["event"] == "started" and int(f["attempt"]) > 1:
+            restarts = json.loads(f["data"]).get("restarts")
+            if isinstance(restarts, dict):
+                thrown = len(own.get(int(restarts.get("attempt", 0)), "").split())
+                reason = str(restarts.get("reason"))
+                verdict.paid_again[reason] = verdict.paid_again.get(reason, 0) + thrown
 
 
 def _check_stream(verdict: Verdict, job_id: str, entries: list[dict[str, str]]) -> None:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,16 +108,18 @@ class WorkerProcess:
 
 
 def produce_jobs(bootstrap: str, topic: str, jobs: list[str], *, sessions: int,
-                 first: int = 0) -> None:
+                 first: int = 0, models: Sequence[str] = ()) -> None:
     """One request per job, `sessions` sessions (some get several jobs); each message
-    ends with its job id (tests.invariants.job_of). `first` numbers a later wave."""
+    ends with its job id (tests.invariants.job_of). `first` numbers a later wave;
+    `models`: the aliases the jobs ask for in turn (none: the default)."""
     producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap,
                                          "log.connection.close": False})
     for i, job_id in enumerate(jobs, first):
         session = f"s{i % sessions}"
         producer.produce(topic, key=session.encode(), value=json.dumps({
             "jobId": job_id, "userId": f"u{i % 13}", "sessionId": session,
-            "message": f"question for {job_id}"}).encode())
+            "message": f"question for {job_id}",
+            **({"model": models[i % len(models)]} if models else {})}).encode())
         producer.poll(0)
     if producer.flush(30):
         raise RuntimeError("could not produce the jobs")
@@ -151,6 +153,9 @@ class Choreography:
     timeout_s: float = 300.0
     template: str = "sse:chat:{job_id}"
     taken_over: list[str] = field(default_factory=list)  # the frozen worker's jobs, rerun
+    models: Sequence[str] = ()  # the aliases the jobs ask for in turn
+    redis: local_stack.Service | None = None  # given: Redis is made slow in two phases
+    slow_redis_s: float = 1.5
 
     def finished(self) -> int:
         return count_done(self.rds, self.jobs, self.template)
@@ -175,7 +180,8 @@ class Choreography:
         sessions = max(1, len(self.jobs) // 6)  # six jobs each: every session streams a while
         wave = len(self.jobs) // 3
         first.start()
-        produce_jobs(self.bootstrap, self.topic, self.jobs[:wave], sessions=sessions)
+        produce_jobs(self.bootstrap, self.topic, self.jobs[:wave], sessions=sessions,
+                     models=self.models)
         wait_for("the first jobs to finish on one worker", lambda: self.finished() >= 5,
                  self.timeout_s, check)
         self.say(f"one worker: {self.finished()} done; two more join")
@@ -190,12 +196,15 @@ class Choreography:
             if sent == len(self.jobs):
                 raise TimeoutError("every job was sent before both new workers ran one")
             step = self.jobs[sent:sent + 3]
-            produce_jobs(self.bootstrap, self.topic, step, sessions=sessions, first=sent)
+            produce_jobs(self.bootstrap, self.topic, step, sessions=sessions, first=sent,
+                         models=self.models)
             sent += len(step)
             check()
             time.sleep(0.5)
-        produce_jobs(self.bootstrap, self.topic, self.jobs[sent:], sessions=sessions, first=sent)
+        produce_jobs(self.bootstrap, self.topic, self.jobs[sent:], sessions=sessions, first=sent,
+                     models=self.models)
         self.say(f"three workers run jobs: {self.finished()} done")
+        self._slow_redis()
 
         joining.kill()
         self.say(f"SIGKILLed worker {joining.pid}: {self.finished()} done")
@@ -225,6 +234,7 @@ class Choreography:
         self.say(f"woke worker {frozen.pid}: {len(self.taken_over)} of its jobs were taken "
                  f"over meanwhile; {self.finished()} done")
 
+        self._slow_redis()
         with self.postgres.frozen():
             time.sleep(self.lease_s * 1.5)  # the fault itself: every lease runs out
         self.say(f"Postgres frozen for {self.lease_s * 1.5:.1f} s and thawed: "
@@ -239,6 +249,16 @@ class Choreography:
                  lambda: uncommitted_partitions(self.bootstrap, self.topic, self.group) == 0,
                  self.timeout_s, check)
         self.say("every partition committed to its end")
+
+    def _slow_redis(self) -> None:
+        """Redis answers nothing for a while (SIGSTOP), then everything at once: the
+        workers' event mailboxes fill while the vendors go on streaming."""
+        if self.redis is None:
+            return
+        with self.redis.frozen():
+            time.sleep(self.slow_redis_s)
+        self.say(f"Redis stopped for {self.slow_redis_s:.1f} s and woken: "
+                 f"{self.finished()} done")
 
     def _check_all(self) -> None:
         for worker in self.workers:

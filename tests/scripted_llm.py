@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -54,18 +55,63 @@ class Reply:
     pause_after: int | None = None
     pause_s: float = 0.0
     after_tools: tuple[str, ...] = ()  # answer text sent after the tool-call pieces
+    # Anthropic's redacted reasoning: one `redacted_thinking` block per item (its data),
+    # streamed before the signed thinking block.
+    redacted: tuple[str, ...] = ()
 
     def after(self, messages: list[dict[str, Any]]) -> tuple[str, ...]:
-        """The tokens this reply streams for a request of `messages`."""
+        """The tokens this reply streams for a request of `messages`. A prefill that
+        is the start of the tokens up to a token boundary, less any whitespace it ends
+        with (no vendor takes that), is continued: the whitespace comes first."""
         last = messages[-1] if messages else {}
         if not self.continues or last.get("role") != "assistant":
             return self.tokens
-        prefix, text = last.get("content") or "", ""
-        for n, token in enumerate(self.tokens):
-            if text == prefix:
-                return self.tokens[n:]
-            text += token
-        return () if text == prefix else self.tokens
+        prefix, text = text_of(last.get("content")), ""
+        for n in range(len(self.tokens) + 1):
+            if prefix in (text, text.rstrip()):
+                rest, held = self.tokens[n:], text[len(prefix):]
+                if not held:
+                    return rest
+                return (held + rest[0], *rest[1:]) if rest else (held,)
+            if n < len(self.tokens):
+                text += self.tokens[n]
+        return self.tokens
+
+
+def text_of(content: Any) -> str:
+    """A message's text: a string, or the text blocks of Anthropic's content list."""
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content
+                       if isinstance(b, dict) and b.get("type") == "text")
+    return content or ""
+
+
+# The models that refuse a request ending in an assistant turn, as the real vendors do
+# (LiteLLM's map agrees: supports_assistant_prefill false): Claude 4.6 and later.
+_NO_PREFILL_CLAUDE = re.compile(r"claude-(?:\w+-)?(?:4-[6-9]|[5-9])(?:\b|-|$)")
+ANTHROPIC_REFUSAL = json.dumps({"type": "error", "error": {
+    "type": "invalid_request_error",
+    "message": "This model does not support assistant message prefill. The conversation "
+               "must end with a user message."}, "request_id": "req_scripted"})
+MISTRAL_REFUSAL = json.dumps({
+    "object": "error", "message": "Expected last role User or Tool (or Assistant with prefix "
+    "True) for serving but got assistant", "type": "invalid_request_message_order",
+    "param": None, "code": "3230"})
+
+
+def refusal(path: str, payload: dict[str, Any]) -> str | None:
+    """The 400 body a real vendor sends for this request's trailing assistant turn:
+    Anthropic for its 4.6+ models, Mistral when the turn lacks `prefix: true`."""
+    messages = payload.get("messages") or []
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant":
+        return None
+    model = str(payload.get("model", ""))
+    if path.rstrip("/").endswith("/messages") and _NO_PREFILL_CLAUDE.search(model):
+        return ANTHROPIC_REFUSAL
+    if model.startswith(("mistral", "codestral")) and last.get("prefix") is not True:
+        return MISTRAL_REFUSAL
+    return None
 
 
 @dataclass
@@ -186,7 +232,10 @@ class ScriptedLLM:
                     call.finished = True
                     owner._changed()
                     return
-                if reply.status != 200:
+                refused = refusal(self.path, payload)
+                if refused is not None or reply.status != 200:
+                    if refused is not None:
+                        reply = Reply(status=400, error_body=refused)
                     self._send_json(reply.status, reply.error_body.encode(), reply.headers)
                     call.finished = True
                     owner._changed()
@@ -256,8 +305,9 @@ class ScriptedLLM:
                 self.wfile.flush()
 
             def _stream_anthropic(self, call: Call, payload: dict[str, Any], reply: Reply) -> None:
-                """The Anthropic Messages SSE: a signed thinking block, the text, then one
-                tool_use block per call with its input as input_json_delta pieces."""
+                """The Anthropic Messages SSE: redacted thinking blocks, a signed thinking
+                block, the text (continuing a prefill when `continues`), then one tool_use
+                block per call with its input as input_json_delta pieces."""
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
@@ -267,25 +317,36 @@ class ScriptedLLM:
                     "model": payload.get("model", "scripted"), "stop_reason": None,
                     "stop_sequence": None,
                     "usage": {**(reply.usage or {"input_tokens": 10}), "output_tokens": 1}}})
-                blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+                blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+                    ({"type": "redacted_thinking", "data": data}, []) for data in reply.redacted]
                 if reply.reasoning:
                     blocks.append(({"type": "thinking", "thinking": "", "signature": ""},
                                    [{"type": "thinking_delta", "thinking": t}
                                     for t in reply.reasoning]
                                    + [{"type": "signature_delta", "signature": "sig-scripted"}]))
-                if reply.tokens:
+                if tokens := reply.after(payload.get("messages") or []):
                     blocks.append(({"type": "text", "text": ""},
-                                   [{"type": "text_delta", "text": t} for t in reply.tokens]))
+                                   [{"type": "text_delta", "text": t} for t in tokens]))
                 for call_id, name, pieces in reply.tool_calls:
                     blocks.append(({"type": "tool_use", "id": call_id, "name": name, "input": {}},
                                    [{"type": "input_json_delta", "partial_json": piece}
                                     for piece in ("", *pieces)]))
+                texts = 0
                 for index, (start, deltas) in enumerate(blocks):
                     self._event("content_block_start", {"index": index, "content_block": start})
                     for delta in deltas:
+                        if delta["type"] == "text_delta":
+                            if reply.break_after is not None and texts >= reply.break_after:
+                                self.close_connection = True  # cut: no stop events
+                                call.finished = True
+                                owner._changed()
+                                return
+                            texts += 1
+                            if texts > 1 and reply.token_delay_s:
+                                time.sleep(reply.token_delay_s)
                         self._event("content_block_delta", {"index": index, "delta": delta})
                         call.tokens_sent += 1
-                        owner._changed()
+                        self._sent(call, reply)
                     self._event("content_block_stop", {"index": index})
                 stop = "tool_use" if reply.tool_calls else "end_turn"
                 output = (reply.usage or {}).get("output_tokens", call.tokens_sent)

@@ -234,3 +234,20 @@ def test_a_users_own_collection_cannot_be_shared_or_granted(environ, key):
                                       "(their uploads go there): it cannot be shared or granted")
     # A name merely like it is another collection (contract 5: names are one-to-one).
     assert load_config(environ={"CHAT_ACTORS__RAG__SHARED_COLLECTIONS": '["User-Bob"]'})
+
+
+@pytest.mark.parametrize("extra", ["{ max_tokens = 5 }", '{ model = "other", stream = false }',
+                                   "{ messages = [] }", '{ tool_choice = "none" }'])
+def test_extra_params_may_not_replace_what_the_worker_sets(extra):
+    with pytest.raises(ConfigError, match=r"^llm\.models\.local\.extra_params: .* set by the "
+                                          r"worker itself"):
+        load_config(environ={"CHAT_ACTORS__LLM__MODELS__LOCAL__EXTRA_PARAMS": extra})
+
+
+def test_extra_params_of_any_shape_are_kept_as_they_are():
+    value = {"thinking": {"type": "enabled", "budget_tokens": 2048, "display": "summarized"},
+             "top_k": 40, "safe_prompt": True}
+    config = load_config(environ={"CHAT_ACTORS__LLM__MODELS__LOCAL__EXTRA_PARAMS": (
+        '{ thinking = { type = "enabled", budget_tokens = 2048, display = "summarized" }, '
+        "top_k = 40, safe_prompt = true }")})
+    assert config.llm.models["local"].extra_params == value

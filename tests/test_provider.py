@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
 
-from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
+from actors.errors import (
+    PermanentError,
+    PrefillRefused,
+    ProviderExhausted,
+    Stalled,
+    TransientError,
+)
 from actors.provider import Answer, continuation, stream_answer
-from config import load_config
+from config import Config, load_config
 from messages.mailboxes import StreamFinished, TokenDelta, ToolCallDelta
 from tests.fakes import FlatPricing
 
@@ -59,8 +66,8 @@ class FakeChat:
                                           completion_tokens=None, model=model))
 
 
-async def run(chat: FakeChat, mailbox_full_s: float = 0.0
-              ) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
+async def run(chat: FakeChat, mailbox_full_s: float = 0.0, config: Config = CONFIG,
+              **listeners: Any) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
     """Stream an answer from `chat`; the job's event mailbox takes no event for
     `mailbox_full_s` when the first one comes (Redis slow)."""
     streamed: list[str] = []
@@ -75,10 +82,10 @@ async def run(chat: FakeChat, mailbox_full_s: float = 0.0
         switches.append((old, new, why))
 
     answer = Answer()
-    await stream_answer(chat=chat, pricing=FlatPricing(), config=CONFIG, alias_name="local",
+    await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
                         messages=MESSAGES,
                         params={}, count=lambda text: len(text.split()), prompt_estimate=3,
-                        on_token=on_token, on_switch=on_switch, answer=answer)
+                        on_token=on_token, on_switch=on_switch, answer=answer, **listeners)
     return answer, streamed, switches
 
 
@@ -279,4 +286,132 @@ async def test_a_vendor_silent_after_a_full_mailbox_is_still_a_stall(autojump_cl
     chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
     answer, streamed, _ = await run(chat, mailbox_full_s=CONFIG.jobs.idle_timeout_s * 3)
     assert "".join(streamed) == answer.text == "one two again "
-    assert len(chat.calls) == 2 and chat.calls[1][1][-1]["content"] == "one two "
+    # (the prefill without the space the client holds: see the whitespace test below)
+    assert len(chat.calls) == 2 and chat.calls[1][1][-1]["content"] == "one two"
+
+
+# --- the one continuation decision, inside the worker (contract 3.3) -------------------
+
+NOT_CONTINUING = load_config(environ={
+    "CHAT_ACTORS__LLM__MODELS__LOCAL__CONTINUES": "false",
+    "CHAT_ACTORS__LLM__RETRIES": "1", "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "1"})
+REFUSED = "AnthropicException - This model does not support assistant message prefill."
+
+
+class Restarts:
+    """The on_restart listener: each (alias, reason), as the job's next attempt."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, alias: str, reason: str) -> None:
+        self.seen.append((alias, reason))
+
+
+async def test_an_alias_that_does_not_continue_starts_the_answer_over_as_a_new_attempt(
+        autojump_clock):
+    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
+                     Try(tokens=("Hello", " there"))])
+    restarts = Restarts()
+    answer, streamed, _ = await run(chat, config=NOT_CONTINUING, on_restart=restarts)
+    assert restarts.seen == [("local", "vendor")]
+    assert chat.calls[1][1] == MESSAGES  # no prefill the alias cannot take
+    assert answer.text == "Hello there"  # the first attempt's text is not part of it
+    assert "".join(streamed) == "The skyHello there"  # the client was shown both
+
+
+async def test_a_try_that_showed_the_client_nothing_is_retried_in_the_same_attempt(
+        autojump_clock):
+    chat = FakeChat([Try(error=TransientError("connection reset")), Try(tokens=("ok",))])
+    restarts = Restarts()
+    answer, _, _ = await run(chat, config=NOT_CONTINUING, on_restart=restarts)
+    assert restarts.seen == [] and answer.text == "ok"
+
+
+async def test_a_refused_prefill_restarts_once_and_the_alias_continues_no_more(autojump_clock):
+    refused: set[str] = set()
+    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
+                     Try(error=PrefillRefused(REFUSED)), Try(tokens=("Hello",))])
+    restarts = Restarts()
+    answer, _, _ = await run(chat, on_restart=restarts, refused=refused)
+    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The sky"}  # tried once
+    assert chat.calls[2][1] == MESSAGES
+    assert restarts.seen == [("local", "vendor_refused")] and refused == {"local"}
+    assert answer.text == "Hello" and answer.retries == 1  # the refusal is no retry
+    # The next job of that alias in this process restarts without asking again.
+    chat = FakeChat([Try(tokens=("A",), error=TransientError("connection reset")),
+                     Try(tokens=("B",))])
+    restarts = Restarts()
+    answer, _, _ = await run(chat, on_restart=restarts, refused=refused)
+    assert restarts.seen == [("local", "vendor_refused")] and len(chat.calls) == 2
+    assert chat.calls[1][1] == MESSAGES and answer.text == "B"
+
+
+async def test_a_prefill_refused_twice_is_the_vendors_error_not_a_loop(autojump_clock):
+    chat = FakeChat([Try(tokens=("The",), error=TransientError("connection reset")),
+                     Try(error=PrefillRefused(REFUSED)), Try(error=PrefillRefused(REFUSED))])
+    with pytest.raises(PrefillRefused):
+        await run(chat, on_restart=Restarts(), refused=set())
+    assert len(chat.calls) == 3
+
+
+@pytest.mark.parametrize(("first", "reason"), [
+    (Try(tokens=("Let me", " check"), calls=1, error=TransientError("reset")), "tool_call"),
+    (Try(tokens=("Caf", "\ufffd"), error=TransientError("reset")), "split_character"),
+    (Try(tokens=("<think>", "hmm"), error=TransientError("reset")), "think_block"),
+])
+async def test_each_unsafe_text_restarts_inside_the_worker_too(first, reason, autojump_clock):
+    chat = FakeChat([first, Try(tokens=("fine",))])
+    restarts = Restarts()
+    answer, _, _ = await run(chat, on_restart=restarts)
+    assert restarts.seen == [("local", reason)] and answer.text == "fine"
+    assert chat.calls[1][1] == MESSAGES
+
+
+async def test_a_fallback_decides_again_for_its_own_alias(autojump_clock):
+    config = load_config(environ={
+        "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
+        "CHAT_ACTORS__LLM__MODELS__BACKUP__MODEL": "openai/backup-model",
+        "CHAT_ACTORS__LLM__MODELS__BACKUP__CONTINUES": "false",
+        "CHAT_ACTORS__LLM__RETRIES": "1", "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "1"})
+    chat = FakeChat([Try(tokens=("The",), error=TransientError("reset")),
+                     Try(tokens=(" sky",), error=TransientError("reset")),
+                     Try(tokens=("Hi",))])
+    restarts = Restarts()
+    answer, _, _ = await run(chat, config=config, on_restart=restarts)
+    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The"}  # local continues
+    assert restarts.seen == [("backup", "vendor")] and chat.calls[2][1] == MESSAGES
+    assert answer.text == "Hi" and answer.alias == "backup"
+
+
+async def test_whitespace_the_client_holds_is_left_out_of_the_prefill_and_not_sent_twice(
+        autojump_clock):
+    chat = FakeChat([Try(tokens=("The ",), error=TransientError("reset")),
+                     Try(tokens=(" ", "sky."))])
+    answer, streamed, _ = await run(chat)
+    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The"}
+    assert "".join(streamed) == answer.text == "The sky."
+
+
+async def test_the_fence_is_read_before_every_try(autojump_clock):
+    reads: list[int] = []
+
+    async def before_try() -> None:
+        reads.append(len(chat.calls))
+
+    chat = FakeChat([Try(error=TransientError("500")), Try(error=TransientError("500")),
+                     Try(tokens=("ok",))])
+    await run(chat, before_try=before_try)
+    assert reads == [0, 1, 2]  # each read before its call
+
+
+async def test_a_fenced_job_makes_no_model_call(autojump_clock):
+    chat = FakeChat([Try(error=TransientError("500")), Try(tokens=("never",))])
+    with trio.CancelScope() as scope:
+        async def before_try() -> None:
+            if chat.calls:  # a later attempt took the job meanwhile: stopped
+                scope.cancel()
+                await trio.lowlevel.checkpoint()
+
+        await run(chat, before_try=before_try)
+    assert scope.cancelled_caught and len(chat.calls) == 1

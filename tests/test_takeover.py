@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from actors.adapters.tokens import TiktokenCounting
+from actors.continuing import decide
 from actors.takeover import MAX_COUNT, attempts, earlier_usage, plan
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Restarts, Resumes
@@ -58,7 +59,8 @@ def _check_continued(events, llm, db, job_id: str, *, kept: str, carried: str) -
     second = "".join(e["data"]["text"] for e in events
                      if e["event"] == "token" and e["attempt"] == "2")
     assert second == FULL[len(kept):]  # the kept prefix is never streamed again
-    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": carried}
+    # The vendor gets the text without the whitespace it ends with (vendors refuse it).
+    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": carried.rstrip()}
     assert [e["event"] for e in events].count("done") == 1
     row = job_row(db, job_id)
     assert (row["status"], row["attempt"], row["handed"]) == ("completed", 2, None)
@@ -336,7 +338,40 @@ async def test_a_mistral_alias_marks_the_carried_text_as_a_prefix(make_config, l
     async with worker_running(config):
         events = await events_of(rds, config, req["jobId"])
     kept = "".join(TOKENS[:6])
-    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": kept, "prefix": True}
+    assert llm.calls[1].messages[-1] == {"role": "assistant", "content": kept.rstrip(),
+                                         "prefix": True}
     assert assembled(events).text == FULL
     assert [e["data"].get("resumes") for e in events if e["event"] == "started"] == [
         None, {"attempt": 1, "chars": len(kept)}]
+
+
+# --- the one decision itself (actors/continuing.py) ---------------------------------------
+
+
+@pytest.mark.parametrize(("text", "kwargs", "outcome", "reason"), [
+    ("The sky is", {"continues": True}, "continue", None),
+    ("The sky is", {"continues": False}, "restart", "vendor"),
+    ("The sky is", {"continues": True, "refused": True}, "restart", "vendor_refused"),
+    ("", {"continues": True}, "restart", "nothing_streamed"),
+    ("Let me look", {"continues": True, "midway": "tool_call"}, "restart", "tool_call"),
+    ("", {"continues": False, "midway": "reasoning"}, "restart", "reasoning"),
+    ("Caf\ufffd", {"continues": True}, "restart", "split_character"),
+    ("a <think> b", {"continues": True}, "restart", "think_block"),
+    # A user who asked for this very answer to go on: an alias that cannot take it as a
+    # prefill gets it as an instruction; nothing else changes.
+    ("The sky is", {"continues": False, "asked": True}, "instruction", "vendor"),
+    ("The sky is", {"continues": True, "refused": True, "asked": True}, "instruction",
+     "vendor_refused"),
+    ("The sky is", {"continues": True, "asked": True}, "continue", None),
+    ("Let me", {"continues": False, "midway": "tool_call", "asked": True}, "restart",
+     "tool_call"),
+])
+def test_the_decision_on_every_interrupted_answer(text, kwargs, outcome, reason):
+    found = decide(text, **kwargs)
+    assert (found.outcome, found.reason) == (outcome, reason)
+
+
+def test_a_refused_prefill_restarts_a_takeover_with_its_own_reason():
+    entries = [_started(1), *_tokens(1, "Hello, wor")]
+    found = plan(2, entries, None, continues=False, refused=True)
+    assert found.restarts == Restarts(attempt=1, reason="vendor_refused") and not found.text

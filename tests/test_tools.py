@@ -106,9 +106,10 @@ async def test_tool_results_answer_the_pending_call_on_the_next_turn(make_config
 
 async def test_anthropics_thinking_and_tool_use_stream_and_go_back_signed(
         make_config, llm, rds, db, monkeypatch):
-    """The Anthropic Messages wire through LiteLLM: a signed thinking block, then a
-    tool_use whose input arrives as input_json_delta pieces. The next turn sends the
-    thinking block back, signature and all, before the tool_use and its result."""
+    """The Anthropic Messages wire through LiteLLM: a redacted thinking block and a
+    signed one, then a tool_use whose input arrives as input_json_delta pieces. The
+    next turn sends both blocks back whole and in order (the signature, the redacted
+    data), before the tool_use and its result."""
     monkeypatch.setenv("SCRIPTED_ANTHROPIC_KEY", "sk-ant-scripted")
     alias = "CHAT_ACTORS__LLM__MODELS__CLAUDE__"
     config, _ = make_config(environ={
@@ -116,6 +117,7 @@ async def test_anthropics_thinking_and_tool_use_stream_and_go_back_signed(
         f"{alias}API_KEY_ENV": "SCRIPTED_ANTHROPIC_KEY", f"{alias}TOOLS": "true",
         f"{alias}REASONING": "true", f"{alias}MAX_TOKENS": "256"})
     llm.queue(Reply(reasoning=("The user wants", " the weather."), tokens=(),
+                    redacted=("EqQBCkgIARABGAIiQHSd-opaque",),
                     tool_calls=(("toolu_1", "get_weather", ('{"ci', 'ty": "Par', "", 'is"}')),)),
               Reply(tokens=("21 C", " in Paris.")))
     ask = request("Weather in Paris?", v=2, model="claude", tools=[WEATHER], sessionId="s-claude")
@@ -136,10 +138,12 @@ async def test_anthropics_thinking_and_tool_use_stream_and_go_back_signed(
     sent = llm.calls[1].body["messages"]
     assistant = next(m for m in sent if m["role"] == "assistant")
     kinds = [block["type"] for block in assistant["content"]]
-    assert kinds == ["thinking", "tool_use"]
-    assert assistant["content"][0]["signature"] == "sig-scripted"
-    assert assistant["content"][0]["thinking"] == "The user wants the weather."
-    assert assistant["content"][1]["input"] == {"city": "Paris"}
+    assert kinds == ["redacted_thinking", "thinking", "tool_use"]
+    assert assistant["content"][0] == {"type": "redacted_thinking",
+                                       "data": "EqQBCkgIARABGAIiQHSd-opaque"}
+    assert assistant["content"][1]["signature"] == "sig-scripted"
+    assert assistant["content"][1]["thinking"] == "The user wants the weather."
+    assert assistant["content"][2]["input"] == {"city": "Paris"}
     results = [b for m in sent if m["role"] == "user" and isinstance(m["content"], list)
                for b in m["content"] if b.get("type") == "tool_result"]
     assert [(r["tool_use_id"], r["content"]) for r in results] in (

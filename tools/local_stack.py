@@ -505,10 +505,12 @@ def start_core(workdir: Path) -> tuple[Service, Service, Service]:
     return kafka, redis, postgres
 
 
-Scalar = str | int | float | bool
+Scalar = str | int | float | bool | list[str]
 
 
 def _toml_value(value: Scalar) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

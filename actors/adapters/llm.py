@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import litellm
 import trio
@@ -19,6 +19,7 @@ from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_c
 
 from actors.adapters import aio
 from actors.adapters.model_map import MapRates, flat_cost, overridden
+from actors.adapters.prefill import refused_prefill
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages import mailboxes as chunks
@@ -215,9 +216,8 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
                 if thought:
                     await put(chunks.ReasoningDelta(text=thought))
                 for block in (getattr(delta, "thinking_blocks", None) if delta else None) or ():
-                    signature = block.get("signature") if isinstance(block, dict) else None
-                    if signature:
-                        await put(chunks.ReasoningSigned(signature=str(signature)))
+                    if (piece := _thinking_piece(block)) is not None:
+                        await put(piece)
                 if delta is not None and delta.content:
                     await put(chunks.TokenDelta(text=delta.content))
                 for part in (getattr(delta, "tool_calls", None) if delta else None) or ():
@@ -234,6 +234,30 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
         if close is not None:
             await close()
     await put(_finished(finish_reason, usage, str(model)))
+
+
+def _thinking_piece(block: object) -> chunks.ThinkingPiece | None:
+    """One of LiteLLM's streamed thinking blocks (Anthropic's, numbered by `index`):
+    a thinking text piece, its signature, or a whole redacted block."""
+    if not isinstance(block, dict):
+        return None
+    fields = cast("dict[str, object]", block)
+    index = fields.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        return None
+    match fields.get("type"):
+        case "redacted_thinking":
+            data = fields.get("data")
+            return chunks.ThinkingPiece(index=index, kind="redacted_thinking",
+                                        data=data) if isinstance(data, str) and data else None
+        case "thinking":
+            thinking, signature = fields.get("thinking") or "", fields.get("signature") or ""
+            if not isinstance(thinking, str) or not isinstance(signature, str):
+                return None
+            return chunks.ThinkingPiece(index=index, kind="thinking", thinking=thinking,
+                                        signature=signature) if thinking or signature else None
+        case _:
+            return None
 
 
 def _count(value: object) -> int:
@@ -319,12 +343,12 @@ class LiteLLMChat:
                 raise
             except (litellm.exceptions.APIError, litellm.exceptions.OpenAIError,
                     OSError) as exc:
-                raise translate(exc) from exc
+                raise refused_prefill(translate(exc), messages) from exc
             except trio.BrokenResourceError:
                 raise  # the job stopped reading (trio.Cancelled is no Exception: never caught)
             except Exception as exc:
                 # LiteLLM wraps vendor failures in many types; classify, never swallow.
-                raise translate(exc) from exc
+                raise refused_prefill(translate(exc), messages) from exc
 
 
 @functools.lru_cache(maxsize=256)

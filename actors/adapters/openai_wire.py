@@ -36,6 +36,7 @@ from msgspec import Meta
 
 from actors.adapters import http1
 from actors.adapters.model_map import NATIVE_PROVIDERS, Route, native_params, proxied, unmapped
+from actors.adapters.prefill import refused_prefill
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages.mailboxes import (
@@ -246,8 +247,9 @@ class OpenAIWireChat:
                     async with self._http.stream_post(route.url, headers, body,
                                                       resend=resend) as response:
                         if response.status != 200:
-                            raise await _status_error(route, response.status, response.headers,
-                                                await response.read(ERROR_BODY_LIMIT))
+                            error = await _status_error(route, response.status, response.headers,
+                                                        await response.read(ERROR_BODY_LIMIT))
+                            raise refused_prefill(error, messages)
                         await _read_events(response.pieces(), out, route)
             except trio.TooSlowError as exc:
                 raise TransientError(f"{route.provider}: no answer within "

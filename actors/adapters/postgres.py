@@ -504,6 +504,15 @@ class Postgres:
                          cached_tokens=int(r[6]), cache_write_tokens=int(r[7]),
                          reasoning_tokens=int(r[8])) for r in rows]
 
+    async def next_attempt(self, *, job_id: str, lease_holder: str, attempt: int) -> bool:
+        """The job starts over as attempt + 1 under the same lease: what an earlier
+        attempt handed back is spent, and that attempt's terminal write is fenced out."""
+        rows = await self.run(lambda conn: conn.execute(
+            "UPDATE llm_jobs SET attempt = attempt + 1, handed = NULL WHERE job_id = %s "
+            "AND lease_owner = %s AND attempt = %s AND status = 'running' RETURNING attempt",
+            (job_id, lease_holder, attempt)).fetchall())
+        return bool(rows)
+
     async def release_lease(self, *, job_id: str, lease_holder: str,
                             handed: Handed | None = None) -> None:
         """Give a job back unfinished: the next delivery runs it again at once. `handed`:

@@ -285,6 +285,27 @@ class RedisEvents:
 
         return await self._run(read)
 
+    async def fenced(self, job_id: str, attempt: int) -> bool:
+        """A later attempt holds the job, or its `done` is written. Read outside the
+        writer's thread (a read must not wait behind the batches it queues)."""
+        keys = self._keys(job_id)
+
+        def read() -> bool:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(keys.attempt)
+            pipe.exists(keys.done)
+            holder, done = pipe.execute()
+            try:
+                later = holder is not None and int(holder) > attempt
+            except ValueError:
+                later = False  # not ours to judge: the fenced appends still decide
+            return later or bool(done)
+
+        try:
+            return await trio.to_thread.run_sync(read)
+        except redis.RedisError as exc:
+            raise translate(exc) from exc
+
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
         value = await self._run(self._client.get, self._keys(job_id).seq(attempt))
