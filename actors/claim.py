@@ -81,9 +81,9 @@ async def resend_done(worker: Worker, job: JobRef, status: DoneStatus, partial: 
     async def last_seq() -> int:
         return await worker.event_log.last_seq(job.job_id, job.attempt)
 
-    # The worker that ended the job writes its `done` right after the terminal row: wait
-    # for it a lease long before taking it for lost (else this `done` takes the seq of
-    # that worker's `final`, which Redis would then skip as written).
+    # The worker that ended the job writes its `done` right after the terminal row (its
+    # `final` or `error` is in Redis before that row): wait for it a lease long before
+    # taking it for lost, so one `done` of its own usually ends the stream.
     deadline = trio.current_time() + (worker.config.jobs.lease_s if wait else 0.0)
     while await retry_transient(done_recorded, what="done check", log=log,
                                 health=worker.health, dependency="redis") is False:

@@ -115,9 +115,12 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                             reasoning_tokens=record.reasoning_tokens),
                 cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
                 provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
-                nul_removed=answer.nul_removed, tool_calls=answer.tool_calls))
+                nul_removed=answer.nul_removed, tool_calls=answer.tool_calls), wait=True)
         elif outcome.error is not None:
-            await worker.emit(job, outcome.error)
+            await worker.emit(job, outcome.error, wait=True)
+        # `final` (or `error`) is in Redis before the row is terminal: a redelivery that
+        # finds the row terminal and writes a `done` the worker has not (yet) written
+        # puts it after them, never at their seq (where Redis would then skip them).
         await worker.records.send(record)
         assert record.receipt is not None
         refused = await record.receipt.wait()

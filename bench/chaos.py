@@ -70,7 +70,8 @@ class ChaoticLLM(NumberedLLM):
     hostile, broken HTTP. Every answer is numbered (tests.invariants)."""
 
     def __init__(self, seed: int, hostile: bool = False, *, tokens: int = 8,
-                 token_delay_s: float = 0.02, broken_share: float = 0.05) -> None:
+                 token_delay_s: float = 0.02, broken_share: float = 0.05,
+                 stall_s: float = 3.0) -> None:
         super().__init__()
         self._rng = random.Random(seed)
         self._broken = [*BROKEN_HTTP.values(), CUT_MID_CHUNK] if hostile else []
@@ -78,6 +79,7 @@ class ChaoticLLM(NumberedLLM):
         self._delay = token_delay_s
         self.broken_sent = 0
         self._broken_share = broken_share  # streams cut at a random point
+        self._stall_s = stall_s  # a first token this late: past the limit
 
     def choose(self) -> Reply:
         roll = self._rng.random()
@@ -90,7 +92,7 @@ class ChaoticLLM(NumberedLLM):
         if roll < 0.10:
             return Reply(status=500)
         if roll < 0.13:
-            return Reply(tokens=tokens, first_token_delay_s=3.0)  # stall past the limit
+            return Reply(tokens=tokens, first_token_delay_s=self._stall_s)  # stalled
         if roll < 0.13 + self._broken_share:
             return Reply(tokens=tokens, token_delay_s=delay,
                          break_after=self._rng.randint(1, len(tokens)))
@@ -264,14 +266,20 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
     """Three workers in one group (contract 6.13): tests.many_workers' choreography."""
     kafka, rds_service, pg = local_stack.start_core(workdir)
     # Answers stream for about two seconds: the jobs outlast every step.
-    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1, broken_share=0.15).start()
+    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1, broken_share=0.15,
+                     stall_s=6.0).start()
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
     # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
     # At info level a worker says when it is ready, which the choreography waits for.
+    # LiteLLM's own routes (Anthropic, Mistral) spend ~20 ms of CPU setting up each
+    # call: with dozens starting at once a first token takes seconds (measured: p90
+    # 1.4-2.7 s for 80 at once, LiteLLM alone), so the stall limits leave room for it.
     write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
-                 jobs={"max_in_flight": max(64, jobs_total)}, log={"level": "info"},
-                 **_vendor_mix(llm.url))
+                 jobs={"max_in_flight": max(64, jobs_total), "lease_s": LEASE_S,
+                       "first_token_timeout_s": 4.5, "idle_timeout_s": 3,
+                       "timeout_s": 120},
+                 log={"level": "info"}, **_vendor_mix(llm.url))
     os.environ.setdefault("SCRIPTED_LLM_KEY", "sk-scripted-not-secret")  # the workers'
 
     topic = f"chaos.request.{tag}"

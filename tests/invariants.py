@@ -71,8 +71,10 @@ class Verdict:
     after_done: int = 0  # model calls begun after their job's `done` was written
     answered_twice: int = 0  # jobs the vendor answered in full more than once (lost leases)
     assembled_wrong: int = 0  # completed jobs a client following contract 3.3 gets wrong
-    resumed: int = 0  # takeovers that continued the earlier attempt's answer
-    restarted: dict[str, int] = field(default_factory=dict)  # takeovers started over, by reason
+    # Later attempts (a takeover, or a restart inside a worker) that continued the
+    # earlier attempt's answer, and those that started over, by reason.
+    resumed: int = 0
+    restarted: dict[str, int] = field(default_factory=dict)
     tokens_saved: int = 0  # vendor tokens the resumed takeovers did not pay again
     # Continuation on every vendor (contract 3.3, "One decision"):
     continuation_failed: int = 0  # jobs failed by a refused prefill or a continuation bug
@@ -115,7 +117,7 @@ class Verdict:
             f"model calls for already-finished jobs:        {self.after_done}",
             f"jobs answered twice by the vendor (legit):    {self.answered_twice}",
             f"answers a client assembles wrong (3.3):       {self.assembled_wrong}",
-            f"takeovers resumed / restarted:                {self.resumed} / "
+            f"later attempts resumed / restarted:           {self.resumed} / "
             f"{sum(self.restarted.values())} "
             f"({', '.join(f'{k} {v}' for k, v in sorted(self.restarted.items())) or '-'})",
             f"vendor tokens the resumed takeovers saved:    {self.tokens_saved}",
@@ -198,7 +200,7 @@ def verify(jobs: list[str], rds: redis.Redis, pg_url: str, llm: ScriptedLLM, *,
         if job_id in done_at and call.wall_at > done_at[job_id] + 0.05:
             verdict.after_done += 1
             verdict.note(job_id, "a model call after its done")
-        if call.finished and not call.disconnected:
+        if call.finished and call.tokens_sent and not call.disconnected and not call.cut:
             full_answers[job_id] = full_answers.get(job_id, 0) + 1
     verdict.answered_twice = sum(n > 1 for n in full_answers.values())
     return verdict

@@ -30,6 +30,9 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
     # Drop the connection after this many tokens (None: finish normally).
     break_after: int | None = None
+    # ... or, with break_after, end the HTTP body cleanly there, the SSE events that
+    # finish the answer never sent (Anthropic: no message_delta, no message_stop).
+    end_clean: bool = False
     finish_reason: str = "stop"
     prompt_tokens: int | None = None  # None: count words of the prompt
     report_usage: bool = True
@@ -125,6 +128,7 @@ class Call:
     chunks_sent: int = 0  # reasoning, answer text and tool-call pieces
     finished: bool = False
     disconnected: bool = False
+    cut: bool = False  # the reply broke off mid-answer (break_after)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -337,8 +341,11 @@ class ScriptedLLM:
                     for delta in deltas:
                         if delta["type"] == "text_delta":
                             if reply.break_after is not None and texts >= reply.break_after:
+                                if reply.end_clean:
+                                    self.wfile.write(b"0\r\n\r\n")
+                                    self.wfile.flush()
                                 self.close_connection = True  # cut: no stop events
-                                call.finished = True
+                                call.finished = call.cut = True
                                 owner._changed()
                                 return
                             texts += 1
@@ -406,7 +413,7 @@ class ScriptedLLM:
                     if reply.break_after is not None and i >= reply.break_after:
                         # Abort mid-stream: no terminating chunk, connection closed.
                         self.close_connection = True
-                        call.finished = True
+                        call.finished = call.cut = True
                         owner._changed()
                         return
                     if i and reply.token_delay_s:

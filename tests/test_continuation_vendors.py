@@ -24,6 +24,7 @@ from tests.helpers import (
     until,
     worker_running,
 )
+from tests.hostile import BROKEN_HTTP
 from tests.scripted_llm import Reply, text_of
 
 TOKENS = tuple(f"w{i} " for i in range(20))
@@ -108,6 +109,23 @@ async def test_claude_4_5_continues_its_answer_through_the_anthropic_wire(make_c
     assert last["role"] == "assistant" and text_of(last["content"]) == "".join(TOKENS[:5]).rstrip()
     tokens = "".join(e["data"]["text"] for e in events if e["event"] == "token")
     assert tokens == FULL  # each character once: no doubled space at the seam
+    _check_whole(events, db, req["jobId"], attempt=1)
+
+
+async def test_an_anthropic_stream_that_ends_without_its_stop_is_no_answer(make_config, llm,
+                                                                          rds, db):
+    """The body ends cleanly after 5 tokens, but without message_delta/message_stop:
+    a stream cut short, and the answer continues instead of completing 5 tokens."""
+    config, _ = make_config(environ=_alias("claude", "anthropic/claude-sonnet-4-5", llm.url))
+    llm.queue(Reply(tokens=TOKENS, break_after=5, end_clean=True))
+    llm.default = Reply(tokens=TOKENS, continues=True)
+    req = request("tell me", model="claude")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    assert len(llm.calls) == 2 and llm.calls[1].messages[-1]["role"] == "assistant"
+    provider = next(e["data"] for e in events if e["event"] == "provider")
+    assert "before a finish_reason was received" in provider["reason"]
     _check_whole(events, db, req["jobId"], attempt=1)
 
 
@@ -259,3 +277,21 @@ def test_only_whole_blocks_are_kept_in_the_vendors_order():
     assert blocks.whole() == [{"type": "redacted_thinking", "data": "opaque"},
                               {"type": "thinking", "thinking": "Let me think.",
                                "signature": "sig-1"}]
+
+
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "mistral/mistral-small-latest"])
+@pytest.mark.parametrize("kind", BROKEN_HTTP)
+async def test_broken_http_through_litellms_routes_is_never_an_empty_answer(
+        kind, model, make_config, llm, rds):
+    """LiteLLM makes up a finished, empty stream from some broken bodies (gzip the
+    vendor sent unasked): a stream that said nothing, not even its usage, is retried
+    like any broken stream, and the job ends with the whole answer."""
+    config, _ = make_config(environ=_alias("v", model, llm.url))
+    llm.queue(Reply(raw=BROKEN_HTTP[kind]))
+    llm.default = Reply(tokens=TOKENS)
+    req = request("hello", model="v")
+    async with worker_running(config):
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+    final = [e["data"]["text"] for e in events if e["event"] == "final"]
+    assert final == [FULL] and len(llm.calls) == 2

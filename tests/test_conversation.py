@@ -53,7 +53,8 @@ class ScriptedChat:
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
               timeout_s: float | None = None, during=None, store: FakeStore | None = None,
               retriever=None, mode: str = "gen", pricing: FlatPricing | None = None,
-              superseded: bool = False, postgres_away_s: float = 0.0):
+              superseded: bool = False, postgres_away_s: float = 0.0,
+              redis_slow_s: float = 0.0, order: list | None = None):
     """Run one job against fakes; return (events, the JobFinished record, virtual seconds)."""
     events: list = []
     records: list = []
@@ -68,12 +69,19 @@ async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
     async def sink(channel, into):
         async for message in channel:
             into.append(message)
+            is_record = hasattr(message, "attempt")
+            if order is not None:  # what each sink has taken, in order
+                order.append("row" if is_record else message.body.EVENT)
             if message.receipt is not None:
-                if hasattr(message, "attempt"):  # a record for Postgres
+                if is_record:  # a record for Postgres
                     await trio.sleep(postgres_away_s)  # the pg sink retries meanwhile
                     # As the pg sink says it when a later attempt holds the job.
                     message.receipt.superseded = superseded
+                else:
+                    await trio.sleep(redis_slow_s)
                 message.receipt.set()
+                if order is not None and not is_record:
+                    order.append(f"{message.body.EVENT} written")
 
     request = ChatRequest(job_id="j1", user_id="alice", session_id="s1", message="hi",
                           timeout_s=timeout_s, mode=mode)
@@ -103,6 +111,18 @@ async def test_a_job_completes_in_order(autojump_clock):
     bodies, record, _ = await run(chat)
     assert kinds(bodies) == ["started", "token", "token", "final", "done"]
     assert record.status == "completed" and record.answer == "ab" and record.ttft_ms == 1000
+
+
+@pytest.mark.parametrize("script", [[(1, "a")], [(1, "a"), (100, "b")]])
+async def test_the_final_or_error_is_in_redis_before_the_row_is_terminal(script,
+                                                                       autojump_clock):
+    """A redelivery that finds the row terminal writes a `done` after what the stream
+    holds: the `final` (or the timeout's `error`) must be there by then, or the resent
+    `done` would take its seq and Redis would skip it."""
+    order: list[str] = []
+    await run(ScriptedChat(script), redis_slow_s=3, order=order)
+    ending = "final" if len(script) == 1 else "error"
+    assert order.index(f"{ending} written") < order.index("row")
 
 
 async def test_total_timeout_keeps_the_partial_answer(autojump_clock):

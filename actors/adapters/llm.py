@@ -66,6 +66,8 @@ def translate(exc: BaseException) -> TransientError | PermanentError:
         if isinstance(exc, kind):
             return PermanentError(text, code=code)
     status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and status < 200:  # a 101 to a POST: broken HTTP, not an answer
+        return TransientError(text, kind="protocol")
     if isinstance(exc, _TRANSIENT) or (isinstance(status, int) and (status == 429 or status >= 500)):
         return TransientError(text, retry_after=_retry_after(exc), kind=_kind(exc, status))
     return PermanentError(text, code="provider_error")
@@ -200,9 +202,10 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
             await aio.to_trio(out.send, item)
 
     response: Any = await litellm.acompletion(**request)  # a stream: CustomStreamWrapper
-    finish_reason = "stop"
+    finish_reason: str | None = None
     usage: Any = None
     model = request["model"]
+    said = False  # the vendor sent any text, reasoning or tool call
     try:
         async for chunk in response:
             counted = getattr(chunk, "usage", None)
@@ -220,7 +223,9 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
                         await put(piece)
                 if delta is not None and delta.content:
                     await put(chunks.TokenDelta(text=delta.content))
+                said = said or bool(thought or (delta is not None and delta.content))
                 for part in (getattr(delta, "tool_calls", None) if delta else None) or ():
+                    said = True
                     function = getattr(part, "function", None)
                     await put(chunks.ToolCallDelta(
                         index=int(getattr(part, "index", 0) or 0),
@@ -233,6 +238,13 @@ async def _pump(request: Mapping[str, Any], out: trio.MemorySendChannel[Provider
         close = getattr(response, "aclose", None)
         if close is not None:
             await close()
+    if finish_reason is None or not (said or usage is not None):
+        # LiteLLM says so itself only for some streams, and makes up a `stop` for a
+        # body it could not read at all (say gzip the vendor sent unasked): a stream
+        # that said nothing, not even its usage, is no answer (an empty answer of a
+        # real vendor still reports its usage).
+        raise TransientError(f"{model}: the stream ended before the answer finished",
+                             kind="protocol")
     await put(_finished(finish_reason, usage, str(model)))
 
 
