@@ -21,7 +21,7 @@ from actors.ports import EventWriter
 from actors.sinks import run_sink
 from messages.mailboxes import EventEmitted
 from messages.ports import StreamEntry
-from messages.wire import Done, Reasoning, StreamEvent, Token, event_data, now_ms
+from messages.wire import Done, Reasoning, Started, StreamEvent, Token, event_data, now_ms
 
 log = logging.getLogger("chat_actors.redis_sink")
 
@@ -64,6 +64,9 @@ def coalesce(batch: list[EventEmitted], next_seq: dict[JobKey, int]) -> list[Str
             open_run[key] = (len(entries) - 1, type(body), [body.text])
         if isinstance(body, Done):
             next_seq.pop(key, None)
+        elif isinstance(body, Started) and job.attempt > 1:
+            # The attempt before it is over (a restart in this worker): its count goes.
+            next_seq.pop((job.job_id, job.attempt - 1), None)
     for key in list(open_run):
         close_run(key)
     return entries

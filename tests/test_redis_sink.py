@@ -75,6 +75,21 @@ def test_reasoning_coalesces_apart_from_tokens():
         ("token", "!", 3)]
 
 
+def test_a_restart_in_the_worker_numbers_the_new_attempt_from_0_and_forgets_the_old():
+    """An answer started over inside the worker is the job's next attempt: its entries
+    count from 0, and the sink keeps no count of the attempt before it (no growth per
+    restart in a long-running worker)."""
+    again = JobRef(job_id="j", user_id="u", session_id="s", attempt=2, stream_key="sse:chat:j")
+    counts: dict[tuple[str, int], int] = {}
+    first = coalesce([EventEmitted(job=JOB, body=Started(model="m", mode="gen", attempt=1)),
+                      EventEmitted(job=JOB, body=Token(text="The"))], counts)
+    second = coalesce([EventEmitted(job=again, body=Started(model="m", mode="gen", attempt=2)),
+                       EventEmitted(job=again, body=Token(text="Hi"))], counts)
+    assert [(e.event.attempt, e.event.seq) for e in [*first, *second]] == [
+        (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert counts == {("j", 2): 2}
+
+
 async def test_transient_failures_are_retried_with_backoff_and_nothing_is_lost(autojump_clock):
     writer = FakeWriter(failures=3)
     send, receive = trio.open_memory_channel(10)
