@@ -236,3 +236,47 @@ def test_one_function_names_every_key_of_a_job_and_cluster_mode_tags_them():
     with pytest.raises(ConfigError, match="must hold {job_id}"):
         load_config(environ={"CHAT_ACTORS__REDIS__CLUSTER": "true",
                              "CHAT_ACTORS__STREAM__KEY_TEMPLATE": "sse:chat:events"})
+
+
+async def test_fence_reads_of_jobs_asking_at_once_share_one_round_trip():
+    """Before every model call each job reads its fence: those asking while a read is
+    in flight are read together in the next one, each gets its own answer, and a
+    Redis failure is each asker's TransientError."""
+    import threading
+
+    from actors.adapters.redis_events import FenceReads
+
+    reads: list[list[tuple[str, int]]] = []
+    release = threading.Event()
+    in_flight = trio.Event()
+
+    def read(asked: list[tuple[str, int]]) -> list[bool]:
+        reads.append(list(asked))
+        trio.from_thread.run_sync(in_flight.set)
+        release.wait(10)  # the first read stays in flight until all have asked
+        return [attempt < 2 for _, attempt in asked]
+
+    fences = FenceReads(read)
+    found: dict[tuple[str, int], bool] = {}
+
+    async def ask(key: tuple[str, int]) -> None:
+        found[key] = await fences.ask(key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, ("j0", 1))
+        await in_flight.wait()
+        for n in range(1, 50):
+            nursery.start_soon(ask, (f"j{n}", 1 + n % 2))
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert len(reads) == 2 and len(reads[1]) == 49  # the 49 who waited: one read
+    assert found == {(f"j{n}", 1 + n % 2): n % 2 == 0 for n in range(50)}
+
+    import redis
+
+    def broken(asked: list[tuple[str, int]]) -> list[bool]:
+        raise redis.ConnectionError("Redis is away")
+
+    failing = FenceReads(broken)
+    with pytest.raises(TransientError, match="Redis is away"):
+        await failing.ask(("j", 1))

@@ -115,6 +115,55 @@ return 1
 READ_PAGE = 1000  # entries per XRANGE while a job's stream is read back
 
 
+class _Ask:
+    __slots__ = ("done", "error", "found", "key")
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.done = trio.Event()
+        self.found = False
+        self.error: TransientError | PermanentError | None = None
+
+
+class FenceReads:
+    """Fence reads of every job asking at once, in one round trip. Whoever asks while
+    no read is in flight reads the batch waiting then (in a worker thread, outside the
+    writer's: a read must not wait behind the batches it queues); the others wait for
+    it, and one of those that arrived meanwhile reads the next. The read in flight is
+    shielded, since others wait on it; it is bounded by the socket timeout."""
+
+    def __init__(self, read: Callable[[list[tuple[str, int]]], list[bool]]) -> None:
+        self._read = read
+        self._waiting: list[_Ask] = []
+        self._round: trio.Event | None = None  # set when the read in flight ends
+
+    async def ask(self, key: tuple[str, int]) -> bool:
+        ask = _Ask(key)
+        self._waiting.append(ask)
+        while not ask.done.is_set():
+            if self._round is not None:
+                await self._round.wait()
+                continue
+            self._round = round_ = trio.Event()
+            batch, self._waiting = self._waiting, []
+            try:
+                with trio.CancelScope(shield=True):
+                    found = await trio.to_thread.run_sync(self._read, [a.key for a in batch])
+                for each, fenced in zip(batch, found, strict=True):
+                    each.found = fenced
+            except redis.RedisError as exc:
+                for each in batch:
+                    each.error = translate(exc)
+            finally:
+                for each in batch:
+                    each.done.set()
+                self._round = None
+                round_.set()
+        if ask.error is not None:
+            raise ask.error
+        return ask.found
+
+
 class RedisEvents:
     """`keys` names a job's keys (config.job_keys: the done marker is separate from the
     stream, so a shared stream still answers "is this job done?"). With `cluster`, each
@@ -149,6 +198,7 @@ class RedisEvents:
         self._replicas_seen: tuple[float, bool] = (-REPLICAS_EVERY_S, False)
         self.waits_unacknowledged = 0  # WAITs that no replica answered in time
         self._node_clients: dict[int, Any] = {}
+        self._fences = FenceReads(self._read_fences)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._cluster:
@@ -286,25 +336,26 @@ class RedisEvents:
         return await self._run(read)
 
     async def fenced(self, job_id: str, attempt: int) -> bool:
-        """A later attempt holds the job, or its `done` is written. Read outside the
-        writer's thread (a read must not wait behind the batches it queues)."""
-        keys = self._keys(job_id)
+        """A later attempt holds the job, or its `done` is written. Every job asking at
+        once is read in one pipelined round trip (FenceReads)."""
+        return await self._fences.ask((job_id, attempt))
 
-        def read() -> bool:
-            pipe = self._client.pipeline(transaction=False)
+    def _read_fences(self, asked: list[tuple[str, int]]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for job_id, _ in asked:
+            keys = self._keys(job_id)
             pipe.get(keys.attempt)
             pipe.exists(keys.done)
-            holder, done = pipe.execute()
+        replies = pipe.execute()
+        found: list[bool] = []
+        for n, (_, attempt) in enumerate(asked):
+            holder, done = replies[2 * n], replies[2 * n + 1]
             try:
                 later = holder is not None and int(holder) > attempt
             except ValueError:
                 later = False  # not ours to judge: the fenced appends still decide
-            return later or bool(done)
-
-        try:
-            return await trio.to_thread.run_sync(read)
-        except redis.RedisError as exc:
-            raise translate(exc) from exc
+            found.append(later or bool(done))
+        return found
 
     async def last_seq(self, job_id: str, attempt: int) -> int:
         """The highest seq written for this attempt, -1 if none."""
