@@ -46,6 +46,34 @@ async def test_redis_unreachable_mid_stream(make_config, stack, llm, rds):
     assert events[-1]["data"]["status"] == "completed" and len(llm.calls) == 1
 
 
+async def test_a_slow_redis_is_not_the_vendors_stall(make_config, stack, llm, rds):
+    """Redis stops answering mid-stream for three idle timeouts while the vendor streams
+    faster than anything drains: the job's event mailbox fills and reading pauses. That
+    is our backpressure, not the vendor's silence: the healthy stream is neither hung
+    up on nor paid for again (issue 36, item 3), and the answer ends whole."""
+    config, _ = make_config(environ={"CHAT_ACTORS__REDIS__SOCKET_TIMEOUT_S": "0.5",
+                                     "CHAT_ACTORS__JOBS__IDLE_TIMEOUT_S": "1",
+                                     "CHAT_ACTORS__LLM__MODELS__SCRIPTED__MAX_TOKENS": "4000"})
+    # A token a millisecond: each its own event, so the job's event mailbox (1,024)
+    # fills about a second into the outage and its events wait two more.
+    tokens = tuple(f"w{i} " for i in range(3000))
+    llm.default = Reply(tokens=tokens, token_delay_s=0.001)
+    req = request("a long answer")
+    async with worker_running(config) as worker:
+        produce(config, req)
+        await wait_calls(llm, lambda calls: calls and calls[0].tokens_sent >= 3, 30)
+        os.kill(stack.redis.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: worker.health.failures["redis"] >= 6)  # 3 s: 3 idle timeouts
+        finally:
+            os.kill(stack.redis.pid, signal.SIGCONT)
+        events = await events_of(rds, config, req["jobId"])
+    assert len(llm.calls) == 1 and not llm.calls[0].disconnected
+    assert [e["event"] for e in events if e["event"] == "provider"] == []
+    assert events[-2]["data"]["text"] == "".join(tokens)
+    assert_contiguous(events)
+
+
 async def test_postgres_restarted_mid_job(config, stack, llm, rds):
     llm.default = STREAM
     req = request("through a restart")
