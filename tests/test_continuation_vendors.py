@@ -295,3 +295,51 @@ async def test_broken_http_through_litellms_routes_is_never_an_empty_answer(
         events = await events_of(rds, config, req["jobId"])
     final = [e["data"]["text"] for e in events if e["event"] == "final"]
     assert final == [FULL] and len(llm.calls) == 2
+
+
+# --- each vendor's refusal of a prefill, as LiteLLM hands it on -----------------------------
+
+PREFILL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The sky"}]
+
+
+@pytest.mark.parametrize("text", [
+    'litellm.BadRequestError: AnthropicException - b\'{"type":"error","error":{"type":'
+    '"invalid_request_error","message":"This model does not support assistant message '
+    'prefill. The conversation must end with a user message."}}\'',
+    "litellm.BadRequestError: BedrockException - The model returned the following errors: "
+    "This model does not support assistant message prefill. The conversation must end "
+    "with a user message.",
+    'litellm.BadRequestError: MistralException - {"object":"error","message":"Expected last '
+    'role User or Tool (or Assistant with prefix True) for serving but got assistant",'
+    '"type":"invalid_request_message_order","param":null,"code":"3230"}',
+    "litellm.BadRequestError: DeepseekException - The last message of deepseek-reasoner "
+    "must be a user message, or an assistant message with prefix mode on",
+    "litellm.BadRequestError: GeminiException BadRequestError - Requests ending with a "
+    "model turn are not supported.",
+    "litellm.BadRequestError: VertexAIException BadRequestError - Please ensure that "
+    "multiturn requests ends with a user role or a function response.",
+])
+def test_each_vendors_refusal_of_a_prefill_is_recognised(text):
+    from actors.adapters.prefill import refused_prefill
+    from actors.errors import PermanentError, PrefillRefused
+
+    assert isinstance(refused_prefill(PermanentError(text, code="bad_request"), PREFILL),
+                      PrefillRefused)
+    # The same words for a request that sent no prefill are the vendor's error as it is.
+    assert type(refused_prefill(PermanentError(text, code="bad_request"), PREFILL[:1])) is \
+        PermanentError
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("litellm.ContextWindowExceededError: prompt is too long: 210000 tokens", "context_length"),
+    ("litellm.BadRequestError: AnthropicException - temperature is deprecated for this model",
+     "bad_request"),
+    ("litellm.AuthenticationError: invalid x-api-key", "auth"),
+    ("the model stream stalled for 30 s (idle_timeout)", "bad_request"),
+])
+def test_other_refusals_of_a_continuation_are_not_taken_for_a_refused_prefill(text, code):
+    from actors.adapters.prefill import refused_prefill
+    from actors.errors import PermanentError
+
+    error = PermanentError(text, code=code)
+    assert refused_prefill(error, PREFILL) is error
