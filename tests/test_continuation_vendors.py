@@ -231,7 +231,10 @@ async def test_a_job_taken_over_elsewhere_is_not_sent_to_the_model_again(make_co
     keys = config.job_keys(req["jobId"])
     async with worker_running(config) as worker:
         produce(config, req)
-        await until(lambda: len(llm.calls) == 1 and llm.calls[0].finished, 30)
+        # Its `provider` event (the retry to come) is written: the attempt now only
+        # waits out the Retry-After, writing nothing until its next try.
+        await until(lambda: [f["event"] for _, f in rds.xrange(keys.stream)] == [
+            "started", "provider"], 30)
         db.execute("UPDATE llm_jobs SET attempt = 2, lease_owner = 'elsewhere' "
                    "WHERE job_id = %s", (req["jobId"],))
         rds.set(keys.attempt, 2)
