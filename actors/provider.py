@@ -467,7 +467,7 @@ class _Chain:
     async def attempt(self, name: str, spec: ModelAlias) -> StreamFinished:
         """One try on `spec`, billed whether it finishes or fails."""
         answer = self.answer
-        text = await self.goes_on(name, spec)
+        text = await self.goes_on(name)
         if self.listeners.before_try is not None:
             await self.listeners.before_try()
         answer.tries += 1
@@ -496,7 +496,7 @@ class _Chain:
         answer.bill(self.pricing, spec, self.used(finished, "".join(answer.parts[before:])))
         return finished
 
-    async def goes_on(self, name: str, spec: ModelAlias) -> str:
+    async def goes_on(self, name: str) -> str:
         """The text the next try on `name` continues ("" for none), by the one decision
         (actors/continuing.py). Nothing shown to the client yet: a plain retry. A
         restart makes the job's next attempt, which starts from nothing."""
