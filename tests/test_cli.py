@@ -215,6 +215,23 @@ def test_send_shows_a_continued_answer_once_and_a_restart_as_such():
         "<think>\n[attempt 2: restarting the answer (think_block)]\nBlue.\n")
 
 
+@pytest.mark.parametrize("hits", [[], [{"id": "c1", "score": 0.91, "source": "README.md",
+                                        "snippet": "bin/chat-actors test"}]])
+def test_a_rag_answer_says_which_sources_it_drew_on_or_that_there_were_none(hits):
+    out = io.StringIO()
+    usage = {"promptTokens": 3, "completionTokens": 2}
+    print_answer(ScriptedEvents([
+        ("started", {"model": "m", "mode": "rag", "attempt": 1}),
+        ("retrieval", {"step": "vector", "query": "q", "hits": hits}),
+        ("retrieval", {"step": "rerank", "query": "q", "hits": hits}),
+        ("token", {"text": "Run it."}),
+        ("final", {"model": "m", "usage": usage, "costUsd": 0.0}),
+        ("done", {"status": "completed", "partial": False})]), "job", "0-0", out=out)
+    first = out.getvalue().splitlines()[0]
+    assert first == ("[source README.md (score 0.91)]" if hits else
+                     "[no sources found: the answer draws on none of your documents]")
+
+
 def test_send_takes_tools_from_a_file_and_says_what_is_wrong_with_one(tmp_path):
     from tools.cli import _v2_fields
 

@@ -186,6 +186,8 @@ def print_answer(client: Any, job_id: str, after: str, out: Any = sys.stdout) ->
         if event == "retrieval" and data["step"] == "rerank":
             for hit in data["hits"]:
                 out.write(f"[source {hit['source']} (score {hit['score']:.2f})]\n")
+            if not data["hits"]:  # the search ran and found nothing: never a silent answer
+                out.write("[no sources found: the answer draws on none of your documents]\n")
         shown = answer.text
         kept = answer.add(event, data.get("attempt", answer.attempt), data)
         if event == "started" and kept is not None and answer.attempt > 1:
