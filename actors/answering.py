@@ -58,6 +58,7 @@ class JobRun:
     """What one attempt of a job has produced so far."""
 
     answer: Answer
+    job: JobRef  # the attempt it runs as: the next one once its answer starts over
     prompt_estimate: int = 0
     retrieved: Retrieved | None = None
     sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
@@ -73,8 +74,6 @@ class JobRun:
     plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
     # What the earlier attempts used (takeover's plan), once finish has counted it.
     earlier: Answer = field(default_factory=Answer)
-    # The attempt this run ends as, when its answer started over inside the worker.
-    restarted: JobRef | None = None
     counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 
@@ -229,8 +228,8 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
 
     async def on_restart(alias: str, reason: RestartReason) -> None:
         nonlocal job  # every listener above writes as the new attempt from here on
-        job = run.restarted = await start_over(worker, job, alias=alias, mode=request.mode,
-                                               reason=reason)
+        job = run.job = await start_over(worker, job, alias=alias, mode=request.mode,
+                                         reason=reason)
         run.params["max_tokens"] = answer_tokens  # nothing carried: the whole budget
 
     def before_try() -> Awaitable[None]:

@@ -111,9 +111,7 @@ async def start_over(worker: Worker, job: JobRef, *, alias: str, mode: str,
                                           attempt=job.attempt),
         what="start over", log=log, health=worker.health, dependency="postgres")
     if not moved:
-        worker.registry.stop(job.job_id, "superseded: a later attempt holds the job",
-                             job.attempt)
-        await trio.lowlevel.checkpoint()  # the stop takes effect here
+        await _stopped(worker, job, "a later attempt holds the job")
         raise PermanentError("a later attempt holds the job", code="superseded")
     following = JobRef(job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
                        attempt=job.attempt + 1, stream_key=job.stream_key)
@@ -139,9 +137,14 @@ async def check_fence(worker: Worker, job: JobRef) -> None:
         log.warning("job %s: attempt %d is superseded or the job has ended; no model call",
                     job.job_id, job.attempt)
         worker.metrics.fenced_calls.inc()
-        worker.registry.stop(job.job_id, "superseded: a later attempt holds the job, or it "
-                             "has ended", job.attempt)
-        await trio.lowlevel.checkpoint()
+        await _stopped(worker, job, "a later attempt holds the job, or it has ended")
+
+
+async def _stopped(worker: Worker, job: JobRef, why: str) -> None:
+    """Stop this attempt of the job as superseded (contract 6.11): its cancel scope is
+    cancelled, which takes effect at this checkpoint."""
+    worker.registry.stop(job.job_id, f"superseded: {why}", job.attempt)
+    await trio.lowlevel.checkpoint()
 
 
 async def release_lease(worker: Worker, job_id: str, handed: Handed | None = None) -> None:

@@ -35,10 +35,6 @@ class Decision:
     outcome: Literal["continue", "restart", "instruction"]
     reason: RestartReason | None = None  # why a restart (or an instruction) was needed
 
-    @property
-    def continues(self) -> bool:
-        return self.outcome == "continue"
-
 
 CONTINUE = Decision("continue")
 

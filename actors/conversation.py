@@ -20,13 +20,12 @@ import trio
 
 from actors.answering import JobRun, answer
 from actors.backoff import retry_transient
-from actors.capabilities import capabilities_of
 from actors.claim import claim_job, release_lease, resend_done
 from actors.errors import PermanentError, TransientError
 from actors.finish import count_usage, failed_record, finish, settle_failed, usage_of
 from actors.logs import job_context
 from actors.outcome import decide
-from actors.provider import Answer
+from actors.provider import Answer, prefill_taken
 from actors.registry import RunningJob
 from actors.takeover import Plan, plan
 from actors.telemetry import Timeline, error_type
@@ -101,7 +100,7 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
     job = msgspec.structs.replace(job, attempt=attempt)
     running = worker.registry.admit(job.job_id, job.user_id, job.attempt)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
-    run = JobRun(answer=Answer(alias=alias_name), timeline=traced.timeline)
+    run = JobRun(answer=Answer(alias=alias_name), job=job, timeline=traced.timeline)
     traced.attempt, traced.run = attempt, run
     started = trio.current_time()
     settled = False
@@ -113,22 +112,21 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
     except TransientError:
         raise
     except Exception as exc:  # outside the answer (its terminal writes): settle it as failed
-        job = run.restarted or job
-        error = _internal(worker, job, exc, where="finish")
+        # (run.job: the attempt it ended as, its answer may have started over)
+        error = _internal(worker, run.job, exc, where="finish")
         if not run.done_sent:  # else settled already: only counted and logged
             latency_ms = round((trio.current_time() - started) * 1000)
-            await settle_failed(worker, job, failed_record(job, run, error.message,
-                                                           latency_ms=latency_ms), error)
+            await settle_failed(worker, run.job, failed_record(run.job, run, error.message,
+                                                               latency_ms=latency_ms), error)
         settled = True
     finally:
         worker.leases.drop(job.job_id)
         worker.registry.finish(running)
-        job = run.restarted or job
-        traced.attempt = job.attempt
+        traced.attempt = run.job.attempt
         if not settled:
             # Cancelled from outside (shutdown) or not settled in time: hand the job back,
             # with its answer so far for the next attempt to continue.
-            await release_lease(worker, job.job_id, _handed(worker, request, job, run))
+            await release_lease(worker, job.job_id, _handed(worker, request, run.job, run))
 
 
 async def _take_over(worker: Worker, job: JobRef, alias_name: str,
@@ -142,10 +140,9 @@ async def _take_over(worker: Worker, job: JobRef, alias_name: str,
     except PermanentError as exc:
         log.warning("job %s: its stream could not be read back (%s)", job.job_id, exc)
         entries = None
-    continues = bool(capabilities_of(worker.config, worker.pricing, alias_name).continues)
-    refused = continues and alias_name in worker.prefill_refused
-    found = plan(job.attempt, entries, handed, continues=continues and not refused,
-                 refused=refused)
+    continues, refused = prefill_taken(worker.config, worker.pricing, alias_name,
+                                       worker.prefill_refused)
+    found = plan(job.attempt, entries, handed, continues=continues, refused=refused)
     if found.resumes is not None:
         log.info("job %s: attempt %d continues attempt %d's answer (%d characters, %d of "
                  "them on the stream)", job.job_id, job.attempt, found.attempt,
@@ -222,7 +219,7 @@ async def _run_claimed(request: ChatRequest, worker: Worker, job: JobRef, runnin
                      text=run.answer.text, scrub=worker.scrub)
     run.status = outcome.status
     with run.timeline.step("sinks"):
-        await finish(request, worker, run.restarted or job, run, outcome, started=started)
+        await finish(request, worker, run.job, run, outcome, started=started)
 
 
 async def _answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],

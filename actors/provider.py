@@ -115,7 +115,7 @@ class Answer:
         held = self.held
         same = next((n for n, (a, b) in enumerate(zip(held, text, strict=False)) if a != b),
                     min(len(held), len(text)))
-        self.held = self.held[same:] if same == len(text) else ""
+        self.held = held[same:] if same == len(text) else ""
         return text[same:]
 
     @property
@@ -179,6 +179,15 @@ def worst_try_usd(pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
                                                         completion=answer_tokens,
                                                         cache_write=written), prices) or 0.0
                for written in (0, prompt_tokens))
+
+
+def prefill_taken(config: Config, pricing: Pricing, alias: str,
+                  refused: set[str]) -> tuple[bool, bool]:
+    """Whether the alias is said to continue a trailing assistant turn (config, else
+    LiteLLM's map), and whether its vendor has refused one in this process all the same
+    (`refused`): actors/continuing.decide's `continues` and `refused`."""
+    continues = bool(capabilities_of(config, pricing, alias).continues)
+    return continues, continues and alias in refused
 
 
 # Vendors that continue a trailing assistant turn only when it says `prefix: true`
@@ -504,9 +513,8 @@ class _Chain:
         midway, answer.midway = answer.midway, None
         if not (answer.text or answer.reasoned):
             return ""
-        continues = bool(capabilities_of(self.config, self.pricing, name).continues)
-        decision = decide(answer.text, continues=continues and name not in self.refused,
-                          midway=midway, refused=continues and name in self.refused)
+        continues, refused = prefill_taken(self.config, self.pricing, name, self.refused)
+        decision = decide(answer.text, continues=continues, midway=midway, refused=refused)
         if decision.reason is None:
             return answer.text
         if self.listeners.on_restart is None:

@@ -43,5 +43,3 @@ def refused_prefill(error: TransientError | PermanentError,
             and _PREFILL_REFUSED.search(str(error))):
         return PrefillRefused(str(error))
     return error
-
-
