@@ -59,6 +59,21 @@ def _check_whole(events, db, job_id: str, *, attempt: int) -> None:
     assert [m["content"] for m in message_rows(db, job_id) if m["role"] == "assistant"] == [FULL]
 
 
+async def _after_a_break(config, llm, rds, *, model: str | None = None,
+                         metric: str | None = None, **cut: object):
+    """One job whose first stream breaks after 5 of its 20 tokens (`cut`: more of that
+    reply), every later call answering and continuing a prefill: the request, its
+    events, and the worker's `metric` samples once it ended."""
+    llm.queue(Reply(tokens=TOKENS, break_after=5, **cut))
+    llm.default = Reply(tokens=TOKENS, continues=True)
+    req = request("tell me", **({"model": model} if model else {}))
+    async with worker_running(config) as worker:
+        produce(config, req)
+        events = await events_of(rds, config, req["jobId"])
+        samples = await _metric(worker.health_port, metric) if metric else {}
+    return req, events, samples
+
+
 async def _metric(port: int, name: str) -> dict[str, float]:
     """The samples of one counter on the worker's /metrics, by their labels."""
     async with httpx.AsyncClient() as client:
@@ -72,13 +87,8 @@ async def test_claude_4_6_broken_mid_answer_restarts_inside_the_worker(make_conf
     """Claude 4.6 takes no prefill (LiteLLM's map says so, and the vendor refuses one):
     a stream broken after 5 of 20 tokens is retried without one, as attempt 2."""
     config, _ = make_config(environ=_alias("claude", "anthropic/claude-sonnet-4-6", llm.url))
-    llm.queue(Reply(tokens=TOKENS, break_after=5))
-    llm.default = Reply(tokens=TOKENS, continues=True)
-    req = request("tell me", model="claude")
-    async with worker_running(config) as worker:
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
-        restarts = await _metric(worker.health_port, "chat_actors_restarts")
+    req, events, restarts = await _after_a_break(config, llm, rds, model="claude",
+                                                 metric="chat_actors_restarts")
     assert [s["attempt"] for s in _started(events)] == [1, 2]
     assert _started(events)[1]["restarts"] == {"attempt": 1, "reason": "vendor"}
     assert len(llm.calls) == 2 and all(c.path.endswith("/messages") for c in llm.calls)
@@ -98,12 +108,7 @@ async def test_claude_4_5_continues_its_answer_through_the_anthropic_wire(make_c
     the prefill without the whitespace the client holds at its end (Anthropic refuses
     it), and that whitespace is not sent again."""
     config, _ = make_config(environ=_alias("claude", "anthropic/claude-sonnet-4-5", llm.url))
-    llm.queue(Reply(tokens=TOKENS, break_after=5))
-    llm.default = Reply(tokens=TOKENS, continues=True)
-    req = request("tell me", model="claude")
-    async with worker_running(config):
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
+    req, events, _ = await _after_a_break(config, llm, rds, model="claude")
     assert [s["attempt"] for s in _started(events)] == [1]
     last = llm.calls[1].messages[-1]
     assert last["role"] == "assistant" and text_of(last["content"]) == "".join(TOKENS[:5]).rstrip()
@@ -117,12 +122,7 @@ async def test_an_anthropic_stream_that_ends_without_its_stop_is_no_answer(make_
     """The body ends cleanly after 5 tokens, but without message_delta/message_stop:
     a stream cut short, and the answer continues instead of completing 5 tokens."""
     config, _ = make_config(environ=_alias("claude", "anthropic/claude-sonnet-4-5", llm.url))
-    llm.queue(Reply(tokens=TOKENS, break_after=5, end_clean=True))
-    llm.default = Reply(tokens=TOKENS, continues=True)
-    req = request("tell me", model="claude")
-    async with worker_running(config):
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
+    req, events, _ = await _after_a_break(config, llm, rds, model="claude", end_clean=True)
     assert len(llm.calls) == 2 and llm.calls[1].messages[-1]["role"] == "assistant"
     provider = next(e["data"] for e in events if e["event"] == "provider")
     assert "before a finish_reason was received" in provider["reason"]
@@ -164,12 +164,7 @@ async def test_a_self_served_mistral_that_wants_prefix_true_is_recognised(
     on either stream path that is recognised and the answer restarts."""
     config, _ = make_config(environ=_alias("mistral", "openai/mistral-small-latest", llm.url,
                                            stream_path=stream_path))
-    llm.queue(Reply(tokens=TOKENS, break_after=5))
-    llm.default = Reply(tokens=TOKENS, continues=True)
-    req = request("bonjour", model="mistral")
-    async with worker_running(config):
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
+    req, events, _ = await _after_a_break(config, llm, rds, model="mistral")
     assert [c.messages[-1]["role"] for c in llm.calls] == ["user", "assistant", "user"]
     assert _started(events)[1]["restarts"] == {"attempt": 1, "reason": "vendor_refused"}
     _check_whole(events, db, req["jobId"], attempt=2)
@@ -182,12 +177,7 @@ async def test_a_fallback_decides_again_for_its_own_vendor(make_config, llm, rds
         **_alias("claude", "anthropic/claude-sonnet-4-6", llm.url),
         "CHAT_ACTORS__LLM__MODELS__SCRIPTED__FALLBACKS": '["claude"]',
         "CHAT_ACTORS__LLM__RETRIES": "0"})
-    llm.queue(Reply(tokens=TOKENS, break_after=5))
-    llm.default = Reply(tokens=TOKENS, continues=True)
-    req = request("hello")
-    async with worker_running(config):
-        produce(config, req)
-        events = await events_of(rds, config, req["jobId"])
+    req, events, _ = await _after_a_break(config, llm, rds)
     assert [c.path.endswith("/messages") for c in llm.calls] == [False, True]
     assert llm.calls[1].messages[-1]["role"] == "user"
     started = _started(events)[1]
