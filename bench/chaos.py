@@ -276,9 +276,8 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
     # call: with dozens starting at once a first token takes seconds (measured: p90
     # 1.4-2.7 s for 80 at once, LiteLLM alone), so the stall limits leave room for it.
     write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
-                 jobs={"max_in_flight": max(64, jobs_total), "lease_s": LEASE_S,
-                       "first_token_timeout_s": 4.5, "idle_timeout_s": 3,
-                       "timeout_s": 120},
+                 jobs={"max_in_flight": max(64, jobs_total), "first_token_timeout_s": 4.5,
+                       "idle_timeout_s": 3},
                  log={"level": "info"}, **_vendor_mix(llm.url))
     os.environ.setdefault("SCRIPTED_LLM_KEY", "sk-scripted-not-secret")  # the workers'
 
