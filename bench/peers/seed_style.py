@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import confluent_kafka
-import httpx
+import httpx2
 import openai
 import psycopg
 import redis.asyncio as aioredis
@@ -345,11 +345,13 @@ async def main(args: argparse.Namespace) -> None:
     # No cap on concurrent streams, but a modest keep-alive pool: httpcore rescans every idle
     # connection once per idle connection on each request start and end (O(idle^2)); with
     # 1000 idle connections kept, that scan alone cost ~40% of the CPU at 1000 jobs.
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None,
-                                                 max_keepalive_connections=HTTP_KEEPALIVE))
+    # openai's own client class (openai 3 builds on httpx2, not httpx), with httpx2's limits
+    # and openai's timeout: an httpx.Timeout here is refused by openai 3.
+    http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+        max_connections=None, max_keepalive_connections=HTTP_KEEPALIVE))
     llm = ChatOpenAI(model=args.model, base_url=args.llm_url, streaming=True, stream_usage=True,
                      api_key=os.environ.get("LOCAL_LLM_API_KEY") or "not-needed",  # type: ignore[arg-type]
-                     max_retries=0, timeout=httpx.Timeout(args.timeout_s, connect=5.0),
+                     max_retries=0, timeout=openai.Timeout(args.timeout_s, connect=5.0),
                      http_async_client=http)
     worker = Worker(client=client, pg=pg, llm=llm, model=args.model, max_in_flight=args.max_in_flight,
                     max_tokens=args.max_tokens, timeout_s=args.timeout_s)
