@@ -124,7 +124,7 @@ def test_the_dev_stack_never_continues_an_answer_its_server_cannot(tmp_path):
     assert capabilities_of(plain, ModelPricing(), "local").continues is True
 
 
-def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, capsys):
+def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, capsys, tmp_path):
     # It used to print the service's log tail over many lines, then delete that log.
     from tools import devstack, local_stack
 
@@ -142,7 +142,7 @@ def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, ca
         monkeypatch.setattr(local_stack, "start_kafka", start_kafka)
         monkeypatch.setattr(local_stack, "start_redis",
                             lambda workdir: real_redis(workdir, port=port))
-        code = devstack.run_dev(once="hello", keep=False)
+        code = devstack.run_dev(once="hello", keep=False, home=tmp_path)
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"chat-actors dev: redis at redis://127.0.0.1:{port}/0 "
@@ -151,8 +151,9 @@ def test_dev_with_a_local_service_that_fails_says_so_in_one_line(monkeypatch, ca
     log = Path(lines[0].rsplit("(log: ", 1)[1].removesuffix(")"))
     assert log.is_file()  # kept, since the line names it
     shutil.rmtree(log.parent)
-    # Kafka, started beside it, was stopped.
-    assert started and not local_stack._port_open(started[0].port)
+    # Kafka, started beside it, was stopped, and so was the dev Postgres.
+    assert started and not local_stack.port_open(started[0].port)
+    assert not (tmp_path / "postgres" / "pgdata" / "postmaster.pid").exists()
 
 
 class ScriptedEvents:
@@ -277,3 +278,22 @@ def test_send_attaches_an_image_file_by_its_own_format(tmp_path):
         _v2_fields(None, [], [str(picture)], max_image_bytes=10)
     with pytest.raises(ValueError, match="No such file"):
         _v2_fields(None, [], [str(tmp_path / "missing.png")])
+
+
+def test_the_dev_postgres_is_one_server_kept_across_runs_and_stopped_by_its_starter(tmp_path):
+    # `ingest` or `usage` without --config while a `dev` runs use its Postgres, never a
+    # second server on the same data; the one that started it stops it, and the data stays.
+    import psycopg
+
+    from tools import devstack
+
+    data = tmp_path / "postgres" / "pgdata"
+    with devstack.dev_postgres(tmp_path) as first:
+        with psycopg.connect(first, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (n int)")
+        with devstack.dev_postgres(tmp_path) as second:
+            assert second == first
+        assert (data / "postmaster.pid").exists()  # the inner user did not stop it
+    assert not (data / "postmaster.pid").exists()
+    with devstack.dev_postgres(tmp_path) as again, psycopg.connect(again) as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -12,10 +13,10 @@ import textwrap
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
 
     from messages.ports import UsageRow
 
@@ -29,6 +30,44 @@ def _config(path: str | None) -> Any:
         return load_config(path)
     except ConfigError as exc:
         sys.exit(f"chat-actors: config error: {exc}")
+
+
+@contextlib.contextmanager
+def _config_or_dev(path: str | None, command: str, *, postgres: bool = False
+                   ) -> Iterator[tuple[Any, bool]]:
+    """(config, on the dev stack): --config FILE, or CHAT_ACTORS__* variables alone, as
+    given; otherwise the config of the `bin/chat-actors dev` running now; otherwise, for
+    a command that only needs Postgres (`postgres`), the default config on the dev
+    stack's own Postgres (.dev/postgres), started for this command."""
+    from tools import devstack
+
+    if path is not None or any(name.startswith("CHAT_ACTORS__") for name in os.environ):
+        yield _config(path), False
+        return
+    running = devstack.running_config()
+    if running is not None:
+        print(f"chat-actors {command}: no --config: using the running dev stack "
+              f"({running.relative_to(ROOT) if running.is_relative_to(ROOT) else running})",
+              file=sys.stderr)
+        yield _config(str(running)), True
+        return
+    if not postgres:
+        yield _config(None), False
+        return
+    from config import ConfigError, load_config
+    from tools.local_stack import StackError
+
+    try:
+        with devstack.dev_postgres() as dsn:
+            print(f"chat-actors {command}: no --config: using the dev stack's Postgres "
+                  "(.dev/postgres, kept across runs, as `dev` does)", file=sys.stderr)
+            try:
+                config = load_config(None, {**os.environ, "CHAT_ACTORS__POSTGRES__DSN": dsn})
+            except ConfigError as exc:
+                sys.exit(f"chat-actors: config error: {exc}")
+            yield config, True
+    except StackError as exc:
+        sys.exit(f"chat-actors {command}: {exc}")
 
 
 def _logging(config: Any) -> None:
@@ -74,7 +113,18 @@ def _serve(main: Callable[[Any], Awaitable[None]], config: Any,
         for exc in leaves(group):
             print(f"{prog}: cannot start: {exc}", file=sys.stderr)
         failed = True
-    return 1 if failed else 0
+    return _exit_now(1 if failed else 0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit once the server has stopped (drained, flushed, telemetry sent): flush the
+    logs and leave without interpreter finalization, where third-party finalizers ran
+    (LiteLLM's aiohttp transport's __del__ once hung a stopped worker for 30 s, until
+    it was killed)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -106,15 +156,22 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from actors.adapters.postgres import Postgres, redact
     from actors.errors import TransientError
 
-    config = _config(args.config)
-    pg = Postgres.of(config.postgres, pool_size=1)
-    try:
-        rows = trio.run(lambda: pg.usage(user_id=args.user, since=args.since))
-    except TransientError as exc:
-        print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        pg.close()
+    with _config_or_dev(args.config, "usage", postgres=True) as (config, dev):
+        pg = Postgres.of(config.postgres, pool_size=1)
+
+        async def read() -> list[UsageRow]:
+            if dev:  # (the dev stack's Postgres may not have met a worker yet)
+                await pg.migrate()
+            return await pg.usage(user_id=args.user, since=args.since)
+
+        try:
+            rows = trio.run(read)
+        except TransientError as exc:
+            print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}",
+                  file=sys.stderr)
+            return 1
+        finally:
+            pg.close()
     # Cached, cache-write and reasoning tokens are parts of the prompt / completion counts.
     head = ("user", "model", "jobs", "prompt tokens", "cached", "cache writes",
             "completion tokens", "reasoning", "cost USD")
@@ -219,9 +276,13 @@ def _v2_fields(tools_file: str | None, results: Sequence[str], images: Sequence[
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    with _config_or_dev(args.config, "send") as (config, _):
+        return _send(args, config)
+
+
+def _send(args: argparse.Namespace, config: Any) -> int:
     from tools.chat_client import ChatClient, Unreachable, print_answer
 
-    config = _config(args.config)
     try:
         extra = _v2_fields(args.tools, args.tool_result, args.image,
                            config.limits.max_attachment_bytes)
@@ -235,7 +296,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"[job {job_id}]", file=sys.stderr)
         status = print_answer(client, job_id, after)
     except Unreachable as exc:
-        print(f"chat-actors send: {exc}", file=sys.stderr)
+        hint = ("" if args.config else "; with no --config, `send` talks to the "
+                "`bin/chat-actors dev` running in another terminal")
+        print(f"chat-actors send: {exc}{hint}", file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -245,7 +308,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from tools.chat_client import ChatClient, Unreachable
 
-    client = ChatClient(_config(args.config), timeout_s=args.timeout)
+    with _config_or_dev(args.config, "cancel") as (config, _):
+        client = ChatClient(config, timeout_s=args.timeout)
     try:
         client.cancel(args.job_id, user_id=args.user, reason=args.reason)
     except Unreachable as exc:
@@ -264,13 +328,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    logging.getLogger("chromadb").setLevel(logging.ERROR)
+    with _config_or_dev(args.config, "ingest", postgres=True) as (config, _):
+        return _ingest(args, config)
 
+
+def _ingest(args: argparse.Namespace, config: Any) -> int:
     from actors.adapters.documents import DocumentStore
     from actors.errors import PermanentError, TransientError
     from tools.ingest import freshness, ingest, refresh
 
-    logging.getLogger("chromadb").setLevel(logging.ERROR)
-    config = _config(args.config)
     store = DocumentStore.from_config(config)
     try:
         if args.status or args.refresh:
@@ -300,14 +367,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules of bench/ that are not benchmarks, and what they are.
+NOT_BENCHMARKS = {"vendor": "the scripted vendor the benchmarks start (python -m bench.vendor)"}
+
+
+def benchmarks() -> list[str]:
+    """What `bench NAME` runs: the modules of bench/, but for those that are not benchmarks.
+    Each takes --quick and --json (tests/test_bench_quick.py runs every one)."""
+    return sorted(p.stem for p in (ROOT / "bench").glob("*.py")
+                  if not p.stem.startswith("_") and p.stem not in NOT_BENCHMARKS)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every `finally` that stops a process
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
+    import signal
 
-    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
+    if args.name in NOT_BENCHMARKS:
+        print(f"chat-actors bench: {args.name} is not a benchmark but "
+              f"{NOT_BENCHMARKS[args.name]}", file=sys.stderr)
+        return 2
+    names = benchmarks()
     if args.name not in names:
         print(f"chat-actors bench: unknown benchmark {args.name!r} (have: {', '.join(names)})",
               file=sys.stderr)
         return 2
+    # A benchmark starts a local stack and processes of its own. Stopped by SIGTERM (a
+    # test's timeout, a CI job cancelled) it stops them on its way out, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     return int(importlib.import_module(f"bench.{args.name}").main(args.bench_args) or 0)
 
 
@@ -467,8 +557,10 @@ def parser() -> argparse.ArgumentParser:
     usage.set_defaults(func=cmd_usage)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (numbers, not tests)")
-    bench.add_argument("name", help="the benchmark, e.g. perf")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own options")
+    bench.add_argument("name", help=f"the benchmark: {', '.join(benchmarks())}")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="its own options; every one takes --quick (a smoke run) and "
+                            "--json FILE (default bench/results/NAME.json)")
     bench.set_defaults(func=cmd_bench)
 
     test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")

@@ -4,6 +4,11 @@ Starts Kafka, Redis, Postgres and SmolLM2 (tools/local_stack.py),
 writes a config file for them, starts `chat-actors run --config` as a
 subprocess (the same path as production), and sends each typed line as a
 request of one session, printing the answer as it streams from Redis.
+
+Everything lives under .dev/: a folder per run (logs, Kafka, Redis), one Postgres
+kept across runs (.dev/postgres: sessions, jobs, the keyword index `ingest`
+writes), and while a `dev` runs, its config (.dev/stack.toml), which the other
+commands use when given no --config.
 """
 
 from __future__ import annotations
@@ -20,10 +25,63 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tools import local_stack
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 ROOT = Path(__file__).resolve().parent.parent
+HOME = ROOT / ".dev"
+
+
+def _serving(data: Path) -> int | None:
+    """The port of a Postgres serving `data` now (another `dev` or `ingest` started it)."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+        os.kill(pid, 0)
+    except PermissionError:  # alive, run as the postgres account (we are root)
+        port = int(lines[3])
+    except (OSError, ValueError, IndexError):  # none, stale, or being written
+        return None
+    return port if local_stack.port_open(port) else None
+
+
+@contextlib.contextmanager
+def dev_postgres(home: Path = HOME) -> Iterator[str]:
+    """The dev stack's Postgres, kept in home/postgres across runs: the one serving it
+    now, or one started here until the block ends."""
+    folder = home / "postgres"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = _serving(folder / "pgdata")
+    if port is not None:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        return
+    try:
+        service = local_stack.start_postgres(folder)
+    except local_stack.StackError:
+        port = _serving(folder / "pgdata")
+        if port is None:
+            raise
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # started meanwhile elsewhere
+        return
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+def running_config(home: Path = HOME) -> Path | None:
+    """The config of the `dev` running now, if one is."""
+    path = home / "stack.toml"
+    try:
+        pid = int(path.read_text().split("\n", 1)[0].removeprefix("# pid "))
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return path
 
 
 def dev_config(*, kafka: str, redis: str, postgres: str, llm: str, rag_path: Path,
@@ -104,18 +162,20 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
             process.kill()
 
 
-def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
+def run_dev(*, once: str | None, keep: bool, rag: bool = False, home: Path = HOME) -> int:
     from config import load_config
     from tools.chat_client import ChatClient, print_answer
 
-    (ROOT / ".dev").mkdir(exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=ROOT / ".dev"))
+    home.mkdir(exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="stack-", dir=home))
+    stack_file = home / "stack.toml"
     services: list[local_stack.Service] = []
     # The model loads while the rest starts, and while the worker starts: only the
-    # first answer needs it.
-    loading = ThreadPoolExecutor(max_workers=1)
+    # first answer needs it. Postgres starts beside Kafka and Redis.
+    loading = ThreadPoolExecutor(max_workers=2)
     llm_port = local_stack.free_port()
     llm_started = loading.submit(local_stack.start_llama, workdir, llm_port)
+    held = contextlib.ExitStack()
     worker: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
     failed = False
@@ -124,14 +184,17 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
     try:
         say = (lambda *a: None) if once else (lambda *a: print(*a, file=sys.stderr))
         say("starting the local stack ...")
-        # All at once: Postgres's initdb and the model's load overlap.
-        services = local_stack.start_all(workdir, local_stack.start_kafka,
-                                         local_stack.start_redis, local_stack.start_postgres)
-        kafka, redis, postgres = services
+        postgres = loading.submit(held.enter_context, dev_postgres(home))
+        try:
+            services = local_stack.start_all(workdir, local_stack.start_kafka,
+                                             local_stack.start_redis)
+        finally:
+            postgres_url = postgres.result()  # (started or failed: either way, it is held)
+        kafka, redis = services
         config_path = workdir / "config.toml"
         gateway_port = local_stack.free_port()
         config_path.write_text(dev_config(kafka=kafka.url, redis=redis.url,
-                                          postgres=postgres.url,
+                                          postgres=postgres_url,
                                           llm=f"http://127.0.0.1:{llm_port}/v1",
                                           rag_path=(ROOT / ".data" / "rag").resolve(),
                                           gateway_port=gateway_port))
@@ -146,11 +209,11 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
         _wait_ready(worker, log_path)
         llm = llm_started.result()
         services.append(llm)
-        say(f"  kafka     {kafka.url}\n  redis     {redis.url}\n  postgres  {postgres.url}\n"
+        # `send`, `ingest`, `usage` ... without --config talk to this stack while it runs.
+        stack_file.write_text(f"# pid {os.getpid()}\n{config_path.read_text()}")
+        say(f"  kafka     {kafka.url}\n  redis     {redis.url}\n  postgres  {postgres_url}\n"
             f"  llm       {llm.url} (SmolLM2-135M)\n  worker    pid {worker.pid}, log {log_path}\n"
-            f"  config    {config_path}")
-        if gateway is not None:
-            say(f"\n  chat page http://127.0.0.1:{gateway_port}/  (sign in with any name)\n")
+            f"  config    {config_path} (other commands use it while this runs)")
         client = ChatClient(load_config(config_path))
         session = f"dev-{uuid.uuid4().hex[:8]}"
         mode = {"mode": "rag"} if rag else {}
@@ -186,6 +249,10 @@ def run_dev(*, once: str | None, keep: bool, rag: bool = False) -> int:
                 services.append(llm_started.result())
             for service in reversed(services):
                 service.stop()
+            held.close()  # the dev Postgres, if this run started it
+            if running_config(home) == stack_file and stack_file.read_text().startswith(
+                    f"# pid {os.getpid()}\n"):  # ours, not a later dev's
+                stack_file.unlink()
             if keep:
                 print(f"stack folder kept: {workdir}", file=sys.stderr)
             elif not failed:

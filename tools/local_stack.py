@@ -142,7 +142,7 @@ def last_words(path: Path, lines: int = 3, chars: int = 400) -> str:
     return joined if len(joined) <= chars else "..." + joined[-chars:]
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -184,7 +184,7 @@ def start_kafka(workdir: Path, port: int | None = None, *,
         str(binary), "broker", "--listener-url", listener, "--advertised-listener-url",
         f"tcp://{advertised}" if advertised else listener], workdir)
     service = Service("kafka", f"127.0.0.1:{port}", process, log_path, port)
-    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+    return _wait(service, lambda: port_open(port), STARTUP_TIMEOUT_S)
 
 
 def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = False,
@@ -197,7 +197,7 @@ def start_redis(workdir: Path, port: int | None = None, *, appendonly: bool = Fa
         "--appendonly", "yes" if appendonly else "no", "--dir", str(data),
         "--protected-mode", "no", *extra], workdir)
     service = Service(name, f"redis://127.0.0.1:{port}/0", process, log_path, port)
-    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+    return _wait(service, lambda: port_open(port), STARTUP_TIMEOUT_S)
 
 
 def _redis_binary() -> str:
@@ -262,7 +262,7 @@ def start_redis_sentinel(workdir: Path, sentinels: int = 3, service: str = "chat
             process, log_path = _spawn(name, [_redis_binary(), str(conf), "--sentinel"], workdir)
             node = Service(name, f"redis://127.0.0.1:{port}", process, log_path, port)
             started.append(node)
-            watching.append(_wait(node, lambda port=port: _port_open(port), STARTUP_TIMEOUT_S))
+            watching.append(_wait(node, lambda port=port: port_open(port), STARTUP_TIMEOUT_S))
         for node in watching:  # each knows the replica and the other sentinels
             with redis.Redis(port=node.port, password=sentinel_password or None,
                              decode_responses=True) as client:
@@ -426,7 +426,7 @@ def start_pgbouncer(workdir: Path, postgres_port: int, port: int | None = None, 
     process, log_path = _spawn("pgbouncer", [PGBOUNCER, str(ini)], workdir, run_as)
     service = Service("pgbouncer", f"postgresql://postgres@127.0.0.1:{port}/postgres",
                       process, log_path, port)
-    return _wait(service, lambda: _port_open(port), STARTUP_TIMEOUT_S)
+    return _wait(service, lambda: port_open(port), STARTUP_TIMEOUT_S)
 
 
 def smollm2_path() -> Path:
