@@ -35,8 +35,11 @@ across a frozen broker; one table of both phases against issue 35's bars
 (bench/hostile/run.py).
 
     bin/chat-actors bench chaos [--jobs 500] [--seed 7] [--timeout 600] [--no-hostile]
-                                [--workers 3]
+                                [--workers 3] [--quick] [--json FILE]
     bin/chat-actors bench chaos --gateway [--quick] [--seed 7] [--json FILE]
+
+Each writes what it prints as JSON (default bench/results/chaos.json, chaos-workers.json
+with --workers 3, chaos-gateway.json with --gateway).
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import confluent_kafka
 import redis
 
 from actors.adapters.kafka import ensure_topics
+from bench import RESULTS, write_result
 from tests.hostile import BROKEN_HTTP, CUT_MID_CHUNK, HOSTILE_CONTROL, MAX_REQUEST_BYTES, hostile_requests
 from tests.invariants import NumberedLLM, uncommitted_partitions, verify
 from tests.many_workers import Choreography, WorkerProcess, count_done, produce_jobs
@@ -63,6 +67,8 @@ from tools import local_stack
 
 PARTITIONS = 6
 LEASE_S = 3
+# --quick: fewer jobs (one worker; three workers) and a shorter bound, the same faults.
+QUICK_JOBS, QUICK_JOBS_MANY, QUICK_TIMEOUT_S = 40, 60, 120.0
 
 
 class ChaoticLLM(NumberedLLM):
@@ -160,16 +166,15 @@ def produce_hostile(producer: confluent_kafka.Producer, tag: str, count: int,
     return sent
 
 
-def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
+def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool, *,
+        quick: bool, json_path: Path) -> int:
     """One worker, restarted and SIGKILLed, among random dependency faults."""
     rng = random.Random(seed)
     kafka, rds_service, pg = local_stack.start_core(workdir)
-    llm = ChaoticLLM(seed, hostile).start()
+    llm = _started(ChaoticLLM(seed, hostile), kafka, rds_service, pg)
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
     steps = LongestStep(local_stack.free_port())
-    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, steps.port)
-    ensure_topics(kafka.url, {}, [f"chaos.request.{tag}"], PARTITIONS)
     hostile_sent = 0
     worker = WorkerProcess(config_path, workdir / "worker.log")
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
@@ -178,6 +183,8 @@ def run(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bo
     actions: dict[str, int] = {}
     started = time.monotonic()
     try:
+        write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, steps.port)
+        ensure_topics(kafka.url, {}, [f"chaos.request.{tag}"], PARTITIONS)
         worker.start()
         produce_jobs(kafka.url, f"chaos.request.{tag}", jobs, sessions=jobs_total // 4 or 1)
         if hostile:  # after the good ones, on every partition
@@ -239,7 +246,28 @@ chaos run: {jobs_total} jobs, seed {seed}, {elapsed:.0f} s
 {exits}  hostile messages sent:                  {hostile_sent}  (broken HTTP answers: {llm.broken_sent})
   longest task step (watchdog):           {steps.seconds * 1000:.1f} ms ({steps.task or "-"})
   peak worker RSS:                        {worker.peak_rss / 1e6:.0f} MB""")
+    write_result(json_path, quick=quick, wall_s=elapsed, mode="one worker", jobs=jobs_total,
+                 seed=seed, actions=actions, vendor_calls=len(llm.calls),
+                 problems=verdict.problems(), verdict=asdict(verdict),
+                 worker=_worker_numbers(worker), hostile_sent=hostile_sent,
+                 broken_http_sent=llm.broken_sent,
+                 longest_step={"ms": steps.seconds * 1000, "task": steps.task})
     return 0 if verdict.problems() + worker.crashes == 0 else 1
+
+
+def _started(llm: ChaoticLLM, *stack: local_stack.Service) -> ChaoticLLM:
+    """The vendor, started; if it cannot start, the stack is stopped first."""
+    try:
+        return llm.start()
+    except BaseException:
+        for service in reversed(stack):
+            service.stop()
+        raise
+
+
+def _worker_numbers(worker: WorkerProcess) -> dict[str, object]:
+    return {"crashes": worker.crashes, "kills": worker.kills, "exits": worker.exits,
+            "peak_rss_mb": worker.peak_rss / 1e6}
 
 
 # The aliases the many-workers run's jobs ask for in turn: (alias, its keys). Each
@@ -262,27 +290,16 @@ def _vendor_mix(llm_url: str) -> dict[str, dict[str, local_stack.Scalar]]:
             for alias, keys in VENDOR_MIX.items()}
 
 
-def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool) -> int:
+def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostile: bool, *,
+             quick: bool, json_path: Path) -> int:
     """Three workers in one group (contract 6.13): tests.many_workers' choreography."""
     kafka, rds_service, pg = local_stack.start_core(workdir)
     # Answers stream for about two seconds: the jobs outlast every step.
-    llm = ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1, broken_share=0.15,
-                     stall_s=6.0).start()
+    llm = _started(ChaoticLLM(seed, hostile, tokens=20, token_delay_s=0.1, broken_share=0.15,
+                              stall_s=6.0), kafka, rds_service, pg)
     tag = uuid.uuid4().hex[:6]
     config_path = workdir / "chaos.toml"
-    # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
-    # At info level a worker says when it is ready, which the choreography waits for.
-    # LiteLLM's own routes (Anthropic, Mistral) spend ~20 ms of CPU setting up each
-    # call: with dozens starting at once a first token takes seconds (measured: p90
-    # 1.4-2.7 s for 80 at once, LiteLLM alone), so the stall limits leave room for it.
-    write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
-                 jobs={"max_in_flight": max(64, jobs_total), "first_token_timeout_s": 4.5,
-                       "idle_timeout_s": 3},
-                 log={"level": "info"}, **_vendor_mix(llm.url))
-    os.environ.setdefault("SCRIPTED_LLM_KEY", "sk-scripted-not-secret")  # the workers'
-
     topic = f"chaos.request.{tag}"
-    ensure_topics(kafka.url, {}, [topic], PARTITIONS)
     rds = redis.Redis.from_url(rds_service.url, decode_responses=True)
     jobs = [f"chaos-{tag}-{i}" for i in range(jobs_total)]
     workers = [WorkerProcess(config_path, workdir / f"worker-{n}.log") for n in range(3)]
@@ -293,6 +310,17 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
         say=lambda line: print(f"  t={time.monotonic() - started:5.0f}s  {line}", flush=True))
     started = time.monotonic()
     try:
+        # Room for every job, so the intake never pauses (see tests/test_many_workers.py).
+        # At info level a worker says when it is ready, which the choreography waits for.
+        # LiteLLM's own routes (Anthropic, Mistral) spend ~20 ms of CPU setting up each
+        # call: with dozens starting at once a first token takes seconds (measured: p90
+        # 1.4-2.7 s for 80 at once, LiteLLM alone), so the stall limits leave room for it.
+        write_config(config_path, kafka.url, rds_service.url, pg.url, llm.url, tag, 0,
+                     jobs={"max_in_flight": max(64, jobs_total), "first_token_timeout_s": 4.5,
+                           "idle_timeout_s": 3},
+                     log={"level": "info"}, **_vendor_mix(llm.url))
+        os.environ.setdefault("SCRIPTED_LLM_KEY", "sk-scripted-not-secret")  # the workers'
+        ensure_topics(kafka.url, {}, [topic], PARTITIONS)
         choreography.run()
         exit_codes = choreography.stop()
         verdict = verify(jobs, rds, pg.url, llm)
@@ -305,9 +333,9 @@ def run_many(jobs_total: int, seed: int, timeout_s: float, workdir: Path, hostil
             service.stop()
     crashes = sum(w.crashes for w in workers)
     exits = "".join(f"    {line}\n" for w in workers for line in w.exits)
+    elapsed = time.monotonic() - started
     print(f"""
-many-workers chaos run: {jobs_total} jobs, 3 workers, seed {seed}, \
-{time.monotonic() - started:.0f} s
+many-workers chaos run: {jobs_total} jobs, 3 workers, seed {seed}, {elapsed:.0f} s
   vendor calls: {len(llm.calls)} (with injected 429/500/stalls/broken streams)
 {_indent(verdict.report())}
   jobs of the frozen worker run again meanwhile: {len(choreography.taken_over)}
@@ -315,6 +343,10 @@ many-workers chaos run: {jobs_total} jobs, 3 workers, seed {seed}, \
   worker crashes (exits we did not cause):      {crashes}
 {exits}  peak worker RSS:                              \
 {max(w.peak_rss for w in workers) / 1e6:.0f} MB""")
+    write_result(json_path, quick=quick, wall_s=elapsed, mode="three workers", jobs=jobs_total,
+                 seed=seed, vendor_calls=len(llm.calls), problems=verdict.problems(),
+                 verdict=asdict(verdict), taken_over=len(choreography.taken_over),
+                 exit_codes=exit_codes, workers=[_worker_numbers(w) for w in workers])
     return 0 if verdict.problems() + crashes == 0 and set(exit_codes) == {0} else 1
 
 
@@ -330,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         return hostile_gateway([arg for arg in argv if arg != "--gateway"])
     parser = argparse.ArgumentParser(prog="chat-actors bench chaos",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--jobs", type=int,
+                        help=f"default 500; --quick {QUICK_JOBS}, or {QUICK_JOBS_MANY} with "
+                             "--workers 3")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds of chaos at most")
+    parser.add_argument("--timeout", type=float,
+                        help=f"seconds of chaos at most (default 600; --quick "
+                             f"{QUICK_TIMEOUT_S:.0f})")
     parser.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
                         help="hostile input and broken HTTP in the same run (default: on)")
     parser.add_argument("--workers", type=int, choices=(1, 3), default=1,
@@ -341,12 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway", action="store_true",
                         help="the hostile-client run of the gateway instead (its options: "
                              "--quick, --seed, --json; see bench/hostile/run.py)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run, not numbers to quote: {QUICK_JOBS} jobs "
+                             f"({QUICK_JOBS_MANY} with --workers 3), at most "
+                             f"{QUICK_TIMEOUT_S:.0f} s of chaos (under a minute)")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="where to write the results (default bench/results/chaos.json; "
+                             "with --workers 3, chaos-workers.json)")
     args = parser.parse_args(argv)
+    many = args.workers == 3
+    if args.jobs is None:
+        args.jobs = (QUICK_JOBS_MANY if many else QUICK_JOBS) if args.quick else 500
+    if args.timeout is None:
+        args.timeout = QUICK_TIMEOUT_S if args.quick else 600.0
     if args.jobs < 4:
         parser.error("--jobs must be at least 4")
+    json_path = args.json or RESULTS / ("chaos-workers.json" if many else "chaos.json")
     with local_stack.workdir("chat-actors-chaos-") as workdir:
-        chaos = run_many if args.workers == 3 else run
-        return chaos(args.jobs, args.seed, args.timeout, workdir, args.hostile)
+        chaos = run_many if many else run
+        return chaos(args.jobs, args.seed, args.timeout, workdir, args.hostile,
+                     quick=args.quick, json_path=json_path)
 
 
 if __name__ == "__main__":

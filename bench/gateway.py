@@ -12,10 +12,11 @@ Redis's CPU is counted the same way. RSS per connection is the server's growth f
 idle to every client connected, over the clients.
 
     bin/chat-actors bench gateway                       # 1,000 clients, about 4 minutes
-    bin/chat-actors bench gateway --quick               # 200 clients, a smoke run
+    bin/chat-actors bench gateway --quick               # 100 clients, a smoke run
     bin/chat-actors bench gateway --only gateway --rates 2000
 
-Prints one table (gateway, peer, ratio) and writes it as JSON (`--json`).
+Prints one table (gateway, peer, ratio) and writes it as JSON (`--json`, default
+bench/results/gateway.json).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ import jwt
 import psutil
 import redis
 
-from bench.perf import Measured, machine, percentile, ratio
+from bench import machine, result_options, wait_ready, write_result
+from bench.perf import Measured, percentile, ratio
 from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,7 @@ USER = "bench-user"
 OWNER_PREFIX = "chat-actors:gateway:owner:"  # actors/gateway/app.py (this process need not import it)
 CONNECT_BATCH = 100  # clients connecting at once (a listen backlog is about this size)
 SECRET_ENV = "CHAT_ACTORS_JWT_SECRET"
+QUICK_CLIENTS, QUICK_SECONDS = 100, 2.0
 
 
 # ---------------------------------------------------------------- the servers
@@ -68,19 +69,13 @@ def _spawn(name: str, argv: list[str], port: int, ready_path: str, workdir: Path
         process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     server = Server(name=name, process=process, log=log, port=port)
-    deadline = time.perf_counter() + 60
-    while True:
-        server.alive()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as r:
-                if r.status == 200:
-                    return server
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.perf_counter() > deadline:
-            server.stop()
-            raise RuntimeError(f"{name} was not ready within 60 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+    try:
+        wait_ready(server.alive, f"http://127.0.0.1:{server.port}{ready_path}",
+                   time.perf_counter() + 60, f"{server.name} was not ready within 60 s", server.log)
+    except BaseException:
+        server.stop()  # not left behind: a bench stops what it started
+        raise
+    return server
 
 
 @dataclass
@@ -98,7 +93,10 @@ class Stack:
         config.write_text(local_stack.stack_config(
             kafka=self.kafka.url, redis=self.redis.url, postgres=self.postgres.url,
             llm_url="http://127.0.0.1:9/v1", sections={
+                # Every client is the one USER: the cap on one user's streams (32 by
+                # default) would refuse all but a few. The relay is measured, not the cap.
                 "gateway": {"host": "127.0.0.1", "port": port, "dev_signin": False,
+                            "max_streams_per_user": 100_000,
                             **({} if self.readers is None else {"readers": self.readers})}}))
         return _spawn("gateway", [sys.executable, "-m", "tools.cli", "gateway", "--config",
                                   str(config)], port, "/readyz", self.workdir,
@@ -466,10 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="token entries per second over all streams, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each rate runs")
     parser.add_argument("--readers", type=int, help="the gateway's gateway.readers (default: its config's)")
-    parser.add_argument("--quick", action="store_true", help="200 clients, 5 s per rate")
+    result_options(parser, "gateway", f"at most {QUICK_CLIENTS} clients and "
+                   f"{QUICK_SECONDS:g} s per rate, both sides (under a minute)")
     parser.add_argument("--only", choices=("gateway", "peer"), help="run one side")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gateway.json",
-                        help="where to write the results (default bench/results/gateway.json)")
     parser.add_argument("--serve-clients", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_clients is not None:
@@ -483,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.seconds <= 0:
         parser.error("--clients and --seconds must be positive")
     if args.quick:
-        args.clients, args.seconds = min(args.clients, 200), min(args.seconds, 5.0)
+        args.clients = min(args.clients, QUICK_CLIENTS)
+        args.seconds = min(args.seconds, QUICK_SECONDS)
     starts: dict[str, Callable[[Stack], Server]] = {"gateway": Stack.gateway, "peer": Stack.peer}
     results: dict[str, Result] = {}
     began = time.perf_counter()
@@ -504,12 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe gateway vs a plain SSE relay, {args.clients:,} concurrent clients "
           f"({total / 60:.1f} min; {machine()['cpu']}, {os.cpu_count()} cores)\n")
     print(report(results, rates))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "clients": args.clients,
-        "rates": rates, "seconds": args.seconds, "wall_s": round(total, 1),
-        "results": results}, indent=2) + "\n")
-    print(f"\nwritten to {args.json}")
+    write_result(args.json, quick=args.quick, wall_s=total, clients=args.clients, rates=rates,
+                 seconds=args.seconds, results=results)
     return 0
 
 

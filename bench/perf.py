@@ -14,11 +14,11 @@ A scenario that a side cannot finish in `--cap-s` seconds is measured over
 that window (tokens delivered and CPU spent while it ran) and marked capped.
 
     bin/chat-actors bench perf                 # everything, about 7 minutes on 2 cores
-    bin/chat-actors bench perf --quick         # a smaller smoke run, about 2 minutes
+    bin/chat-actors bench perf --quick         # a smoke run of every scenario, about 2 minutes
     bin/chat-actors bench perf --only chat-actors --scenarios throughput
 
 Prints one table (each side, then chat-actors' ratio to each peer) and writes it
-as JSON (`--json`, results keyed by side).
+as JSON (`--json`, default bench/results/perf.json; results keyed by side).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -46,14 +45,38 @@ import psutil
 import redis
 
 from actors.adapters.kafka import ensure_topics
+from bench import machine, result_options, wait_ready, write_result
 from tools import local_stack
 from tools.otlp_collector import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
-ANSWER_TOKENS = 500
+ANSWER_TOKENS = 500  # the streams that must outlast a step (cancels, held streams)
 WINDOW = 64  # streams checked per poll while waiting for jobs to finish
-ROUNDS = 20  # sequential jobs at concurrency 1
+READY_S = 120.0  # the longest a worker may take to say it is ready
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each scenario does."""
+
+    levels: tuple[int, ...]  # concurrent streams, one throughput scenario each
+    rounds: int  # jobs one after another at the single-stream level
+    answer_tokens: int  # of each throughput job
+    jobs: int  # of the jobs scenario, 50 tokens each
+    samples: int  # of each latency
+    streams: tuple[int, ...]  # slow streams held open, one memory scenario each
+    dev_runs: int  # `dev --once`, the last one measured
+    cap_s: float  # the default --cap-s
+
+
+FULL = Sizes(levels=(1, 50, 200, 1000), rounds=20, answer_tokens=500, jobs=2000, samples=100,
+             streams=(1000, 5000), dev_runs=2, cap_s=30.0)
+# Every scenario, each as small as still exercises it; 1,000 streams stay, since
+# tests/test_deploy.py sizes the worker's memory request from that row of perf.json.
+# The seed-style peer cannot keep up with any of them: the short cap bounds its share.
+QUICK = Sizes(levels=(50,), rounds=5, answer_tokens=100, jobs=100, samples=10,
+              streams=(1000,), dev_runs=1, cap_s=5.0)
 
 
 # ---------------------------------------------------------------- the stack
@@ -90,21 +113,24 @@ class Stack:
 def open_stack() -> Iterator[Stack]:
     with local_stack.workdir("chat-actors-perf-") as workdir:
         kafka, rds, pg = local_stack.start_core(workdir)
-        vendor = subprocess.Popen(
-            [sys.executable, "-m", "bench.vendor", "--port", "0", "--tokens", "2048"], cwd=ROOT,
-            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        vendor: subprocess.Popen[bytes] | None = None
         try:
+            vendor = subprocess.Popen(
+                [sys.executable, "-m", "bench.vendor", "--port", "0", "--tokens", "2048"],
+                cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
             assert vendor.stdout is not None
             url = vendor.stdout.readline().decode().strip()
             if not url.startswith("http"):
                 raise RuntimeError("the scripted vendor did not start")
             migrate(kafka.url, rds.url, pg.url, url, workdir)
             stack = Stack(kafka, rds, pg, url, vendor, workdir)
-            yield stack
-            stack.client.close()
+            try:
+                yield stack
+            finally:
+                stack.client.close()
         finally:
-            vendor.terminate()
-            vendor.wait(10)
+            if vendor is not None:
+                local_stack.terminate(vendor, signal.SIGTERM, 10)
             for service in (pg, rds, kafka):
                 service.stop()
 
@@ -193,15 +219,13 @@ class Subject:
                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
         running = Running(name=self.name, process=process, log=log, topics=topics,
                           health_port=port, ready_s=0.0)
-        while True:
-            running.alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.01)
+        try:
+            wait_ready(running.alive, f"http://127.0.0.1:{running.health_port}/readyz",
+                       began + READY_S, f"{running.name} was not ready within {READY_S:.0f} s",
+                       running.log, poll_s=0.01)
+        except BaseException:
+            running.stop(drain=False)  # not left behind: a bench stops what it started
+            raise
         running.ready_s = time.perf_counter() - began
         return running
 
@@ -370,20 +394,21 @@ def warm_up(client: Client) -> float:
     return first_token_ms
 
 
-def throughput(stack: Stack, subject: Subject, concurrency: int, cap_s: float) -> Result:
+def throughput(stack: Stack, subject: Subject, concurrency: int, sizes: Sizes,
+               cap_s: float) -> Result:
     stack.pace(0.0)
     running = subject.start(stack, max_in_flight=max(concurrency + 10, 64))
     client = Client(stack, running)
     try:
         first_token_ms = warm_up(client)
         # One job alone costs milliseconds, below the 10 ms tick of process CPU time:
-        # the single-stream level runs ROUNDS jobs one after another.
-        rounds = ROUNDS if concurrency == 1 else 1
+        # the single-stream level runs `sizes.rounds` jobs one after another.
+        rounds = sizes.rounds if concurrency == 1 else 1
         cpu0, began = running.cpu_s(), time.perf_counter()
         ids: list[str] = []
         done: list[str] = []
         for _ in range(rounds):
-            batch = client.submit(concurrency, ANSWER_TOKENS)
+            batch = client.submit(concurrency, sizes.answer_tokens)
             ids += batch
             done += client.wait_done(batch, began + cap_s)
         wall, cpu = time.perf_counter() - began, running.cpu_s() - cpu0
@@ -499,24 +524,35 @@ def memory(stack: Stack, subject: Subject, streams: int, cap_s: float) -> Result
 
 # ---------------------------------------------------------------- the report
 
-# (scenario key, metric, label, better: "lower" | "higher", format)
-ROWS = [
-    *[(f"throughput_{n}", "tokens_per_s", f"tokens/s, {n} concurrent x {ANSWER_TOKENS}", "higher", ",.0f")
-      for n in (1, 50, 200, 1000)],
-    *[(f"throughput_{n}", "cpu_us_per_token", f"worker CPU us/token, {n} concurrent", "lower", ",.1f")
-      for n in (1, 50, 200, 1000)],
-    ("jobs", "jobs_per_s", "jobs/s, 2,000 jobs x 50 tokens", "higher", ",.0f"),
-    ("jobs", "cpu_ms_per_job", "worker CPU ms/job", "lower", ",.2f"),
-    ("latency", "started_p50_ms", "intake -> started p50 ms", "lower", ",.1f"),
-    ("latency", "started_p99_ms", "intake -> started p99 ms", "lower", ",.1f"),
-    ("latency", "cancel_p50_ms", "cancel -> done p50 ms", "lower", ",.1f"),
-    ("latency", "cancel_p99_ms", "cancel -> done p99 ms", "lower", ",.1f"),
-    ("memory_1000", "kb_per_stream", "RSS KB per stream, 1,000 streams", "lower", ",.1f"),
-    ("memory_5000", "kb_per_stream", "RSS KB per stream, 5,000 streams", "lower", ",.1f"),
-    ("cold_start", "median_s", "cold start s (process -> ready)", "lower", ",.2f"),
-    ("cold_start", "first_token_ms", "first job after ready: first token ms", "lower", ",.0f"),
-    ("dev", "first_token_s", "second `dev --once`: first token s", "lower", ",.2f"),
-]
+HIGHER_IS_BETTER = {"tokens_per_s", "jobs_per_s"}  # every other metric: lower is better
+
+
+def better(metric: str) -> str:
+    return "higher" if metric in HIGHER_IS_BETTER else "lower"
+
+
+def rows(sizes: Sizes) -> list[tuple[str, str, str, str, str]]:
+    """The table: (scenario key, metric, label, better: "lower" | "higher", format)."""
+    table = [
+        *[(f"throughput_{n}", "tokens_per_s", f"tokens/s, {n} concurrent x {sizes.answer_tokens}",
+           ",.0f") for n in sizes.levels],
+        *[(f"throughput_{n}", "cpu_us_per_token", f"worker CPU us/token, {n} concurrent", ",.1f")
+          for n in sizes.levels],
+        ("jobs", "jobs_per_s", f"jobs/s, {sizes.jobs:,} jobs x 50 tokens", ",.0f"),
+        ("jobs", "cpu_ms_per_job", "worker CPU ms/job", ",.2f"),
+        ("latency", "started_p50_ms", "intake -> started p50 ms", ",.1f"),
+        ("latency", "started_p99_ms", "intake -> started p99 ms", ",.1f"),
+        ("latency", "cancel_p50_ms", "cancel -> done p50 ms", ",.1f"),
+        ("latency", "cancel_p99_ms", "cancel -> done p99 ms", ",.1f"),
+        *[(f"memory_{n}", "kb_per_stream", f"RSS KB per stream, {n:,} streams", ",.1f")
+          for n in sizes.streams],
+        ("cold_start", "median_s", "cold start s (process -> ready)", ",.2f"),
+        ("cold_start", "first_token_ms", "first job after ready: first token ms", ",.0f"),
+        ("dev", "first_token_s", f"{'second ' if sizes.dev_runs > 1 else ''}`dev --once`: "
+                                 "first token s", ",.2f"),
+    ]
+    return [(scenario, metric, label, better(metric), fmt)
+            for scenario, metric, label, fmt in table]
 
 # (label, scenario, metric, test on chat-actors' value, test on its ratio to `against`, against):
 # "lean" is the best-effort peer, "best" whichever peer did best on the metric.
@@ -544,7 +580,8 @@ def ratio(ours: float | None, peer: float | None, better: str) -> float | None:
     return peer / ours if better == "lower" else ours / peer
 
 
-def report(results: dict[str, dict[str, Result]]) -> tuple[str, list[dict[str, Any]]]:
+def report(results: dict[str, dict[str, Result]], sizes: Sizes,
+           ) -> tuple[str, list[dict[str, Any]]]:
     def value(name: str, scenario: str, metric: str) -> float | None:
         return results.get(name, {}).get(scenario, {}).get(metric)
 
@@ -555,32 +592,33 @@ def report(results: dict[str, dict[str, Result]]) -> tuple[str, list[dict[str, A
     peers = [name for name in PEERS if name in results] if "chat-actors" in results else []
     lines = [f"{'':44} " + " ".join(f"{name:>13}" for name in sides)
              + "".join(f" {'vs ' + name:>9}" for name in peers)]
-    for scenario, metric, label, better, fmt in ROWS:
+    table = rows(sizes)
+    for scenario, metric, label, higher_or_lower, fmt in table:
         values = {name: value(name, scenario, metric) for name in sides}
         if all(v is None for v in values.values()):
             continue
         cells = [f"{v:{fmt}}{capped(n, scenario)}" if v is not None else "-"
                  for n, v in values.items()]
-        ratios = [ratio(values["chat-actors"], values[name], better) for name in peers]
+        ratios = [ratio(values["chat-actors"], values[name], higher_or_lower) for name in peers]
         lines.append(f"{label:44} " + " ".join(f"{c:>13}" for c in cells)
                      + "".join(f" {(f'{r:,.1f}x' if r is not None else '-'):>9}" for r in ratios))
     lines.append("* capped: not every job finished within --cap-s; measured over that window")
     if "chat-actors+otel" in results:
         lines += ["", f"{'OpenTelemetry on vs off':44} {'off':>13} {'on':>13} {'cost':>9}"]
-        for scenario, metric, label, better, fmt in ROWS:
+        for scenario, metric, label, higher_or_lower, fmt in table:
             off, on = value("chat-actors", scenario, metric), value("chat-actors+otel", scenario,
                                                                      metric)
             if off is None or on is None:
                 continue
-            r = ratio(off, on, better)  # how much better off is than on: the cost of tracing
+            r = ratio(off, on, higher_or_lower)  # how much better off is than on: the cost of tracing
             lines.append(f"{label:44} {off:>13{fmt}} {on:>13{fmt}} "
                          f"{(f'{r:,.2f}x' if r is not None else '-'):>9}")
     goals = []
     lines.append("")
     for label, scenario, metric, on_value, on_ratio, against in GOALS:
-        better = next(row[3] for row in ROWS if row[0] == scenario and row[1] == metric)
         ours = value("chat-actors", scenario, metric)
-        ratios = {name: ratio(ours, value(name, scenario, metric), better) for name in PEERS}
+        ratios = {name: ratio(ours, value(name, scenario, metric), better(metric))
+                  for name in PEERS}
         known = [x for x in ratios.values() if x is not None]
         r = ratios.get(against) if against != "best" else (min(known) if known else None)
         met = ours is not None and (on_value is None or on_value(ours)) and \
@@ -592,64 +630,62 @@ def report(results: dict[str, dict[str, Result]]) -> tuple[str, list[dict[str, A
     return "\n".join(lines), goals
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-            "python": platform.python_version(), "system": platform.platform()}
-
-
 SCENARIOS = ("throughput", "jobs", "latency", "memory", "dev")
 
 
-def dev_once(runs: int = 2) -> Result:
+def dev_once(runs: int) -> Result:
     """`bin/chat-actors dev --once` (its own stack and SmolLM2) `runs` times: the wall time
-    from the command to the first byte of the answer, for the newcomer's second run
-    (the first one may still be filling caches)."""
+    from the command to the first byte of the answer, for the newcomer's last run (the
+    first one may still be filling caches).
+
+    It runs what bin/chat-actors runs once its venv is the lock, with this interpreter:
+    the wrapper itself (a few milliseconds) would sync .venv if it were not the lock,
+    minutes in the middle of a benchmark, and in another venv than the one measured."""
     firsts: list[float] = []
     for _ in range(runs):
         began = time.perf_counter()
-        process = subprocess.Popen([str(ROOT / "bin" / "chat-actors"), "dev", "--once",
+        process = subprocess.Popen([sys.executable, "-m", "tools.cli", "dev", "--once",
                                     "Why is the sky blue?"], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL)
-        assert process.stdout is not None
-        first = process.stdout.read(1)
-        firsts.append(time.perf_counter() - began)
-        process.stdout.read()
-        if process.wait(120) != 0 or not first:
-            raise RuntimeError(f"dev --once failed with {process.returncode}")
+                                   stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert process.stdout is not None
+            first = process.stdout.read(1)
+            firsts.append(time.perf_counter() - began)
+            process.stdout.read()
+            if process.wait(120) != 0 or not first:
+                raise RuntimeError(f"dev --once failed with {process.returncode}")
+        finally:
+            # SIGTERM, as Ctrl-C: dev stops the stack it started before it exits.
+            local_stack.terminate(process, signal.SIGTERM, 30)
     return {"runs": runs, "first_token_s": firsts[-1], "all_s": firsts}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-actors bench perf",
                                      description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer jobs and streams: a smoke run, not numbers to quote")
+    result_options(parser, "perf", f"every scenario on every side, smaller: throughput at "
+                   f"{' and '.join(map(str, QUICK.levels))} streams of {QUICK.answer_tokens} "
+                   f"tokens, {QUICK.jobs} jobs, {QUICK.samples} latency samples, "
+                   f"{QUICK.streams[0]:,} held streams, one `dev --once`, --cap-s "
+                   f"{QUICK.cap_s:g} (about 2 minutes)")
     parser.add_argument("--only", choices=SIDES, help="run one side")
     parser.add_argument("--otel", action="store_true",
                         help="also run chat-actors with OpenTelemetry on (a loopback collector)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {', '.join(SCENARIOS)}")
-    parser.add_argument("--cap-s", type=float, default=30.0,
-                        help="longest a throughput or jobs scenario may run (default 30)")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf.json",
-                        help="where to write the results (default bench/results/perf.json)")
+    parser.add_argument("--cap-s", type=float,
+                        help=f"longest a throughput scenario may run; jobs 2x, memory 3x "
+                             f"(default {FULL.cap_s:g}, --quick {QUICK.cap_s:g})")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; have {', '.join(SCENARIOS)}")
-    if args.cap_s <= 0:
+    sizes = QUICK if args.quick else FULL
+    cap_s = sizes.cap_s if args.cap_s is None else args.cap_s
+    if cap_s <= 0:
         parser.error("--cap-s must be positive")
-    levels = (1, 50, 200) if args.quick else (1, 50, 200, 1000)
-    jobs = 300 if args.quick else 2000
-    samples = 20 if args.quick else 100
-    streams = (200, 1000) if args.quick else (1000, 5000)
     subjects: list[Subject] = [s for s in (ChatActors(), Lean(), SeedStyle())
                                if args.only in (None, s.name)]
     if args.otel:
@@ -671,19 +707,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack ready; vendor {stack.vendor_url}", flush=True)
         for subject in subjects:
             if "throughput" in chosen:
-                for n in levels:
+                for n in sizes.levels:
                     step(subject, f"throughput_{n}", lambda s=subject, n=n: throughput(
-                        stack, s, n, args.cap_s))
+                        stack, s, n, sizes, cap_s))
             if "jobs" in chosen:
-                step(subject, "jobs", lambda s=subject: jobs_rate(stack, s, jobs, args.cap_s * 2))
+                step(subject, "jobs", lambda s=subject: jobs_rate(stack, s, sizes.jobs,
+                                                                  cap_s * 2))
             if "latency" in chosen:
-                step(subject, "latency", lambda s=subject: latencies(stack, s, samples))
+                step(subject, "latency", lambda s=subject: latencies(stack, s, sizes.samples))
             if "memory" in chosen:
-                for n in streams:
+                for n in sizes.streams:
                     step(subject, f"memory_{n}", lambda s=subject, n=n: memory(
-                        stack, s, n, args.cap_s * 3))
+                        stack, s, n, cap_s * 3))
             if "dev" in chosen and subject.name == "chat-actors":
-                step(subject, "dev", dev_once)
+                step(subject, "dev", lambda: dev_once(sizes.dev_runs))
     for scenarios in results.values():
         ready = scenarios.pop("_ready", {"samples": [], "first": []})
         starts = ready["samples"]
@@ -691,16 +728,12 @@ def main(argv: list[str] | None = None) -> int:
             scenarios["cold_start"] = {"median_s": statistics.median(starts), "max_s": max(starts),
                                        "samples": len(starts),
                                        "first_token_ms": statistics.median(ready["first"])}
-    table, goals = report(results)
+    table, goals = report(results, sizes)
     total = time.perf_counter() - began
     print(f"\nchat-actors vs its peers ({total / 60:.1f} min; {machine()['cpu']}, "
           f"{os.cpu_count()} cores)\n")
     print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": args.quick,
-        "wall_s": round(total, 1), "results": results, "goals": goals}, indent=2) + "\n")
-    print(f"\nwritten to {args.json}")
+    write_result(args.json, quick=args.quick, wall_s=total, results=results, goals=goals)
     return 0
 
 

@@ -13,9 +13,11 @@ The sets, each read only from inside this repository or a package:
 
 Scores count distinct documents: a document's second chunk in the ranking is not
 a second answer. It prints recall@5, MRR@10 and each method's p50/p99 per query, then
-times hybrid + rerank, one query at a time, over 10,000 chunks.
+times hybrid + rerank, one query at a time, over 10,000 chunks, and writes the tables
+as JSON (`--json`, default bench/results/retrieval_quality.json).
 
     bin/chat-actors bench retrieval_quality [--latency-chunks 10000] [--skip-latency]
+                                            [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import trio
 from actors.adapters.documents import DocumentStore
 from actors.adapters.embeddings import configured_embedder
 from actors.retriever import Retriever, fuse, retriever_running
+from bench import result_options, write_result
 from bench.peers.bm25s_index import Bm25sIndex
 from config import Config, load_config
 from messages.ports import Hit
@@ -45,6 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RIVERS = ["Amber", "Silt", "Corran", "Vell", "Mistwater", "Oxley", "Tarn", "Brisk"]
 EXPORTS = ["saffron", "slate", "wool", "glassware", "cider", "copper wire", "paper", "honey"]
 SYLLABLES = ["zor", "vath", "quel", "by", "mar", "tin", "osk", "ell", "dra", "nim", "fen", "ul"]
+# --quick: the towns without this repository's long documents, the pydoc topics of the
+# first questions only, and latency over fewer chunks (the long texts are what take the
+# time: each of their chunks is a full window for the embedding model).
+QUICK_PYDOC_QUESTIONS, QUICK_LATENCY_CHUNKS = 10, 300
 
 
 def town_name(rng: random.Random, syllables: int = 3) -> str:
@@ -109,17 +116,20 @@ def evaluate(ranked: list[list[Hit]], relevant: list[set[str]]) -> tuple[float, 
 Labelled = list[tuple[str, set[str]]]  # question, the sources that answer it
 
 
-def repo_set(store: DocumentStore, config: Config, workdir: Path) -> Labelled:
+def repo_set(store: DocumentStore, config: Config, workdir: Path, quick: bool) -> Labelled:
     rng = random.Random(11)
     docs = workdir / "corpus"
     docs.mkdir()
     towns = synthetic_towns(rng, 240)
     for town in towns:
         (docs / f"{town['name']}.md").write_text(town_text(town))
-    for path in (ROOT / "README.md", ROOT / "docs" / "contract.md"):
+    ours = [] if quick else [ROOT / "README.md", ROOT / "docs" / "contract.md"]
+    for path in ours:
         (docs / path.name).write_text(path.read_text())
     ingest(store, config, "repo", [docs], root=workdir)
     labelled: Labelled = [(q, {f"corpus/{name}.md"}) for q, name in town_queries(rng, towns)]
+    if not ours:
+        return labelled
     chunks = store.chunks("repo")
     for question, phrase in json.loads((ROOT / "bench/data/repo_queries.json").read_text()):
         sources = {c.source for c in chunks.values() if phrase in c.text}
@@ -129,14 +139,18 @@ def repo_set(store: DocumentStore, config: Config, workdir: Path) -> Labelled:
     return labelled
 
 
-def pydoc_set(store: DocumentStore, config: Config) -> Labelled:
+def pydoc_set(store: DocumentStore, config: Config, quick: bool) -> Labelled:
     from pydoc_data.topics import topics
 
-    apply(store, config, "pydoc", {f"{name}.txt": text for name, text in topics.items()})
     pairs = json.loads((ROOT / "bench/data/pydoc_queries.json").read_text())
     missing = [topic for _, topic in pairs if topic not in topics]
     if missing:
         raise SystemExit(f"bench/data/pydoc_queries.json: no topic {missing} in this Python")
+    if quick:
+        pairs = pairs[:QUICK_PYDOC_QUESTIONS]
+        asked = {topic for _, topic in pairs}
+        topics = {name: text for name, text in topics.items() if name in asked}
+    apply(store, config, "pydoc", {f"{name}.txt": text for name, text in topics.items()})
     return [(question, {f"{topic}.txt"}) for question, topic in pairs]
 
 
@@ -253,23 +267,41 @@ def latency(store: DocumentStore, config: Config, chunks: int) -> tuple[float, f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-actors bench retrieval_quality",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latency-chunks", type=int, default=10_000)
+    parser.add_argument("--latency-chunks", type=int, help="default 10000")
     parser.add_argument("--skip-latency", action="store_true")
+    result_options(parser, "retrieval_quality", "the 240 towns without README.md and "
+                   f"docs/contract.md, the pydoc topics of the first {QUICK_PYDOC_QUESTIONS} "
+                   f"questions, latency over {QUICK_LATENCY_CHUNKS} chunks (under a minute)")
     args = parser.parse_args(argv)
+    if args.latency_chunks is None:
+        args.latency_chunks = QUICK_LATENCY_CHUNKS if args.quick else 10_000
+    began = time.perf_counter()
+    tables: dict[str, dict[str, object]] = {}
+    timed: dict[str, float | int] | None = None
     with bench_store("chat-actors-retrieval-") as (workdir, config, store):
-        sets = {"repo": repo_set(store, config, workdir), "pydoc": pydoc_set(store, config)}
+        sets = {"repo": repo_set(store, config, workdir, args.quick),
+                "pydoc": pydoc_set(store, config, args.quick)}
         for name, labelled in sets.items():
-            print(f"\n{name} set: {len(store.chunks(name))} chunks, "
-                  f"{len({s for _, w in labelled for s in w})} answering documents, "
+            chunks, answering = len(store.chunks(name)), len({s for _, w in labelled for s in w})
+            print(f"\n{name} set: {chunks} chunks, {answering} answering documents, "
                   f"{len(labelled)} questions")
             print(f"{'method':<26} {'recall@5':>9} {'MRR@10':>7} {'p50 ms':>7} {'p99 ms':>7}")
+            methods = []
             for method, (recall, mrr, p50, p99) in quality(store, config, name,
                                                            labelled).items():
                 print(f"{method:<26} {recall:9.3f} {mrr:7.3f} {p50:7.1f} {p99:7.1f}")
+                methods.append({"method": method, "recall_at_5": recall, "mrr_at_10": mrr,
+                                "p50_ms": p50, "p99_ms": p99})
+            tables[name] = {"chunks": chunks, "answering_documents": answering,
+                            "questions": len(labelled), "methods": methods}
         if not args.skip_latency:
             p50, p99, build_s = latency(store, config, args.latency_chunks)
             print(f"\nhybrid + rerank, one query at a time over {args.latency_chunks} "
                   f"chunks: p50 {p50:.1f} ms, p99 {p99:.1f} ms (ingested in {build_s:.0f} s)")
+            timed = {"chunks": args.latency_chunks, "p50_ms": p50, "p99_ms": p99,
+                     "ingest_s": build_s}
+    write_result(args.json, quick=args.quick, wall_s=time.perf_counter() - began, sets=tables,
+                 latency=timed)
     return 0
 
 

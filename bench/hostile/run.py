@@ -21,7 +21,9 @@ and the gateway. Then the issue's bars, PASS or FAIL each. Loopback only; bounde
 count and time; every process it starts is stopped on every way out.
 
     bin/chat-actors bench chaos --gateway            # about 5 minutes on 2 cores
-    bin/chat-actors bench chaos --gateway --quick    # a smoke run, about 2 minutes
+    bin/chat-actors bench chaos --gateway --quick    # a smoke run, about 1.5 minutes
+
+It writes what it prints as JSON (`--json`, default bench/results/chaos-gateway.json).
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ import psycopg
 import redis
 
 from actors.adapters.kafka import ensure_topics
+from bench import RESULTS, write_result
 from bench.hostile.clients import grace_s
 from bench.hostile.plan import Plan
 from bench.hostile.processes import ROOT, RSS_CAP, Managed, Watch, gateway_ready, worker_ready
 from bench.hostile.report import Phase, bars, print_report
-from bench.perf import machine, percentile
+from bench.perf import percentile
 from tests.scripted_llm import Call, Reply, ScriptedLLM
 from tools import local_stack
 
@@ -68,6 +71,7 @@ PRODUCER_DEFAULT_S = 30.0  # the gateway producer's own timeout before it
 
 @dataclass(frozen=True)
 class Sizes:
+    users: int  # honest users, in each phase
     phase_a_s: float
     phase_b_s: float
     turn_timeout_s: float
@@ -80,12 +84,13 @@ class Sizes:
     retry_count: int
 
 
-FULL = Sizes(phase_a_s=100, phase_b_s=150, turn_timeout_s=45, slow_connections=20,
+FULL = Sizes(users=50, phase_a_s=100, phase_b_s=150, turn_timeout_s=45, slow_connections=20,
              oversize_count=3, schema_levels=(19, 21, 23, 25), pdf_count=2, bursts=4,
              burst_size=400, retry_count=10)
-QUICK = Sizes(phase_a_s=25, phase_b_s=50, turn_timeout_s=30, slow_connections=10,
-              oversize_count=2, schema_levels=(19, 23), pdf_count=1, bursts=2,
-              burst_size=200, retry_count=6)
+# Every kind of user and the broker's freeze, each once or a few times: a smoke run.
+QUICK = Sizes(users=20, phase_a_s=10, phase_b_s=25, turn_timeout_s=30, slow_connections=5,
+              oversize_count=1, schema_levels=(19,), pdf_count=1, bursts=1, burst_size=100,
+              retry_count=3)
 
 
 def default_keys() -> dict[str, set[str]]:
@@ -339,7 +344,7 @@ def phase_result(rig: Rig, name: str, tallies: dict[str, dict[str, Any]],
 def plans_for(rig: Rig, sizes: Sizes, seed: int) -> tuple[Plan, Plan, Plan]:
     """(phase A's honest plan, phase B's honest plan, phase B's hostile plan)."""
     honest = Plan(port=rig.port, secret=rig.secret, seconds=sizes.phase_a_s, seed=seed,
-                  turn_timeout_s=sizes.turn_timeout_s,
+                  users=sizes.users, turn_timeout_s=sizes.turn_timeout_s,
                   post_timeout_s=rig.pause_s + sizes.turn_timeout_s)
     phase_b = replace(honest, seconds=sizes.phase_b_s, seed=seed + 1)
     hostile = replace(phase_b, slow_connections=sizes.slow_connections,
@@ -354,7 +359,7 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through every `finally` that stops a process
 
 
-def run(sizes: Sizes, seed: int, quick: bool, json_path: Path | None) -> int:
+def run(sizes: Sizes, seed: int, quick: bool, json_path: Path) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # inherited by the gateway
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -378,23 +383,26 @@ def run(sizes: Sizes, seed: int, quick: bool, json_path: Path | None) -> int:
     elapsed = time.monotonic() - began
     checks = bars(result_a, result_b)
     print_report(result_a, result_b, checks, elapsed, quick, RSS_CAP)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "quick": quick,
-            "seed": seed, "wall_s": round(elapsed, 1), "sizes": asdict(sizes),
-            "phases": {p.name: asdict(p) for p in (result_a, result_b)},
-            "bars": [asdict(c) for c in checks]}, indent=2) + "\n")
-        print(f"\nwritten to {json_path}")
-    return 0 if all(c.passed for c in checks) else 1
+    write_result(json_path, quick=quick, wall_s=elapsed, seed=seed, sizes=asdict(sizes),
+                 phases={p.name: asdict(p) for p in (result_a, result_b)},
+                 bars=[asdict(c) for c in checks])
+    # A quick run is too short for its tail latency and peaks to mean much: it is judged
+    # on what must hold in any run (nothing missed, nothing run twice, no exits).
+    return 0 if all(c.passed for c in checks if not (quick and c.measured)) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-actors bench chaos --gateway",
                                      description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run, not numbers to quote: {QUICK.users} honest users, "
+                             f"phases of {QUICK.phase_a_s:.0f} s and {QUICK.phase_b_s:.0f} s, each "
+                             "hostile kind a few times; judged only on the bars that hold in "
+                             "any run (about 1.5 minutes)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=RESULTS / "chaos-gateway.json",
+                        metavar="FILE", help="where to write the results (default "
+                                             "bench/results/chaos-gateway.json)")
     args = parser.parse_args(argv)
     return run(QUICK if args.quick else FULL, args.seed, args.quick, args.json)
 
