@@ -27,19 +27,19 @@ import trio
 
 from actors import logs
 from actors.adapters import aio, telemetry_of
-from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import configured_embedder
 from actors.adapters.kafka import ControlConsumer, Producer, RequestConsumer, ensure_topics
-from actors.adapters.openai_wire import (
+from actors.adapters.llm.openai_wire import (
     OpenAIWireChat,
     close_litellm_clients,
     load_litellm,
     needs_litellm,
 )
+from actors.adapters.llm.pricing import ModelPricing
+from actors.adapters.llm.tokens import TiktokenCounting
 from actors.adapters.postgres import Postgres, redact
-from actors.adapters.pricing import ModelPricing
-from actors.adapters.redis_events import RedisEvents
-from actors.adapters.tokens import TiktokenCounting
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.embeddings import configured_embedder
+from actors.adapters.redis.events import RedisEvents
 from actors.budget import prune_ledger
 from actors.claim import FINISH_GRACE_S
 from actors.claims import CLAIM_MAILBOX, Claims, PendingClaim, run_claims

@@ -24,7 +24,7 @@ from functools import partial
 
 import trio
 
-from actors.adapters.embeddings import configured_embedder
+from actors.adapters.rag.embeddings import configured_embedder
 from bench import result_options, write_result
 from bench.peers.rag_per_query import PerQueryRetriever
 from bench.retrieval_quality import (

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import trio
 
-from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import configured_embedder
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.embeddings import configured_embedder
 from actors.retriever import Retriever, fuse, retriever_running
 from bench import result_options, write_result
 from bench.peers.bm25s_index import Bm25sIndex

@@ -4,7 +4,7 @@
 
 It reads the PDF from stdin, connects to the test's Unix socket, says which PDF it
 has (its SHA-256) and its pid, and waits for the test's `go` (or for the gateway to
-kill it); then it runs the real reader, READER (actors/adapters/pdf_child.py), on the
+kill it); then it runs the real reader, READER (actors/adapters/rag/pdf_child.py), on the
 same bytes. Standard library only: it runs isolated, as the real child does.
 """
 

@@ -2,7 +2,7 @@
 
     python tests/litellm_held.py RELEASE_FILE run --config FILE
 
-A worker whose aliases need no LiteLLM (actors.adapters.model_map) must become ready
+A worker whose aliases need no LiteLLM (actors.adapters.llm.model_map) must become ready
 and answer while its loader thread is held here; once RELEASE_FILE exists, LiteLLM
 loads as usual. Only running the package is held: finding it (model_map reads its map
 file) is not. Test code: the worker itself has no such hook.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from actors.adapters import aio
-from actors.adapters.llm import LiteLLMChat, close_clients, litellm
+from actors.adapters.llm.chat import LiteLLMChat, close_clients, litellm
 from actors.errors import PermanentError, TransientError
 from messages.mailboxes import StreamFinished, TokenDelta
 from tests.scripted_llm import Reply

@@ -108,7 +108,7 @@ def test_the_dev_stack_never_continues_an_answer_its_server_cannot(tmp_path):
     """llama-cpp-python's server opens a new assistant turn after a trailing one: a job
     taken over on the dev stack starts over (reason `vendor`), while a self-served
     model the map does not know is otherwise taken to continue (llama-server, Ollama)."""
-    from actors.adapters.pricing import ModelPricing
+    from actors.adapters.llm.pricing import ModelPricing
     from actors.capabilities import capabilities_of
     from config import load_config
     from tools.devstack import dev_config

@@ -248,13 +248,13 @@ async def test_a_job_taken_over_elsewhere_is_not_sent_to_the_model_again(make_co
     {"type": "thinking", "index": 0},
 ])
 def test_a_hostile_thinking_block_from_the_vendor_is_ignored(block):
-    from actors.adapters.llm import _thinking_piece
+    from actors.adapters.llm.chat import _thinking_piece
 
     assert _thinking_piece(block) is None
 
 
 def test_only_whole_blocks_are_kept_in_the_vendors_order():
-    from actors.adapters.llm import _thinking_piece
+    from actors.adapters.llm.chat import _thinking_piece
     from actors.provider import _ThinkingBlocks
 
     blocks = _ThinkingBlocks()
@@ -313,7 +313,7 @@ PREFILL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "
     "multiturn requests ends with a user role or a function response.",
 ])
 def test_each_vendors_refusal_of_a_prefill_is_recognised(text):
-    from actors.adapters.prefill import refused_prefill
+    from actors.adapters.llm.prefill import refused_prefill
     from actors.errors import PermanentError, PrefillRefused
 
     assert isinstance(refused_prefill(PermanentError(text, code="bad_request"), PREFILL),
@@ -331,7 +331,7 @@ def test_each_vendors_refusal_of_a_prefill_is_recognised(text):
     ("the model stream stalled for 30 s (idle_timeout)", "bad_request"),
 ])
 def test_other_refusals_of_a_continuation_are_not_taken_for_a_refused_prefill(text, code):
-    from actors.adapters.prefill import refused_prefill
+    from actors.adapters.llm.prefill import refused_prefill
     from actors.errors import PermanentError
 
     error = PermanentError(text, code=code)

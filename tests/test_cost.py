@@ -11,7 +11,7 @@ import litellm
 import pytest
 import trio
 
-from actors.adapters.llm import cost_usd
+from actors.adapters.llm.chat import cost_usd
 from messages.ports import Rates, TokenCounts
 from tests.helpers import events_of, job_row, produce, request, worker_running
 from tests.scripted_llm import Reply

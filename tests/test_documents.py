@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
-from actors.adapters.documents import DocumentStore
-from actors.adapters.uploads import PDF_READER
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.uploads import PDF_READER
 from actors.errors import PermanentError
 from tests.helpers import events_of, gateway_running, produce, request, until, worker_running
 from tests.pdfs import pdf_pages, pdf_with, shown
@@ -194,7 +194,7 @@ async def test_hostile_uploads_are_refused_by_name_and_the_gateway_goes_on(docs_
 
 
 async def test_ingestion_never_holds_the_event_loop(docs_config, monkeypatch):
-    import actors.adapters.uploads as uploads
+    import actors.adapters.rag.uploads as uploads
 
     inside, release = threading.Event(), threading.Event()
     real_apply = uploads.apply

@@ -21,8 +21,8 @@ import pytest
 import redis
 import trio
 
-from actors.adapters import redis_cluster_reads
-from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
+from actors.adapters.redis import cluster_reads as redis_cluster_reads
+from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
 from actors.errors import StreamsRefused
 from actors.gateway.app import OWNER_PREFIX, uuid7
 from tests.helpers import gateway_running

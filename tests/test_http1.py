@@ -12,7 +12,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.adapters.http1 import (
+from actors.adapters.llm.http1 import (
     MAX_HEAD,
     MAX_HEADERS,
     MAX_TRAILER,

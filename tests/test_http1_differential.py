@@ -18,7 +18,14 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from actors.adapters.http1 import MAX_HEAD, ConnectionLost, ProtocolError, Response, _Connection, read_head
+from actors.adapters.llm.http1 import (
+    MAX_HEAD,
+    ConnectionLost,
+    ProtocolError,
+    Response,
+    _Connection,
+    read_head,
+)
 
 REFUSED = "refused"
 TOKEN = st.text(string.ascii_letters + string.digits + "-_!#$%&'*+.^`|~", min_size=1,

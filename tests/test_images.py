@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.adapters.tokens import TokenCounter
+from actors.adapters.llm.tokens import TokenCounter
 from actors.capabilities import alias_capabilities, check_capabilities
 from actors.prompt import IMAGE_REF, MISSING_IMAGE, build_messages, fill_images, stored_images
 from config import load_config

@@ -7,10 +7,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from actors.adapters import litellm_wire, llm
-from actors.adapters.model_map import NATIVE_PROVIDERS, NO_CAPABILITIES, _map_keys, unmapped
-from actors.adapters.openai_wire import Route, _native_params, encode, native_route, needs_litellm
-from actors.adapters.pricing import ModelPricing
+from actors.adapters.llm import chat as llm
+from actors.adapters.llm import litellm_wire
+from actors.adapters.llm.model_map import NATIVE_PROVIDERS, NO_CAPABILITIES, _map_keys, unmapped
+from actors.adapters.llm.openai_wire import Route, _native_params, encode, native_route, needs_litellm
+from actors.adapters.llm.pricing import ModelPricing
 from messages.ports import Rates, TokenCounts
 
 BASE = "http://10.1.2.3:8000/v1"

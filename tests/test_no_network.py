@@ -27,9 +27,9 @@ def getaddrinfo(host, *args, **kwargs):
         raise socket.gaierror("network disabled by test")
     return real_getaddrinfo(host, *args, **kwargs)
 socket.getaddrinfo = getaddrinfo
-import tools.cli, actors.supervisor, actors.adapters.openai_wire, actors.adapters.tokens
-from actors.adapters.tokens import TokenCounter
-from actors.adapters.llm import cost_usd
+import tools.cli, actors.supervisor, actors.adapters.llm.openai_wire, actors.adapters.llm.tokens
+from actors.adapters.llm.tokens import TokenCounter
+from actors.adapters.llm.chat import cost_usd
 from messages.ports import Rates, TokenCounts
 TokenCounter("gpt-4o-mini").count("hello world")
 TokenCounter("openai/smollm2").count("hello world")

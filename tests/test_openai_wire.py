@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import trio
 
-from actors.adapters.openai_wire import (
+from actors.adapters.llm.openai_wire import (
     MAX_SSE_LINE,
     OpenAIWireChat,
     Route,
@@ -183,8 +183,8 @@ def test_cached_flat_prices_equal_litellms_own_sum():
 
     import litellm
 
-    from actors.adapters.llm import _pricing, cost_usd
-    from actors.adapters.model_map import MapRates as _MapRates
+    from actors.adapters.llm.chat import _pricing, cost_usd
+    from actors.adapters.llm.model_map import MapRates as _MapRates
     from messages.ports import Rates, TokenCounts
 
     # (github_copilot's price lookup logs in over the network: not a model for us)
@@ -278,7 +278,7 @@ async def stream_via(llm, stream_path: str) -> list:
     if stream_path == "openai":
         return await collect(llm, stream_path="openai")
     from actors.adapters import aio
-    from actors.adapters.llm import LiteLLMChat, close_clients
+    from actors.adapters.llm.chat import LiteLLMChat, close_clients
 
     send, receive = trio.open_memory_channel(1000)
     async with aio.open_bridge(closing=[close_clients]):

@@ -12,7 +12,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.adapters.llm import cost_usd
+from actors.adapters.llm.chat import cost_usd
 from messages.ports import Rates, TokenCounts
 from tests.helpers import (
     ROOT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.adapters.tokens import TokenCounter
+from actors.adapters.llm.tokens import TokenCounter
 from actors.errors import PermanentError
 from actors.prompt import build_messages
 from messages.mailboxes import CallMade, Turn

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import configured_embedder
-from actors.adapters.ingestion import UPLOAD
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.embeddings import configured_embedder
+from actors.adapters.rag.ingestion import UPLOAD
 from actors.retriever import Retriever, coverage, fuse, retriever_running
 from config import Config, load_config, stored_collection_name
 from messages.wire import decode_request

@@ -16,7 +16,7 @@ import pytest
 import redis
 import trio
 
-from actors.adapters.redis_streams import BlockingReader, StreamReads
+from actors.adapters.redis.streams import BlockingReader, StreamReads
 from actors.errors import PermanentError, TransientError
 from tests.helpers import events_of, gateway_running, produce, request, wait_calls, worker_running
 from tests.scripted_llm import Reply

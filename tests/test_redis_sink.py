@@ -138,7 +138,7 @@ def test_redis_appends_only_for_the_attempt_that_holds_the_job(stack):
     # Attempt 1 of a job froze; attempt 2 took it over and said `started`. Attempt 1's
     # late events (tokens, its `done`) must not reach the client's stream (contract 6.11),
     # and only an appended `done` arms the done marker.
-    from actors.adapters.redis_events import RedisEvents
+    from actors.adapters.redis.events import RedisEvents
     from config import Redis, job_keys
     from messages.ports import StreamEntry
     from messages.wire import StreamEvent, event_data, now_ms
@@ -188,7 +188,7 @@ def test_a_redis_that_lost_the_append_script_is_given_it_and_each_entry_lands_on
     # script (restarted, failed over, SCRIPT FLUSH) must still get every entry, once.
     import redis
 
-    from actors.adapters.redis_events import RedisEvents
+    from actors.adapters.redis.events import RedisEvents
     from config import Redis, job_keys
     from messages.ports import StreamEntry
     from messages.wire import StreamEvent, event_data, now_ms
@@ -244,7 +244,7 @@ async def test_fence_reads_of_jobs_asking_at_once_share_one_round_trip():
     Redis failure is each asker's TransientError."""
     import threading
 
-    from actors.adapters.redis_events import FenceReads
+    from actors.adapters.redis.events import FenceReads
 
     reads: list[list[tuple[str, int]]] = []
     release = threading.Event()

@@ -32,10 +32,10 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.adapters import redis_streams
-from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch
-from actors.adapters.redis_connect import RedisConnect
-from actors.adapters.redis_streams import BlockingReader
+from actors.adapters.redis import streams as redis_streams
+from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
+from actors.adapters.redis.connect import RedisConnect
+from actors.adapters.redis.streams import BlockingReader
 from actors.errors import PermanentError, StreamsRefused, TransientError
 from actors.gateway import app as app_module
 from actors.gateway import relay as relay_module

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import trio
 
-from actors.adapters.tokens import TiktokenCounting
+from actors.adapters.llm.tokens import TiktokenCounting
 from actors.continuing import decide
 from actors.takeover import MAX_COUNT, attempts, earlier_usage, plan
 from messages.ports import Handed, Streamed, TokenCounts

@@ -19,7 +19,7 @@ import redis
 
 from actors.adapters.kafka import LIBRDKAFKA_LOG
 from actors.adapters.postgres import redact
-from actors.adapters.redis_connect import RedisConnect
+from actors.adapters.redis.connect import RedisConnect
 from config import Config
 
 

@@ -334,7 +334,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace, config: Any) -> int:
-    from actors.adapters.documents import DocumentStore
+    from actors.adapters.rag.documents import DocumentStore
     from actors.errors import PermanentError, TransientError
     from tools.ingest import freshness, ingest, refresh
 

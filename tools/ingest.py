@@ -1,4 +1,4 @@
-"""`chat-actors ingest`: files and folders into a collection (actors/adapters/ingestion.py).
+"""`chat-actors ingest`: files and folders into a collection (actors/adapters/rag/ingestion.py).
 
 The collection ends up holding this run's files, each as it is now, and every document
 uploaded through the gateway as it was: a document an earlier run put there and this
@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from actors.adapters.documents import DocumentStore
-from actors.adapters.ingestion import IngestReport, UploadConflict, apply, freshness, refresh
-from actors.adapters.pdf_child import pdf_text
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.ingestion import IngestReport, UploadConflict, apply, freshness, refresh
+from actors.adapters.rag.pdf_child import pdf_text
 from actors.errors import PermanentError
 from config import Config
 

@@ -88,7 +88,7 @@ class History(Protocol):
 
 
 class Documents(Protocol):
-    """A user's own documents (actors/adapters/uploads.py UserDocuments)."""
+    """A user's own documents (actors/adapters/rag/uploads.py UserDocuments)."""
 
     async def list(self, user_id: str) -> list[dict[str, Any]]: ...
     async def put(self, user_id: str, name: str, data: bytes) -> tuple[bool, dict[str, Any]]: ...

@@ -22,12 +22,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from actors.adapters import telemetry_of
-from actors.adapters.documents import DocumentStore
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
-from actors.adapters.redis_cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
-from actors.adapters.redis_streams import StreamReads
-from actors.adapters.uploads import PDF_READER, UserDocuments
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.uploads import PDF_READER, UserDocuments
+from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
+from actors.adapters.redis.streams import StreamReads
 from actors.errors import PermanentError, TransientError
 from actors.gateway.app import Gateway, build_app
 from actors.gateway.auth import Verifier

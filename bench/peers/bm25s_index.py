@@ -4,7 +4,7 @@ process). Kept here to compare quality and latency with the BM25 in Postgres."""
 
 from __future__ import annotations
 
-from actors.adapters.keywords import Chunk
+from actors.adapters.rag.keywords import Chunk
 from messages.ports import Hit
 
 

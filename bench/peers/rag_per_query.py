@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from actors.adapters.documents import DocumentStore
+from actors.adapters.rag.documents import DocumentStore
 from actors.ports import Embedder
 from actors.retriever import CANDIDATES_PER_TOP_K, SEMANTIC_WEIGHT, coverage, fuse
 from messages.ports import Hit

@@ -9,7 +9,7 @@ that `api_base`, passes every parameter we send through unchanged (but for the f
 _DROPPED), has no price for it and says it takes nothing besides text. This module
 answers those from the map file alone, read as data; `tests/test_model_map.py`
 checks each answer equals LiteLLM's own. Every other model is LiteLLM's to answer
-(actors.adapters.llm, imported on first use).
+(actors.adapters.llm.chat, imported on first use).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import trio
 from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 
 from actors.adapters import aio
-from actors.adapters.model_map import MapRates, flat_cost, overridden
-from actors.adapters.prefill import refused_prefill
+from actors.adapters.llm.model_map import MapRates, flat_cost, overridden
+from actors.adapters.llm.prefill import refused_prefill
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages import mailboxes as chunks

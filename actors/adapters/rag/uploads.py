@@ -28,9 +28,9 @@ from typing import Any
 
 import trio
 
-from actors.adapters import pdf_child
-from actors.adapters.documents import DocumentStore
-from actors.adapters.ingestion import UPLOAD, apply
+from actors.adapters.rag import pdf_child
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.ingestion import UPLOAD, apply
 from actors.errors import DocumentRefused
 from actors.fair_queue import FairQueue, NoTurn
 from config import Config, Rag, own_collection

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from actors.adapters.documents import DocumentStore
-from actors.adapters.embeddings import configured_embedder
-from actors.adapters.keywords import Chunk, Superseded
-from actors.adapters.tokens import TokenCounter
+from actors.adapters.llm.tokens import TokenCounter
+from actors.adapters.rag.documents import DocumentStore
+from actors.adapters.rag.embeddings import configured_embedder
+from actors.adapters.rag.keywords import Chunk, Superseded
 from actors.chunking import chunk_text
 from actors.errors import PermanentError
 from config import OWN_COLLECTION, Config

@@ -20,8 +20,8 @@ import redis
 import trio
 from redis.exceptions import RedisClusterException
 
-from actors.adapters.redis_connect import RedisConnect
-from actors.adapters.redis_events import translate
+from actors.adapters.redis.connect import RedisConnect
+from actors.adapters.redis.events import translate
 from actors.errors import PermanentError, StreamsRefused, TransientError
 from config import Redis as RedisConfig
 from messages.ports import Entry, is_entry_id

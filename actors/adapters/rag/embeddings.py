@@ -78,7 +78,7 @@ class LiteLLMEmbedder:
         self._api_base = api_base
 
     def embed(self, texts: list[str], batch: int = 64) -> np.ndarray:
-        from actors.adapters.llm import litellm
+        from actors.adapters.llm.chat import litellm
 
         vectors = []
         for start in range(0, len(texts), batch):

@@ -3,14 +3,14 @@
 LiteLLM builds a pydantic object for every streamed chunk and runs behind the
 trio-asyncio bridge: 256-400 us of CPU per chunk, measured. For vendors that
 speak the OpenAI chat-completions wire format, this adapter posts the request
-directly from Trio (actors.adapters.http1) and decodes each SSE `data:` line
+directly from Trio (actors.adapters.llm.http1) and decodes each SSE `data:` line
 with msgspec into the three fields we use: a few microseconds per chunk.
-LiteLLM still does the parts that need its knowledge (actors.adapters.litellm_wire):
+LiteLLM still does the parts that need its knowledge (actors.adapters.llm.litellm_wire):
 it resolves the model to a vendor and its endpoint, maps the request parameters
 for that model (`max_completion_tokens` for reasoning models, dropping what a
 model refuses), classifies vendor errors, and prices the usage (llm.cost_usd).
 A model its map does not know (one a team serves itself) needs none of that
-knowledge: actors.adapters.model_map answers for it without importing LiteLLM,
+knowledge: actors.adapters.llm.model_map answers for it without importing LiteLLM,
 which then loads in the background, for the error answers it classifies. Every
 other vendor (Anthropic, Bedrock, Vertex, ...) streams through LiteLLM as before.
 `llm.models.<alias>.stream_path` forces either path.
@@ -34,9 +34,9 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from actors.adapters import http1
-from actors.adapters.model_map import NATIVE_PROVIDERS, Route, native_params, proxied, unmapped
-from actors.adapters.prefill import refused_prefill
+from actors.adapters.llm import http1
+from actors.adapters.llm.model_map import NATIVE_PROVIDERS, Route, native_params, proxied, unmapped
+from actors.adapters.llm.prefill import refused_prefill
 from actors.errors import PermanentError, TransientError
 from config import secret
 from messages.mailboxes import (
@@ -48,11 +48,11 @@ from messages.mailboxes import (
 )
 
 if TYPE_CHECKING:
-    from actors.adapters.llm import LiteLLMChat
+    from actors.adapters.llm.chat import LiteLLMChat
 
 __all__ = ["NATIVE_PROVIDERS", "OpenAIWireChat", "Route", "resolve"]
 
-LITELLM_SIDE = "actors.adapters.litellm_wire"
+LITELLM_SIDE = "actors.adapters.llm.litellm_wire"
 log = logging.getLogger("chat_actors.openai_wire")
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_SSE_LINE = 4 * 1024 * 1024  # one `data:` line (a chunk with a large tool call fits)
@@ -156,7 +156,7 @@ def needs_litellm(models: Iterable[tuple[str, str | None, str | None, str]]) -> 
 
 
 def litellm_side() -> ModuleType:
-    """actors.adapters.litellm_wire: imported here, or waited for while another thread
+    """actors.adapters.llm.litellm_wire: imported here, or waited for while another thread
     imports it (the import lock)."""
     return importlib.import_module(LITELLM_SIDE)
 
@@ -181,7 +181,7 @@ def load_litellm() -> None:
 
 async def close_litellm_clients() -> None:
     """Close LiteLLM's HTTP clients, if it was loaded at all."""
-    module = sys.modules.get("actors.adapters.llm")
+    module = sys.modules.get("actors.adapters.llm.chat")
     if module is not None and not getattr(module.__spec__, "_initializing", False):
         await module.close_clients()
 

@@ -1,6 +1,6 @@
 """The document store: Chroma for vectors (embedded PersistentClient, or HttpClient when
 `rag.chroma_url` is set) and the keyword index and chunk texts in Postgres, which every
-worker shares (actors/adapters/keywords.py).
+worker shares (actors/adapters/rag/keywords.py).
 
 A collection is what its current generation in Postgres says it is. Vectors are
 addressed by their text (`vector_id`: chunk id and content hash), so an ingest writes
@@ -9,7 +9,7 @@ transaction, and only then drops the vectors no chunk uses: a search never sees 
 an ingest, and every hit it returns comes from one generation.
 
 Blocking: every method here runs in a worker thread. Embeddings are computed by
-us (actors/adapters/embeddings.py) and handed to Chroma, which embeds nothing.
+us (actors/adapters/rag/embeddings.py) and handed to Chroma, which embeds nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
-from actors.adapters.keywords import Chunk, KeywordIndex
 from actors.adapters.postgres import Postgres
+from actors.adapters.rag.keywords import Chunk, KeywordIndex
 from actors.errors import PermanentError, TransientError
 from config import Config, secret, stored_collection_name
 from messages.ports import Hit
@@ -120,7 +120,7 @@ class DocumentStore:
             self._own_pg.close()
         with self._opening:
             if self._chroma is not None and self.chroma_url:
-                from actors.adapters.chroma_http import close
+                from actors.adapters.rag.chroma_http import close
 
                 close(self._chroma)
                 self._chroma = None
@@ -135,7 +135,7 @@ class DocumentStore:
         with self._opening:
             if self._chroma is None:
                 if self.chroma_url:
-                    from actors.adapters.chroma_http import connect
+                    from actors.adapters.rag.chroma_http import connect
 
                     self._chroma = connect(self.chroma_url, self._timeout_s,
                                            secret(self._token_env))

@@ -21,8 +21,8 @@ from typing import Any, cast
 import redis
 import trio
 
-from actors.adapters.redis_events import translate
-from actors.adapters.redis_streams import (
+from actors.adapters.redis.events import translate
+from actors.adapters.redis.streams import (
     CONNECTION_FAULTS,
     RespConnection,
     stream_refusal,

@@ -17,7 +17,7 @@ import redis
 import redis.exceptions as redis_errors
 import trio
 
-from actors.adapters.redis_connect import RedisConnect
+from actors.adapters.redis.connect import RedisConnect
 from actors.errors import PermanentError, TransientError
 from config import JobKeys
 from config import Redis as RedisConfig

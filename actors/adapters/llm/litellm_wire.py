@@ -3,7 +3,7 @@ LiteLLM's map knows, mapping its parameters, classifying a vendor's error answer
 
 Importing this module imports LiteLLM (seconds of CPU). The worker does it in a
 thread at start (openai_wire.load_litellm) and waits for it before it is ready only
-when an alias needs it; a model actors.adapters.model_map answers never does.
+when an alias needs it; a model actors.adapters.llm.model_map answers never does.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import openai
 from litellm.litellm_core_utils.exception_mapping_utils import exception_type
 from litellm.utils import get_optional_params
 
-from actors.adapters.llm import LiteLLMChat, translate
-from actors.adapters.model_map import NATIVE_PROVIDERS, OPENAI_API_BASE, Route, proxied
+from actors.adapters.llm.chat import LiteLLMChat, translate
+from actors.adapters.llm.model_map import NATIVE_PROVIDERS, OPENAI_API_BASE, Route, proxied
 from actors.errors import PermanentError, TransientError
 
 __all__ = ["LiteLLMChat", "mapped_params", "route", "status_error", "warm_error_mapping"]
