@@ -23,15 +23,14 @@ import trio
 
 from actors.backoff import Backoff, retry_transient
 from actors.capabilities import alias_capabilities, check_capabilities
-from actors.claim import FINISH_GRACE_S
-from actors.conversation import run_conversation
 from actors.errors import PermanentError, TransientError
+from actors.job import run_conversation
 from actors.logs import job_context
 from actors.offsets import OffsetTracker
 from actors.polling import Poller
 from actors.ports import DeadLetters, RequestSource
 from actors.telemetry import traceparent_of
-from actors.worker import Worker
+from actors.worker import FINISH_GRACE_S, Worker
 from messages.mailboxes import Delivery, JobRef, JobRejected, Receipt
 from messages.wire import BadInput, ChatRequest, Done, Error
 

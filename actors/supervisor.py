@@ -40,13 +40,12 @@ from actors.adapters.postgres import Postgres, redact
 from actors.adapters.rag.documents import DocumentStore
 from actors.adapters.rag.embeddings import configured_embedder
 from actors.adapters.redis.events import RedisEvents
-from actors.budget import prune_ledger
-from actors.claim import FINISH_GRACE_S
 from actors.claims import CLAIM_MAILBOX, Claims, PendingClaim, run_claims
 from actors.control import ControlStats, run_control
 from actors.errors import ChatActorsError, TransientError
 from actors.health import Health, run_health
 from actors.intake import run_intake
+from actors.ledger import prune_ledger
 from actors.metrics import Metrics
 from actors.offsets import OffsetTracker
 from actors.pg_sink import run_pg_sink
@@ -55,7 +54,7 @@ from actors.redis_sink import run_redis_sink
 from actors.registry import JobRegistry
 from actors.retriever import Retriever, SearchOrder, run_retriever
 from actors.watchdog import StepWatch
-from actors.worker import Finishing, Worker
+from actors.worker import FINISH_GRACE_S, Finishing, Worker
 from config import Config, secret_problems
 from messages.mailboxes import EventEmitted, PgSinkMessage
 

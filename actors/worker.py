@@ -24,6 +24,10 @@ from config import Config
 from messages.mailboxes import EventEmitted, JobRef, PgSinkMessage, Receipt
 from messages.wire import EventBody
 
+# How long cleanup that must happen (records, `done`, lease release) may take
+# once the job itself is over or cancelled.
+FINISH_GRACE_S = 30.0
+
 
 class Finishing:
     """The shielded terminal writes of running jobs. While the worker runs, a job waits

@@ -255,7 +255,7 @@ def test_a_hostile_thinking_block_from_the_vendor_is_ignored(block):
 
 def test_only_whole_blocks_are_kept_in_the_vendors_order():
     from actors.adapters.llm.chat import _thinking_piece
-    from actors.provider import _ThinkingBlocks
+    from actors.job.provider import _ThinkingBlocks
 
     blocks = _ThinkingBlocks()
     for raw in ({"type": "thinking", "thinking": "Let me ", "index": 1},

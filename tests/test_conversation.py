@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import trio
 
-from actors.conversation import run_conversation
+from actors.job.conversation import run_conversation
 from actors.registry import JobRegistry
 from actors.worker import Worker
 from config import load_config

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from actors.adapters.llm.tokens import TokenCounter
 from actors.capabilities import alias_capabilities, check_capabilities
-from actors.prompt import IMAGE_REF, MISSING_IMAGE, build_messages, fill_images, stored_images
+from actors.job.prompt import IMAGE_REF, MISSING_IMAGE, build_messages, fill_images, stored_images
 from config import load_config
 from messages.images import URL_IMAGE_TOKENS, ImageProblem, check_image, image_size, image_tokens
 from messages.mailboxes import ImageRef, Turn

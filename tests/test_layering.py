@@ -17,9 +17,12 @@ LIBRARIES = ("confluent_kafka", "redis", "psycopg", "litellm", "chromadb", "open
 
 
 def test_the_domain_imports_no_adapter_and_no_io_library():
-    domain = sorted(f"actors.{p.stem}" for p in (ROOT / "actors").glob("*.py")
-                    if p.stem not in ("__init__", "supervisor"))
-    assert "actors.conversation" in domain and "actors.intake" in domain
+    actors = ROOT / "actors"
+    domain = sorted(".".join(("actors", *p.relative_to(actors).with_suffix("").parts))
+                    for p in actors.rglob("*.py")
+                    if p.relative_to(actors).parts[0] not in ("adapters", "gateway")
+                    and p.stem not in ("__init__", "supervisor"))
+    assert {"actors.job.conversation", "actors.job.provider", "actors.intake"} <= set(domain)
     probe = (f"import sys\nimport {', '.join(domain)}\n"
              f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,

@@ -22,7 +22,7 @@ from actors.adapters.llm.openai_wire import (
     resolve,
 )
 from actors.errors import PermanentError, TransientError
-from actors.provider import assemble_tool_calls
+from actors.job.provider import assemble_tool_calls
 from messages.mailboxes import ReasoningDelta, StreamFinished, TokenDelta, ToolCallDelta
 from tests.hostile import BROKEN_HTTP
 from tests.scripted_llm import Reply

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from actors.errors import PermanentError, ProviderExhausted, Stalled, TransientError
-from actors.outcome import cut_try_tokens, decide
+from actors.job.outcome import cut_try_tokens, decide
 
 NORMAL: dict[str, Any] = dict(cancel_requested=False, cancel_caught=False, timed_out=False,
                               timeout_s=60, finished=True, failure=None, text="an answer")

@@ -6,7 +6,7 @@ import pytest
 
 from actors.adapters.llm.tokens import TokenCounter
 from actors.errors import PermanentError
-from actors.prompt import build_messages
+from actors.job.prompt import build_messages
 from messages.mailboxes import CallMade, Turn
 
 count = TokenCounter("openai/gpt-4o-mini").count

@@ -15,7 +15,7 @@ from actors.errors import (
     Stalled,
     TransientError,
 )
-from actors.provider import Answer, continuation, stream_answer
+from actors.job.provider import Answer, continuation, stream_answer
 from config import Config, load_config
 from messages.mailboxes import StreamFinished, TokenDelta, ToolCallDelta
 from tests.fakes import FlatPricing

@@ -3,7 +3,7 @@
 On the real local stack: a worker SIGKILLed mid-answer, and one drained by SIGTERM past
 shutdown.grace_s, each followed by a second worker that continues the answer; each case
 where continuing is not safe starts over and says why. Then the pure decision
-(actors/takeover.py) against stream contents a worker, a failover or an attacker
+(actors/job/takeover.py) against stream contents a worker, a failover or an attacker
 could leave behind.
 """
 
@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from actors.adapters.llm.tokens import TiktokenCounting
-from actors.continuing import decide
-from actors.takeover import MAX_COUNT, attempts, earlier_usage, plan
+from actors.job.continuing import decide
+from actors.job.takeover import MAX_COUNT, attempts, earlier_usage, plan
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Restarts, Resumes
 from tests.helpers import (
@@ -345,7 +345,7 @@ async def test_a_mistral_alias_marks_the_carried_text_as_a_prefix(make_config, l
         None, {"attempt": 1, "chars": len(kept)}]
 
 
-# --- the one decision itself (actors/continuing.py) ---------------------------------------
+# --- the one decision itself (actors/job/continuing.py) ---------------------------------------
 
 
 @pytest.mark.parametrize(("text", "kwargs", "outcome", "reason"), [

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from actors.backoff import retry_transient
-from actors.errors import PermanentError, TransientError
-from actors.provider import worst_try_usd
+from actors.errors import PermanentError
+from actors.job.provider import worst_try_usd
 from actors.worker import Worker
 from config import Budgets
 from messages.mailboxes import JobRef
@@ -25,7 +23,6 @@ log = logging.getLogger("chat_actors.budget")
 
 # A PermanentError with one of these codes refuses the job before any model call.
 REFUSALS = ("budget_exceeded", "rate_limited")
-PRUNE_EVERY_S = 600.0
 _LIMIT_NAMES = {"usd": "USD budget per {period}", "requests": "requests per minute",
                 "tokens": "tokens per minute"}
 
@@ -78,19 +75,3 @@ async def reserve(worker: Worker, job: JobRef, alias_name: str,
         f"{refused.scope} is over its {what}: this job needs {refused.amount:g}, "
         f"{refused.taken:g} of {refused.limit:g} is used or reserved",
         code="budget_exceeded" if refused.kind == "usd" else "rate_limited")
-
-
-async def prune_ledger(worker: Worker, *,
-                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Delete ledger windows nothing counts in any more, every PRUNE_EVERY_S. Every
-    worker does it; the deletes are idempotent and cheap on the primary key."""
-    task_status.started()
-    while True:
-        try:
-            pruned = await worker.store.prune_ledger(period=worker.config.budgets.period)
-        except TransientError as exc:
-            log.warning("budget ledger not pruned (%s); trying again later", exc)
-        else:
-            if pruned:
-                log.info("budget ledger: %d old window(s) pruned", pruned)
-        await trio.sleep(PRUNE_EVERY_S)

@@ -16,7 +16,7 @@ import trio
 
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
-from actors.worker import Worker
+from actors.worker import FINISH_GRACE_S, Worker
 from messages.mailboxes import EventEmitted, JobRef, Receipt
 from messages.ports import (
     AlreadyTerminal,
@@ -30,10 +30,6 @@ from messages.ports import (
 from messages.wire import ChatRequest, Done, DoneStatus, RestartReason, Restarts, Started
 
 log = logging.getLogger("chat_actors.claim")
-
-# How long cleanup that must happen (records, `done`, lease release) may take
-# once the job itself is over or cancelled.
-FINISH_GRACE_S = 30.0
 
 
 async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,

@@ -13,11 +13,11 @@ import logging
 
 import trio
 
-from actors.answering import JobRun
 from actors.errors import TransientError
-from actors.outcome import Outcome, cut_try_tokens
-from actors.provider import Answer
-from actors.takeover import earlier_usage
+from actors.job.answering import JobRun
+from actors.job.outcome import Outcome, cut_try_tokens
+from actors.job.provider import Answer
+from actors.job.takeover import earlier_usage
 from actors.worker import Worker
 from messages.mailboxes import CallMade, JobFinished, JobRef, PgSinkMessage, Receipt
 from messages.ports import TokenCounts

@@ -8,7 +8,7 @@ then the alias's `fallbacks` are tried in order. A permanent failure (bad
 request, auth, context length) ends it at once.
 
 When a try breaks after the client was sent something, the one decision of
-actors/continuing.py says how the next goes on: it continues the same answer (the
+actors/job/continuing.py says how the next goes on: it continues the same answer (the
 text so far goes to the model as the start of the assistant turn, and only the
 new text is streamed on), or the answer starts over as a new attempt of the job
 (`started.restarts`, contract 3.3), never a prefill the alias cannot take. A vendor
@@ -34,7 +34,6 @@ import trio
 from actors.backoff import Backoff
 from actors.capabilities import capabilities_of
 from actors.channels import ready
-from actors.continuing import Midway, decide
 from actors.errors import (
     PermanentError,
     PrefillRefused,
@@ -42,6 +41,7 @@ from actors.errors import (
     Stalled,
     TransientError,
 )
+from actors.job.continuing import Midway, decide
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from actors.telemetry import error_type
@@ -96,7 +96,7 @@ class Answer:
     timed: list[TimedTry] = field(default_factory=list[TimedTry])
     # The finished try's reasoning, when the vendor signed it: {type, thinking, signature}.
     thinking_blocks: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
-    kept: int = 0  # leading parts an earlier attempt streamed (actors/takeover.py)
+    kept: int = 0  # leading parts an earlier attempt streamed (actors/job/takeover.py)
     # What the try streaming now is in the middle of: "tool_call" (a call has begun),
     # "reasoning" (thinking since its last answer text), or None.
     midway: Midway | None = None
@@ -507,7 +507,7 @@ class _Chain:
 
     async def goes_on(self, name: str) -> str:
         """The text the next try on `name` continues ("" for none), by the one decision
-        (actors/continuing.py). Nothing shown to the client yet: a plain retry. A
+        (actors/job/continuing.py). Nothing shown to the client yet: a plain retry. A
         restart makes the job's next attempt, which starts from nothing."""
         answer = self.answer
         midway, answer.midway = answer.midway, None

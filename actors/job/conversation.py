@@ -1,6 +1,6 @@
 """conversation: one job, from claim to settled, in its own cancel scope and deadline.
 
-claim (actors/claim.py) -> answer (answering.py) -> outcome (outcome.py) ->
+claim (actors/job/claim.py) -> answer (answering.py) -> outcome (outcome.py) ->
 terminal writes (finish.py). When this returns, the job's row and messages are
 in Postgres and its `done` is in Redis, so the intake may commit its offset
 (contract 6.1/6.2). Two scopes, one question each: the registry's cancel scope
@@ -18,16 +18,16 @@ from typing import assert_never
 import msgspec
 import trio
 
-from actors.answering import JobRun, answer
 from actors.backoff import retry_transient
-from actors.claim import claim_job, release_lease, resend_done
 from actors.errors import PermanentError, TransientError
-from actors.finish import count_usage, failed_record, finish, settle_failed, usage_of
+from actors.job.answering import JobRun, answer
+from actors.job.claim import claim_job, release_lease, resend_done
+from actors.job.finish import count_usage, failed_record, finish, settle_failed, usage_of
+from actors.job.outcome import decide
+from actors.job.provider import Answer, prefill_taken
+from actors.job.takeover import Plan, plan
 from actors.logs import job_context
-from actors.outcome import decide
-from actors.provider import Answer, prefill_taken
 from actors.registry import RunningJob
-from actors.takeover import Plan, plan
 from actors.telemetry import Timeline, error_type
 from actors.worker import Worker
 from messages.mailboxes import JobRef, JobRejected, Receipt, StreamFinished, Turn

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from actors.continuing import Midway, decide
-from actors.provider import MAX_COUNTED_TOKENS
+from actors.job.continuing import Midway, decide
+from actors.job.provider import MAX_COUNTED_TOKENS
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Final, RestartReason, Restarts, Resumes
 

@@ -17,20 +17,20 @@ from typing import Any
 import trio
 
 from actors.backoff import retry_transient
-from actors.budget import reserve
 from actors.capabilities import capabilities_of
-from actors.claim import check_fence, start_over
 from actors.errors import PermanentError, RequestRefused, TransientError
-from actors.prompt import (
+from actors.job.budget import reserve
+from actors.job.claim import check_fence, start_over
+from actors.job.prompt import (
     build_messages,
     count_tools,
     fill_images,
     sources_message,
     stored_images,
 )
-from actors.provider import Answer, stream_answer
+from actors.job.provider import Answer, stream_answer
+from actors.job.takeover import Plan
 from actors.retriever import Retrieved
-from actors.takeover import Plan
 from actors.telemetry import Timeline
 from actors.worker import Worker
 from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
@@ -207,7 +207,7 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     fill_images(messages, urls)
     if config.log.content:
         log.debug("prompt: %s", messages)
-    # A continuation (actors/takeover.py) sends the answer so far as the assistant turn's
+    # A continuation (actors/job/takeover.py) sends the answer so far as the assistant turn's
     # start: the prompt holds it, and the answer only has the rest of its budget left.
     carried = count(run.answer.carried) if run.answer.kept else 0
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,

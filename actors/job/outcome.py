@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.budget import REFUSALS
 from actors.errors import (
     PermanentError,
     ProviderExhausted,
@@ -18,6 +17,7 @@ from actors.errors import (
     Stalled,
     TransientError,
 )
+from actors.job.budget import REFUSALS
 from messages.wire import DoneStatus, Error
 
 
