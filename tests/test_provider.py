@@ -178,7 +178,7 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
                             messages=MESSAGES,
                             params={"max_tokens": 100}, count=lambda text: len(text.split()),
                             prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
-    assert len(chat.calls) == 1 and answer.cost_usd == pytest.approx(0.10)
+    assert len(chat.calls) == 1 and answer.spent.cost_usd == pytest.approx(0.10)
 
 
 @dataclass

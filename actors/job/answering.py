@@ -29,6 +29,7 @@ from actors.job.prompt import (
     stored_images,
 )
 from actors.job.provider import Answer, stream_answer
+from actors.job.spend import Spend
 from actors.job.takeover import Plan
 from actors.retriever import Retrieved
 from actors.telemetry import Timeline
@@ -73,7 +74,7 @@ class JobRun:
     status: str | None = None  # its done status, once decided
     plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
     # What the earlier attempts used (takeover's plan), once finish has counted it.
-    earlier: Answer = field(default_factory=Answer)
+    earlier: Spend = field(default_factory=Spend)
     counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 

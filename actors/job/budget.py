@@ -13,7 +13,7 @@ import logging
 
 from actors.backoff import retry_transient
 from actors.errors import PermanentError
-from actors.job.provider import worst_try_usd
+from actors.job.spend import worst_try_usd
 from actors.worker import Worker
 from config import Budgets
 from messages.mailboxes import JobRef

@@ -16,7 +16,7 @@ import trio
 from actors.errors import TransientError
 from actors.job.answering import JobRun
 from actors.job.outcome import Outcome, cut_try_tokens
-from actors.job.provider import Answer
+from actors.job.spend import Spend
 from actors.job.takeover import earlier_usage
 from actors.worker import Worker
 from messages.mailboxes import CallMade, JobFinished, JobRef, PgSinkMessage, Receipt
@@ -38,26 +38,27 @@ def count_usage(worker: Worker, request: ChatRequest, run: JobRun) -> None:
     count = worker.tokens.counter(first.model)
     cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
                          failure=run.failure, text=answer.new_text,
-                         billed_tokens=answer.completion_tokens, count=count)
+                         billed_tokens=answer.spent.used.completion, count=count)
     if cut is not None:
-        answer.bill(worker.pricing, spec, TokenCounts(
+        answer.spent = answer.spent.billed(worker.pricing, spec, TokenCounts(
             prompt=run.prompt_estimate + count(answer.carried), completion=cut))
     plan = run.plan
     if plan is None:
         return
+    earlier = run.earlier
     if plan.handed_usage is not None:
-        run.earlier.add(plan.handed_usage, plan.handed_cost)
+        earlier = earlier.plus(plan.handed_usage, plan.handed_cost)
     for used in earlier_usage(plan, run.prompt_estimate, count):
-        run.earlier.bill(worker.pricing, first, used)
+        earlier = earlier.billed(worker.pricing, first, used)
+    run.earlier = earlier
 
 
 def usage_of(run: JobRun) -> tuple[TokenCounts, float | None]:
     """The job's usage and cost so far: this attempt's tries and the earlier attempts'."""
-    answer = run.answer
-    total = Answer()
-    total.add(answer.usage(), answer.cost_usd if answer.tries else 0.0)
-    total.add(run.earlier.usage(), run.earlier.cost_usd)
-    return total.usage(), total.cost_usd
+    spent = run.answer.spent
+    total = Spend().plus(spent.used, spent.cost_usd if run.answer.tries else 0.0)
+    total = total.plus(run.earlier.used, run.earlier.cost_usd)
+    return total.used, total.cost_usd
 
 
 def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,

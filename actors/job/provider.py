@@ -42,6 +42,7 @@ from actors.errors import (
     TransientError,
 )
 from actors.job.continuing import Midway, decide
+from actors.job.spend import Spend, within, worst_try_usd
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from actors.telemetry import error_type
@@ -54,13 +55,12 @@ from messages.mailboxes import (
     TokenDelta,
     ToolCallDelta,
 )
-from messages.ports import Rates, TokenCounts
+from messages.ports import TokenCounts
 from messages.wire import RestartReason, ToolCall
 
 log = logging.getLogger("chat_actors.provider")
 
 PROVIDER_MAILBOX = 64
-MAX_COUNTED_TOKENS = 100_000_000  # one try's tokens, as a vendor may report them
 
 
 class TimedTry(NamedTuple):
@@ -78,12 +78,7 @@ class Answer:
     parts: list[str] = field(default_factory=list)
     finished: StreamFinished | None = None
     alias: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # parts of prompt_tokens and completion_tokens (contract 3)
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float | None = 0.0
+    spent: Spend = field(default_factory=Spend)  # every try's usage and cost
     first_token_at: float | None = None
     tries: int = 0
     retries: int = 0  # tries again on the same alias
@@ -128,57 +123,6 @@ class Answer:
         """The text this attempt's tries produced (not the earlier attempt's)."""
         return "".join(self.parts[self.kept:])
 
-    def bill_failed_try(self, pricing: Pricing, spec: ModelAlias, prompt_estimate: int,
-                        before: int, count: Callable[[str], int]) -> None:
-        """A try that failed is billed only if it streamed: a refused request costs nothing."""
-        if len(self.parts) > before:
-            self.bill(pricing, spec, TokenCounts(
-                prompt=prompt_estimate, completion=count("".join(self.parts[before:]))))
-
-    def bill(self, pricing: Pricing, spec: ModelAlias, used: TokenCounts) -> None:
-        """Add one try's usage, and its cost with each part at its own rate."""
-        cost = pricing.cost_usd(spec.model, used, rates(spec))
-        if cost is None and spec.api_base:
-            cost = 0.0  # a model we serve ourselves and LiteLLM does not price: free
-        self.add(used, cost)
-
-    def add(self, used: TokenCounts, cost: float | None) -> None:
-        """Add usage priced already (None: at an unknown price)."""
-        self.prompt_tokens += used.prompt
-        self.completion_tokens += used.completion
-        self.cached_tokens += used.cached
-        self.cache_write_tokens += used.cache_write
-        self.reasoning_tokens += used.reasoning
-        self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
-
-    def usage(self) -> TokenCounts:
-        return TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens,
-                           cached=self.cached_tokens, cache_write=self.cache_write_tokens,
-                           reasoning=self.reasoning_tokens)
-
-
-def _within(tokens: int) -> int:
-    """A vendor's count as a row can hold it (a negative or absurd count is the vendor's
-    bug; it must not stop the terminal write)."""
-    return min(max(tokens, 0), MAX_COUNTED_TOKENS)
-
-
-def rates(spec: ModelAlias) -> Rates:
-    """The alias's own prices (config), each None where LiteLLM's map decides."""
-    return Rates(input=spec.input_cost_per_token, output=spec.output_cost_per_token,
-                 cache_read=spec.cache_read_cost_per_token,
-                 cache_write=spec.cache_write_cost_per_token)
-
-
-def worst_try_usd(pricing: Pricing, spec: ModelAlias, prompt_tokens: int,
-                  answer_tokens: int) -> float:
-    """The most one try on `spec` can cost (0 for a model without a price): the prompt
-    at the dearer of the input and cache-write prices (a vendor may cache all of it)."""
-    prices = rates(spec)
-    return max(pricing.cost_usd(spec.model, TokenCounts(prompt=prompt_tokens,
-                                                        completion=answer_tokens,
-                                                        cache_write=written), prices) or 0.0
-               for written in (0, prompt_tokens))
 
 
 def prefill_taken(config: Config, pricing: Pricing, alias: str,
@@ -464,14 +408,14 @@ class _Chain:
     def covered(self, spec: ModelAlias) -> bool:
         """May another try run within the job's budget reservation?"""
         answer = self.answer
-        if not answer.tries or answer.spend_cap is None or answer.cost_usd is None:
+        if not answer.tries or answer.spend_cap is None or answer.spent.cost_usd is None:
             return True
         # The answer may run to what the request asks (the first alias's limit)
         # even on a fallback whose own limit is lower: take the larger.
         answer_tokens = max(spec.max_tokens, self.params.get("max_tokens", 0))
         worst = worst_try_usd(self.pricing, spec,
                               self.prompt_estimate + self.count(answer.text), answer_tokens)
-        return answer.cost_usd + worst <= answer.spend_cap * (1 + 1e-9)
+        return answer.spent.cost_usd + worst <= answer.spend_cap * (1 + 1e-9)
 
     async def attempt(self, name: str, spec: ModelAlias) -> StreamFinished:
         """One try on `spec`, billed whether it finishes or fails."""
@@ -493,7 +437,10 @@ class _Chain:
             failed = None
         except (PermanentError, TransientError) as exc:
             failed = error_type(exc)
-            answer.bill_failed_try(self.pricing, spec, self.prompt_estimate, before, self.count)
+            if len(answer.parts) > before:  # a refused request costs nothing
+                answer.spent = answer.spent.billed(self.pricing, spec, TokenCounts(
+                    prompt=self.prompt_estimate,
+                    completion=self.count("".join(answer.parts[before:]))))
             if isinstance(exc, PrefillRefused):
                 self.refuse(name, spec)
                 raise
@@ -502,7 +449,8 @@ class _Chain:
             raise
         finally:
             answer.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
-        answer.bill(self.pricing, spec, self.used(finished, "".join(answer.parts[before:])))
+        answer.spent = answer.spent.billed(self.pricing, spec,
+                                           self.used(finished, "".join(answer.parts[before:])))
         return finished
 
     async def goes_on(self, name: str) -> str:
@@ -542,9 +490,9 @@ class _Chain:
     def used(self, finished: StreamFinished, new_text: str) -> TokenCounts:
         """What the finished try used: the vendor's counts, or our estimate of those it
         did not report. Its parts are kept within their wholes, whatever it sent."""
-        prompt = _within(finished.prompt_tokens or (
+        prompt = within(finished.prompt_tokens or (
             self.prompt_estimate + self.count(self.answer.text) - self.count(new_text)))
-        completion = _within(finished.completion_tokens if finished.completion_tokens is not None
+        completion = within(finished.completion_tokens if finished.completion_tokens is not None
                              else self.count(new_text))
         cached = min(max(finished.cached_tokens, 0), prompt)
         return TokenCounts(prompt=prompt, completion=completion, cached=cached,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from actors.job.continuing import Midway, decide
-from actors.job.provider import MAX_COUNTED_TOKENS
+from actors.job.spend import within
 from messages.ports import Handed, Streamed, TokenCounts
 from messages.wire import Final, RestartReason, Restarts, Resumes
 
@@ -201,8 +201,8 @@ def _settles(attempt: int, seen: Earlier, final: Final) -> Plan:
     row): the answer is complete, and its `final` counts every attempt before it."""
     shown = seen.text if seen.text is not None and final.text.startswith(seen.text) else ""
     usage = final.usage
-    prompt, completion = _count(usage.prompt_tokens), _count(usage.completion_tokens)
-    cached = min(_count(usage.cached_tokens), prompt)
+    prompt, completion = within(usage.prompt_tokens), within(usage.completion_tokens)
+    cached = min(within(usage.cached_tokens), prompt)
     # Counts a row holds, whatever the stream said.
     final = msgspec.structs.replace(final, **{
         name: min(max(getattr(final, name), 0), MAX_COUNT)
@@ -211,14 +211,9 @@ def _settles(attempt: int, seen: Earlier, final: Final) -> Plan:
                 resumes=Resumes(attempt=attempt, chars=len(shown)), complete=final,
                 handed_usage=TokenCounts(
                     prompt=prompt, completion=completion, cached=cached,
-                    cache_write=min(_count(usage.cache_write_tokens), prompt - cached),
-                    reasoning=min(_count(usage.reasoning_tokens), completion)),
+                    cache_write=min(within(usage.cache_write_tokens), prompt - cached),
+                    reasoning=min(within(usage.reasoning_tokens), completion)),
                 handed_cost=None if final.cost_usd is None else max(final.cost_usd, 0.0))
-
-
-def _count(tokens: int) -> int:
-    """A count read back from the stream, as a row can hold it."""
-    return min(max(tokens, 0), MAX_COUNTED_TOKENS)
 
 
 def _restart(follows: int, reason: RestartReason,
