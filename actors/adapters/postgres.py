@@ -12,13 +12,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any, LiteralString, TypeVar, cast
+from typing import Any, LiteralString, TypedDict, TypeVar, cast
 
 import msgspec
 import psycopg
-import psycopg.types.json
 import trio
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from actors.errors import PermanentError, TransientError
 from config import Postgres as PostgresConfig
@@ -193,6 +193,188 @@ def _release(cur: psycopg.Cursor[Any], holds: list[list[Any]], record: JobFinish
         cur.execute("UPDATE llm_budget_ledger SET reserved = GREATEST(reserved - %s, 0), "
                     "used = used + %s WHERE scope = %s AND kind = %s AND window_start = %s",
                     (amount, used, scope, kind, window))
+
+
+# -- the pg sink's batches: every row by column name, none by position ------------------
+
+class _MessageRow(TypedDict):
+    """One llm_messages row."""
+
+    job_id: str
+    session_id: str
+    user_id: str
+    role: str
+    content: str
+    tokens: int | None
+    partial: bool
+    tool_calls: Jsonb | None
+    tool_call_id: str | None
+    thinking_blocks: Jsonb | None
+    attachments: Jsonb | None
+
+
+class _AttachmentRow(TypedDict):
+    """One llm_attachments row: an image's bytes, stored once per user and hash."""
+
+    user_id: str
+    sha256: str
+    media_type: str
+    data: bytes
+
+
+_END_JOBS: LiteralString = """
+UPDATE llm_jobs SET status = %(status)s, model = %(model)s, provider = %(provider)s,
+    prompt_tokens = %(prompt_tokens)s, completion_tokens = %(completion_tokens)s,
+    cost_usd = %(cost_usd)s, ttft_ms = %(ttft_ms)s, latency_ms = %(latency_ms)s,
+    error = %(error)s, partial = %(partial)s, retrieval_ms = %(retrieval_ms)s,
+    retrieval_hits = %(retrieval_hits)s, retries = %(retries)s, fallbacks = %(fallbacks)s,
+    cached_tokens = %(cached_tokens)s, cache_write_tokens = %(cache_write_tokens)s,
+    reasoning_tokens = %(reasoning_tokens)s,
+    budget_holds = NULL, finished_at = now(), lease_until = NULL, handed = NULL
+WHERE job_id = %(job_id)s AND lease_owner = %(lease_owner)s AND attempt = %(attempt)s
+RETURNING job_id
+"""
+
+_STORE_ATTACHMENTS: LiteralString = """
+INSERT INTO llm_attachments (user_id, sha256, media_type, data)
+VALUES (%(user_id)s, %(sha256)s, %(media_type)s, %(data)s)
+ON CONFLICT (user_id, sha256) DO NOTHING
+"""
+
+_STORE_MESSAGES: LiteralString = """
+INSERT INTO llm_messages (job_id, session_id, user_id, role, content, tokens, partial,
+                          tool_calls, tool_call_id, thinking_blocks, attachments)
+VALUES (%(job_id)s, %(session_id)s, %(user_id)s, %(role)s, %(content)s, %(tokens)s,
+        %(partial)s, %(tool_calls)s, %(tool_call_id)s, %(thinking_blocks)s, %(attachments)s)
+ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING
+"""
+
+# A job id is never taken from its owner: a rejection lands only as a new row (attempt 1,
+# which a valid request may later claim over), over the same user's rejection
+# (redelivered), or, for a failed claim, over the same user's job that no live lease holds.
+_REJECT_JOBS: LiteralString = """
+INSERT INTO llm_jobs AS j (job_id, user_id, session_id, status, error, attempt, finished_at)
+VALUES (%(job_id)s, %(user_id)s, %(session_id)s, %(status)s, %(error)s, 1, now())
+ON CONFLICT (job_id) DO UPDATE SET status = EXCLUDED.status, error = EXCLUDED.error,
+    finished_at = now(), lease_owner = NULL, lease_until = NULL, budget_holds = NULL
+WHERE j.user_id = EXCLUDED.user_id AND (
+    (EXCLUDED.status = 'rejected' AND j.status = 'rejected') OR
+    (EXCLUDED.status = 'failed' AND j.status IN ('queued', 'running')
+     AND (j.lease_until IS NULL OR j.lease_until < now())))
+RETURNING job_id
+"""
+
+
+def _json(value: Any) -> Jsonb | None:
+    """A JSON column's value: NULL for an empty list."""
+    return Jsonb(value) if value else None
+
+
+def _message(r: JobFinished, role: str, content: str, *, tokens: int | None = None,
+             partial: bool = False, tool_calls: Jsonb | None = None,
+             tool_call_id: str | None = None, thinking_blocks: Jsonb | None = None,
+             attachments: Jsonb | None = None) -> _MessageRow:
+    return _MessageRow(job_id=r.job_id, session_id=r.session_id, user_id=r.user_id,
+                       role=role, content=content, tokens=tokens, partial=partial,
+                       tool_calls=tool_calls, tool_call_id=tool_call_id,
+                       thinking_blocks=thinking_blocks, attachments=attachments)
+
+
+def _exchange(r: JobFinished) -> list[_MessageRow]:
+    """The job's turns in history order: the tool results it answered, the user's
+    message (none when the job only answered tool calls), then the answer with any
+    calls it made."""
+    turns = [_message(r, "tool", content, tool_call_id=call_id)
+             for call_id, content in r.tool_results]
+    if r.user_message:
+        turns.append(_message(r, "user", r.user_message, tokens=r.user_tokens,
+                              attachments=_json([msgspec.to_builtins(i.ref) for i in r.images])))
+    if r.answer or r.tool_calls:
+        turns.append(_message(r, "assistant", r.answer, tokens=r.completion_tokens,
+                              partial=r.partial,
+                              tool_calls=_json(msgspec.to_builtins(r.tool_calls)),
+                              thinking_blocks=_json(r.thinking_blocks)))
+    return turns
+
+
+def _attachments(r: JobFinished) -> dict[tuple[str, str], _AttachmentRow]:
+    """The bytes of the user message's new images, by user and content hash."""
+    if not r.user_message:  # no user message, no images of it
+        return {}
+    return {(r.user_id, i.ref.sha256): _AttachmentRow(user_id=r.user_id, sha256=i.ref.sha256,
+                                                       media_type=i.ref.media_type, data=i.data)
+            for i in r.images if i.data}
+
+
+def _settle_holds(cur: psycopg.Cursor[Any], finished: Sequence[JobFinished],
+                  lease_holder: str) -> None:
+    """Settle the jobs' reservations in the transaction of their terminal rows (the lease
+    and attempt check it once): this attempt's to what it really used; an earlier
+    attempt's, when this one ended before reserving (cancelled, refused, timed out),
+    given back unused."""
+    by_id = {r.job_id: r for r in finished}
+    for job_id, attempt, holds in cur.execute(
+            "SELECT job_id, attempt, budget_holds FROM llm_jobs "
+            "WHERE job_id = ANY(%s) AND lease_owner = %s "
+            "AND budget_holds IS NOT NULL ORDER BY job_id FOR UPDATE",
+            (list(by_id), lease_holder)).fetchall():
+        record = by_id[job_id]
+        if attempt == record.attempt:
+            _release(cur, holds, record if record.reserved else None)
+
+
+def _end_jobs(cur: psycopg.Cursor[Any], finished: Sequence[JobFinished],
+              lease_holder: str) -> set[str]:
+    """Write the terminal rows still under this holder's lease of the same attempt;
+    return the ids that landed."""
+    # The statement takes the record's own fields by name, and the holder that fences it.
+    cur.executemany(_END_JOBS, [msgspec.structs.asdict(r) | {"lease_owner": lease_holder}
+                                for r in finished], returning=True)
+    return _returned_ids(cur)
+
+
+def _store_exchanges(cur: psycopg.Cursor[Any], finished: Iterable[JobFinished]) -> None:
+    """Write the jobs' turns to the history, and the bytes of their images."""
+    messages: list[_MessageRow] = []
+    images: dict[tuple[str, str], _AttachmentRow] = {}
+    for r in finished:
+        messages += _exchange(r)
+        images |= _attachments(r)
+    # The bytes once per user and content hash, in hash order (no deadlock between two
+    # batches storing the same images).
+    cur.executemany(_STORE_ATTACHMENTS, [images[key] for key in sorted(images)])
+    cur.executemany(_STORE_MESSAGES, messages)
+
+
+def _reject_jobs(cur: psycopg.Cursor[Any], rejected: Sequence[JobRejected]) -> set[str]:
+    """Write the rows of jobs that never ran (see _REJECT_JOBS); return the ids that
+    landed. A failed claim's job gives back what it had reserved."""
+    for _, holds in cur.execute(
+            "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
+            "AND budget_holds IS NOT NULL AND status IN ('queued', 'running') "
+            "AND (lease_until IS NULL OR lease_until < now()) "
+            "ORDER BY job_id FOR UPDATE", ([r.job_id for r in rejected],)).fetchall():
+        _release(cur, holds, None)
+    # The statement takes the record's own fields by name.
+    cur.executemany(_REJECT_JOBS, [msgspec.structs.asdict(r) for r in rejected],
+                    returning=True)
+    return _returned_ids(cur)
+
+
+def _write_batch(conn: psycopg.Connection[Any], records: Sequence[JobFinished | JobRejected],
+                 lease_holder: str) -> set[str]:
+    """Postgres.write_records in one transaction; return the ids that did not land."""
+    finished = [r for r in records if isinstance(r, JobFinished)]
+    rejected = [r for r in records if isinstance(r, JobRejected)]
+    landed: set[str] = set()
+    with conn.transaction(), conn.cursor() as cur:
+        if finished:
+            _settle_holds(cur, finished, lease_holder)
+            landed |= _end_jobs(cur, finished, lease_holder)
+            _store_exchanges(cur, [r for r in finished if r.messages and r.job_id in landed])
+        if rejected:
+            landed |= _reject_jobs(cur, rejected)
+    return {r.job_id for r in records} - landed
 
 
 def apply_migrations(conn: psycopg.Connection[Any]) -> list[str]:
@@ -402,7 +584,7 @@ class Postgres:
                     taken = [_take(cur, hold, period)
                              for hold in sorted(holds, key=lambda h: (h.scope, h.kind))]
                     cur.execute("UPDATE llm_jobs SET budget_holds = %s WHERE job_id = %s",
-                                (psycopg.types.json.Jsonb(taken), job_id))
+                                (Jsonb(taken), job_id))
             except _OverLimit as over:  # the transaction rolled back: nothing is held
                 return over.refused
             return None
@@ -524,7 +706,7 @@ class Postgres:
                 "WHERE job_id = %s AND lease_owner = %s AND status = 'running'",
                 (job_id, lease_holder)))
             return
-        stored = psycopg.types.json.Jsonb(msgspec.to_builtins(handed))
+        stored = Jsonb(msgspec.to_builtins(handed))
         await self.run(lambda conn: conn.execute(
             "UPDATE llm_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
             "handed = %s WHERE job_id = %s AND lease_owner = %s AND status = 'running' "
@@ -537,111 +719,4 @@ class Postgres:
         Each terminal row lands only under this holder's lease of the same attempt
         (contract 6.11); the ids of those that did not are returned, and their messages
         and budget settlement are not written either."""
-        finished = [r for r in records if isinstance(r, JobFinished)]
-        rejected = [r for r in records if isinstance(r, JobRejected)]
-
-        def write(conn: psycopg.Connection[Any]) -> set[str]:
-            landed: set[str] = set()
-            with conn.transaction(), conn.cursor() as cur:
-                if finished:
-                    # Settle reservations in the same transaction as the terminal row
-                    # (the lease and attempt check it once): this attempt's to what it
-                    # really used; an earlier attempt's, when this one ended before
-                    # reserving (cancelled, refused, timed out), given back unused.
-                    by_id = {r.job_id: r for r in finished}
-                    for job_id, attempt, holds in cur.execute(
-                            "SELECT job_id, attempt, budget_holds FROM llm_jobs "
-                            "WHERE job_id = ANY(%s) AND lease_owner = %s "
-                            "AND budget_holds IS NOT NULL ORDER BY job_id FOR UPDATE",
-                            (list(by_id), lease_holder)).fetchall():
-                        record = by_id[job_id]
-                        if attempt == record.attempt:
-                            _release(cur, holds, record if record.reserved else None)
-                    cur.executemany(
-                        """
-                        UPDATE llm_jobs SET status = %s, model = %s, provider = %s,
-                            prompt_tokens = %s, completion_tokens = %s, cost_usd = %s,
-                            ttft_ms = %s, latency_ms = %s, error = %s, partial = %s,
-                            retrieval_ms = %s, retrieval_hits = %s, retries = %s, fallbacks = %s,
-                            cached_tokens = %s, cache_write_tokens = %s, reasoning_tokens = %s,
-                            budget_holds = NULL, finished_at = now(), lease_until = NULL,
-                            handed = NULL
-                        WHERE job_id = %s AND lease_owner = %s AND attempt = %s
-                        RETURNING job_id
-                        """,
-                        [(r.status, r.model, r.provider, r.prompt_tokens, r.completion_tokens,
-                          r.cost_usd, r.ttft_ms, r.latency_ms, r.error, r.partial,
-                          r.retrieval_ms, r.retrieval_hits, r.retries, r.fallbacks,
-                          r.cached_tokens, r.cache_write_tokens, r.reasoning_tokens,
-                          r.job_id, lease_holder, r.attempt)
-                         for r in finished], returning=True)
-                    landed |= _returned_ids(cur)
-                    # In history order: the tool results this job answered, the user's
-                    # message (none when it only answered calls), then the answer with
-                    # any calls it made.
-                    messages: list[tuple[Any, ...]] = []
-                    images: dict[tuple[str, str], tuple[str, str, str, bytes]] = {}
-                    for r in finished:
-                        if not r.messages or r.job_id not in landed:
-                            continue
-                        ids = (r.job_id, r.session_id, r.user_id)
-                        messages += [(*ids, "tool", content, None, False, None, call_id, None,
-                                      None) for call_id, content in r.tool_results]
-                        if r.user_message:  # none when the job only answered tool calls
-                            refs = psycopg.types.json.Jsonb(
-                                [msgspec.to_builtins(i.ref) for i in r.images]) \
-                                if r.images else None
-                            messages.append((*ids, "user", r.user_message, r.user_tokens, False,
-                                             None, None, None, refs))
-                            images |= {(r.user_id, i.ref.sha256): (
-                                r.user_id, i.ref.sha256, i.ref.media_type, i.data)
-                                for i in r.images if i.data}
-                        if r.answer or r.tool_calls:
-                            calls = psycopg.types.json.Jsonb(msgspec.to_builtins(r.tool_calls)) \
-                                if r.tool_calls else None
-                            thinking = psycopg.types.json.Jsonb(r.thinking_blocks) \
-                                if r.thinking_blocks else None
-                            messages.append((*ids, "assistant", r.answer, r.completion_tokens,
-                                             r.partial, calls, None, thinking, None))
-                    # The bytes once per user and content hash, in hash order (no deadlock
-                    # between two batches storing the same images).
-                    cur.executemany(
-                        "INSERT INTO llm_attachments (user_id, sha256, media_type, data) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, sha256) DO NOTHING",
-                        [images[key] for key in sorted(images)])
-                    cur.executemany(
-                        "INSERT INTO llm_messages (job_id, session_id, user_id, role, content, "
-                        "tokens, partial, tool_calls, tool_call_id, thinking_blocks, attachments) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (job_id, role, (coalesce(tool_call_id, ''))) DO NOTHING",
-                        messages)
-                if rejected:
-                    # A job id is never taken from its owner: a rejection lands only as a
-                    # new row (attempt 1, which a valid request may later claim over),
-                    # over the same user's rejection (redelivered), or, for a failed
-                    # claim, over the same user's job that no live lease holds (what
-                    # that job had reserved is given back).
-                    ids = [r.job_id for r in rejected]
-                    for _, holds in cur.execute(
-                            "SELECT job_id, budget_holds FROM llm_jobs WHERE job_id = ANY(%s) "
-                            "AND budget_holds IS NOT NULL AND status IN ('queued', 'running') "
-                            "AND (lease_until IS NULL OR lease_until < now()) "
-                            "ORDER BY job_id FOR UPDATE", (ids,)).fetchall():
-                        _release(cur, holds, None)
-                    cur.executemany(
-                        "INSERT INTO llm_jobs AS j (job_id, user_id, session_id, status, error, "
-                        "attempt, finished_at) VALUES (%s, %s, %s, %s, %s, 1, now()) "
-                        "ON CONFLICT (job_id) DO UPDATE SET status = EXCLUDED.status, "
-                        "error = EXCLUDED.error, finished_at = now(), lease_owner = NULL, "
-                        "lease_until = NULL, budget_holds = NULL "
-                        "WHERE j.user_id = EXCLUDED.user_id AND ("
-                        "(EXCLUDED.status = 'rejected' AND j.status = 'rejected') OR "
-                        "(EXCLUDED.status = 'failed' AND j.status IN ('queued', 'running') "
-                        "AND (j.lease_until IS NULL OR j.lease_until < now()))) "
-                        "RETURNING job_id",
-                        [(r.job_id, r.user_id, r.session_id, r.status, r.error)
-                         for r in rejected], returning=True)
-                    landed |= _returned_ids(cur)
-            return {r.job_id for r in records} - landed
-
-        return await self.run(write)
+        return await self.run(lambda conn: _write_batch(conn, records, lease_holder))
