@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, assert_never
@@ -46,7 +46,7 @@ from actors.job.spend import Spend, within, worst_try_usd
 from actors.metrics import Metrics
 from actors.ports import ChatModel, Pricing
 from actors.telemetry import error_type
-from config import Config, Limits, ModelAlias
+from config import Config, Jobs, Limits, ModelAlias
 from messages.mailboxes import (
     ProviderChunk,
     ReasoningDelta,
@@ -290,102 +290,141 @@ async def _off_the_clock(stall: trio.CancelScope, sending: Awaitable[None]) -> N
         stall.deadline = trio.current_time() + left
 
 
+@dataclass
+class _Try:
+    """One try's stream as it is read: what its stall watch, its outcome and the answer
+    learn from the vendor's chunks."""
+
+    spec: ModelAlias
+    jobs: Jobs
+    answer: Answer
+    listeners: Listeners
+    calls: _CallPieces
+    blocks: _ThinkingBlocks = field(default_factory=_ThinkingBlocks)
+    failure: TransientError | PermanentError | None = None
+    finished: StreamFinished | None = None
+    got_output: bool = False  # answer, reasoning or a tool call: each shows the model is alive
+    runaway: PermanentError | None = None  # the vendor's tool calls passed the limits
+
+    async def pump(self, chat: ChatModel, messages: list[dict[str, str]], params: dict[str, Any],
+                   out: trio.MemorySendChannel[ProviderChunk],
+                   resend: Callable[[str], Awaitable[bool]]) -> None:
+        spec = self.spec
+        try:
+            await chat.stream(model=spec.model, api_base=spec.api_base,
+                              api_key_env=spec.api_key_env, messages=messages,
+                              params=params_for(spec, params), out=out,
+                              stream_path=spec.stream_path, resend=resend)
+        except (TransientError, PermanentError) as exc:
+            self.failure = exc
+        except trio.BrokenResourceError:
+            pass  # the reader stopped this try (a stall) and hangs up on it next
+
+    async def read(self, receive: trio.MemoryReceiveChannel[ProviderChunk],
+                   stall: trio.CancelScope, vendor: trio.CancelScope) -> None:
+        """Every chunk until the stream ends, a stall, or runaway tool calls (`vendor` is
+        cancelled: hung up on)."""
+        async with receive:
+            async for first in receive:
+                # Text that queued up while we were busy becomes one event per run.
+                deltas, called = self.sort(ready(receive, first, PROVIDER_MAILBOX + 1))
+                if self.runaway is not None:
+                    vendor.cancel()  # hang up on the runaway vendor
+                    break
+                if deltas or called:
+                    self.got_output = True
+                    stall.deadline = trio.current_time() + self.jobs.idle_timeout_s
+                for is_reasoning, text in _runs(deltas):
+                    await self.deliver(stall, is_reasoning, text)
+
+    def sort(self, chunks: Iterable[ProviderChunk]) -> tuple[list[TokenDelta | ReasoningDelta],
+                                                            bool]:
+        """The text of a batch of chunks, and whether a tool call came in it; the rest is
+        kept: call pieces, signed thinking, the stream's end."""
+        deltas: list[TokenDelta | ReasoningDelta] = []
+        called = False
+        for chunk in chunks:
+            match chunk:
+                case TokenDelta() | ReasoningDelta():
+                    deltas.append(chunk)
+                case ToolCallDelta():
+                    self.answer.midway = "tool_call"
+                    self.runaway = self.runaway or self.calls.add(chunk)
+                    called = True
+                case ThinkingPiece():
+                    self.blocks.add(chunk)
+                case StreamFinished():
+                    self.finished = chunk
+                case _:
+                    assert_never(chunk)
+        return deltas, called
+
+    async def deliver(self, stall: trio.CancelScope, is_reasoning: bool, text: str) -> None:
+        """One run of answer or reasoning text to the client, and into the answer."""
+        answer, listeners = self.answer, self.listeners
+        if "\x00" in text:  # dropped here, so tokens, final and row agree
+            answer.nul_removed += text.count("\x00")
+            text = text.replace("\x00", "")
+            if not text:
+                return
+        if answer.midway != "tool_call":
+            answer.midway = "reasoning" if is_reasoning else None
+        if is_reasoning:
+            answer.reasoned = True
+            if listeners.on_reasoning is not None:
+                await _off_the_clock(stall, listeners.on_reasoning(text))
+            return
+        if answer.held:
+            text = answer.past_held(text)
+            if not text:
+                return
+        if answer.first_token_at is None:
+            answer.first_token_at = trio.current_time()
+        # Kept only once sent: the job's deadline or a cancel that cuts the send short
+        # (the sink's mailbox full) must not leave the answer holding text the client
+        # never got (a takeover continues from it).
+        await _off_the_clock(stall, listeners.on_token(text))
+        answer.parts.append(text)
+
+    def stalled(self) -> Stalled:
+        jobs = self.jobs
+        return (Stalled("idle_timeout", jobs.idle_timeout_s) if self.got_output
+                else Stalled("first_token_timeout", jobs.first_token_timeout_s))
+
+    async def ended(self) -> StreamFinished:
+        """The try's end: its failure raised, or its tool calls and thinking kept."""
+        if self.runaway is not None:
+            raise self.runaway
+        if self.failure is not None:
+            raise self.failure
+        if self.finished is None:
+            raise TransientError("the model stream ended without finishing", kind="protocol")
+        answer = self.answer
+        answer.midway = None
+        answer.tool_calls = assemble_tool_calls(self.calls.pieces, self.spec.model)
+        answer.thinking_blocks = self.blocks.whole()
+        if self.listeners.on_tool_call is not None:
+            for call in answer.tool_calls:
+                await self.listeners.on_tool_call(call)
+        return self.finished
+
+
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
                    params: dict[str, Any], config: Config, answer: Answer,
                    listeners: Listeners,
                    resend: Callable[[str], Awaitable[bool]]) -> StreamFinished:
     send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
-    failure: TransientError | PermanentError | None = None
-    finished: StreamFinished | None = None
-    got_output = False  # answer, reasoning or a tool call: each shows the model is alive
-    runaway: PermanentError | None = None  # the vendor's tool calls passed the limits
-    calls = _CallPieces(config.limits, spec.model)
-    blocks = _ThinkingBlocks()
-
-    async def pump() -> None:
-        nonlocal failure
-        try:
-            await chat.stream(model=spec.model, api_base=spec.api_base,
-                              api_key_env=spec.api_key_env, messages=messages,
-                              params=params_for(spec, params), out=send,
-                              stream_path=spec.stream_path,
-                              resend=resend)
-        except (TransientError, PermanentError) as exc:
-            failure = exc
-        except trio.BrokenResourceError:
-            pass  # the reader stopped this try (a stall) and hangs up on it next
-
     jobs = config.jobs
+    one = _Try(spec=spec, jobs=jobs, answer=answer, listeners=listeners,
+               calls=_CallPieces(config.limits, spec.model))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
+        nursery.start_soon(one.pump, chat, messages, params, send, resend)
         with trio.CancelScope(deadline=trio.current_time() + jobs.first_token_timeout_s) as stall:
-            async with receive:
-                async for first in receive:
-                    # Text that queued up while we were busy becomes one event per run.
-                    deltas: list[TokenDelta | ReasoningDelta] = []
-                    called = False
-                    for chunk in ready(receive, first, PROVIDER_MAILBOX + 1):
-                        match chunk:
-                            case TokenDelta() | ReasoningDelta():
-                                deltas.append(chunk)
-                            case ToolCallDelta():
-                                answer.midway = "tool_call"
-                                runaway = runaway or calls.add(chunk)
-                                called = True
-                            case ThinkingPiece():
-                                blocks.add(chunk)
-                            case StreamFinished():
-                                finished = chunk
-                            case _:
-                                assert_never(chunk)
-                    if runaway is not None:
-                        nursery.cancel_scope.cancel()  # hang up on the runaway vendor
-                        break
-                    if deltas or called:
-                        got_output = True
-                        stall.deadline = trio.current_time() + jobs.idle_timeout_s
-                    for is_reasoning, text in _runs(deltas):
-                        if "\x00" in text:  # dropped here, so tokens, final and row agree
-                            answer.nul_removed += text.count("\x00")
-                            text = text.replace("\x00", "")
-                            if not text:
-                                continue
-                        if answer.midway != "tool_call":
-                            answer.midway = "reasoning" if is_reasoning else None
-                        if is_reasoning:
-                            answer.reasoned = True
-                            if listeners.on_reasoning is not None:
-                                await _off_the_clock(stall, listeners.on_reasoning(text))
-                            continue
-                        if answer.held:
-                            text = answer.past_held(text)
-                            if not text:
-                                continue
-                        if answer.first_token_at is None:
-                            answer.first_token_at = trio.current_time()
-                        # Kept only once sent: the job's deadline or a cancel that cuts
-                        # the send short (the sink's mailbox full) must not leave the
-                        # answer holding text the client never got (a takeover
-                        # continues from it).
-                        await _off_the_clock(stall, listeners.on_token(text))
-                        answer.parts.append(text)
+            await one.read(receive, stall, nursery.cancel_scope)
         if stall.cancelled_caught:
             nursery.cancel_scope.cancel()  # hang up on the stalled vendor
-            failure = (Stalled("idle_timeout", jobs.idle_timeout_s) if got_output
-                       else Stalled("first_token_timeout", jobs.first_token_timeout_s))
-    if runaway is not None:
-        raise runaway
-    if failure is not None:
-        raise failure
-    if finished is None:
-        raise TransientError("the model stream ended without finishing", kind="protocol")
-    answer.midway = None
-    answer.tool_calls = assemble_tool_calls(calls.pieces, spec.model)
-    answer.thinking_blocks = blocks.whole()
-    if listeners.on_tool_call is not None:
-        for call in answer.tool_calls:
-            await listeners.on_tool_call(call)
-    return finished
+            one.failure = one.stalled()
+    return await one.ended()
 
 
 @dataclass
