@@ -1,7 +1,8 @@
 """One small fake per port of our own (actors/ports.py), for unit tests of actor logic.
 
 Only our ports are faked here; Kafka, Redis, Postgres and the vendor are real in
-the integration tests.
+the integration tests. The block at the end holds each fake to its port: the type
+checker fails there when a port changes and its fake does not.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 import trio
 
@@ -18,6 +20,7 @@ from actors.errors import TransientError
 from messages.ports import (
     Capabilities,
     Claimed,
+    ClaimOrder,
     ClaimResult,
     Handed,
     Hit,
@@ -25,14 +28,26 @@ from messages.ports import (
     Rates,
     Refused,
     Streamed,
+    StreamEntry,
     TokenCounts,
 )
+
+if TYPE_CHECKING:
+    from actors.ports import (
+        DocumentIndex,
+        Embedder,
+        EventWriter,
+        JobStore,
+        Pricing,
+        TokenCounting,
+    )
 
 
 @dataclass
 class FakeStore:
-    """The JobStore port: every claim is a fresh attempt 1, every lease renews unless
-    taken over (`taken`) or Postgres is `down`."""
+    """The JobStore port: every claim is a fresh attempt 1 (`claim_many` makes each
+    order's `claim`, in order), every lease renews unless taken over (`taken`) or
+    Postgres is `down`."""
 
     released: list[str] = field(default_factory=list[str])
     renewals: list[tuple[list[str], float]] = field(default_factory=list[tuple[list[str], float]])
@@ -41,6 +56,12 @@ class FakeStore:
 
     async def claim(self, **_: object) -> ClaimResult:
         return Claimed(1)
+
+    async def claim_many(self, orders: Sequence[ClaimOrder], *, lease_holder: str,
+                         lease_s: float, history_limit: int = 0) -> list[ClaimResult]:
+        return [await self.claim(**msgspec.structs.asdict(order), lease_holder=lease_holder,
+                                 lease_s=lease_s, history_limit=history_limit)
+                for order in orders]
 
     async def renew_leases(self, *, job_ids: Sequence[str], lease_holder: str,
                            lease_s: float) -> set[str]:
@@ -68,7 +89,11 @@ class FakeStore:
 
 
 class NoEvents:
-    """The read side of the EventWriter port for a job that never ran before."""
+    """The EventWriter port for jobs that never ran before: no stream holds anything of
+    them, no attempt is fenced, and what is written lands and is forgotten."""
+
+    async def write(self, entries: Sequence[StreamEntry]) -> set[tuple[str, int]]:
+        return set()  # no later attempt holds a job: nothing is turned away
 
     async def done_recorded(self, job_id: str) -> bool:
         return False
@@ -160,7 +185,7 @@ class FakeDocuments:
             raise TransientError(f"{collection} is away")
         stored = self.embeddings(collection, [f"{collection}/{n}" for n in
                                               range(len(self.collections[collection]))])
-        out = []
+        out: list[list[Hit]] = []
         for vector in vectors:
             scores = sorted(((float(v @ vector), int(i.rsplit("/", 1)[1]))
                              for i, v in stored.items()), reverse=True)
@@ -179,3 +204,12 @@ class FakeDocuments:
         texts = {i: self.collections[collection][int(i.rsplit("/", 1)[1])] for i in vector_ids}
         vectors = FakeEmbedder().embed(list(texts.values()))
         return dict(zip(texts, vectors, strict=True))
+
+
+if TYPE_CHECKING:  # basedpyright fails here when a fake no longer fits its port
+    _store: JobStore = FakeStore()
+    _events: EventWriter = NoEvents()
+    _pricing: Pricing = FlatPricing()
+    _tokens: TokenCounting = WordCounting()
+    _embedder: Embedder = FakeEmbedder()
+    _documents: DocumentIndex = FakeDocuments(collections={})
