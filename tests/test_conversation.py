@@ -14,9 +14,9 @@ from actors.job.conversation import run_conversation
 from actors.registry import JobRegistry
 from actors.worker import Worker
 from config import load_config
-from messages.mailboxes import EventEmitted, JobRejected, StreamFinished, TokenDelta
+from messages.mailboxes import EventEmitted, JobRejected
 from messages.wire import ChatRequest
-from tests.fakes import FakeStore, FlatPricing, NoEvents, WordCounting
+from tests.fakes import FakeStore, FlatPricing, NoEvents, Reply, ScriptedChat, WordCounting
 
 CONFIG = load_config(environ={
     "CHAT_ACTORS__JOBS__TIMEOUT_S": "60",
@@ -27,27 +27,10 @@ CONFIG = load_config(environ={
 })
 
 
-@dataclass
-class ScriptedChat:
-    """Yields tokens at the given virtual times (seconds after the call)."""
-
-    schedule: Sequence[tuple[float, str]]
-    calls: int = 0
-    cancelled: bool = False
-
-    async def stream(self, *, out, **kwargs):
-        self.calls += 1
-        start = trio.current_time()
-        with out:
-            try:
-                for at, text in self.schedule:
-                    await trio.sleep_until(start + at)
-                    await out.send(TokenDelta(text=text))
-                await out.send(StreamFinished(finish_reason="stop", prompt_tokens=3,
-                                              completion_tokens=len(self.schedule), model="m"))
-            except trio.Cancelled:
-                self.cancelled = True
-                raise
+def scripted(schedule: Sequence[tuple[float, str]]) -> ScriptedChat:
+    """A model answering one call with tokens at the given virtual times (seconds after
+    the call)."""
+    return ScriptedChat([Reply(tokens=schedule, usage=(3, len(schedule)))])
 
 
 async def run(chat: ScriptedChat, *, registry: JobRegistry | None = None,
@@ -107,7 +90,7 @@ def kinds(bodies):
 
 
 async def test_a_job_completes_in_order(autojump_clock):
-    chat = ScriptedChat([(1, "a"), (2, "b")])
+    chat = scripted([(1, "a"), (2, "b")])
     bodies, record, _ = await run(chat)
     assert kinds(bodies) == ["started", "token", "token", "final", "done"]
     assert record.status == "completed" and record.answer == "ab" and record.ttft_ms == 1000
@@ -120,14 +103,14 @@ async def test_the_final_or_error_is_in_redis_before_the_row_is_terminal(script,
     holds: the `final` (or the timeout's `error`) must be there by then, or the resent
     `done` would take its seq and Redis would skip it."""
     order: list[str] = []
-    await run(ScriptedChat(script), redis_slow_s=3, order=order)
+    await run(scripted(script), redis_slow_s=3, order=order)
     ending = "final" if len(script) == 1 else "error"
     assert order.index(f"{ending} written") < order.index("row")
 
 
 async def test_total_timeout_keeps_the_partial_answer(autojump_clock):
     # Tokens every 4 s (under the 5 s idle limit) but 20 of them: the 60 s job limit hits.
-    chat = ScriptedChat([(4 * i + 1, f"{i} ") for i in range(20)])
+    chat = scripted([(4 * i + 1, f"{i} ") for i in range(20)])
     store = FakeStore()
     bodies, record, elapsed = await run(chat, store=store)
     assert elapsed == pytest.approx(60, abs=0.1)
@@ -140,16 +123,16 @@ async def test_total_timeout_keeps_the_partial_answer(autojump_clock):
 
 
 async def test_request_timeout_can_only_shorten_the_job(autojump_clock):
-    chat = ScriptedChat([(4 * i + 1, "x") for i in range(20)])
+    chat = scripted([(4 * i + 1, "x") for i in range(20)])
     _, record, elapsed = await run(chat, timeout_s=9)
     assert elapsed == pytest.approx(9, abs=0.1) and record.status == "timeout"
-    _, record, elapsed = await run(ScriptedChat([(4 * i + 1, "x") for i in range(20)]),
+    _, record, elapsed = await run(scripted([(4 * i + 1, "x") for i in range(20)]),
                                    timeout_s=600)
     assert elapsed == pytest.approx(60, abs=0.1)
 
 
 async def test_no_first_token_in_time_is_a_first_token_timeout(autojump_clock):
-    chat = ScriptedChat([(30, "late")])
+    chat = scripted([(30, "late")])
     bodies, record, elapsed = await run(chat)
     assert elapsed == pytest.approx(10, abs=0.1)
     assert bodies[-2].code == "first_token_timeout"
@@ -158,7 +141,7 @@ async def test_no_first_token_in_time_is_a_first_token_timeout(autojump_clock):
 
 
 async def test_silence_after_tokens_is_an_idle_timeout(autojump_clock):
-    chat = ScriptedChat([(1, "a"), (2, "b"), (20, "c")])
+    chat = scripted([(1, "a"), (2, "b"), (20, "c")])
     bodies, record, elapsed = await run(chat)
     assert elapsed == pytest.approx(2 + 5, abs=0.1)
     assert bodies[-2].code == "idle_timeout"
@@ -167,7 +150,7 @@ async def test_silence_after_tokens_is_an_idle_timeout(autojump_clock):
 
 
 async def test_an_owner_cancel_mid_stream_ends_the_job_as_cancelled(autojump_clock):
-    chat = ScriptedChat([(i + 1, f"{i} ") for i in range(30)])
+    chat = scripted([(i + 1, f"{i} ") for i in range(30)])
 
     async def cancel_at_3_5s(registry):
         await trio.sleep(3.5)
@@ -184,10 +167,10 @@ async def test_an_owner_cancel_mid_stream_ends_the_job_as_cancelled(autojump_clo
 async def test_a_tombstone_cancels_the_job_before_the_model_is_called(autojump_clock):
     registry = JobRegistry(tombstone_ttl_s=60)
     registry.cancel("j1", "alice", "early")
-    chat = ScriptedChat([(1, "a")])
+    chat = scripted([(1, "a")])
     bodies, record, _ = await run(chat, registry=registry)
     assert record.status == "cancelled" and record.answer == ""
-    assert chat.calls == 0
+    assert chat.calls == []
     assert kinds(bodies) == ["started", "done"] and bodies[-1].status == "cancelled"
 
 
@@ -195,9 +178,9 @@ async def test_tombstones_expire(autojump_clock):
     registry = JobRegistry(tombstone_ttl_s=60)
     registry.cancel("j1", "alice", "early")
     await trio.sleep(61)
-    chat = ScriptedChat([(1, "a")])
+    chat = scripted([(1, "a")])
     bodies, _, _ = await run(chat, registry=registry)
-    assert chat.calls == 1 and bodies[-1].status == "completed"
+    assert len(chat.calls) == 1 and bodies[-1].status == "completed"
 
 
 class SlowRetriever:
@@ -216,7 +199,7 @@ class SlowRetriever:
 
 
 async def test_a_cancel_during_retrieval_ends_the_job_before_any_model_call(autojump_clock):
-    chat = ScriptedChat([(1, "a")])
+    chat = scripted([(1, "a")])
     retriever = SlowRetriever()
 
     async def cancel_at_2s(registry):
@@ -225,7 +208,7 @@ async def test_a_cancel_during_retrieval_ends_the_job_before_any_model_call(auto
 
     bodies, record, elapsed = await run(chat, during=cancel_at_2s, retriever=retriever,
                                         mode="rag")
-    assert retriever.cancelled and chat.calls == 0
+    assert retriever.cancelled and chat.calls == []
     assert elapsed == pytest.approx(2, abs=0.1)
     assert kinds(bodies) == ["started", "done"] and bodies[-1].status == "cancelled"
     assert record.status == "cancelled"
@@ -233,19 +216,10 @@ async def test_a_cancel_during_retrieval_ends_the_job_before_any_model_call(auto
 
 async def test_retrieval_counts_against_the_job_deadline(autojump_clock):
     retriever = SlowRetriever()
-    bodies, record, elapsed = await run(ScriptedChat([(1, "a")]), retriever=retriever,
+    bodies, record, elapsed = await run(scripted([(1, "a")]), retriever=retriever,
                                         mode="rag", timeout_s=5)
     assert retriever.cancelled and elapsed == pytest.approx(5, abs=0.1)
     assert bodies[-1].status == "timeout" and record.status == "timeout"
-
-
-class BrokenChat:
-    """A vendor library that fails in a way no adapter classified (a bug, a ValueError)."""
-
-    async def stream(self, *, out, **kwargs):
-        with out:
-            await out.send(TokenDelta(text="half "))
-            raise ValueError("Content-Length: 10, 10")
 
 
 class BrokenRetriever:
@@ -255,7 +229,9 @@ class BrokenRetriever:
 
 @pytest.mark.parametrize("broken", ["chat", "retriever"])
 async def test_an_unexpected_exception_fails_only_its_job_as_internal(autojump_clock, broken):
-    chat = BrokenChat() if broken == "chat" else ScriptedChat([(1, "a")])
+    # A vendor library that fails in a way no adapter classified (a bug, a ValueError).
+    chat = (ScriptedChat([Reply(tokens=("half ",), error=ValueError("Content-Length: 10, 10"))])
+            if broken == "chat" else scripted([(1, "a")]))
     bodies, record, _ = await run(chat, retriever=BrokenRetriever(),
                                   mode="rag" if broken == "retriever" else "gen")
     assert kinds(bodies)[-2:] == ["error", "done"]
@@ -272,9 +248,9 @@ class ClaimBug(FakeStore):
 
 async def test_a_claim_that_fails_unexpectedly_settles_its_job_as_failed(autojump_clock):
     # Left unsettled, the request would be redelivered and fail the same way forever.
-    chat = ScriptedChat([(1, "a")])
+    chat = scripted([(1, "a")])
     bodies, record, _ = await run(chat, store=ClaimBug())  # returns: the offset may settle
-    assert chat.calls == 0
+    assert chat.calls == []
     assert kinds(bodies) == ["error", "done"] and bodies[0].code == "internal"
     assert "a bug in the claim" not in bodies[0].message  # the detail goes to the log only
     assert bodies[-1].status == "failed"
@@ -296,7 +272,7 @@ class PricingBrokenAfterClaim(FlatPricing):
 
 async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_clock):
     store = FakeStore()
-    bodies, record, _ = await run(ScriptedChat([(1, "a"), (2, "b")]), store=store,
+    bodies, record, _ = await run(scripted([(1, "a"), (2, "b")]), store=store,
                                   pricing=PricingBrokenAfterClaim())
     assert kinds(bodies) == ["started", "token", "token", "error", "done"]
     assert bodies[-2].code == "internal" and bodies[-1].status == "failed"
@@ -309,7 +285,7 @@ async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_c
 
 async def test_an_attempt_superseded_at_its_terminal_write_sends_no_done(autojump_clock):
     # Its lease ran out while it ran (a frozen worker): the later attempt ends the job.
-    bodies, record, _ = await run(ScriptedChat([(1, "a")]), superseded=True)
+    bodies, record, _ = await run(scripted([(1, "a")]), superseded=True)
     assert record.status == "completed" and record.attempt == 1
     assert "done" not in kinds(bodies) and "error" not in kinds(bodies)
 
@@ -318,7 +294,7 @@ async def test_an_attempt_that_loses_its_lease_stops_at_once(autojump_clock):
     # A later attempt took the job (this one's lease ran out while Postgres or this
     # worker was frozen): the renewal finds out, and the job stops calling the model
     # instead of answering to the end and sending a second `done`.
-    chat = ScriptedChat([(t, "x ") for t in range(1, 50)])
+    chat = scripted([(t, "x ") for t in range(1, 50)])
     bodies, record, elapsed = await run(chat, store=FakeStore(taken={"j1"}), superseded=True)
     assert chat.cancelled and elapsed == pytest.approx(CONFIG.jobs.lease_s / 3, abs=0.5)
     assert record.attempt == 1 and "done" not in kinds(bodies)
@@ -327,8 +303,8 @@ async def test_an_attempt_that_loses_its_lease_stops_at_once(autojump_clock):
 async def test_a_job_whose_postgres_is_away_keeps_its_answer_until_it_lands(autojump_clock):
     # It used to give up after 30 s (FINISH_GRACE_S) and hand the job back, so the
     # redelivery paid the model again; a running worker now waits for the fenced write.
-    chat = ScriptedChat([(1, "a")])
+    chat = scripted([(1, "a")])
     bodies, record, elapsed = await run(chat, postgres_away_s=120)
-    assert elapsed == pytest.approx(121, abs=1) and chat.calls == 1
+    assert elapsed == pytest.approx(121, abs=1) and len(chat.calls) == 1
     assert kinds(bodies)[-2:] == ["final", "done"] and bodies[-1].status == "completed"
     assert record.status == "completed"

@@ -17,31 +17,8 @@ from actors.polling import POLL_TIMEOUT_S
 from actors.registry import JobRegistry
 from actors.worker import Worker
 from config import load_config
-from messages.mailboxes import Delivery
 from messages.wire import ChatRequest
-from tests.fakes import FakeStore, FlatPricing, NoEvents, WordCounting
-
-
-class OneBatch:
-    """A RequestSource that delivers `values` once, then nothing."""
-
-    def __init__(self, values: list[bytes]) -> None:
-        self.batch = [Delivery(topic="t", partition=0, offset=i, key=None, value=v)
-                      for i, v in enumerate(values)]
-        self.commits: list[dict] = []
-
-    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        await trio.sleep(timeout_s)
-        batch, self.batch = self.batch[:max_records], self.batch[max_records:]
-        return batch
-
-    async def commit(self, offsets, *, wait: bool = True) -> None:
-        self.commits.append(dict(offsets))
-
-    async def pause(self) -> None: ...
-    async def resume(self) -> None: ...
-    async def seek(self, deliveries) -> None: ...
-    async def close(self) -> None: ...
+from tests.fakes import FakeStore, FlatPricing, NoEvents, ScriptedRequests, WordCounting
 
 
 def _worker(max_in_flight: int = 64, **jobs: object) -> Worker:
@@ -93,7 +70,7 @@ async def test_a_job_that_raises_an_unexpected_error_does_not_stop_the_intake(au
 
     values = [json.dumps({"jobId": j, "userId": "u", "sessionId": j, "message": "m"}).encode()
               for j in ("buggy", "fine")]
-    source, tracker, stop = OneBatch(values), OffsetTracker(), trio.Event()
+    source, tracker, stop = ScriptedRequests(values), OffsetTracker(), trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_intake, source, None, worker, tracker,
                                     stop=stop, run_job=job))
@@ -105,30 +82,6 @@ async def test_a_job_that_raises_an_unexpected_error_does_not_stop_the_intake(au
     assert tracker.unsettled() == 0 and source.commits[-1] == {("t", 0): 2}
     rendered = worker.metrics.render().decode()
     assert 'chat_actors_internal_errors_total{where="intake"} 1.0' in rendered
-
-
-class PausingBatch(OneBatch):
-    """OneBatch that delivers nothing while paused, and hands back what it is told to seek."""
-
-    def __init__(self, values: list[bytes]) -> None:
-        super().__init__(values)
-        self.paused = False
-        self.most_tracked = 0
-
-    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        if self.paused:
-            await trio.sleep(timeout_s)
-            return []
-        return await super().poll(max_records, timeout_s)
-
-    async def pause(self) -> None:
-        self.paused = True
-
-    async def resume(self) -> None:
-        self.paused = False
-
-    async def seek(self, deliveries) -> None:
-        self.batch = [*deliveries, *self.batch]
 
 
 async def test_a_stuck_head_bounds_the_offsets_the_intake_tracks(autojump_clock):
@@ -146,26 +99,27 @@ async def test_a_stuck_head_bounds_the_offsets_the_intake_tracks(autojump_clock)
 
     values = [json.dumps({"jobId": f"j{i}", "userId": "u", "sessionId": f"s{i}",
                           "message": "m"}).encode() for i in range(40)]
-    source, tracker, stop = PausingBatch(values), OffsetTracker(limit=10), trio.Event()
+    source, tracker, stop = ScriptedRequests(values), OffsetTracker(limit=10), trio.Event()
+    most_tracked = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_intake, source, None, worker, tracker,
                                     stop=stop, run_job=job))
         for _ in range(100):  # the intake polls every poll_timeout: 100 rounds
             await trio.sleep(POLL_TIMEOUT_S)
-            source.most_tracked = max(source.most_tracked, tracker.unsettled())
+            most_tracked = max(most_tracked, tracker.unsettled())
         assert len(ran) == 9 and source.paused  # j1..j9 settled, waiting behind j0
-        assert source.most_tracked == 10 and not source.commits
+        assert most_tracked == 10 and not source.commits
         head_may_settle.set()
         while len(ran) < 40:
             await trio.sleep(POLL_TIMEOUT_S)
-            source.most_tracked = max(source.most_tracked, tracker.unsettled())
+            most_tracked = max(most_tracked, tracker.unsettled())
         stop.set()
-    assert source.most_tracked == 10
+    assert most_tracked == 10
     assert tracker.unsettled() == 0 and source.commits[-1] == {("t", 0): 40}
 
 
 @contextlib.asynccontextmanager
-async def intake_with_sinks(worker: Worker, source: OneBatch, tracker: OffsetTracker,
+async def intake_with_sinks(worker: Worker, source: ScriptedRequests, tracker: OffsetTracker,
                             job) -> AsyncIterator[Sinks]:
     """The intake running `job` for what `source` delivers, with both sinks faked; on
     exit it is stopped, and given 30 s (of the mock clock) to drain."""
@@ -177,25 +131,6 @@ async def intake_with_sinks(worker: Worker, source: OneBatch, tracker: OffsetTra
         yield sinks
         stop.set()
         nursery.cancel_scope.deadline = trio.current_time() + 30
-
-
-class Timed(PausingBatch):
-    """PausingBatch whose values arrive at given times (Trio's clock)."""
-
-    def __init__(self, timed: list[tuple[float, bytes]]) -> None:
-        super().__init__([v for _, v in timed])
-        self.arrives = [at for at, _ in timed]
-
-    async def poll(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        now = trio.current_time()
-        ready = sum(1 for d in self.batch if self.arrives[d.offset] <= now)
-        return await super().poll(min(max_records, max(ready, 0)) or 1, timeout_s) \
-            if ready else await _idle(timeout_s)
-
-
-async def _idle(timeout_s: float) -> list[Delivery]:
-    await trio.sleep(timeout_s)
-    return []
 
 
 def _request(job_id: str, session: str) -> bytes:
@@ -216,7 +151,7 @@ async def test_requests_waiting_behind_their_session_hold_no_in_flight_slot(auto
             await release.wait()
 
     values = [_request(f"a{i}", "A") for i in range(6)] + [_request("b0", "B")]
-    async with intake_with_sinks(worker, PausingBatch(values), OffsetTracker(), job):
+    async with intake_with_sinks(worker, ScriptedRequests(values), OffsetTracker(), job):
         await trio.sleep(10)
         assert sorted(started) == ["a0", "b0"]  # a1..a5 wait; b0 ran beside a0
         release.set()
@@ -239,8 +174,8 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
             await trio.sleep(40)
         ended[request.job_id] = trio.current_time()
 
-    source = Timed([(0, _request("a0", "A")), (0, _request("a1", "A")),
-                    (20, _request("a2", "A")), (20, _request("a3", "A"))])
+    source = ScriptedRequests([(0, _request("a0", "A")), (0, _request("a1", "A")),
+                              (20, _request("a2", "A")), (20, _request("a3", "A"))])
     tracker = OffsetTracker()
     async with intake_with_sinks(worker, source, tracker, job) as sinks:
         await trio.sleep(100)
@@ -259,25 +194,18 @@ async def test_a_full_session_queue_and_a_long_wait_are_refused_as_session_busy(
     assert 'chat_actors_rejections_total{reason="session_busy"} 2.0' in rendered
 
 
-class FailingFirstCommit(OneBatch):
-    async def commit(self, offsets, *, wait: bool = True) -> None:
-        if not getattr(self, "failed", False):
-            self.failed = True
-            raise TransientError("kafka: Commit failed: Broker: Unknown member")
-        await super().commit(offsets, wait=wait)
-
-
 async def test_a_failed_commit_is_made_again_though_no_more_messages_come(autojump_clock):
     worker = _worker()
 
     async def job(request: ChatRequest, _: Worker, _parent: str | None) -> None:
         pass
 
-    source, tracker, stop = FailingFirstCommit([_request("only", "s")]), OffsetTracker(), \
-        trio.Event()
+    failure = TransientError("kafka: Commit failed: Broker: Unknown member")
+    source = ScriptedRequests([_request("only", "s")], commit_errors=[failure])
+    tracker, stop = OffsetTracker(), trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_intake, source, None, worker, tracker,
                                     stop=stop, run_job=job))
         await trio.sleep(5)
-        assert source.failed and source.commits == [{("t", 0): 1}]
+        assert source.commit_errors == [] and source.commits == [{("t", 0): 1}]
         stop.set()

@@ -1,8 +1,7 @@
-"""Retries, fallbacks and continuation, with a fake ChatModel port and virtual time."""
+"""Retries, fallbacks and continuation, with the scripted ChatModel port and virtual time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -17,8 +16,7 @@ from actors.errors import (
 )
 from actors.job.provider import Answer, continuation, stream_answer
 from config import Config, load_config
-from messages.mailboxes import StreamFinished, TokenDelta, ToolCallDelta
-from tests.fakes import FlatPricing
+from tests.fakes import FlatPricing, Reply, ScriptedChat
 
 CONFIG = load_config(environ={
     "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
@@ -31,42 +29,7 @@ CONFIG = load_config(environ={
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@dataclass
-class Try:
-    tokens: tuple[str, ...] = ()
-    error: Exception | None = None  # raised after the tokens
-    hang: bool = False  # send the tokens, then go silent
-    late: bool = False  # go silent past the stall, then deliver a token (not cancellable)
-    calls: int = 0  # tool calls to make, one delta each, after the tokens
-
-
-@dataclass
-class FakeChat:
-    script: list[Try]
-    calls: list[tuple[str, list[dict[str, str]], float]] = field(default_factory=list)
-
-    async def stream(self, *, model, messages, out, **kwargs):
-        self.calls.append((model, messages, trio.current_time()))
-        step = self.script.pop(0)
-        with out:
-            for text in step.tokens:
-                await out.send(TokenDelta(text=text))
-            for index in range(step.calls):
-                await out.send(ToolCallDelta(index=index, id=f"c{index}", name="f",
-                                             arguments="{}"))
-            if step.hang:
-                await trio.sleep_forever()
-            if step.late:  # like a read in a thread: the hang-up reaches it only afterwards
-                with trio.CancelScope(shield=True):
-                    await trio.sleep(CONFIG.jobs.first_token_timeout_s + 1)
-                out.send_nowait(TokenDelta(text="late"))
-            if step.error is not None:
-                raise step.error
-            await out.send(StreamFinished(finish_reason="stop", prompt_tokens=None,
-                                          completion_tokens=None, model=model))
-
-
-async def run(chat: FakeChat, mailbox_full_s: float = 0.0, config: Config = CONFIG,
+async def run(chat: ScriptedChat, mailbox_full_s: float = 0.0, config: Config = CONFIG,
               **listeners: Any) -> tuple[Answer, list[str], list[tuple[str, str, str]]]:
     """Stream an answer from `chat`; the job's event mailbox takes no event for
     `mailbox_full_s` when the first one comes (Redis slow)."""
@@ -90,57 +53,62 @@ async def run(chat: FakeChat, mailbox_full_s: float = 0.0, config: Config = CONF
 
 
 async def test_a_429_is_retried_after_its_retry_after(autojump_clock):
-    chat = FakeChat([Try(error=TransientError("429", retry_after=7)), Try(tokens=("ok",))])
+    chat = ScriptedChat([Reply(error=TransientError("429", retry_after=7)),
+                         Reply(tokens=("ok",))])
     answer, streamed, switches = await run(chat)
     assert answer.text == "ok" and streamed == ["ok"] and answer.alias == "local"
-    assert chat.calls[1][2] - chat.calls[0][2] >= 7
+    assert chat.calls[1].at - chat.calls[0].at >= 7
     assert switches == [("local", "local", "429")]
 
 
 async def test_after_the_retries_the_fallback_answers(autojump_clock):
-    chat = FakeChat([Try(error=TransientError("500"))] * 3 + [Try(tokens=("from", " backup"))])
+    chat = ScriptedChat([Reply(error=TransientError("500"))] * 3
+                        + [Reply(tokens=("from", " backup"))])
     answer, _, switches = await run(chat)
-    assert [model for model, _, _ in chat.calls] == ["openai/smollm2"] * 3 + ["openai/backup-model"]
+    assert [call.model for call in chat.calls] == ["openai/smollm2"] * 3 + ["openai/backup-model"]
     assert switches[-1] == ("local", "backup", "500")
     assert answer.alias == "backup" and answer.text == "from backup"
     assert answer.finished is not None and answer.tries == 4
 
 
 async def test_a_broken_stream_is_continued_not_restarted(autojump_clock):
-    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
-                     Try(tokens=(" is", " blue."))])
+    chat = ScriptedChat([Reply(tokens=("The", " sky"),
+                               error=TransientError("connection reset")),
+                         Reply(tokens=(" is", " blue."))])
     answer, streamed, _ = await run(chat)
     assert "".join(streamed) == "The sky is blue."  # the client saw one consistent text
     assert answer.text == "The sky is blue."
-    assert chat.calls[1][1] == MESSAGES + [{"role": "assistant", "content": "The sky"}]
+    assert chat.calls[1].messages == MESSAGES + [{"role": "assistant", "content": "The sky"}]
 
 
 async def test_a_stall_is_retried(autojump_clock):
-    chat = FakeChat([Try(tokens=("a",), hang=True), Try(tokens=("b",))])
+    chat = ScriptedChat([Reply(tokens=("a",), hang=True), Reply(tokens=("b",))])
     answer, _, switches = await run(chat)
     assert answer.text == "ab"
     assert "idle_timeout" in switches[0][2]
-    assert chat.calls[1][2] - chat.calls[0][2] >= 5
+    assert chat.calls[1].at - chat.calls[0].at >= 5
 
 
 async def test_a_token_that_arrives_after_the_job_gave_up_on_a_stall_is_not_a_crash(
         autojump_clock):
     """Seen on a worker woken from SIGSTOP: every deadline had passed, so the stall
     fired while the vendor's next token was already on its way to the mailbox."""
-    chat = FakeChat([Try(late=True), Try(tokens=("b",))])
+    chat = ScriptedChat([Reply(late_s=CONFIG.jobs.first_token_timeout_s + 1),
+                         Reply(tokens=("b",))])
     answer, _, switches = await run(chat)
     assert answer.text == "b" and "first_token_timeout" in switches[0][2]
 
 
 async def test_permanent_errors_fail_fast(autojump_clock):
-    chat = FakeChat([Try(error=PermanentError("401 bad key", code="auth")), Try(tokens=("x",))])
+    chat = ScriptedChat([Reply(error=PermanentError("401 bad key", code="auth")),
+                         Reply(tokens=("x",))])
     with pytest.raises(PermanentError, match="bad key"):
         await run(chat)
     assert len(chat.calls) == 1
 
 
 async def test_when_everything_fails_the_last_failure_is_reported(autojump_clock):
-    chat = FakeChat([Try(hang=True)] * 6)
+    chat = ScriptedChat([Reply(hang=True)] * 6)
     with pytest.raises(ProviderExhausted) as info:
         await run(chat)
     assert isinstance(info.value.last, Stalled) and info.value.last.code == "first_token_timeout"
@@ -165,9 +133,9 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
         "CHAT_ACTORS__LLM__MODELS__BACKUP__MAX_TOKENS": "5",
         **{f"CHAT_ACTORS__LLM__MODELS__{alias}__{key}": value
            for alias in ("LOCAL", "BACKUP") for key, value in priced.items()}})
-    chat = FakeChat([Try(tokens=tuple(f"t{i} " for i in range(10)),
-                         error=TransientError("connection reset")),
-                     Try(tokens=("never",))])
+    chat = ScriptedChat([Reply(tokens=tuple(f"t{i} " for i in range(10)),
+                             error=TransientError("connection reset")),
+                         Reply(tokens=("never",))])
     answer = Answer(spend_cap=1.0)
 
     async def ignore(*args):
@@ -181,28 +149,17 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
     assert len(chat.calls) == 1 and answer.spent.cost_usd == pytest.approx(0.10)
 
 
-@dataclass
-class ResendingChat:
+def resending() -> ScriptedChat:
     """A transport whose kept-alive connection was lost before any answer: it asks to
     send the request again, and does so only if told yes."""
-
-    answers: list[bool] = field(default_factory=list)
-
-    async def stream(self, *, model, out, resend, **kwargs):
-        with out:
-            allowed = await resend("kept-alive connection lost; sent again")
-            self.answers.append(allowed)
-            if not allowed:
-                raise TransientError("connection lost")
-            await out.send(TokenDelta(text="ok"))
-            await out.send(StreamFinished(finish_reason="stop", prompt_tokens=None,
-                                          completion_tokens=None, model=model))
+    return ScriptedChat([Reply(resend="kept-alive connection lost; sent again",
+                               tokens=("ok",))])
 
 
 async def test_a_resent_request_counts_as_a_retry(autojump_clock):
-    chat = ResendingChat()
+    chat = resending()
     answer, _, switches = await run(chat)
-    assert chat.answers == [True] and answer.text == "ok"
+    assert chat.resends == [True] and answer.text == "ok"
     assert answer.retries == 1  # the first may have reached the vendor
     assert switches == [("local", "local", "kept-alive connection lost; sent again")]
 
@@ -214,7 +171,7 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
         "CHAT_ACTORS__LLM__MODELS__LOCAL__MAX_TOKENS": "100",
         "CHAT_ACTORS__LLM__MODELS__LOCAL__INPUT_COST_PER_TOKEN": "0",
         "CHAT_ACTORS__LLM__MODELS__LOCAL__OUTPUT_COST_PER_TOKEN": "0.01"})
-    chat, answer = ResendingChat(), Answer(spend_cap=0.5)
+    chat, answer = resending(), Answer(spend_cap=0.5)
 
     async def ignore(*args):
         pass
@@ -224,7 +181,7 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
                             messages=MESSAGES, params={"max_tokens": 100},
                             count=lambda text: len(text.split()), prompt_estimate=0,
                             on_token=ignore, on_switch=ignore, answer=answer)
-    assert chat.answers == [False] and answer.retries == 0
+    assert chat.resends == [False] and answer.retries == 0
 
 
 async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
@@ -232,7 +189,8 @@ async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
     the first one too many: the stream is hung up on, nothing of it is kept, and the
     job is not retried (the same prompt would run away again, billed each time)."""
     limit = CONFIG.limits.max_tool_calls
-    chat = FakeChat([Try(calls=limit + 1, hang=True), Try(calls=2)])
+    chat = ScriptedChat([Reply(tool_calls=("{}",) * (limit + 1), hang=True),
+                         Reply(tool_calls=("{}",) * 2)])
     with pytest.raises(PermanentError) as failed:
         await run(chat)
     assert failed.value.code == "tool_calls_too_large"
@@ -244,28 +202,18 @@ async def test_a_vendor_whose_tool_calls_grow_without_end_is_cut_off(autojump_cl
     """The characters of one answer's tool calls are bounded, all calls together."""
     config = load_config(environ={"CHAT_ACTORS__LIMITS__MAX_TOOL_CALL_CHARS": "100"})
 
-    class Growing:
-        sent = 0
-
-        async def stream(self, *, model, out, **kwargs):
-            with out:
-                for index in range(4):  # 4 calls of 30 characters: 120 in all
-                    await out.send(ToolCallDelta(index=index, id=f"c{index}", name="f",
-                                                 arguments="x" * 27))
-                    self.sent += 1
-                await trio.sleep_forever()
-
     async def ignore(*args):
         pass
 
-    answer, vendor = Answer(), Growing()
+    # 4 calls of 30 characters (id, name, arguments): 120 in all.
+    answer, vendor = Answer(), ScriptedChat([Reply(tool_calls=("x" * 27,) * 4, hang=True)])
     with pytest.raises(PermanentError) as failed:
         await stream_answer(chat=vendor, pricing=FlatPricing(), config=config,
                             alias_name="local", messages=MESSAGES, params={}, count=len,
                             prompt_estimate=3, on_token=ignore, on_switch=ignore, answer=answer)
     assert failed.value.code == "tool_calls_too_large"
     assert "limits.max_tool_call_chars (100)" in str(failed.value)
-    assert answer.tool_calls == [] and vendor.sent == 4
+    assert answer.tool_calls == [] and len(vendor.sent) == 4
 
 
 async def test_a_full_event_mailbox_is_not_the_vendors_stall(autojump_clock):
@@ -273,7 +221,7 @@ async def test_a_full_event_mailbox_is_not_the_vendors_stall(autojump_clock):
     idle timeouts while the vendor is healthy: reading pauses, the vendor is neither
     hung up on nor paid for another try, and its stall clock goes on from where it
     stood once the mailbox takes events again."""
-    chat = FakeChat([Try(tokens=("one ", "two ", "three "))])
+    chat = ScriptedChat([Reply(tokens=("one ", "two ", "three "))])
     answer, streamed, switches = await run(chat, mailbox_full_s=CONFIG.jobs.idle_timeout_s * 3)
     assert "".join(streamed) == answer.text == "one two three "
     assert len(chat.calls) == 1 and answer.retries == 0 and switches == []
@@ -283,11 +231,11 @@ async def test_a_vendor_silent_after_a_full_mailbox_is_still_a_stall(autojump_cl
     """The clock stopped only while the mailbox was full: a vendor that then goes
     silent is hung up on after its idle timeout, and the next try continues exactly
     what the client got."""
-    chat = FakeChat([Try(tokens=("one ", "two "), hang=True), Try(tokens=("again ",))])
+    chat = ScriptedChat([Reply(tokens=("one ", "two "), hang=True), Reply(tokens=("again ",))])
     answer, streamed, _ = await run(chat, mailbox_full_s=CONFIG.jobs.idle_timeout_s * 3)
     assert "".join(streamed) == answer.text == "one two again "
     # (the prefill without the space the client holds: see the whitespace test below)
-    assert len(chat.calls) == 2 and chat.calls[1][1][-1]["content"] == "one two"
+    assert len(chat.calls) == 2 and chat.calls[1].messages[-1]["content"] == "one two"
 
 
 # --- the one continuation decision, inside the worker (contract 3.3) -------------------
@@ -310,19 +258,20 @@ class Restarts:
 
 async def test_an_alias_that_does_not_continue_starts_the_answer_over_as_a_new_attempt(
         autojump_clock):
-    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
-                     Try(tokens=("Hello", " there"))])
+    chat = ScriptedChat([Reply(tokens=("The", " sky"),
+                               error=TransientError("connection reset")),
+                         Reply(tokens=("Hello", " there"))])
     restarts = Restarts()
     answer, streamed, _ = await run(chat, config=NOT_CONTINUING, on_restart=restarts)
     assert restarts.seen == [("local", "vendor")]
-    assert chat.calls[1][1] == MESSAGES  # no prefill the alias cannot take
+    assert chat.calls[1].messages == MESSAGES  # no prefill the alias cannot take
     assert answer.text == "Hello there"  # the first attempt's text is not part of it
     assert "".join(streamed) == "The skyHello there"  # the client was shown both
 
 
 async def test_a_try_that_showed_the_client_nothing_is_retried_in_the_same_attempt(
         autojump_clock):
-    chat = FakeChat([Try(error=TransientError("connection reset")), Try(tokens=("ok",))])
+    chat = ScriptedChat([Reply(error=TransientError("connection reset")), Reply(tokens=("ok",))])
     restarts = Restarts()
     answer, _, _ = await run(chat, config=NOT_CONTINUING, on_restart=restarts)
     assert restarts.seen == [] and answer.text == "ok"
@@ -330,42 +279,46 @@ async def test_a_try_that_showed_the_client_nothing_is_retried_in_the_same_attem
 
 async def test_a_refused_prefill_restarts_once_and_the_alias_continues_no_more(autojump_clock):
     refused: set[str] = set()
-    chat = FakeChat([Try(tokens=("The", " sky"), error=TransientError("connection reset")),
-                     Try(error=PrefillRefused(REFUSED)), Try(tokens=("Hello",))])
+    chat = ScriptedChat([Reply(tokens=("The", " sky"),
+                               error=TransientError("connection reset")),
+                         Reply(error=PrefillRefused(REFUSED)), Reply(tokens=("Hello",))])
     restarts = Restarts()
     answer, _, _ = await run(chat, on_restart=restarts, refused=refused)
-    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The sky"}  # tried once
-    assert chat.calls[2][1] == MESSAGES
+    # Tried once.
+    assert chat.calls[1].messages[-1] == {"role": "assistant", "content": "The sky"}
+    assert chat.calls[2].messages == MESSAGES
     assert restarts.seen == [("local", "vendor_refused")] and refused == {"local"}
     assert answer.text == "Hello" and answer.retries == 1  # the refusal is no retry
     # The next job of that alias in this process restarts without asking again.
-    chat = FakeChat([Try(tokens=("A",), error=TransientError("connection reset")),
-                     Try(tokens=("B",))])
+    chat = ScriptedChat([Reply(tokens=("A",), error=TransientError("connection reset")),
+                         Reply(tokens=("B",))])
     restarts = Restarts()
     answer, _, _ = await run(chat, on_restart=restarts, refused=refused)
     assert restarts.seen == [("local", "vendor_refused")] and len(chat.calls) == 2
-    assert chat.calls[1][1] == MESSAGES and answer.text == "B"
+    assert chat.calls[1].messages == MESSAGES and answer.text == "B"
 
 
 async def test_a_prefill_refused_twice_is_the_vendors_error_not_a_loop(autojump_clock):
-    chat = FakeChat([Try(tokens=("The",), error=TransientError("connection reset")),
-                     Try(error=PrefillRefused(REFUSED)), Try(error=PrefillRefused(REFUSED))])
+    chat = ScriptedChat([Reply(tokens=("The",), error=TransientError("connection reset")),
+                         Reply(error=PrefillRefused(REFUSED)),
+                         Reply(error=PrefillRefused(REFUSED))])
     with pytest.raises(PrefillRefused):
         await run(chat, on_restart=Restarts(), refused=set())
     assert len(chat.calls) == 3
 
 
 @pytest.mark.parametrize(("first", "reason"), [
-    (Try(tokens=("Let me", " check"), calls=1, error=TransientError("reset")), "tool_call"),
-    (Try(tokens=("Caf", "\ufffd"), error=TransientError("reset")), "split_character"),
-    (Try(tokens=("<think>", "hmm"), error=TransientError("reset")), "think_block"),
+    (Reply(tokens=("Let me", " check"), tool_calls=("{}",), error=TransientError("reset")),
+     "tool_call"),
+    (Reply(tokens=("Caf", "\ufffd"), error=TransientError("reset")), "split_character"),
+    (Reply(tokens=("<think>", "hmm"), error=TransientError("reset")), "think_block"),
 ])
 async def test_each_unsafe_text_restarts_inside_the_worker_too(first, reason, autojump_clock):
-    chat = FakeChat([first, Try(tokens=("fine",))])
+    chat = ScriptedChat([first, Reply(tokens=("fine",))])
     restarts = Restarts()
     answer, _, _ = await run(chat, on_restart=restarts)
     assert restarts.seen == [("local", reason)] and answer.text == "fine"
-    assert chat.calls[1][1] == MESSAGES
+    assert chat.calls[1].messages == MESSAGES
 
 
 async def test_a_fallback_decides_again_for_its_own_alias(autojump_clock):
@@ -374,22 +327,22 @@ async def test_a_fallback_decides_again_for_its_own_alias(autojump_clock):
         "CHAT_ACTORS__LLM__MODELS__BACKUP__MODEL": "openai/backup-model",
         "CHAT_ACTORS__LLM__MODELS__BACKUP__CONTINUES": "false",
         "CHAT_ACTORS__LLM__RETRIES": "1", "CHAT_ACTORS__LLM__RETRY_BACKOFF_S": "1"})
-    chat = FakeChat([Try(tokens=("The",), error=TransientError("reset")),
-                     Try(tokens=(" sky",), error=TransientError("reset")),
-                     Try(tokens=("Hi",))])
+    chat = ScriptedChat([Reply(tokens=("The",), error=TransientError("reset")),
+                         Reply(tokens=(" sky",), error=TransientError("reset")),
+                         Reply(tokens=("Hi",))])
     restarts = Restarts()
     answer, _, _ = await run(chat, config=config, on_restart=restarts)
-    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The"}  # local continues
-    assert restarts.seen == [("backup", "vendor")] and chat.calls[2][1] == MESSAGES
+    assert chat.calls[1].messages[-1] == {"role": "assistant", "content": "The"}  # local continues
+    assert restarts.seen == [("backup", "vendor")] and chat.calls[2].messages == MESSAGES
     assert answer.text == "Hi" and answer.alias == "backup"
 
 
 async def test_whitespace_the_client_holds_is_left_out_of_the_prefill_and_not_sent_twice(
         autojump_clock):
-    chat = FakeChat([Try(tokens=("The ",), error=TransientError("reset")),
-                     Try(tokens=(" ", "sky."))])
+    chat = ScriptedChat([Reply(tokens=("The ",), error=TransientError("reset")),
+                         Reply(tokens=(" ", "sky."))])
     answer, streamed, _ = await run(chat)
-    assert chat.calls[1][1][-1] == {"role": "assistant", "content": "The"}
+    assert chat.calls[1].messages[-1] == {"role": "assistant", "content": "The"}
     assert "".join(streamed) == answer.text == "The sky."
 
 
@@ -399,14 +352,14 @@ async def test_the_fence_is_read_before_every_try(autojump_clock):
     async def before_try() -> None:
         reads.append(len(chat.calls))
 
-    chat = FakeChat([Try(error=TransientError("500")), Try(error=TransientError("500")),
-                     Try(tokens=("ok",))])
+    chat = ScriptedChat([Reply(error=TransientError("500")), Reply(error=TransientError("500")),
+                         Reply(tokens=("ok",))])
     await run(chat, before_try=before_try)
     assert reads == [0, 1, 2]  # each read before its call
 
 
 async def test_a_fenced_job_makes_no_model_call(autojump_clock):
-    chat = FakeChat([Try(error=TransientError("500")), Try(tokens=("never",))])
+    chat = ScriptedChat([Reply(error=TransientError("500")), Reply(tokens=("never",))])
     with trio.CancelScope() as scope:
         async def before_try() -> None:
             if chat.calls:  # a later attempt took the job meanwhile: stopped
