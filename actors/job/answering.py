@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -168,34 +168,41 @@ def attached_images(request: ChatRequest, worker: Worker) -> tuple[list[StoredIm
     return stored, {i.sha256: i.url for i in checked if i.data}
 
 
-async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
-                 run: JobRun) -> None:
-    """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
+class Prompt(NamedTuple):
+    """What goes to the model, and what the job's records say of how it was made."""
+
+    messages: list[dict[str, Any]]
+    estimate: int  # its tokens, tools and response schema included
+    retrieved: Retrieved | None  # RAG mode's search
+    sources_used: list[str]  # the chunk ids it holds
+
+
+async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
+                       *, alias_name: str, params: dict[str, Any], count: Callable[[str], int],
+                       images: list[StoredImage], urls: dict[str, str],
+                       timeline: Timeline) -> Prompt:
+    """[retrieval] -> the prompt within the alias's token budget, its images filled in."""
     config = worker.config
-    alias_name = run.answer.alias
     alias = config.llm.models[alias_name]
-    count = worker.tokens.counter(alias.model)
-    run.images, urls = attached_images(request, worker)
     results = pending_results(request, history)
-    params = model_params(request, alias.max_tokens)
     # The tools and the response schema go with every prompt and count in it (contract
     # 2.1). Up to a megabyte of JSON: counted off the event loop.
     tools_tokens = (await trio.to_thread.run_sync(count_tools, params, count)
                     if "tools" in params or "response_format" in params else 0)
-    context = ""
+    context, retrieved, sources_used = "", None, list[str]()
     if request.mode == "rag":
-        with run.timeline.step("retrieval"):
-            run.retrieved = retrieved = await retrieve(request, worker, job)
+        with timeline.step("retrieval"):
+            retrieved = await retrieve(request, worker, job)
         budget = int(config.rag.context_share
                      * max(alias.context_window - alias.max_tokens - tools_tokens, 0))
         context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
                                         budget_tokens=budget, count=count)
-        run.sources_used = [h.id for h in retrieved.hits[:kept]]
-    messages, run.prompt_estimate = build_messages(
+        sources_used = [h.id for h in retrieved.hits[:kept]]
+    messages, estimate = build_messages(
         system_prompt=config.llm.system_prompt, history=history,
         user_message=request.message, context_window=alias.context_window,
-        answer_tokens=alias.max_tokens, count=count, context=context, tool_results=results,
-        user_images=[i.ref for i in run.images],
+        answer_tokens=alias.max_tokens, count=count, context=context,
+        tool_results=results, user_images=[i.ref for i in images],
         vision=capabilities_of(config, worker.pricing, alias_name).vision,
         tools_tokens=tools_tokens)
     if wanted := stored_images(messages) - urls.keys():
@@ -203,16 +210,42 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
         found = await retry_transient(
             lambda: worker.store.images(user_id=job.user_id, hashes=wanted),
             what="history images", log=log, health=worker.health, dependency="postgres")
-        urls |= {sha: f"data:{kind};base64,{base64.b64encode(data).decode()}"
-                 for sha, (kind, data) in found.items()}
+        urls = urls | {sha: f"data:{kind};base64,{base64.b64encode(data).decode()}"
+                       for sha, (kind, data) in found.items()}
     fill_images(messages, urls)
     if config.log.content:
         log.debug("prompt: %s", messages)
+    return Prompt(messages, estimate, retrieved, sources_used)
+
+
+async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
+                 run: JobRun) -> None:
+    """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
+    alias_name = run.answer.alias
+    alias = worker.config.llm.models[alias_name]
+    count = worker.tokens.counter(alias.model)
+    run.images, urls = attached_images(request, worker)
+    params = model_params(request, alias.max_tokens)
+    prompt = await build_prompt(request, worker, job, history, alias_name=alias_name,
+                                params=params, count=count, images=run.images, urls=urls,
+                                timeline=run.timeline)
+    run.retrieved, run.sources_used = prompt.retrieved, prompt.sources_used
+    run.messages, run.prompt_estimate = prompt.messages, prompt.estimate
     # A continuation (actors/job/takeover.py) sends the answer so far as the assistant turn's
     # start: the prompt holds it, and the answer only has the rest of its budget left.
     carried = count(run.answer.carried) if run.answer.kept else 0
     run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
-                                                              run.prompt_estimate + carried)
+                                                              prompt.estimate + carried)
+    run.params = params
+    if carried:
+        run.params = params | {"max_tokens": max(1, params["max_tokens"] - carried)}
+    await _stream(request, worker, job, run, count, answer_tokens=params["max_tokens"])
+
+
+async def _stream(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
+                  count: Callable[[str], int], *, answer_tokens: int) -> None:
+    """The provider's stream, each token, reasoning run, tool call and switch sent to the
+    job's stream as it comes; a restart goes on as the job's next attempt."""
 
     def on_token(text: str) -> Awaitable[None]:
         # Hands back emit's coroutine: no extra frame per token on the hot path.
@@ -236,15 +269,11 @@ async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: lis
     def before_try() -> Awaitable[None]:
         return check_fence(worker, job)
 
-    run.messages, run.params = messages, params
-    answer_tokens = params["max_tokens"]
-    if carried:
-        run.params["max_tokens"] = max(1, answer_tokens - carried)
     run.model_started = trio.current_time()
     try:
         await stream_answer(
-            chat=worker.chat, pricing=worker.pricing, config=config, alias_name=alias_name,
-            messages=messages, params=run.params, count=count,
+            chat=worker.chat, pricing=worker.pricing, config=worker.config,
+            alias_name=run.answer.alias, messages=run.messages, params=run.params, count=count,
             prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
             on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
             on_tool_call=on_tool_call, on_restart=on_restart, before_try=before_try,

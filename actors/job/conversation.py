@@ -66,6 +66,17 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
                    traced: _Traced) -> None:
     alias_name, _ = worker.config.alias(request.model)
     job = worker.job_ref(request.job_id, request.user_id, request.session_id)
+    claimed = await _claim(request, worker, job, trace_id=trace_id, alias_name=alias_name,
+                           traced=traced)
+    if claimed is not None:
+        await _run_attempt(request, worker, msgspec.structs.replace(job, attempt=claimed.attempt),
+                           claimed, alias_name=alias_name, traced=traced)
+
+
+async def _claim(request: ChatRequest, worker: Worker, job: JobRef, *, trace_id: str,
+                 alias_name: str, traced: _Traced) -> Claimed | None:
+    """The job's lease for this worker, or None: not this worker's to run (settled here
+    when it cannot be claimed at all)."""
     try:
         with traced.timeline.step("claim"):
             claim = await claim_job(request, worker, trace_id=trace_id, alias_name=alias_name)
@@ -76,38 +87,41 @@ async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
         await settle_failed(worker, job, JobRejected(
             job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
             status="failed", error=f"internal: {error.message}", receipt=Receipt()), error)
-        return
+        return None
     match claim:
-        case Claimed(attempt=attempt, history=history, over_rejected=over_rejected,
-                     handed=handed):
+        case Claimed(attempt=attempt, over_rejected=over_rejected):
             if over_rejected:
                 await retry_transient(lambda: worker.event_log.hand_over(job.job_id, attempt),
                                       what="job id hand-over", log=log, health=worker.health,
                                       dependency="redis")
+            return claim
         case AlreadyTerminal(status=status, attempt=attempt, partial=partial, ran=ran):
             # Redelivered after it finished (or fenced before any worker ran it): never
             # call the model again.
             log.info("job %s is already %s; not running it again", request.job_id, status)
             await resend_done(worker, msgspec.structs.replace(job, attempt=attempt), status,
                               partial, wait=ran)
-            return
         case OwnedByAnotherUser():
             log.warning("job %s belongs to another user; request from %s ignored",
                         request.job_id, request.user_id)
-            return
         case _:
             assert_never(claim)
-    job = msgspec.structs.replace(job, attempt=attempt)
+    return None
+
+
+async def _run_attempt(request: ChatRequest, worker: Worker, job: JobRef, claimed: Claimed, *,
+                       alias_name: str, traced: _Traced) -> None:
+    """The claimed attempt to a settled state, or handed back when stopped before it."""
     running = worker.registry.admit(job.job_id, job.user_id, job.attempt)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
     run = JobRun(answer=Answer(alias=alias_name), job=job, timeline=traced.timeline)
-    traced.attempt, traced.run = attempt, run
+    traced.attempt, traced.run = job.attempt, run
     started = trio.current_time()
     settled = False
     try:
-        if attempt > 1 and not over_rejected:
-            run.plan = await _take_over(worker, job, alias_name, handed)
-        await _run_claimed(request, worker, job, running, history, run)
+        if job.attempt > 1 and not claimed.over_rejected:
+            run.plan = await _take_over(worker, job, alias_name, claimed.handed)
+        await _run_claimed(request, worker, job, running, claimed.history, run)
         settled = True
     except TransientError:
         raise
