@@ -1,7 +1,8 @@
 """The domain loads no I/O library: importing every actor but the supervisor (the
-composition root) leaves Kafka, Redis, Postgres, LiteLLM, Chroma and asyncio's
-bridge unloaded. import-linter checks the same statically in `bin/chat-actors test`;
-this checks what really gets imported, lazily or not."""
+worker's composition root), or every gateway module but gateway.server (the gateway's),
+leaves Kafka, Redis, Postgres, LiteLLM, Chroma and asyncio's bridge unloaded.
+import-linter checks the same statically in `bin/chat-actors test`; this checks what
+really gets imported, lazily or not."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 LIBRARIES = ("confluent_kafka", "redis", "psycopg", "litellm", "chromadb", "openai", "httpx",
              "tiktoken", "onnxruntime", "trio_asyncio", "actors.adapters")
 
 
-def test_the_domain_imports_no_adapter_and_no_io_library():
-    domain = sorted(f"actors.{p.stem}" for p in (ROOT / "actors").glob("*.py")
-                    if p.stem not in ("__init__", "supervisor"))
-    assert "actors.conversation" in domain and "actors.intake" in domain
+@pytest.mark.parametrize(("package", "root", "known"), [
+    ("actors", "supervisor", ["conversation", "intake"]),
+    ("gateway", "server", ["app", "auth", "relay"]),
+])
+def test_only_the_composition_root_imports_an_adapter_or_io_library(package, root, known):
+    domain = sorted(f"{package}.{p.stem}" for p in (ROOT / package).glob("*.py")
+                    if p.stem not in ("__init__", root))
+    assert {f"{package}.{name}" for name in known} <= set(domain)
     probe = (f"import sys\nimport {', '.join(domain)}\n"
              f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,

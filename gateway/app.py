@@ -31,12 +31,12 @@ from starlette.routing import Route
 
 from actors.channels import ready
 from actors.errors import DocumentRefused, PermanentError, TransientError
-from actors.gateway.auth import Unauthorized, Verifier
-from actors.gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from actors.health import Health
 from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
+from gateway.auth import Unauthorized, Verifier
+from gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
 from messages.wire import BadInput, check_shape, is_ident
 

@@ -29,12 +29,12 @@ from actors.adapters.rag.uploads import PDF_READER, UserDocuments
 from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
 from actors.adapters.redis.streams import StreamReads
 from actors.errors import PermanentError, TransientError
-from actors.gateway.app import Gateway, build_app
-from actors.gateway.auth import Verifier
-from actors.gateway.relay import Reader, Relay
 from actors.health import Health
 from actors.ports import Telemetry
 from config import Config, ConfigError, secret
+from gateway.app import Gateway, build_app
+from gateway.auth import Verifier
+from gateway.relay import Reader, Relay
 
 log = logging.getLogger("chat_actors.gateway")
 
