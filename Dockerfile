@@ -3,6 +3,7 @@
 #   docker build -t chat-actors .
 #   docker run --rm -e CHAT_ACTORS__KAFKA__BOOTSTRAP_SERVERS=kafka:9092 ... chat-actors
 # Only the worker's own dependencies are installed (no local stack, tests or benchmark).
+# The gateway runs from the same image (deploy/k8s/gateway.yaml: `bin/chat-actors gateway`).
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -24,6 +25,7 @@ WORKDIR /app
 COPY pyproject.toml uv.lock ./
 COPY bin/ bin/
 COPY actors/ actors/
+COPY gateway/ gateway/
 COPY messages/ messages/
 COPY config/ config/
 COPY tools/ tools/

@@ -48,7 +48,7 @@ from tools import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "bench-user"
-OWNER_PREFIX = "chat-actors:gateway:owner:"  # actors/gateway/app.py (this process need not import it)
+OWNER_PREFIX = "chat-actors:gateway:owner:"  # gateway/app.py (this process need not import it)
 CONNECT_BATCH = 100  # clients connecting at once (a listen backlog is about this size)
 SECRET_ENV = "CHAT_ACTORS_JWT_SECRET"
 QUICK_CLIENTS, QUICK_SECONDS = 100, 2.0

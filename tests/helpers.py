@@ -44,7 +44,7 @@ JWT_SECRET = "s" * 64  # the gateway's HS256 secret in the tests
 async def gateway_running(config: Config, **kwargs: Any
                           ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """Run a gateway until the block ends, with an HTTP client pointed at it."""
-    from actors.gateway.server import run_gateway
+    from gateway.server import run_gateway
 
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -18,11 +18,11 @@ import pytest
 import trio
 
 from actors.errors import PermanentError
-from actors.gateway.app import OWNER_PREFIX, uuid7
-from actors.gateway.auth import user_id_of
-from actors.gateway.relay import CLIENT_BUFFER
-from actors.gateway.server import run_gateway
 from config import ConfigError
+from gateway.app import OWNER_PREFIX, uuid7
+from gateway.auth import user_id_of
+from gateway.relay import CLIENT_BUFFER
+from gateway.server import run_gateway
 from tests.helpers import JWT_SECRET as SECRET
 from tests.helpers import events_of, gateway_running, raw_status, worker_running
 from tests.scripted_llm import Reply

@@ -24,7 +24,7 @@ import trio
 from actors.adapters.redis import cluster_reads as redis_cluster_reads
 from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
 from actors.errors import StreamsRefused
-from actors.gateway.app import OWNER_PREFIX, uuid7
+from gateway.app import OWNER_PREFIX, uuid7
 from tests.helpers import gateway_running
 from tests.test_gateway import bearer, parse_sse
 from tests.test_relay import follow as follow_text

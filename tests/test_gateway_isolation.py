@@ -17,7 +17,7 @@ import trio.testing
 
 from actors.adapters.kafka import NotDelivered, Producer
 from actors.adapters.postgres import Postgres
-from actors.gateway.auth import user_id_of
+from gateway.auth import user_id_of
 from messages.ports import AlreadyTerminal, Claimed
 from tests.helpers import gateway_running, job_row, raw_status, wait_calls, worker_running
 from tests.scripted_llm import Reply

@@ -1,7 +1,8 @@
 """The domain loads no I/O library: importing every actor but the supervisor (the
-composition root) leaves Kafka, Redis, Postgres, LiteLLM, Chroma and asyncio's
-bridge unloaded. import-linter checks the same statically in `bin/chat-actors test`;
-this checks what really gets imported, lazily or not."""
+worker's composition root), or every gateway module but gateway.server (the gateway's),
+leaves Kafka, Redis, Postgres, LiteLLM, Chroma and asyncio's bridge unloaded.
+import-linter checks the same statically in `bin/chat-actors test`; this checks what
+really gets imported, lazily or not."""
 
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 LIBRARIES = ("confluent_kafka", "redis", "psycopg", "litellm", "chromadb", "openai", "httpx",
              "tiktoken", "onnxruntime", "trio_asyncio", "actors.adapters")
 
 
-def test_the_domain_imports_no_adapter_and_no_io_library():
-    actors = ROOT / "actors"
-    domain = sorted(".".join(("actors", *p.relative_to(actors).with_suffix("").parts))
-                    for p in actors.rglob("*.py")
-                    if p.relative_to(actors).parts[0] not in ("adapters", "gateway")
-                    and p.stem not in ("__init__", "supervisor"))
-    assert {"actors.job.conversation", "actors.job.provider", "actors.intake"} <= set(domain)
+@pytest.mark.parametrize(("package", "root", "known"), [
+    ("actors", "supervisor", ["job.conversation", "job.provider", "intake"]),
+    ("gateway", "server", ["app", "auth", "relay"]),
+])
+def test_only_the_composition_root_imports_an_adapter_or_io_library(package, root, known):
+    top = ROOT / package
+    domain = sorted(".".join((package, *p.relative_to(top).with_suffix("").parts))
+                    for p in top.rglob("*.py")
+                    if p.relative_to(top).parts[0] != "adapters"
+                    and p.stem not in ("__init__", root))
+    assert {f"{package}.{name}" for name in known} <= set(domain)
     probe = (f"import sys\nimport {', '.join(domain)}\n"
              f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,

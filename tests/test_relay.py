@@ -37,11 +37,11 @@ from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
 from actors.adapters.redis.connect import RedisConnect
 from actors.adapters.redis.streams import BlockingReader
 from actors.errors import PermanentError, StreamsRefused, TransientError
-from actors.gateway import app as app_module
-from actors.gateway import relay as relay_module
-from actors.gateway.app import OWNER_PREFIX, uuid7
-from actors.gateway.relay import Relay, Subscription, entry_key
 from config import Config, Redis
+from gateway import app as app_module
+from gateway import relay as relay_module
+from gateway.app import OWNER_PREFIX, uuid7
+from gateway.relay import Relay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
 from tests.helpers import gateway_running, until
 from tests.test_gateway import bearer, blocks, parse_sse

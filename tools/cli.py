@@ -86,8 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from actors.errors import PermanentError, TransientError
-    from actors.gateway.server import run_gateway, verifier_of
     from config import ConfigError
+    from gateway.server import run_gateway, verifier_of
 
     config = _config(args.config)
     _logging(config)

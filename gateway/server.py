@@ -29,12 +29,12 @@ from actors.adapters.rag.uploads import PDF_READER, UserDocuments
 from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
 from actors.adapters.redis.streams import StreamReads
 from actors.errors import PermanentError, TransientError
-from actors.gateway.app import Gateway, build_app
-from actors.gateway.auth import Verifier
-from actors.gateway.relay import Reader, Relay
 from actors.health import Health
 from actors.ports import Telemetry
 from config import Config, ConfigError, secret
+from gateway.app import Gateway, build_app
+from gateway.auth import Verifier
+from gateway.relay import Reader, Relay
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -90,15 +90,10 @@ async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> 
         await trio.sleep(READY_EVERY_S)
 
 
-async def run_gateway(config: Config, *, stop: trio.Event | None = None,
-                      handle_signals: bool = True, telemetry: Telemetry | None = None,
-                      pdf_reader: Sequence[str] = PDF_READER,
-                      task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
-                      ) -> None:
-    """Serve until `stop` is set or a signal arrives, then drain and return. `pdf_reader`
-    is the command of the child process that reads an uploaded PDF (tests hold it)."""
-    verifier = verifier_of(config)
-    stop = trio.Event() if stop is None else stop
+async def _connect(config: Config) -> tuple[StreamReads, ClusterWatch | None, Callable[[], Reader]]:
+    """The Redis reads, the Cluster's keyspace watch (None without a cluster) and what
+    makes the relay's readers; the Kafka topics exist after it. The reads are closed
+    again when any of it fails."""
     reads = StreamReads(config.redis)
     watch: ClusterWatch | None = None
     make_reader: Callable[[], Reader] = reads.reader
@@ -117,20 +112,10 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     except BaseException:
         reads.close()
         raise
-    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.client("producer"))
-    pg = Postgres.of(config.postgres)
-    relay = Relay(make_reader, config.gateway.readers)
+    return reads, watch, make_reader
 
-    async def produce(topic: str, value: bytes, key: bytes | None,
-                      headers: list[tuple[str, bytes]]) -> None:
-        await producer.send(topic, value, key=key, headers=headers,
-                            timeout_s=config.gateway.produce_timeout_s)
 
-    documents = UserDocuments(DocumentStore.from_config(config, pg), config,
-                              pdf_reader=pdf_reader)
-    telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
-    gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
-                      produce=produce, documents=documents, telemetry=telemetry)
+def _server_config(config: Config) -> HypercornConfig:
     server = HypercornConfig()
     server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
     server.accesslog = None
@@ -138,6 +123,34 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     # stderr handler, so each line came out twice).
     server.errorlog = logging.getLogger("hypercorn.error")
     server.graceful_timeout = DRAIN_S + 1
+    return server
+
+
+async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,
+                   key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+    await producer.send(topic, value, key=key, headers=headers, timeout_s=timeout_s)
+
+
+async def run_gateway(config: Config, *, stop: trio.Event | None = None,
+                      handle_signals: bool = True, telemetry: Telemetry | None = None,
+                      pdf_reader: Sequence[str] = PDF_READER,
+                      task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+    """Serve until `stop` is set or a signal arrives, then drain and return. `pdf_reader`
+    is the command of the child process that reads an uploaded PDF (tests hold it)."""
+    verifier = verifier_of(config)
+    stop = trio.Event() if stop is None else stop
+    reads, watch, make_reader = await _connect(config)
+    producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.client("producer"))
+    pg = Postgres.of(config.postgres)
+    relay = Relay(make_reader, config.gateway.readers)
+    produce = partial(_produce, producer, config.gateway.produce_timeout_s)
+    documents = UserDocuments(DocumentStore.from_config(config, pg), config,
+                              pdf_reader=pdf_reader)
+    telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
+    gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
+                      produce=produce, documents=documents, telemetry=telemetry)
+    server = _server_config(config)
     try:
         await pg.migrate()  # the history tables, when the gateway starts before any worker
         async with trio.open_nursery() as nursery:

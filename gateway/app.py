@@ -31,12 +31,12 @@ from starlette.routing import Route
 
 from actors.channels import ready
 from actors.errors import DocumentRefused, PermanentError, TransientError
-from actors.gateway.auth import Unauthorized, Verifier
-from actors.gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from actors.health import Health
 from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
+from gateway.auth import Unauthorized, Verifier
+from gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
 from messages.wire import BadInput, check_shape, is_ident
 
@@ -104,11 +104,11 @@ class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self.requests = Counter("chat_gateway_requests", "HTTP requests by route and status.",
+        self.requests = Counter("chat_actors.gateway_requests", "HTTP requests by route and status.",
                                 ["route", "status"], registry=self.registry)
-        self.events = Counter("chat_gateway_events_relayed", "Stream entries sent to clients.",
+        self.events = Counter("chat_actors.gateway_events_relayed", "Stream entries sent to clients.",
                               registry=self.registry)
-        self.open_streams = Gauge("chat_gateway_open_streams", "Event streams open now.",
+        self.open_streams = Gauge("chat_actors.gateway_open_streams", "Event streams open now.",
                                   registry=self.registry)
 
 
@@ -148,6 +148,7 @@ class Gateway:
     health: Health = field(default_factory=Health)  # /readyz: dependencies and draining
     telemetry: Telemetry = field(default_factory=NoTelemetry)
     stream_slots: UserSlots = field(default_factory=UserSlots)
+    upload_slots: UserSlots = field(default_factory=UserSlots)  # rag.max_uploads_per_user
 
     def close(self) -> None:
         """Start draining: /readyz turns 503, and every open stream ends at once with a
@@ -256,276 +257,303 @@ async def json_body(request: Request, config: Config) -> Any:
 
 RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for EventStream
 
+# A /v1 route's handler: the gateway, the request, and the user its token names.
+Handler = Callable[[Gateway, Request, str], Awaitable[Response]]
+
+
+async def guarded(gateway: Gateway, route: str, handler: Handler, request: Request) -> Response:
+    """A /v1 call: the token names the user, then `handler` answers. What it raises is
+    answered here with the status it means, and every answer is counted by route."""
+    try:
+        user = _user(gateway, request)
+        response = await handler(gateway, request, user)
+    except Unauthorized as exc:
+        response = _error(401, str(exc))
+        response.headers["www-authenticate"] = 'Bearer error="invalid_token"'
+    except BodyRefused as exc:
+        response = _error(exc.status, str(exc))
+    except BadInput as exc:
+        response = _error(400, exc.rule, field=exc.field)
+    except TransientError as exc:
+        log.warning("%s: a dependency failed: %s", route, exc)
+        response = _error(503, "a dependency is unavailable; try again")
+        response.headers["retry-after"] = "2"
+    except PermanentError as exc:
+        log.error("%s: %s", route, exc)
+        response = _error(500, "internal error")
+    gateway.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+    return response
+
+
+async def chat(gateway: Gateway, request: Request, user: str) -> Response:
+    config = gateway.config
+    value = await json_body(request, config)
+    if not isinstance(value, dict):
+        return _error(400, "the body must be a JSON object", field="$")
+    for assigned in ("jobId", "userId"):
+        if assigned in value:
+            return _error(400, "assigned by the gateway; leave it out",
+                          field=f"$.{assigned}")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not is_ident(key):
+        return _error(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
+                      field="Idempotency-Key")
+    job_id = uuid7()
+    raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
+    checked = config.decode_request(raw)
+    idem = idempotency_key(user, key) if key is not None else None
+    if idem is not None:
+        earlier = await _hold(gateway, idem, job_id, user, checked.session_id)
+        if earlier is not None:
+            return earlier
+    ttl = config.gateway.idempotency_s + config.stream.ttl_s
+    await gateway.reads.remember_owner(OWNER_PREFIX + job_id, user, ttl)
+    # The client's trace (a valid W3C traceparent; anything else is ignored) goes on
+    # through Kafka to the worker; with telemetry on, under the gateway's own span.
+    incoming = traceparent_of([("traceparent", request.headers.get("traceparent", "")
+                                .encode("latin-1"))])
+    topic = config.kafka.request_topic
+    try:
+        with gateway.telemetry.sending(topic, incoming) as traceparent:
+            await gateway.produce(topic, raw, checked.session_id.encode(),
+                                  [("traceparent", traceparent.encode())] if traceparent
+                                  else [])
+    except TransientError as exc:
+        return await _unconfirmed(gateway, job_id, user, checked.session_id, idem, exc)
+    if idem is not None:
+        await gateway.reads.settle(idem, PENDING + job_id, job_id)
+    return _accepted(job_id)
+
+
+async def _hold(gateway: Gateway, idem: str, job_id: str, user: str,
+                session_id: str) -> Response | None:
+    """Take the Idempotency-Key for this request (None), or answer a repeat: the
+    first request's job once it was accepted. While the first is still being sent,
+    wait for its fate (a refused first leaves the key to this one); one pending for
+    longer than a send can take was left by a gateway that died mid-send: fence its
+    job as a refused one would be, and take the key over unless a worker has it."""
+    config = gateway.config
+    waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
+    while True:
+        held = await gateway.reads.claim_once(idem, PENDING + job_id,
+                                              config.gateway.idempotency_s)
+        if held == PENDING + job_id:
+            return None
+        if not held.startswith(PENDING):
+            return _accepted(held)
+        if trio.current_time() > waited:
+            earlier = held.removeprefix(PENDING)
+            if not await gateway.history.fence_refused(
+                    job_id=earlier, user_id=user, session_id=session_id,
+                    reason="its gateway stopped while sending it"):
+                await gateway.reads.settle(idem, held, earlier)
+                return _accepted(earlier)
+            await gateway.reads.settle(idem, held, "")
+            waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
+            continue
+        await trio.sleep(SETTLE_POLL_S)
+
+
+async def _unconfirmed(gateway: Gateway, job_id: str, user: str, session_id: str,
+                       idem: str | None, exc: TransientError) -> Response:
+    """The broker did not confirm the request: it may still reach a worker later.
+    Fence it (a terminal row no worker runs) and answer 503, so a refusal is a
+    refusal; a worker that claimed it first means it was accepted after all (202)."""
+    try:
+        fenced = await gateway.history.fence_refused(
+            job_id=job_id, user_id=user, session_id=session_id, reason=str(exc)[:500])
+    except TransientError as fence_failed:
+        log.error("chat: job %s: the broker did not confirm it (%s) and it could not be "
+                  "fenced (%s): it may still run", job_id, exc, fence_failed)
+        if idem is not None:  # a retry with the key gets this job, not a second one
+            await gateway.reads.settle(idem, PENDING + job_id, job_id)
+        return _error(504, "the request was sent but not confirmed, and may still run: "
+                           "follow its events; a retry with the same Idempotency-Key "
+                           "returns this job", jobId=job_id,
+                      events=f"/v1/jobs/{job_id}/events")
+    if idem is not None:
+        await gateway.reads.settle(idem, PENDING + job_id, "" if fenced else job_id)
+    if not fenced:
+        return _accepted(job_id)
+    log.warning("chat: job %s refused: the broker did not confirm it (%s); fenced, it "
+                "never runs", job_id, exc)
+    response = _error(503, "the request was not accepted (the message broker did not "
+                           "confirm it) and will not run: send it again", code="not_accepted")
+    response.headers["retry-after"] = "2"
+    return response
+
+
+def _accepted(job_id: str) -> JSONResponse:
+    return JSONResponse({"jobId": job_id, "events": f"/v1/jobs/{job_id}/events"},
+                        status_code=202)
+
+
+async def events(gateway: Gateway, request: Request, user: str) -> Response:
+    config = gateway.config
+    job_id = request.path_params["job_id"]
+    if not is_ident(job_id):
+        return _error(404, NOT_FOUND)
+    resume = request.headers.get("last-event-id")
+    if resume is not None and not is_entry_id(resume):
+        return _error(400, "Last-Event-ID must be a stream entry id: two integers "
+                      f"0..{U64_MAX} joined by '-'", field="Last-Event-ID")
+    most = config.gateway.max_streams_per_user
+    if not gateway.stream_slots.take(user, most):
+        return _too_many_streams(most, config.gateway.stream_wait_s)
+    release = partial(gateway.stream_slots.give_back, user)
+    try:
+        response = await _open_events(gateway, user, job_id, resume)
+    except BaseException:
+        release()
+        raise
+    if isinstance(response, EventStream):
+        response.on_close = release  # the slot is held until the stream ends
+    else:
+        release()
+    return response
+
+
+async def cancel(gateway: Gateway, request: Request, user: str) -> Response:
+    job_id = request.path_params["job_id"]
+    if not is_ident(job_id):
+        return _error(404, NOT_FOUND)
+    if await _owner(gateway, job_id) != user:
+        return _error(404, NOT_FOUND)
+    message = json.dumps({"type": "cancel", "jobId": job_id, "userId": user,
+                          "reason": "cancelled through the gateway"}).encode()
+    await gateway.produce(gateway.config.kafka.control_topic, message, job_id.encode(), [])
+    return JSONResponse({"jobId": job_id, "cancel": "sent"}, status_code=202)
+
+
+async def sessions(gateway: Gateway, request: Request, user: str) -> Response:
+    return JSONResponse({"sessions": await gateway.history.sessions(user_id=user)})
+
+
+async def session(gateway: Gateway, request: Request, user: str) -> Response:
+    session_id = request.path_params["session_id"]
+    if not is_ident(session_id):
+        return _error(404, "no such session")
+    if request.method == "DELETE":
+        gone = await gateway.history.delete_session(user_id=user, session_id=session_id)
+        return JSONResponse({"sessionId": session_id, "deleted": gone})
+    turns = await gateway.history.session_messages(user_id=user, session_id=session_id)
+    return JSONResponse({"sessionId": session_id, "messages": turns})
+
+
+async def documents(gateway: Gateway, request: Request, user: str) -> Response:
+    if gateway.documents is None:
+        return _error(404, "document uploads are not served here")
+    rag = gateway.config.rag
+    if request.method == "GET":
+        return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
+            "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
+    name = request.path_params["name"]
+    if not gateway.upload_slots.take(user, rag.max_uploads_per_user):
+        busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
+                           "(rag.max_uploads_per_user); wait for one to finish")
+        busy.headers["retry-after"] = "2"
+        return busy
+    try:
+        return await _document(gateway, gateway.documents, request, user, name)
+    finally:
+        gateway.upload_slots.give_back(user)
+
+
+async def _document(gateway: Gateway, store: Documents, request: Request, user: str,
+                    name: str) -> Response:
+    """PUT (store the body as the user's document `name`) or DELETE it."""
+    rag = gateway.config.rag
+    try:
+        if request.method == "DELETE":
+            gone = await store.delete(user, name)
+            if not gone:
+                return _error(404, f"no document {name!r}")
+            return JSONResponse({"name": name, "deleted": gone})
+        data = await _body_within(request, rag.max_document_bytes,
+                                  gateway.config.gateway.body_timeout_s)
+        if data is None:
+            return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit "
+                               "(rag.max_document_bytes)")
+        created, summary = await store.put(user, name, data)
+    except DocumentRefused as exc:
+        refused = _error(exc.status, str(exc))
+        if exc.retry_after_s is not None:  # busy (503): nothing of it was stored
+            refused.headers["retry-after"] = str(exc.retry_after_s)
+        return refused
+    return JSONResponse(summary, status_code=201 if created else 200)
+
+
+async def dev_token(gateway: Gateway, request: Request) -> Response:
+    try:
+        value = await json_body(request, gateway.config)
+    except BodyRefused as exc:
+        return _error(exc.status, str(exc))
+    except BadInput:
+        value = None
+    match value:
+        case {"user": str() as name} if 0 < len(name) <= 128:
+            return JSONResponse({"token": gateway.verifier.dev_token(name), "user": name})
+        case _:
+            return _error(400, 'the body must be {"user": "<name>"}', field="$.user")
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"),
+                        headers={"cache-control": "no-store",
+                                 "content-security-policy": "default-src 'self'; "
+                                 "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(gateway: Gateway, request: Request) -> Response:
+    health = gateway.health
+    return JSONResponse(health.report(), status_code=200 if health.ready() else 503)
+
+
+async def metrics(gateway: Gateway, request: Request) -> Response:
+    gateway.metrics.open_streams.set(gateway.relay.open_streams())
+    return Response(generate_latest(gateway.metrics.registry),
+                    headers={"content-type": CONTENT_TYPE_LATEST})
+
 
 def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
-    config = gateway.config
-    uploads = UserSlots()  # uploads and deletes open, per user (rag.max_uploads_per_user)
+    """The ASGI app of contract 7: every /v1 route guarded (the token, then the handler),
+    behind a check of the declared body size."""
 
-    def guarded(route: str, handler: Callable[[Request, str], Awaitable[Response]]
-                ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                user = _user(gateway, request)
-                response = await handler(request, user)
-            except Unauthorized as exc:
-                response = _error(401, str(exc))
-                response.headers["www-authenticate"] = 'Bearer error="invalid_token"'
-            except BodyRefused as exc:
-                response = _error(exc.status, str(exc))
-            except BadInput as exc:
-                response = _error(400, exc.rule, field=exc.field)
-            except TransientError as exc:
-                log.warning("%s: a dependency failed: %s", route, exc)
-                response = _error(503, "a dependency is unavailable; try again")
-                response.headers["retry-after"] = "2"
-            except PermanentError as exc:
-                log.error("%s: %s", route, exc)
-                response = _error(500, "internal error")
-            gateway.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-            return response
-        return endpoint
-
-    async def chat(request: Request, user: str) -> Response:
-        value = await json_body(request, config)
-        if not isinstance(value, dict):
-            return _error(400, "the body must be a JSON object", field="$")
-        for assigned in ("jobId", "userId"):
-            if assigned in value:
-                return _error(400, "assigned by the gateway; leave it out",
-                              field=f"$.{assigned}")
-        key = request.headers.get("idempotency-key")
-        if key is not None and not is_ident(key):
-            return _error(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
-                          field="Idempotency-Key")
-        job_id = uuid7()
-        raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
-        checked = config.decode_request(raw)
-        idem = idempotency_key(user, key) if key is not None else None
-        if idem is not None:
-            earlier = await _hold(idem, job_id, user, checked.session_id)
-            if earlier is not None:
-                return earlier
-        ttl = config.gateway.idempotency_s + config.stream.ttl_s
-        await gateway.reads.remember_owner(OWNER_PREFIX + job_id, user, ttl)
-        # The client's trace (a valid W3C traceparent; anything else is ignored) goes on
-        # through Kafka to the worker; with telemetry on, under the gateway's own span.
-        incoming = traceparent_of([("traceparent", request.headers.get("traceparent", "")
-                                    .encode("latin-1"))])
-        topic = config.kafka.request_topic
-        try:
-            with gateway.telemetry.sending(topic, incoming) as traceparent:
-                await gateway.produce(topic, raw, checked.session_id.encode(),
-                                      [("traceparent", traceparent.encode())] if traceparent
-                                      else [])
-        except TransientError as exc:
-            return await _unconfirmed(job_id, user, checked.session_id, idem, exc)
-        if idem is not None:
-            await gateway.reads.settle(idem, PENDING + job_id, job_id)
-        return _accepted(job_id)
-
-    async def _hold(idem: str, job_id: str, user: str, session_id: str) -> Response | None:
-        """Take the Idempotency-Key for this request (None), or answer a repeat: the
-        first request's job once it was accepted. While the first is still being sent,
-        wait for its fate (a refused first leaves the key to this one); one pending for
-        longer than a send can take was left by a gateway that died mid-send: fence its
-        job as a refused one would be, and take the key over unless a worker has it."""
-        waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
-        while True:
-            held = await gateway.reads.claim_once(idem, PENDING + job_id,
-                                                  config.gateway.idempotency_s)
-            if held == PENDING + job_id:
-                return None
-            if not held.startswith(PENDING):
-                return _accepted(held)
-            if trio.current_time() > waited:
-                earlier = held.removeprefix(PENDING)
-                if not await gateway.history.fence_refused(
-                        job_id=earlier, user_id=user, session_id=session_id,
-                        reason="its gateway stopped while sending it"):
-                    await gateway.reads.settle(idem, held, earlier)
-                    return _accepted(earlier)
-                await gateway.reads.settle(idem, held, "")
-                waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
-                continue
-            await trio.sleep(SETTLE_POLL_S)
-
-    async def _unconfirmed(job_id: str, user: str, session_id: str, idem: str | None,
-                           exc: TransientError) -> Response:
-        """The broker did not confirm the request: it may still reach a worker later.
-        Fence it (a terminal row no worker runs) and answer 503, so a refusal is a
-        refusal; a worker that claimed it first means it was accepted after all (202)."""
-        try:
-            fenced = await gateway.history.fence_refused(
-                job_id=job_id, user_id=user, session_id=session_id, reason=str(exc)[:500])
-        except TransientError as fence_failed:
-            log.error("chat: job %s: the broker did not confirm it (%s) and it could not be "
-                      "fenced (%s): it may still run", job_id, exc, fence_failed)
-            if idem is not None:  # a retry with the key gets this job, not a second one
-                await gateway.reads.settle(idem, PENDING + job_id, job_id)
-            return _error(504, "the request was sent but not confirmed, and may still run: "
-                               "follow its events; a retry with the same Idempotency-Key "
-                               "returns this job", jobId=job_id,
-                          events=f"/v1/jobs/{job_id}/events")
-        if idem is not None:
-            await gateway.reads.settle(idem, PENDING + job_id, "" if fenced else job_id)
-        if not fenced:
-            return _accepted(job_id)
-        log.warning("chat: job %s refused: the broker did not confirm it (%s); fenced, it "
-                    "never runs", job_id, exc)
-        response = _error(503, "the request was not accepted (the message broker did not "
-                               "confirm it) and will not run: send it again", code="not_accepted")
-        response.headers["retry-after"] = "2"
-        return response
-
-    def _accepted(job_id: str) -> JSONResponse:
-        return JSONResponse({"jobId": job_id, "events": f"/v1/jobs/{job_id}/events"},
-                            status_code=202)
-
-    async def events(request: Request, user: str) -> Response:
-        job_id = request.path_params["job_id"]
-        if not is_ident(job_id):
-            return _error(404, NOT_FOUND)
-        resume = request.headers.get("last-event-id")
-        if resume is not None and not is_entry_id(resume):
-            return _error(400, "Last-Event-ID must be a stream entry id: two integers "
-                          f"0..{U64_MAX} joined by '-'", field="Last-Event-ID")
-        most = config.gateway.max_streams_per_user
-        if not gateway.stream_slots.take(user, most):
-            return _too_many_streams(most, config.gateway.stream_wait_s)
-        release = partial(gateway.stream_slots.give_back, user)
-        try:
-            response = await _open_events(gateway, user, job_id, resume)
-        except BaseException:
-            release()
-            raise
-        if isinstance(response, EventStream):
-            response.on_close = release  # the slot is held until the stream ends
-        else:
-            release()
-        return response
-
-    async def cancel(request: Request, user: str) -> Response:
-        job_id = request.path_params["job_id"]
-        if not is_ident(job_id):
-            return _error(404, NOT_FOUND)
-        if await _owner(gateway, job_id) != user:
-            return _error(404, NOT_FOUND)
-        message = json.dumps({"type": "cancel", "jobId": job_id, "userId": user,
-                              "reason": "cancelled through the gateway"}).encode()
-        await gateway.produce(config.kafka.control_topic, message, job_id.encode(), [])
-        return JSONResponse({"jobId": job_id, "cancel": "sent"}, status_code=202)
-
-    async def sessions(request: Request, user: str) -> Response:
-        return JSONResponse({"sessions": await gateway.history.sessions(user_id=user)})
-
-    async def session(request: Request, user: str) -> Response:
-        session_id = request.path_params["session_id"]
-        if not is_ident(session_id):
-            return _error(404, "no such session")
-        if request.method == "DELETE":
-            gone = await gateway.history.delete_session(user_id=user, session_id=session_id)
-            return JSONResponse({"sessionId": session_id, "deleted": gone})
-        turns = await gateway.history.session_messages(user_id=user, session_id=session_id)
-        return JSONResponse({"sessionId": session_id, "messages": turns})
-
-    async def documents(request: Request, user: str) -> Response:
-        if gateway.documents is None:
-            return _error(404, "document uploads are not served here")
-        rag = config.rag
-        if request.method == "GET":
-            return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
-                "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
-        name = request.path_params["name"]
-        if not uploads.take(user, rag.max_uploads_per_user):
-            busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
-                               "(rag.max_uploads_per_user); wait for one to finish")
-            busy.headers["retry-after"] = "2"
-            return busy
-        try:
-            return await _document(request, user, name)
-        finally:
-            uploads.give_back(user)
-
-    async def _document(request: Request, user: str, name: str) -> Response:
-        assert gateway.documents is not None
-        rag = config.rag
-        try:
-            if request.method == "DELETE":
-                gone = await gateway.documents.delete(user, name)
-                if not gone:
-                    return _error(404, f"no document {name!r}")
-                return JSONResponse({"name": name, "deleted": gone})
-            data = await _body_within(request, rag.max_document_bytes,
-                                      config.gateway.body_timeout_s)
-            if data is None:
-                return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit "
-                                   "(rag.max_document_bytes)")
-            created, summary = await gateway.documents.put(user, name, data)
-        except DocumentRefused as exc:
-            refused = _error(exc.status, str(exc))
-            if exc.retry_after_s is not None:  # busy (503): nothing of it was stored
-                refused.headers["retry-after"] = str(exc.retry_after_s)
-            return refused
-        return JSONResponse(summary, status_code=201 if created else 200)
-
-    async def dev_token(request: Request) -> Response:
-        try:
-            value = await json_body(request, config)
-            name = value.get("user") if isinstance(value, dict) else None
-        except BodyRefused as exc:
-            return _error(exc.status, str(exc))
-        except BadInput:
-            name = None
-        if not isinstance(name, str) or not 0 < len(name) <= 128:
-            return _error(400, 'the body must be {"user": "<name>"}', field="$.user")
-        return JSONResponse({"token": gateway.verifier.dev_token(name), "user": name})
-
-    async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"),
-                            headers={"cache-control": "no-store",
-                                     "content-security-policy": "default-src 'self'; "
-                                     "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        health = gateway.health
-        return JSONResponse(health.report(), status_code=200 if health.ready() else 503)
-
-    async def metrics(request: Request) -> Response:
-        gateway.metrics.open_streams.set(gateway.relay.open_streams())
-        return Response(generate_latest(gateway.metrics.registry),
-                        headers={"content-type": CONTENT_TYPE_LATEST})
+    def v1(path: str, route: str, handler: Handler, methods: list[str]) -> Route:
+        return Route(path, partial(guarded, gateway, route, handler), methods=methods)
 
     routes = [
-        Route("/v1/chat", guarded("chat", chat), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/events", guarded("events", events), methods=["GET"]),
-        Route("/v1/jobs/{job_id}/cancel", guarded("cancel", cancel), methods=["POST"]),
-        Route("/v1/sessions", guarded("sessions", sessions), methods=["GET"]),
-        Route("/v1/sessions/{session_id}/messages", guarded("messages", session),
-              methods=["GET"]),
-        Route("/v1/sessions/{session_id}", guarded("delete", session), methods=["DELETE"]),
-        Route("/v1/documents", guarded("documents", documents), methods=["GET"]),
-        Route("/v1/documents/{name}", guarded("documents", documents),
-              methods=["PUT", "DELETE"]),
-        Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+        v1("/v1/chat", "chat", chat, ["POST"]),
+        v1("/v1/jobs/{job_id}/events", "events", events, ["GET"]),
+        v1("/v1/jobs/{job_id}/cancel", "cancel", cancel, ["POST"]),
+        v1("/v1/sessions", "sessions", sessions, ["GET"]),
+        v1("/v1/sessions/{session_id}/messages", "messages", session, ["GET"]),
+        v1("/v1/sessions/{session_id}", "delete", session, ["DELETE"]),
+        v1("/v1/documents", "documents", documents, ["GET"]),
+        v1("/v1/documents/{name}", "documents", documents, ["PUT", "DELETE"]),
+        Route("/healthz", healthz), Route("/readyz", partial(readyz, gateway)),
+        Route("/metrics", partial(metrics, gateway)),
     ]
-    if config.gateway.dev_signin:
-        routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
-    if config.gateway.page:
+    if gateway.config.gateway.dev_signin:
+        routes.append(Route("/v1/dev/token", partial(dev_token, gateway), methods=["POST"]))
+    if gateway.config.gateway.page:
         routes.append(Route("/", page))
-    starlette = Starlette(routes=routes)
+    return partial(_entrance, gateway.config, Starlette(routes=routes))
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        scope[RAW_SEND] = send
-        if scope["type"] == "http" and (refused := _declared_too_large(scope, config)):
-            # Before routing, authentication or a byte of the body is read.
-            await refused(scope, receive, send)
-            return
-        await starlette(scope, receive, send)
 
-    return app
+async def _entrance(config: Config, starlette: Starlette, scope: Any, receive: Any,
+                    send: Any) -> None:
+    """Every request: the raw `send` kept for EventStream, and a body declared too
+    large refused before routing, authentication or a byte of it is read."""
+    scope[RAW_SEND] = send
+    if scope["type"] == "http" and (refused := _declared_too_large(scope, config)):
+        await refused(scope, receive, send)
+        return
+    await starlette(scope, receive, send)
 
 
 def _declared_too_large(scope: Any, config: Config) -> Response | None:
