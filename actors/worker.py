@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import trio
 
+from actors.aliases import Aliases
 from actors.claims import Claims
 from actors.health import Health
 from actors.leases import LeaseKeeper
@@ -80,6 +82,11 @@ class Worker:
     claims: Claims | None = None  # the claims actor; None: each job claims on its own
     # Aliases whose vendor refused an assistant prefill in this process: not continued.
     prefill_refused: set[str] = field(default_factory=set[str])
+
+    @cached_property
+    def aliases(self) -> Aliases:
+        """The config's model aliases, resolved at the first job that needs them."""
+        return Aliases.resolve(self.config, self.pricing, self.tokens)
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:
         return JobRef(job_id=job_id, user_id=user_id, session_id=session_id, attempt=attempt,

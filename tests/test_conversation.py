@@ -4,12 +4,12 @@ timeouts (total, first token, idle) and cancel, in virtual time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import pytest
 import trio
 
+import actors.job.finish as finish_module
 from actors.job.conversation import run_conversation
 from actors.registry import JobRegistry
 from actors.worker import Worker
@@ -257,23 +257,14 @@ async def test_a_claim_that_fails_unexpectedly_settles_its_job_as_failed(autojum
     assert isinstance(record, JobRejected) and record.status == "failed"
 
 
-@dataclass
-class PricingBrokenAfterClaim(FlatPricing):
-    """A lookup that works for the claim and raises in the job's terminal writes."""
+async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_clock,
+                                                                      monkeypatch):
+    def broken_record(*args, **kwargs):
+        raise KeyError("a bug in building the terminal row")
 
-    lookups: int = 0
-
-    def provider_of(self, model: str) -> str:
-        self.lookups += 1
-        if self.lookups > 1:
-            raise KeyError(model)
-        return super().provider_of(model)
-
-
-async def test_a_bug_in_the_terminal_writes_settles_its_job_as_failed(autojump_clock):
+    monkeypatch.setattr(finish_module, "terminal_record", broken_record)
     store = FakeStore()
-    bodies, record, _ = await run(scripted([(1, "a"), (2, "b")]), store=store,
-                                  pricing=PricingBrokenAfterClaim())
+    bodies, record, _ = await run(scripted([(1, "a"), (2, "b")]), store=store)
     assert kinds(bodies) == ["started", "token", "token", "error", "done"]
     assert bodies[-2].code == "internal" and bodies[-1].status == "failed"
     # The minimal row: failed, no content, what was billed kept; written under the

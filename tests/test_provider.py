@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import trio
 
+from actors.aliases import Alias, Aliases
 from actors.errors import (
     PermanentError,
     PrefillRefused,
@@ -16,7 +17,7 @@ from actors.errors import (
 )
 from actors.job.provider import Answer, continuation, stream_answer
 from config import Config, load_config
-from tests.fakes import FlatPricing, Reply, ScriptedChat
+from tests.fakes import FlatPricing, Reply, ScriptedChat, WordCounting
 
 CONFIG = load_config(environ={
     "CHAT_ACTORS__LLM__MODELS__LOCAL__FALLBACKS": '["backup"]',
@@ -26,6 +27,13 @@ CONFIG = load_config(environ={
     "CHAT_ACTORS__JOBS__FIRST_TOKEN_TIMEOUT_S": "10",
     "CHAT_ACTORS__JOBS__IDLE_TIMEOUT_S": "5",
 })
+
+
+def local_chain(config: Config) -> tuple[Alias, ...]:
+    """The alias "local" and its fallbacks, resolved as a worker resolves them."""
+    return Aliases.resolve(config, FlatPricing(), WordCounting()).chain("local")
+
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -45,7 +53,7 @@ async def run(chat: ScriptedChat, mailbox_full_s: float = 0.0, config: Config = 
         switches.append((old, new, why))
 
     answer = Answer()
-    await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
+    await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
                         messages=MESSAGES,
                         params={}, count=lambda text: len(text.split()), prompt_estimate=3,
                         on_token=on_token, on_switch=on_switch, answer=answer, **listeners)
@@ -142,7 +150,7 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
         pass
 
     with pytest.raises(ProviderExhausted):
-        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
+        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
                             messages=MESSAGES,
                             params={"max_tokens": 100}, count=lambda text: len(text.split()),
                             prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
@@ -177,7 +185,7 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
         pass
 
     with pytest.raises(ProviderExhausted):
-        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, alias_name="local",
+        await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
                             messages=MESSAGES, params={"max_tokens": 100},
                             count=lambda text: len(text.split()), prompt_estimate=0,
                             on_token=ignore, on_switch=ignore, answer=answer)
@@ -209,7 +217,7 @@ async def test_a_vendor_whose_tool_calls_grow_without_end_is_cut_off(autojump_cl
     answer, vendor = Answer(), ScriptedChat([Reply(tool_calls=("x" * 27,) * 4, hang=True)])
     with pytest.raises(PermanentError) as failed:
         await stream_answer(chat=vendor, pricing=FlatPricing(), config=config,
-                            alias_name="local", messages=MESSAGES, params={}, count=len,
+                            chain=local_chain(config), messages=MESSAGES, params={}, count=len,
                             prompt_estimate=3, on_token=ignore, on_switch=ignore, answer=answer)
     assert failed.value.code == "tool_calls_too_large"
     assert "limits.max_tool_call_chars (100)" in str(failed.value)

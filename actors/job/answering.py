@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import trio
 
+from actors.aliases import Alias
 from actors.backoff import retry_transient
-from actors.capabilities import capabilities_of
 from actors.errors import PermanentError, RequestRefused, TransientError
 from actors.job.budget import reserve
 from actors.job.claim import check_fence, start_over
@@ -60,6 +60,7 @@ class JobRun:
 
     answer: Answer
     job: JobRef  # the attempt it runs as: the next one once its answer starts over
+    chain: tuple[Alias, ...]  # the alias asked for and its fallbacks, resolved
     prompt_estimate: int = 0
     retrieved: Retrieved | None = None
     sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
@@ -178,12 +179,10 @@ class Prompt(NamedTuple):
 
 
 async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
-                       *, alias_name: str, params: dict[str, Any], count: Callable[[str], int],
-                       images: list[StoredImage], urls: dict[str, str],
-                       timeline: Timeline) -> Prompt:
+                       *, alias: Alias, params: dict[str, Any], images: list[StoredImage],
+                       urls: dict[str, str], timeline: Timeline) -> Prompt:
     """[retrieval] -> the prompt within the alias's token budget, its images filled in."""
-    config = worker.config
-    alias = config.llm.models[alias_name]
+    config, spec, count = worker.config, alias.spec, alias.count
     results = pending_results(request, history)
     # The tools and the response schema go with every prompt and count in it (contract
     # 2.1). Up to a megabyte of JSON: counted off the event loop.
@@ -194,16 +193,16 @@ async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, histor
         with timeline.step("retrieval"):
             retrieved = await retrieve(request, worker, job)
         budget = int(config.rag.context_share
-                     * max(alias.context_window - alias.max_tokens - tools_tokens, 0))
+                     * max(spec.context_window - spec.max_tokens - tools_tokens, 0))
         context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
                                         budget_tokens=budget, count=count)
         sources_used = [h.id for h in retrieved.hits[:kept]]
     messages, estimate = build_messages(
         system_prompt=config.llm.system_prompt, history=history,
-        user_message=request.message, context_window=alias.context_window,
-        answer_tokens=alias.max_tokens, count=count, context=context,
+        user_message=request.message, context_window=spec.context_window,
+        answer_tokens=spec.max_tokens, count=count, context=context,
         tool_results=results, user_images=[i.ref for i in images],
-        vision=capabilities_of(config, worker.pricing, alias_name).vision,
+        vision=bool(alias.capabilities.vision),
         tools_tokens=tools_tokens)
     if wanted := stored_images(messages) - urls.keys():
         # History images, read only for the turns the prompt kept.
@@ -221,20 +220,18 @@ async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, histor
 async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
                  run: JobRun) -> None:
     """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
-    alias_name = run.answer.alias
-    alias = worker.config.llm.models[alias_name]
-    count = worker.tokens.counter(alias.model)
+    alias = run.chain[0]
+    count = alias.count
     run.images, urls = attached_images(request, worker)
-    params = model_params(request, alias.max_tokens)
-    prompt = await build_prompt(request, worker, job, history, alias_name=alias_name,
-                                params=params, count=count, images=run.images, urls=urls,
-                                timeline=run.timeline)
+    params = model_params(request, alias.spec.max_tokens)
+    prompt = await build_prompt(request, worker, job, history, alias=alias, params=params,
+                                images=run.images, urls=urls, timeline=run.timeline)
     run.retrieved, run.sources_used = prompt.retrieved, prompt.sources_used
     run.messages, run.prompt_estimate = prompt.messages, prompt.estimate
     # A continuation (actors/job/takeover.py) sends the answer so far as the assistant turn's
     # start: the prompt holds it, and the answer only has the rest of its budget left.
     carried = count(run.answer.carried) if run.answer.kept else 0
-    run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, alias_name,
+    run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, run.chain,
                                                               prompt.estimate + carried)
     run.params = params
     if carried:
@@ -273,7 +270,7 @@ async def _stream(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun
     try:
         await stream_answer(
             chat=worker.chat, pricing=worker.pricing, config=worker.config,
-            alias_name=run.answer.alias, messages=run.messages, params=run.params, count=count,
+            chain=run.chain, messages=run.messages, params=run.params, count=count,
             prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
             on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
             on_tool_call=on_tool_call, on_restart=on_restart, before_try=before_try,

@@ -10,10 +10,13 @@ Over a limit the job is refused with `budget_exceeded` (USD) or `rate_limited`
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+from actors.aliases import Alias
 from actors.backoff import retry_transient
 from actors.errors import PermanentError
 from actors.job.spend import worst_try_usd
+from actors.ports import Pricing
 from actors.worker import Worker
 from config import Budgets
 from messages.mailboxes import JobRef
@@ -41,23 +44,22 @@ def holds_for(budgets: Budgets, user_id: str, *, worst_usd: float,
     return holds
 
 
-def worst_job_usd(worker: Worker, alias_name: str, prompt_tokens: int) -> float:
+def worst_job_usd(pricing: Pricing, chain: Sequence[Alias], prompt_tokens: int) -> float:
     """The most one try can cost on the alias or any of its fallbacks."""
-    config = worker.config
-    alias = config.llm.models[alias_name]
-    return max(worst_try_usd(worker.pricing, spec, prompt_tokens, alias.max_tokens)
-               for spec in (alias, *(config.llm.models[f] for f in alias.fallbacks)))
+    answer_tokens = chain[0].spec.max_tokens
+    return max(worst_try_usd(pricing, alias.spec, prompt_tokens, answer_tokens)
+               for alias in chain)
 
 
-async def reserve(worker: Worker, job: JobRef, alias_name: str,
+async def reserve(worker: Worker, job: JobRef, chain: Sequence[Alias],
                   prompt_tokens: int) -> tuple[float | None, bool]:
     """Reserve the job's worst case; return the USD cap it may spend (None: no USD
     limit) and whether anything is reserved. Raises PermanentError over a limit."""
     config = worker.config
     budgets = config.budgets
-    worst_usd = worst_job_usd(worker, alias_name, prompt_tokens)
+    worst_usd = worst_job_usd(worker.pricing, chain, prompt_tokens)
     holds = holds_for(budgets, job.user_id, worst_usd=worst_usd,
-                      tokens=prompt_tokens + config.llm.models[alias_name].max_tokens)
+                      tokens=prompt_tokens + chain[0].spec.max_tokens)
     if not holds:
         return None, False
 

@@ -14,6 +14,7 @@ from typing import assert_never
 
 import trio
 
+from actors.aliases import Alias
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.worker import FINISH_GRACE_S, Worker
@@ -33,20 +34,19 @@ log = logging.getLogger("chat_actors.claim")
 
 
 async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
-                    alias_name: str) -> Claimed | AlreadyTerminal | OwnedByAnotherUser:
+                    alias: Alias) -> Claimed | AlreadyTerminal | OwnedByAnotherUser:
     """Claim the job, waiting while another worker holds a live lease on it."""
     config = worker.config
     order = ClaimOrder(job_id=request.job_id, user_id=request.user_id,
                        session_id=request.session_id, trace_id=trace_id, mode=request.mode,
-                       model=alias_name,
-                       provider=worker.pricing.provider_of(config.llm.models[alias_name].model))
+                       model=alias.name, provider=alias.provider)
 
     async def claim_once() -> ClaimResult:
         if worker.claims is not None:  # with every job claiming at the same time
             return await worker.claims.claim(order)
         return await worker.store.claim(
             job_id=order.job_id, user_id=order.user_id, session_id=order.session_id,
-            trace_id=trace_id, mode=order.mode, model=alias_name, provider=order.provider,
+            trace_id=trace_id, mode=order.mode, model=order.model, provider=order.provider,
             lease_holder=worker.worker_id, lease_s=config.jobs.lease_s,
             history_limit=config.llm.max_history_turns)
 

@@ -18,6 +18,7 @@ from typing import assert_never
 import msgspec
 import trio
 
+from actors.aliases import Alias
 from actors.backoff import retry_transient
 from actors.errors import PermanentError, TransientError
 from actors.job.answering import JobRun, answer
@@ -64,22 +65,22 @@ async def run_conversation(request: ChatRequest, worker: Worker,
 
 async def _run_job(request: ChatRequest, worker: Worker, trace_id: str,
                    traced: _Traced) -> None:
-    alias_name, _ = worker.config.alias(request.model)
+    chain = worker.aliases.chain(request.model)
     job = worker.job_ref(request.job_id, request.user_id, request.session_id)
-    claimed = await _claim(request, worker, job, trace_id=trace_id, alias_name=alias_name,
+    claimed = await _claim(request, worker, job, trace_id=trace_id, alias=chain[0],
                            traced=traced)
     if claimed is not None:
         await _run_attempt(request, worker, msgspec.structs.replace(job, attempt=claimed.attempt),
-                           claimed, alias_name=alias_name, traced=traced)
+                           claimed, chain=chain, traced=traced)
 
 
 async def _claim(request: ChatRequest, worker: Worker, job: JobRef, *, trace_id: str,
-                 alias_name: str, traced: _Traced) -> Claimed | None:
+                 alias: Alias, traced: _Traced) -> Claimed | None:
     """The job's lease for this worker, or None: not this worker's to run (settled here
     when it cannot be claimed at all)."""
     try:
         with traced.timeline.step("claim"):
-            claim = await claim_job(request, worker, trace_id=trace_id, alias_name=alias_name)
+            claim = await claim_job(request, worker, trace_id=trace_id, alias=alias)
     except TransientError:
         raise  # a dependency is away: the offset stays uncommitted, the job comes back
     except Exception as exc:  # a record refused, or a bug: redelivery would fail the same way
@@ -110,17 +111,18 @@ async def _claim(request: ChatRequest, worker: Worker, job: JobRef, *, trace_id:
 
 
 async def _run_attempt(request: ChatRequest, worker: Worker, job: JobRef, claimed: Claimed, *,
-                       alias_name: str, traced: _Traced) -> None:
+                       chain: tuple[Alias, ...], traced: _Traced) -> None:
     """The claimed attempt to a settled state, or handed back when stopped before it."""
     running = worker.registry.admit(job.job_id, job.user_id, job.attempt)
     worker.leases.hold(job.job_id)  # renewed by the lease keeper until the job is settled
-    run = JobRun(answer=Answer(alias=alias_name), job=job, timeline=traced.timeline)
+    run = JobRun(answer=Answer(alias=chain[0].name), job=job, chain=chain,
+                 timeline=traced.timeline)
     traced.attempt, traced.run = job.attempt, run
     started = trio.current_time()
     settled = False
     try:
         if job.attempt > 1 and not claimed.over_rejected:
-            run.plan = await _take_over(worker, job, alias_name, claimed.handed)
+            run.plan = await _take_over(worker, job, chain[0], claimed.handed)
         await _run_claimed(request, worker, job, running, claimed.history, run)
         settled = True
     except TransientError:
@@ -140,10 +142,10 @@ async def _run_attempt(request: ChatRequest, worker: Worker, job: JobRef, claime
         if not settled:
             # Cancelled from outside (shutdown) or not settled in time: hand the job back,
             # with its answer so far for the next attempt to continue.
-            await release_lease(worker, job.job_id, _handed(worker, request, run.job, run))
+            await release_lease(worker, job.job_id, _handed(worker, run.job, run))
 
 
-async def _take_over(worker: Worker, job: JobRef, alias_name: str,
+async def _take_over(worker: Worker, job: JobRef, alias: Alias,
                      handed: Handed | None) -> Plan:
     """Fence the earlier attempts out and decide what this one carries on from them."""
     try:
@@ -154,8 +156,7 @@ async def _take_over(worker: Worker, job: JobRef, alias_name: str,
     except PermanentError as exc:
         log.warning("job %s: its stream could not be read back (%s)", job.job_id, exc)
         entries = None
-    continues, refused = prefill_taken(worker.config, worker.pricing, alias_name,
-                                       worker.prefill_refused)
+    continues, refused = prefill_taken(alias, worker.prefill_refused)
     found = plan(job.attempt, entries, handed, continues=continues, refused=refused)
     if found.resumes is not None:
         log.info("job %s: attempt %d continues attempt %d's answer (%d characters, %d of "
@@ -174,7 +175,7 @@ def _settle_complete(worker: Worker, run: JobRun, final: Final) -> None:
     attempt ends the job with it and never calls the model. Its usage is counted in
     run.earlier; the budget the earlier attempt held is settled to it."""
     answer = run.answer
-    if final.model in worker.config.llm.models:
+    if final.model in worker.aliases.by_name:
         answer.alias = final.model
     answer.finished = StreamFinished(finish_reason=final.finish_reason, prompt_tokens=None,
                                      completion_tokens=None, model=final.model)
@@ -185,9 +186,9 @@ def _settle_complete(worker: Worker, run: JobRun, final: Final) -> None:
     run.sources_used = list(final.sources)
 
 
-def _handed(worker: Worker, request: ChatRequest, job: JobRef, run: JobRun) -> Handed:
+def _handed(worker: Worker, job: JobRef, run: JobRun) -> Handed:
     """What this attempt, stopped before its end, leaves the next one."""
-    count_usage(worker, request, run)
+    count_usage(worker, run)
     used, cost_usd = usage_of(run)
     return Handed(attempt=job.attempt, text=run.answer.text, reason=run.answer.midway,
                   usage=used, cost_usd=cost_usd)
@@ -283,12 +284,12 @@ def _model_call(worker: Worker, run: JobRun, started: float, status: str,
                 failed: str | None) -> ModelCall:
     answer, timeline = run.answer, run.timeline
     asked = answer.timed[0].alias if answer.timed else answer.alias
-    spec = worker.config.llm.models[asked]
+    alias = worker.aliases[asked]
     ended = run.model_ended if run.model_ended is not None else trio.current_time()
     finished = answer.finished
     content = worker.telemetry.capture_content
     return ModelCall(
-        alias=asked, model=spec.model, provider=worker.pricing.provider_of(spec.model),
+        alias=asked, model=alias.spec.model, provider=alias.provider,
         params={k: run.params[k] for k in _SPAN_PARAMS if k in run.params},
         start_ns=timeline.ns(started), end_ns=timeline.ns(ended),
         tries=[ModelTry(name=t.alias, model=t.model, start_ns=timeline.ns(t.started),

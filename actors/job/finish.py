@@ -26,21 +26,20 @@ from messages.wire import ChatRequest, Done, Error, Final, Usage
 log = logging.getLogger("chat_actors.finish")
 
 
-def count_usage(worker: Worker, request: ChatRequest, run: JobRun) -> None:
+def count_usage(worker: Worker, run: JobRun) -> None:
     """Add what nobody billed to the job's totals, once: the try a cancel or timeout cut
     off mid-stream, and the earlier attempts a takeover carries on from."""
     if run.counted:
         return
     run.counted = True
     answer = run.answer
-    spec = worker.config.llm.models[answer.alias]  # the alias that answered
-    first = worker.config.alias(request.model)[1]
-    count = worker.tokens.counter(first.model)
+    answered, first = worker.aliases[answer.alias], run.chain[0]
+    count = first.count
     cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
                          failure=run.failure, text=answer.new_text,
                          billed_tokens=answer.spent.used.completion, count=count)
     if cut is not None:
-        answer.spent = answer.spent.billed(worker.pricing, spec, TokenCounts(
+        answer.spent = answer.spent.billed(worker.pricing, answered.spec, TokenCounts(
             prompt=run.prompt_estimate + count(answer.carried), completion=cut))
     plan = run.plan
     if plan is None:
@@ -49,7 +48,7 @@ def count_usage(worker: Worker, request: ChatRequest, run: JobRun) -> None:
     if plan.handed_usage is not None:
         earlier = earlier.plus(plan.handed_usage, plan.handed_cost)
     for used in earlier_usage(plan, run.prompt_estimate, count):
-        earlier = earlier.billed(worker.pricing, first, used)
+        earlier = earlier.billed(worker.pricing, first.spec, used)
     run.earlier = earlier
 
 
@@ -96,10 +95,9 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
 async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
                  outcome: Outcome, *, started: float) -> None:
     answer = run.answer
-    spec = worker.config.llm.models[answer.alias]  # the alias that answered
-    provider = worker.pricing.provider_of(spec.model)
-    count = worker.tokens.counter(worker.config.alias(request.model)[1].model)
-    count_usage(worker, request, run)
+    provider = worker.aliases[answer.alias].provider  # the alias that answered
+    count = run.chain[0].count
+    count_usage(worker, run)
     ended = trio.current_time()
     record = terminal_record(request, job, run, outcome, provider=provider,
                              user_tokens=count(request.message), started=started, ended=ended,

@@ -24,15 +24,15 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, assert_never
 
 import trio
 
+from actors.aliases import Alias
 from actors.backoff import Backoff
-from actors.capabilities import capabilities_of
 from actors.channels import ready
 from actors.errors import (
     PermanentError,
@@ -125,13 +125,12 @@ class Answer:
 
 
 
-def prefill_taken(config: Config, pricing: Pricing, alias: str,
-                  refused: set[str]) -> tuple[bool, bool]:
+def prefill_taken(alias: Alias, refused: set[str]) -> tuple[bool, bool]:
     """Whether the alias is said to continue a trailing assistant turn (config, else
     LiteLLM's map), and whether its vendor has refused one in this process all the same
     (`refused`): actors/continuing.decide's `continues` and `refused`."""
-    continues = bool(capabilities_of(config, pricing, alias).continues)
-    return continues, continues and alias in refused
+    continues = bool(alias.capabilities.continues)
+    return continues, continues and alias.name in refused
 
 
 # Vendors that continue a trailing assistant turn only when it says `prefix: true`
@@ -444,9 +443,9 @@ class _Chain:
     metrics: Metrics | None
     refused: set[str]  # aliases whose vendor refused a prefill in this process
 
-    def covered(self, spec: ModelAlias) -> bool:
+    def covered(self, alias: Alias) -> bool:
         """May another try run within the job's budget reservation?"""
-        answer = self.answer
+        answer, spec = self.answer, alias.spec
         if not answer.tries or answer.spend_cap is None or answer.spent.cost_usd is None:
             return True
         # The answer may run to what the request asks (the first alias's limit)
@@ -456,10 +455,10 @@ class _Chain:
                               self.prompt_estimate + self.count(answer.text), answer_tokens)
         return answer.spent.cost_usd + worst <= answer.spend_cap * (1 + 1e-9)
 
-    async def attempt(self, name: str, spec: ModelAlias) -> StreamFinished:
-        """One try on `spec`, billed whether it finishes or fails."""
-        answer = self.answer
-        text = await self.goes_on(name)
+    async def attempt(self, alias: Alias) -> StreamFinished:
+        """One try on `alias`, billed whether it finishes or fails."""
+        answer, name, spec = self.answer, alias.name, alias.spec
+        text = await self.goes_on(alias)
         if self.listeners.before_try is not None:
             await self.listeners.before_try()
         answer.tries += 1
@@ -468,11 +467,11 @@ class _Chain:
         prefill = text.rstrip()
         answer.held = text[len(prefill):]
         request = continuation(self.messages, prefill, flagged=bool(prefill) and (
-            self.pricing.provider_of(spec.model) in PREFIX_FLAGGED))
+            alias.provider in PREFIX_FLAGGED))
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
             finished = await _one_try(self.chat, spec, request, self.params, self.config,
-                                      answer, self.listeners, partial(self.resend, name, spec))
+                                      answer, self.listeners, partial(self.resend, alias))
             failed = None
         except (PermanentError, TransientError) as exc:
             failed = error_type(exc)
@@ -481,10 +480,10 @@ class _Chain:
                     prompt=self.prompt_estimate,
                     completion=self.count("".join(answer.parts[before:]))))
             if isinstance(exc, PrefillRefused):
-                self.refuse(name, spec)
+                self.refuse(alias)
                 raise
             if self.metrics is not None:
-                self.metrics.provider_failed(self.pricing.provider_of(spec.model), exc)
+                self.metrics.provider_failed(alias.provider, exc)
             raise
         finally:
             answer.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
@@ -492,15 +491,16 @@ class _Chain:
                                            self.used(finished, "".join(answer.parts[before:])))
         return finished
 
-    async def goes_on(self, name: str) -> str:
-        """The text the next try on `name` continues ("" for none), by the one decision
+    async def goes_on(self, alias: Alias) -> str:
+        """The text the next try on `alias` continues ("" for none), by the one decision
         (actors/job/continuing.py). Nothing shown to the client yet: a plain retry. A
         restart makes the job's next attempt, which starts from nothing."""
         answer = self.answer
         midway, answer.midway = answer.midway, None
         if not (answer.text or answer.reasoned):
             return ""
-        continues, refused = prefill_taken(self.config, self.pricing, name, self.refused)
+        name = alias.name
+        continues, refused = prefill_taken(alias, self.refused)
         decision = decide(answer.text, continues=continues, midway=midway, refused=refused)
         if decision.reason is None:
             return answer.text
@@ -514,8 +514,9 @@ class _Chain:
         answer.reasoned = False
         return ""
 
-    def refuse(self, name: str, spec: ModelAlias) -> None:
+    def refuse(self, alias: Alias) -> None:
         """The vendor refused the alias's prefill: no job of it continues again here."""
+        name = alias.name
         if name in self.refused:
             return
         self.refused.add(name)
@@ -523,8 +524,7 @@ class _Chain:
                     "should be false); its answers start over instead of continuing, in "
                     "this process from now on", name, name)
         if self.metrics is not None:
-            self.metrics.prefill_refused.labels(
-                alias=name, vendor=self.pricing.provider_of(spec.model)).inc()
+            self.metrics.prefill_refused.labels(alias=name, vendor=alias.provider).inc()
 
     def used(self, finished: StreamFinished, new_text: str) -> TokenCounts:
         """What the finished try used: the vendor's counts, or our estimate of those it
@@ -538,39 +538,39 @@ class _Chain:
                            cache_write=min(max(finished.cache_write_tokens, 0), prompt - cached),
                            reasoning=min(max(finished.reasoning_tokens, 0), completion))
 
-    async def resend(self, name: str, spec: ModelAlias, why: str) -> bool:
+    async def resend(self, alias: Alias, why: str) -> bool:
         """The transport asks to send the request again (it may have reached the vendor):
         it counts as a retry, and only if the budget reservation still covers a try."""
-        if not self.covered(spec):
+        if not self.covered(alias):
             return False
-        log.warning("%s: %s", name, why)
-        self.count_retry(spec)
-        await self.listeners.on_switch(name, name, why)
+        log.warning("%s: %s", alias.name, why)
+        self.count_retry(alias)
+        await self.listeners.on_switch(alias.name, alias.name, why)
         return True
 
-    def count_retry(self, spec: ModelAlias) -> None:
+    def count_retry(self, alias: Alias) -> None:
         self.answer.retries += 1
         if self.metrics is not None:
-            self.metrics.provider_retries.labels(vendor=self.pricing.provider_of(spec.model)).inc()
+            self.metrics.provider_retries.labels(vendor=alias.provider).inc()
 
-    async def retry(self, name: str, spec: ModelAlias, retry: int, exc: TransientError) -> None:
+    async def retry(self, alias: Alias, retry: int, exc: TransientError) -> None:
         wait = self.backoff.delay(retry, exc.retry_after)
-        log.warning("%s failed (%s); retry %d in %.2fs", name, exc, retry, wait)
-        self.count_retry(spec)
-        await self.listeners.on_switch(name, name, str(exc))
+        log.warning("%s failed (%s); retry %d in %.2fs", alias.name, exc, retry, wait)
+        self.count_retry(alias)
+        await self.listeners.on_switch(alias.name, alias.name, str(exc))
         await trio.sleep(wait)
 
-    async def fall_back(self, name: str, spec: ModelAlias, to: str, exc: TransientError) -> None:
-        log.warning("%s failed (%s); falling back to %s", name, exc, to)
+    async def fall_back(self, alias: Alias, to: Alias, exc: TransientError) -> None:
+        log.warning("%s failed (%s); falling back to %s", alias.name, exc, to.name)
         self.answer.fallbacks += 1
         if self.metrics is not None:
             self.metrics.provider_fallbacks.labels(
-                from_vendor=self.pricing.provider_of(spec.model),
-                to_vendor=self.pricing.provider_of(self.config.llm.models[to].model)).inc()
-        await self.listeners.on_switch(name, to, str(exc))
+                from_vendor=alias.provider, to_vendor=to.provider).inc()
+        await self.listeners.on_switch(alias.name, to.name, str(exc))
 
 
-async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, alias_name: str,
+async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
+                        chain: Sequence[Alias],
                         messages: list[dict[str, str]], params: dict[str, Any],
                         count: Callable[[str], int], prompt_estimate: int,
                         on_token: Callable[[str], Awaitable[None]],
@@ -594,14 +594,12 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, al
                   metrics=metrics, refused=set() if refused is None else refused,
                   backoff=backoff or Backoff(base_s=llm.retry_backoff_s,
                                              cap_s=llm.retry_backoff_cap_s))
-    chain = [alias_name, *llm.models[alias_name].fallbacks]
     last: TransientError | None = None
-    for position, name in enumerate(chain):
-        spec = llm.models[name]
+    for position, alias in enumerate(chain):
         retry, refused_here = 0, False
-        while walk.covered(spec):
+        while walk.covered(alias):
             try:
-                answer.finished = await walk.attempt(name, spec)
+                answer.finished = await walk.attempt(alias)
             except PrefillRefused:
                 if refused_here:
                     raise
@@ -611,13 +609,14 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config, al
                 last = exc
                 if retry < llm.retries:
                     retry += 1
-                    await walk.retry(name, spec, retry, exc)
+                    await walk.retry(alias, retry, exc)
                     continue
                 if position + 1 < len(chain):
-                    await walk.fall_back(name, spec, chain[position + 1], exc)
+                    await walk.fall_back(alias, chain[position + 1], exc)
                 break
             return answer
         else:
-            log.warning("%s: no retry, the job's budget reservation would not cover it", name)
+            log.warning("%s: no retry, the job's budget reservation would not cover it",
+                        alias.name)
     assert last is not None  # the first try is never held back
     raise ProviderExhausted(last, answer.tries)
