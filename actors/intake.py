@@ -21,8 +21,8 @@ from functools import partial
 import msgspec
 import trio
 
+from actors.aliases import check_capabilities
 from actors.backoff import Backoff, retry_transient
-from actors.capabilities import alias_capabilities, check_capabilities
 from actors.errors import PermanentError, TransientError
 from actors.job import run_conversation
 from actors.logs import job_context
@@ -134,7 +134,6 @@ class Intake:
         self.worker = worker
         self.tracker = tracker
         self.run_job = run_job
-        self.capabilities = alias_capabilities(worker.config, worker.pricing)
         self.max_in_flight = worker.config.jobs.max_in_flight
         self.low_water = self.max_in_flight * 3 // 4
         self.in_flight = 0  # jobs running, not those waiting behind their session
@@ -199,7 +198,7 @@ class Intake:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
         try:
             request = self.worker.config.decode_request(delivery.value)
-            check_capabilities(request, self.worker.config, self.capabilities)
+            check_capabilities(request, self.worker.aliases.chain(request.model))
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.
             self.in_flight += 1

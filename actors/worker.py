@@ -85,7 +85,7 @@ class Worker:
 
     @cached_property
     def aliases(self) -> Aliases:
-        """The config's model aliases, resolved at the first job that needs them."""
+        """The config's model aliases, resolved at first use (the intake's start)."""
         return Aliases.resolve(self.config, self.pricing, self.tokens)
 
     def job_ref(self, job_id: str, user_id: str, session_id: str, attempt: int = 1) -> JobRef:

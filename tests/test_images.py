@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.adapters.llm.tokens import TokenCounter
-from actors.capabilities import alias_capabilities, check_capabilities
+from actors.aliases import Aliases, check_capabilities
 from actors.job.prompt import IMAGE_REF, MISSING_IMAGE, build_messages, fill_images, stored_images
 from config import load_config
 from messages.images import URL_IMAGE_TOKENS, ImageProblem, check_image, image_size, image_tokens
 from messages.mailboxes import ImageRef, Turn
 from messages.wire import BadInput, decode_request
-from tests.fakes import FlatPricing
+from tests.fakes import FlatPricing, WordCounting
 from tests.helpers import events_of, message_rows, produce, request, worker_running
 from tests.images import data_url, gif_header, jpeg_header, png, webp_vp8x
 
@@ -127,11 +127,13 @@ def test_an_alias_without_vision_refuses_images_naming_the_fix():
     req = _decode(request("What is this?", v=2, attachments=picture))
     config = load_config()
     with pytest.raises(BadInput) as info:
-        check_capabilities(req, config, alias_capabilities(config, FlatPricing()))
+        check_capabilities(req, Aliases.resolve(config, FlatPricing(),
+                                                WordCounting()).chain(req.model))
     assert info.value.field == "$.attachments" and "takes no images" in info.value.rule
     assert "llm.models.local.vision = true" in info.value.rule
     seeing = load_config(environ={"CHAT_ACTORS__LLM__MODELS__LOCAL__VISION": "true"})
-    check_capabilities(req, seeing, alias_capabilities(seeing, FlatPricing()))
+    check_capabilities(req, Aliases.resolve(seeing, FlatPricing(),
+                                            WordCounting()).chain(req.model))
 
 
 def test_the_request_size_bounds_the_whole_message():

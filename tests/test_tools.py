@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from actors.capabilities import alias_capabilities, check_capabilities
+from actors.aliases import Aliases, check_capabilities
 from config import load_config
 from messages.wire import BadInput, decode_request
-from tests.fakes import FlatPricing
+from tests.fakes import FlatPricing, WordCounting
 from tests.helpers import events_of, message_rows, produce, request, worker_running
 from tests.scripted_llm import Reply
 
@@ -55,18 +55,18 @@ def test_tools_need_an_alias_that_takes_them(alias_tools, refused):
     alias says `tools = true`."""
     environ = {} if alias_tools is None else {"CHAT_ACTORS__LLM__MODELS__LOCAL__TOOLS": "true"}
     config = load_config(environ=environ)
-    capabilities = alias_capabilities(config, FlatPricing())
+    chain = Aliases.resolve(config, FlatPricing(), WordCounting()).chain
     req = _decode(request("hi", v=2, tools=[WEATHER]))
     if refused:
         with pytest.raises(BadInput) as info:
-            check_capabilities(req, config, capabilities)
+            check_capabilities(req, chain(req.model))
         assert info.value.field == "$.tools" and "takes no tools" in info.value.rule
         assert "llm.models.local.tools = true" in info.value.rule
     else:
-        check_capabilities(req, config, capabilities)
+        check_capabilities(req, chain(req.model))
     effort = _decode(request("hi", v=2, params={"reasoningEffort": "low"}))
     with pytest.raises(BadInput, match="is not a reasoning model"):
-        check_capabilities(effort, config, capabilities)
+        check_capabilities(effort, chain(effort.model))
 
 
 async def test_tool_results_answer_the_pending_call_on_the_next_turn(make_config, llm, rds, db):

@@ -124,7 +124,6 @@ class Answer:
         return "".join(self.parts[self.kept:])
 
 
-
 def prefill_taken(alias: Alias, refused: set[str]) -> tuple[bool, bool]:
     """Whether the alias is said to continue a trailing assistant turn (config, else
     LiteLLM's map), and whether its vendor has refused one in this process all the same
