@@ -15,7 +15,7 @@ from actors.errors import (
     Stalled,
     TransientError,
 )
-from actors.job.provider import Answer, continuation, stream_answer
+from actors.job.provider import Answer, Draft, continuation, stream_answer
 from config import Config, load_config
 from tests.fakes import FlatPricing, Reply, ScriptedChat, WordCounting
 
@@ -52,11 +52,10 @@ async def run(chat: ScriptedChat, mailbox_full_s: float = 0.0, config: Config = 
     async def on_switch(old, new, why):
         switches.append((old, new, why))
 
-    answer = Answer()
-    await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
-                        messages=MESSAGES,
-                        params={}, count=lambda text: len(text.split()), prompt_estimate=3,
-                        on_token=on_token, on_switch=on_switch, answer=answer, **listeners)
+    answer = await stream_answer(chat=chat, pricing=FlatPricing(), config=config,
+                                 chain=local_chain(config), messages=MESSAGES, params={},
+                                 count=lambda text: len(text.split()), prompt_estimate=3,
+                                 on_token=on_token, on_switch=on_switch, **listeners)
     return answer, streamed, switches
 
 
@@ -144,7 +143,7 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
     chat = ScriptedChat([Reply(tokens=tuple(f"t{i} " for i in range(10)),
                              error=TransientError("connection reset")),
                          Reply(tokens=("never",))])
-    answer = Answer(spend_cap=1.0)
+    draft = Draft()
 
     async def ignore(*args):
         pass
@@ -153,8 +152,9 @@ async def test_the_budget_cap_counts_the_answer_the_request_allows_not_the_fallb
         await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
                             messages=MESSAGES,
                             params={"max_tokens": 100}, count=lambda text: len(text.split()),
-                            prompt_estimate=0, on_token=ignore, on_switch=ignore, answer=answer)
-    assert len(chat.calls) == 1 and answer.spent.cost_usd == pytest.approx(0.10)
+                            prompt_estimate=0, on_token=ignore, on_switch=ignore, draft=draft,
+                            spend_cap=1.0)
+    assert len(chat.calls) == 1 and draft.answer().spent.cost_usd == pytest.approx(0.10)
 
 
 def resending() -> ScriptedChat:
@@ -179,7 +179,7 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
         "CHAT_ACTORS__LLM__MODELS__LOCAL__MAX_TOKENS": "100",
         "CHAT_ACTORS__LLM__MODELS__LOCAL__INPUT_COST_PER_TOKEN": "0",
         "CHAT_ACTORS__LLM__MODELS__LOCAL__OUTPUT_COST_PER_TOKEN": "0.01"})
-    chat, answer = resending(), Answer(spend_cap=0.5)
+    chat, draft = resending(), Draft()
 
     async def ignore(*args):
         pass
@@ -188,8 +188,8 @@ async def test_a_request_is_not_resent_past_the_budget_cap(autojump_clock):
         await stream_answer(chat=chat, pricing=FlatPricing(), config=config, chain=local_chain(config),
                             messages=MESSAGES, params={"max_tokens": 100},
                             count=lambda text: len(text.split()), prompt_estimate=0,
-                            on_token=ignore, on_switch=ignore, answer=answer)
-    assert chat.resends == [False] and answer.retries == 0
+                            on_token=ignore, on_switch=ignore, draft=draft, spend_cap=0.5)
+    assert chat.resends == [False] and draft.answer().retries == 0
 
 
 async def test_a_vendor_that_calls_tools_without_end_is_cut_off(autojump_clock):
@@ -214,14 +214,14 @@ async def test_a_vendor_whose_tool_calls_grow_without_end_is_cut_off(autojump_cl
         pass
 
     # 4 calls of 30 characters (id, name, arguments): 120 in all.
-    answer, vendor = Answer(), ScriptedChat([Reply(tool_calls=("x" * 27,) * 4, hang=True)])
+    draft, vendor = Draft(), ScriptedChat([Reply(tool_calls=("x" * 27,) * 4, hang=True)])
     with pytest.raises(PermanentError) as failed:
         await stream_answer(chat=vendor, pricing=FlatPricing(), config=config,
                             chain=local_chain(config), messages=MESSAGES, params={}, count=len,
-                            prompt_estimate=3, on_token=ignore, on_switch=ignore, answer=answer)
+                            prompt_estimate=3, on_token=ignore, on_switch=ignore, draft=draft)
     assert failed.value.code == "tool_calls_too_large"
     assert "limits.max_tool_call_chars (100)" in str(failed.value)
-    assert answer.tool_calls == [] and len(vendor.sent) == 4
+    assert draft.answer().tool_calls == () and len(vendor.sent) == 4
 
 
 async def test_a_full_event_mailbox_is_not_the_vendors_stall(autojump_clock):

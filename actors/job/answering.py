@@ -1,26 +1,25 @@
-"""answering: a claimed job's work, from its request to the model's last token.
+"""answering: the steps of a claimed job's work, from its request to the model's last token.
 
-[retrieval (RAG mode)] -> the prompt within the token budget -> the budget
-reservation -> the provider's stream, each token sent to the job's stream as
-it comes. Everything it produced is kept in a `JobRun`, so a cancel or a
-timeout at any point leaves the partial answer for the outcome.
+[retrieval (RAG mode)] -> the prompt within the token budget (`build_prompt`) ->
+[the budget reservation, budget.reserve] -> the provider's stream (`stream`), each
+token sent to the job's stream as it comes. Each step returns its value to the
+conversation, which keeps them; the streaming answer stays in the provider's
+`Draft`, so a cancel or a timeout at any point leaves the partial answer.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
-from actors.aliases import Alias
 from actors.backoff import retry_transient
-from actors.errors import PermanentError, RequestRefused, TransientError
-from actors.job.budget import reserve
-from actors.job.claim import check_fence, start_over
+from actors.errors import PermanentError, RequestRefused
+from actors.job.attempt import Attempt, Prompt
+from actors.job.claim import check_fence
 from actors.job.prompt import (
     build_messages,
     count_tools,
@@ -28,9 +27,7 @@ from actors.job.prompt import (
     sources_message,
     stored_images,
 )
-from actors.job.provider import Answer, stream_answer
-from actors.job.spend import Spend
-from actors.job.takeover import Plan
+from actors.job.provider import Answer, Draft, stream_answer
 from actors.retriever import Retrieved
 from actors.telemetry import Timeline
 from actors.worker import Worker
@@ -52,31 +49,6 @@ from messages.wire import (
 log = logging.getLogger("chat_actors.answering")
 
 SNIPPET_CHARS = 200
-
-
-@dataclass
-class JobRun:
-    """What one attempt of a job has produced so far."""
-
-    answer: Answer
-    job: JobRef  # the attempt it runs as: the next one once its answer starts over
-    chain: tuple[Alias, ...]  # the alias asked for and its fallbacks, resolved
-    prompt_estimate: int = 0
-    retrieved: Retrieved | None = None
-    sources_used: list[str] = field(default_factory=list[str])  # chunk ids the prompt held
-    images: list[StoredImage] = field(default_factory=list[StoredImage])  # the request's
-    failure: TransientError | PermanentError | None = None
-    done_sent: bool = False  # its `done` is in Redis: nothing more may be said
-    timeline: Timeline = field(default_factory=Timeline)  # its steps, for its trace
-    messages: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])  # the prompt
-    params: dict[str, Any] = field(default_factory=dict[str, Any])  # sent with it
-    model_started: float | None = None  # the model call's Trio times
-    model_ended: float | None = None
-    status: str | None = None  # its done status, once decided
-    plan: Plan | None = None  # what it carries on from an earlier attempt (takeover)
-    # What the earlier attempts used (takeover's plan), once finish has counted it.
-    earlier: Spend = field(default_factory=Spend)
-    counted: bool = False  # the cut try and the earlier attempts are in the totals
 
 
 def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
@@ -136,7 +108,7 @@ async def retrieve(request: ChatRequest, worker: Worker, job: JobRef) -> Retriev
     return retrieved
 
 
-def pending_results(request: ChatRequest, history: list[Turn]) -> list[Turn]:
+def pending_results(request: ChatRequest, history: Sequence[Turn]) -> list[Turn]:
     """The request's tool results as `tool` turns, once they are known to answer every
     call of the session's last assistant turn and nothing else (contract 2.1 v2). Checked
     here, not at intake: that turn may still have been running when this one arrived."""
@@ -154,7 +126,8 @@ def pending_results(request: ChatRequest, history: list[Turn]) -> list[Turn]:
             for r in request.tool_results]
 
 
-def attached_images(request: ChatRequest, worker: Worker) -> tuple[list[StoredImage], dict[str, str]]:
+def attached_images(request: ChatRequest,
+                    worker: Worker) -> tuple[tuple[StoredImage, ...], dict[str, str]]:
     """The request's images as the history keeps them, and each data URL by its hash.
     Checked at intake; checked again here, since only the request crossed over."""
     limits = worker.config.limits
@@ -163,25 +136,18 @@ def attached_images(request: ChatRequest, worker: Worker) -> tuple[list[StoredIm
                                  url_hosts=limits.image_url_hosts)
     except BadInput as exc:  # the limits changed since intake (a rolling config change)
         raise RequestRefused(str(exc), code="bad_request") from None
-    stored = [StoredImage(ImageRef(tokens=i.tokens, url=i.url), b"") if not i.data else
-              StoredImage(ImageRef(tokens=i.tokens, sha256=i.sha256, media_type=i.media_type),
-                          i.data) for i in checked]
+    stored = tuple(
+        StoredImage(ImageRef(tokens=i.tokens, url=i.url), b"") if not i.data else
+        StoredImage(ImageRef(tokens=i.tokens, sha256=i.sha256, media_type=i.media_type), i.data)
+        for i in checked)
     return stored, {i.sha256: i.url for i in checked if i.data}
 
 
-class Prompt(NamedTuple):
-    """What goes to the model, and what the job's records say of how it was made."""
-
-    messages: list[dict[str, Any]]
-    estimate: int  # its tokens, tools and response schema included
-    retrieved: Retrieved | None  # RAG mode's search
-    sources_used: list[str]  # the chunk ids it holds
-
-
-async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
-                       *, alias: Alias, params: dict[str, Any], images: list[StoredImage],
-                       urls: dict[str, str], timeline: Timeline) -> Prompt:
+async def build_prompt(worker: Worker, attempt: Attempt, *, params: dict[str, Any],
+                       images: Sequence[StoredImage], urls: dict[str, str],
+                       timeline: Timeline) -> Prompt:
     """[retrieval] -> the prompt within the alias's token budget, its images filled in."""
+    request, job, history, alias = attempt.request, attempt.job, attempt.history, attempt.alias
     config, spec, count = worker.config, alias.spec, alias.count
     results = pending_results(request, history)
     # The tools and the response schema go with every prompt and count in it (contract
@@ -217,32 +183,14 @@ async def build_prompt(request: ChatRequest, worker: Worker, job: JobRef, histor
     return Prompt(messages, estimate, retrieved, sources_used)
 
 
-async def answer(request: ChatRequest, worker: Worker, job: JobRef, history: list[Turn],
-                 run: JobRun) -> None:
-    """Fill `run`; raise TransientError / PermanentError when the job cannot be answered."""
-    alias = run.chain[0]
-    count = alias.count
-    run.images, urls = attached_images(request, worker)
-    params = model_params(request, alias.spec.max_tokens)
-    prompt = await build_prompt(request, worker, job, history, alias=alias, params=params,
-                                images=run.images, urls=urls, timeline=run.timeline)
-    run.retrieved, run.sources_used = prompt.retrieved, prompt.sources_used
-    run.messages, run.prompt_estimate = prompt.messages, prompt.estimate
-    # A continuation (actors/job/takeover.py) sends the answer so far as the assistant turn's
-    # start: the prompt holds it, and the answer only has the rest of its budget left.
-    carried = count(run.answer.carried) if run.answer.kept else 0
-    run.answer.spend_cap, run.answer.reserved = await reserve(worker, job, run.chain,
-                                                              prompt.estimate + carried)
-    run.params = params
-    if carried:
-        run.params = params | {"max_tokens": max(1, params["max_tokens"] - carried)}
-    await _stream(request, worker, job, run, count, answer_tokens=params["max_tokens"])
-
-
-async def _stream(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
-                  count: Callable[[str], int], *, answer_tokens: int) -> None:
-    """The provider's stream, each token, reasoning run, tool call and switch sent to the
-    job's stream as it comes; a restart goes on as the job's next attempt."""
+async def stream(worker: Worker, attempt: Attempt, prompt: Prompt, params: dict[str, Any], *,
+                 draft: Draft, spend_cap: float | None,
+                 restart: Callable[[str, RestartReason], Awaitable[JobRef]]) -> Answer:
+    """The provider's answer, each token, reasoning run, tool call and switch sent to the
+    job's stream as it comes; `restart` makes the job's next attempt when the answer
+    starts over, and every event from then on is that attempt's. The partial answer
+    stays in `draft` when this raises or is cancelled."""
+    job = attempt.job
 
     def on_token(text: str) -> Awaitable[None]:
         # Hands back emit's coroutine: no extra frame per token on the hot path.
@@ -259,21 +207,15 @@ async def _stream(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun
 
     async def on_restart(alias: str, reason: RestartReason) -> None:
         nonlocal job  # every listener above writes as the new attempt from here on
-        job = run.job = await start_over(worker, job, alias=alias, mode=request.mode,
-                                         reason=reason)
-        run.params["max_tokens"] = answer_tokens  # nothing carried: the whole budget
+        job = await restart(alias, reason)
 
     def before_try() -> Awaitable[None]:
         return check_fence(worker, job)
 
-    run.model_started = trio.current_time()
-    try:
-        await stream_answer(
-            chat=worker.chat, pricing=worker.pricing, config=worker.config,
-            chain=run.chain, messages=run.messages, params=run.params, count=count,
-            prompt_estimate=run.prompt_estimate, answer=run.answer, on_token=on_token,
-            on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
-            on_tool_call=on_tool_call, on_restart=on_restart, before_try=before_try,
-            refused=worker.prefill_refused)
-    finally:
-        run.model_ended = trio.current_time()
+    return await stream_answer(
+        chat=worker.chat, pricing=worker.pricing, config=worker.config, chain=attempt.chain,
+        messages=prompt.messages, params=params, count=attempt.alias.count,
+        prompt_estimate=prompt.estimate, draft=draft, spend_cap=spend_cap, on_token=on_token,
+        on_switch=on_switch, metrics=worker.metrics, on_reasoning=on_reasoning,
+        on_tool_call=on_tool_call, on_restart=on_restart, before_try=before_try,
+        refused=worker.prefill_refused)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from actors.aliases import Alias
 from actors.backoff import retry_transient
@@ -28,6 +29,14 @@ log = logging.getLogger("chat_actors.budget")
 REFUSALS = ("budget_exceeded", "rate_limited")
 _LIMIT_NAMES = {"usd": "USD budget per {period}", "requests": "requests per minute",
                 "tokens": "tokens per minute"}
+
+
+class Reservation(NamedTuple):
+    """What a job reserved: the USD it may spend (None: no USD limit), and whether any
+    hold waits to be settled by its terminal row."""
+
+    cap_usd: float | None = None
+    held: bool = False
 
 
 def holds_for(budgets: Budgets, user_id: str, *, worst_usd: float,
@@ -52,16 +61,15 @@ def worst_job_usd(pricing: Pricing, chain: Sequence[Alias], prompt_tokens: int) 
 
 
 async def reserve(worker: Worker, job: JobRef, chain: Sequence[Alias],
-                  prompt_tokens: int) -> tuple[float | None, bool]:
-    """Reserve the job's worst case; return the USD cap it may spend (None: no USD
-    limit) and whether anything is reserved. Raises PermanentError over a limit."""
+                  prompt_tokens: int) -> Reservation:
+    """Reserve the job's worst case; raises PermanentError over a limit."""
     config = worker.config
     budgets = config.budgets
     worst_usd = worst_job_usd(worker.pricing, chain, prompt_tokens)
     holds = holds_for(budgets, job.user_id, worst_usd=worst_usd,
                       tokens=prompt_tokens + chain[0].spec.max_tokens)
     if not holds:
-        return None, False
+        return Reservation()
 
     async def take() -> Refused | None:
         return await worker.store.reserve(job_id=job.job_id, lease_holder=worker.worker_id,
@@ -70,7 +78,7 @@ async def reserve(worker: Worker, job: JobRef, chain: Sequence[Alias],
     refused = await retry_transient(take, what="budget reservation", log=log,
                                     health=worker.health, dependency="postgres")
     if refused is None:
-        return (worst_usd if any(h.kind == "usd" for h in holds) else None), True
+        return Reservation(worst_usd if any(h.kind == "usd" for h in holds) else None, True)
     what = _LIMIT_NAMES[refused.kind].format(period=budgets.period)
     log.warning("job %s refused: %s over its %s", job.job_id, refused.scope, what)
     raise PermanentError(

@@ -10,11 +10,12 @@ FINISH_GRACE_S to settle, or raises TransientError with its offset uncommitted.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import trio
 
 from actors.errors import TransientError
-from actors.job.answering import JobRun
+from actors.job.attempt import Answered
 from actors.job.outcome import Outcome, cut_try_tokens
 from actors.job.spend import Spend
 from actors.job.takeover import earlier_usage
@@ -26,47 +27,47 @@ from messages.wire import ChatRequest, Done, Error, Final, Usage
 log = logging.getLogger("chat_actors.finish")
 
 
-def count_usage(worker: Worker, run: JobRun) -> None:
-    """Add what nobody billed to the job's totals, once: the try a cancel or timeout cut
-    off mid-stream, and the earlier attempts a takeover carries on from."""
-    if run.counted:
-        return
-    run.counted = True
-    answer = run.answer
-    answered, first = worker.aliases[answer.alias], run.chain[0]
-    count = first.count
+def attempt_spend(worker: Worker, answered: Answered) -> Spend:
+    """This attempt's tries, and the try a cancel or timeout cut off mid-stream, which
+    nobody billed: the vendor produced its tokens."""
+    answer, count = answered.answer, answered.attempt.alias.count
     cut = cut_try_tokens(finished=answer.finished is not None, tries=answer.tries,
-                         failure=run.failure, text=answer.new_text,
+                         failure=answered.failure, text=answer.new_text,
                          billed_tokens=answer.spent.used.completion, count=count)
-    if cut is not None:
-        answer.spent = answer.spent.billed(worker.pricing, answered.spec, TokenCounts(
-            prompt=run.prompt_estimate + count(answer.carried), completion=cut))
-    plan = run.plan
+    if cut is None:
+        return answer.spent
+    return answer.spent.billed(worker.pricing, worker.aliases[answer.alias].spec, TokenCounts(
+        prompt=answered.prompt_estimate + count(answer.carried), completion=cut))
+
+
+def earlier_spend(worker: Worker, answered: Answered) -> Spend:
+    """What the earlier attempts a takeover carries on from used."""
+    plan, first = answered.attempt.plan, answered.attempt.alias
+    earlier = Spend()
     if plan is None:
-        return
-    earlier = run.earlier
+        return earlier
     if plan.handed_usage is not None:
         earlier = earlier.plus(plan.handed_usage, plan.handed_cost)
-    for used in earlier_usage(plan, run.prompt_estimate, count):
+    for used in earlier_usage(plan, answered.prompt_estimate, first.count):
         earlier = earlier.billed(worker.pricing, first.spec, used)
-    run.earlier = earlier
+    return earlier
 
 
-def usage_of(run: JobRun) -> tuple[TokenCounts, float | None]:
+def job_spend(worker: Worker, answered: Answered) -> Spend:
     """The job's usage and cost so far: this attempt's tries and the earlier attempts'."""
-    spent = run.answer.spent
-    total = Spend().plus(spent.used, spent.cost_usd if run.answer.tries else 0.0)
-    total = total.plus(run.earlier.used, run.earlier.cost_usd)
-    return total.used, total.cost_usd
+    spent, earlier = attempt_spend(worker, answered), earlier_spend(worker, answered)
+    total = Spend().plus(spent.used, spent.cost_usd if answered.answer.tries else 0.0)
+    return total.plus(earlier.used, earlier.cost_usd)
 
 
-def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Outcome, *,
-                    provider: str, user_tokens: int, started: float, ended: float,
-                    receipt: Receipt) -> JobFinished:
-    answer = run.answer
+def terminal_record(request: ChatRequest, answered: Answered, outcome: Outcome, *,
+                    spent: Spend, provider: str, user_tokens: int, started: float,
+                    ended: float, receipt: Receipt) -> JobFinished:
+    answer, job, prompt = answered.answer, answered.attempt.job, answered.prompt
     error = outcome.error
     first_token_at = answer.first_token_at
-    used, cost_usd = usage_of(run)
+    used, cost_usd = spent.used, spent.cost_usd
+    retrieved = prompt.retrieved if prompt is not None else None
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id,
         status=outcome.status, attempt=job.attempt, model=answer.alias, provider=provider,
@@ -76,45 +77,45 @@ def terminal_record(request: ChatRequest, job: JobRef, run: JobRun, outcome: Out
         error=None if error is None else f"{error.code}: {error.message}",
         partial=outcome.partial, user_message=request.message, user_tokens=user_tokens,
         answer=answer.text,
-        retrieval_ms=run.retrieved.elapsed_ms if run.retrieved else None,
-        retrieval_hits=len(run.sources_used) if run.retrieved else None,
-        retries=answer.retries, fallbacks=answer.fallbacks, reserved=answer.reserved,
+        retrieval_ms=retrieved.elapsed_ms if retrieved else None,
+        retrieval_hits=len(answered.sources_used) if retrieved else None,
+        retries=answer.retries, fallbacks=answer.fallbacks,
+        reserved=answered.reservation.held,
         cached_tokens=used.cached, cache_write_tokens=used.cache_write,
-        reasoning_tokens=used.reasoning, images=run.images,
+        reasoning_tokens=used.reasoning, images=list(answered.images),
         # A refused job answered nothing; only a completed answer's calls are kept, so a
         # cancelled or cut answer never leaves a call without its results.
         tool_results=[] if outcome.status == "rejected" else [
             (r.tool_call_id, r.content) for r in request.tool_results or ()],
         tool_calls=[CallMade(c.id, c.name, c.arguments) for c in answer.tool_calls]
         if outcome.status == "completed" else [],
-        thinking_blocks=answer.thinking_blocks
+        thinking_blocks=list(answer.thinking_blocks)
         if outcome.status == "completed" and answer.tool_calls else [],
         receipt=receipt)
 
 
-async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
-                 outcome: Outcome, *, started: float) -> None:
-    answer = run.answer
+class Finished(NamedTuple):
+    """A job's terminal records, written: what its metrics and log line are made of."""
+
+    record: JobFinished
+    outcome: Outcome  # as written (`failed` when only the minimal row could be)
+    ttft_s: float | None
+    latency_s: float
+
+
+async def finish(request: ChatRequest, worker: Worker, answered: Answered, outcome: Outcome,
+                 *, started: float) -> Finished | None:
+    """`final` (or `error`), the row, `done`; None when a later attempt holds the job."""
+    answer, job = answered.answer, answered.attempt.job
     provider = worker.aliases[answer.alias].provider  # the alias that answered
-    count = run.chain[0].count
-    count_usage(worker, run)
+    count = answered.attempt.alias.count
     ended = trio.current_time()
-    record = terminal_record(request, job, run, outcome, provider=provider,
-                             user_tokens=count(request.message), started=started, ended=ended,
-                             receipt=Receipt())
+    record = terminal_record(request, answered, outcome, spent=job_spend(worker, answered),
+                             provider=provider, user_tokens=count(request.message),
+                             started=started, ended=ended, receipt=Receipt())
     with worker.finishing.scope() as finishing:
         if outcome.status == "completed" and answer.finished is not None:
-            await worker.emit(job, Final(
-                text=record.answer, finish_reason=answer.finished.finish_reason,
-                usage=Usage(prompt_tokens=record.prompt_tokens,
-                            completion_tokens=record.completion_tokens,
-                            total_tokens=record.prompt_tokens + record.completion_tokens,
-                            cached_tokens=record.cached_tokens,
-                            cache_write_tokens=record.cache_write_tokens,
-                            reasoning_tokens=record.reasoning_tokens),
-                cost_usd=record.cost_usd, model=answer.alias, sources=run.sources_used,
-                provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
-                nul_removed=answer.nul_removed, tool_calls=answer.tool_calls), wait=True)
+            await worker.emit(job, _final(record, answered, provider), wait=True)
         elif outcome.error is not None:
             await worker.emit(job, outcome.error, wait=True)
         # `final` (or `error`) is in Redis before the row is terminal: a redelivery that
@@ -125,7 +126,7 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
         refused = await record.receipt.wait()
         if record.receipt.superseded:  # a later attempt holds the job: it alone ends it
             superseded(worker, job)
-            return
+            return None
         if refused is not None:  # only the minimal row (failed, no content) was written
             worker.metrics.internal_errors.labels(where="record").inc()
             error = Error(code="internal", retryable=False,
@@ -133,12 +134,27 @@ async def finish(request: ChatRequest, worker: Worker, job: JobRef, run: JobRun,
             outcome = Outcome(status="failed", partial=False, error=error)
             await worker.emit(job, error)
         await worker.emit(job, Done(status=outcome.status, partial=outcome.partial), wait=True)
-        run.done_sent = True
     if finishing.cancelled_caught:
         raise TransientError(f"job {job.job_id}: terminal records not persisted before the "
                              "worker stopped")
     ttft_s = None if answer.first_token_at is None else answer.first_token_at - started
-    observe(worker, request.mode, record, outcome, ttft_s=ttft_s, latency_s=ended - started)
+    return Finished(record, outcome, ttft_s=ttft_s, latency_s=ended - started)
+
+
+def _final(record: JobFinished, answered: Answered, provider: str) -> Final:
+    answer = answered.answer
+    assert answer.finished is not None
+    return Final(
+        text=record.answer, finish_reason=answer.finished.finish_reason,
+        usage=Usage(prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens,
+                    total_tokens=record.prompt_tokens + record.completion_tokens,
+                    cached_tokens=record.cached_tokens,
+                    cache_write_tokens=record.cache_write_tokens,
+                    reasoning_tokens=record.reasoning_tokens),
+        cost_usd=record.cost_usd, model=answer.alias, sources=answered.sources_used,
+        provider=provider, retries=answer.retries, fallbacks=answer.fallbacks,
+        nul_removed=answer.nul_removed, tool_calls=list(answer.tool_calls))
 
 
 def superseded(worker: Worker, job: JobRef) -> None:
@@ -149,20 +165,21 @@ def superseded(worker: Worker, job: JobRef) -> None:
     worker.metrics.superseded.inc()
 
 
-def failed_record(job: JobRef, run: JobRun, why: str, *, latency_ms: int) -> JobFinished:
+def failed_record(answered: Answered, spent: Spend, why: str, *,
+                  latency_ms: int) -> JobFinished:
     """The minimal row of a job that failed outside its answer: `failed`, no content,
     but what it was billed and its budget reservation to settle."""
-    answer = run.answer
-    used, cost_usd = usage_of(run)
+    answer, job = answered.answer, answered.attempt.job
+    used = spent.used
     return JobFinished(
         job_id=job.job_id, user_id=job.user_id, session_id=job.session_id, status="failed",
         attempt=job.attempt, model=answer.alias, provider="", prompt_tokens=used.prompt,
-        completion_tokens=used.completion, cost_usd=cost_usd, ttft_ms=None,
+        completion_tokens=used.completion, cost_usd=spent.cost_usd, ttft_ms=None,
         cached_tokens=used.cached, cache_write_tokens=used.cache_write,
         reasoning_tokens=used.reasoning,
         latency_ms=latency_ms, error=f"internal: {why}", partial=False, user_message="",
         user_tokens=0, answer="", messages=False, retries=answer.retries,
-        fallbacks=answer.fallbacks, reserved=answer.reserved, receipt=Receipt())
+        fallbacks=answer.fallbacks, reserved=answered.reservation.held, receipt=Receipt())
 
 
 async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, error: Error) -> None:
@@ -182,10 +199,9 @@ async def settle_failed(worker: Worker, job: JobRef, record: PgSinkMessage, erro
                              "worker stopped")
 
 
-def observe(worker: Worker, mode: str, record: JobFinished, outcome: Outcome, *,
-            ttft_s: float | None, latency_s: float) -> None:
+def observe(worker: Worker, mode: str, finished: Finished) -> None:
     """The settled job's metrics and its one log line."""
-    metrics = worker.metrics
+    metrics, (record, outcome, ttft_s, latency_s) = worker.metrics, finished
     model = record.model
     metrics.jobs.labels(status=outcome.status, mode=mode).inc()
     metrics.tokens.labels(direction="prompt", model=model).inc(record.prompt_tokens)

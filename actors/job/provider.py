@@ -71,39 +71,72 @@ class TimedTry(NamedTuple):
     error_type: str | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Answer:
-    """What the provider produced: text so far, usage and cost summed over every try."""
+    """What the model produced for one attempt: its text, tries, usage and tool calls."""
 
-    parts: list[str] = field(default_factory=list)
+    text: str = ""
+    carried: str = ""  # the start of `text` an earlier attempt streamed (takeover.py)
     finished: StreamFinished | None = None
-    alias: str = ""
+    alias: str = ""  # the alias of its last try
     spent: Spend = field(default_factory=Spend)  # every try's usage and cost
     first_token_at: float | None = None
     tries: int = 0
     retries: int = 0  # tries again on the same alias
     fallbacks: int = 0  # switches to the next alias
-    spend_cap: float | None = None  # USD the job reserved: no retry may take it past that
-    reserved: bool = False  # a budget reservation waits to be settled
     nul_removed: int = 0  # U+0000 characters the vendor sent (Postgres cannot store them)
-    tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])  # of the finished try
+    tool_calls: tuple[ToolCall, ...] = ()  # of the finished try
     # Each try's alias, model, Trio start and end, and error type (None: it finished).
-    timed: list[TimedTry] = field(default_factory=list[TimedTry])
+    timed: tuple[TimedTry, ...] = ()
     # The finished try's reasoning, when the vendor signed it: {type, thinking, signature}.
-    thinking_blocks: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
-    kept: int = 0  # leading parts an earlier attempt streamed (actors/job/takeover.py)
-    # What the try streaming now is in the middle of: "tool_call" (a call has begun),
-    # "reasoning" (thinking since its last answer text), or None.
+    thinking_blocks: tuple[dict[str, str], ...] = ()
+    # What the try was in the middle of when the answer stopped: "tool_call" (a call
+    # had begun), "reasoning" (thinking since its last answer text), or None.
     midway: Midway | None = None
-    reasoned: bool = False  # this attempt sent the client reasoning
-    # Whitespace the client holds at the end of a continued text, which the prefill
-    # leaves out (vendors refuse or strip it): the new text's first characters, when
-    # they are that whitespace, are not sent again.
-    held: str = ""
+
+    @property
+    def new_text(self) -> str:
+        """The text this attempt's tries produced (not the earlier attempt's)."""
+        return self.text[len(self.carried):]
+
+
+class Draft:
+    """The answer as it streams, written by this module alone; `answer()` is its value
+    at any moment, so a cancel or a timeout mid-stream still leaves the partial text."""
+
+    def __init__(self, *, alias: str = "", carried: str = "") -> None:
+        self.parts = [carried] if carried else []
+        self.kept = len(self.parts)  # leading parts an earlier attempt streamed
+        self.alias = alias
+        self.finished: StreamFinished | None = None
+        self.spent = Spend()
+        self.first_token_at: float | None = None
+        self.tries = self.retries = self.fallbacks = self.nul_removed = 0
+        self.tool_calls: list[ToolCall] = []
+        self.timed: list[TimedTry] = []
+        self.thinking_blocks: list[dict[str, str]] = []
+        self.midway: Midway | None = None
+        self.reasoned = False  # this attempt sent the client reasoning
+        # Whitespace the client holds at the end of a continued text, which the prefill
+        # leaves out (vendors refuse or strip it): the new text's first characters, when
+        # they are that whitespace, are not sent again.
+        self.held = ""
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def carried(self) -> str:
+        return "".join(self.parts[:self.kept])
+
+    def answer(self) -> Answer:
+        return Answer(text=self.text, carried=self.carried, finished=self.finished,
+                      alias=self.alias, spent=self.spent, first_token_at=self.first_token_at,
+                      tries=self.tries, retries=self.retries, fallbacks=self.fallbacks,
+                      nul_removed=self.nul_removed, tool_calls=tuple(self.tool_calls),
+                      timed=tuple(self.timed), thinking_blocks=tuple(self.thinking_blocks),
+                      midway=self.midway)
 
     def past_held(self, text: str) -> str:
         """`text` less the held whitespace it starts with (see `held`)."""
@@ -113,15 +146,11 @@ class Answer:
         self.held = held[same:] if same == len(text) else ""
         return text[same:]
 
-    @property
-    def carried(self) -> str:
-        """The text an earlier attempt streamed, which this one continues."""
-        return "".join(self.parts[:self.kept])
-
-    @property
-    def new_text(self) -> str:
-        """The text this attempt's tries produced (not the earlier attempt's)."""
-        return "".join(self.parts[self.kept:])
+    def start_over(self) -> None:
+        """The answer starts over as a new attempt: nothing of it is carried on."""
+        self.parts.clear()
+        self.kept = 0
+        self.reasoned = False
 
 
 def prefill_taken(alias: Alias, refused: set[str]) -> tuple[bool, bool]:
@@ -295,7 +324,7 @@ class _Try:
 
     spec: ModelAlias
     jobs: Jobs
-    answer: Answer
+    draft: Draft
     listeners: Listeners
     calls: _CallPieces
     blocks: _ThinkingBlocks = field(default_factory=_ThinkingBlocks)
@@ -346,7 +375,7 @@ class _Try:
                 case TokenDelta() | ReasoningDelta():
                     deltas.append(chunk)
                 case ToolCallDelta():
-                    self.answer.midway = "tool_call"
+                    self.draft.midway = "tool_call"
                     self.runaway = self.runaway or self.calls.add(chunk)
                     called = True
                 case ThinkingPiece():
@@ -359,30 +388,30 @@ class _Try:
 
     async def deliver(self, stall: trio.CancelScope, is_reasoning: bool, text: str) -> None:
         """One run of answer or reasoning text to the client, and into the answer."""
-        answer, listeners = self.answer, self.listeners
+        draft, listeners = self.draft, self.listeners
         if "\x00" in text:  # dropped here, so tokens, final and row agree
-            answer.nul_removed += text.count("\x00")
+            draft.nul_removed += text.count("\x00")
             text = text.replace("\x00", "")
             if not text:
                 return
-        if answer.midway != "tool_call":
-            answer.midway = "reasoning" if is_reasoning else None
+        if draft.midway != "tool_call":
+            draft.midway = "reasoning" if is_reasoning else None
         if is_reasoning:
-            answer.reasoned = True
+            draft.reasoned = True
             if listeners.on_reasoning is not None:
                 await _off_the_clock(stall, listeners.on_reasoning(text))
             return
-        if answer.held:
-            text = answer.past_held(text)
+        if draft.held:
+            text = draft.past_held(text)
             if not text:
                 return
-        if answer.first_token_at is None:
-            answer.first_token_at = trio.current_time()
+        if draft.first_token_at is None:
+            draft.first_token_at = trio.current_time()
         # Kept only once sent: the job's deadline or a cancel that cuts the send short
         # (the sink's mailbox full) must not leave the answer holding text the client
         # never got (a takeover continues from it).
         await _off_the_clock(stall, listeners.on_token(text))
-        answer.parts.append(text)
+        draft.parts.append(text)
 
     def stalled(self) -> Stalled:
         jobs = self.jobs
@@ -397,23 +426,23 @@ class _Try:
             raise self.failure
         if self.finished is None:
             raise TransientError("the model stream ended without finishing", kind="protocol")
-        answer = self.answer
-        answer.midway = None
-        answer.tool_calls = assemble_tool_calls(self.calls.pieces, self.spec.model)
-        answer.thinking_blocks = self.blocks.whole()
+        draft = self.draft
+        draft.midway = None
+        draft.tool_calls = assemble_tool_calls(self.calls.pieces, self.spec.model)
+        draft.thinking_blocks = self.blocks.whole()
         if self.listeners.on_tool_call is not None:
-            for call in answer.tool_calls:
+            for call in draft.tool_calls:
                 await self.listeners.on_tool_call(call)
         return self.finished
 
 
 async def _one_try(chat: ChatModel, spec: ModelAlias, messages: list[dict[str, str]],
-                   params: dict[str, Any], config: Config, answer: Answer,
+                   params: dict[str, Any], config: Config, draft: Draft,
                    listeners: Listeners,
                    resend: Callable[[str], Awaitable[bool]]) -> StreamFinished:
     send, receive = trio.open_memory_channel[ProviderChunk](PROVIDER_MAILBOX)
     jobs = config.jobs
-    one = _Try(spec=spec, jobs=jobs, answer=answer, listeners=listeners,
+    one = _Try(spec=spec, jobs=jobs, draft=draft, listeners=listeners,
                calls=_CallPieces(config.limits, spec.model))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one.pump, chat, messages, params, send, resend)
@@ -436,48 +465,55 @@ class _Chain:
     params: dict[str, Any]
     count: Callable[[str], int]
     prompt_estimate: int
-    answer: Answer
+    draft: Draft
+    spend_cap: float | None  # USD the job reserved: no retry may take it past that
     listeners: Listeners
     backoff: Backoff
     metrics: Metrics | None
     refused: set[str]  # aliases whose vendor refused a prefill in this process
+    carried_tokens: int = 0  # the tokens of the text an earlier attempt streamed
+
+    def sent(self) -> dict[str, Any]:
+        """The parameters each try sends: while the answer continues an earlier
+        attempt's text, it has only the rest of its token budget left."""
+        return sent_params(self.params, self.carried_tokens if self.draft.kept else 0)
 
     def covered(self, alias: Alias) -> bool:
         """May another try run within the job's budget reservation?"""
-        answer, spec = self.answer, alias.spec
-        if not answer.tries or answer.spend_cap is None or answer.spent.cost_usd is None:
+        draft, spec, cap = self.draft, alias.spec, self.spend_cap
+        if not draft.tries or cap is None or draft.spent.cost_usd is None:
             return True
         # The answer may run to what the request asks (the first alias's limit)
         # even on a fallback whose own limit is lower: take the larger.
-        answer_tokens = max(spec.max_tokens, self.params.get("max_tokens", 0))
+        answer_tokens = max(spec.max_tokens, self.sent().get("max_tokens", 0))
         worst = worst_try_usd(self.pricing, spec,
-                              self.prompt_estimate + self.count(answer.text), answer_tokens)
-        return answer.spent.cost_usd + worst <= answer.spend_cap * (1 + 1e-9)
+                              self.prompt_estimate + self.count(draft.text), answer_tokens)
+        return draft.spent.cost_usd + worst <= cap * (1 + 1e-9)
 
     async def attempt(self, alias: Alias) -> StreamFinished:
         """One try on `alias`, billed whether it finishes or fails."""
-        answer, name, spec = self.answer, alias.name, alias.spec
+        draft, name, spec = self.draft, alias.name, alias.spec
         text = await self.goes_on(alias)
         if self.listeners.before_try is not None:
             await self.listeners.before_try()
-        answer.tries += 1
-        answer.alias = name
-        before = len(answer.parts)
+        draft.tries += 1
+        draft.alias = name
+        before = len(draft.parts)
         prefill = text.rstrip()
-        answer.held = text[len(prefill):]
+        draft.held = text[len(prefill):]
         request = continuation(self.messages, prefill, flagged=bool(prefill) and (
             alias.provider in PREFIX_FLAGGED))
         started, failed = trio.current_time(), "cancelled"  # unless it ends otherwise
         try:
-            finished = await _one_try(self.chat, spec, request, self.params, self.config,
-                                      answer, self.listeners, partial(self.resend, alias))
+            finished = await _one_try(self.chat, spec, request, self.sent(), self.config,
+                                      draft, self.listeners, partial(self.resend, alias))
             failed = None
         except (PermanentError, TransientError) as exc:
             failed = error_type(exc)
-            if len(answer.parts) > before:  # a refused request costs nothing
-                answer.spent = answer.spent.billed(self.pricing, spec, TokenCounts(
+            if len(draft.parts) > before:  # a refused request costs nothing
+                draft.spent = draft.spent.billed(self.pricing, spec, TokenCounts(
                     prompt=self.prompt_estimate,
-                    completion=self.count("".join(answer.parts[before:]))))
+                    completion=self.count("".join(draft.parts[before:]))))
             if isinstance(exc, PrefillRefused):
                 self.refuse(alias)
                 raise
@@ -485,32 +521,30 @@ class _Chain:
                 self.metrics.provider_failed(alias.provider, exc)
             raise
         finally:
-            answer.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
-        answer.spent = answer.spent.billed(self.pricing, spec,
-                                           self.used(finished, "".join(answer.parts[before:])))
+            draft.timed.append(TimedTry(name, spec.model, started, trio.current_time(), failed))
+        draft.spent = draft.spent.billed(self.pricing, spec,
+                                           self.used(finished, "".join(draft.parts[before:])))
         return finished
 
     async def goes_on(self, alias: Alias) -> str:
         """The text the next try on `alias` continues ("" for none), by the one decision
         (actors/job/continuing.py). Nothing shown to the client yet: a plain retry. A
         restart makes the job's next attempt, which starts from nothing."""
-        answer = self.answer
-        midway, answer.midway = answer.midway, None
-        if not (answer.text or answer.reasoned):
+        draft = self.draft
+        midway, draft.midway = draft.midway, None
+        if not (draft.text or draft.reasoned):
             return ""
         name = alias.name
         continues, refused = prefill_taken(alias, self.refused)
-        decision = decide(answer.text, continues=continues, midway=midway, refused=refused)
+        decision = decide(draft.text, continues=continues, midway=midway, refused=refused)
         if decision.reason is None:
-            return answer.text
+            return draft.text
         if self.listeners.on_restart is None:
             raise PermanentError(f"{name}: the answer cannot go on ({decision.reason}) and "
                                  "this job cannot start over", code="internal")
         log.info("%s: the answer starts over as a new attempt (%s)", name, decision.reason)
         await self.listeners.on_restart(name, decision.reason)
-        answer.parts.clear()
-        answer.kept = 0
-        answer.reasoned = False
+        draft.start_over()
         return ""
 
     def refuse(self, alias: Alias) -> None:
@@ -529,7 +563,7 @@ class _Chain:
         """What the finished try used: the vendor's counts, or our estimate of those it
         did not report. Its parts are kept within their wholes, whatever it sent."""
         prompt = within(finished.prompt_tokens or (
-            self.prompt_estimate + self.count(self.answer.text) - self.count(new_text)))
+            self.prompt_estimate + self.count(self.draft.text) - self.count(new_text)))
         completion = within(finished.completion_tokens if finished.completion_tokens is not None
                              else self.count(new_text))
         cached = min(max(finished.cached_tokens, 0), prompt)
@@ -548,7 +582,7 @@ class _Chain:
         return True
 
     def count_retry(self, alias: Alias) -> None:
-        self.answer.retries += 1
+        self.draft.retries += 1
         if self.metrics is not None:
             self.metrics.provider_retries.labels(vendor=alias.provider).inc()
 
@@ -561,11 +595,18 @@ class _Chain:
 
     async def fall_back(self, alias: Alias, to: Alias, exc: TransientError) -> None:
         log.warning("%s failed (%s); falling back to %s", alias.name, exc, to.name)
-        self.answer.fallbacks += 1
+        self.draft.fallbacks += 1
         if self.metrics is not None:
             self.metrics.provider_fallbacks.labels(
                 from_vendor=alias.provider, to_vendor=to.provider).inc()
         await self.listeners.on_switch(alias.name, to.name, str(exc))
+
+
+def sent_params(params: dict[str, Any], carried_tokens: int) -> dict[str, Any]:
+    """`params` for an answer whose first `carried_tokens` the prompt already holds."""
+    if not carried_tokens or "max_tokens" not in params:
+        return params
+    return params | {"max_tokens": max(1, params["max_tokens"] - carried_tokens)}
 
 
 async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
@@ -574,19 +615,22 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
                         count: Callable[[str], int], prompt_estimate: int,
                         on_token: Callable[[str], Awaitable[None]],
                         on_switch: Callable[[str, str, str], Awaitable[None]],
-                        answer: Answer, backoff: Backoff | None = None,
-                        metrics: Metrics | None = None,
+                        draft: Draft | None = None, spend_cap: float | None = None,
+                        backoff: Backoff | None = None, metrics: Metrics | None = None,
                         on_reasoning: Callable[[str], Awaitable[None]] | None = None,
                         on_tool_call: Callable[[ToolCall], Awaitable[None]] | None = None,
                         on_restart: Callable[[str, RestartReason], Awaitable[None]] | None = None,
                         before_try: Callable[[], Awaitable[None]] | None = None,
                         refused: set[str] | None = None) -> Answer:
-    """Fill `answer` from the alias, its retries and fallbacks; raise PermanentError or
-    ProviderExhausted. `answer` keeps the partial text if this is cancelled. `refused`:
+    """The answer of the alias, its retries and fallbacks; raise PermanentError or
+    ProviderExhausted. `draft` (its carried text continued) keeps the partial answer
+    when this raises or is cancelled. `spend_cap`: the USD the job reserved. `refused`:
     the aliases whose vendor refused a prefill in this process (added to here)."""
     llm = config.llm
+    draft = Draft(alias=chain[0].name) if draft is None else draft
     walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
-                  count=count, prompt_estimate=prompt_estimate, answer=answer,
+                  count=count, prompt_estimate=prompt_estimate, draft=draft,
+                  spend_cap=spend_cap, carried_tokens=count(draft.carried) if draft.kept else 0,
                   listeners=Listeners(on_token=on_token, on_switch=on_switch,
                                       on_reasoning=on_reasoning, on_tool_call=on_tool_call,
                                       on_restart=on_restart, before_try=before_try),
@@ -598,7 +642,7 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
         retry, refused_here = 0, False
         while walk.covered(alias):
             try:
-                answer.finished = await walk.attempt(alias)
+                draft.finished = await walk.attempt(alias)
             except PrefillRefused:
                 if refused_here:
                     raise
@@ -613,9 +657,9 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
                 if position + 1 < len(chain):
                     await walk.fall_back(alias, chain[position + 1], exc)
                 break
-            return answer
+            return draft.answer()
         else:
             log.warning("%s: no retry, the job's budget reservation would not cover it",
                         alias.name)
     assert last is not None  # the first try is never held back
-    raise ProviderExhausted(last, answer.tries)
+    raise ProviderExhausted(last, draft.tries)
