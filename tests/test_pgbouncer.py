@@ -7,6 +7,7 @@ assertions reading Postgres directly."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,6 +101,9 @@ def make_config(stack: Any, llm: ScriptedLLM, tmp_path: Path,
     return make
 
 
+MIX_UP = re.compile(r"prepared statement|violates .* constraint|invalid input|bind message")
+
+
 def reserve_many(store: Postgres) -> list[str]:
     """Claim and reserve a budget for 4 x 15 jobs, four at a time; the errors met."""
     import trio
@@ -144,7 +148,11 @@ def test_prepared_statements_break_behind_pgbouncer_and_the_empty_threshold_fixe
     finally:
         broken.close()
     assert errors, "no error: PgBouncer did not break prepared statements"
-    assert [e for e in errors if "prepared statement" not in e] == []
+    # Each a prepared statement's mix-up: one missing or already there, or a bind that
+    # met another query's statement of the same name and ran it with the wrong values
+    # (seen once: the lease holder "w" stored as a ledger row's kind). Never another
+    # fault, such as a connection refused.
+    assert [e for e in errors if not MIX_UP.search(e)] == []
     fixed = load_config(environ={"CHAT_ACTORS__POSTGRES__DSN": pgbouncer.url,
                                  "CHAT_ACTORS__POSTGRES__PREPARE_THRESHOLD": ""})
     assert fixed.postgres.prepare_after is None
