@@ -134,6 +134,8 @@ class Intake:
         self.worker = worker
         self.tracker = tracker
         self.run_job = run_job
+        # Resolved here, at the intake's start, not on its first request's hot path.
+        self.aliases = worker.aliases
         self.max_in_flight = worker.config.jobs.max_in_flight
         self.low_water = self.max_in_flight * 3 // 4
         self.in_flight = 0  # jobs running, not those waiting behind their session
@@ -198,7 +200,7 @@ class Intake:
         self.tracker.track((delivery.topic, delivery.partition), delivery.offset)
         try:
             request = self.worker.config.decode_request(delivery.value)
-            check_capabilities(request, self.worker.aliases.chain(request.model))
+            check_capabilities(request, self.aliases.chain(request.model))
         except BadInput as problem:
             # `problem` is unbound when the except block ends: bind it now.
             self.in_flight += 1
