@@ -74,7 +74,9 @@ class _Attempting:
 
     def take_over(self, plan: Plan) -> None:
         self.attempt = self.attempt.taking_over(plan)
-        self.draft = Draft(alias=self.attempt.alias.name, carried=plan.text)
+        alias = self.attempt.alias
+        self.draft = Draft(alias=alias.name, carried=plan.text,
+                           carried_tokens=alias.count(plan.text) if plan.text else 0)
 
     def answered(self) -> Answered:
         return Answered(attempt=self.attempt,
@@ -258,7 +260,7 @@ async def _run_claimed(worker: Worker, running: RunningJob, now: _Attempting) ->
                                    attempt=job.attempt,
                                    resumes=plan.resumes if plan is not None else None,
                                    restarts=plan.restarts if plan is not None else None))
-    if plan is not None and plan.text and plan.unseen:
+    if plan is not None and plan.unseen:
         # Handed back, never on the stream: the clients' copy ends before it.
         await worker.emit(job, Token(text=plan.unseen))
     started = trio.current_time()
@@ -310,9 +312,8 @@ async def _steps(worker: Worker, now: _Attempting) -> None:
                                              urls=urls, timeline=now.timeline)
     # A continuation (takeover.py) sends the answer so far as the assistant turn's start:
     # the prompt holds it, and the answer only has the rest of its budget left.
-    carried = alias.count(now.draft.carried) if now.draft.carried else 0
     now.reservation = await reserve(worker, attempt.job, attempt.chain,
-                                    prompt.estimate + carried)
+                                    prompt.estimate + now.draft.carried_tokens)
 
     async def restart(name: str, reason: RestartReason) -> JobRef:
         job = await start_over(worker, now.attempt.job, alias=name, mode=attempt.request.mode,
@@ -369,8 +370,7 @@ def _model_call(worker: Worker, now: _Attempting, status: str,
     started, ended = now.model_call
     finished = answer.finished
     content = worker.telemetry.capture_content
-    params = sent_params(answered.params or {}, alias.count(answer.carried)
-                         if answer.carried else 0)
+    params = sent_params(answered.params or {}, answer.carried_tokens)
     return ModelCall(
         alias=asked, model=alias.spec.model, provider=alias.provider,
         params={k: params[k] for k in _SPAN_PARAMS if k in params},

@@ -37,7 +37,7 @@ def attempt_spend(worker: Worker, answered: Answered) -> Spend:
     if cut is None:
         return answer.spent
     return answer.spent.billed(worker.pricing, worker.aliases[answer.alias].spec, TokenCounts(
-        prompt=answered.prompt_estimate + count(answer.carried), completion=cut))
+        prompt=answered.prompt_estimate + answer.carried_tokens, completion=cut))
 
 
 def earlier_spend(worker: Worker, answered: Answered) -> Spend:

@@ -77,6 +77,7 @@ class Answer:
 
     text: str = ""
     carried: str = ""  # the start of `text` an earlier attempt streamed (takeover.py)
+    carried_tokens: int = 0  # its tokens, counted once
     finished: StreamFinished | None = None
     alias: str = ""  # the alias of its last try
     spent: Spend = field(default_factory=Spend)  # every try's usage and cost
@@ -104,9 +105,10 @@ class Draft:
     """The answer as it streams, written by this module alone; `answer()` is its value
     at any moment, so a cancel or a timeout mid-stream still leaves the partial text."""
 
-    def __init__(self, *, alias: str = "", carried: str = "") -> None:
+    def __init__(self, *, alias: str = "", carried: str = "", carried_tokens: int = 0) -> None:
         self.parts = [carried] if carried else []
         self.kept = len(self.parts)  # leading parts an earlier attempt streamed
+        self.carried_tokens = carried_tokens if carried else 0
         self.alias = alias
         self.finished: StreamFinished | None = None
         self.spent = Spend()
@@ -131,7 +133,8 @@ class Draft:
         return "".join(self.parts[:self.kept])
 
     def answer(self) -> Answer:
-        return Answer(text=self.text, carried=self.carried, finished=self.finished,
+        return Answer(text=self.text, carried=self.carried,
+                      carried_tokens=self.carried_tokens, finished=self.finished,
                       alias=self.alias, spent=self.spent, first_token_at=self.first_token_at,
                       tries=self.tries, retries=self.retries, fallbacks=self.fallbacks,
                       nul_removed=self.nul_removed, tool_calls=tuple(self.tool_calls),
@@ -149,7 +152,7 @@ class Draft:
     def start_over(self) -> None:
         """The answer starts over as a new attempt: nothing of it is carried on."""
         self.parts.clear()
-        self.kept = 0
+        self.kept = self.carried_tokens = 0
         self.reasoned = False
 
 
@@ -471,12 +474,11 @@ class _Chain:
     backoff: Backoff
     metrics: Metrics | None
     refused: set[str]  # aliases whose vendor refused a prefill in this process
-    carried_tokens: int = 0  # the tokens of the text an earlier attempt streamed
 
     def sent(self) -> dict[str, Any]:
         """The parameters each try sends: while the answer continues an earlier
         attempt's text, it has only the rest of its token budget left."""
-        return sent_params(self.params, self.carried_tokens if self.draft.kept else 0)
+        return sent_params(self.params, self.draft.carried_tokens)
 
     def covered(self, alias: Alias) -> bool:
         """May another try run within the job's budget reservation?"""
@@ -630,7 +632,7 @@ async def stream_answer(*, chat: ChatModel, pricing: Pricing, config: Config,
     draft = Draft(alias=chain[0].name) if draft is None else draft
     walk = _Chain(chat=chat, pricing=pricing, config=config, messages=messages, params=params,
                   count=count, prompt_estimate=prompt_estimate, draft=draft,
-                  spend_cap=spend_cap, carried_tokens=count(draft.carried) if draft.kept else 0,
+                  spend_cap=spend_cap,
                   listeners=Listeners(on_token=on_token, on_switch=on_switch,
                                       on_reasoning=on_reasoning, on_tool_call=on_tool_call,
                                       on_restart=on_restart, before_try=before_try),
