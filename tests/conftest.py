@@ -16,6 +16,8 @@ from tests.helpers import JWT_SECRET
 from tests.scripted_llm import ScriptedLLM
 from tools import local_stack
 
+pytest_plugins = ["tests.watchdog"]
+
 
 class Stack:
     def __init__(self, workdir: Path) -> None:
