@@ -16,7 +16,7 @@ from tests.helpers import JWT_SECRET
 from tests.scripted_llm import ScriptedLLM
 from tools import local_stack
 
-pytest_plugins = ["tests.watchdog"]
+pytest_plugins = ["tests.hang_watchdog"]
 
 
 class Stack:
