@@ -297,3 +297,15 @@ def test_the_dev_postgres_is_one_server_kept_across_runs_and_stopped_by_its_star
     assert not (data / "postmaster.pid").exists()
     with devstack.dev_postgres(tmp_path) as again, psycopg.connect(again) as conn:
         assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)
+
+
+def test_a_stack_port_is_never_one_the_kernel_may_hand_to_a_connection():
+    """Three stacks starting side by side once lost a Redis port to another process's
+    outgoing connection between picking it and binding it ("Address already in use"):
+    the stack picks its ports below the kernel's ephemeral range."""
+    from tools.local_stack import _ephemeral_low
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(50)}
+    assert all(port < low for port in ports), sorted(ports)
+    assert len(ports) > 1  # picked at random, not one port for everybody

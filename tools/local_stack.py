@@ -40,7 +40,31 @@ def _package_dir(name: str, ships: str) -> Path:
         raise StackError(str(exc)) from None
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range. A port the kernel picked
+    (bind to 0) can be given to any process's next outgoing connection before the
+    server started on it binds it: three stacks starting side by side saw Redis fail
+    with "Address already in use". Ports below that range are never handed out."""
+    import random
+
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randint(10000, low - 1)
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+                    return port
+            except OSError:
+                continue
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
