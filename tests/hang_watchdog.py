@@ -63,6 +63,11 @@ def pytest_configure() -> None:
     _stderr[0] = os.fdopen(os.dup(2), "w", closefd=True)
 
 
+def pytest_unconfigure() -> None:
+    _stderr[0].close()
+    _stderr[0] = sys.__stderr__
+
+
 def _say(text: str) -> None:
     _stderr[0].write(text + "\n")
     _stderr[0].flush()
