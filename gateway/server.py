@@ -1,7 +1,7 @@
 """bin/chat-actors gateway: the composition root of the HTTP side.
 
 Builds the adapters (a Kafka producer, Redis reads and readers, a small Postgres
-pool), starts the relay's reader tasks and Hypercorn's Trio server, and on
+pool), starts the relay's reader tasks and the HTTP/1.1 server (gateway/http1.py), and on
 SIGTERM / SIGINT (or `stop`) drains: /readyz turns 503, every open event stream
 gets a last `retry:` and closes (its client resumes on another gateway with its
 Last-Event-ID), then the server stops.
@@ -15,11 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from actors.adapters import telemetry_of
 from actors.adapters.kafka import Producer, ensure_topics
@@ -34,6 +31,7 @@ from actors.ports import Telemetry
 from config import Config, ConfigError, secret
 from gateway.app import Gateway, build_app
 from gateway.auth import Verifier
+from gateway.http1 import Limits, serve
 from gateway.relay import Reader, Relay
 
 log = logging.getLogger("chat_actors.gateway")
@@ -115,17 +113,6 @@ async def _connect(config: Config) -> tuple[StreamReads, ClusterWatch | None, Ca
     return reads, watch, make_reader
 
 
-def _server_config(config: Config) -> HypercornConfig:
-    server = HypercornConfig()
-    server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
-    server.accesslog = None
-    # Hypercorn's own lines go through our JSON logging (its default adds a plain-text
-    # stderr handler, so each line came out twice).
-    server.errorlog = logging.getLogger("hypercorn.error")
-    server.graceful_timeout = DRAIN_S + 1
-    return server
-
-
 async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,
                    key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
     await producer.send(topic, value, key=key, headers=headers, timeout_s=timeout_s)
@@ -150,7 +137,6 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
     gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
                       produce=produce, documents=documents, telemetry=telemetry)
-    server = _server_config(config)
     try:
         await pg.migrate()  # the history tables, when the gateway starts before any worker
         async with trio.open_nursery() as nursery:
@@ -170,8 +156,9 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                     await relay.drained()
 
             async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
-                await serve(cast(Any, build_app(gateway)), server, shutdown_trigger=shutdown_trigger,
-                            task_status=task_status)
+                await serve(build_app(gateway), host=config.gateway.host,
+                            port=config.gateway.port, limits=Limits(graceful_s=DRAIN_S + 1),
+                            shutdown=shutdown_trigger, task_status=task_status)
                 nursery.cancel_scope.cancel()  # served and drained: the readers stop too
 
             binds: list[str] = await nursery.start(serving)
