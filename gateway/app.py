@@ -37,7 +37,7 @@ from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
 from gateway.auth import Unauthorized, Verifier
-from gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
+from gateway.relay import CLIENT_BUFFER, AnyRelay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
 from messages.wire import BadInput, check_shape, is_ident
 
@@ -141,7 +141,7 @@ class Gateway:
     config: Config
     verifier: Verifier
     reads: Reads
-    relay: Relay
+    relay: AnyRelay
     history: History
     produce: Produce
     documents: Documents | None = None  # uploads; None: the routes answer 404

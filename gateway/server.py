@@ -23,7 +23,12 @@ from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
 from actors.adapters.rag.documents import DocumentStore
 from actors.adapters.rag.uploads import PDF_READER, UserDocuments
-from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
+from actors.adapters.redis.keyspace import (
+    ClusterReader,
+    KeyspaceWatch,
+    cluster_primaries,
+    node_primary,
+)
 from actors.adapters.redis.streams import StreamReads
 from actors.errors import PermanentError, TransientError
 from actors.health import Health
@@ -32,7 +37,7 @@ from config import Config, ConfigError, secret
 from gateway.app import Gateway, build_app
 from gateway.auth import Verifier
 from gateway.http1 import Limits, serve
-from gateway.relay import Reader, Relay
+from gateway.relay import AnyRelay, NotifiedRelay, Relay
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -88,29 +93,50 @@ async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> 
         await trio.sleep(READY_EVERY_S)
 
 
-async def _connect(config: Config) -> tuple[StreamReads, ClusterWatch | None, Callable[[], Reader]]:
-    """The Redis reads, the Cluster's keyspace watch (None without a cluster) and what
-    makes the relay's readers; the Kafka topics exist after it. The reads are closed
+async def _connect(config: Config) -> tuple[StreamReads, AnyRelay, KeyspaceWatch | None]:
+    """The Redis reads, the relay and the keyspace watch that tells it which streams grew
+    (None: blocking readers); the Kafka topics exist after it. The reads are closed
     again when any of it fails."""
     reads = StreamReads(config.redis)
-    watch: ClusterWatch | None = None
-    make_reader: Callable[[], Reader] = reads.reader
     try:
-        if config.redis.cluster:
-            try:
-                await trio.to_thread.run_sync(ensure_notifications, reads.client)
-            except PermanentError as exc:
-                raise ConfigError(f"redis.cluster: {exc}") from None
-            watch = ClusterWatch(reads.client, reads.primary(),
-                                 config.stream.key_template.split("{job_id}", 1)[0])
-            make_reader = partial(ClusterReader, watch, reads.client)
+        relay, watch = await _relay_of(config, reads)
         await trio.to_thread.run_sync(partial(
             ensure_topics, config.kafka.bootstrap_servers, config.kafka.client("producer"),
             [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
     except BaseException:
         reads.close()
         raise
-    return reads, watch, make_reader
+    return reads, relay, watch
+
+
+async def _relay_of(config: Config, reads: StreamReads) -> tuple[AnyRelay, KeyspaceWatch | None]:
+    """Notified reads where keyspace notifications can be had (always on a Cluster, where
+    a blocking XREAD cannot span streams); blocking readers where `stream_reads` asks
+    for them, or, on `auto`, where the server refuses CONFIG SET."""
+    mode = config.gateway.stream_reads
+    prefix = config.stream.key_template.split("{job_id}", 1)[0]
+    if config.redis.cluster:
+        lookup = partial(cluster_primaries, reads.client, reads.primary())
+        reader = partial(ClusterReader, reads.client)
+    else:
+        if mode == "blocking":
+            return Relay(reads.reader, config.gateway.readers), None
+        lookup = partial(node_primary, reads.primary, reads.client)
+        reader = reads.reader
+    try:
+        await trio.to_thread.run_sync(lookup)  # notifications on, or why not
+    except TransientError as exc:
+        # Redis is away: it cannot say. The watch asks again until it can (the gateway
+        # is not ready meanwhile), and sweeps every stream while it cannot.
+        log.warning("keyspace notifications not confirmed yet (%s)", exc)
+    except PermanentError as exc:
+        if config.redis.cluster or mode == "notified":
+            name = "redis.cluster" if config.redis.cluster else "gateway.stream_reads"
+            raise ConfigError(f"{name}: {exc}") from None
+        log.warning("streams are read by blocking readers: %s", exc)
+        return Relay(reads.reader, config.gateway.readers), None
+    relay = NotifiedRelay(reader)
+    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep)
 
 
 async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,
@@ -127,10 +153,9 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     is the command of the child process that reads an uploaded PDF (tests hold it)."""
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
-    reads, watch, make_reader = await _connect(config)
+    reads, relay, watch = await _connect(config)
     producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.client("producer"))
     pg = Postgres.of(config.postgres)
-    relay = Relay(make_reader, config.gateway.readers)
     produce = partial(_produce, producer, config.gateway.produce_timeout_s)
     documents = UserDocuments(DocumentStore.from_config(config, pg), config,
                               pdf_reader=pdf_reader)

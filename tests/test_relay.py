@@ -32,16 +32,18 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.adapters.redis import keyspace as redis_keyspace
 from actors.adapters.redis import streams as redis_streams
-from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
 from actors.adapters.redis.connect import RedisConnect
+from actors.adapters.redis.keyspace import KeyspaceWatch, node_primary
 from actors.adapters.redis.streams import BlockingReader
 from actors.errors import PermanentError, StreamsRefused, TransientError
-from config import Config, Redis
+from config import Config, ConfigError, Redis
 from gateway import app as app_module
 from gateway import relay as relay_module
 from gateway.app import OWNER_PREFIX, uuid7
-from gateway.relay import Relay, Subscription, entry_key
+from gateway.relay import Found, NotifiedRelay, Relay, Subscription, entry_key
+from gateway.server import run_gateway
 from messages.ports import U64_MAX, Entry, is_entry_id
 from tests.helpers import gateway_running, until
 from tests.test_gateway import bearer, blocks, parse_sse
@@ -247,35 +249,115 @@ async def test_a_client_behind_gets_what_it_holds_before_what_it_catches_up(auto
         nursery.cancel_scope.cancel()
 
 
-class FakeClusterPipeline:
-    """A RedisCluster pipeline whose every XREAD finds nothing."""
+class FakeNowReader:
+    """A NowReader whose reads are answered by the test (each read waits for one)."""
 
     def __init__(self) -> None:
-        self.reads = 0
+        self.log: list[dict[str, str]] = []
+        self._answer, self._answers = trio.open_memory_channel[Found | Exception](100)
+        self.reading = trio.Event()
 
-    def xread(self, streams: Mapping[str, str], count: int) -> None:
-        self.reads += 1
+    async def read_now(self, streams: Mapping[str, str], count: int) -> Found:
+        self.log.append(dict(streams))
+        self.reading.set()
+        got = await self._answers.receive()
+        self.reading = trio.Event()
+        if isinstance(got, Exception):
+            raise got
+        return got
 
-    def execute(self, raise_on_error: bool = True) -> list[list[object]]:
-        return [[] for _ in range(self.reads)]
+    def answer(self, value: Found | Exception) -> None:
+        self._answer.send_nowait(value)
+
+    def close(self) -> None:
+        pass
 
 
-class FakeCluster:
-    def pipeline(self, transaction: bool = False) -> FakeClusterPipeline:
-        return FakeClusterPipeline()
+async def notified_relay(nursery: trio.Nursery, reader: FakeNowReader) -> NotifiedRelay:
+    relay = NotifiedRelay(lambda: reader)
+    await nursery.start(relay.run)
+    return relay
 
 
-async def test_a_cluster_reader_follows_only_the_streams_its_clients_still_want():
-    watch = ClusterWatch(FakeCluster(), {}, "sse:chat:")
-    reader = ClusterReader(watch, FakeCluster())
-    assert await reader.read({"a": "0-0", "b": "0-0"}, 10, 20) == []
-    assert set(watch._followers) == {"a", "b"}
-    assert await reader.read({"a": "0-0"}, 10, 20) == []  # b's last client left
-    assert set(watch._followers) == {"a"}
-    watch._touch("b")  # a notification for a stream nobody follows now
-    assert "b" not in reader._dirty
-    reader.close()
-    assert watch._followers == {}
+async def test_a_notified_relay_reads_only_the_streams_that_grew(autojump_clock):
+    reader = FakeNowReader()
+
+    async def read_next(answer: Found) -> dict[str, str]:
+        """The streams the next read names, once the one before got `answer`."""
+        reader.answer(answer)
+        await trio.testing.wait_all_tasks_blocked()
+        await reader.reading.wait()
+        return reader.log[-1]
+
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        subscriptions = {key: relay.subscribe(key, "0-0") for key in ("a", "b", "c")}
+        await reader.reading.wait()
+        assert reader.log[-1] == {"a": "0-0", "b": "0-0", "c": "0-0"}, "new streams: read once"
+        relay.touch("b")
+        relay.touch("nobody-follows")  # a notification for a stream no client follows
+        relay.touch("b")  # a burst: one read
+        assert await read_next([]) == {"b": "0-0"}
+        relay.touch("b")
+        relay.touch("a")
+        assert await read_next([("b", [entry(1), entry(2)])]) == {"b": "100-2", "a": "0-0"}, \
+            "each from where it stands"
+        assert await drain(subscriptions["b"], 2) == ["100-1", "100-2"]
+        reader.answer([])
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(reader.log) == 3, "no notification: no read"
+        relay.sweep()  # a notification may have been lost: every stream is read
+        await reader.reading.wait()
+        assert reader.log[-1] == {"a": "0-0", "b": "100-2", "c": "0-0"}
+        reader.answer([])
+        await trio.testing.wait_all_tasks_blocked()
+        relay.unsubscribe(subscriptions["c"])
+        relay.touch("c")  # its last client left
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(reader.log) == 4 and relay.readers() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_notified_stream_read_to_its_count_is_read_again_for_the_rest(autojump_clock):
+    reader = FakeNowReader()
+    full = [(f"100-{n}", {"event": "token"}) for n in range(1, relay_module.READ_COUNT + 1)]
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        subscription = relay.subscribe("s", "0-0")
+        subscription.send, subscription.receive = trio.open_memory_channel[Entry](10**4)
+        reader.answer([("s", full)])
+        await reader.reading.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.log[-1] == {"s": full[-1][0]}, "read again at once, no notification"
+        reader.answer([])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_notified_read_is_retried_and_nothing_is_lost(autojump_clock):
+    reader = FakeNowReader()
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        subscription = relay.subscribe("s", "0-0")
+        reader.answer(TransientError("redis: connection reset"))
+        reader.answer(PermanentError("redis: XREAD replied in an unknown shape: test"))
+        reader.answer([("s", [entry(1)])])
+        assert await drain(subscription, 1) == ["100-1"]
+        assert reader.log == [{"s": "0-0"}] * 3
+        await trio.testing.wait_all_tasks_blocked()
+        refused = relay.subscribe("t", "0-0")
+        relay.touch("s")
+        reader.answer(StreamsRefused({"t": "WRONGTYPE Operation against a key"},
+                                     [("s", [entry(2)])]))
+        assert await drain(subscription, 1) == ["100-2"]
+        with pytest.raises(trio.EndOfChannel):
+            await refused.receive.receive()
+        assert refused.failure == "WRONGTYPE Operation against a key"
+        await trio.testing.wait_all_tasks_blocked()
+        relay.touch("t")  # no longer followed: never named again
+        relay.touch("s")
+        await reader.reading.wait()
+        assert reader.log[-1] == {"s": "100-2"}
+        nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- the real reader
@@ -513,6 +595,58 @@ async def test_a_relay_on_a_real_reader_ends_refused_streams_and_serves_the_rest
         assert relay.readers() == 1 and relay.open_streams() == 1
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_notified_relay_on_a_real_redis_is_told_of_every_append(stack, rds, monkeypatch):
+    """The watch turns notifications on and the relay reads each stream when told: no
+    sweep here (REFRESH_S is an hour), so every entry came by its notification."""
+    monkeypatch.setattr(redis_keyspace, "REFRESH_S", 3600)
+    prefix = f"rdn:{uuid.uuid4().hex}:"
+    keys = [f"{prefix}{n}" for n in range(20)]
+    where = RedisConnect(Redis(url=stack.redis.url, password_env="", socket_timeout_s=10.0))
+    relay = NotifiedRelay(lambda: reader_of(stack.redis.url))
+    watch = KeyspaceWatch(partial(node_primary, where.primary, rds), prefix,
+                          touch=relay.touch, sweep=relay.sweep)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        subscriptions = [relay.subscribe(key, "0-0") for key in keys]
+        await nursery.start(watch.run)
+        flags = rds.config_get("notify-keyspace-events")["notify-keyspace-events"]
+        assert {"K", "t"} <= set(flags) or {"K", "A"} <= set(flags), flags
+
+        def write() -> list[list[str]]:
+            return [[rds.xadd(key, {"event": "token", "n": str(n)}) for key in keys]
+                    for n in range(10)]
+
+        written = await trio.to_thread.run_sync(write)
+        for index, subscription in enumerate(subscriptions):
+            assert await drain(subscription, 10) == [row[index] for row in written]
+        assert watch.notifications >= 200 and relay.readers() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_redis_that_refuses_config_is_read_by_blocking_readers_unless_told_otherwise(
+        gw_config, tmp_path):
+    own = local_stack.start_redis(tmp_path, extra=["--rename-command", "CONFIG", ""])
+    try:
+        client = redis.Redis.from_url(own.url, decode_responses=True)
+        config = gw_config(CHAT_ACTORS__REDIS__URL=own.url)
+        job_id, stream = new_job(client, config, "alice")
+        async with gateway_running(config) as (handle, http):
+            assert isinstance(handle.gateway.relay, Relay)  # auto: blocking, and it works
+            got: dict[str, str] = {}
+            async with trio.open_nursery() as nursery:
+                await nursery.start(follow, http, job_id, "alice", got)
+                finish(client, stream, job_id, "alice", 3)
+        assert [e["event"] for e in parse_sse(got[job_id])] == [
+            "started", "token", "token", "token", "done"]
+        refused = gw_config(CHAT_ACTORS__REDIS__URL=own.url,
+                            CHAT_ACTORS__GATEWAY__STREAM_READS="notified")
+        with pytest.raises(ConfigError, match=r"gateway.stream_reads: .*notify-keyspace-events"):
+            await run_gateway(refused, handle_signals=False)
+        client.close()
+    finally:
+        own.stop()
 
 ALONE = [
     # Refused together and alone, for the stream's own reason: that stream's fault.

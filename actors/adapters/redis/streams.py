@@ -202,6 +202,28 @@ class RespConnection:
             self._parser.feed(data)
         return replies
 
+    async def pushed(self) -> list[Any]:
+        """Every message already received (Pub/Sub), or, when none is, those of the next
+        read from the socket: under load one read carries many. An error reply raises;
+        a message is at most READ_BYTES times the parser's buffer, never unbounded."""
+        assert self._stream is not None
+        messages: list[Any] = []
+        while True:
+            while (message := self._parser.gets()) is not False:
+                if isinstance(message, hiredis.ReplyError):
+                    raise translate(redis.ResponseError(str(message)))
+                messages.append(message)
+            if messages:
+                return messages
+            data = await self._stream.receive_some(READ_BYTES)
+            if not data:
+                raise TransientError("redis: the server closed the connection",
+                                     kind="connection")
+            self._parser.feed(data)
+            if self._parser.len() > MAX_REPLY_BYTES:
+                raise PermanentError(f"redis: a message over {MAX_REPLY_BYTES} bytes",
+                                     code="redis")
+
     async def call(self, *args: str) -> Any:
         await self.send(*args)
         return await self.reply()
@@ -269,12 +291,22 @@ class BlockingReader:
     async def read(self, streams: Mapping[str, str], count: int,
                    block_ms: int) -> list[tuple[str, list[Entry]]]:
         """Entries after each stream's id, or [] once `block_ms` passed (or `unblock`)."""
-        args = ["XREAD", "COUNT", str(count), "BLOCK", str(block_ms), "STREAMS",
+        return await self._xread(streams, count, ["BLOCK", str(block_ms)], block_ms / 1000)
+
+    async def read_now(self, streams: Mapping[str, str],
+                       count: int) -> list[tuple[str, list[Entry]]]:
+        """Entries after each stream's id that are there now (no BLOCK): the read of a
+        relay told by keyspace notifications which streams grew."""
+        return await self._xread(streams, count, [], 0.0)
+
+    async def _xread(self, streams: Mapping[str, str], count: int, block: list[str],
+                     block_s: float) -> list[tuple[str, list[Entry]]]:
+        args = ["XREAD", "COUNT", str(count), *block, "STREAMS",
                 *streams.keys(), *streams.values()]
         try:
             if not self._conn.connected:
                 await self._connect()
-            with trio.fail_after(block_ms / 1000 + self._reply_timeout_s):
+            with trio.fail_after(block_s + self._reply_timeout_s):
                 (reply,) = await self._conn.pipeline([args])
             if isinstance(reply, hiredis.ReplyError):
                 with trio.fail_after(self._reply_timeout_s):
