@@ -19,6 +19,7 @@ close, and open requests get `graceful_s` to end before they are cancelled.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -39,6 +40,17 @@ App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awa
                Awaitable[None]]
 
 RECEIVE_BYTES = 65536
+# The scope extension under which a GET's response body can be written without
+# waiting, from any task (`_Connection.write_nowait`; the relay's event streams).
+DIRECT_WRITES = "chat_actors.direct_writes"
+
+
+class Written(enum.Enum):
+    WRITTEN = "written"
+    WAITING = "waiting"
+    REFUSED = "refused"
+
+
 # Closing with unread bytes makes the kernel reset the connection, and a client still
 # sending (a body refused before it was read) loses the answer it was sent: the
 # connection is closed for writing first, and what still comes is read and dropped
@@ -71,6 +83,8 @@ class _Connection:
         self.head: bytes | None = None  # a response head not written yet
         self.responded = self.finished = False
         self.gone = trio.Event()
+        # What a write left unsent (a full socket buffer), sent before anything else.
+        self.pending = bytearray()
 
     async def serve(self) -> None:
         try:
@@ -108,6 +122,8 @@ class _Connection:
             return False  # no (whole) request in time, or none at all
         self.idle, self.responded, self.finished = False, False, False
         self.scope = _scope(request, self.stream)
+        if request.method in (b"GET", b"HEAD"):
+            self.scope["extensions"][DIRECT_WRITES] = self
         try:
             await self.app(self.scope, self.receive, self.send)
         except Exception:
@@ -226,16 +242,47 @@ class _Connection:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
-        """All of `data` to the socket, waiting only while its buffer is full. A client
-        that has gone is noted (the app learns it from `receive`), not raised."""
-        view = memoryview(data)
-        while view and not self.closed:
+        """All of `data` to the socket after what is pending, waiting only while its
+        buffer is full. A client that has gone is noted (the app learns it from
+        `receive`), not raised."""
+        self.pending += data
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send what is pending, waiting while the socket's buffer is full."""
+        while self.pending and not self.closed:
             try:
-                view = view[os.write(self.fd, view):]
+                del self.pending[:os.write(self.fd, self.pending)]
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self.fd)
             except OSError:
                 self.closed = True
+        if self.closed:
+            self.pending.clear()
+
+    def write_nowait(self, body: bytes) -> Written:
+        """A piece of the response body written now, from any task, without waiting:
+        WRITTEN; WAITING when the socket took only part (the rest is pending: the
+        response's own task must `flush`); REFUSED, nothing written, while anything is
+        pending or the response has not started (its head goes first), has ended, or
+        the client has gone."""
+        if self.pending or self.head is not None or self.finished or self.closed \
+                or not self.responded:
+            return Written.REFUSED
+        if self.scope is not None and self.scope["method"] == "HEAD":
+            return Written.WRITTEN  # a HEAD response has no body
+        data = self.h11.send(h11.Data(data=body)) or b""
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.closed = True
+            return Written.REFUSED
+        if sent == len(data):
+            return Written.WRITTEN
+        self.pending += memoryview(data)[sent:]
+        return Written.WAITING
 
 
 @functools.cache

@@ -35,7 +35,6 @@ from messages.ports import Entry
 
 log = logging.getLogger("chat_actors.gateway.relay")
 
-CLIENT_BUFFER = 64  # entries a client may have unread before it must catch up itself
 READ_COUNT = 256  # entries per stream per XREAD
 BLOCK_MS = 5000
 STREAMS_PER_READER = 16  # open streams per blocking reader before another one starts
@@ -71,31 +70,42 @@ R = TypeVar("R", Reader, NowReader)
 
 @dataclass(eq=False)
 class Subscription:
-    """One client's view of one stream: entries after `last` come through `receive`."""
+    """One client's view of one stream: entries after `last` go to `take`, called by
+    the reader with all a read found for this client at once. `take` writes them to
+    the client's socket there and then (True), or refuses them (False: its socket has
+    not taken what came before): the client is then behind, given nothing more, and
+    catches up from Redis by itself, so a slow client never grows the gateway's
+    memory. `wake` is set for the client's own task whenever it has something to do."""
 
     key: str
     last: str
-    send: trio.MemorySendChannel[Entry]
-    receive: trio.MemoryReceiveChannel[Entry]
-    behind: bool = False  # entries were dropped: catch up from Redis before going on
+    take: Callable[[Sequence[Entry]], bool]
+    wake: trio.Event = field(default_factory=trio.Event)
+    behind: bool = False  # entries were refused: catch up from Redis before going on
     failure: str | None = None  # why its stream cannot be read: the client is told and ended
+    ended: bool = False  # the relay is closing (or failed it): nothing more comes
 
     def fail(self, reason: str) -> None:
-        """End this client (its receive ends once it has what came before) with why."""
+        """End this client with why its stream cannot be read."""
         self.failure = reason
-        self.send.close()
+        self.end()
 
-    def offer(self, entry: Entry) -> None:
-        if self.behind or entry_key(entry[0]) <= entry_key(self.last):
+    def end(self) -> None:
+        self.ended = True
+        self.wake.set()
+
+    def offer(self, entries: Sequence[Entry]) -> None:
+        if self.behind or self.ended:
             return
-        try:
-            self.send.send_nowait(entry)
-        except trio.WouldBlock:
-            self.behind = True  # the client reads from Redis itself once it drains
-        except trio.ClosedResourceError:
-            pass  # the relay is closing: its client is being sent elsewhere
+        last = entry_key(self.last)
+        fresh = [entry for entry in entries if entry_key(entry[0]) > last]
+        if not fresh:
+            return
+        if self.take(fresh):
+            self.last = fresh[-1][0]
         else:
-            self.last = entry[0]
+            self.behind = True  # the client reads from Redis itself once it can write
+            self.wake.set()
 
 
 @dataclass
@@ -145,11 +155,11 @@ class _Relay(Generic[R]):
     def readers(self) -> int:
         return len(self._states)
 
-    def subscribe(self, key: str, after: str) -> Subscription:
-        send, receive = trio.open_memory_channel[Entry](CLIENT_BUFFER)
-        subscription = Subscription(key=key, last=after, send=send, receive=receive)
+    def subscribe(self, key: str, after: str,
+                  take: Callable[[Sequence[Entry]], bool]) -> Subscription:
+        subscription = Subscription(key=key, last=after, take=take)
         if self.closed:
-            send.close()  # its client is told to go elsewhere at once
+            subscription.end()  # its client is told to go elsewhere at once
         state = self._state(key)
         state.subscriptions.setdefault(key, set()).add(subscription)
         self._read_from(state, key, after)
@@ -165,7 +175,7 @@ class _Relay(Generic[R]):
                 state.positions.pop(subscription.key, None)
                 state.due.discard(subscription.key)
                 self._assigned.pop(subscription.key, None)
-        subscription.send.close()
+        subscription.ended = True
         if not self.open_streams():
             self._emptied.set()
 
@@ -175,7 +185,7 @@ class _Relay(Generic[R]):
         for state in self._states:
             for following in state.subscriptions.values():
                 for subscription in following:
-                    subscription.send.close()
+                    subscription.end()
 
     async def drained(self) -> None:
         """Return once no client follows a stream."""
@@ -196,18 +206,22 @@ class _Relay(Generic[R]):
         raise NotImplementedError
 
     async def catch_up(self, subscription: Subscription,
-                       after: Callable[[str, str, int], Awaitable[list[Entry]]]) -> list[Entry]:
-        """What a client that fell behind missed, read from Redis by itself, in order.
-        Once it has caught up the reader serves it again (and is woken to)."""
+                       after: Callable[[str, str, int], Awaitable[list[Entry]]]
+                       ) -> tuple[list[Entry], bool]:
+        """What a client that fell behind missed, read from Redis by itself, in order,
+        and whether that is all: once the client has written it, `resume` it."""
         entries = await after(subscription.key, subscription.last, READ_COUNT)
         if entries:
             subscription.last = entries[-1][0]
-        if len(entries) < READ_COUNT:
-            subscription.behind = False
-            if subscription.failure is None:  # a refused stream is not named to a reader again
-                self._read_from(self._state(subscription.key), subscription.key,
-                                subscription.last)
-        return entries
+        return entries, len(entries) < READ_COUNT
+
+    def resume(self, subscription: Subscription) -> None:
+        """A client that caught up is served by the reader again, from where it is (not
+        before it has written what it caught up: the reader's entries come after)."""
+        subscription.behind = False
+        if subscription.failure is None and not subscription.ended:
+            # A refused stream is not named to a reader again.
+            self._read_from(self._state(subscription.key), subscription.key, subscription.last)
 
     def open_streams(self) -> int:
         return sum(len(s) for state in self._states for s in state.subscriptions.values())
@@ -256,8 +270,7 @@ class _Relay(Generic[R]):
         oldest: str | None = None
         for subscription in list(following):
             if not subscription.behind and entry_key(subscription.last) >= start:
-                for entry in entries:
-                    subscription.offer(entry)
+                subscription.offer(entries)
             if not subscription.behind and (oldest is None or
                                             entry_key(subscription.last) < entry_key(oldest)):
                 oldest = subscription.last
