@@ -98,7 +98,9 @@ class Subscription:
         if self.behind or self.ended:
             return
         last = entry_key(self.last)
-        fresh = [entry for entry in entries if entry_key(entry[0]) > last]
+        # A read's entries come in order: when the first is new, all are (the rule).
+        fresh = entries if entry_key(entries[0][0]) > last else [
+            entry for entry in entries if entry_key(entry[0]) > last]
         if not fresh:
             return
         if self.take(fresh):

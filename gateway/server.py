@@ -9,6 +9,7 @@ Last-Event-ID), then the server stops.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -187,6 +188,10 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                 nursery.cancel_scope.cancel()  # served and drained: the readers stop too
 
             binds: list[str] = await nursery.start(serving)
+            if handle_signals:  # the process is ours
+                # What start-up loaded stays for the life of the process: out of the
+                # collector's sight, its collections walk only what requests made.
+                gc.freeze()
             port = int(binds[0].rsplit(":", 1)[1])
             gateway.health.started = True
             log.info("gateway ready: http://127.0.0.1:%d/", port)
