@@ -94,12 +94,13 @@ class Subscription:
         self.ended = True
         self.wake.set()
 
-    def offer(self, entries: Sequence[Entry]) -> None:
+    def offer(self, entries: Sequence[Entry], first: tuple[int, int]) -> None:
+        """`entries` (in order; `first` is the first one's entry_key) for this client."""
         if self.behind or self.ended:
             return
         last = entry_key(self.last)
-        # A read's entries come in order: when the first is new, all are (the rule).
-        fresh = entries if entry_key(entries[0][0]) > last else [
+        # A read's entries come in order: when the first is new, all are.
+        fresh = entries if first > last else [
             entry for entry in entries if entry_key(entry[0]) > last]
         if not fresh:
             return
@@ -269,15 +270,22 @@ class _Relay(Generic[R]):
         if not following or not entries:
             return
         start = entry_key(read_from)
-        oldest: str | None = None
+        first = entry_key(entries[0][0])
+        oldest: tuple[tuple[int, int], str] | None = None
         for subscription in list(following):
-            if not subscription.behind and entry_key(subscription.last) >= start:
-                subscription.offer(entries)
-            if not subscription.behind and (oldest is None or
-                                            entry_key(subscription.last) < entry_key(oldest)):
-                oldest = subscription.last
+            if subscription.behind:
+                continue
+            at = subscription.last
+            if at == read_from or entry_key(at) >= start:
+                subscription.offer(entries, first)
+                at = subscription.last
+            if not subscription.behind:
+                # The usual client is where the read ended: one comparison, no parse.
+                at_key = entry_key(at)
+                if oldest is None or at_key < oldest[0]:
+                    oldest = (at_key, at)
         if oldest is not None:
-            state.positions[key] = oldest
+            state.positions[key] = oldest[1]
         else:
             state.positions.pop(key, None)  # every client catches up by itself first
 

@@ -145,8 +145,7 @@ class KeyspaceWatch:
                         reported = True
                         task_status.started(scope)
                     while True:
-                        for message in await conn.pushed():
-                            self._message(channel, message)
+                        self._messages(channel, await conn.pushed())
                 except (*CONNECTION_FAULTS, TransientError, PermanentError) as exc:
                     failures += 1
                     log.warning("watching %s failed (%s); again in a moment", node, exc)
@@ -161,14 +160,16 @@ class KeyspaceWatch:
                     self._watching.pop(node, None)  # the next lookup decides
                     return
 
-    def _message(self, channel: str, message: Any) -> None:
-        """["pmessage", pattern, "__keyspace@<db>__:<key>", "<command>"]; others ignored."""
-        if (isinstance(message, list) and len(cast(list[Any], message)) == 4
-                and message[0] == "pmessage" and isinstance(message[2], str)
-                and message[2].startswith(channel)):
-            self.notifications += 1
-            if message[3] == "xadd":
-                self._touch(message[2][len(channel):])
+    def _messages(self, channel: str, messages: list[Any]) -> None:
+        """["pmessage", pattern, "__keyspace@<db>__:<key>", "<command>"]: the key of each
+        XADD goes to `touch`; any other message is ignored. (One per relayed event.)"""
+        cut, touch = len(channel), self._touch
+        self.notifications += len(messages)
+        for message in messages:
+            if (type(message) is list and len(cast(list[Any], message)) == 4
+                    and message[3] == "xadd" and message[0] == "pmessage"
+                    and type(message[2]) is str and message[2].startswith(channel)):
+                touch(message[2][cut:])
 
 
 def cluster_primaries(cluster: Any, seed: Mapping[str, Any]) -> dict[Hashable, dict[str, Any]]:
