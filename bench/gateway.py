@@ -11,7 +11,7 @@ user+system time over the window (psutil), divided by the events the clients got
 Redis's CPU is counted the same way. RSS per connection is the server's growth from
 idle to every client connected, over the clients.
 
-    bin/chat-actors bench gateway                       # 1,000 clients, about 4 minutes
+    bin/chat-actors bench gateway                       # 1,000 clients, about 8 minutes
     bin/chat-actors bench gateway --quick               # 100 clients, a smoke run
     bin/chat-actors bench gateway --only gateway --rates 2000
 
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import resource
 import secrets
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -173,6 +174,38 @@ class Jobs:
         self.appended += sent
         return sent
 
+    def produce_answers(self, per_stream: tuple[float, float], seconds: float) -> int:
+        """Each stream receives its answer's tokens at its own pace, drawn once from
+        `per_stream` (tokens per second), at a random phase: what 1,000 answers being
+        written at once look like. Returns how many were sent."""
+        rng = random.Random(7)
+        schedule: list[tuple[float, str]] = []
+        for job_id in self.ids:
+            pace = rng.uniform(*per_stream)
+            at = rng.uniform(0, 1 / pace)
+            while at < seconds:
+                schedule.append((at, job_id))
+                at += 1 / pace
+        schedule.sort()
+        began, sent = time.perf_counter(), 0
+        while sent < len(schedule):
+            elapsed = time.perf_counter() - began
+            due = sent
+            while due < len(schedule) and schedule[due][0] <= elapsed:
+                due += 1
+            if due > sent:
+                pipe = self.client.pipeline(transaction=False)
+                stamp = time.monotonic_ns()
+                for _, job_id in schedule[sent:due]:
+                    self.seq[job_id] += 1
+                    pipe.xadd(stream_of(job_id), entry(job_id, "token", self.seq[job_id],
+                                                       {"text": "x ", "sentNs": stamp}))
+                pipe.execute()
+                sent = due
+            time.sleep(0.002)
+        self.appended += sent
+        return sent
+
     def finish(self) -> None:
         pipe = self.client.pipeline(transaction=False)
         for job_id in self.ids:
@@ -284,6 +317,13 @@ async def run_clients(port: int, token: str, jobs: list[str], commands: IO[str])
     while line := await loop.run_in_executor(None, commands.readline):  # not on the loop
         if line.strip() == "count":
             say({"tokens": tally.tokens})
+        elif line.strip() == "lap":  # the latencies since the last lap, then forgotten
+            lat = [v / 1e6 for v in tally.latencies_ns]
+            tally.latencies_ns = []
+            say({"tokens": tally.tokens,
+                 "p50_ms": percentile(lat, 50) if lat else None,
+                 "p99_ms": percentile(lat, 99) if lat else None,
+                 "max_ms": max(lat) if lat else None})
         elif line.strip() == "finish":
             await asyncio.wait(ends, timeout=60)
             lat = [v / 1e6 for v in tally.latencies_ns]
@@ -416,10 +456,85 @@ def latency_by_rate(stack: Stack, server: Server, clients: int, rates: list[floa
     return result
 
 
+SATURATED_MS = 100.0  # a step whose p99 is above this is saturated
+LAP_WAIT_S = 15.0  # how long a step waits for what it sent to arrive
+
+
+def ramp(stack: Stack, server: Server, clients: int, steps: list[float], seconds: float,
+         answers: tuple[float, float] | None, answer_seconds: float) -> Result:
+    """One set of connections: each step of the ramp in turn (events per second over
+    all streams) until one saturates, then the answers scenario (every stream's answer
+    at its own pace). Each step's latencies are its own (the client's `lap`)."""
+    rds = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    redis_ps = psutil.Process(stack.redis.process.pid)
+
+    def redis_cpu() -> float:
+        times = redis_ps.cpu_times()
+        return times.user + times.system
+
+    result: Result = {}
+    try:
+        jobs = Jobs(rds, clients)
+        with _clients(server, stack.token(), jobs) as client:
+            connected = client.ask()
+            if connected["refused"]:
+                raise RuntimeError(f"{server.name} refused clients: {connected['refused']}")
+            time.sleep(1.0)
+            received = 0
+
+            def step(produce: Callable[[], int]) -> Result:
+                nonlocal received
+                cpu0, rcpu0 = server.cpu_s(), redis_cpu()
+                began = time.perf_counter()
+                sent = produce()
+                offered = sent / (time.perf_counter() - began)
+                deadline = time.perf_counter() + LAP_WAIT_S
+                while client.ask("count")["tokens"] < received + sent and \
+                        time.perf_counter() < deadline:
+                    server.alive()
+                    time.sleep(0.05)
+                cpu, rcpu = server.cpu_s() - cpu0, redis_cpu() - rcpu0
+                lap = client.ask("lap")
+                relayed, received = lap["tokens"] - received, lap["tokens"]
+                return {"sent": sent, "offered_evs": offered, "relayed": relayed,
+                        "cpu_us_per_event": 1e6 * cpu / max(relayed, 1),
+                        "redis_cpu_us_per_event": 1e6 * rcpu / max(relayed, 1),
+                        "p50_ms": lap["p50_ms"], "p99_ms": lap["p99_ms"],
+                        "max_ms": lap["max_ms"]}
+
+            steps_done: Result = {}
+            for rate in steps:
+                measured = steps_done[f"rate_{rate:g}"] = step(
+                    lambda rate=rate: jobs.produce(rate, seconds))
+                if measured["p99_ms"] is None or measured["p99_ms"] > SATURATED_MS:
+                    break
+            result["ramp"] = steps_done
+            unsaturated = [rate for rate in steps if (m := steps_done.get(f"rate_{rate:g}"))
+                           and m["p99_ms"] is not None and m["p99_ms"] <= SATURATED_MS]
+            result["saturation_evs"] = max(unsaturated, default=0.0)
+            if answers is not None:
+                result["answers"] = step(lambda: jobs.produce_answers(answers, answer_seconds))
+            jobs.finish()
+            tally = client.ask("finish")
+        result.update(missed=jobs.appended - tally["tokens"], repeats=tally["repeats"])
+        jobs.delete()
+    finally:
+        rds.close()
+    return result
+
+
 # ---------------------------------------------------------------- the report
 
 
-def rows(rates: list[float]) -> list[tuple[str, str, str, str]]:
+def _load_rows(key: str, label: str) -> list[tuple[str, str, str, str]]:
+    return [(f"{key}.p50_ms", f"{label}: XADD -> client p50 ms", "lower", ",.2f"),
+            (f"{key}.p99_ms", f"{label}: XADD -> client p99 ms", "lower", ",.2f"),
+            (f"{key}.cpu_us_per_event", f"{label}: server CPU us/event", "lower", ",.1f"),
+            (f"{key}.redis_cpu_us_per_event", f"{label}: Redis CPU us/event", "lower", ",.1f")]
+
+
+def rows(rates: list[float], steps: Sequence[float] = (),
+         answers: tuple[float, float] | None = None) -> list[tuple[str, str, str, str]]:
     """(key path, label, better, format)"""
     table = [("connect_s", "connect every client s", "lower", ",.1f"),
              ("kb_per_connection", "RSS KB per open connection", "lower", ",.1f"),
@@ -432,25 +547,35 @@ def rows(rates: list[float]) -> list[tuple[str, str, str, str]]:
                    ",.1f"),
                   (f"{key}.redis_cpu_us_per_event", f"Redis CPU us/event, {rate:,.0f} ev/s",
                    "lower", ",.1f")]
+    if steps:
+        table.append(("saturation_evs", f"ramp: most ev/s with p99 <= {SATURATED_MS:g} ms",
+                      "higher", ",.0f"))
+    for rate in steps:
+        table += _load_rows(f"ramp.rate_{rate:g}", f"ramp {rate:,.0f} ev/s")
+    if answers is not None:
+        label = f"answers {answers[0]:g}-{answers[1]:g} tok/s"
+        table.append(("answers.offered_evs", f"{label}: ev/s offered", "higher", ",.0f"))
+        table += _load_rows("answers", label)
     return table + [("missed", "events missed (must be 0)", "lower", ",.0f"),
                     ("repeats", "events repeated (must be 0)", "lower", ",.0f")]
 
 
-def report(results: dict[str, Result], rates: list[float]) -> str:
+def report(results: dict[str, Result], rates: list[float], steps: Sequence[float] = (),
+           answers: tuple[float, float] | None = None) -> str:
     def value(name: str, path: str) -> float | None:
         node: Any = results.get(name, {})
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
-    lines = [f"{'':40} {'gateway':>11} {'peer':>11} {'ratio':>8}"]
-    for path, label, better, fmt in rows(rates):
+    lines = [f"{'':48} {'gateway':>11} {'peer':>11} {'ratio':>8}"]
+    for path, label, better, fmt in rows(rates, steps, answers):
         ours, peer = value("gateway", path), value("peer", path)
         if ours is None and peer is None:
             continue
         r = ratio(ours, peer, better)
         cells = [f"{v:{fmt}}" if v is not None else "-" for v in (ours, peer)]
-        lines.append(f"{label:40} {cells[0]:>11} {cells[1]:>11} "
+        lines.append(f"{label:48} {cells[0]:>11} {cells[1]:>11} "
                      f"{(f'{r:,.1f}x' if r is not None else '-'):>8}")
     lines.append("ratio: how many times better the gateway is (peer / gateway for lower-is-better)")
     return "\n".join(lines)
@@ -463,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="500,1000,2000",
                         help="token entries per second over all streams, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each rate runs")
+    parser.add_argument("--ramp", default="2000,5000,10000,15000,20000,30000,40000",
+                        help="then rates on one set of connections, up to the first that "
+                             f"saturates (p99 over {SATURATED_MS:g} ms); empty: none")
+    parser.add_argument("--answers", default="30-50",
+                        help="then every stream's answer at its own pace, drawn from this "
+                             "range of tokens per second; empty: none")
     parser.add_argument("--readers", type=int, help="the gateway's gateway.readers (default: its config's)")
     result_options(parser, "gateway", f"at most {QUICK_CLIENTS} clients and "
                    f"{QUICK_SECONDS:g} s per rate, both sides (under a minute)")
@@ -479,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rates: at least one positive rate")
     if args.clients < 1 or args.seconds <= 0:
         parser.error("--clients and --seconds must be positive")
+    steps, answers = _load_options(parser, args.ramp, args.answers)
     if args.quick:
         args.clients = min(args.clients, QUICK_CLIENTS)
         args.seconds = min(args.seconds, QUICK_SECONDS)
+        steps = steps[:2]
     starts: dict[str, Callable[[Stack], Server]] = {"gateway": Stack.gateway, "peer": Stack.peer}
     results: dict[str, Result] = {}
     began = time.perf_counter()
@@ -495,16 +628,43 @@ def main(argv: list[str] | None = None) -> int:
             server = start(stack)
             try:
                 results[name] = latency_by_rate(stack, server, args.clients, rates, args.seconds)
+                if steps or answers:
+                    loaded = ramp(stack, server, args.clients, steps, args.seconds, answers,
+                                  args.seconds)
+                    for key in ("missed", "repeats"):
+                        results[name][key] += loaded.pop(key)
+                    results[name].update(loaded)
             finally:
                 server.stop()
             print(f" {time.perf_counter() - t:.0f} s", flush=True)
     total = time.perf_counter() - began
     print(f"\nthe gateway vs a plain SSE relay, {args.clients:,} concurrent clients "
           f"({total / 60:.1f} min; {machine()['cpu']}, {os.cpu_count()} cores)\n")
-    print(report(results, rates))
+    print(report(results, rates, steps, answers))
     write_result(args.json, quick=args.quick, wall_s=total, clients=args.clients, rates=rates,
-                 seconds=args.seconds, results=results)
+                 seconds=args.seconds, ramp=steps, answers=answers, results=results)
     return 0
+
+
+def _load_options(parser: argparse.ArgumentParser, ramp_text: str, answers_text: str
+                  ) -> tuple[list[float], tuple[float, float] | None]:
+    """--ramp (rates, rising) and --answers (LOW-HIGH tokens per second per stream)."""
+    try:
+        steps = [float(r) for r in ramp_text.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--ramp: comma-separated numbers, not {ramp_text!r}")
+    if any(r <= 0 for r in steps) or steps != sorted(steps):
+        parser.error("--ramp: positive rates, rising")
+    if not answers_text.strip():
+        return steps, None
+    low, _, high = answers_text.partition("-")
+    try:
+        pace = (float(low), float(high or low))
+    except ValueError:
+        parser.error(f"--answers: LOW-HIGH tokens per second, not {answers_text!r}")
+    if not 0 < pace[0] <= pace[1]:
+        parser.error("--answers: 0 < LOW <= HIGH")
+    return steps, pace
 
 
 def serve_clients(port: int) -> int:

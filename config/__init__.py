@@ -413,6 +413,7 @@ class Gateway(_Section, frozen=True):
     page: bool
     idempotency_s: Positive
     readers: Annotated[int, Meta(ge=1, le=1024)]
+    stream_reads: Literal["auto", "notified", "blocking"]
     stream_wait_s: PositiveFloat
     dev_signin: bool
     max_streams_per_user: Annotated[int, Meta(ge=1, le=100_000)] = 32

@@ -16,7 +16,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,19 +25,20 @@ from typing import Any, Protocol
 import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from actors.channels import ready
 from actors.errors import DocumentRefused, PermanentError, TransientError
 from actors.health import Health
 from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
 from gateway.auth import Unauthorized, Verifier
-from gateway.relay import CLIENT_BUFFER, Relay, Subscription, entry_key
+from gateway.http1 import DIRECT_WRITES, Written
+from gateway.relay import AnyRelay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
 from messages.wire import BadInput, check_shape, is_ident
 
@@ -107,10 +108,22 @@ class GatewayMetrics:
     def __post_init__(self) -> None:
         self.requests = Counter("chat_actors.gateway_requests", "HTTP requests by route and status.",
                                 ["route", "status"], registry=self.registry)
-        self.events = Counter("chat_actors.gateway_events_relayed", "Stream entries sent to clients.",
-                              registry=self.registry)
+        self.relayed = 0  # stream entries sent to clients (counted on the hot path as an int)
+        self.registry.register(_Relayed(self))
         self.open_streams = Gauge("chat_actors.gateway_open_streams", "Event streams open now.",
                                   registry=self.registry)
+
+
+class _Relayed:
+    """chat_actors.gateway_events_relayed, read from GatewayMetrics.relayed when scraped
+    (a Counter's inc, with its lock, cost more than the rest of an event's bookkeeping)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("chat_actors.gateway_events_relayed",
+                                  "Stream entries sent to clients.", value=self._metrics.relayed)
 
 
 @dataclass
@@ -141,7 +154,7 @@ class Gateway:
     config: Config
     verifier: Verifier
     reads: Reads
-    relay: Relay
+    relay: AnyRelay
     history: History
     produce: Produce
     documents: Documents | None = None  # uploads; None: the routes answer 404
@@ -622,13 +635,45 @@ def _int_field(fields: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
+class DirectWrites(Protocol):
+    """The server's side of an event stream's body (gateway.http1's connection)."""
+
+    pending: bytearray
+
+    def write_nowait(self, body: bytes) -> Written: ...
+    async def flush(self) -> None: ...
+
+
+@dataclass
+class Body:
+    """An event stream's body: `write` from its own task (it waits while the client's
+    socket is full); `write_nowait` from any task, at once (the relay's reader writes
+    the entries it read straight to each client's socket, without waking the client's
+    task); `flush` what a write left pending."""
+
+    send: Callable[[Any], Awaitable[None]]
+    direct: DirectWrites
+
+    async def write(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    def write_nowait(self, data: bytes) -> Written:
+        return self.direct.write_nowait(data)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.direct.pending)
+
+    async def flush(self) -> None:
+        await self.direct.flush()
+
+
 class EventStream(Response):
-    """`text/event-stream`, written by `run(write)` until it returns or the client goes
+    """`text/event-stream`, written by `run(body)` until it returns or the client goes
     (then `run` is cancelled, so what it holds is let go at once, not when a garbage
     collector finds an abandoned generator)."""
 
-    def __init__(self, run: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
-                 ) -> None:
+    def __init__(self, run: Callable[[Body], Awaitable[None]]) -> None:
         # No Content-Length (Response.__init__ would declare 0): the body streams.
         self.status_code = 200
         self.background = None
@@ -645,16 +690,16 @@ class EventStream(Response):
                 self.on_close()
 
     async def _stream(self, scope: Any, receive: Any, send: Any) -> None:
+        direct = scope.get("extensions", {}).get(DIRECT_WRITES)
+        if direct is None:
+            raise RuntimeError("an event stream needs the gateway's own HTTP server "
+                               "(gateway/http1.py): its body is written without waiting")
         await send({"type": "http.response.start", "status": 200,
                     "headers": self.raw_headers})
         # The body goes past Starlette's middleware (each layer wraps every send, a
         # quarter of a write's cost); the start went through it, so an error raised
         # after it is known to come after the response began.
-        body_send = scope.get(RAW_SEND, send)
-
-        async def write(data: bytes) -> None:
-            await body_send({"type": "http.response.body", "body": data, "more_body": True})
-
+        body = Body(scope.get(RAW_SEND, send), direct)
         async with trio.open_nursery() as nursery:
             async def hang_up() -> None:
                 while (await receive())["type"] != "http.disconnect":
@@ -662,79 +707,116 @@ class EventStream(Response):
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(hang_up)
-            await self.run(write)
+            await self.run(body)
             nursery.cancel_scope.cancel()
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _relay(gateway: Gateway, job_id: str, stream: str, after: str,
-                 write: Callable[[bytes], Awaitable[None]]) -> None:
-    """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
-    idle, until `done` (or the relay closing: a last `retry:` sends the client on)."""
-    relay, config = gateway.relay, gateway.config
-    heartbeat = config.gateway.heartbeat_s
-    subscription = relay.subscribe(stream, after)
-    sent = (-1, -1)  # the (attempt, seq) of the last event sent
-    try:
-        await write(f"retry: {RETRY_MS}\n\n".encode())
-        while True:
-            batch = await _next(gateway, subscription, heartbeat)
-            if batch is None:
-                if subscription.failure is not None:
-                    await write(stream_read_error(subscription.failure))
-                    return
-                if relay.closed:
-                    await write(b"retry: 1000\n\n")
-                    return
-                await write(b": ping\n\n")
+@dataclass
+class _Follower:
+    """What one client of a job's stream has been sent: the SSE bytes of new entries
+    (this job's alone: a shared stream holds every job), each event once."""
+
+    job_id: str
+    sent: tuple[int, int] = (-1, -1)  # the (attempt, seq) of the last event sent
+    done: bool = False
+
+    def frame(self, entries: Sequence[Entry]) -> tuple[bytes, tuple[int, int], bool, int]:
+        """The events of `entries` not sent yet; the position and `done` they reach,
+        and how many there are. Nothing is kept until `commit`: a write the socket
+        refuses leaves the follower where it was."""
+        sent, events, done = self.sent, list[bytes](), False
+        for entry in entries:
+            fields = entry[1]
+            if fields.get("jobId") != self.job_id:
                 continue
-            events: list[bytes] = []
-            done = False
-            for entry in batch:
-                fields = entry[1]
-                if fields.get("jobId") != job_id:
-                    continue  # a shared stream (sse:chat:events) holds every job
-                attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
-                if attempt is not None and seq is not None:
-                    if (attempt, seq) <= sent:
-                        # Written again after a Redis failover lost its reply (the writer
-                        # retried the batch on the new primary): the client has it.
-                        continue
-                    sent = (attempt, seq)
-                events.append(sse(entry, attempt or 0, seq or 0))
-                if done := fields.get("event") == "done":
-                    break
-            if events:  # one write for all that was ready: each write costs ~100 us
-                gateway.metrics.events.inc(len(events))
-                await write(b"".join(events))
-            if done:
+            attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
+            if attempt is not None and seq is not None:
+                if (attempt, seq) <= sent:
+                    # Written again after a Redis failover lost its reply (the writer
+                    # retried the batch on the new primary): the client has it.
+                    continue
+                sent = (attempt, seq)
+            events.append(sse(entry, attempt or 0, seq or 0))
+            if done := fields.get("event") == "done":
+                break
+        return b"".join(events), sent, done, len(events)
+
+    def commit(self, sent: tuple[int, int], done: bool) -> None:
+        self.sent = sent
+        self.done = self.done or done
+
+
+async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: Body) -> None:
+    """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
+    idle, until `done` (or the relay closing: a last `retry:` sends the client on).
+    The reader writes new entries to the socket itself (`take`); this task wakes only
+    to flush what the socket did not take, to catch up a client that fell behind, to
+    ping, and to end."""
+    relay, config, metrics = gateway.relay, gateway.config, gateway.metrics
+    follower = _Follower(job_id)
+    write_nowait = body.direct.write_nowait
+
+    def take(entries: Sequence[Entry]) -> bool:
+        """Called by the reader with this client's new entries: written now (True), or
+        refused (False) while its socket still holds an earlier write."""
+        if follower.done:
+            return True  # nothing after `done` is sent
+        data, sent, done, count = follower.frame(entries)
+        if data:
+            written = write_nowait(data)
+            if written is Written.REFUSED:
+                return False
+            metrics.relayed += count
+            if written is Written.WAITING:
+                subscription.wake.set()
+        follower.sent = sent
+        if done:
+            follower.done = True
+            subscription.wake.set()
+        return True
+
+    await body.write(f"retry: {RETRY_MS}\n\n".encode())
+    subscription = relay.subscribe(stream, after, take)
+    try:
+        while not follower.done:
+            if subscription.behind and not subscription.ended:
+                await _catch_up(gateway, subscription, follower, body)
+                continue
+            with trio.move_on_after(config.gateway.heartbeat_s) as idle:
+                await subscription.wake.wait()
+            subscription.wake = trio.Event()
+            if body.pending:
+                await body.flush()
+            if follower.done:
                 return
+            if subscription.failure is not None:
+                await body.write(stream_read_error(subscription.failure))
+                return
+            if subscription.ended:
+                await body.write(b"retry: 1000\n\n")
+                return
+            if idle.cancelled_caught:
+                await body.write(b": ping\n\n")
     finally:
         relay.unsubscribe(subscription)
 
 
-async def _next(gateway: Gateway, subscription: Subscription,
-                heartbeat_s: float) -> list[Entry] | None:
-    """The next entries for this client, or None after `heartbeat_s` of nothing (or
-    once the relay closed or failed its subscription)."""
-    # What waits in its channel is older than anything a catch-up reads: it goes first
-    # (the other way round, the older entries came after newer ones and were dropped).
-    if (subscription.behind and subscription.failure is None
-            and not subscription.receive.statistics().current_buffer_used):
-        try:
-            caught = await gateway.relay.catch_up(subscription, gateway.reads.after)
-        except PermanentError as exc:  # this stream cannot be read: this client ends
-            subscription.fail(str(exc))
-            return None
-        if caught:
-            return caught
-    with trio.move_on_after(heartbeat_s):
-        try:
-            first = await subscription.receive.receive()
-        except trio.EndOfChannel:
-            return None
-        # All it holds (the buffer and the one handed over): a client that fell behind
-        # catches up from Redis only once nothing older waits in its channel.
-        return ready(subscription.receive, first, CLIENT_BUFFER + 1)
-    return None
+async def _catch_up(gateway: Gateway, subscription: Subscription, follower: _Follower,
+                    body: Body) -> None:
+    """A client whose socket refused entries reads them from Redis by itself, writing
+    each batch before the reader serves it again (so nothing the reader writes comes
+    before what it missed)."""
+    try:
+        entries, whole = await gateway.relay.catch_up(subscription, gateway.reads.after)
+    except PermanentError as exc:  # this stream cannot be read: this client ends
+        subscription.fail(str(exc))
+        return
+    data, sent, done, count = follower.frame(entries)
+    if data:
+        await body.write(data)
+        gateway.metrics.relayed += count
+    follower.commit(sent, done)
+    if whole and not done:
+        gateway.relay.resume(subscription)

@@ -1,7 +1,7 @@
 """bin/chat-actors gateway: the composition root of the HTTP side.
 
 Builds the adapters (a Kafka producer, Redis reads and readers, a small Postgres
-pool), starts the relay's reader tasks and Hypercorn's Trio server, and on
+pool), starts the relay's reader tasks and the HTTP/1.1 server (gateway/http1.py), and on
 SIGTERM / SIGINT (or `stop`) drains: /readyz turns 503, every open event stream
 gets a last `retry:` and closes (its client resumes on another gateway with its
 Last-Event-ID), then the server stops.
@@ -9,24 +9,27 @@ Last-Event-ID), then the server stops.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from actors.adapters import telemetry_of
 from actors.adapters.kafka import Producer, ensure_topics
 from actors.adapters.postgres import Postgres
 from actors.adapters.rag.documents import DocumentStore
 from actors.adapters.rag.uploads import PDF_READER, UserDocuments
-from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch, ensure_notifications
+from actors.adapters.redis.keyspace import (
+    ClusterReader,
+    KeyspaceWatch,
+    cluster_primaries,
+    node_primary,
+)
 from actors.adapters.redis.streams import StreamReads
 from actors.errors import PermanentError, TransientError
 from actors.health import Health
@@ -34,7 +37,8 @@ from actors.ports import Telemetry
 from config import Config, ConfigError, secret
 from gateway.app import Gateway, build_app
 from gateway.auth import Verifier
-from gateway.relay import Reader, Relay
+from gateway.http1 import Limits, serve
+from gateway.relay import AnyRelay, NotifiedRelay, Relay
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -90,40 +94,50 @@ async def _watch_readiness(health: Health, reads: StreamReads, pg: Postgres) -> 
         await trio.sleep(READY_EVERY_S)
 
 
-async def _connect(config: Config) -> tuple[StreamReads, ClusterWatch | None, Callable[[], Reader]]:
-    """The Redis reads, the Cluster's keyspace watch (None without a cluster) and what
-    makes the relay's readers; the Kafka topics exist after it. The reads are closed
+async def _connect(config: Config) -> tuple[StreamReads, AnyRelay, KeyspaceWatch | None]:
+    """The Redis reads, the relay and the keyspace watch that tells it which streams grew
+    (None: blocking readers); the Kafka topics exist after it. The reads are closed
     again when any of it fails."""
     reads = StreamReads(config.redis)
-    watch: ClusterWatch | None = None
-    make_reader: Callable[[], Reader] = reads.reader
     try:
-        if config.redis.cluster:
-            try:
-                await trio.to_thread.run_sync(ensure_notifications, reads.client)
-            except PermanentError as exc:
-                raise ConfigError(f"redis.cluster: {exc}") from None
-            watch = ClusterWatch(reads.client, reads.primary(),
-                                 config.stream.key_template.split("{job_id}", 1)[0])
-            make_reader = partial(ClusterReader, watch, reads.client)
+        relay, watch = await _relay_of(config, reads)
         await trio.to_thread.run_sync(partial(
             ensure_topics, config.kafka.bootstrap_servers, config.kafka.client("producer"),
             [config.kafka.request_topic, config.kafka.control_topic], config.kafka.partitions))
     except BaseException:
         reads.close()
         raise
-    return reads, watch, make_reader
+    return reads, relay, watch
 
 
-def _server_config(config: Config) -> HypercornConfig:
-    server = HypercornConfig()
-    server.bind = [f"{config.gateway.host}:{config.gateway.port}"]
-    server.accesslog = None
-    # Hypercorn's own lines go through our JSON logging (its default adds a plain-text
-    # stderr handler, so each line came out twice).
-    server.errorlog = logging.getLogger("hypercorn.error")
-    server.graceful_timeout = DRAIN_S + 1
-    return server
+async def _relay_of(config: Config, reads: StreamReads) -> tuple[AnyRelay, KeyspaceWatch | None]:
+    """Notified reads where keyspace notifications can be had (always on a Cluster, where
+    a blocking XREAD cannot span streams); blocking readers where `stream_reads` asks
+    for them, or, on `auto`, where the server refuses CONFIG SET."""
+    mode = config.gateway.stream_reads
+    prefix = config.stream.key_template.split("{job_id}", 1)[0]
+    if config.redis.cluster:
+        lookup = partial(cluster_primaries, reads.client, reads.primary())
+        reader = partial(ClusterReader, reads.client)
+    else:
+        if mode == "blocking":
+            return Relay(reads.reader, config.gateway.readers), None
+        lookup = partial(node_primary, reads.primary, reads.client)
+        reader = reads.reader
+    try:
+        await trio.to_thread.run_sync(lookup)  # notifications on, or why not
+    except TransientError as exc:
+        # Redis is away: it cannot say. The watch asks again until it can (the gateway
+        # is not ready meanwhile), and sweeps every stream while it cannot.
+        log.warning("keyspace notifications not confirmed yet (%s)", exc)
+    except PermanentError as exc:
+        if config.redis.cluster or mode == "notified":
+            name = "redis.cluster" if config.redis.cluster else "gateway.stream_reads"
+            raise ConfigError(f"{name}: {exc}") from None
+        log.warning("streams are read by blocking readers: %s", exc)
+        return Relay(reads.reader, config.gateway.readers), None
+    relay = NotifiedRelay(reader)
+    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep)
 
 
 async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,
@@ -140,17 +154,15 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     is the command of the child process that reads an uploaded PDF (tests hold it)."""
     verifier = verifier_of(config)
     stop = trio.Event() if stop is None else stop
-    reads, watch, make_reader = await _connect(config)
+    reads, relay, watch = await _connect(config)
     producer = Producer(bootstrap=config.kafka.bootstrap_servers, extra=config.kafka.client("producer"))
     pg = Postgres.of(config.postgres)
-    relay = Relay(make_reader, config.gateway.readers)
     produce = partial(_produce, producer, config.gateway.produce_timeout_s)
     documents = UserDocuments(DocumentStore.from_config(config, pg), config,
                               pdf_reader=pdf_reader)
     telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
     gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
                       produce=produce, documents=documents, telemetry=telemetry)
-    server = _server_config(config)
     try:
         await pg.migrate()  # the history tables, when the gateway starts before any worker
         async with trio.open_nursery() as nursery:
@@ -170,11 +182,16 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
                     await relay.drained()
 
             async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
-                await serve(cast(Any, build_app(gateway)), server, shutdown_trigger=shutdown_trigger,
-                            task_status=task_status)
+                await serve(build_app(gateway), host=config.gateway.host,
+                            port=config.gateway.port, limits=Limits(graceful_s=DRAIN_S + 1),
+                            shutdown=shutdown_trigger, task_status=task_status)
                 nursery.cancel_scope.cancel()  # served and drained: the readers stop too
 
             binds: list[str] = await nursery.start(serving)
+            if handle_signals:  # the process is ours
+                # What start-up loaded stays for the life of the process: out of the
+                # collector's sight, its collections walk only what requests made.
+                gc.freeze()
             port = int(binds[0].rsplit(":", 1)[1])
             gateway.health.started = True
             log.info("gateway ready: http://127.0.0.1:%d/", port)

@@ -110,7 +110,8 @@ def is_entry_id(text: str) -> bool:
     if not _ENTRY_ID.fullmatch(text):  # fullmatch: `$` would let a trailing "\n" in
         return False
     ms, _, seq = text.partition("-")
-    return int(ms) <= U64_MAX and int(seq) <= U64_MAX
+    # Nineteen digits are always below 2^64: only twenty are compared.
+    return (len(ms) < 20 or int(ms) <= U64_MAX) and (len(seq) < 20 or int(seq) <= U64_MAX)
 
 
 class StreamEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -208,6 +208,17 @@ def check_gateway(written: dict[str, Any]) -> None:
         for rate in rates:
             assert_numbers(side[rate], "sent", "relayed", "p50_ms", "p99_ms",
                            "cpu_us_per_event", "redis_cpu_us_per_event")
+        # The ramp on one set of connections (its first two steps when quick), up to the
+        # first saturated one, then every stream's answer at its own pace.
+        steps = [f"rate_{rate:g}" for rate in written["ramp"]]
+        assert len(steps) == 2 and set(side["ramp"]) <= set(steps) and side["ramp"]
+        for step in side["ramp"].values():
+            assert_numbers(step, "sent", "offered_evs", "relayed", "p50_ms", "p99_ms",
+                           "cpu_us_per_event", "redis_cpu_us_per_event")
+        assert_numbers(side, "saturation_evs")
+        assert_numbers(side["answers"], "sent", "offered_evs", "relayed", "p50_ms", "p99_ms",
+                       "cpu_us_per_event", "redis_cpu_us_per_event")
+        assert written["answers"] == [30, 50]
 
 
 VERDICT = ("jobs", "one_done", "lost", "gaps", "stale", "not_terminal", "done_vs_row",

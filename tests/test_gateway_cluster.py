@@ -21,8 +21,8 @@ import pytest
 import redis
 import trio
 
-from actors.adapters.redis import cluster_reads as redis_cluster_reads
-from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
+from actors.adapters.redis import keyspace as redis_keyspace
+from actors.adapters.redis.keyspace import ClusterReader
 from actors.errors import StreamsRefused
 from gateway.app import OWNER_PREFIX, uuid7
 from tests.helpers import gateway_running
@@ -76,7 +76,7 @@ def texts(events: list[dict[str, Any]]) -> str:
 
 
 async def test_the_gateway_relays_every_stream_of_a_cluster(gw_config, cluster, monkeypatch):
-    monkeypatch.setattr(redis_cluster_reads, "REFRESH_S", 3600)  # notifications alone
+    monkeypatch.setattr(redis_keyspace, "REFRESH_S", 3600)  # notifications alone
     nodes, client = cluster
     config = cluster_config(gw_config, nodes)
     jobs = [new_job(client, config) for _ in range(24)]  # slots on every primary
@@ -107,12 +107,12 @@ async def relay_all(config: Any, client: redis.RedisCluster, jobs: list[tuple[st
                 append(client, stream, job_id, "done", 31, {"status": "succeeded"})
 
         await trio.to_thread.run_sync(write)
-        assert handle.gateway.relay.readers() >= 2
+        assert handle.gateway.relay.readers() == 1  # a read names only the streams that grew
 
 
 async def test_a_notification_that_never_comes_only_delays_the_entry(gw_config, cluster,
                                                                       monkeypatch):
-    monkeypatch.setattr(redis_cluster_reads, "REFRESH_S", 0.3)
+    monkeypatch.setattr(redis_keyspace, "REFRESH_S", 0.3)
     nodes, client = cluster
     config = cluster_config(gw_config, nodes)
     job_id, stream = new_job(client, config)
@@ -122,7 +122,7 @@ async def test_a_notification_that_never_comes_only_delays_the_entry(gw_config, 
             await nursery.start(follow, http, job_id, got)
             # Notifications off from here on (and not turned on again): entries written
             # now are found by the sweep alone.
-            monkeypatch.setattr(redis_cluster_reads, "ensure_notifications", lambda _: None)
+            monkeypatch.setattr(redis_keyspace, "ensure_notifications", lambda _: None)
             for node in client.get_nodes():
                 client.config_set("notify-keyspace-events", "", target_nodes=node)
             append(client, stream, job_id, "token", 1, {"text": "silent "})
@@ -180,11 +180,10 @@ async def test_a_stream_the_cluster_refuses_ends_only_its_client(gw_config, clus
     client.set(OWNER_PREFIX + wrong, "mallory", ex=600)
     client.rpush(config.job_keys(wrong).stream, "not a stream")
     # The cluster reader itself: one XREAD per stream, pipelined per node.
-    reader = ClusterReader(ClusterWatch(client, {}, "sse:chat:"), client)
+    reader = ClusterReader(client)
     with pytest.raises(StreamsRefused) as refused:
-        await reader.read({stream: "0-0", other: "99999999999999999999-0",
-                           config.job_keys(wrong).stream: "0-0"}, 10, 100)
-    reader.close()
+        await reader.read_now({stream: "0-0", other: "99999999999999999999-0",
+                               config.job_keys(wrong).stream: "0-0"}, 10)
     reasons = refused.value.refused
     assert set(reasons) == {other, config.job_keys(wrong).stream}
     assert "Invalid stream ID" in reasons[other]

@@ -32,16 +32,19 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.adapters.redis import keyspace as redis_keyspace
 from actors.adapters.redis import streams as redis_streams
-from actors.adapters.redis.cluster_reads import ClusterReader, ClusterWatch
 from actors.adapters.redis.connect import RedisConnect
+from actors.adapters.redis.keyspace import KeyspaceWatch, node_primary
 from actors.adapters.redis.streams import BlockingReader
 from actors.errors import PermanentError, StreamsRefused, TransientError
-from config import Config, Redis
+from config import Config, ConfigError, Redis
 from gateway import app as app_module
 from gateway import relay as relay_module
 from gateway.app import OWNER_PREFIX, uuid7
-from gateway.relay import Relay, Subscription, entry_key
+from gateway.http1 import Written
+from gateway.relay import Found, NotifiedRelay, Relay, Subscription, entry_key
+from gateway.server import run_gateway
 from messages.ports import U64_MAX, Entry, is_entry_id
 from tests.helpers import gateway_running, until
 from tests.test_gateway import bearer, blocks, parse_sse
@@ -102,12 +105,45 @@ def entry(n: int) -> Entry:
     return (f"100-{n}", {"event": "token", "seq": str(n)})
 
 
+class Client:
+    """A client's `take`: it keeps what the reader gives it, or refuses while its
+    socket is full (`full`)."""
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+        self.full = False
+        self.changed = trio.Event()
+
+    def __call__(self, entries: Sequence[Entry]) -> bool:
+        if self.full:
+            return False
+        self.got += [entry_id for entry_id, _ in entries]
+        self.changed.set()
+        return True
+
+
+def join(relay: Any, key: str, after: str) -> Subscription:
+    """A client following `key` after `after` (its `take` is a Client)."""
+    return relay.subscribe(key, after, Client())
+
+
 async def drain(subscription: Subscription, count: int) -> list[str]:
-    ids = []
+    """The next `count` entry ids the client was given."""
+    client = cast(Client, subscription.take)
     with trio.fail_after(30):
-        while len(ids) < count:
-            ids.append((await subscription.receive.receive())[0])
+        while len(client.got) < count:
+            client.changed = trio.Event()
+            await client.changed.wait()
+    ids, client.got[:count] = client.got[:count], []
     return ids
+
+
+async def ended(subscription: Subscription) -> None:
+    """Wait for the relay to end this client (a failure, or closing)."""
+    with trio.fail_after(30):
+        while not subscription.ended:
+            await subscription.wake.wait()
+            subscription.wake = trio.Event()
 
 
 async def run_relay(nursery: trio.Nursery, readers: list[FakeReader], most: int = 4) -> Relay:
@@ -122,9 +158,9 @@ async def test_a_client_arriving_mid_read_gets_older_entries_first(autojump_cloc
     reader = FakeReader(log, deaf_unblocks=10**6)  # the read in flight is not woken
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, [reader])
-        first = relay.subscribe("s", "100-2")
+        first = join(relay, "s", "100-2")
         await reader.reading.wait()
-        newcomer = relay.subscribe("s", "0-0")  # while the read from 100-2 is in flight
+        newcomer = join(relay, "s", "0-0")  # while the read from 100-2 is in flight
         reader.answer([("s", [entry(3), entry(4)])])
         assert await drain(first, 2) == ["100-3", "100-4"]
         await reader.reading.wait()
@@ -141,9 +177,9 @@ async def test_a_reader_starts_per_sixteen_streams_up_to_the_limit(autojump_cloc
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, readers, most=3)
         per = relay_module.STREAMS_PER_READER
-        subscriptions = [relay.subscribe(f"s{n}", "0-0") for n in range(per + 1)]
+        subscriptions = [join(relay, f"s{n}", "0-0") for n in range(per + 1)]
         assert relay.readers() == 2
-        subscriptions += [relay.subscribe(f"t{n}", "0-0") for n in range(4 * per)]
+        subscriptions += [join(relay, f"t{n}", "0-0") for n in range(4 * per)]
         assert relay.readers() == 3, "never more than gateway.readers"
         for state in relay._states:
             assert len(state.subscriptions) <= 2 * per, "new streams go to the least busy"
@@ -159,9 +195,9 @@ async def test_an_unblock_that_came_too_early_is_sent_again():
     reader = FakeReader(log, deaf_unblocks=3)
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, [reader])
-        relay.subscribe("a", "0-0")
+        join(relay, "a", "0-0")
         await reader.reading.wait()
-        relay.subscribe("b", "0-0")  # the read in flight names only "a"
+        join(relay, "b", "0-0")  # the read in flight names only "a"
         with trio.fail_after(10):  # the fake's read never times out: only a wake ends it
             while len(log) < 2:  # noqa: ASYNC110 (the fake's state)
                 await trio.sleep(0.001)
@@ -175,7 +211,7 @@ async def test_a_failed_read_is_retried_and_nothing_is_lost(autojump_clock):
     reader = FakeReader(log)
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, [reader])
-        subscription = relay.subscribe("s", "0-0")
+        subscription = join(relay, "s", "0-0")
         reader.answer(PermanentError("redis: XREAD replied in an unknown shape: test"))
         reader.answer(TransientError("redis: connection reset"))
         reader.answer([("s", [entry(1), entry(2)])])
@@ -190,8 +226,8 @@ async def test_a_refused_stream_ends_only_its_clients_and_the_rest_keep_their_pl
     reader = FakeReader(log)
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, [reader])
-        good = relay.subscribe("a", "0-0")
-        refused = [relay.subscribe("b", "0-0"), relay.subscribe("b", "100-5")]
+        good = join(relay, "a", "0-0")
+        refused = [join(relay, "b", "0-0"), join(relay, "b", "100-5")]
         await reader.reading.wait()
         assert log[-1] == {"a": "0-0", "b": "0-0"}
         started = trio.current_time()
@@ -199,8 +235,7 @@ async def test_a_refused_stream_ends_only_its_clients_and_the_rest_keep_their_pl
                                      [("a", [entry(1)])]))
         assert await drain(good, 1) == ["100-1"], "what the others read is delivered"
         for subscription in refused:
-            with pytest.raises(trio.EndOfChannel):
-                await subscription.receive.receive()
+            await ended(subscription)
             assert subscription.failure == "WRONGTYPE Operation against a key"
         await reader.reading.wait()
         assert log[-1] == {"a": "100-1"}, "the others go on from their own position"
@@ -211,7 +246,7 @@ async def test_a_refused_stream_ends_only_its_clients_and_the_rest_keep_their_pl
         for subscription in refused:  # their clients leave: nothing else changes
             relay.unsubscribe(subscription)
         assert relay.open_streams() == 1
-        again = relay.subscribe("b", "0-0")  # a client that comes back is read afresh
+        again = join(relay, "b", "0-0")  # a client that comes back is read afresh
         with trio.fail_after(30):  # the read in flight is woken (from a thread), then again
             while "b" not in log[-1]:  # noqa: ASYNC110 (the fake's state)
                 await trio.sleep(0.001)
@@ -221,61 +256,190 @@ async def test_a_refused_stream_ends_only_its_clients_and_the_rest_keep_their_pl
         nursery.cancel_scope.cancel()
 
 
-async def test_a_client_behind_gets_what_it_holds_before_what_it_catches_up(autojump_clock):
-    """More entries than its buffer arrive at once (a resume of a long stream): the
-    client gets the buffered ones first, then catches up from Redis: every entry once,
-    in order (the catch-up once came first, and the older entries were then dropped)."""
-    stored = [(f"100-{n}", {"event": "token", "seq": str(n)}) for n in range(1, 201)]
+class FakeBody:
+    """A client's socket as an event stream's body: it takes `room` more bytes at once
+    (None: any), then only part of a write (the rest pending), then nothing."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.room: int | None = None
+        self.left = bytearray()  # what a write_nowait left pending
+
+    async def write(self, data: bytes) -> None:  # the client's own task: it waits
+        await self.flush()
+        self.written += data
+
+    def write_nowait(self, data: bytes) -> Written:
+        if self.left or self.room == 0:
+            return Written.REFUSED
+        if self.room is None or len(data) <= self.room:
+            self.written += data
+            self.room = None if self.room is None else self.room - len(data)
+            return Written.WRITTEN
+        self.written += data[:self.room]
+        self.left += data[self.room:]
+        self.room = 0
+        return Written.WAITING
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.left)
+
+    async def flush(self) -> None:
+        self.written += self.left
+        self.left.clear()
+
+
+def job_entry(job_id: str, n: int, event: str = "token") -> Entry:
+    return (f"100-{n}", {"event": event, "jobId": job_id, "attempt": "1", "seq": str(n),
+                         "data": json.dumps({"text": f"{n} "})})
+
+
+async def test_a_client_whose_socket_fills_gets_every_entry_once_in_order(autojump_clock):
+    """The reader writes to each client's socket itself. A socket that takes only part
+    of a write keeps the rest pending; entries offered meanwhile are refused, and the
+    client, once its own task has flushed, catches up from Redis from after the last
+    entry it took, and only then is served by the reader again."""
+    job_id = uuid7()
+    stored = [job_entry(job_id, n) for n in range(1, 301)]
 
     async def after(key: str, last: str, count: int) -> list[Entry]:
         return [e for e in stored if entry_key(e[0]) > entry_key(last)][:count]
 
-    reader = FakeReader([])
+    reader, body = FakeReader([]), FakeBody()
     async with trio.open_nursery() as nursery:
         relay = await run_relay(nursery, [reader])
-        subscription = relay.subscribe("s", "0-0")
+        gateway = cast(Any, SimpleNamespace(
+            relay=relay, reads=SimpleNamespace(after=after), metrics=app_module.GatewayMetrics(),
+            config=SimpleNamespace(gateway=SimpleNamespace(heartbeat_s=3600))))
+        nursery.start_soon(app_module._relay, gateway, job_id, "s", "0-0", cast(Any, body))
         await reader.reading.wait()
-        reader.answer([("s", stored[:150])])
+        reader.answer([("s", stored[:10])])  # taken at once, by the reader
         await trio.testing.wait_all_tasks_blocked()
-        assert subscription.behind
-        gateway = cast(Any, SimpleNamespace(relay=relay, reads=SimpleNamespace(after=after)))
-        got: list[str] = []
-        while len(got) < len(stored):
-            got += [entry_id for entry_id, _ in await app_module._next(gateway, subscription, 1)
-                    or []]
-        assert got == [entry_id for entry_id, _ in stored]
+        body.room = 600  # the socket fills: part of the next write waits
+        reader.answer([("s", stored[10:20])])
+        await trio.testing.wait_all_tasks_blocked()
+        reader.answer([("s", stored[20:30])])  # refused: the client is behind
+        await trio.testing.wait_all_tasks_blocked()
+        body.room = None  # it drains: the task flushed, caught up (two reads of Redis)
+        await reader.reading.wait()
+        assert reader.log[-1] == {"s": "100-300"}, "served by the reader from where it is"
+        stored.append(job_entry(job_id, 301, "done"))
+        reader.answer([("s", stored[300:])])
+        await trio.testing.wait_all_tasks_blocked()
+        ids = [event["id"] for event in parse_sse(body.written.decode())]
+        assert ids == [entry_id for entry_id, _ in stored], "each once, in order"
+        assert relay.open_streams() == 0, "done: the response ended"
         nursery.cancel_scope.cancel()
 
 
-class FakeClusterPipeline:
-    """A RedisCluster pipeline whose every XREAD finds nothing."""
+class FakeNowReader:
+    """A NowReader whose reads are answered by the test (each read waits for one)."""
 
     def __init__(self) -> None:
-        self.reads = 0
+        self.log: list[dict[str, str]] = []
+        self._answer, self._answers = trio.open_memory_channel[Found | Exception](100)
+        self.reading = trio.Event()
 
-    def xread(self, streams: Mapping[str, str], count: int) -> None:
-        self.reads += 1
+    async def read_now(self, streams: Mapping[str, str], count: int) -> Found:
+        self.log.append(dict(streams))
+        self.reading.set()
+        got = await self._answers.receive()
+        self.reading = trio.Event()
+        if isinstance(got, Exception):
+            raise got
+        return got
 
-    def execute(self, raise_on_error: bool = True) -> list[list[object]]:
-        return [[] for _ in range(self.reads)]
+    def answer(self, value: Found | Exception) -> None:
+        self._answer.send_nowait(value)
+
+    def close(self) -> None:
+        pass
 
 
-class FakeCluster:
-    def pipeline(self, transaction: bool = False) -> FakeClusterPipeline:
-        return FakeClusterPipeline()
+async def notified_relay(nursery: trio.Nursery, reader: FakeNowReader) -> NotifiedRelay:
+    relay = NotifiedRelay(lambda: reader)
+    await nursery.start(relay.run)
+    return relay
 
 
-async def test_a_cluster_reader_follows_only_the_streams_its_clients_still_want():
-    watch = ClusterWatch(FakeCluster(), {}, "sse:chat:")
-    reader = ClusterReader(watch, FakeCluster())
-    assert await reader.read({"a": "0-0", "b": "0-0"}, 10, 20) == []
-    assert set(watch._followers) == {"a", "b"}
-    assert await reader.read({"a": "0-0"}, 10, 20) == []  # b's last client left
-    assert set(watch._followers) == {"a"}
-    watch._touch("b")  # a notification for a stream nobody follows now
-    assert "b" not in reader._dirty
-    reader.close()
-    assert watch._followers == {}
+async def test_a_notified_relay_reads_only_the_streams_that_grew(autojump_clock):
+    reader = FakeNowReader()
+
+    async def read_next(answer: Found) -> dict[str, str]:
+        """The streams the next read names, once the one before got `answer`."""
+        reader.answer(answer)
+        await trio.testing.wait_all_tasks_blocked()
+        await reader.reading.wait()
+        return reader.log[-1]
+
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        subscriptions = {key: join(relay, key, "0-0") for key in ("a", "b", "c")}
+        await reader.reading.wait()
+        assert reader.log[-1] == {"a": "0-0", "b": "0-0", "c": "0-0"}, "new streams: read once"
+        relay.touch("b")
+        relay.touch("nobody-follows")  # a notification for a stream no client follows
+        relay.touch("b")  # a burst: one read
+        assert await read_next([]) == {"b": "0-0"}
+        relay.touch("b")
+        relay.touch("a")
+        assert await read_next([("b", [entry(1), entry(2)])]) == {"b": "100-2", "a": "0-0"}, \
+            "each from where it stands"
+        assert await drain(subscriptions["b"], 2) == ["100-1", "100-2"]
+        reader.answer([])
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(reader.log) == 3, "no notification: no read"
+        relay.sweep()  # a notification may have been lost: every stream is read
+        await reader.reading.wait()
+        assert reader.log[-1] == {"a": "0-0", "b": "100-2", "c": "0-0"}
+        reader.answer([])
+        await trio.testing.wait_all_tasks_blocked()
+        relay.unsubscribe(subscriptions["c"])
+        relay.touch("c")  # its last client left
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(reader.log) == 4 and relay.readers() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_notified_stream_read_to_its_count_is_read_again_for_the_rest(autojump_clock):
+    reader = FakeNowReader()
+    full = [(f"100-{n}", {"event": "token"}) for n in range(1, relay_module.READ_COUNT + 1)]
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        join(relay, "s", "0-0")
+        reader.answer([("s", full)])
+        await reader.reading.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.log[-1] == {"s": full[-1][0]}, "read again at once, no notification"
+        reader.answer([])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_notified_read_is_retried_and_nothing_is_lost(autojump_clock):
+    reader = FakeNowReader()
+    async with trio.open_nursery() as nursery:
+        relay = await notified_relay(nursery, reader)
+        subscription = join(relay, "s", "0-0")
+        reader.answer(TransientError("redis: connection reset"))
+        reader.answer(PermanentError("redis: XREAD replied in an unknown shape: test"))
+        reader.answer([("s", [entry(1)])])
+        assert await drain(subscription, 1) == ["100-1"]
+        assert reader.log == [{"s": "0-0"}] * 3
+        await trio.testing.wait_all_tasks_blocked()
+        refused = join(relay, "t", "0-0")
+        relay.touch("s")
+        reader.answer(StreamsRefused({"t": "WRONGTYPE Operation against a key"},
+                                     [("s", [entry(2)])]))
+        assert await drain(subscription, 1) == ["100-2"]
+        await ended(refused)
+        assert refused.failure == "WRONGTYPE Operation against a key"
+        await trio.testing.wait_all_tasks_blocked()
+        relay.touch("t")  # no longer followed: never named again
+        relay.touch("s")
+        await reader.reading.wait()
+        assert reader.log[-1] == {"s": "100-2"}
+        nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- the real reader
@@ -499,13 +663,12 @@ async def test_a_relay_on_a_real_reader_ends_refused_streams_and_serves_the_rest
     relay = Relay(lambda: reader_of(stack.redis.url, control=rds), 1)  # one reader for all
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
-        good = relay.subscribe(ok, "0-0")
+        good = join(relay, ok, "0-0")
         assert await drain(good, 1) == [first]
         # While the reader is blocked on `ok`: two clients whose streams Redis refuses.
-        bad = [relay.subscribe(wrong, "0-0"), relay.subscribe(huge, "99999999999999999999-0")]
+        bad = [join(relay, wrong, "0-0"), join(relay, huge, "99999999999999999999-0")]
         for subscription in bad:
-            with trio.fail_after(30), pytest.raises(trio.EndOfChannel):
-                await subscription.receive.receive()
+            await ended(subscription)
         assert (bad[0].failure or "").startswith("WRONGTYPE")
         assert "Invalid stream ID" in (bad[1].failure or "")
         later = [rds.xadd(ok, {"event": "token"}) for _ in range(3)]
@@ -513,6 +676,58 @@ async def test_a_relay_on_a_real_reader_ends_refused_streams_and_serves_the_rest
         assert relay.readers() == 1 and relay.open_streams() == 1
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_notified_relay_on_a_real_redis_is_told_of_every_append(stack, rds, monkeypatch):
+    """The watch turns notifications on and the relay reads each stream when told: no
+    sweep here (REFRESH_S is an hour), so every entry came by its notification."""
+    monkeypatch.setattr(redis_keyspace, "REFRESH_S", 3600)
+    prefix = f"rdn:{uuid.uuid4().hex}:"
+    keys = [f"{prefix}{n}" for n in range(20)]
+    where = RedisConnect(Redis(url=stack.redis.url, password_env="", socket_timeout_s=10.0))
+    relay = NotifiedRelay(lambda: reader_of(stack.redis.url))
+    watch = KeyspaceWatch(partial(node_primary, where.primary, rds), prefix,
+                          touch=relay.touch, sweep=relay.sweep)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        subscriptions = [join(relay, key, "0-0") for key in keys]
+        await nursery.start(watch.run)
+        flags = rds.config_get("notify-keyspace-events")["notify-keyspace-events"]
+        assert {"K", "t"} <= set(flags) or {"K", "A"} <= set(flags), flags
+
+        def write() -> list[list[str]]:
+            return [[rds.xadd(key, {"event": "token", "n": str(n)}) for key in keys]
+                    for n in range(10)]
+
+        written = await trio.to_thread.run_sync(write)
+        for index, subscription in enumerate(subscriptions):
+            assert await drain(subscription, 10) == [row[index] for row in written]
+        assert watch.notifications >= 200 and relay.readers() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_redis_that_refuses_config_is_read_by_blocking_readers_unless_told_otherwise(
+        gw_config, tmp_path):
+    own = local_stack.start_redis(tmp_path, extra=["--rename-command", "CONFIG", ""])
+    try:
+        client = redis.Redis.from_url(own.url, decode_responses=True)
+        config = gw_config(CHAT_ACTORS__REDIS__URL=own.url)
+        job_id, stream = new_job(client, config, "alice")
+        async with gateway_running(config) as (handle, http):
+            assert isinstance(handle.gateway.relay, Relay)  # auto: blocking, and it works
+            got: dict[str, str] = {}
+            async with trio.open_nursery() as nursery:
+                await nursery.start(follow, http, job_id, "alice", got)
+                finish(client, stream, job_id, "alice", 3)
+        assert [e["event"] for e in parse_sse(got[job_id])] == [
+            "started", "token", "token", "token", "done"]
+        refused = gw_config(CHAT_ACTORS__REDIS__URL=own.url,
+                            CHAT_ACTORS__GATEWAY__STREAM_READS="notified")
+        with pytest.raises(ConfigError, match=r"gateway.stream_reads: .*notify-keyspace-events"):
+            await run_gateway(refused, handle_signals=False)
+        client.close()
+    finally:
+        own.stop()
 
 ALONE = [
     # Refused together and alone, for the stream's own reason: that stream's fault.

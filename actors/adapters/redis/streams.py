@@ -202,6 +202,28 @@ class RespConnection:
             self._parser.feed(data)
         return replies
 
+    async def pushed(self) -> list[Any]:
+        """Every message already received (Pub/Sub), or, when none is, those of the next
+        read from the socket: under load one read carries many. An error reply raises;
+        a message is at most READ_BYTES times the parser's buffer, never unbounded."""
+        assert self._stream is not None
+        messages: list[Any] = []
+        while True:
+            while (message := self._parser.gets()) is not False:
+                if isinstance(message, hiredis.ReplyError):
+                    raise translate(redis.ResponseError(str(message)))
+                messages.append(message)
+            if messages:
+                return messages
+            data = await self._stream.receive_some(READ_BYTES)
+            if not data:
+                raise TransientError("redis: the server closed the connection",
+                                     kind="connection")
+            self._parser.feed(data)
+            if self._parser.len() > MAX_REPLY_BYTES:
+                raise PermanentError(f"redis: a message over {MAX_REPLY_BYTES} bytes",
+                                     code="redis")
+
     async def call(self, *args: str) -> Any:
         await self.send(*args)
         return await self.reply()
@@ -269,12 +291,22 @@ class BlockingReader:
     async def read(self, streams: Mapping[str, str], count: int,
                    block_ms: int) -> list[tuple[str, list[Entry]]]:
         """Entries after each stream's id, or [] once `block_ms` passed (or `unblock`)."""
-        args = ["XREAD", "COUNT", str(count), "BLOCK", str(block_ms), "STREAMS",
+        return await self._xread(streams, count, ["BLOCK", str(block_ms)], block_ms / 1000)
+
+    async def read_now(self, streams: Mapping[str, str],
+                       count: int) -> list[tuple[str, list[Entry]]]:
+        """Entries after each stream's id that are there now (no BLOCK): the read of a
+        relay told by keyspace notifications which streams grew."""
+        return await self._xread(streams, count, [], 0.0)
+
+    async def _xread(self, streams: Mapping[str, str], count: int, block: list[str],
+                     block_s: float) -> list[tuple[str, list[Entry]]]:
+        args = ["XREAD", "COUNT", str(count), *block, "STREAMS",
                 *streams.keys(), *streams.values()]
         try:
             if not self._conn.connected:
                 await self._connect()
-            with trio.fail_after(block_ms / 1000 + self._reply_timeout_s):
+            with trio.fail_after(block_s + self._reply_timeout_s):
                 (reply,) = await self._conn.pipeline([args])
             if isinstance(reply, hiredis.ReplyError):
                 with trio.fail_after(self._reply_timeout_s):
@@ -369,29 +401,37 @@ def streams_at_fault(refused: Mapping[str, str], asked: int) -> bool:
 
 def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     """XREAD's RESP2 reply ([[key, [[id, [field, value, ...]], ...]], ...] or nil) as
-    (key, entries); any other shape is a PermanentError naming what was wrong."""
+    (key, entries); any other shape is a PermanentError naming what was wrong. (Every
+    relayed event passes here: the checks are the cheapest that say as much.)"""
     if reply is None:
         return []
-    if not isinstance(reply, list):
+    if type(reply) is not list:
         raise _shape(f"the reply is {type(reply).__name__}, not an array")
     found: list[tuple[str, list[Entry]]] = []
     for item in cast(list[Any], reply):
-        if not (isinstance(item, list) and len(cast(list[Any], item)) == 2
-                and isinstance(item[0], str) and isinstance(item[1], list)):
+        if not (type(item) is list and len(cast(list[Any], item)) == 2
+                and type(item[0]) is str and type(item[1]) is list):
             raise _shape("a stream is not [key, entries]")
-        entries: list[Entry] = []
-        for entry in cast(list[Any], item[1]):
-            if not (isinstance(entry, list) and len(cast(list[Any], entry)) == 2
-                    and isinstance(entry[0], str) and is_entry_id(entry[0])):
-                raise _shape(f"an entry of {item[0]!r} is not [id, fields]")
-            fields = entry[1] if entry[1] is not None else []  # a deleted entry: no fields
-            if not (isinstance(fields, list) and len(cast(list[Any], fields)) % 2 == 0
-                    and all(isinstance(f, str) for f in cast(list[Any], fields))):
-                raise _shape(f"entry {entry[0]} of {item[0]!r} has no field/value pairs")
-            pairs = cast(list[str], fields)
-            entries.append((entry[0], dict(zip(pairs[::2], pairs[1::2], strict=True))))
-        found.append((item[0], entries))
+        key: str = item[0]
+        found.append((key, [_entry(key, entry) for entry in cast(list[Any], item[1])]))
     return found
+
+
+def _entry(key: str, entry: Any) -> Entry:
+    if not (type(entry) is list and len(cast(list[Any], entry)) == 2
+            and type(entry[0]) is str and is_entry_id(entry[0])):
+        raise _shape(f"an entry of {key!r} is not [id, fields]")
+    fields = entry[1]
+    if fields is None:  # a deleted entry: no fields
+        return entry[0], {}
+    if type(fields) is not list or len(cast(list[Any], fields)) % 2:
+        raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs")
+    try:
+        "".join(fields)  # every one a string (C's check, not one isinstance each)
+    except TypeError:
+        raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs") from None
+    pairs = cast(list[str], fields)
+    return entry[0], dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _shape(what: str) -> PermanentError:
