@@ -8,7 +8,10 @@ always does) a write costs a few µs and no trip through Trio's scheduler; only 
 full socket buffer (a slow client) waits until the socket is writable again. An
 event stream pays that for every write, so it is most of what the gateway's relay
 costs per event (Hypercorn's ASGI path took about 100 µs a write, Trio's
-`send_all` 15-35 µs).
+`send_all` 15-35 µs). An event stream's body can also be written from another
+task without waiting (`write_nowait`, under the scope extension DIRECT_WRITES):
+the relay's reader writes each client's entries itself, and the response's own
+task only flushes what the socket did not take.
 
 Limits: a request head must arrive whole within `keep_alive_s` of the connection
 opening or of the previous response (a client trickling its head is cut off), and

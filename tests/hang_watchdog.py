@@ -10,7 +10,9 @@ why, not a silent timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
+import gc
 import os
 import sys
 import threading
@@ -86,6 +88,7 @@ def _task_stacks() -> None:
             _say(f"{'  ' * depth}  {frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name}")
         todo += [(child, depth + 1) for nursery in task.child_nurseries
                  for child in nursery.child_tasks]
+    _asyncio_stacks()
     # The tasks just under the root are the test's main task and Trio's own; cancelling
     # what each has opened ends the test, while the task that runs this (and every
     # thread's way back in) keeps running.
@@ -93,6 +96,14 @@ def _task_stacks() -> None:
         for task in nursery.child_tasks:
             for opened in task.child_nurseries:
                 opened.cancel_scope.cancel()
+
+
+def _asyncio_stacks() -> None:
+    """Every asyncio task not done (trio-asyncio's loop runs LiteLLM), with its stack."""
+    for task in [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]:
+        _say(f"asyncio task {task.get_name()!r} ({task.get_coro()!r})")
+        for frame in task.get_stack(limit=40):
+            _say(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
 
 
 def _hung(nodeid: str, done: threading.Event) -> None:

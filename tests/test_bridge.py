@@ -63,3 +63,54 @@ async def test_cancelling_the_stream_closes_the_vendor_connection(llm):
         await trio.to_thread.run_sync(
             lambda: llm.wait_until(lambda calls: calls and calls[0].disconnected, 10))
     assert llm.calls[0].tokens_sent < 10
+
+
+async def test_a_cancel_reaches_an_asyncio_task_that_let_the_first_one_pass(autojump_clock):
+    """trio-asyncio cancels an asyncio task once and waits for it. A library that lets
+    that CancelledError pass (asyncio.wait_for on Python 3.11 can) or awaits again in
+    its cleanup held the job until its own timeout (seen in CI: 600 s): the bridge
+    cancels it again until it ends."""
+    import asyncio
+
+    seen: list[str] = []
+
+    async def swallows_one() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            seen.append("first cancel let pass")
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            seen.append("second cancel ended it")
+
+    async def cleans_up_slowly() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(3600)  # a close that never ends
+
+    async with aio.open_bridge():
+        for coro_fn in (swallows_one, cleans_up_slowly):
+            began = trio.current_time()  # the autojump clock's: asyncio's timers use it
+            with trio.move_on_after(1) as scope:
+                await aio.run_asyncio(coro_fn)
+            assert scope.cancelled_caught
+            # Ended by the next cancel, not by its hour-long sleep.
+            assert trio.current_time() - began <= 1 + 2 * aio.RECANCEL_S, coro_fn.__name__
+    assert seen == ["first cancel let pass", "second cancel ended it"]
+
+    async def answers() -> int:
+        return 42
+
+    async def fails() -> None:
+        raise ValueError("from asyncio")
+
+    async with aio.open_bridge():
+        assert await aio.run_asyncio(answers) == 42
+        try:
+            await aio.run_asyncio(fails)
+        except ValueError as exc:
+            assert str(exc) == "from asyncio"
+        else:
+            raise AssertionError("the asyncio side's exception was not raised")
