@@ -72,7 +72,7 @@ async def run_asyncio(coro_fn: Callable[..., Any], *args: Any) -> Any:
     return await _awaited(asyncio.ensure_future(called(), loop=loop), loop)
 
 
-async def _awaited(future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
+async def _awaited(future: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> Any:
     """`future`'s outcome, from Trio; a Trio cancel keeps cancelling it until it ends."""
     waiter = trio.lowlevel.current_task()
     raise_cancel: Callable[[], Any] | None = None
