@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, NamedTuple, cast
 
 import jwt
 import psutil
@@ -372,15 +372,45 @@ class Clients:
 Result = dict[str, Any]
 
 
+def redis_cpu_of(stack: Stack) -> Callable[[], float]:
+    """Redis's user+system CPU seconds so far."""
+    process = psutil.Process(stack.redis.process.pid)
+
+    def cpu() -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    return cpu
+
+
+class Load(NamedTuple):
+    sent: int
+    produce_s: float  # how long producing took
+    got: int  # tokens the clients had when it ended (or the wait did)
+    cpu_s: float  # the server's CPU meanwhile
+    redis_cpu_s: float
+
+
+def run_load(server: Server, client: Clients, redis_cpu: Callable[[], float],
+             produce: Callable[[], int], received: int, wait_s: float) -> Load:
+    """`produce()` (it says how many it sent), then wait up to `wait_s` for the clients
+    to have `received` plus those; the CPU both spent over all of it."""
+    cpu0, rcpu0 = server.cpu_s(), redis_cpu()
+    began = time.perf_counter()
+    sent = produce()
+    produce_s = time.perf_counter() - began
+    deadline = time.perf_counter() + wait_s
+    while (got := client.ask("count")["tokens"]) < received + sent and \
+            time.perf_counter() < deadline:
+        server.alive()
+        time.sleep(0.05)
+    return Load(sent, produce_s, got, server.cpu_s() - cpu0, redis_cpu() - rcpu0)
+
+
 def measure(stack: Stack, server: Server, clients: int, rates: list[float],
             seconds: float) -> Result:
     rds = redis.Redis.from_url(stack.redis.url, decode_responses=True)
-    redis_ps = psutil.Process(stack.redis.process.pid)
-
-    def redis_cpu() -> float:
-        times = redis_ps.cpu_times()
-        return times.user + times.system
-
+    redis_cpu = redis_cpu_of(stack)
     result: Result = {}
     try:
         warm = Jobs(rds, 20)  # first requests pay one-time costs (imports, pools)
@@ -406,20 +436,14 @@ def measure(stack: Stack, server: Server, clients: int, rates: list[float],
             result["redis_connections"] = int(rds.info("clients")["connected_clients"])
             received = 0
             for rate in rates:
-                cpu0, rcpu0 = server.cpu_s(), redis_cpu()
-                sent = jobs.produce(rate, seconds)
-                deadline = time.perf_counter() + 30
-                while (got := client.ask("count")["tokens"]) < received + sent and \
-                        time.perf_counter() < deadline:
-                    server.alive()
-                    time.sleep(0.05)
-                cpu, rcpu = server.cpu_s() - cpu0, redis_cpu() - rcpu0
-                relayed = got - received
-                received = got
+                load = run_load(server, client, redis_cpu,
+                                lambda rate=rate: jobs.produce(rate, seconds), received, 30)
+                relayed = load.got - received
+                received = load.got
                 result[f"rate_{rate:g}"] = {
-                    "sent": sent, "relayed": relayed,
-                    "cpu_us_per_event": 1e6 * cpu / max(relayed, 1),
-                    "redis_cpu_us_per_event": 1e6 * rcpu / max(relayed, 1)}
+                    "sent": load.sent, "relayed": relayed,
+                    "cpu_us_per_event": 1e6 * load.cpu_s / max(relayed, 1),
+                    "redis_cpu_us_per_event": 1e6 * load.redis_cpu_s / max(relayed, 1)}
             jobs.finish()
             tally = client.ask("finish")
         result.update(missed=jobs.appended - tally["tokens"], repeats=tally["repeats"],
@@ -466,12 +490,7 @@ def ramp(stack: Stack, server: Server, clients: int, steps: list[float], seconds
     all streams) until one saturates, then the answers scenario (every stream's answer
     at its own pace). Each step's latencies are its own (the client's `lap`)."""
     rds = redis.Redis.from_url(stack.redis.url, decode_responses=True)
-    redis_ps = psutil.Process(stack.redis.process.pid)
-
-    def redis_cpu() -> float:
-        times = redis_ps.cpu_times()
-        return times.user + times.system
-
+    redis_cpu = redis_cpu_of(stack)
     result: Result = {}
     try:
         jobs = Jobs(rds, clients)
@@ -484,21 +503,13 @@ def ramp(stack: Stack, server: Server, clients: int, steps: list[float], seconds
 
             def step(produce: Callable[[], int]) -> Result:
                 nonlocal received
-                cpu0, rcpu0 = server.cpu_s(), redis_cpu()
-                began = time.perf_counter()
-                sent = produce()
-                offered = sent / (time.perf_counter() - began)
-                deadline = time.perf_counter() + LAP_WAIT_S
-                while client.ask("count")["tokens"] < received + sent and \
-                        time.perf_counter() < deadline:
-                    server.alive()
-                    time.sleep(0.05)
-                cpu, rcpu = server.cpu_s() - cpu0, redis_cpu() - rcpu0
+                load = run_load(server, client, redis_cpu, produce, received, LAP_WAIT_S)
                 lap = client.ask("lap")
                 relayed, received = lap["tokens"] - received, lap["tokens"]
-                return {"sent": sent, "offered_evs": offered, "relayed": relayed,
-                        "cpu_us_per_event": 1e6 * cpu / max(relayed, 1),
-                        "redis_cpu_us_per_event": 1e6 * rcpu / max(relayed, 1),
+                return {"sent": load.sent, "offered_evs": load.sent / load.produce_s,
+                        "relayed": relayed,
+                        "cpu_us_per_event": 1e6 * load.cpu_s / max(relayed, 1),
+                        "redis_cpu_us_per_event": 1e6 * load.redis_cpu_s / max(relayed, 1),
                         "p50_ms": lap["p50_ms"], "p99_ms": lap["p99_ms"],
                         "max_ms": lap["max_ms"]}
 

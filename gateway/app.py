@@ -756,7 +756,6 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: B
     ping, and to end."""
     relay, config, metrics = gateway.relay, gateway.config, gateway.metrics
     follower = _Follower(job_id)
-    write_nowait = body.direct.write_nowait
 
     def take(entries: Sequence[Entry]) -> bool:
         """Called by the reader with this client's new entries: written now (True), or
@@ -765,15 +764,14 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: B
             return True  # nothing after `done` is sent
         data, sent, done, count = follower.frame(entries)
         if data:
-            written = write_nowait(data)
+            written = body.write_nowait(data)
             if written is Written.REFUSED:
                 return False
             metrics.relayed += count
             if written is Written.WAITING:
                 subscription.wake.set()
-        follower.sent = sent
+        follower.commit(sent, done)
         if done:
-            follower.done = True
             subscription.wake.set()
         return True
 

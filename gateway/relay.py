@@ -261,6 +261,12 @@ class _Relay(Generic[R]):
         if not self.open_streams():
             self._emptied.set()
 
+    def _settle(self, state: _ReaderState[R], wanted: Mapping[str, str], found: Found) -> None:
+        """What a read found goes to the clients of each stream it was asked for."""
+        for key, entries in found:
+            if key in wanted:
+                self._deliver(state, key, wanted[key], entries)
+
     def _deliver(self, state: _ReaderState[R], key: str, read_from: str,
                  entries: Sequence[Entry]) -> None:
         """Entries read after `read_from` go to each client that had everything up to
@@ -351,12 +357,6 @@ class Relay(_Relay[Reader]):
             failures = 0
             self._settle(state, wanted, found)
 
-    def _settle(self, state: _ReaderState[Reader], wanted: Mapping[str, str],
-                found: Found) -> None:
-        for key, entries in found:
-            if key in wanted:
-                self._deliver(state, key, wanted[key], entries)
-
 
 class NotifiedRelay(_Relay[NowReader]):
     """One reader for every stream, told which to read: `touch(key)` (a keyspace
@@ -420,11 +420,10 @@ class NotifiedRelay(_Relay[NowReader]):
 
     def _settle(self, state: _ReaderState[NowReader], wanted: Mapping[str, str],
                 found: Found) -> None:
+        super()._settle(state, wanted, found)
         for key, entries in found:
-            if key in wanted:
-                self._deliver(state, key, wanted[key], entries)
-                if len(entries) >= READ_COUNT and key in state.positions:
-                    state.due.add(key)  # more may wait behind what one read takes
+            if len(entries) >= READ_COUNT and key in wanted and key in state.positions:
+                state.due.add(key)  # more may wait behind what one read takes
 
 
 AnyRelay = Relay | NotifiedRelay

@@ -281,8 +281,8 @@ async def test_a_client_that_never_reads_costs_a_bounded_buffer_and_misses_nothi
                         while not subscription.behind:  # noqa: ASYNC110 (in-process state)
                             await trio.sleep(0.01)
             # Held for it: what one write of one read left unsent, never more.
-            connection = inspect.getclosurevars(subscription.take).nonlocals["write_nowait"].__self__
-            assert len(connection.pending) <= READ_COUNT * 600
+            body = inspect.getclosurevars(subscription.take).nonlocals["body"]
+            assert len(body.direct.pending) <= READ_COUNT * 600
             rds.xadd(stream, {"event": "done", "jobId": job_id, "userId": "alice",
                               "sessionId": "s", "attempt": 1, "seq": many, "ts": 0,
                               "data": json.dumps({"status": "completed", "partial": False})})

@@ -264,7 +264,6 @@ class FakeBody:
         self.written = bytearray()
         self.room: int | None = None
         self.left = bytearray()  # what a write_nowait left pending
-        self.direct = self  # the server's side of the body: this fake is both
 
     async def write(self, data: bytes) -> None:  # the client's own task: it waits
         await self.flush()

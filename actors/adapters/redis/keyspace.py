@@ -164,12 +164,13 @@ class KeyspaceWatch:
         """["pmessage", pattern, "__keyspace@<db>__:<key>", "<command>"]: the key of each
         XADD goes to `touch`; any other message is ignored. (One per relayed event.)"""
         cut, touch = len(channel), self._touch
-        self.notifications += len(messages)
         for message in messages:
             if (type(message) is list and len(cast(list[Any], message)) == 4
-                    and message[3] == "xadd" and message[0] == "pmessage"
-                    and type(message[2]) is str and message[2].startswith(channel)):
-                touch(message[2][cut:])
+                    and message[0] == "pmessage" and type(message[2]) is str
+                    and message[2].startswith(channel)):
+                self.notifications += 1
+                if message[3] == "xadd":
+                    touch(message[2][cut:])
 
 
 def cluster_primaries(cluster: Any, seed: Mapping[str, Any]) -> dict[Hashable, dict[str, Any]]:

@@ -247,8 +247,9 @@ CONNECTION_FAULTS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError
 
 
 class BlockingReader:
-    """One connection, on Trio's own sockets, waiting in XREAD BLOCK on many streams;
-    `unblock` (from a thread) wakes it through the control connection.
+    """One connection, on Trio's own sockets, waiting in XREAD BLOCK on many streams
+    (`read`; `unblock`, from a thread, wakes it through the control connection), or
+    reading without BLOCK the streams a relay was told grew (`read_now`).
 
     Why not redis-py here: its client is synchronous, so each read ran in a thread,
     and at a thousand open streams the hand-over between that thread and the event
