@@ -537,6 +537,59 @@ async def scripted_redis(nursery: trio.Nursery, xread_reply: bytes,
     return f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}/0"
 
 
+
+def _bulk(text: str) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(text.encode()), text.encode())
+
+
+async def test_hostile_pushed_messages_touch_nothing_and_the_watch_goes_on():
+    """What a server pushes on the keyspace watch's connection is checked: only a
+    pmessage of its own channel naming an XADD touches a stream; any other shape is
+    ignored, and bytes that are not RESP end that connection, which is opened again
+    (with a sweep, since notifications may have been lost meanwhile)."""
+    good = "__keyspace@0__:rdh:good"
+    pushes = b"".join([
+        b"*3\r\n" + _bulk("psubscribe") + _bulk("rdh:*") + b":1\r\n",  # its reply
+        b"*4\r\n" + _bulk("pmessage") + _bulk("p") + b":5\r\n" + _bulk("xadd"),
+        b"*4\r\n" + _bulk("pmessage") + _bulk("p") + _bulk("elsewhere:k") + _bulk("xadd"),
+        b"*3\r\n" + _bulk("pmessage") + _bulk("p") + _bulk(good),
+        b"*4\r\n" + _bulk("message") + _bulk("p") + _bulk(good) + _bulk("xadd"),
+        b"+OK\r\n", b":7\r\n", b"*-1\r\n", b"*2\r\n*0\r\n$-1\r\n",
+        b"*4\r\n" + _bulk("pmessage") + _bulk("p") + _bulk("__keyspace@0__:rdh:gone")
+        + _bulk("del"),
+        b"*4\r\n" + _bulk("pmessage") + _bulk("p") + _bulk(good) + _bulk("xadd")])
+    connections = 0
+    touched: list[str] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            data = b""
+            while b"PSUBSCRIBE" not in data:
+                data += await stream.receive_some(65536)
+            await stream.send_all(pushes)
+            while len(touched) < connections:  # noqa: ASYNC110 (the watch's state)
+                await trio.sleep(0.01)  # what came before is handled: now, not RESP
+            await stream.send_all(b"%%%not resp\r\n")
+            await stream.receive_some(65536)  # until the watch hangs up
+
+    sweeps: list[float] = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        watch = KeyspaceWatch(lambda: {"node": {"host": "127.0.0.1", "port": port}},
+                              "rdh:", touch=touched.append,
+                              sweep=lambda: sweeps.append(trio.current_time()))
+        await nursery.start(watch.run)
+        with trio.fail_after(30):
+            while connections < 2 or len(touched) < 2:  # noqa: ASYNC110 (the watch's state)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert set(touched) == {"rdh:good"}, "only its channel's XADD, however it came"
+    assert watch.notifications >= 4  # the DEL and XADD of each connection
+    assert len(sweeps) >= 3  # at start, and around each connection
+
 HOSTILE = [
     (b"+OK\r\n", PermanentError, "the reply is str, not an array"),
     (b":12\r\n", PermanentError, "the reply is int, not an array"),
