@@ -588,10 +588,12 @@ def _declared_too_large(scope: Any, config: Config) -> Response | None:
 def sse(entry: Entry, attempt: int, seq: int) -> bytes:
     """One stream entry as an SSE event: the entry id, the event, and its data with
     attempt and seq."""
-    entry_id, fields = entry
-    raw = fields.get("data", "{}")
+    return _sse_text(entry[0], entry[1], attempt, seq).encode()
+
+
+def _sse_text(entry_id: str, fields: Mapping[str, str], attempt: int, seq: int) -> str:
     return (f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: "
-            f"{_with_position(raw, attempt, seq)}\n\n").encode()
+            f"{_with_position(fields.get('data', '{}'), attempt, seq)}\n\n")
 
 
 _ANY_JSON = msgspec.json.Decoder()
@@ -632,7 +634,11 @@ def _int_field(fields: Mapping[str, str], name: str) -> int | None:
     """An entry's integer field; None when missing or not an integer (a hand-written or
     damaged entry is still relayed, never a crash of the response)."""
     value = fields.get(name, "")
-    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+    return int(value) if _is_int(value) else None
+
+
+def _is_int(value: str) -> bool:
+    return value.isascii() and value.isdigit() and len(value) < 19
 
 
 class DirectWrites(Protocol):
@@ -725,23 +731,26 @@ class _Follower:
     def frame(self, entries: Sequence[Entry]) -> tuple[bytes, tuple[int, int], bool, int]:
         """The events of `entries` not sent yet; the position and `done` they reach,
         and how many there are. Nothing is kept until `commit`: a write the socket
-        refuses leaves the follower where it was."""
-        sent, events, done = self.sent, list[bytes](), False
-        for entry in entries:
-            fields = entry[1]
-            if fields.get("jobId") != self.job_id:
+        refuses leaves the follower where it was. (Every relayed event passes here.)"""
+        sent, events, done, job_id = self.sent, list[str](), False, self.job_id
+        for entry_id, fields in entries:
+            if fields.get("jobId") != job_id:
                 continue
-            attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
-            if attempt is not None and seq is not None:
-                if (attempt, seq) <= sent:
+            attempt, seq = fields.get("attempt", ""), fields.get("seq", "")
+            if _is_int(attempt) and _is_int(seq):
+                position = (int(attempt), int(seq))
+                if position <= sent:
                     # Written again after a Redis failover lost its reply (the writer
                     # retried the batch on the new primary): the client has it.
                     continue
-                sent = (attempt, seq)
-            events.append(sse(entry, attempt or 0, seq or 0))
+                sent = position
+                events.append(_sse_text(entry_id, fields, position[0], position[1]))
+            else:  # a hand-written or damaged entry is still relayed, never a crash
+                events.append(_sse_text(entry_id, fields, _int_field(fields, "attempt") or 0,
+                                        _int_field(fields, "seq") or 0))
             if done := fields.get("event") == "done":
                 break
-        return b"".join(events), sent, done, len(events)
+        return "".join(events).encode(), sent, done, len(events)
 
     def commit(self, sent: tuple[int, int], done: bool) -> None:
         self.sent = sent

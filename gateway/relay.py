@@ -102,13 +102,17 @@ class Subscription:
         # A read's entries come in order: when the first is new, all are.
         fresh = entries if first > last else [
             entry for entry in entries if entry_key(entry[0]) > last]
-        if not fresh:
-            return
+        if fresh:
+            self.give(fresh)
+
+    def give(self, fresh: Sequence[Entry]) -> bool:
+        """Entries all new to this client, to `take`: whether it took them."""
         if self.take(fresh):
             self.last = fresh[-1][0]
-        else:
-            self.behind = True  # the client reads from Redis itself once it can write
-            self.wake.set()
+            return True
+        self.behind = True  # the client reads from Redis itself once it can write
+        self.wake.set()
+        return False
 
 
 @dataclass
@@ -275,6 +279,17 @@ class _Relay(Generic[R]):
         following = state.subscriptions.get(key)
         if not following or not entries:
             return
+        if len(following) == 1:
+            # The usual stream: one client, at the position the read began from, so
+            # every entry is new to it and no id needs parsing.
+            (subscription,) = following
+            if subscription.last == read_from and not (subscription.behind
+                                                       or subscription.ended):
+                if subscription.give(entries):
+                    state.positions[key] = subscription.last
+                else:
+                    state.positions.pop(key, None)  # it catches up by itself first
+                return
         start = entry_key(read_from)
         first = entry_key(entries[0][0])
         oldest: tuple[tuple[int, int], str] | None = None

@@ -13,7 +13,7 @@ import contextlib
 import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import hiredis
 import redis
@@ -402,37 +402,42 @@ def streams_at_fault(refused: Mapping[str, str], asked: int) -> bool:
 
 def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     """XREAD's RESP2 reply ([[key, [[id, [field, value, ...]], ...]], ...] or nil) as
-    (key, entries); any other shape is a PermanentError naming what was wrong. (Every
-    relayed event passes here: the checks are the cheapest that say as much.)"""
+    (key, entries); any other shape is a PermanentError naming what was wrong.
+
+    Every relayed event passes here, so the checks are the cheapest that say as much:
+    `x.__class__ is list` (exactly a list, as hiredis builds them; it also keeps the
+    type checker from narrowing `Any` to a list of unknowns, which `type(x) is list`
+    would, so no `cast` call is paid per item), and one C call that fails on any field
+    that is not a string."""
     if reply is None:
         return []
-    if type(reply) is not list:
+    if reply.__class__ is not list:
         raise _shape(f"the reply is {type(reply).__name__}, not an array")
     found: list[tuple[str, list[Entry]]] = []
-    for item in cast(list[Any], reply):
-        if not (type(item) is list and len(cast(list[Any], item)) == 2
-                and type(item[0]) is str and type(item[1]) is list):
+    for item in reply:
+        if not (item.__class__ is list and len(item) == 2 and item[0].__class__ is str
+                and item[1].__class__ is list):
             raise _shape("a stream is not [key, entries]")
         key: str = item[0]
-        found.append((key, [_entry(key, entry) for entry in cast(list[Any], item[1])]))
+        entries: list[Entry] = []
+        for entry in item[1]:
+            if not (entry.__class__ is list and len(entry) == 2
+                    and entry[0].__class__ is str and is_entry_id(entry[0])):
+                raise _shape(f"an entry of {key!r} is not [id, fields]")
+            fields = entry[1]
+            if fields is None:  # a deleted entry: no fields
+                entries.append((entry[0], {}))
+                continue
+            if fields.__class__ is not list or len(fields) % 2:
+                raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs")
+            try:
+                "".join(fields)  # every one a string (C's check, not one isinstance each)
+            except TypeError:
+                raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs") from None
+            pairs = iter(fields)
+            entries.append((entry[0], dict(zip(pairs, pairs, strict=True))))
+        found.append((key, entries))
     return found
-
-
-def _entry(key: str, entry: Any) -> Entry:
-    if not (type(entry) is list and len(cast(list[Any], entry)) == 2
-            and type(entry[0]) is str and is_entry_id(entry[0])):
-        raise _shape(f"an entry of {key!r} is not [id, fields]")
-    fields = entry[1]
-    if fields is None:  # a deleted entry: no fields
-        return entry[0], {}
-    if type(fields) is not list or len(cast(list[Any], fields)) % 2:
-        raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs")
-    try:
-        "".join(fields)  # every one a string (C's check, not one isinstance each)
-    except TypeError:
-        raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs") from None
-    pairs = cast(list[str], fields)
-    return entry[0], dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _shape(what: str) -> PermanentError:
