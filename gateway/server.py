@@ -137,7 +137,8 @@ async def _relay_of(config: Config, reads: StreamReads) -> tuple[AnyRelay, Keysp
         log.warning("streams are read by blocking readers: %s", exc)
         return Relay(reads.reader, config.gateway.readers), None
     relay = NotifiedRelay(reader)
-    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep)
+    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep,
+                                pace=relay.read_through)
 
 
 async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,
