@@ -39,9 +39,6 @@ READ_COUNT = 256  # entries per stream per XREAD
 BLOCK_MS = 5000
 STREAMS_PER_READER = 16  # open streams per blocking reader before another one starts
 UNBLOCK_AGAIN_S = 0.002  # an UNBLOCK that found no XREAD blocked yet is sent again after this
-# The longest a keyspace watcher waits for the read in flight before it takes its
-# notifications anyway (Redis buffers them meanwhile, up to its pubsub output limit).
-PACE_MOST_S = 0.05
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:
@@ -130,9 +127,6 @@ class _ReaderState(Generic[R]):
     due: set[str] = field(default_factory=set[str])
     # Blocking: its XREAD must start over (a new or earlier position).
     unblock: trio.Event = field(default_factory=trio.Event)
-    # Notified: a read is in flight or being delivered; `read` is set when it is over.
-    busy: bool = False
-    read: trio.Event = field(default_factory=trio.Event)
     version: int = 0  # counts position changes that need a new XREAD
     reading: int | None = None  # the version the XREAD in flight was started at
 
@@ -402,17 +396,6 @@ class NotifiedRelay(_Relay[NowReader]):
             state.due.update(state.positions)
             state.changed.set()
 
-    async def read_through(self) -> None:
-        """Return once no read is in flight (at most PACE_MOST_S later): the keyspace
-        watch's pace. Notifications that come during a read are taken together after
-        it, when the reader would start its next read anyway, so under load a watcher
-        wakes once per read, not once per few notifications; and the read after it
-        names every stream they touched."""
-        for state in self._states:
-            if state.busy:
-                with trio.move_on_after(PACE_MOST_S):
-                    await state.read.wait()
-
     def _moved(self, state: _ReaderState[NowReader], key: str) -> None:
         state.due.add(key)
         state.changed.set()
@@ -431,7 +414,6 @@ class NotifiedRelay(_Relay[NowReader]):
             state.due.clear()
             if not wanted:
                 continue
-            state.busy = True
             try:
                 found = await state.reader.read_now(wanted, READ_COUNT)
             except StreamsRefused as exc:
@@ -443,23 +425,13 @@ class NotifiedRelay(_Relay[NowReader]):
                 state.due.update(wanted)  # not read: read them again
                 failures += 1
                 log.warning("reading streams failed (%s); again in a moment", exc)
-                self._read_over(state)  # not busy while it waits
                 await trio.sleep(backoff.delay(failures))
                 continue
             except BaseException:
                 state.due.update(wanted)
                 raise
-            finally:
-                self._read_over(state)
             failures = 0
             self._settle(state, wanted, found)
-
-    @staticmethod
-    def _read_over(state: _ReaderState[NowReader]) -> None:
-        if state.busy:
-            state.busy = False
-            state.read.set()
-            state.read = trio.Event()
 
     def _settle(self, state: _ReaderState[NowReader], wanted: Mapping[str, str],
                 found: Found) -> None:

@@ -137,8 +137,7 @@ async def _relay_of(config: Config, reads: StreamReads) -> tuple[AnyRelay, Keysp
         log.warning("streams are read by blocking readers: %s", exc)
         return Relay(reads.reader, config.gateway.readers), None
     relay = NotifiedRelay(reader)
-    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep,
-                                pace=relay.read_through)
+    return relay, KeyspaceWatch(lookup, prefix, touch=relay.touch, sweep=relay.sweep)
 
 
 async def _produce(producer: Producer, timeout_s: float, topic: str, value: bytes,

@@ -442,76 +442,6 @@ async def test_a_failed_notified_read_is_retried_and_nothing_is_lost(autojump_cl
         nursery.cancel_scope.cancel()
 
 
-async def test_the_watch_waits_for_the_read_in_flight_and_no_longer(autojump_clock):
-    """`read_through` (the keyspace watch's pace) returns at once when no read is in
-    flight; during one, when it ends, so notifications that came meanwhile are taken
-    together after it; a read that does not end holds it at most PACE_MOST_S."""
-    reader = FakeNowReader()
-    async with trio.open_nursery() as nursery:
-        relay = await notified_relay(nursery, reader)
-        start = trio.current_time()
-        await relay.read_through()
-        assert trio.current_time() == start, "no read in flight: no wait"
-        join(relay, "s", "0-0")
-        await reader.reading.wait()
-        through = trio.Event()
-
-        async def pace() -> None:
-            await relay.read_through()
-            through.set()
-
-        nursery.start_soon(pace)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not through.is_set(), "a read in flight: the watch waits"
-        reader.answer([])
-        await through.wait()
-        assert trio.current_time() == start, "released when the read ended"
-        relay.touch("s")
-        await reader.reading.wait()  # a read that never gets its reply
-        await relay.read_through()
-        assert trio.current_time() - start == pytest.approx(relay_module.PACE_MOST_S)
-        nursery.cancel_scope.cancel()
-
-
-async def test_the_watch_receives_only_when_its_pace_lets_it():
-    """The watch awaits its pace before each receive: notifications already sent stay
-    unread (buffered) until it returns, then are all taken."""
-    note = b"*4\r\n" + _bulk("pmessage") + _bulk("p") + _bulk("__keyspace@0__:rdp:s") \
-        + _bulk("xadd")
-    touched: list[str] = []
-    gate, paced = trio.Event(), trio.Event()
-
-    async def pace() -> None:
-        paced.set()
-        await gate.wait()
-
-    async def serve(stream: trio.SocketStream) -> None:
-        async with stream:
-            data = b""
-            while b"PSUBSCRIBE" not in data:
-                data += await stream.receive_some(65536)
-            await stream.send_all(b"*3\r\n" + _bulk("psubscribe") + _bulk("rdp:*") + b":1\r\n")
-            await paced.wait()
-            await stream.send_all(note * 3)
-            await stream.receive_some(65536)  # until the watch hangs up
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        watch = KeyspaceWatch(lambda: {"node": {"host": "127.0.0.1", "port": port}},
-                              "rdp:", touch=touched.append, sweep=lambda: None, pace=pace)
-        await nursery.start(watch.run)
-        with trio.fail_after(30):
-            await paced.wait()
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            assert touched == [], "held by its pace: nothing received"
-            gate.set()
-            while len(touched) < 3:  # noqa: ASYNC110 (the watch's state)
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    assert touched == ["rdp:s"] * 3
-
-
 # ---------------------------------------------------------------- the real reader
 
 
@@ -841,15 +771,14 @@ async def test_a_relay_on_a_real_reader_ends_refused_streams_and_serves_the_rest
 
 async def test_a_notified_relay_on_a_real_redis_is_told_of_every_append(stack, rds, monkeypatch):
     """The watch turns notifications on and the relay reads each stream when told: no
-    sweep here (REFRESH_S is an hour), so every entry came by its notification, the
-    watch paced by the reads as the gateway runs it."""
+    sweep here (REFRESH_S is an hour), so every entry came by its notification."""
     monkeypatch.setattr(redis_keyspace, "REFRESH_S", 3600)
     prefix = f"rdn:{uuid.uuid4().hex}:"
     keys = [f"{prefix}{n}" for n in range(20)]
     where = RedisConnect(Redis(url=stack.redis.url, password_env="", socket_timeout_s=10.0))
     relay = NotifiedRelay(lambda: reader_of(stack.redis.url))
     watch = KeyspaceWatch(partial(node_primary, where.primary, rds), prefix,
-                          touch=relay.touch, sweep=relay.sweep, pace=relay.read_through)
+                          touch=relay.touch, sweep=relay.sweep)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         subscriptions = [join(relay, key, "0-0") for key in keys]

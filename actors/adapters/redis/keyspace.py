@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, cast
 
 import redis
@@ -93,17 +93,11 @@ class KeyspaceWatch:
     `sweep` is called whenever a notification may have been missed."""
 
     def __init__(self, lookup: Callable[[], Mapping[Hashable, Mapping[str, Any]]],
-                 prefix: str, touch: Callable[[str], None], sweep: Callable[[], None],
-                 pace: Callable[[], Awaitable[None]] | None = None) -> None:
-        """`pace`, awaited before each receive: returns once what was touched has been
-        read (the relay's read in flight is over), so a watcher wakes once per read
-        under load, taking every notification that came meanwhile in one receive,
-        instead of once for every few notifications."""
+                 prefix: str, touch: Callable[[str], None], sweep: Callable[[], None]) -> None:
         self._lookup = lookup
         self._prefix = prefix
         self._touch = touch
         self._sweep = sweep
-        self._pace = pace
         self._watching: dict[Hashable, trio.CancelScope] = {}
         self.notifications = 0
 
@@ -151,8 +145,6 @@ class KeyspaceWatch:
                         reported = True
                         task_status.started(scope)
                     while True:
-                        if self._pace is not None:
-                            await self._pace()
                         self._messages(channel, await conn.pushed())
                 except (*CONNECTION_FAULTS, TransientError, PermanentError) as exc:
                     failures += 1
