@@ -592,7 +592,10 @@ def sse(entry: Entry, attempt: int, seq: int) -> bytes:
 
 
 def _sse_text(entry_id: str, fields: Mapping[str, str], attempt: int, seq: int) -> str:
-    return (f"id: {entry_id}\nevent: {fields.get('event', 'message')}\ndata: "
+    event = fields.get("event", "message")
+    if "\n" in event or "\r" in event:  # a damaged entry cannot add lines to the event
+        event = "message"
+    return (f"id: {entry_id}\nevent: {event}\ndata: "
             f"{_with_position(fields.get('data', '{}'), attempt, seq)}\n\n")
 
 

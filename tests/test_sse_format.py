@@ -4,6 +4,7 @@ the event's data is one line of JSON, the entry's object with its attempt and se
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from hypothesis import given
@@ -47,3 +48,16 @@ def test_damaged_or_hostile_data_is_an_event_with_only_its_position():
                 "[" * 100_000 + "]" * 100_000, ""):
         lines, data = event_of(raw)
         assert len(lines) == 3 and data == {"attempt": 3, "seq": 7}
+
+
+@given(st.text())
+def test_an_event_name_never_adds_lines_to_the_event(name):
+    """An entry's event name is written on the event's one `event:` line; a name with
+    a line break (a damaged or hand-written entry) is sent as `message`, so it can
+    neither end the event early nor add fields (a forged `id:` or `data:`)."""
+    text = sse(("1700000000000-5", {"event": name, "data": "{}"}), 1, 2).decode()
+    lines = re.split(r"\r\n|\r|\n", text.removesuffix("\n\n"))  # SSE's line ends alone
+    assert len(lines) == 3 and lines[0] == "id: 1700000000000-5"
+    assert lines[1] == ("event: message" if "\n" in name or "\r" in name
+                        else f"event: {name}")
+    assert json.loads(lines[2].removeprefix("data: ")) == {"attempt": 1, "seq": 2}
