@@ -25,6 +25,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
+import hiredis
 import pytest
 import redis
 import trio
@@ -36,7 +37,7 @@ from actors.adapters.redis import keyspace as redis_keyspace
 from actors.adapters.redis import streams as redis_streams
 from actors.adapters.redis.connect import RedisConnect
 from actors.adapters.redis.keyspace import KeyspaceWatch, node_primary
-from actors.adapters.redis.streams import BlockingReader
+from actors.adapters.redis.streams import BlockingReader, StreamReads
 from actors.errors import PermanentError, StreamsRefused, TransientError
 from config import Config, ConfigError, Redis
 from gateway import app as app_module
@@ -654,6 +655,62 @@ async def test_a_hostile_xread_reply_is_a_clear_error(reply, error, message):
             await reader.read({"s": "0-0"}, 10, 100)
         assert str(raised.value).startswith("redis: ")
         assert not reader._conn.connected, "a broken connection is not used again"
+        nursery.cancel_scope.cancel()
+
+
+RANGE_HOSTILE = [
+    (b"_\r\n", "XRANGE replied in an unknown shape: the reply is NoneType, not an array"),
+    (b"+OK\r\n", "a reply in an unknown shape \\(IndexError"),
+    (b":12\r\n", "a reply in an unknown shape \\(TypeError"),
+    (b"*1\r\n_\r\n", "an entry of 's' is not"),
+    (b"*1\r\n*2\r\n$5\r\nnot-1\r\n*0\r\n", "an entry of 's' is not"),
+    (b"*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n:1\r\n:2\r\n", "has no field/value pairs"),
+]
+HELLO = b"%1\r\n$5\r\nproto\r\n:3\r\n"
+
+
+async def range_server(nursery: trio.Nursery, reply: bytes, hello: bytes = HELLO) -> str:
+    """A RESP3 server on loopback: HELLO gets its map, XRANGE and XREVRANGE get `reply`,
+    anything else +OK."""
+    async def serve(stream: trio.SocketStream) -> None:
+        parser = hiredis.Reader()
+        async with stream:
+            while data := await stream.receive_some(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    name = command[0].upper()
+                    await stream.send_all(
+                        reply if name in (b"XRANGE", b"XREVRANGE")
+                        else hello if name == b"HELLO" else b"+OK\r\n")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}/0"
+
+
+@pytest.mark.parametrize(("reply", "message"), RANGE_HOSTILE)
+async def test_a_hostile_xrange_reply_is_a_clear_error(reply, message):
+    """The gateway's own reads of a stream (a client catching up, a resume's last entry,
+    a job's first user) check the reply as the reader does: a clear error, no crash."""
+    async with trio.open_nursery() as nursery:
+        url = await range_server(nursery, reply)
+        reads = StreamReads(Redis(url=url, password_env="", socket_timeout_s=5.0))
+        for read in (partial(reads.after, "s", "0-0", 10), partial(reads.last, "s"),
+                     partial(reads.first_user, "s", "job")):
+            with pytest.raises(PermanentError, match=message):
+                await read()
+        reads.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_handshake_reply_redis_py_cannot_read_is_a_clear_error():
+    """redis-py checks no shapes: a server answering HELLO with +OK makes its handshake
+    raise AttributeError, which the gateway's reads report as a PermanentError."""
+    async with trio.open_nursery() as nursery:
+        url = await range_server(nursery, b"*0\r\n", hello=b"+OK\r\n")
+        reads = StreamReads(Redis(url=url, password_env="", socket_timeout_s=5.0))
+        with pytest.raises(PermanentError, match=r"a reply in an unknown shape \(AttributeError"):
+            await reads.owner_key("k")
+        reads.close()
         nursery.cancel_scope.cancel()
 
 

@@ -30,6 +30,8 @@ from messages.ports import Entry, is_entry_id
 T = TypeVar("T")
 READ_BYTES = 65536
 MAX_REPLY_BYTES = 64 * 2**20  # an XREAD of 256 entries per stream stays far below
+# What redis-py's parsing raises on a reply it did not expect (it checks no shapes).
+REDIS_PY_PARSING = (TypeError, ValueError, AttributeError, IndexError, KeyError)
 MAX_PACKED = 200_000  # encoded arguments kept (stream keys, entry ids) before starting over
 
 
@@ -56,10 +58,16 @@ class StreamReads:
         self._client: Any = self._connect.client
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, one redis-py call, in a worker thread. redis-py's own parsing of a
+        reply it did not expect (a broken or hostile server, from the handshake on)
+        raises whatever its code meets: that is a PermanentError naming it too."""
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except redis.RedisError as exc:
             raise translate(exc) from exc
+        except REDIS_PY_PARSING as exc:
+            raise PermanentError(f"redis: a reply in an unknown shape ({type(exc).__name__}: "
+                                 f"{exc})", code="redis") from exc
 
     @property
     def client(self) -> Any:
@@ -87,7 +95,8 @@ class StreamReads:
     async def first_user(self, stream: str, job_id: str) -> str | None:
         """The userId of the job's first entry in `stream` (None: nothing yet)."""
         def first() -> str | None:
-            for _, fields in self._client.xrange(stream, "-", "+", count=64):
+            for _, fields in _ranged(stream, lambda: self._client.xrange(stream, "-", "+",
+                                                                         count=64)):
                 if fields.get("jobId") == job_id:
                     return fields.get("userId")
             return None
@@ -109,11 +118,12 @@ class StreamReads:
         await self._run(lambda: self._client.eval(_SETTLE, 1, key, expected, value))
 
     async def after(self, stream: str, after_id: str, count: int) -> list[Entry]:
-        return await self._run(lambda: self._client.xrange(stream, f"({after_id}", "+",
-                                                          count=count))
+        return await self._run(_ranged, stream, lambda: self._client.xrange(
+            stream, f"({after_id}", "+", count=count))
 
     async def last(self, stream: str) -> Entry | None:
-        entries = await self._run(lambda: self._client.xrevrange(stream, "+", "-", count=1))
+        entries = await self._run(_ranged, stream, lambda: self._client.xrevrange(
+            stream, "+", "-", count=1))
         return entries[0] if entries else None
 
     def close(self) -> None:
@@ -477,5 +487,27 @@ def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     return found
 
 
-def _shape(what: str) -> PermanentError:
-    return PermanentError(f"redis: XREAD replied in an unknown shape: {what}", code="redis")
+def _ranged(key: str, read: Callable[[], Any]) -> list[Entry]:
+    """What an XRANGE or XREVRANGE of `key` read through redis-py (blocking), checked as
+    an XREAD's reply is: a broken or hostile reply is a PermanentError naming what was
+    wrong, never a crash of the response that asked."""
+    reply = read()
+    if reply.__class__ is not list:
+        raise _shape(f"the reply is {type(reply).__name__}, not an array", "XRANGE")
+    entries: list[Entry] = []
+    for entry in reply:
+        if not (entry.__class__ in (tuple, list) and len(entry) == 2
+                and entry[0].__class__ is str and is_entry_id(entry[0])):
+            raise _shape(f"an entry of {key!r} is not [id, fields]", "XRANGE")
+        fields = {} if entry[1] is None else entry[1]  # a deleted entry: no fields
+        if not (fields.__class__ is dict and all(
+                name.__class__ is str and value.__class__ is str
+                for name, value in fields.items())):
+            raise _shape(f"entry {entry[0]} of {key!r} has no field/value pairs", "XRANGE")
+        entries.append((entry[0], fields))
+    return entries
+
+
+def _shape(what: str, command: str = "XREAD") -> PermanentError:
+    return PermanentError(f"redis: {command} replied in an unknown shape: {what}",
+                          code="redis")
