@@ -637,11 +637,7 @@ def _int_field(fields: Mapping[str, str], name: str) -> int | None:
     """An entry's integer field; None when missing or not an integer (a hand-written or
     damaged entry is still relayed, never a crash of the response)."""
     value = fields.get(name, "")
-    return int(value) if _is_int(value) else None
-
-
-def _is_int(value: str) -> bool:
-    return value.isascii() and value.isdigit() and len(value) < 19
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
 class DirectWrites(Protocol):
@@ -739,18 +735,14 @@ class _Follower:
         for entry_id, fields in entries:
             if fields.get("jobId") != job_id:
                 continue
-            attempt, seq = fields.get("attempt", ""), fields.get("seq", "")
-            if _is_int(attempt) and _is_int(seq):
-                position = (int(attempt), int(seq))
-                if position <= sent:
+            attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
+            if attempt is not None and seq is not None:
+                if (attempt, seq) <= sent:
                     # Written again after a Redis failover lost its reply (the writer
                     # retried the batch on the new primary): the client has it.
                     continue
-                sent = position
-                events.append(_sse_text(entry_id, fields, position[0], position[1]))
-            else:  # a hand-written or damaged entry is still relayed, never a crash
-                events.append(_sse_text(entry_id, fields, _int_field(fields, "attempt") or 0,
-                                        _int_field(fields, "seq") or 0))
+                sent = (attempt, seq)
+            events.append(_sse_text(entry_id, fields, attempt or 0, seq or 0))
             if done := fields.get("event") == "done":
                 break
         return "".join(events).encode(), sent, done, len(events)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,8 +54,6 @@ def free_port() -> int:
     (bind to 0) can be given to any process's next outgoing connection before the
     server started on it binds it: three stacks starting side by side saw Redis fail
     with "Address already in use". Ports below that range are never handed out."""
-    import random
-
     low = _ephemeral_low()
     if low > 11000:
         for _ in range(200):
@@ -73,8 +72,6 @@ def free_port() -> int:
 def free_cluster_port() -> int:
     """A free port a cluster node can use: its bus port (+10000) must be free too, so
     the port is at most 55535."""
-    import random
-
     for _ in range(1000):
         port = random.randint(20000, 55535)
         try:

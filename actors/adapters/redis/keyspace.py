@@ -165,8 +165,8 @@ class KeyspaceWatch:
         XADD goes to `touch`; any other message is ignored. (One per relayed event.)"""
         cut, touch = len(channel), self._touch
         for message in messages:
-            if (type(message) is list and len(cast(list[Any], message)) == 4
-                    and message[0] == "pmessage" and type(message[2]) is str
+            if (message.__class__ is list and len(message) == 4  # as streams.xread_reply
+                    and message[0] == "pmessage" and message[2].__class__ is str
                     and message[2].startswith(channel)):
                 self.notifications += 1
                 if message[3] == "xadd":

@@ -95,8 +95,7 @@ class StreamReads:
     async def first_user(self, stream: str, job_id: str) -> str | None:
         """The userId of the job's first entry in `stream` (None: nothing yet)."""
         def first() -> str | None:
-            for _, fields in _ranged(stream, lambda: self._client.xrange(stream, "-", "+",
-                                                                         count=64)):
+            for _, fields in _ranged(stream, self._client.xrange(stream, "-", "+", count=64)):
                 if fields.get("jobId") == job_id:
                     return fields.get("userId")
             return None
@@ -118,12 +117,12 @@ class StreamReads:
         await self._run(lambda: self._client.eval(_SETTLE, 1, key, expected, value))
 
     async def after(self, stream: str, after_id: str, count: int) -> list[Entry]:
-        return await self._run(_ranged, stream, lambda: self._client.xrange(
-            stream, f"({after_id}", "+", count=count))
+        return await self._run(lambda: _ranged(stream, self._client.xrange(
+            stream, f"({after_id}", "+", count=count)))
 
     async def last(self, stream: str) -> Entry | None:
-        entries = await self._run(_ranged, stream, lambda: self._client.xrevrange(
-            stream, "+", "-", count=1))
+        entries = await self._run(lambda: _ranged(stream, self._client.xrevrange(
+            stream, "+", "-", count=1)))
         return entries[0] if entries else None
 
     def close(self) -> None:
@@ -487,11 +486,10 @@ def xread_reply(reply: Any) -> list[tuple[str, list[Entry]]]:
     return found
 
 
-def _ranged(key: str, read: Callable[[], Any]) -> list[Entry]:
-    """What an XRANGE or XREVRANGE of `key` read through redis-py (blocking), checked as
-    an XREAD's reply is: a broken or hostile reply is a PermanentError naming what was
-    wrong, never a crash of the response that asked."""
-    reply = read()
+def _ranged(key: str, reply: Any) -> list[Entry]:
+    """What redis-py's XRANGE or XREVRANGE of `key` returned, checked as an XREAD's
+    reply is: a broken or hostile reply is a PermanentError naming what was wrong,
+    never a crash of the response that asked."""
     if reply.__class__ is not list:
         raise _shape(f"the reply is {type(reply).__name__}, not an array", "XRANGE")
     entries: list[Entry] = []
