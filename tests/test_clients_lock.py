@@ -1,4 +1,5 @@
-"""The npm packages the tests drive (tests/clients) install exactly their lock, hash-checked.
+"""The npm packages the tests drive (tests/clients) install exactly their lock, hash-checked,
+and the client scripts run on them.
 
 tests/clients/package-lock.json pins every package with its integrity hash; the tests
 install it with `npm ci`, which refuses a lock that package.json has moved on from and
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-CLIENTS = Path(__file__).resolve().parent / "clients"
-NPM_CI = ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"]
+from tests.node_clients import CLIENTS, NPM_CI, node_client
 
 
 def npm_ci(folder: Path, cache: Path) -> subprocess.CompletedProcess[str]:
@@ -85,3 +85,25 @@ def test_a_lock_behind_package_json_is_refused(tmp_path):
     done = npm_ci(folder, tmp_path / "npm-cache")
     assert done.returncode != 0
     assert "in sync" in done.stderr and "left-pad" in done.stderr, done.stderr[-2000:]
+
+
+REFUSED = "http://127.0.0.1:1/v1"  # nothing listens: refused at once, no network touched
+
+
+def test_the_openai_client_script_reports_a_refused_connection_as_its_error():
+    job = {"baseURL": REFUSED, "apiKey": "k", "model": "m", "stream": True,
+           "messages": [{"role": "user", "content": "hi"}]}
+    result = node_client("openai_chat.mjs", job)
+    assert result["ok"] is False and result["error"]["class"] == "APIConnectionError", result
+    assert (result["text"], result["chunks"], result["tool_calls"]) == ("", 0, [])
+    listed = node_client("openai_chat.mjs", {"op": "models", "baseURL": REFUSED, "apiKey": "k"})
+    assert listed["ok"] is False and listed["error"]["class"] == "APIConnectionError", listed
+
+
+def test_the_ai_sdk_script_reports_a_refused_connection_as_its_error():
+    job = {"baseURL": REFUSED, "apiKey": "k", "model": "m",
+           "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    result = node_client("ai_sdk_stream.mjs", job)
+    assert result["ok"] is False and result["text"] == "", result
+    assert result["errors"][0]["class"] == "APICallError", result
+    assert result["errors"][0]["is_retryable"] is True, result
