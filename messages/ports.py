@@ -92,6 +92,7 @@ class UsageRow(msgspec.Struct, frozen=True):
     cached_tokens: int = 0  # parts of prompt_tokens (contract 3)
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0  # part of completion_tokens
+    api_key_id: str | None = None  # grouped by key: the key's id (None: a JWT's jobs)
 
 
 # --- the event log -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The command line of bin/chat-actors: run, dev, send, cancel, migrate, usage, ingest, bench, test."""
+"""The command line of bin/chat-actors: run, dev, send, cancel, migrate, usage, keys, ingest,
+bench, test."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import textwrap
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
 
+    from actors.adapters.postgres import Postgres
     from messages.ports import UsageRow
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def _config(path: str | None) -> Any:
@@ -151,44 +154,136 @@ def since_arg(text: str) -> datetime:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    import trio
-
-    from actors.adapters.postgres import Postgres, redact
-    from actors.errors import TransientError
-
-    with _config_or_dev(args.config, "usage", postgres=True) as (config, dev):
-        pg = Postgres.of(config.postgres, pool_size=1)
-
-        async def read() -> list[UsageRow]:
-            if dev:  # (the dev stack's Postgres may not have met a worker yet)
-                await pg.migrate()
-            return await pg.usage(user_id=args.user, since=args.since)
-
-        try:
-            rows = trio.run(read)
-        except TransientError as exc:
-            print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}",
-                  file=sys.stderr)
-            return 1
-        finally:
-            pg.close()
+    by_key = args.by == "key"
+    rows = _with_postgres(args.config, "usage", lambda pg: pg.usage(
+        user_id=args.user, since=args.since, by_key=by_key))
+    if rows is None:
+        return 1
     # Cached, cache-write and reasoning tokens are parts of the prompt / completion counts.
-    head = ("user", "model", "jobs", "prompt tokens", "cached", "cache writes",
-            "completion tokens", "reasoning", "cost USD")
+    head = ("user", *(("key",) if by_key else ()), "model", "jobs", "prompt tokens", "cached",
+            "cache writes", "completion tokens", "reasoning", "cost USD")
+    named = 3 if by_key else 2  # the columns that name the row: left-aligned
 
-    def cells(user: str, model: str, of: Sequence[UsageRow]) -> tuple[str, ...]:
-        return (user, model, f"{sum(r.jobs for r in of):,}",
+    def cells(names: tuple[str, ...], of: Sequence[UsageRow]) -> tuple[str, ...]:
+        return (*names, f"{sum(r.jobs for r in of):,}",
                 *(f"{sum(getattr(r, name) for r in of):,}" for name in (
                     "prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens",
                     "reasoning_tokens")),
                 f"{sum(r.cost_usd for r in of):.6f}")
 
-    table = [cells(r.user_id, r.model, [r]) for r in rows]
-    table.append(cells("total", "", rows))
+    # By key, a job no key authenticated (a JWT's) shows "-".
+    table = [cells((r.user_id, *((r.api_key_id or "-",) if by_key else ()), r.model), [r])
+             for r in rows]
+    table.append(cells(("total", *("" for _ in range(named - 1))), rows))
+    _print_table(head, table, named)
+    return 0
+
+
+def _print_table(head: Sequence[str], table: Sequence[Sequence[str]], named: int) -> None:
+    """Columns padded to their widest cell: the first `named` left-aligned, the rest
+    (figures) right-aligned."""
     widths = [max(len(row[i]) for row in (head, *table)) for i in range(len(head))]
     for row in (head, *table):
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+        print("  ".join(cell.ljust(w) if i < named else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+
+
+def _with_postgres(path: str | None, command: str,
+                   query: Callable[[Postgres], Awaitable[T]]) -> T | None:
+    """`query` on the Postgres of the config (see _config_or_dev), or None once a
+    Postgres that cannot be reached now is reported in one line."""
+    import trio
+
+    from actors.adapters.postgres import Postgres, redact
+    from actors.errors import TransientError
+
+    with _config_or_dev(path, command, postgres=True) as (config, dev):
+        pg = Postgres.of(config.postgres, pool_size=1)
+
+        async def read() -> T:
+            if dev:  # (the dev stack's Postgres may not have met a worker yet)
+                await pg.migrate()
+            return await query(pg)
+
+        try:
+            return trio.run(read)
+        except TransientError as exc:
+            print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}",
+                  file=sys.stderr)
+            return None
+        finally:
+            pg.close()
+
+
+# -- API keys: `keys create | list | revoke` ----------------------------------------------
+
+def user_arg(text: str) -> str:
+    """`--user`: a userId of the contract, as a key's requests will carry it."""
+    from messages.wire import is_ident
+
+    # (is_ident's `$` also matches before a final line break: refused here on its own.)
+    if not is_ident(text) or text.endswith("\n"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a userId: 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return text
+
+
+def key_name_arg(text: str) -> str:
+    """`--name`: a label for people, printed in `keys list`'s table."""
+    if not text.strip() or len(text) > 100 or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            "a key's name is 1-100 printable characters (no line breaks or control characters)")
+    return text
+
+
+def key_id_arg(text: str) -> str:
+    """`keys revoke ID`: a key's id as `keys create` and `keys list` print it."""
+    import re
+
+    if text.startswith("cak_"):  # the key itself: never echoed back
+        raise argparse.ArgumentTypeError(
+            "that is a key, not its id: revoke it by its id (key_..., see `keys list`)")
+    if re.fullmatch(r"key_[0-9a-f]{24}", text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not a key id: key_ and 24 hex digits (see `keys list`)")
+    return text
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    command = f"keys {args.action}"
+    if args.action == "create":
+        made = _with_postgres(args.config, command, lambda pg: pg.create_key(
+            user_id=args.user, name=args.name))
+        if made is None:
+            return 1
+        key_id, key = made
+        print(f"created API key {key_id} for user {args.user}"
+              + (f" ({args.name})" if args.name else ""))
+        print("the key is shown this once (only its SHA-256 is stored); send it as "
+              "Authorization: Bearer <key>")
+        print(key)  # the last line alone: `| tail -1`
+        return 0
+    if args.action == "list":
+        keys = _with_postgres(args.config, command, lambda pg: pg.list_keys(user_id=args.user))
+        if keys is None:
+            return 1
+        head = ("id", "name", "user", "shown", "created (UTC)", "last used", "revoked")
+        _print_table(head, [(k["id"], k["name"] or "-", k["user"], k["shown"],
+                             _when(k["created"]), _when(k["last_used"]), _when(k["revoked"]))
+                            for k in keys], len(head))
+        return 0
+    revoked = _with_postgres(args.config, command, lambda pg: pg.revoke_key(args.key_id))
+    if revoked is None:
+        return 1
+    if not revoked:
+        print(f"chat-actors keys revoke: no key {args.key_id} (`keys list` shows the ids)",
+              file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}: every gateway refuses it within 5 s")
     return 0
 
 
@@ -219,6 +314,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except TransientError as exc:
         print(f"chat-actors: postgres at {redact(config.postgres.dsn)}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        pg.close()
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 
@@ -554,7 +651,27 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--user", help="only this user")
     usage.add_argument("--since", type=since_arg,
                        help="only jobs created since: 2026-11-01, 2026-11-01T12:00, or 24h / 7d / 30m")
+    usage.add_argument("--by", choices=("model", "key"), default="model",
+                       help="model: a row per user and model alias (the default); key: per "
+                            "user, API key and model alias (\"-\": jobs a JWT sent)")
     usage.set_defaults(func=cmd_usage)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke",
+                          description="API keys (cak_...) are accepted by the gateway as "
+                                      "`Authorization: Bearer <key>` wherever a JWT is.")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = with_config(actions.add_parser(
+        "create", help="make a key for a user; the last line printed is the key alone"))
+    create.add_argument("--user", required=True, type=user_arg,
+                        help="the userId its requests run as")
+    create.add_argument("--name", type=key_name_arg, help="a label, e.g. where it is used")
+    listed = with_config(actions.add_parser(
+        "list", help="id, name, user, prefix and last 4 characters, created, last used, revoked"))
+    listed.add_argument("--user", type=user_arg, help="only this user's keys")
+    revoke = with_config(actions.add_parser(
+        "revoke", help="refuse the key from now on (every gateway within 5 s)"))
+    revoke.add_argument("key_id", metavar="ID", type=key_id_arg, help="the key's id (key_...)")
+    keys.set_defaults(func=cmd_keys)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (numbers, not tests)")
     bench.add_argument("name", help=f"the benchmark: {', '.join(benchmarks())}")

@@ -7,8 +7,10 @@ the pg sink writes its batches in one transaction each (group commit).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from importlib import resources
@@ -41,6 +43,9 @@ log = logging.getLogger("chat_actors.postgres")
 _TERMINAL = ("completed", "cancelled", "timeout", "failed", "rejected")
 # Any key: serialises concurrent migrators of one database.
 _MIGRATION_LOCK = 0x63686174
+# An API key's fixed prefix (the gateway tells a key from a JWT by it; secret scanners
+# find keys by it).
+API_KEY_PREFIX = "cak_"
 
 
 def redact(dsn: str) -> str:
@@ -670,21 +675,69 @@ class Postgres:
                 (job_id, user_id, session_id, f"refused: {reason}")).fetchone() is not None
         return await self.run(fence)
 
-    async def usage(self, *, user_id: str | None, since: datetime | None) -> list[UsageRow]:
-        """Jobs, tokens and cost by user and model alias, newest rows included."""
+    async def usage(self, *, user_id: str | None, since: datetime | None,
+                    by_key: bool = False) -> list[UsageRow]:
+        """Jobs, tokens and cost by user and model alias, newest rows included; with
+        `by_key`, by user, API key (None: jobs a JWT authenticated) and model alias."""
+        key: LiteralString = "api_key_id" if by_key else "NULL::text"
         rows = await self.run(lambda conn: conn.execute(
-            "SELECT user_id, coalesce(model, '-'), count(*), coalesce(sum(prompt_tokens), 0), "
+            f"SELECT user_id, {key}, coalesce(model, '-'), count(*), "
+            "coalesce(sum(prompt_tokens), 0), "
             "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0), "
             "coalesce(sum(cached_tokens), 0), coalesce(sum(cache_write_tokens), 0), "
             "coalesce(sum(reasoning_tokens), 0) FROM llm_jobs "
             "WHERE (%(user)s::text IS NULL OR user_id = %(user)s) "
             "AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s) "
-            "AND status <> 'rejected' GROUP BY 1, 2 ORDER BY 1, 2",
+            "AND status <> 'rejected' GROUP BY 1, 2, 3 ORDER BY 1, 2 NULLS FIRST, 3",
             {"user": user_id, "since": since}).fetchall())
-        return [UsageRow(user_id=r[0], model=r[1], jobs=r[2], prompt_tokens=int(r[3]),
-                         completion_tokens=int(r[4]), cost_usd=float(r[5]),
-                         cached_tokens=int(r[6]), cache_write_tokens=int(r[7]),
-                         reasoning_tokens=int(r[8])) for r in rows]
+        return [UsageRow(user_id=r[0], api_key_id=r[1], model=r[2], jobs=r[3],
+                         prompt_tokens=int(r[4]), completion_tokens=int(r[5]),
+                         cost_usd=float(r[6]), cached_tokens=int(r[7]),
+                         cache_write_tokens=int(r[8]), reasoning_tokens=int(r[9]))
+                for r in rows]
+
+    # -- API keys: the CLI creates, lists and revokes them; the gateway looks them up ----
+    async def create_key(self, *, user_id: str, name: str | None = None) -> tuple[str, str]:
+        """A new API key of `user_id`: (its id, the key). The key is `cak_` + 43 base64url
+        characters (256 random bits); only its SHA-256 is stored, so this is the one time
+        anyone sees it."""
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(12)
+        shown = f"{API_KEY_PREFIX}…{key[-4:]}"
+        await self.run(lambda conn: conn.execute(
+            "INSERT INTO llm_api_keys (id, user_id, name, secret_sha256, shown) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (key_id, user_id, name, hashlib.sha256(key.encode()).hexdigest(), shown)))
+        return key_id, key
+
+    async def list_keys(self, *, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Every key (or `user_id`'s) by user, oldest first: id, name, user, shown (prefix
+        and last 4 characters), created, last_used and revoked (datetimes or None)."""
+        rows = await self.run(lambda conn: conn.execute(
+            "SELECT id, name, user_id, shown, created_at, last_used_at, revoked_at "
+            "FROM llm_api_keys WHERE (%(user)s::text IS NULL OR user_id = %(user)s) "
+            "ORDER BY user_id, created_at, id", {"user": user_id}).fetchall())
+        return [{"id": r[0], "name": r[1], "user": r[2], "shown": r[3], "created": r[4],
+                 "last_used": r[5], "revoked": r[6]} for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke the key (from now on; a key revoked before keeps its first revocation
+        time). False when there is no such key."""
+        return await self.run(lambda conn: conn.execute(
+            "UPDATE llm_api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s "
+            "RETURNING id", (key_id,)).fetchone() is not None)
+
+    async def key_owner(self, secret_sha256: str) -> tuple[str, str] | None:
+        """(key id, user id) of the unrevoked key whose SHA-256 (hex) this is, or None."""
+        row = await self.run(lambda conn: conn.execute(
+            "SELECT id, user_id FROM llm_api_keys WHERE secret_sha256 = %s "
+            "AND revoked_at IS NULL", (secret_sha256,)).fetchone())
+        return None if row is None else (row[0], row[1])
+
+    async def touch_key(self, key_id: str) -> None:
+        """Record that the key was just used (last_used_at)."""
+        await self.run(lambda conn: conn.execute(
+            "UPDATE llm_api_keys SET last_used_at = now() WHERE id = %s", (key_id,)))
 
     async def next_attempt(self, *, job_id: str, lease_holder: str, attempt: int) -> bool:
         """The job starts over as attempt + 1 under the same lease: what an earlier
