@@ -31,6 +31,15 @@ class PermanentError(ChatActorsError):
         self.code = code
 
 
+class LimitReached(PermanentError):
+    """A job refused over a budget (`budget_exceeded`) or a rate limit (`rate_limited`);
+    `retry_after_s`: when a retry may pass (None: not before the budget's period ends)."""
+
+    def __init__(self, message: str, *, code: str, retry_after_s: float | None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class RequestRefused(PermanentError):
     """The request cannot run as it asks (found only once the job runs, such as tool
     results that answer no pending call): the job ends `rejected`, no model call made."""

@@ -262,7 +262,7 @@ class Intake:
         self.worker.metrics.rejections.labels(reason="session_busy").inc()
         job = self.worker.job_ref(request.job_id, request.user_id, request.session_id)
         await refuse(self.worker, job, Error(
-            code="session_busy", retryable=True,
+            code="session_busy", retryable=True, retry_after_s=2.0,
             message=f"the session is busy: {why}; send it again once the earlier ones end"))
 
     async def settle_after(self, delivery: Delivery, job: Callable[[], Awaitable[None]]) -> None:

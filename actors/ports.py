@@ -64,7 +64,9 @@ class RecordWriter(Protocol):
 class JobStore(Protocol):
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, lease_holder: str,
-                    lease_s: float, history_limit: int = 0) -> ClaimResult: ...
+                    lease_s: float, history_limit: int = 0, api_key_id: str | None = None,
+                    end_user: str | None = None,
+                    metadata: dict[str, str] | None = None) -> ClaimResult: ...
     async def claim_many(self, orders: Sequence[ClaimOrder], *, lease_holder: str,
                          lease_s: float, history_limit: int = 0) -> list[ClaimResult]:
         """Each order's claim, in order, in one round trip (job ids all different)."""

@@ -420,6 +420,10 @@ class Gateway(_Section, frozen=True):
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 2 * 1024 * 1024
     body_timeout_s: PositiveFloat = 10.0
     produce_timeout_s: PositiveFloat = 10.0
+    # Browser origins allowed to call the API (CORS), each scheme://host[:port], or "*";
+    # empty: no CORS headers at all
+    cors_origins: Annotated[list[Annotated[str, Meta(
+        pattern=r"^(\*|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?)$")]], Meta(max_length=256)] = []
 
 
 class Config(_Section, frozen=True):

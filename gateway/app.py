@@ -20,23 +20,21 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from actors.errors import DocumentRefused, PermanentError, TransientError
 from actors.health import Health
 from actors.ports import Telemetry
 from actors.telemetry import NoTelemetry, traceparent_of
 from config import Config
-from gateway.auth import Unauthorized, Verifier
+from gateway.auth import Authenticator, Caller, Unauthorized
 from gateway.http1 import DIRECT_WRITES, Written
 from gateway.relay import AnyRelay, Subscription, entry_key
 from messages.ports import U64_MAX, Entry, is_entry_id
@@ -51,6 +49,7 @@ IDEMPOTENCY_PREFIX = "chat-actors:gateway:idem:"
 PENDING = "pending:"  # an Idempotency-Key's value while its request is being sent
 WAIT_FIRST_S, WAIT_MOST_S = 0.2, 1.0  # a job nobody has started is looked up again after
 SETTLE_POLL_S = 0.1  # how often a repeat looks whether the first request's fate is known
+CALL_SESSION = "cc-"  # a Chat Completions call's own session: cc-<jobId>, never listed
 UPLOADS = "/v1/documents/"  # the one route whose body is not JSON (rag.max_document_bytes)
 
 
@@ -152,7 +151,7 @@ class UserSlots:
 @dataclass
 class Gateway:
     config: Config
-    verifier: Verifier
+    auth: Authenticator  # a JWT or an API key names the caller
     reads: Reads
     relay: AnyRelay
     history: History
@@ -171,15 +170,11 @@ class Gateway:
         self.relay.close()
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"message": message, **extra}}, status_code=status)
 
 
 NOT_FOUND = "no such job"  # the same words for another user's job and an unknown one
-
-
-def _user(gateway: Gateway, request: Request) -> str:
-    return gateway.verifier.user(request.headers.get("authorization"))
 
 
 async def _owner(gateway: Gateway, job_id: str) -> str | None:
@@ -190,7 +185,7 @@ async def _owner(gateway: Gateway, job_id: str) -> str | None:
 
 
 def _too_many_streams(most: int, wait_s: float) -> JSONResponse:
-    response = _error(429, f"too many event streams: {most} open or waiting per user is "
+    response = error_response(429, f"too many event streams: {most} open or waiting per user is "
                       "the limit (gateway.max_streams_per_user); close one first")
     # A waiting stream gives its slot back within stream_wait_s; an open one at its end.
     response.headers["retry-after"] = str(math.ceil(wait_s))
@@ -213,7 +208,7 @@ async def _open_events(gateway: Gateway, user: str, job_id: str,
             pause = min(pause * 1.5, WAIT_MOST_S)
             owner = await _owner(gateway, job_id)
     if owner != user:
-        return _error(404, NOT_FOUND)
+        return error_response(404, NOT_FOUND)
     if resume is not None:
         last = await gateway.reads.last(stream)
         if (last is not None and last[1].get("event") == "done"
@@ -257,6 +252,11 @@ async def json_body(request: Request, config: Config) -> Any:
     """A JSON route's body, decoded: read up to `gateway.max_body_bytes` and no further,
     its nesting checked before a recursive decoder sees it. BadInput or BodyRefused
     say what is wrong. Every route taking JSON reads it here."""
+    return (await json_body_sized(request, config))[0]
+
+
+async def json_body_sized(request: Request, config: Config) -> tuple[Any, int]:
+    """json_body, and the body's size in bytes."""
     limit = config.gateway.max_body_bytes
     body = await _body_within(request, limit, config.gateway.body_timeout_s)
     if body is None:
@@ -264,60 +264,93 @@ async def json_body(request: Request, config: Config) -> Any:
                                "(gateway.max_body_bytes)")
     check_shape(body, limit)
     try:
-        return json.loads(body)
+        return json.loads(body), len(body)
     except ValueError as exc:  # UnicodeDecodeError included
         raise BadInput("$", f"the body is not JSON: {exc}") from None
 
 
 RAW_SEND = "chat_actors.send"  # the server's own `send`, kept in the scope for EventStream
 
-# A /v1 route's handler: the gateway, the request, and the user its token names.
-Handler = Callable[[Gateway, Request, str], Awaitable[Response]]
+# A /v1 route's handler: the gateway, the request, and the caller its token names.
+Handler = Callable[[Gateway, Request, Caller], Awaitable[Response]]
 
 
-async def guarded(gateway: Gateway, route: str, handler: Handler, request: Request) -> Response:
-    """A /v1 call: the token names the user, then `handler` answers. What it raises is
-    answered here with the status it means, and every answer is counted by route."""
+def _as_is(response: Response) -> Response:
+    return response
+
+
+async def guarded(gateway: Gateway, route: str, handler: Handler, request: Request, *,
+                  shape: Callable[[Response], Response] = _as_is) -> Response:
+    """A /v1 call: the token names the caller, then `handler` answers. What it raises is
+    answered here with the status it means (an error body in the route's `shape`), and
+    every answer is counted by route."""
     try:
-        user = _user(gateway, request)
-        response = await handler(gateway, request, user)
+        caller = await gateway.auth.identify(request.headers.get("authorization"))
+        response = await handler(gateway, request, caller)
     except Unauthorized as exc:
-        response = _error(401, str(exc))
+        response = error_response(401, str(exc))
         response.headers["www-authenticate"] = 'Bearer error="invalid_token"'
     except BodyRefused as exc:
-        response = _error(exc.status, str(exc))
+        response = error_response(exc.status, str(exc))
     except BadInput as exc:
-        response = _error(400, exc.rule, field=exc.field)
+        response = error_response(400, exc.rule, field=exc.field)
     except TransientError as exc:
         log.warning("%s: a dependency failed: %s", route, exc)
-        response = _error(503, "a dependency is unavailable; try again")
+        response = error_response(503, "a dependency is unavailable; try again")
         response.headers["retry-after"] = "2"
     except PermanentError as exc:
         log.error("%s: %s", route, exc)
-        response = _error(500, "internal error")
+        response = error_response(500, "internal error")
+    if response.status_code >= 400:
+        response = shape(response)
     gateway.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
     return response
 
 
-async def chat(gateway: Gateway, request: Request, user: str) -> Response:
+async def chat(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     config = gateway.config
-    value = await json_body(request, config)
-    if not isinstance(value, dict):
-        return _error(400, "the body must be a JSON object", field="$")
-    for assigned in ("jobId", "userId"):
+    body = await json_body(request, config)
+    if not isinstance(body, dict):
+        return error_response(400, "the body must be a JSON object", field="$")
+    value = cast(dict[str, Any], body)
+    for assigned in ("jobId", "userId", "apiKeyId"):
         if assigned in value:
-            return _error(400, "assigned by the gateway; leave it out",
-                          field=f"$.{assigned}")
+            return error_response(400, "assigned by the gateway; leave it out",
+                                  field=f"$.{assigned}")
+    if str(value.get("sessionId", "")).startswith(CALL_SESSION):
+        return error_response(400, f"session ids starting {CALL_SESSION} are the gateway's "
+                              "(one per Chat Completions call)", field="$.sessionId")
+    key = idempotency_header(request)
+    if isinstance(key, Response):
+        return key
+    job_id = uuid7()
+    fields: dict[str, Any] = {**value, "jobId": job_id, "userId": user}
+    if caller.key_id is not None:  # recorded with the job: a contract v3 field
+        fields |= {"apiKeyId": caller.key_id, "v": 3}
+    raw = json.dumps(fields).encode()
+    checked = config.decode_request(raw)
+    sent = await submit(gateway, request, user, job_id, raw, checked.session_id, key)
+    return sent if isinstance(sent, Response) else _accepted(sent)
+
+
+def idempotency_header(request: Request) -> str | Response | None:
+    """The request's Idempotency-Key (None without one), or the 400 answering a bad one."""
     key = request.headers.get("idempotency-key")
     if key is not None and not is_ident(key):
-        return _error(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
+        return error_response(400, "Idempotency-Key: 1-128 characters of [A-Za-z0-9._:-]",
                       field="Idempotency-Key")
-    job_id = uuid7()
-    raw = json.dumps({**value, "jobId": job_id, "userId": user}).encode()
-    checked = config.decode_request(raw)
+    return key
+
+
+async def submit(gateway: Gateway, request: Request, user: str, job_id: str, raw: bytes,
+                 session_id: str, key: str | None) -> str | Response:
+    """Send a checked request to the workers: the id of the job that answers it (this
+    one, or with an Idempotency-Key seen before the earlier one's), or the refusal."""
+    config = gateway.config
     idem = idempotency_key(user, key) if key is not None else None
     if idem is not None:
-        earlier = await _hold(gateway, idem, job_id, user, checked.session_id)
+        earlier = await _hold(gateway, idem, job_id, user, session_id)
         if earlier is not None:
             return earlier
     ttl = config.gateway.idempotency_s + config.stream.ttl_s
@@ -329,18 +362,18 @@ async def chat(gateway: Gateway, request: Request, user: str) -> Response:
     topic = config.kafka.request_topic
     try:
         with gateway.telemetry.sending(topic, incoming) as traceparent:
-            await gateway.produce(topic, raw, checked.session_id.encode(),
+            await gateway.produce(topic, raw, session_id.encode(),
                                   [("traceparent", traceparent.encode())] if traceparent
                                   else [])
     except TransientError as exc:
-        return await _unconfirmed(gateway, job_id, user, checked.session_id, idem, exc)
+        return await _unconfirmed(gateway, job_id, user, session_id, idem, exc)
     if idem is not None:
         await gateway.reads.settle(idem, PENDING + job_id, job_id)
-    return _accepted(job_id)
+    return job_id
 
 
 async def _hold(gateway: Gateway, idem: str, job_id: str, user: str,
-                session_id: str) -> Response | None:
+                session_id: str) -> str | None:
     """Take the Idempotency-Key for this request (None), or answer a repeat: the
     first request's job once it was accepted. While the first is still being sent,
     wait for its fate (a refused first leaves the key to this one); one pending for
@@ -354,14 +387,14 @@ async def _hold(gateway: Gateway, idem: str, job_id: str, user: str,
         if held == PENDING + job_id:
             return None
         if not held.startswith(PENDING):
-            return _accepted(held)
+            return held
         if trio.current_time() > waited:
             earlier = held.removeprefix(PENDING)
             if not await gateway.history.fence_refused(
                     job_id=earlier, user_id=user, session_id=session_id,
                     reason="its gateway stopped while sending it"):
                 await gateway.reads.settle(idem, held, earlier)
-                return _accepted(earlier)
+                return earlier
             await gateway.reads.settle(idem, held, "")
             waited = trio.current_time() + config.gateway.produce_timeout_s + 2.0
             continue
@@ -369,7 +402,7 @@ async def _hold(gateway: Gateway, idem: str, job_id: str, user: str,
 
 
 async def _unconfirmed(gateway: Gateway, job_id: str, user: str, session_id: str,
-                       idem: str | None, exc: TransientError) -> Response:
+                       idem: str | None, exc: TransientError) -> str | Response:
     """The broker did not confirm the request: it may still reach a worker later.
     Fence it (a terminal row no worker runs) and answer 503, so a refusal is a
     refusal; a worker that claimed it first means it was accepted after all (202)."""
@@ -381,17 +414,17 @@ async def _unconfirmed(gateway: Gateway, job_id: str, user: str, session_id: str
                   "fenced (%s): it may still run", job_id, exc, fence_failed)
         if idem is not None:  # a retry with the key gets this job, not a second one
             await gateway.reads.settle(idem, PENDING + job_id, job_id)
-        return _error(504, "the request was sent but not confirmed, and may still run: "
+        return error_response(504, "the request was sent but not confirmed, and may still run: "
                            "follow its events; a retry with the same Idempotency-Key "
                            "returns this job", jobId=job_id,
                       events=f"/v1/jobs/{job_id}/events")
     if idem is not None:
         await gateway.reads.settle(idem, PENDING + job_id, "" if fenced else job_id)
     if not fenced:
-        return _accepted(job_id)
+        return job_id
     log.warning("chat: job %s refused: the broker did not confirm it (%s); fenced, it "
                 "never runs", job_id, exc)
-    response = _error(503, "the request was not accepted (the message broker did not "
+    response = error_response(503, "the request was not accepted (the message broker did not "
                            "confirm it) and will not run: send it again", code="not_accepted")
     response.headers["retry-after"] = "2"
     return response
@@ -402,14 +435,15 @@ def _accepted(job_id: str) -> JSONResponse:
                         status_code=202)
 
 
-async def events(gateway: Gateway, request: Request, user: str) -> Response:
+async def events(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     config = gateway.config
     job_id = request.path_params["job_id"]
     if not is_ident(job_id):
-        return _error(404, NOT_FOUND)
+        return error_response(404, NOT_FOUND)
     resume = request.headers.get("last-event-id")
     if resume is not None and not is_entry_id(resume):
-        return _error(400, "Last-Event-ID must be a stream entry id: two integers "
+        return error_response(400, "Last-Event-ID must be a stream entry id: two integers "
                       f"0..{U64_MAX} joined by '-'", field="Last-Event-ID")
     most = config.gateway.max_streams_per_user
     if not gateway.stream_slots.take(user, most):
@@ -427,26 +461,29 @@ async def events(gateway: Gateway, request: Request, user: str) -> Response:
     return response
 
 
-async def cancel(gateway: Gateway, request: Request, user: str) -> Response:
+async def cancel(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     job_id = request.path_params["job_id"]
     if not is_ident(job_id):
-        return _error(404, NOT_FOUND)
+        return error_response(404, NOT_FOUND)
     if await _owner(gateway, job_id) != user:
-        return _error(404, NOT_FOUND)
+        return error_response(404, NOT_FOUND)
     message = json.dumps({"type": "cancel", "jobId": job_id, "userId": user,
                           "reason": "cancelled through the gateway"}).encode()
     await gateway.produce(gateway.config.kafka.control_topic, message, job_id.encode(), [])
     return JSONResponse({"jobId": job_id, "cancel": "sent"}, status_code=202)
 
 
-async def sessions(gateway: Gateway, request: Request, user: str) -> Response:
+async def sessions(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     return JSONResponse({"sessions": await gateway.history.sessions(user_id=user)})
 
 
-async def session(gateway: Gateway, request: Request, user: str) -> Response:
+async def session(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     session_id = request.path_params["session_id"]
     if not is_ident(session_id):
-        return _error(404, "no such session")
+        return error_response(404, "no such session")
     if request.method == "DELETE":
         gone = await gateway.history.delete_session(user_id=user, session_id=session_id)
         return JSONResponse({"sessionId": session_id, "deleted": gone})
@@ -454,16 +491,17 @@ async def session(gateway: Gateway, request: Request, user: str) -> Response:
     return JSONResponse({"sessionId": session_id, "messages": turns})
 
 
-async def documents(gateway: Gateway, request: Request, user: str) -> Response:
+async def documents(gateway: Gateway, request: Request, caller: Caller) -> Response:
+    user = caller.user
     if gateway.documents is None:
-        return _error(404, "document uploads are not served here")
+        return error_response(404, "document uploads are not served here")
     rag = gateway.config.rag
     if request.method == "GET":
         return JSONResponse({"documents": await gateway.documents.list(user), "limits": {
             "maxDocumentBytes": rag.max_document_bytes, "maxDocuments": rag.max_documents}})
     name = request.path_params["name"]
     if not gateway.upload_slots.take(user, rag.max_uploads_per_user):
-        busy = _error(429, f"{rag.max_uploads_per_user} of your uploads are open already "
+        busy = error_response(429, f"{rag.max_uploads_per_user} of your uploads are open already "
                            "(rag.max_uploads_per_user); wait for one to finish")
         busy.headers["retry-after"] = "2"
         return busy
@@ -481,16 +519,16 @@ async def _document(gateway: Gateway, store: Documents, request: Request, user: 
         if request.method == "DELETE":
             gone = await store.delete(user, name)
             if not gone:
-                return _error(404, f"no document {name!r}")
+                return error_response(404, f"no document {name!r}")
             return JSONResponse({"name": name, "deleted": gone})
         data = await _body_within(request, rag.max_document_bytes,
                                   gateway.config.gateway.body_timeout_s)
         if data is None:
-            return _error(413, f"{name}: over {rag.max_document_bytes} bytes, the limit "
+            return error_response(413, f"{name}: over {rag.max_document_bytes} bytes, the limit "
                                "(rag.max_document_bytes)")
         created, summary = await store.put(user, name, data)
     except DocumentRefused as exc:
-        refused = _error(exc.status, str(exc))
+        refused = error_response(exc.status, str(exc))
         if exc.retry_after_s is not None:  # busy (503): nothing of it was stored
             refused.headers["retry-after"] = str(exc.retry_after_s)
         return refused
@@ -501,14 +539,14 @@ async def dev_token(gateway: Gateway, request: Request) -> Response:
     try:
         value = await json_body(request, gateway.config)
     except BodyRefused as exc:
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
     except BadInput:
         value = None
     match value:
         case {"user": str() as name} if 0 < len(name) <= 128:
-            return JSONResponse({"token": gateway.verifier.dev_token(name), "user": name})
+            return JSONResponse({"token": gateway.auth.verifier.dev_token(name), "user": name})
         case _:
-            return _error(400, 'the body must be {"user": "<name>"}', field="$.user")
+            return error_response(400, 'the body must be {"user": "<name>"}', field="$.user")
 
 
 async def page(request: Request) -> Response:
@@ -531,58 +569,6 @@ async def metrics(gateway: Gateway, request: Request) -> Response:
     gateway.metrics.open_streams.set(gateway.relay.open_streams())
     return Response(generate_latest(gateway.metrics.registry),
                     headers={"content-type": CONTENT_TYPE_LATEST})
-
-
-def build_app(gateway: Gateway) -> Callable[[Any, Any, Any], Awaitable[None]]:
-    """The ASGI app of contract 7: every /v1 route guarded (the token, then the handler),
-    behind a check of the declared body size."""
-
-    def v1(path: str, route: str, handler: Handler, methods: list[str]) -> Route:
-        return Route(path, partial(guarded, gateway, route, handler), methods=methods)
-
-    routes = [
-        v1("/v1/chat", "chat", chat, ["POST"]),
-        v1("/v1/jobs/{job_id}/events", "events", events, ["GET"]),
-        v1("/v1/jobs/{job_id}/cancel", "cancel", cancel, ["POST"]),
-        v1("/v1/sessions", "sessions", sessions, ["GET"]),
-        v1("/v1/sessions/{session_id}/messages", "messages", session, ["GET"]),
-        v1("/v1/sessions/{session_id}", "delete", session, ["DELETE"]),
-        v1("/v1/documents", "documents", documents, ["GET"]),
-        v1("/v1/documents/{name}", "documents", documents, ["PUT", "DELETE"]),
-        Route("/healthz", healthz), Route("/readyz", partial(readyz, gateway)),
-        Route("/metrics", partial(metrics, gateway)),
-    ]
-    if gateway.config.gateway.dev_signin:
-        routes.append(Route("/v1/dev/token", partial(dev_token, gateway), methods=["POST"]))
-    if gateway.config.gateway.page:
-        routes.append(Route("/", page))
-    return partial(_entrance, gateway.config, Starlette(routes=routes))
-
-
-async def _entrance(config: Config, starlette: Starlette, scope: Any, receive: Any,
-                    send: Any) -> None:
-    """Every request: the raw `send` kept for EventStream, and a body declared too
-    large refused before routing, authentication or a byte of it is read."""
-    scope[RAW_SEND] = send
-    if scope["type"] == "http" and (refused := _declared_too_large(scope, config)):
-        await refused(scope, receive, send)
-        return
-    await starlette(scope, receive, send)
-
-
-def _declared_too_large(scope: Any, config: Config) -> Response | None:
-    """413 for a request whose Content-Length is over `gateway.max_body_bytes`, on every
-    route but uploads (their handler holds them to `rag.max_document_bytes`)."""
-    if str(scope.get("path", "")).startswith(UPLOADS):
-        return None
-    limit = config.gateway.max_body_bytes
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                return _error(413, f"the body is {int(value)} bytes; the limit is {limit} "
-                                   "(gateway.max_body_bytes)")
-            return None
-    return None
 
 
 def sse(entry: Entry, attempt: int, seq: int) -> bytes:
@@ -727,7 +713,7 @@ class _Follower:
     sent: tuple[int, int] = (-1, -1)  # the (attempt, seq) of the last event sent
     done: bool = False
 
-    def frame(self, entries: Sequence[Entry]) -> tuple[bytes, tuple[int, int], bool, int]:
+    def frame(self, entries: Sequence[Entry]) -> tuple[bytes, tuple[tuple[int, int], bool], int]:
         """The events of `entries` not sent yet; the position and `done` they reach,
         and how many there are. Nothing is kept until `commit`: a write the socket
         refuses leaves the follower where it was. (Every relayed event passes here.)"""
@@ -745,28 +731,53 @@ class _Follower:
             events.append(_sse_text(entry_id, fields, attempt or 0, seq or 0))
             if done := fields.get("event") == "done":
                 break
-        return "".join(events).encode(), sent, done, len(events)
+        return "".join(events).encode(), (sent, done), len(events)
 
-    def commit(self, sent: tuple[int, int], done: bool) -> None:
-        self.sent = sent
-        self.done = self.done or done
+    def commit(self, reached: tuple[tuple[int, int], bool]) -> None:
+        self.sent = reached[0]
+        self.done = self.done or reached[1]
+
+
+S = TypeVar("S")
+
+
+class Follower(Protocol[S]):
+    """What one client of a job's stream has been sent, in its own format: `frame` gives
+    the bytes for new entries and the state they reach (S), `commit` keeps it once
+    they were written; `done` once the job's end was sent."""
+
+    @property
+    def done(self) -> bool: ...
+    def frame(self, entries: Sequence[Entry]) -> tuple[bytes, S, int]: ...
+    def commit(self, reached: S) -> None: ...
 
 
 async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: Body) -> None:
-    """The SSE body: `retry:`, then each entry of this job after `after`, a ping when
-    idle, until `done` (or the relay closing: a last `retry:` sends the client on).
+    """The SSE body of contract 7: `retry:`, then each entry of this job after `after`,
+    a ping when idle, until `done` (or the relay closing: a last `retry:` sends the
+    client on)."""
+    await body.write(f"retry: {RETRY_MS}\n\n".encode())
+    ended = await follow(gateway, _Follower(job_id), stream, after, body)
+    if ended is not None:
+        await body.write(ended)
+
+
+async def follow(gateway: Gateway, follower: Follower[S], stream: str, after: str,
+                 body: Body) -> bytes | None:
+    """Write what `follower` makes of the stream's entries after `after` until it is
+    done; None then, else the bytes the contract ends such a response with (the stream
+    cannot be read, the relay is closing). Every streaming route goes through here.
     The reader writes new entries to the socket itself (`take`); this task wakes only
     to flush what the socket did not take, to catch up a client that fell behind, to
     ping, and to end."""
     relay, config, metrics = gateway.relay, gateway.config, gateway.metrics
-    follower = _Follower(job_id)
 
     def take(entries: Sequence[Entry]) -> bool:
         """Called by the reader with this client's new entries: written now (True), or
         refused (False) while its socket still holds an earlier write."""
         if follower.done:
             return True  # nothing after `done` is sent
-        data, sent, done, count = follower.frame(entries)
+        data, reached, count = follower.frame(entries)
         if data:
             written = body.write_nowait(data)
             if written is Written.REFUSED:
@@ -774,12 +785,11 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: B
             metrics.relayed += count
             if written is Written.WAITING:
                 subscription.wake.set()
-        follower.commit(sent, done)
-        if done:
+        follower.commit(reached)
+        if follower.done:
             subscription.wake.set()
         return True
 
-    await body.write(f"retry: {RETRY_MS}\n\n".encode())
     subscription = relay.subscribe(stream, after, take)
     try:
         while not follower.done:
@@ -792,20 +802,19 @@ async def _relay(gateway: Gateway, job_id: str, stream: str, after: str, body: B
             if body.pending:
                 await body.flush()
             if follower.done:
-                return
+                return None
             if subscription.failure is not None:
-                await body.write(stream_read_error(subscription.failure))
-                return
+                return stream_read_error(subscription.failure)
             if subscription.ended:
-                await body.write(b"retry: 1000\n\n")
-                return
+                return b"retry: 1000\n\n"
             if idle.cancelled_caught:
                 await body.write(b": ping\n\n")
     finally:
         relay.unsubscribe(subscription)
+    return None
 
 
-async def _catch_up(gateway: Gateway, subscription: Subscription, follower: _Follower,
+async def _catch_up(gateway: Gateway, subscription: Subscription, follower: Follower[S],
                     body: Body) -> None:
     """A client whose socket refused entries reads them from Redis by itself, writing
     each batch before the reader serves it again (so nothing the reader writes comes
@@ -815,10 +824,10 @@ async def _catch_up(gateway: Gateway, subscription: Subscription, follower: _Fol
     except PermanentError as exc:  # this stream cannot be read: this client ends
         subscription.fail(str(exc))
         return
-    data, sent, done, count = follower.frame(entries)
+    data, reached, count = follower.frame(entries)
     if data:
         await body.write(data)
         gateway.metrics.relayed += count
-    follower.commit(sent, done)
-    if whole and not done:
+    follower.commit(reached)
+    if whole and not follower.done:
         gateway.relay.resume(subscription)

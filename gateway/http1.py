@@ -43,8 +43,9 @@ App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awa
                Awaitable[None]]
 
 RECEIVE_BYTES = 65536
-# The scope extension under which a GET's response body can be written without
-# waiting, from any task (`_Connection.write_nowait`; the relay's event streams).
+# The scope extension under which a response body can be written without waiting,
+# from any task (`_Connection.write_nowait`; the relay's event streams, GET's and
+# POST /v1/chat/completions').
 DIRECT_WRITES = "chat_actors.direct_writes"
 
 
@@ -126,8 +127,7 @@ class _Connection:
             return False  # no (whole) request in time, or none at all
         self.idle, self.responded, self.finished = False, False, False
         self.scope = _scope(request, self.stream)
-        if request.method in (b"GET", b"HEAD"):
-            self.scope["extensions"][DIRECT_WRITES] = self
+        self.scope["extensions"][DIRECT_WRITES] = self
         try:
             await self.app(self.scope, self.receive, self.send)
         except Exception:
@@ -367,4 +367,5 @@ class _Server:
             for connection in list(self.open):
                 if connection.idle:
                     await connection.stream.aclose()  # its read ends: it closes
-            await next(iter(self.open)).gone.wait()
+            if self.open:  # (closing one may have let every connection go meanwhile)
+                await next(iter(self.open)).gone.wait()

@@ -35,10 +35,11 @@ from actors.errors import PermanentError, TransientError
 from actors.health import Health
 from actors.ports import Telemetry
 from config import Config, ConfigError, secret
-from gateway.app import Gateway, build_app
-from gateway.auth import Verifier
+from gateway.app import Gateway
+from gateway.auth import Authenticator, Verifier
 from gateway.http1 import Limits, serve
 from gateway.relay import AnyRelay, NotifiedRelay, Relay
+from gateway.routes import build_app
 
 log = logging.getLogger("chat_actors.gateway")
 
@@ -161,7 +162,8 @@ async def run_gateway(config: Config, *, stop: trio.Event | None = None,
     documents = UserDocuments(DocumentStore.from_config(config, pg), config,
                               pdf_reader=pdf_reader)
     telemetry = telemetry or telemetry_of(config, "chat-actors-gateway")
-    gateway = Gateway(config=config, verifier=verifier, reads=reads, relay=relay, history=pg,
+    gateway = Gateway(config=config, auth=Authenticator(verifier, pg), reads=reads,
+                      relay=relay, history=pg,
                       produce=produce, documents=documents, telemetry=telemetry)
     try:
         await pg.migrate()  # the history tables, when the gateway starts before any worker

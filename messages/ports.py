@@ -57,6 +57,10 @@ class ClaimOrder(msgspec.Struct, frozen=True):
     mode: str
     model: str
     provider: str
+    # contract v3: the API key that sent it, the client's `user` and `metadata`
+    api_key_id: str | None = None
+    end_user: str | None = None
+    metadata: dict[str, str] | None = None
 
 # --- the job store: budgets ----------------------------------------------------------
 

@@ -20,11 +20,14 @@ from messages.images import Image, ImageProblem, check_image
 from messages.schemas import SchemaLimits, SchemaProblem, check_schema
 
 SCHEMA_VERSION = 1  # what a request means when it says no `v`
-SCHEMA_VERSIONS = (1, 2)  # contract 2.1: v2 is additive
+SCHEMA_VERSIONS = (1, 2, 3)  # contract 2.1: v2 and v3 are additive
 MAX_TOOLS = 64
 MAX_TOOL_RESULTS = 64
 MAX_DESCRIPTION_CHARS = 4096
 MAX_ATTACHMENTS = 8
+MAX_HISTORY = 4096  # v3: carried messages
+MAX_HISTORY_IMAGES = 64  # v3: images in the carried messages, all together
+MAX_METADATA = 16  # v3: metadata pairs (OpenAI's limits: keys 64 chars, values 512)
 
 # contract 2.1: ids are 1-128 chars of [A-Za-z0-9._:-].
 IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
@@ -62,6 +65,12 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # v2
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # v3: passed on to aliases that take them, left out for the rest
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    logit_bias: (Annotated[dict[Annotated[str, Meta(pattern=r"^[0-9]{1,10}$")],
+                                Annotated[int, Meta(ge=-100, le=100)]], Meta(max_length=300)]
+                 | None) = None
 
 
 # contract 2.1, version 2.
@@ -101,6 +110,44 @@ class Attachment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     url: Annotated[str, Meta(min_length=1)]
 
 
+class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="text"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="image"):
+    """An image of a carried user message: checked as an attachment is."""
+
+    url: Annotated[str, Meta(min_length=1)]
+
+
+class CarriedCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call an assistant message of the carried history made."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    name: ToolName
+    arguments: str
+
+
+class CarriedMessage(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """v3: one message of the history a request carries (contract 2.1). `content` is
+    text, or (a user message) text and image parts in order."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] = ""
+    tool_calls: Annotated[list[CarriedCall], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def images(self) -> list[str]:
+        if isinstance(self.content, str):
+            return []
+        return [part.url for part in self.content if isinstance(part, ImagePart)]
+
+
 class RagOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     collection: Ident | None = None
     top_k: Annotated[int, Meta(ge=1, le=50)] | None = None  # None: rag.top_k of the config
@@ -127,6 +174,24 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     tool_results: Annotated[list[ToolResult], Meta(max_length=MAX_TOOL_RESULTS)] | None = None
     response_format: ResponseFormat | None = None
     attachments: Annotated[list[Attachment], Meta(max_length=MAX_ATTACHMENTS)] | None = None
+    # v3 (contract 2.1): each needs "v": 3.
+    history: Annotated[list[CarriedMessage], Meta(max_length=MAX_HISTORY)] | None = None
+    store: bool | None = None  # False: no message rows (absent: stored, as before v3)
+    api_key_id: Ident | None = None  # the gateway's: the API key that sent it
+    end_user: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    metadata: (Annotated[dict[Annotated[str, Meta(min_length=1, max_length=64)],
+                              Annotated[str, Meta(max_length=512)]], Meta(max_length=MAX_METADATA)]
+               | None) = None
+
+    @property
+    def carried(self) -> bool:
+        """v3: the request carries its history (never read from the session, no system
+        prompt added, never trimmed)."""
+        return self.history is not None
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False
 
 
 class _Ids(msgspec.Struct, rename="camel"):
@@ -257,6 +322,8 @@ def _field_of(error_text: str) -> tuple[str, str]:
     rule, sep, where = error_text.rpartition(" - at ")
     where = where.strip("`") if sep else "$"
     rule = rule if sep else error_text
+    if where.startswith("key` in `"):  # a map's key: "... - at `key` in `$.metadata`"
+        where, rule = where.removeprefix("key` in `"), f"a key: {rule}"
     missing = re.match(r"Object missing required field `(.+)`", rule)
     if missing:
         return f"{where}.{missing.group(1)}", "required field is missing"
@@ -272,22 +339,65 @@ def _utf8(raw: bytes) -> str:
 
 _V2_FIELDS = (("tools", "tools"), ("tool_choice", "toolChoice"), ("tool_results", "toolResults"),
               ("response_format", "responseFormat"), ("attachments", "attachments"))
+_V2_PARAMS = (("seed", "seed"), ("reasoning_effort", "reasoningEffort"))
+_V3_FIELDS = (("history", "history"), ("store", "store"), ("api_key_id", "apiKeyId"),
+              ("end_user", "endUser"), ("metadata", "metadata"))
+_V3_PARAMS = (("frequency_penalty", "frequencyPenalty"), ("presence_penalty", "presencePenalty"),
+              ("logit_bias", "logitBias"))
+
+
+def _fields_used(request: ChatRequest, fields: tuple[tuple[str, str], ...],
+                 params: tuple[tuple[str, str], ...]) -> list[str]:
+    return ([f"$.{name}" for field, name in fields if getattr(request, field) is not None]
+            + [f"$.params.{name}" for field, name in params
+               if getattr(request.params, field) is not None])
 
 
 def _check_version(request: ChatRequest, ids: dict[str, str]) -> None:
-    """`v` is 1 or 2, and a v2 field comes only with "v": 2 (contract 2.1): a worker
-    that predates v2 refuses such a request instead of silently dropping the field."""
+    """`v` is 1, 2 or 3, and a field of a version comes only with a `v` at least that
+    (contract 2.1): a worker that predates it refuses such a request instead of
+    silently dropping the field."""
     if request.v not in SCHEMA_VERSIONS:
         raise BadInput("$.v", f"unsupported schema version {request.v} (this worker reads "
                        f"{', '.join(map(str, SCHEMA_VERSIONS))})", **ids)
-    if request.v >= 2:
-        return
-    used = [f"$.{name}" for field, name in _V2_FIELDS if getattr(request, field) is not None]
-    used += [f"$.params.{name}" for field, name in (("seed", "seed"),
-                                                      ("reasoning_effort", "reasoningEffort"))
-             if getattr(request.params, field) is not None]
-    if used:
-        raise BadInput(used[0], 'a version 2 field: the request must say "v": 2', **ids)
+    if request.v < 2 and (used := _fields_used(request, _V2_FIELDS, _V2_PARAMS)):
+        raise BadInput(used[0], 'a version 2 field: the request must say "v": 2 (or 3)', **ids)
+    if request.v < 3 and (used := _fields_used(request, _V3_FIELDS, _V3_PARAMS)):
+        raise BadInput(used[0], 'a version 3 field: the request must say "v": 3', **ids)
+
+
+def _check_history(request: ChatRequest, *, max_message_chars: int, max_bytes: int,
+                   url_hosts: Collection[str], ids: dict[str, str]) -> None:
+    """v3: each carried message is one a vendor takes: tool calls only on an assistant
+    message, a tool message names its call, images only in user messages (each checked
+    as an attachment, at most MAX_HISTORY_IMAGES in all), text within the limit."""
+    images = 0
+    for n, message in enumerate(request.history or ()):
+        at = f"$.history[{n}]"
+        if message.tool_calls is not None and message.role != "assistant":
+            raise BadInput(f"{at}.toolCalls", "only an assistant message makes tool calls",
+                           **ids)
+        if (message.tool_call_id is None) == (message.role == "tool"):
+            raise BadInput(f"{at}.toolCallId", "required on a tool message, and only there",
+                           **ids)
+        if len(message.text()) > max_message_chars:
+            raise BadInput(f"{at}.content",
+                           f"longer than limits.max_message_chars ({max_message_chars})", **ids)
+        if isinstance(message.content, str):
+            continue
+        for k, part in enumerate(message.content):
+            if not isinstance(part, ImagePart):
+                continue
+            if message.role != "user":
+                raise BadInput(f"{at}.content[{k}]", "images go in user messages only", **ids)
+            images += 1
+            if images > MAX_HISTORY_IMAGES:
+                raise BadInput(f"{at}.content[{k}]", f"more than {MAX_HISTORY_IMAGES} images "
+                               "in the history", **ids)
+            try:
+                check_image(part.url, max_bytes=max_bytes, url_hosts=url_hosts)
+            except ImageProblem as exc:
+                raise BadInput(f"{at}.content[{k}].url", str(exc), **ids) from None
 
 
 def _check_tools(request: ChatRequest, ids: dict[str, str]) -> None:
@@ -377,7 +487,8 @@ def decode_request(
         problem = _where_problem(request.rag.where, "$.rag.where", [0])
         if problem is not None:
             raise BadInput(*problem, **ids)
-    if not request.message and not request.tool_results:
+    if not request.message and not request.tool_results and not (
+            request.v >= 3 and request.attachments):  # v3: images alone are a message
         raise BadInput("$.message", "Expected `str` of length >= 1", **ids)
     if len(request.message) > max_message_chars:
         raise BadInput("$.message", f"longer than limits.max_message_chars ({max_message_chars})",
@@ -390,6 +501,8 @@ def decode_request(
     _check_schemas(request, SchemaLimits(max_bytes=max_schema_bytes, max_depth=max_schema_depth,
                                          max_expanded_bytes=max_schema_expanded_bytes), ids)
     request_images(request, max_bytes=max_attachment_bytes, url_hosts=image_url_hosts)
+    _check_history(request, max_message_chars=max_message_chars, max_bytes=max_attachment_bytes,
+                   url_hosts=image_url_hosts, ids=ids)
     if request.model is not None and request.model not in model_aliases:
         known = ", ".join(sorted(model_aliases))
         raise BadInput("$.model", f"unknown model alias {request.model!r} (known: {known})", **ids)
@@ -546,13 +659,16 @@ class Final(_Event, frozen=True, omit_defaults=True):
     tool_calls: list[ToolCall] = []  # v2: when finishReason is tool_calls (omitted when none)
 
 
-class Error(_Event, frozen=True):
+class Error(_Event, frozen=True, omit_defaults=True):
     """Something failed; always followed by `done`."""
 
     EVENT: ClassVar[str] = "error"
     code: str
     message: str
     retryable: bool
+    # A refusal that may pass later (rate_limited, session_busy): in how many seconds
+    # (omitted when unknown)
+    retry_after_s: float | None = None
 
 
 DoneStatus = Literal["completed", "cancelled", "timeout", "failed", "rejected"]

@@ -55,6 +55,16 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
      "attachments": [{"type": "image", "url": data_url("png", png(3, 3))}]},
     {"v": 2, "jobId": "j-4", "userId": "carol", "sessionId": "s", "message": "",
      "toolResults": [{"toolCallId": "call_1", "content": "21 C"}]},
+    {"v": 3, "jobId": "j-5", "userId": "dave", "sessionId": "cc-j-5", "message": "And now?",
+     "history": [{"role": "developer", "content": "Be brief."},
+                 {"role": "user", "content": [{"type": "text", "text": "Look"},
+                                              {"type": "image", "url": data_url("png", png(2, 2))}]},
+                 {"role": "assistant", "content": "", "toolCalls": [
+                     {"id": "c1", "name": "f", "arguments": "{}"}]},
+                 {"role": "tool", "toolCallId": "c1", "content": "ok"},
+                 {"role": "assistant", "content": "Done."}],
+     "store": False, "apiKeyId": "key_0123", "endUser": "end-7", "metadata": {"a": "b"},
+     "params": {"frequencyPenalty": 0.5, "presencePenalty": -0.5, "logitBias": {"50256": -100}}},
 ]
 
 
@@ -74,7 +84,7 @@ def test_a_request_the_schema_refuses_the_worker_refuses_too(mutation):
     with pytest.raises(wire.BadInput):
         wire.decode_request(json.dumps(bad).encode(), max_message_chars=1000,
                             model_aliases=frozenset({"local"}))
-    assert not _validator("schema/chat.request.json").is_valid({**GOOD_REQUESTS[0], "v": 3})
+    assert not _validator("schema/chat.request.json").is_valid({**GOOD_REQUESTS[0], "v": 4})
 
 
 EVENTS: list[wire.EventBody] = [

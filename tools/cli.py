@@ -513,7 +513,9 @@ CHECKS = (
 # by `test` when it runs as root (CI does); otherwise those tests are reported by name
 # as not run.
 DEBIAN_PACKAGES = {"chromium": "/usr/bin/chromium", "chromium-driver": "/usr/bin/chromedriver",
-                   "pgbouncer": "/usr/sbin/pgbouncer"}
+                   "pgbouncer": "/usr/sbin/pgbouncer",
+                   # tests/clients: the official openai npm package and the Vercel AI SDK
+                   "nodejs": "/usr/bin/node", "npm": "/usr/bin/npm"}
 
 
 def _debian_packages() -> None:

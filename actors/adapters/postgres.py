@@ -92,15 +92,18 @@ _CLAIM_MANY: LiteralString = """
 WITH input AS (
     SELECT * FROM unnest(%(ids)s::text[], %(users)s::text[], %(sessions)s::text[],
                          %(traces)s::text[], %(modes)s::text[], %(models)s::text[],
-                         %(providers)s::text[])
-        AS t(job_id, user_id, session_id, trace_id, mode, model, provider)
+                         %(providers)s::text[], %(keys)s::text[], %(end_users)s::text[],
+                         %(metadata)s::jsonb[])
+        AS t(job_id, user_id, session_id, trace_id, mode, model, provider, api_key_id,
+             end_user, metadata)
 ), before AS (
     SELECT job_id, status FROM llm_jobs WHERE job_id = ANY(%(ids)s::text[])
 )
 INSERT INTO llm_jobs AS j (job_id, user_id, session_id, trace_id, mode, model, provider,
-                           status, attempt, lease_owner, lease_until, started_at)
+                           status, attempt, lease_owner, lease_until, started_at,
+                           api_key_id, end_user, metadata)
 SELECT job_id, user_id, session_id, trace_id, mode, model, provider, 'running', 1,
-       %(holder)s, now() + %(lease)s, now()
+       %(holder)s, now() + %(lease)s, now(), api_key_id, end_user, metadata
 FROM input ORDER BY job_id
 ON CONFLICT (job_id) DO UPDATE SET
     attempt = j.attempt + 1, status = 'running', lease_owner = excluded.lease_owner,
@@ -490,10 +493,13 @@ class Postgres:
 
     async def claim(self, *, job_id: str, user_id: str, session_id: str, trace_id: str,
                     mode: str, model: str, provider: str, lease_holder: str,
-                    lease_s: float, history_limit: int = 0) -> ClaimResult:
+                    lease_s: float, history_limit: int = 0, api_key_id: str | None = None,
+                    end_user: str | None = None,
+                    metadata: dict[str, str] | None = None) -> ClaimResult:
         """One job's claim_many."""
         order = ClaimOrder(job_id=job_id, user_id=user_id, session_id=session_id,
-                           trace_id=trace_id, mode=mode, model=model, provider=provider)
+                           trace_id=trace_id, mode=mode, model=model, provider=provider,
+                           api_key_id=api_key_id, end_user=end_user, metadata=metadata)
         (result,) = await self.claim_many([order], lease_holder=lease_holder, lease_s=lease_s,
                                           history_limit=history_limit)
         return result
@@ -517,6 +523,9 @@ class Postgres:
                               "modes": [o.mode for o in orders],
                               "models": [o.model for o in orders],
                               "providers": [o.provider for o in orders],
+                              "keys": [o.api_key_id for o in orders],
+                              "end_users": [o.end_user for o in orders],
+                              "metadata": [_json(o.metadata) for o in orders],
                               "holder": lease_holder, "lease": timedelta(seconds=lease_s)})}
             others = [job_id for job_id in ids if job_id not in claimed]
             rows = {row[0]: row[1:] for row in conn.execute(
@@ -620,7 +629,9 @@ class Postgres:
         rows = await self.run(lambda conn: conn.execute(
             "SELECT session_id, count(*) FILTER (WHERE role = 'user'), max(created_at), "
             "(array_agg(content ORDER BY id) FILTER (WHERE role = 'user'))[1] "
-            "FROM llm_messages WHERE user_id = %s GROUP BY session_id "
+            # cc-: a Chat Completions call's own session (contract 7.2), never listed
+            "FROM llm_messages WHERE user_id = %s AND session_id NOT LIKE 'cc-%%' "
+            "GROUP BY session_id "
             "ORDER BY max(created_at) DESC LIMIT %s", (user_id, limit)).fetchall())
         return [{"sessionId": r[0], "turns": r[1], "lastAt": r[2].isoformat(),
                  "title": (r[3] or "")[:80]} for r in rows]

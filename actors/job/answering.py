@@ -31,7 +31,8 @@ from actors.job.provider import Answer, Draft, stream_answer
 from actors.retriever import Retrieved
 from actors.telemetry import Timeline
 from actors.worker import Worker
-from messages.mailboxes import ImageRef, JobRef, StoredImage, Turn
+from messages.images import ImageProblem, check_image
+from messages.mailboxes import CallMade, ImageRef, JobRef, StoredImage, Turn
 from messages.wire import (
     BadInput,
     ChatRequest,
@@ -65,6 +66,10 @@ def model_params(request: ChatRequest, answer_tokens: int) -> dict[str, Any]:
         params["seed"] = p.seed
     if p.reasoning_effort is not None:
         params["reasoning_effort"] = p.reasoning_effort
+    # v3: LiteLLM drops each for a vendor that does not take it (drop_params)
+    for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+        if (value := getattr(p, name)) is not None:
+            params[name] = value
     if request.tools:  # OpenAI's form: LiteLLM maps it to every other vendor's
         params["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description, "parameters": t.parameters}}
@@ -143,11 +148,33 @@ def attached_images(request: ChatRequest,
     return stored, {i.sha256: i.url for i in checked if i.data}
 
 
+def carried_history(request: ChatRequest, worker: Worker) -> list[Turn]:
+    """v3: the history the request carries, as turns (a developer message is a system
+    one to every vendor); its images checked again, as the request's attachments are."""
+    limits = worker.config.limits
+    turns: list[Turn] = []
+    for n, message in enumerate(request.history or ()):
+        try:
+            images = [check_image(url, max_bytes=limits.max_attachment_bytes,
+                                  url_hosts=limits.image_url_hosts) for url in message.images()]
+        except ImageProblem as exc:  # the limits changed since intake
+            raise RequestRefused(f"$.history[{n}]: {exc}", code="bad_request") from None
+        turns.append(Turn(
+            role="system" if message.role == "developer" else message.role,
+            content=message.text(),
+            images=[ImageRef(tokens=i.tokens, url=i.url) for i in images] or None,
+            tool_calls=[CallMade(c.id, c.name, c.arguments) for c in message.tool_calls]
+            if message.tool_calls else None,
+            tool_call_id=message.tool_call_id))
+    return turns
+
+
 async def build_prompt(worker: Worker, attempt: Attempt, *, params: dict[str, Any],
                        images: Sequence[StoredImage], urls: dict[str, str],
                        timeline: Timeline) -> Prompt:
     """[retrieval] -> the prompt within the alias's token budget, its images filled in."""
-    request, job, history, alias = attempt.request, attempt.job, attempt.history, attempt.alias
+    request, job, alias = attempt.request, attempt.job, attempt.alias
+    history = carried_history(request, worker) if request.carried else attempt.history
     config, spec, count = worker.config, alias.spec, alias.count
     results = pending_results(request, history)
     # The tools and the response schema go with every prompt and count in it (contract
@@ -163,8 +190,11 @@ async def build_prompt(worker: Worker, attempt: Attempt, *, params: dict[str, An
         context, kept = sources_message([(h.source, h.text) for h in retrieved.hits],
                                         budget_tokens=budget, count=count)
         sources_used = [h.id for h in retrieved.hits[:kept]]
+    # v3's carried history is the client's whole conversation: sent as it is, without
+    # the configured system prompt, never trimmed (over the window: context_length).
     messages, estimate = build_messages(
-        system_prompt=config.llm.system_prompt, history=history,
+        system_prompt="" if request.carried else config.llm.system_prompt, history=history,
+        whole=request.carried,
         user_message=request.message, context_window=spec.context_window,
         answer_tokens=spec.max_tokens, count=count, context=context,
         tool_results=results, user_images=[i.ref for i in images],

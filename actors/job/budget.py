@@ -10,12 +10,13 @@ Over a limit the job is refused with `budget_exceeded` (USD) or `rate_limited`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from actors.aliases import Alias
 from actors.backoff import retry_transient
-from actors.errors import PermanentError
+from actors.errors import LimitReached
 from actors.job.spend import worst_try_usd
 from actors.ports import Pricing
 from actors.worker import Worker
@@ -62,7 +63,7 @@ def worst_job_usd(pricing: Pricing, chain: Sequence[Alias], prompt_tokens: int) 
 
 async def reserve(worker: Worker, job: JobRef, chain: Sequence[Alias],
                   prompt_tokens: int) -> Reservation:
-    """Reserve the job's worst case; raises PermanentError over a limit."""
+    """Reserve the job's worst case; raises LimitReached over a limit."""
     config = worker.config
     budgets = config.budgets
     worst_usd = worst_job_usd(worker.pricing, chain, prompt_tokens)
@@ -81,7 +82,10 @@ async def reserve(worker: Worker, job: JobRef, chain: Sequence[Alias],
         return Reservation(worst_usd if any(h.kind == "usd" for h in holds) else None, True)
     what = _LIMIT_NAMES[refused.kind].format(period=budgets.period)
     log.warning("job %s refused: %s over its %s", job.job_id, refused.scope, what)
-    raise PermanentError(
+    usd = refused.kind == "usd"
+    raise LimitReached(
         f"{refused.scope} is over its {what}: this job needs {refused.amount:g}, "
         f"{refused.taken:g} of {refused.limit:g} is used or reserved",
-        code="budget_exceeded" if refused.kind == "usd" else "rate_limited")
+        code="budget_exceeded" if usd else "rate_limited",
+        # rates count per UTC minute: the next one starts within 60 s
+        retry_after_s=None if usd else float(60 - int(time.time()) % 60))

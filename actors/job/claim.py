@@ -39,7 +39,9 @@ async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
     config = worker.config
     order = ClaimOrder(job_id=request.job_id, user_id=request.user_id,
                        session_id=request.session_id, trace_id=trace_id, mode=request.mode,
-                       model=alias.name, provider=alias.provider)
+                       model=alias.name, provider=alias.provider,
+                       api_key_id=request.api_key_id, end_user=request.end_user,
+                       metadata=request.metadata)
 
     async def claim_once() -> ClaimResult:
         if worker.claims is not None:  # with every job claiming at the same time
@@ -48,7 +50,9 @@ async def claim_job(request: ChatRequest, worker: Worker, *, trace_id: str,
             job_id=order.job_id, user_id=order.user_id, session_id=order.session_id,
             trace_id=trace_id, mode=order.mode, model=order.model, provider=order.provider,
             lease_holder=worker.worker_id, lease_s=config.jobs.lease_s,
-            history_limit=config.llm.max_history_turns)
+            # A carried history (v3) is the whole conversation: none is read.
+            history_limit=0 if request.carried else config.llm.max_history_turns,
+            api_key_id=order.api_key_id, end_user=order.end_user, metadata=order.metadata)
 
     while True:
         claim = await retry_transient(claim_once, what=f"claim of job {request.job_id}",

@@ -76,7 +76,7 @@ def terminal_record(request: ChatRequest, answered: Answered, outcome: Outcome, 
         latency_ms=round((ended - started) * 1000),
         error=None if error is None else f"{error.code}: {error.message}",
         partial=outcome.partial, user_message=request.message, user_tokens=user_tokens,
-        answer=answer.text,
+        answer=answer.text, messages=request.stored,  # v3 `store: false`: no rows
         retrieval_ms=retrieved.elapsed_ms if retrieved else None,
         retrieval_hits=len(answered.sources_used) if retrieved else None,
         retries=answer.retries, fallbacks=answer.fallbacks,

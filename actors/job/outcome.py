@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.errors import (
+    LimitReached,
     PermanentError,
     ProviderExhausted,
     RequestRefused,
@@ -58,7 +59,9 @@ def _status(*, cancel_requested: bool, cancel_caught: bool, timed_out: bool, tim
         case PermanentError(code=code) if code in REFUSALS:
             # Over a budget or rate limit: no model call was made.
             return "rejected", Error(code=code, message=scrub(str(failure)),
-                                     retryable=code == "rate_limited")
+                                     retryable=code == "rate_limited",
+                                     retry_after_s=failure.retry_after_s
+                                     if isinstance(failure, LimitReached) else None)
         case PermanentError(code=code):
             return "failed", Error(code=code, message=scrub(str(failure)), retryable=False)
         case TransientError():

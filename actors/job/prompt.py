@@ -69,9 +69,9 @@ def image_part(url: str) -> dict[str, Any]:
 
 def _message(turn: Turn) -> dict[str, Any]:
     """A history turn in OpenAI's chat format (LiteLLM maps it to other vendors')."""
-    if turn.images:
+    if turn.images:  # (no empty text part: some vendors refuse one)
         return {"role": turn.role, "content": [
-            {"type": "text", "text": turn.content},
+            *([{"type": "text", "text": turn.content}] if turn.content else []),
             *(image_part(ref.url or IMAGE_REF + ref.sha256) for ref in turn.images)]}
     if turn.role == "tool":
         return {"role": "tool", "tool_call_id": turn.tool_call_id, "content": turn.content}
@@ -143,12 +143,13 @@ def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message:
                    context_window: int, answer_tokens: int, count: Callable[[str], int],
                    context: str = "", tool_results: Sequence[Turn] = (),
                    user_images: Sequence[ImageRef] = (), vision: bool = True,
-                   tools_tokens: int = 0) -> tuple[list[dict[str, Any]], int]:
+                   tools_tokens: int = 0, whole: bool = False) -> tuple[list[dict[str, Any]], int]:
     """Return (messages, prompt token estimate); raise PermanentError if what must be
     sent alone overflows. With `tool_results`, history's last group is the pending call
     they answer (checked by the caller) and is sent with them whatever its size.
     History images are left out when the model has no `vision`. `tools_tokens`: what
-    goes with the messages (tools, response schema: count_tools)."""
+    goes with the messages (tools, response schema: count_tools). `whole` (a carried
+    history, contract v3): every turn is sent as given, or none (context_length)."""
     budget = context_window - answer_tokens - REPLY_PRIMING_TOKENS
     head: list[dict[str, Any]] = []
     used = tools_tokens
@@ -160,14 +161,18 @@ def build_messages(*, system_prompt: str, history: Sequence[Turn], user_message:
         history = [msgspec.structs.replace(t, images=None) if t.images else t for t in history]
     groups = _groups(history)
     tail: list[Turn] = []
-    if tool_results:
+    if whole:
+        tail, groups = list(history), []
+        tail += tool_results
+    elif tool_results:
         tail = [*groups.pop(), *tool_results]
-    if user_message:
+    if user_message or user_images:
         tail.append(Turn(role="user", content=user_message, images=list(user_images) or None))
     used += sum(_cost(t, count) for t in tail)
     if used > budget:
         raise PermanentError(
-            f"the message needs {used} tokens with the system prompt"
+            f"{'the conversation' if whole else 'the message'} needs {used} tokens "
+            f"{'as sent' if whole else 'with the system prompt'}"
             f"{f' and the tools ({tools_tokens})' if tools_tokens else ''}; the model's "
             f"window leaves {budget} after reserving {answer_tokens} for the answer",
             code="context_length")

@@ -1,0 +1,260 @@
+"""OpenAI's API on the gateway (docs/contract.md 7.2), driven by the official `openai`
+Python SDK (3.x) against the real stack: a worker, the gateway, Kafka, Redis and
+Postgres; only the vendor is scripted. Each call runs the SDK's own (blocking) client
+in a thread, as an application would."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import openai
+import pydantic
+import pytest
+import trio
+
+from tests.helpers import gateway_running, until, worker_running
+from tests.scripted_llm import Reply
+from tests.test_gateway import token
+
+T = TypeVar("T")
+
+
+def sdk(port: int, user: str = "alice", **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                         api_key=kwargs.pop("api_key", None) or token(user), max_retries=0,
+                         timeout=60, **kwargs)
+
+
+async def call(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+def stream_text(client: openai.OpenAI, **kwargs: Any) -> tuple[str, list[Any]]:
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+async def test_models_list_every_alias_in_openais_shape(gw_config):
+    config = gw_config()
+    async with gateway_running(config) as (handle, _):
+        listed = await call(lambda: sdk(handle.port).models.list())
+    assert sorted(m.id for m in listed.data) == sorted(config.llm.models)
+    assert {m.owned_by for m in listed.data} == {"chat-actors"}
+    assert {m.object for m in listed.data} == {"model"}
+
+
+async def test_a_completion_carries_the_conversation_and_stores_nothing(gw_config, llm, db):
+    config = gw_config()
+    llm.default = Reply(tokens=("Paris", " it", " is."))
+    messages = [{"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Which France?"},
+                {"role": "user", "content": [{"type": "text", "text": "The "},
+                                             {"type": "text", "text": "country."}]}]
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port)
+        raw = await call(lambda: client.chat.completions.with_raw_response.create(
+            model="scripted", messages=messages, user="end-user-7", metadata={"k": "v"}))
+        done = raw.parse()
+    assert done.object == "chat.completion" and done.model == "scripted"
+    assert done.choices[0].message.content == "Paris it is."
+    assert done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens > 0 and done.usage.total_tokens == (
+        done.usage.prompt_tokens + done.usage.completion_tokens)
+    job_id = raw.headers["x-request-id"]
+    assert done.id == f"chatcmpl-{job_id}"
+    # The vendor got the client's conversation as sent: no system prompt of ours, no
+    # stored history, the developer message as a system one.
+    sent = llm.calls[-1].messages
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("system", "Answer briefly."), ("user", "Capital of France?"),
+        ("assistant", "Which France?"), ("user", "The country.")]
+    row = db.execute("SELECT session_id, status, end_user, metadata, completion_tokens "
+                     "FROM llm_jobs WHERE job_id = %s", (job_id,)).fetchone()
+    assert row == (f"cc-{job_id}", "completed", "end-user-7", {"k": "v"},
+                   done.usage.completion_tokens)
+    assert db.execute("SELECT count(*) FROM llm_messages WHERE job_id = %s",
+                      (job_id,)).fetchone() == (0,)
+
+
+async def test_store_true_keeps_the_exchange_but_never_lists_its_session(gw_config, llm, db):
+    config = gw_config()
+    llm.default = Reply(tokens=("Kept",))
+    async with worker_running(config), gateway_running(config) as (handle, client):
+        raw = await call(lambda: sdk(handle.port, "store-user").chat.completions
+                         .with_raw_response.create(model="scripted", store=True,
+                                                   messages=[{"role": "user", "content": "Hi"}]))
+        job_id = raw.headers["x-request-id"]
+        listed = await client.get("/v1/sessions",
+                                  headers={"Authorization": f"Bearer {token('store-user')}"})
+    rows = db.execute("SELECT role, content FROM llm_messages WHERE job_id = %s ORDER BY id",
+                      (job_id,)).fetchall()
+    assert rows == [("user", "Hi"), ("assistant", "Kept")]
+    assert listed.json() == {"sessions": []}
+
+
+async def test_a_stream_is_openais_chunks_with_usage_last(gw_config, llm):
+    config = gw_config()
+    llm.default = Reply(tokens=("One", " two", " three"), reasoning=("Think", "ing"))
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        text, chunks = await call(lambda: stream_text(
+            sdk(handle.port), model="scripted", stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Count"}]))
+    assert text == "One two three"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                        for c in chunks if c.choices)
+    assert reasoning == "Thinking"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and
+            c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert {c.model for c in chunks} == {"scripted"} and len({c.id for c in chunks}) == 1
+
+
+async def test_tool_calls_stream_by_index_and_results_go_back(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__LLM__MODELS__SCRIPTED__TOOLS="true")
+    tools = [{"type": "function", "function": {
+        "name": "weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}]
+    llm.queue(Reply(tokens=(), finish_reason="tool_calls",
+                    tool_calls=(("call_1", "weather", ('{"city"', ': "Oslo"}')),
+                                ("call_2", "weather", ('{"city": "Rome"}',)))),
+              Reply(tokens=("Cold", " and warm.")))
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port)
+        first = await call(lambda: list(client.chat.completions.create(
+            model="scripted", stream=True, tools=tools,
+            messages=[{"role": "user", "content": "Weather?"}])))
+        calls: dict[int, dict[str, str]] = {}
+        for chunk in first:
+            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                got = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                got["id"] += delta.id or ""
+                got["name"] += delta.function.name or ""
+                got["arguments"] += delta.function.arguments or ""
+        assert calls == {0: {"id": "call_1", "name": "weather", "arguments": '{"city": "Oslo"}'},
+                         1: {"id": "call_2", "name": "weather", "arguments": '{"city": "Rome"}'}}
+        assert [c.choices[0].finish_reason for c in first if c.choices and
+                c.choices[0].finish_reason] == ["tool_calls"]
+        history = [{"role": "user", "content": "Weather?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": c["id"], "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]}}
+                       for c in calls.values()]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+                   {"role": "tool", "tool_call_id": "call_2", "content": "24 C"}]
+        second = await call(lambda: client.chat.completions.create(
+            model="scripted", tools=tools, messages=history))
+    assert second.choices[0].message.content == "Cold and warm."
+    sent = llm.calls[-1].messages
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool"]
+    assert [m.get("tool_call_id") for m in sent[2:]] == ["call_1", "call_2"]
+
+
+class City(pydantic.BaseModel):
+    name: str
+    population: int
+
+
+async def test_structured_output_parses_with_the_sdks_parse(gw_config, llm):
+    config = gw_config()
+    llm.default = Reply(tokens=('{"name": "Oslo",', ' "population": 700000}'))
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        parsed = await call(lambda: sdk(handle.port).chat.completions.parse(
+            model="scripted", response_format=City,
+            messages=[{"role": "user", "content": "A city"}]))
+    assert parsed.choices[0].message.parsed == City(name="Oslo", population=700000)
+    sent = llm.calls[-1]
+    assert sent.body["response_format"]["type"] == "json_schema"
+    assert sent.body["response_format"]["json_schema"]["name"] == "City"
+
+
+async def test_refusals_are_the_sdks_exception_classes(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__BUDGETS__USER="{ usd = 0.0000001, rpm = 0, tpm = 0 }")
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        hi = [{"role": "user", "content": "Hi"}]
+        client = sdk(handle.port)
+        cases: list[tuple[type[openai.APIError], Callable[[], Any], str | None]] = [
+            (openai.AuthenticationError, lambda: sdk(handle.port, api_key="nope")
+             .chat.completions.create(model="scripted", messages=hi), None),
+            (openai.NotFoundError, lambda: client.chat.completions.create(
+                model="gpt-nonexistent", messages=hi), "model"),
+            (openai.BadRequestError, lambda: client.chat.completions.create(
+                model="scripted", messages=hi, n=2), "n"),
+            (openai.BadRequestError, lambda: client.chat.completions.create(
+                model="scripted", messages=hi, logprobs=True), "logprobs"),
+            (openai.BadRequestError, lambda: client.chat.completions.create(
+                model="scripted", messages=[{"role": "function", "content": "x",
+                                             "name": "f"}]), "messages[0].role"),
+            (openai.BadRequestError, lambda: client.chat.completions.create(
+                model="scripted", messages=hi, temperature=7), "temperature"),
+            (openai.RateLimitError, lambda: client.chat.completions.create(
+                model="priced", messages=hi), None),
+        ]
+        for kind, make, param in cases:
+            with pytest.raises(kind) as caught:
+                await call(make)
+            error = caught.value
+            assert isinstance(error.body, dict) and error.body.get("message"), kind
+            if param is not None:
+                assert error.body.get("param") == param, (kind, error.body)
+        quota = caught.value
+        assert quota.body["type"] == "insufficient_quota"
+        assert quota.response.headers["x-should-retry"] == "false"
+
+
+async def test_over_the_context_window_is_context_length_exceeded(gw_config, llm):
+    config = gw_config()
+    long = "word " * 5000  # over the scripted alias's 4,096-token window, never trimmed
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await call(lambda: sdk(handle.port).chat.completions.create(
+                model="scripted", messages=[{"role": "user", "content": long},
+                                            {"role": "assistant", "content": "ok"},
+                                            {"role": "user", "content": "and?"}]))
+    assert caught.value.code == "context_length_exceeded"
+    assert not llm.calls
+
+
+def hang_up_after(client: openai.OpenAI, text: str) -> str:
+    """Stream a completion and close it once `text` arrived; the job's id."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="scripted", stream=True, messages=[{"role": "user", "content": "Long one"}])
+    stream = raw.parse()
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content == text:
+            break
+    stream.close()
+    return raw.headers["x-request-id"]
+
+
+async def test_a_client_that_hangs_up_cancels_its_job(gw_config, llm, db):
+    config = gw_config()
+    llm.default = Reply(tokens=tuple(f"w{n} " for n in range(200)), token_delay_s=0.05)
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        job_id = await call(lambda: hang_up_after(sdk(handle.port), "w1 "))
+        await until(lambda: db.execute("SELECT status FROM llm_jobs WHERE job_id = %s",
+                                       (job_id,)).fetchone() == ("cancelled",))
+    assert llm.calls[-1].disconnected  # the vendor's stream was stopped too
+
+
+async def test_cors_answers_a_listed_origins_preflight_only(gw_config):
+    config = gw_config(CHAT_ACTORS__GATEWAY__CORS_ORIGINS='["https://app.example"]')
+    asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
+    async with gateway_running(config) as (_, client):
+        listed = await client.options("/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        other = await client.options("/v1/chat/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked})
+        models = await client.get("/v1/models", headers={
+            "Origin": "https://app.example", "Authorization": f"Bearer {token()}"})
+    assert listed.status_code == 204
+    assert listed.headers["access-control-allow-origin"] == "https://app.example"
+    assert listed.headers["access-control-allow-headers"] == asked
+    assert "access-control-allow-origin" not in other.headers
+    assert models.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in models.headers["access-control-expose-headers"]
