@@ -5,6 +5,8 @@ in a thread, as an application would."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,11 +15,13 @@ import pydantic
 import pytest
 import trio
 
+from actors.adapters.postgres import Postgres
 from tests.helpers import gateway_running, until, worker_running
 from tests.scripted_llm import Reply
 from tests.test_gateway import token
 
 T = TypeVar("T")
+HI = [{"role": "user", "content": "Hi"}]
 
 
 def sdk(port: int, user: str = "alice", **kwargs: Any) -> openai.OpenAI:
@@ -258,3 +262,106 @@ async def test_cors_answers_a_listed_origins_preflight_only(gw_config):
     assert "access-control-allow-origin" not in other.headers
     assert models.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-request-id" in models.headers["access-control-expose-headers"]
+
+
+async def test_an_api_key_is_a_bearer_token_recorded_with_the_job_until_revoked(
+        gw_config, llm, db, stack):
+    config = gw_config()
+    llm.default = Reply(tokens=("By", " key"))
+    store = Postgres(dsn=stack.postgres.url, pool_size=1)
+    await store.migrate()
+    user = f"key-user-{uuid.uuid4().hex[:8]}"
+    key_id, key = await store.create_key(user_id=user, name="ci")
+    try:
+        async with worker_running(config), gateway_running(config) as (handle, _):
+            client = sdk(handle.port, api_key=key)
+            raw = await call(lambda: client.chat.completions.with_raw_response.create(
+                model="scripted", messages=HI))
+            assert raw.parse().choices[0].message.content == "By key"
+            job_id = raw.headers["x-request-id"]
+            assert db.execute("SELECT user_id, api_key_id FROM llm_jobs WHERE job_id = %s",
+                              (job_id,)).fetchone() == (user, key_id)
+            assert await store.revoke_key(key_id)
+
+            def refused() -> bool:
+                try:
+                    client.models.list()
+                except openai.AuthenticationError:
+                    return True
+                return False
+
+            # Every gateway refuses it within 5 s: seen only by asking again.
+            with trio.fail_after(10):
+                while not await call(refused):  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+    finally:
+        store.close()
+
+
+async def test_no_worker_in_time_is_503_and_a_rate_limit_says_when_to_retry(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="0.5",
+                       CHAT_ACTORS__BUDGETS__USER="{ usd = 0, rpm = 1, tpm = 0 }")
+    async with gateway_running(config) as (handle, _):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await call(lambda: sdk(handle.port).chat.completions.create(
+                model="scripted", messages=HI))
+        assert caught.value.status_code == 503 and caught.value.code == "not_started"
+    user = f"rpm-{uuid.uuid4().hex[:8]}"
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port, user)
+        await call(lambda: client.chat.completions.create(model="scripted", messages=HI))
+        with pytest.raises(openai.RateLimitError) as limited:
+            await call(lambda: client.chat.completions.create(model="scripted", messages=HI))
+    headers = limited.value.response.headers
+    assert limited.value.code == "rate_limit_exceeded"
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert int(headers["retry-after-ms"]) >= 1000 * (int(headers["retry-after"]) - 1)
+
+
+async def test_an_idempotency_key_answers_a_repeat_with_the_first_calls_job(gw_config, llm):
+    config = gw_config()
+    llm.default = Reply(tokens=("Only", " once"))
+    key = {"Idempotency-Key": f"cc-{uuid.uuid4().hex}"}
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port, default_headers=key)
+        first = await call(lambda: client.chat.completions.with_raw_response.create(
+            model="scripted", messages=HI))
+        again = await call(lambda: client.chat.completions.with_raw_response.create(
+            model="scripted", messages=HI))
+    assert first.headers["x-request-id"] == again.headers["x-request-id"]
+    assert first.parse().choices[0].message.content == again.parse().choices[0].message.content
+    assert len(llm.calls) == 1
+
+
+async def test_hostile_bodies_get_openais_error_shape_and_the_gateway_goes_on(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__LIMITS__MAX_REQUEST_BYTES="4096")
+    url = "/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {token()}"}
+    cases: list[tuple[bytes, int, str | None]] = [
+        (b"{not json", 400, None),
+        (b"[" * 100_000 + b"]" * 100_000, 400, None),
+        (b'"a string"', 400, "body"),
+        (json.dumps({"model": "scripted", "messages": [
+            {"role": "user", "content": "x" * 5000}]}).encode(), 413, "messages"),
+        (json.dumps({"model": "scripted", "messages": [
+            {"role": "user", "content": "\u0000"}]}).encode(), 400, "messages"),
+        (json.dumps({"model": "scripted", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x"}}]}]}
+                    ).encode(), 400, "messages"),
+        (b'{"model": "scripted", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+         400, None),
+    ]
+    async with gateway_running(config) as (_, client):
+        for raw, status, param in cases:
+            response = await client.post(url, content=raw, headers=auth)
+            assert response.status_code == status, (raw[:60], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert error["message"]
+            if param is not None:
+                assert str(error["param"]).startswith(param), error
+        listed = await client.get("/v1/models", headers=auth)
+        assert listed.status_code == 200  # and it serves on
+        native = await client.post("/v1/chat", json={"sessionId": "cc-mine", "message": "x"},
+                                   headers=auth)
+        assert native.status_code == 400 and native.json()["error"]["field"] == "$.sessionId"
