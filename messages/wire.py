@@ -29,8 +29,9 @@ MAX_HISTORY = 4096  # v3: carried messages
 MAX_HISTORY_IMAGES = 64  # v3: images in the carried messages, all together
 MAX_METADATA = 16  # v3: metadata pairs (OpenAI's limits: keys 64 chars, values 512)
 
-# contract 2.1: ids are 1-128 chars of [A-Za-z0-9._:-].
-IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$"
+# contract 2.1: ids are 1-128 chars of [A-Za-z0-9._:-]. (?!\n): Python's `$` also matches
+# before a last newline, which an id must not end with (JSON Schema's `$` does not).
+IDENT_PATTERN = r"^[A-Za-z0-9._:-]+$(?!\n)"
 Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=IDENT_PATTERN)]
 UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
 
@@ -38,7 +39,7 @@ UnitFloat = Annotated[float, Meta(ge=0.0, le=1.0)]
 def is_ident(value: object) -> bool:
     """Is `value` an id of the contract (1-128 chars of [A-Za-z0-9._:-])?"""
     return isinstance(value, str) and 0 < len(value) <= 128 \
-        and re.match(IDENT_PATTERN, value) is not None
+        and re.fullmatch(r"[A-Za-z0-9._:-]+", value) is not None
 
 
 class BadInput(ValueError):

@@ -39,6 +39,8 @@ def test_a_minimal_request_gets_the_documented_defaults():
     ({"params": {"topP": 0}}, "$.params.topP", "> 0.0"),
     ({"timeoutS": -1}, "$.timeoutS", "> 0.0"),
     ({"v": 4}, "$.v", "unsupported schema version 4"),
+    ({"userId": "alice\n"}, "$.userId", "matching regex"),  # no newline after an id
+    ({"sessionId": "s\n"}, "$.sessionId", "matching regex"),
     # Version 3 fields need "v": 3; the carried history's messages are ones a vendor takes.
     ({"v": 2, "history": []}, "$.history", 'must say "v": 3'),
     ({"v": 2, "store": False}, "$.store", 'must say "v": 3'),
