@@ -6,8 +6,13 @@ in a thread, as an application would."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
@@ -365,3 +370,48 @@ async def test_hostile_bodies_get_openais_error_shape_and_the_gateway_goes_on(gw
         native = await client.post("/v1/chat", json={"sessionId": "cc-mine", "message": "x"},
                                    headers=auth)
         assert native.status_code == 400 and native.json()["error"]["field"] == "$.sessionId"
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_examples() -> tuple[str, str]:
+    """README's Python SDK example and its curl example, as written."""
+    section = README.read_text().split("### Use it from any OpenAI client", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    (python,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    curl = next(block for block in re.findall(r"```console\n(.*?)```", section, re.S)
+                if block.startswith("curl "))
+    return python, curl.replace("\\\n", " ")
+
+
+async def test_readmes_python_and_curl_examples_run_as_written(gw_config, make_config, llm,
+                                                                stack):
+    gw_config()  # the test's JWT secret in the environment
+    config, _ = make_config(extra=f"""
+[llm.models.local]
+model = "openai/scripted-model"
+api_base = "{llm.url}"
+api_key_env = "SCRIPTED_LLM_KEY"
+context_window = 4096
+max_tokens = 256
+""", environ={"CHAT_ACTORS__GATEWAY__PORT": "0", "CHAT_ACTORS__GATEWAY__HOST": "127.0.0.1"})
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: README's curl example is not run")
+    python, curl = readme_examples()
+    llm.default = Reply(tokens=("Rayleigh", " scattering."))
+    store = Postgres(dsn=stack.postgres.url, pool_size=1)
+    await store.migrate()
+    _, key = await store.create_key(user_id=f"readme-{uuid.uuid4().hex[:8]}")
+    store.close()
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        env = {**os.environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{handle.port}/v1",
+               "OPENAI_API_KEY": key}
+        ran = await trio.run_process([sys.executable, "-c", python], env=env,
+                                     capture_stdout=True, capture_stderr=True)
+        fetched = await trio.run_process(["bash", "-c", curl], env=env, capture_stdout=True,
+                                         capture_stderr=True)
+    assert re.fullmatch(r"Rayleigh scattering\.\n\[\d+ tokens\]\n", ran.stdout.decode()), ran
+    answer = json.loads(fetched.stdout)
+    assert answer["choices"][0]["message"]["content"] == "Rayleigh scattering."
+    assert answer["model"] == "local"
