@@ -184,7 +184,7 @@ async def _owner(gateway: Gateway, job_id: str) -> str | None:
     return owner
 
 
-def _too_many_streams(most: int, wait_s: float) -> JSONResponse:
+def too_many_streams(most: int, wait_s: float) -> JSONResponse:
     response = error_response(429, f"too many event streams: {most} open or waiting per user is "
                       "the limit (gateway.max_streams_per_user); close one first")
     # A waiting stream gives its slot back within stream_wait_s; an open one at its end.
@@ -447,7 +447,7 @@ async def events(gateway: Gateway, request: Request, caller: Caller) -> Response
                       f"0..{U64_MAX} joined by '-'", field="Last-Event-ID")
     most = config.gateway.max_streams_per_user
     if not gateway.stream_slots.take(user, most):
-        return _too_many_streams(most, config.gateway.stream_wait_s)
+        return too_many_streams(most, config.gateway.stream_wait_s)
     release = partial(gateway.stream_slots.give_back, user)
     try:
         response = await _open_events(gateway, user, job_id, resume)

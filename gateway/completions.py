@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -29,6 +30,7 @@ from gateway.app import (
     idempotency_header,
     json_body_sized,
     submit,
+    too_many_streams,
     uuid7,
 )
 from gateway.auth import Caller
@@ -130,17 +132,38 @@ async def chat_completions(gateway: Gateway, request: Request, caller: Caller) -
     key = idempotency_header(request)
     if isinstance(key, Response):
         return openai_shaped(key)
+    # A call holds one of the user's stream slots from before its job is sent until its
+    # answer ends (gateway.max_streams_per_user), as an event stream does.
+    most, wait = gateway.config.gateway.max_streams_per_user, gateway.config.gateway.stream_wait_s
+    if not gateway.stream_slots.take(caller.user, most):
+        return openai_shaped(too_many_streams(most, wait))
+    release = partial(gateway.stream_slots.give_back, caller.user)
+    try:
+        answered = await _call(gateway, request, caller, job_id, raw, session, key, translated)
+    except BaseException:
+        release()
+        raise
+    if isinstance(answered, EventStream):
+        answered.on_close = release
+    else:
+        release()
+    return answered
+
+
+async def _call(gateway: Gateway, request: Request, caller: Caller, job_id: str, raw: bytes,
+                session: str, key: str | None, translated: Translated) -> Response:
     sent = await submit(gateway, request, caller.user, job_id, raw, session, key)
     if isinstance(sent, Response):
         return openai_shaped(sent)
-    job_id = sent  # an Idempotency-Key seen before answers with the earlier job
-    answered = await _answer(gateway, request, caller, job_id, translated)
+    if sent != job_id:  # an Idempotency-Key seen before answers with the earlier job
+        job_id, session = sent, SESSION_PREFIX + sent
+    answered = await _answer(gateway, request, caller, job_id, session, translated)
     answered.headers["x-request-id"] = job_id
     return answered
 
 
 async def _answer(gateway: Gateway, request: Request, caller: Caller, job_id: str,
-                  translated: Translated) -> Response:
+                  session: str, translated: Translated) -> Response:
     """The job's answer, its status held until its first event; a hang-up meanwhile
     cancels the job."""
     stream = gateway.config.job_keys(job_id).stream
@@ -154,7 +177,8 @@ async def _answer(gateway: Gateway, request: Request, caller: Caller, job_id: st
 
         nursery.start_soon(hung_up)
         try:
-            answer = await _held(gateway, job_id, caller.user, stream, translated, created)
+            answer = await _held(gateway, job_id, caller.user, session, stream, translated,
+                                 created)
         finally:
             if answer is None:  # gone before the answer was ready
                 await cancel_job(gateway, job_id, caller.user, "the client went away")
@@ -162,17 +186,15 @@ async def _answer(gateway: Gateway, request: Request, caller: Caller, job_id: st
     return answer if answer is not None else Response(status_code=499)  # nobody reads it
 
 
-async def _held(gateway: Gateway, job_id: str, user: str, stream: str,
+async def _held(gateway: Gateway, job_id: str, user: str, session: str, stream: str,
                 translated: Translated, created: int) -> Response:
     config = gateway.config
-    entries: list[Entry] = []
-    with trio.move_on_after(config.gateway.stream_wait_s):
-        entries = await read_until(gateway, job_id, stream, _first_event)
+    entries = await _started(gateway, job_id, user, session, stream)
     if not entries:
         return openai_error(OpenAIError(
             503, f"the job did not start within {config.gateway.stream_wait_s:g} s "
-            "(gateway.stream_wait_s); nothing was produced: try again", type="server_error",
-            code="not_started", retry_after_s=2.0))
+            "(gateway.stream_wait_s) and never will; nothing was produced: try again",
+            type="server_error", code="not_started", retry_after_s=2.0))
     first_id, first = entries[0]
     if first.get("event") == "error":
         ended = outcome(job_id, await read_until(gateway, job_id, stream, _ended))
@@ -189,6 +211,27 @@ async def _held(gateway: Gateway, job_id: str, user: str, stream: str,
         return openai_error(_refusal(ended))
     return openai_error(OpenAIError(504, f"the job did not end within {limit:g} s",
                                     type="timeout", code="timeout"))
+
+
+async def _started(gateway: Gateway, job_id: str, user: str, session: str,
+                   stream: str) -> list[Entry]:
+    """The job's first entries; [] when no worker started it within stream_wait_s: then
+    it is fenced (a terminal row no worker runs), so a refusal is a refusal. A worker
+    that claimed it meanwhile is waited for."""
+    wait = gateway.config.gateway.stream_wait_s
+    while True:
+        entries: list[Entry] = []
+        with trio.move_on_after(wait) as waited:
+            entries = await read_until(gateway, job_id, stream, _first_event)
+        if entries:
+            return entries
+        if await gateway.history.fence_refused(
+                job_id=job_id, user_id=user, session_id=session,
+                reason=f"no worker started it within {wait:g} s (gateway.stream_wait_s)"):
+            return []
+        if not waited.cancelled_caught:  # its stream cannot be read (or we are draining)
+            await cancel_job(gateway, job_id, user, "its events cannot be read")
+            return []
 
 
 def _refusal(ended: Outcome | None) -> OpenAIError:

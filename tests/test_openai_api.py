@@ -303,7 +303,8 @@ async def test_an_api_key_is_a_bearer_token_recorded_with_the_job_until_revoked(
         store.close()
 
 
-async def test_no_worker_in_time_is_503_and_a_rate_limit_says_when_to_retry(gw_config, llm):
+async def test_no_worker_in_time_is_503_and_a_rate_limit_says_when_to_retry(
+        gw_config, llm, db, rds):
     config = gw_config(CHAT_ACTORS__GATEWAY__STREAM_WAIT_S="0.5",
                        CHAT_ACTORS__BUDGETS__USER="{ usd = 0, rpm = 1, tpm = 0 }")
     async with gateway_running(config) as (handle, _):
@@ -311,8 +312,16 @@ async def test_no_worker_in_time_is_503_and_a_rate_limit_says_when_to_retry(gw_c
             await call(lambda: sdk(handle.port).chat.completions.create(
                 model="scripted", messages=HI))
         assert caught.value.status_code == 503 and caught.value.code == "not_started"
+    refused = caught.value.response.headers["x-request-id"]
     user = f"rpm-{uuid.uuid4().hex[:8]}"
     async with worker_running(config), gateway_running(config) as (handle, _):
+        # Nothing was produced: the refused job is fenced, and the worker that gets its
+        # request later ends it without calling the vendor.
+        await until(lambda: any(e["event"] == "done" for e in events_of_now(rds, config,
+                                                                            refused)))
+        assert db.execute("SELECT status FROM llm_jobs WHERE job_id = %s",
+                          (refused,)).fetchone() == ("cancelled",)
+        assert not llm.calls
         client = sdk(handle.port, user)
         await call(lambda: client.chat.completions.create(model="scripted", messages=HI))
         with pytest.raises(openai.RateLimitError) as limited:
@@ -415,3 +424,37 @@ max_tokens = 256
     answer = json.loads(fetched.stdout)
     assert answer["choices"][0]["message"]["content"] == "Rayleigh scattering."
     assert answer["model"] == "local"
+
+
+def events_of_now(rds: Any, config: Any, job_id: str) -> list[dict[str, str]]:
+    """The job's stream entries' fields, read now."""
+    return [fields for _, fields in rds.xrange(config.job_keys(job_id).stream)
+            if fields.get("jobId") == job_id]
+
+
+async def test_a_call_holds_one_of_the_users_stream_slots_until_it_ends(gw_config, llm):
+    config = gw_config(CHAT_ACTORS__GATEWAY__MAX_STREAMS_PER_USER="1")
+    llm.default = Reply(tokens=tuple(f"s{n} " for n in range(40)), token_delay_s=0.05)
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port, "one-slot")
+        opened = trio.Event()
+        results: list[str] = []
+
+        def first() -> None:
+            stream = client.chat.completions.create(model="scripted", messages=HI, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    trio.from_thread.run_sync(opened.set)
+                    results.append(chunk.choices[0].delta.content)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, first)
+            await opened.wait()
+            with pytest.raises(openai.RateLimitError) as caught:
+                await call(lambda: client.chat.completions.create(model="scripted",
+                                                                  messages=HI))
+        assert "max_streams_per_user" in caught.value.message
+        assert "".join(results) == "".join(f"s{n} " for n in range(40))
+        again = await call(lambda: client.chat.completions.create(model="scripted",
+                                                                  messages=HI))
+        assert again.choices[0].message.content  # the slot came back at its end
