@@ -458,3 +458,22 @@ async def test_a_call_holds_one_of_the_users_stream_slots_until_it_ends(gw_confi
         again = await call(lambda: client.chat.completions.create(model="scripted",
                                                                   messages=HI))
         assert again.choices[0].message.content  # the slot came back at its end
+
+
+async def test_a_native_request_made_with_a_key_records_it(gw_config, llm, db, stack):
+    config = gw_config()
+    store = Postgres(dsn=stack.postgres.url, pool_size=1)
+    await store.migrate()
+    key_id, key = await store.create_key(user_id=f"native-{uuid.uuid4().hex[:8]}")
+    store.close()
+    async with worker_running(config), gateway_running(config) as (_, client):
+        accepted = await client.post("/v1/chat", json={"sessionId": "s-key", "message": "Hi"},
+                                     headers={"Authorization": f"Bearer {key}"})
+        assert accepted.status_code == 202
+        job_id = accepted.json()["jobId"]
+        await until(lambda: db.execute("SELECT status, api_key_id FROM llm_jobs WHERE "
+                                       "job_id = %s", (job_id,)).fetchone()
+                    == ("completed", key_id))
+        sneaky = await client.post("/v1/chat", headers={"Authorization": f"Bearer {key}"},
+                                   json={"sessionId": "s", "message": "x", "apiKeyId": "k2"})
+    assert sneaky.status_code == 400 and sneaky.json()["error"]["field"] == "$.apiKeyId"
