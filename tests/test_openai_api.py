@@ -15,13 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import h11
 import openai
 import pydantic
 import pytest
 import trio
 
 from actors.adapters.postgres import Postgres
-from tests.helpers import gateway_running, until, worker_running
+from gateway import app
+from tests.helpers import gateway_running, until, wait_calls, worker_running
 from tests.scripted_llm import Reply
 from tests.test_gateway import token
 
@@ -477,3 +479,62 @@ async def test_a_native_request_made_with_a_key_records_it(gw_config, llm, db, s
         sneaky = await client.post("/v1/chat", headers={"Authorization": f"Bearer {key}"},
                                    json={"sessionId": "s", "message": "x", "apiKeyId": "k2"})
     assert sneaky.status_code == 400 and sneaky.json()["error"]["field"] == "$.apiKeyId"
+
+
+async def test_a_client_that_reads_late_gets_every_chunk_once(gw_config, llm, monkeypatch):
+    """The socket refuses what a client does not read: that stream falls behind and
+    catches up from Redis (app.follow), its chunks framed again from where the client
+    is, never twice and never missing one."""
+    config = gw_config()
+    words = tuple(f"word{n:04d} " * 40 for n in range(400))  # 176 KB of text, more as SSE
+    llm.default = Reply(tokens=words)
+    caught_up: list[int] = []
+    real_catch_up = app._catch_up
+
+    async def counted(*args: Any) -> None:
+        caught_up.append(1)
+        await real_catch_up(*args)
+
+    monkeypatch.setattr(app, "_catch_up", counted)
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", handle.port))
+        stream = trio.SocketStream(sock)
+        body = json.dumps({"model": "scripted", "stream": True, "messages": HI}).encode()
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            + f"authorization: Bearer {token()}\r\ncontent-type: application/json\r\n"
+              f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        # Read nothing until the vendor has sent the whole answer.
+        await wait_calls(llm, lambda calls: calls and calls[-1].finished)
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        await stream.aclose()
+    status, sse = _http_body(bytes(received))
+    assert status == 200
+    text = "".join(payload["choices"][0]["delta"].get("content") or ""
+                   for line in sse.split(b"\n") if line.startswith(b"data: {")
+                   for payload in [json.loads(line[6:])] if payload.get("choices"))
+    assert text == "".join(words)
+    assert sse.rstrip().endswith(b"data: [DONE]")
+    assert caught_up  # the case this test is about did happen
+
+
+def _http_body(raw: bytes) -> tuple[int, bytes]:
+    """A whole HTTP/1.1 response's status and body (chunked or not), read by h11."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(raw)
+    client.receive_data(b"")
+    status, body = 0, bytearray()
+    while (event := client.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    return status, bytes(body)
