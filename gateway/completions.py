@@ -44,6 +44,7 @@ from gateway.openai_wire import (
     models,
     outcome,
     param_of,
+    refusal_of,
     to_request,
 )
 from messages.ports import U64_MAX, Entry
@@ -196,9 +197,8 @@ async def _held(gateway: Gateway, job_id: str, user: str, session: str, stream: 
             "(gateway.stream_wait_s) and never will; nothing was produced: try again",
             type="server_error", code="not_started", retry_after_s=2.0))
     first_id, first = entries[0]
-    if first.get("event") == "error":
-        ended = outcome(job_id, await read_until(gateway, job_id, stream, _ended))
-        return openai_error(_refusal(ended))
+    if first.get("event") == "error":  # refused before it started (`done` follows)
+        return openai_error(refusal_of(first))
     if translated.stream:
         chunks = Chunks(job_id=job_id, model=translated.model, created=created,
                         include_usage=translated.include_usage)
@@ -219,19 +219,19 @@ async def _started(gateway: Gateway, job_id: str, user: str, session: str,
     it is fenced (a terminal row no worker runs), so a refusal is a refusal. A worker
     that claimed it meanwhile is waited for."""
     wait = gateway.config.gateway.stream_wait_s
-    while True:
+    for turn in range(2):
         entries: list[Entry] = []
         with trio.move_on_after(wait) as waited:
             entries = await read_until(gateway, job_id, stream, _first_event)
         if entries:
             return entries
-        if await gateway.history.fence_refused(
+        if turn == 0 and waited.cancelled_caught and await gateway.history.fence_refused(
                 job_id=job_id, user_id=user, session_id=session,
                 reason=f"no worker started it within {wait:g} s (gateway.stream_wait_s)"):
             return []
-        if not waited.cancelled_caught:  # its stream cannot be read (or we are draining)
-            await cancel_job(gateway, job_id, user, "its events cannot be read")
-            return []
+    # Claimed, yet nothing on its stream (expired, or it cannot be read): it ends now.
+    await cancel_job(gateway, job_id, user, "its events cannot be read")
+    return []
 
 
 def _refusal(ended: Outcome | None) -> OpenAIError:

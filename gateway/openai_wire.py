@@ -367,6 +367,14 @@ def failure(code: str, message: str, retry_after_s: float | None = None) -> Open
                                type="server_error", code=code)
 
 
+def refusal_of(fields: Mapping[str, str]) -> OpenAIError:
+    """An `error` entry as its HTTP answer."""
+    data = _data(fields)
+    after = data.get("retryAfterS")
+    return failure(str(data.get("code", "internal")), str(data.get("message", "refused")),
+                   float(after) if isinstance(after, int | float) else None)
+
+
 # -- the answer -----------------------------------------------------------------------
 
 def _data(fields: Mapping[str, str]) -> dict[str, Any]:
