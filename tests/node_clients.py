@@ -68,6 +68,13 @@ def _install() -> Path:
     return run
 
 
+def node_installed() -> None:
+    """Installs the clients now, or skips the test saying why (no Node.js): for a sync
+    fixture of a Trio test, since pytest-trio loses the reason of a skip raised inside
+    the test."""
+    _install()
+
+
 def node_client(script: str, job: Mapping[str, object], *, timeout: float = 60) -> dict[str, Any]:
     """Runs tests/clients/<script> on the job (JSON on stdin); returns its last stdout line,
     a JSON object. A script that exits non-zero or prints no JSON fails the test."""
