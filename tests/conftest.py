@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import redis
 
+from actors.adapters.postgres import Postgres
 from config import Config, load_config
 from tests.helpers import JWT_SECRET
 from tests.scripted_llm import ScriptedLLM
@@ -135,6 +136,15 @@ def gw_config(make_config: Callable[..., tuple[Config, Path]],
 @pytest.fixture
 def config(make_config: Callable[..., tuple[Config, Path]]) -> Config:
     return make_config()[0]
+
+
+@pytest.fixture
+async def pg(stack: Stack) -> AsyncIterator[Postgres]:
+    """The Postgres adapter on the test stack's database, migrated."""
+    store = Postgres(dsn=stack.postgres.url, pool_size=2)
+    await store.migrate()
+    yield store
+    store.close()
 
 
 @pytest.fixture

@@ -35,14 +35,6 @@ def say(db, job_id: str, user: str, session: str, *turns: str) -> None:
                    "VALUES (%s, %s, %s, %s, %s)", (job_id, session, user, role, text))
 
 
-@pytest.fixture
-async def pg(stack):
-    store = Postgres(dsn=stack.postgres.url, pool_size=2)
-    await store.migrate()
-    yield store
-    store.close()
-
-
 async def test_one_batch_gives_each_job_the_outcome_and_history_its_own_claim_would(pg, db):
     tag = uuid.uuid4().hex[:8]
     new, done, live, theirs, rejected, expired, fresh = (f"c-{tag}-{n}" for n in range(7))

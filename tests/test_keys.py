@@ -48,14 +48,6 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@pytest.fixture
-async def pg(stack):
-    store = Postgres(dsn=stack.postgres.url, pool_size=2)
-    await store.migrate()
-    yield store
-    store.close()
-
-
 # -- the keys table ------------------------------------------------------------------------
 
 async def test_a_key_is_found_by_its_hash_and_its_secret_is_stored_nowhere(pg, db):

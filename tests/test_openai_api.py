@@ -21,7 +21,6 @@ import pydantic
 import pytest
 import trio
 
-from actors.adapters.postgres import Postgres
 from gateway import app
 from tests.helpers import gateway_running, until, wait_calls, worker_running
 from tests.scripted_llm import Reply
@@ -272,37 +271,32 @@ async def test_cors_answers_a_listed_origins_preflight_only(gw_config):
 
 
 async def test_an_api_key_is_a_bearer_token_recorded_with_the_job_until_revoked(
-        gw_config, llm, db, stack):
+        gw_config, llm, db, pg):
     config = gw_config()
     llm.default = Reply(tokens=("By", " key"))
-    store = Postgres(dsn=stack.postgres.url, pool_size=1)
-    await store.migrate()
     user = f"key-user-{uuid.uuid4().hex[:8]}"
-    key_id, key = await store.create_key(user_id=user, name="ci")
-    try:
-        async with worker_running(config), gateway_running(config) as (handle, _):
-            client = sdk(handle.port, api_key=key)
-            raw = await call(lambda: client.chat.completions.with_raw_response.create(
-                model="scripted", messages=HI))
-            assert raw.parse().choices[0].message.content == "By key"
-            job_id = raw.headers["x-request-id"]
-            assert db.execute("SELECT user_id, api_key_id FROM llm_jobs WHERE job_id = %s",
-                              (job_id,)).fetchone() == (user, key_id)
-            assert await store.revoke_key(key_id)
+    key_id, key = await pg.create_key(user_id=user, name="ci")
+    async with worker_running(config), gateway_running(config) as (handle, _):
+        client = sdk(handle.port, api_key=key)
+        raw = await call(lambda: client.chat.completions.with_raw_response.create(
+            model="scripted", messages=HI))
+        assert raw.parse().choices[0].message.content == "By key"
+        job_id = raw.headers["x-request-id"]
+        assert db.execute("SELECT user_id, api_key_id FROM llm_jobs WHERE job_id = %s",
+                          (job_id,)).fetchone() == (user, key_id)
+        assert await pg.revoke_key(key_id)
 
-            def refused() -> bool:
-                try:
-                    client.models.list()
-                except openai.AuthenticationError:
-                    return True
-                return False
+        def refused() -> bool:
+            try:
+                client.models.list()
+            except openai.AuthenticationError:
+                return True
+            return False
 
-            # Every gateway refuses it within 5 s: seen only by asking again.
-            with trio.fail_after(10):
-                while not await call(refused):  # noqa: ASYNC110
-                    await trio.sleep(0.2)
-    finally:
-        store.close()
+        # Every gateway refuses it within 5 s: seen only by asking again.
+        with trio.fail_after(10):
+            while not await call(refused):  # noqa: ASYNC110
+                await trio.sleep(0.2)
 
 
 async def test_no_worker_in_time_is_503_and_a_rate_limit_says_when_to_retry(
@@ -397,7 +391,7 @@ def readme_examples() -> tuple[str, str]:
 
 
 async def test_readmes_python_and_curl_examples_run_as_written(gw_config, make_config, llm,
-                                                                stack):
+                                                                pg):
     gw_config()  # the test's JWT secret in the environment
     config, _ = make_config(extra=f"""
 [llm.models.local]
@@ -411,10 +405,7 @@ max_tokens = 256
         pytest.skip("curl is not installed: README's curl example is not run")
     python, curl = readme_examples()
     llm.default = Reply(tokens=("Rayleigh", " scattering."))
-    store = Postgres(dsn=stack.postgres.url, pool_size=1)
-    await store.migrate()
-    _, key = await store.create_key(user_id=f"readme-{uuid.uuid4().hex[:8]}")
-    store.close()
+    _, key = await pg.create_key(user_id=f"readme-{uuid.uuid4().hex[:8]}")
     async with worker_running(config), gateway_running(config) as (handle, _):
         env = {**os.environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{handle.port}/v1",
                "OPENAI_API_KEY": key}
@@ -462,12 +453,9 @@ async def test_a_call_holds_one_of_the_users_stream_slots_until_it_ends(gw_confi
         assert again.choices[0].message.content  # the slot came back at its end
 
 
-async def test_a_native_request_made_with_a_key_records_it(gw_config, llm, db, stack):
+async def test_a_native_request_made_with_a_key_records_it(gw_config, llm, db, pg):
     config = gw_config()
-    store = Postgres(dsn=stack.postgres.url, pool_size=1)
-    await store.migrate()
-    key_id, key = await store.create_key(user_id=f"native-{uuid.uuid4().hex[:8]}")
-    store.close()
+    key_id, key = await pg.create_key(user_id=f"native-{uuid.uuid4().hex[:8]}")
     async with worker_running(config), gateway_running(config) as (_, client):
         accepted = await client.post("/v1/chat", json={"sessionId": "s-key", "message": "Hi"},
                                      headers={"Authorization": f"Bearer {key}"})
