@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from bench import chaos, fuzz, gateway, perf, rag_burst, retrieval_quality
+from bench import chaos, frontdoor, fuzz, gateway, perf, rag_burst, retrieval_quality
 from bench.hostile import run as hostile
 from tests.helpers import ROOT
 from tools import cli
@@ -36,6 +36,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "perf": ("perf", []),
     "chaos-gateway": ("chaos", ["--gateway"]),
     "chaos-workers": ("chaos", ["--workers", "3"]),
+    # About 90 s, a third of it LiteLLM Proxy's start (its import alone).
+    "frontdoor": ("frontdoor", []),
     "gateway": ("gateway", []),
     "retrieval_quality": ("retrieval_quality", []),
     "chaos": ("chaos", []),
@@ -221,6 +223,29 @@ def check_gateway(written: dict[str, Any]) -> None:
         assert written["answers"] == [30, 50]
 
 
+def check_frontdoor(written: dict[str, Any]) -> None:
+    assert written["streams"] == list(frontdoor.QUICK_STREAMS)
+    assert written["ramp"] == list(frontdoor.QUICK_RAMP)
+    results = written["results"]
+    assert sorted(results) == sorted(frontdoor.SIDES)
+    for side, measured in results.items():
+        for n in written["streams"]:
+            level = measured[f"streams_{n}"]
+            assert_numbers(level, "requests", "tokens", "tokens_per_s", "ttft_p50_ms",
+                           "ttft_p99_ms", "cpu_us_per_token", "vendor_cpu_us_per_token")
+            assert level["requests"] > 0, (side, n, level["first_errors"])
+            # Every answer that ended had every token of the vendor's and [DONE], through
+            # every side (a refusal under load is counted apart, as an error).
+            assert level["incomplete"] == 0, (side, n, level["first_errors"])
+        if side != "direct":
+            assert_numbers(measured["ramp"], "held_streams")
+            assert measured["ramp"]["steps"]
+    by_process = results["chat-actors"][f"streams_{written['streams'][-1]}"][
+        "cpu_us_per_token_by_process"]
+    assert sorted(by_process) == ["gateway", "kafka", "postgres", "redis", "worker"]
+    assert [goal["met"] in (True, False) for goal in written["goals"]] == [True] * 3
+
+
 VERDICT = ("jobs", "one_done", "lost", "gaps", "stale", "not_terminal", "done_vs_row",
            "wrong_answer", "after_done", "answered_twice", "assembled_wrong", "resumed",
            "paid_twice", "uncommitted")
@@ -297,6 +322,7 @@ def check_retrieval_quality(written: dict[str, Any]) -> None:
 
 
 CHECKS = {"perf": check_perf, "chaos-gateway": check_chaos_gateway,
-          "chaos-workers": check_chaos_workers, "gateway": check_gateway,
+          "chaos-workers": check_chaos_workers, "frontdoor": check_frontdoor,
+          "gateway": check_gateway,
           "retrieval_quality": check_retrieval_quality, "chaos": check_chaos,
           "rag_burst": check_rag_burst, "fuzz": check_fuzz}

@@ -465,7 +465,11 @@ def _ingest(args: argparse.Namespace, config: Any) -> int:
 
 
 # Modules of bench/ that are not benchmarks, and what they are.
-NOT_BENCHMARKS = {"vendor": "the scripted vendor the benchmarks start (python -m bench.vendor)"}
+NOT_BENCHMARKS = {"vendor": "the scripted vendor the benchmarks start (python -m bench.vendor)",
+                  "paced_vendor": "the scripted vendor at a steady token rate bench frontdoor "
+                                  "starts (python -m bench.paced_vendor)",
+                  "openai_load": "the streaming load generator bench frontdoor runs "
+                                 "(python -m bench.openai_load)"}
 
 
 def benchmarks() -> list[str]:
