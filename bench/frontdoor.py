@@ -197,7 +197,7 @@ class Stack:
             path.write_text(local_stack.stack_config(
                 kafka=self.kafka.url, redis=self.redis.url, postgres=self.postgres.url,
                 llm_url=self.vendor_url, sections={
-                    "kafka": {**topics, "group_id": f"frontdoor-{tag}", "fetch_wait_max_ms": 10,
+                    "kafka": {**topics, "group_id": f"frontdoor-{tag}",
                               "partitions": PARTITIONS},
                     "llm": {"default_model": MODEL},
                     f"llm.models.{MODEL}": {"model": f"openai/{MODEL}",

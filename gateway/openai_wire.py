@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import msgspec
 
 from messages.ports import Entry
 
@@ -377,10 +379,18 @@ def refusal_of(fields: Mapping[str, str]) -> OpenAIError:
 
 # -- the answer -----------------------------------------------------------------------
 
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _text(value: Any) -> str:
+    return _encode(value).decode()
+
+
 def _data(fields: Mapping[str, str]) -> dict[str, Any]:
     try:
-        data = json.loads(fields.get("data", "{}"))
-    except (ValueError, RecursionError):
+        data = _decode(fields.get("data", "{}"))
+    except (msgspec.DecodeError, RecursionError):
         return {}
     return cast(dict[str, Any], data) if isinstance(data, dict) else {}
 
@@ -413,8 +423,7 @@ def usage(final: Mapping[str, Any]) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": n("reasoningTokens")}}
 
 
-@dataclass(frozen=True)
-class Chunks:
+class Chunks(NamedTuple):
     """What one streaming client has been sent, as a value: `frame` returns the lines for
     new entries and the state after them, kept only once they were written."""
 
@@ -431,12 +440,13 @@ class Chunks:
     done: bool = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {"id": f"chatcmpl-{self.job_id}", "object": "chat.completion.chunk",
-                "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish}]}
-        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        """One chunk's line, written out directly (a chunk per token: the hot path); the
+        job id is an id of the contract, nothing in it needs escaping."""
+        return (f'data: {{"id":"chatcmpl-{self.job_id}","object":"chat.completion.chunk",'
+                f'"created":{self.created},"model":{_text(self.model)},'
+                f'"system_fingerprint":{_text(self.fingerprint)},"choices":[{{"index":0,'
+                f'"delta":{_text(delta)},"logprobs":null,"finish_reason":{_text(finish)}}}]}}'
+                "\n\n")
 
     def _error(self, code: str, message: str) -> str:
         error = failure(code, message)
@@ -455,7 +465,7 @@ class Chunks:
             if position <= state.sent:
                 continue  # written twice (a Redis failover): sent already
             count += 1
-            state, line = replace(state, sent=position)._event(
+            state, line = state._replace(sent=position)._event(
                 fields.get("event", ""), _data(fields), position[0])
             lines.append(line)
         return "".join(lines).encode(), state, count
@@ -470,50 +480,50 @@ class Chunks:
                     return self, ""
                 key = "content" if event == "token" else "reasoning_content"
                 chars = self.chars + len(text) if event == "token" else self.chars
-                return (replace(self, chars=chars, anything=True),
+                return (self._replace(chars=chars, anything=True),
                         self._chunk({key: text}))
             case "tool_call":
                 call = {"index": self.tools, "id": str(data.get("id", "")), "type": "function",
                         "function": {"name": str(data.get("name", "")),
                                      "arguments": str(data.get("arguments", ""))}}
-                return (replace(self, tools=self.tools + 1, anything=True),
+                return (self._replace(tools=self.tools + 1, anything=True),
                         self._chunk({"tool_calls": [call]}))
             case "provider":
-                return replace(self, fingerprint=str(data.get("to", "")) or None), ""
+                return self._replace(fingerprint=str(data.get("to", "")) or None), ""
             case "final":
                 return self._final(data)
             case "error":
-                return (replace(self, done=True),
+                return (self._replace(done=True),
                         self._error(str(data.get("code", "internal")),
                                     str(data.get("message", "the job failed"))))
             case "done":
                 status = data.get("status")
                 if status == "completed":
-                    return replace(self, done=True), "data: [DONE]\n\n"
+                    return self._replace(done=True), "data: [DONE]\n\n"
                 why = ("the answer was cancelled" if status == "cancelled"
                        else f"the job ended {status}")
-                return replace(self, done=True), self._error(
+                return self._replace(done=True), self._error(
                     "cancelled" if status == "cancelled" else "internal", why)
             case _:
                 return self, ""  # retrieval and event types we do not know
 
     def _started(self, data: dict[str, Any], attempt: int) -> tuple[Chunks, str]:
         if attempt <= 1 or self.attempt == attempt:
-            return replace(self, attempt=attempt), self._chunk({"role": "assistant",
+            return self._replace(attempt=attempt), self._chunk({"role": "assistant",
                                                                 "content": ""})
         resumes: Any = data.get("resumes")
         kept: Any = cast(dict[str, Any], resumes).get("chars") if isinstance(resumes, dict) else None
         if not self.anything or (isinstance(kept, int) and kept == self.chars
                                  and self.tools == 0):
             # Nothing the client holds is taken back: the answer goes on.
-            return replace(self, attempt=attempt), ""
-        return replace(self, done=True), self._error(
+            return self._replace(attempt=attempt), ""
+        return self._replace(done=True), self._error(
             "answer_restarted", "the answer was restarted after a failure, and the text "
             "already sent is not part of it: ask again")
 
     def _final(self, data: dict[str, Any]) -> tuple[Chunks, str]:
         model = data.get("model")
-        state = replace(self, fingerprint=model if isinstance(model, str) and model
+        state = self._replace(fingerprint=model if isinstance(model, str) and model
                         and model != self.model else self.fingerprint)
         line = state._chunk({}, finish_reason(str(data.get("finishReason", "stop"))))
         if state.include_usage:
