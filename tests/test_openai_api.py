@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,10 +30,24 @@ T = TypeVar("T")
 HI = [{"role": "user", "content": "Hi"}]
 
 
+_OPENED: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every SDK client a test made is closed at its end: its pooled sockets are not
+    left for the garbage collector (a ResourceWarning in whichever test runs then)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def sdk(port: int, user: str = "alice", **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
-                         api_key=kwargs.pop("api_key", None) or token(user), max_retries=0,
-                         timeout=60, **kwargs)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                           api_key=kwargs.pop("api_key", None) or token(user), max_retries=0,
+                           timeout=60, **kwargs)
+    _OPENED.append(client)
+    return client
 
 
 async def call(fn: Callable[[], T]) -> T:

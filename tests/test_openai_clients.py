@@ -188,6 +188,7 @@ def chat_model(port: int, user: str, model: str = "scripted", **kwargs: Any) -> 
 
 
 def stream_chunks(chat: ChatOpenAI, text: str) -> list[AIMessageChunk]:
+    # (LangChain keeps one client per base URL for the process: it is not closed here)
     return list(chat.stream([SystemMessage("Be brief."), HumanMessage(text)]))
 
 
@@ -242,25 +243,26 @@ class Ended:
 
 
 def python_sdk(port: int, user: str, model: str, received: Callable[[], None]) -> Ended:
-    client = openai.OpenAI(base_url=base_url(port), api_key=token(user), max_retries=0,
-                           timeout=60)
     text = ""
-    try:
-        for chunk in client.chat.completions.create(
-                model=model, stream=True, messages=[{"role": "user", "content": "Go on"}]):
-            if chunk.choices and chunk.choices[0].delta.content:
-                if not text:
-                    received()
-                text += chunk.choices[0].delta.content
-    except openai.APIError as error:
-        return Ended(text, error.code)
+    with openai.OpenAI(base_url=base_url(port), api_key=token(user), max_retries=0,
+                       timeout=60) as client:
+        try:
+            for chunk in client.chat.completions.create(
+                    model=model, stream=True, messages=[{"role": "user", "content": "Go on"}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if not text:
+                        received()
+                    text += chunk.choices[0].delta.content
+        except openai.APIError as error:
+            return Ended(text, error.code)
     return Ended(text, None)
 
 
 def langchain(port: int, user: str, model: str, received: Callable[[], None]) -> Ended:
     text = ""
+    chat = chat_model(port, user, model)
     try:
-        for chunk in chat_model(port, user, model).stream([HumanMessage("Go on")]):
+        for chunk in chat.stream([HumanMessage("Go on")]):
             if chunk.content:
                 if not text:
                     received()
