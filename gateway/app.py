@@ -37,7 +37,7 @@ from config import Config
 from gateway.auth import Authenticator, Caller, Unauthorized
 from gateway.http1 import DIRECT_WRITES, Written
 from gateway.relay import AnyRelay, Subscription, entry_key
-from messages.ports import U64_MAX, Entry, is_entry_id
+from messages.ports import U64_MAX, Entry, int_field, is_entry_id
 from messages.wire import BadInput, check_shape, is_ident
 
 log = logging.getLogger("chat_actors.gateway")
@@ -619,13 +619,6 @@ def stream_read_error(reason: str) -> bytes:
     return f"event: error\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def _int_field(fields: Mapping[str, str], name: str) -> int | None:
-    """An entry's integer field; None when missing or not an integer (a hand-written or
-    damaged entry is still relayed, never a crash of the response)."""
-    value = fields.get(name, "")
-    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
-
-
 class DirectWrites(Protocol):
     """The server's side of an event stream's body (gateway.http1's connection)."""
 
@@ -721,7 +714,7 @@ class _Follower:
         for entry_id, fields in entries:
             if fields.get("jobId") != job_id:
                 continue
-            attempt, seq = _int_field(fields, "attempt"), _int_field(fields, "seq")
+            attempt, seq = int_field(fields, "attempt"), int_field(fields, "seq")
             if attempt is not None and seq is not None:
                 if (attempt, seq) <= sent:
                     # Written again after a Redis failover lost its reply (the writer

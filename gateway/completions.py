@@ -239,8 +239,7 @@ def _refusal(ended: Outcome | None) -> OpenAIError:
         status = ended.status if ended is not None else "unknown"
         return failure("cancelled" if status == "cancelled" else "internal",
                        f"the job ended {status}")
-    code, message, retry_after_s = ended.error
-    return failure(code, message, retry_after_s)
+    return ended.error
 
 
 def _first_event(entries: Sequence[Entry]) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, cast
 
 import msgspec
 
-from messages.ports import Entry
+from messages.ports import Entry, int_field
 
 
 class OpenAIError(Exception):
@@ -396,8 +396,7 @@ def _data(fields: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _int_of(fields: Mapping[str, str], name: str) -> int:
-    value = fields.get(name, "")
-    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else 0
+    return int_field(fields, name) or 0
 
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
@@ -539,10 +538,10 @@ class Chunks(NamedTuple):
 @dataclass(frozen=True)
 class Outcome:
     """A non-streaming job's end, from its events: its `final` (None unless it
-    completed) and its `error` (code, message, retry after)."""
+    completed) and its `error` as its HTTP answer."""
 
     final: dict[str, Any] | None
-    error: tuple[str, str, float | None] | None
+    error: OpenAIError | None
     reasoning: str
     status: str
 
@@ -550,7 +549,7 @@ class Outcome:
 def outcome(job_id: str, entries: Sequence[Entry]) -> Outcome | None:
     """How the job ended, or None while it has not (`done` not read yet)."""
     final: dict[str, Any] | None = None
-    error: tuple[str, str, float | None] | None = None
+    error: OpenAIError | None = None
     reasoning: list[str] = []
     attempt = 0
     for _, fields in entries:
@@ -565,9 +564,7 @@ def outcome(job_id: str, entries: Sequence[Entry]) -> Outcome | None:
         elif event == "final":
             final = data
         elif event == "error":
-            after = data.get("retryAfterS")
-            error = (str(data.get("code", "internal")), str(data.get("message", "")),
-                     float(after) if isinstance(after, int | float) else None)
+            error = refusal_of(fields)
         elif event == "done":
             status = str(data.get("status", ""))
             return Outcome(final if status == "completed" else None, error,

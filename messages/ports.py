@@ -6,6 +6,7 @@ name them and a fake of a port needs nothing but this module.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -106,6 +107,13 @@ class UsageRow(msgspec.Struct, frozen=True):
 Entry = tuple[str, dict[str, str]]
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 U64_MAX = 2**64 - 1
+
+
+def int_field(fields: Mapping[str, str], name: str) -> int | None:
+    """An entry's integer field (`attempt`, `seq`); None when missing or not an integer
+    (a hand-written or damaged entry is still relayed, never a crash of the reader)."""
+    value = fields.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
 def is_entry_id(text: str) -> bool:
